@@ -1,0 +1,27 @@
+//! credbroker — a credential brokering proxy.
+//!
+//! Integrations get short-lived tokens scoped to named operations, send their API calls
+//! through the broker, and the broker checks each call against the connector's allowlist
+//! as configured now, injects the real credential, forwards the call and audits every use.
+//! `../shared/DESIGN.md` is the contract; the modules follow its parts:
+//!
+//! - [`config`]: the TOML file (§3), parsed into validated types, and `check`'s lint.
+//! - [`secret`]: the secret newtype and `env:`/`file:`/`literal:` references.
+//! - [`policy`]: path patterns and the per-connector operation router (§3.1, §3.2).
+//! - [`token`]: signing keys, JWKS, issuing and verifying access tokens (§4.1, §4.2).
+//! - [`proxy`]: the request pipeline of §4.3, credential injection and forwarding.
+//! - [`audit`]: the hash-chained JSON-lines audit log and the auditor tools (§5, §6).
+//! - [`admin`]: the admin listener (§4.4).
+//! - [`tls`]: TLS, mTLS and development certificates.
+//! - [`server`]: listeners, reload, shutdown; [`cli`]: one file per command.
+
+pub mod admin;
+pub mod audit;
+pub mod cli;
+pub mod config;
+pub mod policy;
+pub mod proxy;
+pub mod secret;
+pub mod server;
+pub mod tls;
+pub mod token;

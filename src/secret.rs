@@ -1,0 +1,142 @@
+//! Secret values and the `env:` / `file:` / `literal:` references that name them (DESIGN §3).
+//!
+//! A [`Secret`] never prints its value: `Debug` shows `Secret(**REDACTED**)`, there is no
+//! `Display` and no `Serialize`, the bytes are zeroized on drop, and the only way to the
+//! bytes is [`Secret::expose`] — grep for it to audit every use.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use zeroize::Zeroizing;
+
+/// Bytes that must never reach a log line, an error message or an audit record.
+#[derive(Clone)]
+pub struct Secret(Zeroizing<Vec<u8>>);
+
+impl Secret {
+    pub fn new(bytes: impl Into<Vec<u8>>) -> Self {
+        Self(Zeroizing::new(bytes.into()))
+    }
+
+    /// The secret's bytes. Every caller is a place the secret leaves this type.
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(**REDACTED**)")
+    }
+}
+
+/// Where a secret comes from. `literal:` is for tests and demos (`check` warns about it).
+#[derive(Clone, Debug)]
+pub enum SecretRef {
+    Env(String),
+    File(PathBuf),
+    Literal(Secret),
+}
+
+/// Why a secret reference could not be parsed or resolved. Never contains the secret.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SecretError {
+    /// The reference has no `env:`, `file:` or `literal:` prefix.
+    #[error("a secret must be a reference `env:NAME`, `file:PATH` or `literal:VALUE`")]
+    BadReference,
+    /// The environment variable is not set (or not valid UTF-8).
+    #[error("environment variable {0} is not set")]
+    EnvMissing(String),
+    /// The file could not be read.
+    #[error("cannot read secret file {path}: {source}")]
+    FileUnreadable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl SecretRef {
+    /// Parses `env:NAME`, `file:PATH` (relative to `base_dir`) or `literal:VALUE`.
+    pub fn parse(reference: &str, base_dir: &Path) -> Result<Self, SecretError> {
+        if let Some(name) = reference.strip_prefix("env:") {
+            if name.is_empty() {
+                return Err(SecretError::BadReference);
+            }
+            Ok(Self::Env(name.to_owned()))
+        } else if let Some(path) = reference.strip_prefix("file:") {
+            if path.is_empty() {
+                return Err(SecretError::BadReference);
+            }
+            Ok(Self::File(base_dir.join(path)))
+        } else if let Some(value) = reference.strip_prefix("literal:") {
+            Ok(Self::Literal(Secret::new(value.as_bytes())))
+        } else {
+            Err(SecretError::BadReference)
+        }
+    }
+
+    /// Reads the referenced bytes as they are, dropping one trailing newline of a file.
+    pub fn resolve(&self) -> Result<Secret, SecretError> {
+        match self {
+            Self::Env(name) => std::env::var_os(name)
+                .map(|v| Secret::new(v.into_encoded_bytes()))
+                .ok_or_else(|| SecretError::EnvMissing(name.clone())),
+            Self::File(path) => {
+                let mut bytes =
+                    std::fs::read(path).map_err(|source| SecretError::FileUnreadable {
+                        path: path.clone(),
+                        source,
+                    })?;
+                if bytes.last() == Some(&b'\n') {
+                    bytes.pop();
+                }
+                Ok(Secret::new(bytes))
+            }
+            Self::Literal(secret) => Ok(secret.clone()),
+        }
+    }
+
+    pub fn is_literal(&self) -> bool {
+        matches!(self, Self::Literal(_))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_never_shows_the_value() {
+        let s = Secret::new("hunter2-sentinel");
+        assert_eq!(format!("{s:?}"), "Secret(**REDACTED**)");
+        let r = SecretRef::parse("literal:hunter2-sentinel", Path::new(".")).unwrap();
+        assert!(!format!("{r:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn file_secret_drops_one_trailing_newline() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("s"), b"abc\n\n").unwrap();
+        let r = SecretRef::parse("file:s", dir.path()).unwrap();
+        assert_eq!(r.resolve().unwrap().expose(), b"abc\n");
+    }
+
+    #[test]
+    fn references_need_a_prefix() {
+        assert!(matches!(
+            SecretRef::parse("plain", Path::new(".")),
+            Err(SecretError::BadReference)
+        ));
+        assert!(matches!(
+            SecretRef::parse("env:CREDBROKER_TEST_SURELY_UNSET", Path::new("."))
+                .unwrap()
+                .resolve(),
+            Err(SecretError::EnvMissing(_))
+        ));
+    }
+}
