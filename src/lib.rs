@@ -17,11 +17,14 @@
 
 pub mod admin;
 pub mod audit;
+pub mod broker;
 pub mod cli;
 pub mod config;
+pub mod dev;
 pub mod policy;
 pub mod proxy;
 pub mod secret;
 pub mod server;
+pub mod state;
 pub mod tls;
 pub mod token;

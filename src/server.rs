@@ -1,1 +1,224 @@
-//! placeholder
+//! Listeners: accept loop with a connection cap, optional TLS (and mTLS identity), HTTP/1.1
+//! and HTTP/2 with bounded header size and header read time, routing to the token endpoint
+//! or the proxy, `x-request-id` on every response, and graceful shutdown.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::HeaderValue;
+use http::{HeaderName, Method, Request, Response};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+
+use crate::broker::Broker;
+use crate::proxy::pipeline::{self, ConnInfo};
+use crate::proxy::respond::Refusal;
+use crate::proxy::ProxyBody;
+use crate::tls::PeerIdentity;
+
+/// HTTP/1 header lines per request; more is refused by hyper with 431.
+const MAX_HEADERS: usize = 100;
+
+/// The limits a listener applies to every connection, from `[server]`.
+#[derive(Clone, Debug)]
+pub struct ListenerLimits {
+    pub max_connections: usize,
+    pub max_header_bytes: usize,
+    pub header_read_timeout: Duration,
+    /// Also the drain budget at shutdown.
+    pub request_timeout: Duration,
+}
+
+/// What a listener serves.
+#[derive(Clone)]
+pub enum Role {
+    /// Token endpoint, well-known documents and the proxy.
+    Proxy(Arc<Broker>),
+    /// The admin API.
+    Admin(Arc<crate::admin::AdminState>),
+}
+
+/// Serves `listener` until `shutdown` resolves, then drains open connections for at most
+/// `limits.request_timeout`.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    limits: ListenerLimits,
+    role: Role,
+    shutdown: impl Future<Output = ()>,
+) {
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let graceful = GracefulShutdown::new();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes.max(8192) + 1024)
+        .max_headers(MAX_HEADERS)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(256);
+    let builder = Arc::new(builder);
+    tokio::pin!(shutdown);
+    loop {
+        // Take a connection slot first: when all are in use, stop accepting (the kernel's
+        // backlog holds newcomers) instead of accepting and dropping.
+        let permit = tokio::select! {
+            _ = &mut shutdown => break,
+            p = Arc::clone(&permits).acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+        };
+        let (stream, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let tls = tls.clone();
+        let role = role.clone();
+        let builder = Arc::clone(&builder);
+        let limits = limits.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let _permit = permit;
+            serve_connection(stream, peer, tls, limits, role, &builder, watcher).await;
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(limits.request_timeout, graceful.shutdown()).await.is_err() {
+        tracing::warn!("shutdown: connections still open after request_timeout; closing them");
+    }
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    tls: Option<TlsAcceptor>,
+    limits: ListenerLimits,
+    role: Role,
+    builder: &auto::Builder<TokioExecutor>,
+    watcher: hyper_util::server::graceful::Watcher,
+) {
+    match tls {
+        None => {
+            let info = Arc::new(ConnInfo { peer, tls: false, client_cert: None });
+            let service = service_fn(move |req| handle(role.clone(), Arc::clone(&info), limits.max_header_bytes, req));
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            if let Err(e) = watcher.watch(conn.into_owned()).await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        }
+        Some(acceptor) => {
+            let handshake = tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream)).await;
+            let stream = match handshake {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let client_cert = crate::tls::peer_identity(stream.get_ref().1).map(Arc::new);
+            let info = Arc::new(ConnInfo { peer, tls: true, client_cert });
+            let service = service_fn(move |req| handle(role.clone(), Arc::clone(&info), limits.max_header_bytes, req));
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            if let Err(e) = watcher.watch(conn.into_owned()).await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        }
+    }
+}
+
+/// One request: a fresh request id, the route, and the id on the response.
+async fn handle(
+    role: Role,
+    conn: Arc<ConnInfo>,
+    max_header_bytes: usize,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let request_id = new_request_id();
+    let mut resp = if header_bytes(&req) > max_header_bytes {
+        Refusal::HeadersTooLarge.into_response(&request_id)
+    } else {
+        match role {
+            Role::Proxy(broker) => route(broker, req, &conn, &request_id).await,
+            Role::Admin(admin) => crate::admin::handle(admin, req, &conn, &request_id).await,
+        }
+    };
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        resp.headers_mut().insert(HeaderName::from_static("x-request-id"), v);
+    }
+    Ok(resp)
+}
+
+async fn route(broker: Arc<Broker>, req: Request<Incoming>, conn: &ConnInfo, request_id: &str) -> Response<ProxyBody> {
+    match req.uri().path() {
+        "/oauth2/token" => crate::token::endpoint::token(broker, req, conn, request_id).await,
+        "/.well-known/jwks.json" if req.method() == Method::GET => crate::token::endpoint::jwks(&broker),
+        "/.well-known/oauth-authorization-server" if req.method() == Method::GET => {
+            crate::token::endpoint::metadata(&broker.live())
+        }
+        "/.well-known/jwks.json" | "/.well-known/oauth-authorization-server" => {
+            Refusal::MethodNotAllowed.into_response(request_id)
+        }
+        _ => pipeline::proxy(broker, req, conn, request_id).await,
+    }
+}
+
+/// The request line and header lines as they were on the wire (HTTP/1), approximately for h2.
+fn header_bytes<B>(req: &Request<B>) -> usize {
+    let line = req.method().as_str().len() + req.uri().to_string().len() + 12;
+    req.headers()
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 4)
+        .sum::<usize>()
+        + line
+}
+
+/// A random 128-bit id, hex.
+pub fn new_request_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+/// Binds a listener, naming the address on failure.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
+}
+
+/// Builds the TLS acceptor for a listener, if it has certificates.
+pub fn acceptor(
+    tls: Option<&crate::config::TlsFiles>,
+    client_ca: Option<&std::path::Path>,
+) -> Result<Option<TlsAcceptor>, crate::tls::TlsError> {
+    let Some(files) = tls else { return Ok(None) };
+    let config = crate::tls::server_config(&files.cert, &files.key, client_ca)?;
+    Ok(Some(TlsAcceptor::from(config)))
+}
+
+#[allow(dead_code)]
+fn _peer_identity_is_shared(p: PeerIdentity) -> Arc<PeerIdentity> {
+    Arc::new(p)
+}

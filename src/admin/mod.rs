@@ -1,1 +1,263 @@
-//! placeholder
+//! The admin listener (DESIGN §4.4): health, reload, revocation, the kill switch and the
+//! connector view. Everything but `/healthz` and `/readyz` needs the admin bearer token,
+//! compared by SHA-256 in constant time. Every admin action is audited.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use chrono::Utc;
+use http::header::AUTHORIZATION;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::audit::{Event, Record};
+use crate::broker::Broker;
+use crate::config::Config;
+use crate::proxy::pipeline::ConnInfo;
+use crate::proxy::respond::{json_response, Refusal};
+use crate::proxy::ProxyBody;
+
+/// Admin request bodies are small JSON objects.
+const MAX_ADMIN_BODY: usize = 16 * 1024;
+
+/// What the admin listener needs.
+pub struct AdminState {
+    pub broker: Arc<Broker>,
+    /// SHA-256 of the admin bearer token (from the config at start).
+    pub token_sha256: [u8; 32],
+}
+
+pub async fn handle(state: Arc<AdminState>, req: Request<Incoming>, conn: &ConnInfo, request_id: &str) -> Response<ProxyBody> {
+    let path = req.uri().path().to_owned();
+    match (req.method(), path.as_str()) {
+        (&Method::GET, "/healthz") => ok(serde_json::json!({"status": "ok"})),
+        (&Method::GET, "/readyz") => ok(serde_json::json!({"status": "ready"})),
+        _ if !authorized(&state, &req) => {
+            let mut resp = json_response(
+                StatusCode::UNAUTHORIZED,
+                &serde_json::json!({"error": "invalid_token", "error_description": "admin bearer token required", "request_id": request_id}),
+            );
+            resp.headers_mut().insert(
+                http::header::WWW_AUTHENTICATE,
+                http::HeaderValue::from_static("Bearer realm=\"credbroker-admin\""),
+            );
+            resp
+        }
+        (&Method::GET, "/v1/connectors") => ok(connectors_view(&state.broker)),
+        (&Method::POST, "/v1/reload") => {
+            let actor = actor(conn);
+            match reload(&state.broker, &actor).await {
+                Ok(()) => ok(serde_json::json!({"result": "reloaded"})),
+                Err(e) => bad(&e, request_id),
+            }
+        }
+        (&Method::POST, "/v1/revoke") => revoke(&state.broker, req, conn, request_id).await,
+        (&Method::POST, "/v1/enable") => enable(&state.broker, req, conn, request_id).await,
+        (_, "/v1/connectors" | "/v1/reload" | "/v1/revoke" | "/v1/enable") => {
+            Refusal::MethodNotAllowed.into_response(request_id)
+        }
+        _ => Refusal::NotFound.into_response(request_id),
+    }
+}
+
+fn authorized<B>(state: &AdminState, req: &Request<B>) -> bool {
+    let Some(token) = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, t)| t.trim())
+    else {
+        return false;
+    };
+    let digest = Sha256::digest(token.as_bytes());
+    bool::from(digest.as_slice().ct_eq(&state.token_sha256))
+}
+
+fn actor(conn: &ConnInfo) -> String {
+    format!("admin@{}", conn.peer)
+}
+
+fn ok(body: serde_json::Value) -> Response<ProxyBody> {
+    json_response(StatusCode::OK, &body)
+}
+
+fn bad(message: &str, request_id: &str) -> Response<ProxyBody> {
+    json_response(
+        StatusCode::BAD_REQUEST,
+        &serde_json::json!({"error": "invalid_request", "error_description": message, "request_id": request_id}),
+    )
+}
+
+/// Re-reads and validates the config file; on success swaps it in, else keeps the old one.
+/// Either way the attempt is audited. Used by SIGHUP, the file watcher and `POST /v1/reload`.
+pub async fn reload(broker: &Broker, actor: &str) -> Result<(), String> {
+    let path = broker.config_path();
+    let result = match Config::load(&path) {
+        Ok(config) => broker.swap_config(config).map_err(|e| e.to_string()),
+        Err(errors) => Err(errors.to_string()),
+    };
+    let mut record = Record::new(Event::Admin);
+    record.action = Some("reload".into());
+    record.actor = Some(actor.to_owned());
+    record.target = Some(path.display().to_string());
+    match &result {
+        Ok(()) => {
+            record.result = Some("ok".into());
+            tracing::info!(config = %path.display(), "configuration reloaded");
+        }
+        Err(e) => {
+            record.result = Some("failed".into());
+            record.error = Some(e.clone());
+            tracing::error!(config = %path.display(), error = %e, "reload failed; the previous configuration stays in force");
+        }
+    }
+    if let Err(e) = broker.audit.append(record).await {
+        tracing::error!(error = %e, "cannot write the admin audit record for a reload");
+    }
+    result
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevokeRequest {
+    jti: Option<String>,
+    client: Option<String>,
+    connector: Option<String>,
+    /// With `jti`: the token's expiry, so the entry can be dropped later (default: 1 day).
+    exp: Option<i64>,
+}
+
+async fn read_json<T: for<'de> Deserialize<'de>>(req: Request<Incoming>) -> Result<T, String> {
+    let bytes: Bytes = Limited::new(req.into_body(), MAX_ADMIN_BODY)
+        .collect()
+        .await
+        .map_err(|_| "body too large or cut off".to_owned())?
+        .to_bytes();
+    serde_json::from_slice(&bytes).map_err(|e| format!("invalid JSON body: {e}"))
+}
+
+async fn revoke(broker: &Broker, req: Request<Incoming>, conn: &ConnInfo, request_id: &str) -> Response<ProxyBody> {
+    let body: RevokeRequest = match read_json(req).await {
+        Ok(b) => b,
+        Err(e) => return bad(&e, request_id),
+    };
+    let now = Utc::now().timestamp();
+    let (target, result) = match (&body.jti, &body.client, &body.connector) {
+        (Some(jti), None, None) => (
+            format!("jti:{jti}"),
+            broker.revocations.revoke_jti(jti, body.exp.unwrap_or(now + 86_400), now),
+        ),
+        (None, Some(client), None) => (format!("client:{client}"), broker.revocations.revoke_client(client, now)),
+        (None, None, Some(connector)) => {
+            if broker.live().config.connector(connector).is_none() {
+                return bad("unknown connector", request_id);
+            }
+            (format!("connector:{connector}"), broker.revocations.set_disabled(connector, true))
+        }
+        _ => return bad("give exactly one of jti, client, connector", request_id),
+    };
+    let action = if body.connector.is_some() { "disable" } else { "revoke" };
+    admin_outcome(broker, action, &target, conn, result, request_id).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EnableRequest {
+    connector: String,
+}
+
+async fn enable(broker: &Broker, req: Request<Incoming>, conn: &ConnInfo, request_id: &str) -> Response<ProxyBody> {
+    let body: EnableRequest = match read_json(req).await {
+        Ok(b) => b,
+        Err(e) => return bad(&e, request_id),
+    };
+    let result = broker.revocations.set_disabled(&body.connector, false);
+    admin_outcome(broker, "enable", &format!("connector:{}", body.connector), conn, result, request_id).await
+}
+
+/// Audits an admin action and answers. A state-file error still leaves the change in force
+/// in memory (a revocation must bite now) and is reported as a 500 so ops know it will not
+/// survive a restart.
+async fn admin_outcome(
+    broker: &Broker,
+    action: &str,
+    target: &str,
+    conn: &ConnInfo,
+    result: Result<(), crate::state::StateError>,
+    request_id: &str,
+) -> Response<ProxyBody> {
+    let mut record = Record::new(Event::Admin);
+    record.request_id = Some(request_id.to_owned());
+    record.action = Some(action.to_owned());
+    record.actor = Some(actor(conn));
+    record.target = Some(target.to_owned());
+    record.result = Some(if result.is_ok() { "ok" } else { "not_persisted" }.into());
+    if let Err(e) = broker.audit.append(record).await {
+        tracing::error!(error = %e, "cannot write an admin audit record");
+    }
+    match result {
+        Ok(()) => ok(serde_json::json!({"result": "ok", "action": action, "target": target})),
+        Err(e) => {
+            tracing::error!(error = %e, "admin change is in force but was not persisted");
+            json_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &serde_json::json!({"error": "server_error", "error_description": "in force now, but not persisted to the state directory", "request_id": request_id}),
+            )
+        }
+    }
+}
+
+/// The config as ops see it: owners, purposes, expiry, operations, who holds what. No secrets.
+fn connectors_view(broker: &Broker) -> serde_json::Value {
+    let live = broker.live();
+    let config = &live.config;
+    let now = Utc::now();
+    let connectors: Vec<serde_json::Value> = config
+        .connectors
+        .iter()
+        .map(|c| {
+            let grants: Vec<serde_json::Value> = config
+                .clients
+                .iter()
+                .flat_map(|cl| cl.grants.iter().filter(|g| g.connector == c.name).map(move |g| (cl, g)))
+                .map(|(cl, g)| {
+                    serde_json::json!({
+                        "client": cl.id,
+                        "operations": g.operations,
+                        "expires": g.expires.map(|e| e.to_rfc3339()),
+                        "reason": g.reason,
+                        "live": g.is_live(now),
+                    })
+                })
+                .collect();
+            serde_json::json!({
+                "name": c.name,
+                "owner": c.owner,
+                "purpose": c.purpose,
+                "expires": c.expires_text,
+                "expired": c.is_expired(now),
+                "enabled": !broker.revocations.is_disabled(&c.name),
+                "upstream": c.upstream.url,
+                "auth": match &c.auth {
+                    crate::config::AuthMethod::Bearer => "bearer",
+                    crate::config::AuthMethod::Header { .. } => "header",
+                    crate::config::AuthMethod::Basic { .. } => "basic",
+                    crate::config::AuthMethod::Query { .. } => "query",
+                },
+                "rate_limit": c.rate_limit.map(|r| serde_json::json!({"per_second": r.per_second, "burst": r.burst})),
+                "operations": c.operations.iter().map(|o| serde_json::json!({
+                    "name": o.name, "method": o.method.as_str(), "path": o.pattern.as_str(),
+                    "query": o.query, "max_body_bytes": o.max_body_bytes,
+                })).collect::<Vec<_>>(),
+                "grants": grants,
+            })
+        })
+        .collect();
+    serde_json::json!({ "connectors": connectors, "config_sha256": config.sha256 })
+}

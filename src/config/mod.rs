@@ -1,1 +1,312 @@
-//! placeholder
+//! The validated configuration (DESIGN §3).
+//!
+//! [`Config::parse`] starts from the file's text so tests need no files; it parses the serde
+//! mirror in [`raw`], then converts every part into types that cannot hold an invalid state
+//! (compiled patterns, resolved secrets, parsed durations), collecting *every* problem with its
+//! file, line and key before failing. [`lint`] adds `check`'s governance findings on top.
+
+pub mod lint;
+pub mod raw;
+mod validate;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use http::{HeaderName, Method};
+
+use crate::audit::FsyncPolicy;
+use crate::policy::{OperationRouter, Pattern};
+use crate::secret::{Secret, SecretRef};
+
+/// Default `max_body_bytes` of an operation: 1 MiB.
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 1 << 20;
+
+/// A whole, valid configuration.
+#[derive(Debug)]
+pub struct Config {
+    /// The file it was read from (for messages and for re-reading on reload).
+    pub path: PathBuf,
+    /// Hex SHA-256 of the file's bytes, recorded in the `startup` audit record.
+    pub sha256: String,
+    pub server: ServerConfig,
+    pub admin: Option<AdminConfig>,
+    pub tokens: TokensConfig,
+    pub audit: AuditConfig,
+    pub state: StateConfig,
+    /// Connectors in file order; look them up by name with [`Config::connector`].
+    pub connectors: Vec<Arc<Connector>>,
+    /// Clients in file order; look them up by id with [`Config::client`].
+    pub clients: Vec<Arc<Client>>,
+    connector_index: HashMap<String, usize>,
+    client_index: HashMap<String, usize>,
+}
+
+/// A listener's certificate and key files.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// `[server]`
+#[derive(Debug)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub tls: Option<TlsFiles>,
+    /// Enables mTLS client authentication.
+    pub client_ca: Option<PathBuf>,
+    pub max_connections: usize,
+    /// Request line plus headers; larger requests get 431.
+    pub max_header_bytes: usize,
+    pub header_read_timeout: Duration,
+    /// The whole proxied request, upstream included.
+    pub request_timeout: Duration,
+}
+
+/// `[admin]`
+#[derive(Debug)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    /// SHA-256 of the admin bearer token.
+    pub token_sha256: [u8; 32],
+    pub tls: Option<TlsFiles>,
+}
+
+/// A GCRA rate: `per_second` sustained, `burst` at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RateLimit {
+    pub per_second: u32,
+    pub burst: u32,
+}
+
+/// `[tokens]`
+#[derive(Debug)]
+pub struct TokensConfig {
+    pub issuer: String,
+    /// Ed25519 PKCS#8 PEM; `None` means an ephemeral key (warned by `check`).
+    pub signing_key: Option<PathBuf>,
+    pub issue_rate_limit: Option<RateLimit>,
+    pub default_ttl: Duration,
+    pub max_ttl: Duration,
+    pub leeway: Duration,
+}
+
+/// `[audit]`
+#[derive(Debug)]
+pub struct AuditConfig {
+    pub path: PathBuf,
+    pub fsync: FsyncPolicy,
+    pub rotate_bytes: Option<u64>,
+    /// The reference, kept so `check` can tell a `literal:` key.
+    pub hmac_key_ref: Option<SecretRef>,
+    pub hmac_key: Option<Secret>,
+}
+
+/// `[state]`
+#[derive(Debug)]
+pub struct StateConfig {
+    pub dir: PathBuf,
+}
+
+/// One connector: an upstream API and the org-level credential the broker holds for it.
+#[derive(Debug)]
+pub struct Connector {
+    pub name: String,
+    pub owner: String,
+    pub purpose: String,
+    /// The instant from which the connector refuses every call: the day after a date-only
+    /// `expires` (so `"2027-06-30"` is usable through that whole day, UTC).
+    pub expires_at: DateTime<Utc>,
+    /// `expires` as written, for display.
+    pub expires_text: String,
+    pub upstream: Upstream,
+    pub upstream_ca: Option<PathBuf>,
+    pub upstream_timeout: Duration,
+    pub credential: Credential,
+    pub auth: AuthMethod,
+    pub rate_limit: Option<RateLimit>,
+    pub upstream_request_id_header: Option<HeaderName>,
+    pub operations: Vec<Operation>,
+    pub router: OperationRouter,
+}
+
+/// The upstream's origin and optional base path, split once at load.
+#[derive(Clone, Debug)]
+pub struct Upstream {
+    /// As written, e.g. `https://api.github.com`.
+    pub url: String,
+    pub scheme: http::uri::Scheme,
+    pub authority: http::uri::Authority,
+    /// Prefix for every forwarded path, without a trailing slash (often empty).
+    pub base_path: String,
+    /// Whether the host is a loopback address (the only case where `http://` is accepted).
+    pub is_loopback: bool,
+}
+
+/// Where the connector's real credential comes from.
+#[derive(Debug)]
+pub enum Credential {
+    /// A static secret, resolved at load (and re-read on reload).
+    Static { reference: SecretRef, value: Secret },
+}
+
+/// How the credential is injected (DESIGN §3.8).
+#[derive(Clone, Debug)]
+pub enum AuthMethod {
+    Bearer,
+    Header { name: HeaderName, prefix: String },
+    Basic { username: String },
+    Query { name: String },
+}
+
+/// One allowlisted operation of a connector.
+#[derive(Debug)]
+pub struct Operation {
+    pub name: String,
+    pub method: Method,
+    pub pattern: Pattern,
+    /// Allowed query parameter names; `None` allows any.
+    pub query: Option<Vec<String>>,
+    pub max_body_bytes: u64,
+}
+
+/// An integration that may ask for tokens.
+#[derive(Debug)]
+pub struct Client {
+    pub id: String,
+    pub owner: String,
+    pub secret_sha256: Option<[u8; 32]>,
+    pub cert_san: Option<String>,
+    pub rate_limit: Option<RateLimit>,
+    pub grants: Vec<Grant>,
+}
+
+/// Operations of one connector granted to a client, possibly time-bound.
+#[derive(Debug)]
+pub struct Grant {
+    pub connector: String,
+    pub operations: Vec<String>,
+    pub max_ttl: Option<Duration>,
+    /// A time-bound elevation: the grant does not exist from this instant on.
+    pub expires: Option<DateTime<Utc>>,
+    pub reason: Option<String>,
+}
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError::new(
+                path,
+                None,
+                "",
+                format!("cannot read config: {e}"),
+            )])
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Validates `text` as if read from `path` (relative paths resolve against its folder).
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigErrors> {
+        validate::parse(text, path)
+    }
+
+    pub fn connector(&self, name: &str) -> Option<&Arc<Connector>> {
+        self.connector_index.get(name).map(|&i| &self.connectors[i])
+    }
+
+    pub fn client(&self, id: &str) -> Option<&Arc<Client>> {
+        self.client_index.get(id).map(|&i| &self.clients[i])
+    }
+}
+
+impl Connector {
+    pub fn is_expired(&self, now: DateTime<Utc>) -> bool {
+        now >= self.expires_at
+    }
+
+    pub fn operation(&self, name: &str) -> Option<&Operation> {
+        self.operations.iter().find(|op| op.name == name)
+    }
+}
+
+impl Client {
+    /// The client's grants that still exist at `now` for `connector`.
+    pub fn live_grants<'a>(
+        &'a self,
+        connector: &'a str,
+        now: DateTime<Utc>,
+    ) -> impl Iterator<Item = &'a Grant> + 'a {
+        self.grants
+            .iter()
+            .filter(move |g| g.connector == connector && g.is_live(now))
+    }
+
+    /// Whether a live grant gives this client `operation` on `connector`.
+    pub fn is_granted(&self, connector: &str, operation: &str, now: DateTime<Utc>) -> bool {
+        self.live_grants(connector, now)
+            .any(|g| g.operations.iter().any(|op| op == operation))
+    }
+}
+
+impl Grant {
+    pub fn is_live(&self, now: DateTime<Utc>) -> bool {
+        self.expires.is_none_or(|e| now < e)
+    }
+}
+
+/// One problem in a config file, located by file, line and key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub line: Option<usize>,
+    pub key: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(file: &Path, line: Option<usize>, key: &str, message: impl Into<String>) -> Self {
+        Self {
+            file: file.to_path_buf(),
+            line,
+            key: key.to_owned(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if !self.key.is_empty() {
+            write!(f, ": {}", self.key)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// Every problem found in a config file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}

@@ -1,0 +1,250 @@
+//! The broker's shared state: the configuration in force (swapped atomically on reload) with
+//! everything precomputed from it, and the state that outlives a config — signing keys, audit
+//! log, revocations, `max_uses` counters and token-endpoint failure windows.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use dashmap::DashMap;
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+
+use crate::audit::AuditLog;
+use crate::config::{Config, Credential, RateLimit};
+use crate::proxy::forward::{UpstreamClient, UpstreamClients};
+use crate::proxy::inject::{InjectError, Injection};
+use crate::state::Revocations;
+use crate::token::{SigningKeys, TokenVerifier};
+
+/// A failed client authentication budget: this many failures from one address within a minute
+/// lock it out of the token endpoint for the rest of that minute (DESIGN §4.1).
+pub const AUTH_FAILURES_PER_MINUTE: u32 = 20;
+
+/// Everything shared by all connections.
+pub struct Broker {
+    live: ArcSwap<Live>,
+    pub keys: Arc<SigningKeys>,
+    pub audit: AuditLog,
+    pub revocations: Revocations,
+    uses: DashMap<String, Uses>,
+    auth_failures: DashMap<IpAddr, FailureWindow>,
+    upstream_clients: UpstreamClients,
+}
+
+/// The config in force and what is derived from it. Requests hold an `Arc<Live>` for their
+/// whole life, so a reload never changes the rules under a request in flight.
+pub struct Live {
+    pub config: Arc<Config>,
+    pub verifier: TokenVerifier,
+    pub connectors: HashMap<String, ConnectorRuntime>,
+    pub client_limits: HashMap<String, Arc<DefaultDirectRateLimiter>>,
+    pub issue_limits: HashMap<String, Arc<DefaultDirectRateLimiter>>,
+}
+
+/// Per-connector values prepared at load so the hot path allocates as little as possible.
+pub struct ConnectorRuntime {
+    pub injection: Injection,
+    /// The raw credential, to spot an upstream echoing it back.
+    pub credential: crate::secret::Secret,
+    pub client: UpstreamClient,
+    pub limiter: Option<Arc<DefaultDirectRateLimiter>>,
+    /// `scheme://authority/base-path`, to which the request path and query are appended.
+    pub upstream_prefix: String,
+}
+
+struct Uses {
+    count: u64,
+    exp: i64,
+}
+
+struct FailureWindow {
+    minute: i64,
+    failures: u32,
+}
+
+/// Why a config could not be put in force.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LoadError {
+    /// A connector's credential cannot be injected as configured.
+    #[error("connector {connector}: {source}")]
+    Injection {
+        connector: String,
+        source: InjectError,
+    },
+    /// An upstream TLS configuration could not be built.
+    #[error("connector {connector}: {message}")]
+    UpstreamTls { connector: String, message: String },
+}
+
+impl Broker {
+    pub fn new(
+        config: Config,
+        keys: Arc<SigningKeys>,
+        audit: AuditLog,
+        revocations: Revocations,
+    ) -> Result<Self, LoadError> {
+        let upstream_clients = UpstreamClients::default();
+        let live = Live::build(Arc::new(config), &keys, &upstream_clients, None)?;
+        Ok(Self {
+            live: ArcSwap::from_pointee(live),
+            keys,
+            audit,
+            revocations,
+            uses: DashMap::new(),
+            auth_failures: DashMap::new(),
+            upstream_clients,
+        })
+    }
+
+    /// The config in force, for one request's lifetime.
+    pub fn live(&self) -> Arc<Live> {
+        self.live.load_full()
+    }
+
+    /// Puts a new, already validated config in force; rate limiters whose quota did not change
+    /// keep their state, so a reload is not a way around a limit.
+    pub fn swap_config(&self, config: Config) -> Result<(), LoadError> {
+        let old = self.live();
+        let live = Live::build(Arc::new(config), &self.keys, &self.upstream_clients, Some(&old))?;
+        self.live.store(Arc::new(live));
+        Ok(())
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.live().config.path.clone()
+    }
+
+    /// Counts one use of a `max_uses` token; false once the budget is spent.
+    pub fn consume_use(&self, jti: &str, max_uses: u64, exp: i64) -> bool {
+        let mut entry = self.uses.entry(jti.to_owned()).or_insert(Uses { count: 0, exp });
+        if entry.count >= max_uses {
+            return false;
+        }
+        entry.count += 1;
+        true
+    }
+
+    /// Forgets counters of tokens that have expired (they are refused by `exp` anyway).
+    pub fn sweep_expired(&self, now: i64) {
+        self.uses.retain(|_, u| u.exp >= now);
+        let minute = now / 60;
+        self.auth_failures.retain(|_, w| w.minute == minute);
+    }
+
+    /// Whether `ip` is locked out of the token endpoint for the current minute.
+    pub fn auth_locked_out(&self, ip: IpAddr, now: i64) -> bool {
+        self.auth_failures
+            .get(&ip)
+            .is_some_and(|w| w.minute == now / 60 && w.failures >= AUTH_FAILURES_PER_MINUTE)
+    }
+
+    pub fn record_auth_failure(&self, ip: IpAddr, now: i64) {
+        let minute = now / 60;
+        let mut w = self.auth_failures.entry(ip).or_insert(FailureWindow { minute, failures: 0 });
+        if w.minute != minute {
+            *w = FailureWindow { minute, failures: 0 };
+        }
+        w.failures = w.failures.saturating_add(1);
+    }
+}
+
+impl Live {
+    fn build(
+        config: Arc<Config>,
+        keys: &Arc<SigningKeys>,
+        upstream_clients: &UpstreamClients,
+        old: Option<&Live>,
+    ) -> Result<Self, LoadError> {
+        let verifier = TokenVerifier::new(
+            Arc::clone(keys),
+            config.tokens.issuer.clone(),
+            config.tokens.leeway.as_secs(),
+        );
+        let mut connectors = HashMap::new();
+        for c in &config.connectors {
+            let Credential::Static { value, .. } = &c.credential;
+            let injection = Injection::new(&c.auth, value).map_err(|source| LoadError::Injection {
+                connector: c.name.clone(),
+                source,
+            })?;
+            let client = upstream_clients
+                .get(c.upstream_ca.as_deref())
+                .map_err(|message| LoadError::UpstreamTls {
+                    connector: c.name.clone(),
+                    message,
+                })?;
+            let old_limiter = old.and_then(|o| o.connectors.get(&c.name)).and_then(|r| r.limiter.clone());
+            let old_rate = old
+                .and_then(|o| o.config.connector(&c.name))
+                .and_then(|oc| oc.rate_limit);
+            let upstream_prefix = format!(
+                "{}://{}{}",
+                c.upstream.scheme, c.upstream.authority, c.upstream.base_path
+            );
+            connectors.insert(
+                c.name.clone(),
+                ConnectorRuntime {
+                    injection,
+                    credential: value.clone(),
+                    client,
+                    limiter: limiter(c.rate_limit, old_rate, old_limiter),
+                    upstream_prefix,
+                },
+            );
+        }
+        let mut client_limits = HashMap::new();
+        let mut issue_limits = HashMap::new();
+        for cl in &config.clients {
+            let old_client = old.and_then(|o| o.config.client(&cl.id));
+            let prev = old.and_then(|o| o.client_limits.get(&cl.id)).cloned();
+            if let Some(l) = limiter(cl.rate_limit, old_client.and_then(|c| c.rate_limit), prev) {
+                client_limits.insert(cl.id.clone(), l);
+            }
+            let prev = old.and_then(|o| o.issue_limits.get(&cl.id)).cloned();
+            let old_rate = old.and_then(|o| o.config.tokens.issue_rate_limit);
+            if let Some(l) = limiter(config.tokens.issue_rate_limit, old_rate, prev) {
+                issue_limits.insert(cl.id.clone(), l);
+            }
+        }
+        Ok(Self {
+            config,
+            verifier,
+            connectors,
+            client_limits,
+            issue_limits,
+        })
+    }
+}
+
+/// A limiter for `rate`, reusing `previous` when the quota is unchanged.
+fn limiter(
+    rate: Option<RateLimit>,
+    previous_rate: Option<RateLimit>,
+    previous: Option<Arc<DefaultDirectRateLimiter>>,
+) -> Option<Arc<DefaultDirectRateLimiter>> {
+    let rate = rate?;
+    if previous_rate == Some(rate) {
+        if let Some(p) = previous {
+            return Some(p);
+        }
+    }
+    let per_second = NonZeroU32::new(rate.per_second)?;
+    let burst = NonZeroU32::new(rate.burst)?;
+    Some(Arc::new(RateLimiter::direct(
+        Quota::per_second(per_second).allow_burst(burst),
+    )))
+}
+
+/// Takes one cell from `limiter`; on refusal, the whole seconds until the next one.
+pub fn take(limiter: &DefaultDirectRateLimiter) -> Result<(), u64> {
+    limiter.check().map_err(|not_until| {
+        let wait: Duration = not_until.wait_time_from(DefaultClock::default().now());
+        wait.as_secs() + u64::from(wait.subsec_nanos() > 0)
+    })
+}

@@ -1,0 +1,113 @@
+//! `credbroker explain`: would the current config let client C make this call, and why.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+use http::Method;
+
+use crate::config::Config;
+
+#[derive(Debug, Args)]
+pub struct ExplainArgs {
+    /// The client id.
+    #[arg(long)]
+    pub client: String,
+    /// The HTTP method, e.g. GET.
+    #[arg(long)]
+    pub method: String,
+    /// The full proxy path, e.g. /github/repos/acme/widget/issues (a query is allowed).
+    #[arg(long)]
+    pub path: String,
+    #[arg(long, default_value = super::DEFAULT_CONFIG)]
+    pub config: PathBuf,
+}
+
+/// The verdict: allowed by which operation, or refused and why.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Allow { connector: String, operation: String },
+    Deny(String),
+    BadInput(String),
+}
+
+pub fn run(args: &ExplainArgs) -> ExitCode {
+    let config = match Config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    match explain(&config, &args.client, &args.method, &args.path, chrono::Utc::now()) {
+        Verdict::Allow { connector, operation } => {
+            println!("allow: {} {} matches operation {connector}:{operation}, granted to {}", args.method, args.path, args.client);
+            ExitCode::SUCCESS
+        }
+        Verdict::Deny(why) => {
+            println!("deny: {why}");
+            ExitCode::from(1)
+        }
+        Verdict::BadInput(why) => {
+            eprintln!("bad input: {why}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// The decision the proxy's checks 1 and 3 would make for a token holding every grant.
+pub fn explain(config: &Config, client_id: &str, method: &str, full_path: &str, now: chrono::DateTime<chrono::Utc>) -> Verdict {
+    let Some(client) = config.client(client_id) else {
+        return Verdict::BadInput(format!("unknown client `{client_id}`"));
+    };
+    let method = match Method::from_bytes(method.as_bytes()) {
+        Ok(m) if method.bytes().all(|b| b.is_ascii_uppercase()) => m,
+        _ => return Verdict::BadInput(format!("`{method}` is not an upper-case HTTP method")),
+    };
+    let (path, query) = match full_path.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (full_path, None),
+    };
+    if let Err(e) = crate::proxy::canonical::check_path(path) {
+        return Verdict::BadInput(format!("the path fails the canonical check: {e}"));
+    }
+    if let Some(q) = query {
+        if let Err(e) = crate::proxy::canonical::check_query(q) {
+            return Verdict::BadInput(format!("the query fails the canonical check: {e}"));
+        }
+    }
+    let rest = &path[1..];
+    let (name, upstream_path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let Some(connector) = config.connector(name) else {
+        return Verdict::Deny(format!("no connector named `{name}`"));
+    };
+    if connector.is_expired(now) {
+        return Verdict::Deny(format!("connector {name} expired ({})", connector.expires_text));
+    }
+    let mut reasons: Vec<String> = Vec::new();
+    let found = connector.router.find(&method, upstream_path, |i| {
+        let op = &connector.operations[i];
+        if let (Some(allowed), Some(q)) = (&op.query, query) {
+            if let Some(bad) = crate::proxy::canonical::query_names(q).find(|n| !allowed.iter().any(|a| a == n)) {
+                reasons.push(format!("operation {} matches but does not allow query parameter `{bad}`", op.name));
+                return false;
+            }
+        }
+        if !client.is_granted(&connector.name, &op.name, now) {
+            reasons.push(format!("operation {} matches but is not granted to {client_id} (or its grant expired)", op.name));
+            return false;
+        }
+        true
+    });
+    match found {
+        Some(i) => Verdict::Allow {
+            connector: connector.name.clone(),
+            operation: connector.operations[i].name.clone(),
+        },
+        None if reasons.is_empty() => Verdict::Deny(format!("no operation of connector {name} allows {method} {upstream_path}")),
+        None => Verdict::Deny(reasons.join("; ")),
+    }
+}

@@ -1,0 +1,204 @@
+//! `credbroker serve [--dev]`: start the listeners, reload on SIGHUP, drain on SIGTERM/SIGINT.
+//! [`start`] is the library entry the tests use: it binds everything and returns handles.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::admin::AdminState;
+use crate::audit::{AuditLog, AuditOptions, Event, Record};
+use crate::broker::Broker;
+use crate::config::Config;
+use crate::server::{self, ListenerLimits, Role};
+use crate::state::Revocations;
+use crate::token::SigningKeys;
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[arg(long, default_value = super::DEFAULT_CONFIG)]
+    pub config: PathBuf,
+    /// Zero-setup demo: ephemeral key, plain HTTP on 127.0.0.1:8080, a built-in demo upstream.
+    #[arg(long)]
+    pub dev: bool,
+}
+
+/// A running broker: its bound addresses and the way to stop it.
+pub struct Running {
+    pub proxy_addr: SocketAddr,
+    pub admin_addr: Option<SocketAddr>,
+    pub broker: Arc<Broker>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Stops accepting, drains in-flight requests (up to `request_timeout`), writes the
+    /// `shutdown` record and flushes the audit log.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        if let Err(e) = self.broker.audit.append(Record::new(Event::Shutdown)).await {
+            tracing::error!(error = %e, "cannot write the shutdown audit record");
+        }
+        self.broker.audit.close();
+    }
+
+    /// Resolves when `shutdown` was asked for (for the signal handler loop).
+    pub fn stopper(&self) -> watch::Sender<bool> {
+        self.stop.clone()
+    }
+}
+
+pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    init_tracing();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let (config, dev) = if args.dev {
+            let dev = crate::dev::prepare().await?;
+            (dev.config()?, Some(dev))
+        } else {
+            (Config::load(&args.config)?, None)
+        };
+        let running = start(config).await?;
+        if let Some(dev) = &dev {
+            dev.print_welcome(&running);
+        } else {
+            eprintln!("credbroker listening on {}", running.proxy_addr);
+            if let Some(a) = running.admin_addr {
+                eprintln!("admin listening on {a}");
+            }
+        }
+        wait_for_signals(&running).await;
+        tracing::info!("shutting down: draining in-flight requests");
+        running.shutdown().await;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// SIGHUP reloads; SIGTERM or SIGINT return (to shut down).
+async fn wait_for_signals(running: &Running) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut hup), Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::hangup()),
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; waiting for Ctrl-C only");
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                let _ = crate::admin::reload(&running.broker, "signal:SIGHUP").await;
+            }
+            _ = term.recv() => return,
+            _ = int.recv() => return,
+        }
+    }
+}
+
+/// Opens the audit log and state, binds the listeners and serves until [`Running::shutdown`].
+pub async fn start(config: Config) -> anyhow::Result<Running> {
+    let keys = Arc::new(match &config.tokens.signing_key {
+        Some(path) => SigningKeys::from_pem_file(path)?,
+        None => {
+            tracing::warn!("no tokens.signing_key: using an ephemeral signing key; tokens die with this process");
+            SigningKeys::ephemeral()
+        }
+    });
+    let audit = AuditLog::open(AuditOptions {
+        path: config.audit.path.clone(),
+        fsync: config.audit.fsync,
+        rotate_bytes: config.audit.rotate_bytes,
+        hmac_key: config.audit.hmac_key.clone(),
+    })
+    .with_context(|| format!("cannot open the audit log {}", config.audit.path.display()))?;
+    let revocations = Revocations::load(&config.state.dir)?;
+    let limits = ListenerLimits {
+        max_connections: config.server.max_connections,
+        max_header_bytes: config.server.max_header_bytes,
+        header_read_timeout: config.server.header_read_timeout,
+        request_timeout: config.server.request_timeout,
+    };
+    let proxy_tls = server::acceptor(config.server.tls.as_ref(), config.server.client_ca.as_deref())?;
+    let admin_cfg = config
+        .admin
+        .as_ref()
+        .map(|a| (a.listen, a.token_sha256, server::acceptor(a.tls.as_ref(), None)));
+    let proxy_listener = server::bind(config.server.listen).await?;
+    let mut startup = Record::new(Event::Startup);
+    startup.version = Some(env!("CARGO_PKG_VERSION").to_owned());
+    startup.config_sha256 = Some(config.sha256.clone());
+    let broker = Arc::new(Broker::new(config, keys, audit, revocations)?);
+    broker.audit.append(startup).await.context("cannot write the startup audit record")?;
+
+    let (stop, stopped) = watch::channel(false);
+    let mut tasks = Vec::new();
+    let proxy_addr = proxy_listener.local_addr()?;
+    tasks.push(tokio::spawn(server::serve(
+        proxy_listener,
+        proxy_tls,
+        limits.clone(),
+        Role::Proxy(Arc::clone(&broker)),
+        wait_stop(stopped.clone()),
+    )));
+    let mut admin_addr = None;
+    if let Some((listen, token_sha256, tls)) = admin_cfg {
+        let listener = server::bind(listen).await?;
+        admin_addr = Some(listener.local_addr()?);
+        let state = Arc::new(AdminState {
+            broker: Arc::clone(&broker),
+            token_sha256,
+        });
+        let admin_limits = ListenerLimits {
+            max_connections: 64,
+            ..limits
+        };
+        tasks.push(tokio::spawn(server::serve(listener, tls?, admin_limits, Role::Admin(state), wait_stop(stopped.clone()))));
+    }
+    tasks.push(tokio::spawn(sweeper(Arc::clone(&broker), stopped)));
+    Ok(Running {
+        proxy_addr,
+        admin_addr,
+        broker,
+        stop,
+        tasks,
+    })
+}
+
+async fn wait_stop(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stopped| *stopped).await;
+}
+
+/// Drops `max_uses` counters of expired tokens and stale lockout windows once a minute.
+async fn sweeper(broker: Arc<Broker>, mut stopped: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => broker.sweep_expired(chrono::Utc::now().timestamp()),
+            _ = stopped.wait_for(|s| *s) => return,
+        }
+    }
+}

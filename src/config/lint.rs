@@ -1,0 +1,181 @@
+//! `credbroker check` (DESIGN §3.6): every parse/validation error, then the governance
+//! warnings of a config that loads — one [`Finding`] a line, each with its location.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::path::Path;
+
+use chrono::{DateTime, Utc};
+use toml::Spanned;
+
+use super::raw::{RawConfig, RawCredential};
+use super::validate::{is_loopback_host, Ctx};
+use super::{Config, ConfigError};
+
+/// How bad a finding is: errors make `check` exit 1, warnings do not.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Severity {
+    Error,
+    Warning,
+}
+
+/// One line of `check`'s output.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Finding {
+    pub severity: Severity,
+    pub location: ConfigError,
+}
+
+impl fmt::Display for Finding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let level = match self.severity {
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+        };
+        write!(f, "{level}: {}", self.location)
+    }
+}
+
+/// Everything `check` reports for the config `text` read from `path`, errors first.
+pub fn check(text: &str, path: &Path, now: DateTime<Utc>) -> Vec<Finding> {
+    let config = match Config::parse(text, path) {
+        Ok(c) => c,
+        Err(errors) => return errors.0.into_iter().map(error).collect(),
+    };
+    let Ok(raw) = toml::from_str::<RawConfig>(text) else {
+        return Vec::new(); // cannot happen: it parsed a moment ago
+    };
+    let mut cx = Ctx::new(text, path);
+    file_errors(&mut cx, &config);
+    let mut findings: Vec<Finding> = std::mem::take(&mut cx.errors).into_iter().map(error).collect();
+    warnings(&mut cx, &config, &raw, now);
+    findings.extend(cx.errors.into_iter().map(|location| Finding {
+        severity: Severity::Warning,
+        location,
+    }));
+    findings
+}
+
+fn error(location: ConfigError) -> Finding {
+    Finding {
+        severity: Severity::Error,
+        location,
+    }
+}
+
+/// Files `serve` will need: report now rather than at start-up.
+fn file_errors(cx: &mut Ctx<'_>, config: &Config) {
+    if let Some(key) = &config.tokens.signing_key {
+        if let Err(e) = crate::token::SigningKeys::from_pem_file(key) {
+            cx.err(None, "tokens.signing_key", e.to_string());
+        }
+    }
+    let mut files = Vec::new();
+    if let Some(tls) = &config.server.tls {
+        files.push(("server.tls_cert", &tls.cert));
+        files.push(("server.tls_key", &tls.key));
+    }
+    if let Some(ca) = &config.server.client_ca {
+        files.push(("server.client_ca", ca));
+    }
+    if let Some(tls) = config.admin.as_ref().and_then(|a| a.tls.as_ref()) {
+        files.push(("admin.tls_cert", &tls.cert));
+        files.push(("admin.tls_key", &tls.key));
+    }
+    for c in &config.connectors {
+        if let Some(ca) = &c.upstream_ca {
+            files.push(("upstream_ca", ca));
+        }
+    }
+    for (key, file) in files {
+        if let Err(e) = std::fs::metadata(file) {
+            cx.err(None, key, format!("cannot read {}: {e}", file.display()));
+        }
+    }
+}
+
+fn warnings(cx: &mut Ctx<'_>, config: &Config, raw: &RawConfig, now: DateTime<Utc>) {
+    if config.server.tls.is_none() {
+        cx.err(
+            Some(raw.server.listen.span()),
+            "server.listen",
+            "plain HTTP listener: tokens and credentials' effects cross the network unencrypted",
+        );
+    }
+    if let Some(admin) = &config.admin {
+        let raw_admin = raw.admin.as_ref().map(|a| a.listen.span());
+        if admin.tls.is_none() && !is_loopback_host(&admin.listen.ip().to_string()) {
+            cx.err(raw_admin, "admin.listen", "plain HTTP admin listener on a non-loopback address");
+        }
+    }
+    if config.tokens.signing_key.is_none() {
+        cx.err(
+            None,
+            "tokens.signing_key",
+            "not set: an ephemeral key is used, so tokens die with the process and replicas cannot share them",
+        );
+    }
+    if let Some(r) = &raw.audit.hmac_key {
+        literal(cx, r, "audit.hmac_key");
+    }
+    connector_warnings(cx, config, raw, now);
+    client_warnings(cx, config, raw, now);
+}
+
+fn literal(cx: &mut Ctx<'_>, raw: &Spanned<String>, key: &str) {
+    if raw.get_ref().starts_with("literal:") {
+        cx.err(Some(raw.span()), key, "literal: secret in the config file (for tests and demos only)");
+    }
+}
+
+fn connector_warnings(cx: &mut Ctx<'_>, config: &Config, raw: &RawConfig, now: DateTime<Utc>) {
+    let granted: HashSet<(&str, &str)> = config
+        .clients
+        .iter()
+        .flat_map(|c| c.grants.iter())
+        .flat_map(|g| g.operations.iter().map(|op| (g.connector.as_str(), op.as_str())))
+        .collect();
+    for (connector, rc) in config.connectors.iter().zip(&raw.connectors) {
+        let key = format!("connectors[{}]", connector.name);
+        if let RawCredential::Reference(r) = rc.credential.get_ref() {
+            if r.starts_with("literal:") {
+                cx.err(Some(rc.credential.span()), &format!("{key}.credential"), "literal: secret in the config file (for tests and demos only)");
+            }
+        }
+        if connector.is_expired(now) {
+            cx.err(Some(rc.expires.span()), &format!("{key}.expires"), "the connector has expired and refuses every call");
+        } else if connector.expires_at - now < chrono::Duration::days(30) {
+            cx.err(Some(rc.expires.span()), &format!("{key}.expires"), "the connector expires within 30 days");
+        }
+        if connector.rate_limit.is_none() {
+            cx.err(Some(rc.name.span()), &key, "no rate_limit: a misbehaving client can use the credential without bound");
+        }
+        for (op, rop) in connector.operations.iter().zip(&rc.operations) {
+            let op_key = format!("{key}.operations[{}]", op.name);
+            if op.pattern.has_catch_all() {
+                cx.err(Some(rop.path.span()), &format!("{op_key}.path"), "a {*rest} pattern is broad: it allows every path below it");
+            }
+            if !granted.contains(&(connector.name.as_str(), op.name.as_str())) {
+                cx.err(Some(rop.name.span()), &op_key, "granted to no client");
+            }
+        }
+    }
+}
+
+fn client_warnings(cx: &mut Ctx<'_>, config: &Config, raw: &RawConfig, now: DateTime<Utc>) {
+    for (client, rc) in config.clients.iter().zip(&raw.clients) {
+        let key = format!("clients[{}]", client.id);
+        if client.grants.is_empty() {
+            cx.err(Some(rc.id.span()), &key, "has no grants");
+        }
+        for (i, (grant, rg)) in client.grants.iter().zip(&rc.grants).enumerate() {
+            if !grant.is_live(now) {
+                cx.err(
+                    Some(rg.span()),
+                    &format!("{key}.grants[{i}]"),
+                    "time-bound grant has expired and no longer exists",
+                );
+            }
+        }
+    }
+}

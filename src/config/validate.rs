@@ -1,0 +1,727 @@
+//! Raw → validated conversion. Every check pushes an error with its line and key and carries
+//! on, so one run of `check` reports every problem at once.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, NaiveDate, Utc};
+use http::{HeaderName, Method};
+use sha2::{Digest, Sha256};
+use toml::Spanned;
+
+use super::raw::{self, RawConfig, S};
+use super::{
+    AdminConfig, AuditConfig, AuthMethod, Client, Config, ConfigError, ConfigErrors, Connector,
+    Credential, Grant, Operation, RateLimit, ServerConfig, StateConfig, TlsFiles, TokensConfig,
+    Upstream, DEFAULT_MAX_BODY_BYTES,
+};
+use crate::audit::FsyncPolicy;
+use crate::policy::{OperationRouter, Pattern};
+use crate::secret::{Secret, SecretRef};
+
+/// Collects errors for one file and turns byte spans into line numbers.
+pub(super) struct Ctx<'a> {
+    pub file: &'a Path,
+    pub base_dir: PathBuf,
+    text: &'a str,
+    pub errors: Vec<ConfigError>,
+}
+
+impl<'a> Ctx<'a> {
+    pub fn new(text: &'a str, file: &'a Path) -> Self {
+        let base_dir = file
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
+        Self {
+            file,
+            base_dir,
+            text,
+            errors: Vec::new(),
+        }
+    }
+
+    /// 1-based line of a byte offset.
+    pub fn line_of(&self, span: &Range<usize>) -> usize {
+        let end = span.start.min(self.text.len());
+        self.text.as_bytes()[..end]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count()
+            + 1
+    }
+
+    pub fn err(&mut self, span: Option<Range<usize>>, key: &str, message: impl Into<String>) {
+        let line = span.map(|s| self.line_of(&s));
+        self.errors
+            .push(ConfigError::new(self.file, line, key, message));
+    }
+
+    pub fn path(&self, p: &str) -> PathBuf {
+        self.base_dir.join(p)
+    }
+}
+
+pub(super) fn parse(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
+    let mut cx = Ctx::new(text, file);
+    let raw: RawConfig = match toml::from_str(text) {
+        Ok(raw) => raw,
+        Err(e) => {
+            let message = e.message().to_owned();
+            let span = e.span();
+            let key = span
+                .as_ref()
+                .map(|s| source_line(text, s.start).to_owned())
+                .unwrap_or_default();
+            cx.err(span, &key, message);
+            return Err(ConfigErrors(cx.errors));
+        }
+    };
+    let config = convert(&mut cx, raw, text);
+    match config {
+        Some(config) if cx.errors.is_empty() => Ok(config),
+        _ => Err(ConfigErrors(cx.errors)),
+    }
+}
+
+/// The trimmed text of the line holding `offset`: shows the key a parse error is about.
+fn source_line(text: &str, offset: usize) -> &str {
+    let offset = offset.min(text.len());
+    let start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let end = text[offset..].find('\n').map_or(text.len(), |i| offset + i);
+    text[start..end].trim()
+}
+
+fn convert(cx: &mut Ctx<'_>, raw: RawConfig, text: &str) -> Option<Config> {
+    let server = server(cx, &raw.server);
+    let admin = raw.admin.as_ref().and_then(|a| admin(cx, a));
+    let tokens = tokens(cx, &raw.tokens);
+    let audit = audit(cx, &raw.audit);
+    let state = state(cx, &raw.state);
+    let connectors = connectors(cx, &raw.connectors);
+    let clients = clients(cx, &raw.clients, &connectors, tokens.as_ref());
+
+    let connector_index = index(connectors.iter().map(|c| c.name.clone()));
+    let client_index = index(clients.iter().map(|c| c.id.clone()));
+    Some(Config {
+        path: cx.file.to_path_buf(),
+        sha256: hex::encode(Sha256::digest(text.as_bytes())),
+        server: server?,
+        admin,
+        tokens: tokens?,
+        audit: audit?,
+        state: state?,
+        connectors,
+        clients,
+        connector_index,
+        client_index,
+    })
+}
+
+fn index(names: impl Iterator<Item = String>) -> HashMap<String, usize> {
+    names.enumerate().map(|(i, n)| (n, i)).collect()
+}
+
+fn server(cx: &mut Ctx<'_>, raw: &raw::RawServer) -> Option<ServerConfig> {
+    let listen = socket_addr(cx, &raw.listen, "server.listen");
+    let tls = tls_files(cx, &raw.tls_cert, &raw.tls_key, "server");
+    let client_ca = raw.client_ca.as_ref().map(|p| cx.path(p.get_ref()));
+    if client_ca.is_some() && tls.is_none() {
+        cx.err(
+            raw.client_ca.as_ref().map(|s| s.span()),
+            "server.client_ca",
+            "mTLS needs tls_cert and tls_key",
+        );
+    }
+    let max_header_bytes = positive(cx, &raw.max_header_bytes, "server.max_header_bytes", 16384);
+    let max_connections = positive(cx, &raw.max_connections, "server.max_connections", 10000);
+    Some(ServerConfig {
+        listen: listen?,
+        tls,
+        client_ca,
+        max_connections: usize::try_from(max_connections).unwrap_or(usize::MAX),
+        max_header_bytes: usize::try_from(max_header_bytes).unwrap_or(usize::MAX),
+        header_read_timeout: duration(cx, &raw.header_read_timeout, "server.header_read_timeout", 10)?,
+        request_timeout: duration(cx, &raw.request_timeout, "server.request_timeout", 60)?,
+    })
+}
+
+fn admin(cx: &mut Ctx<'_>, raw: &raw::RawAdmin) -> Option<AdminConfig> {
+    let listen = socket_addr(cx, &raw.listen, "admin.listen");
+    let tls = tls_files(cx, &raw.tls_cert, &raw.tls_key, "admin");
+    let token_sha256 = sha256_hex(cx, &raw.token_sha256, "admin.token_sha256");
+    Some(AdminConfig {
+        listen: listen?,
+        token_sha256: token_sha256?,
+        tls,
+    })
+}
+
+fn tokens(cx: &mut Ctx<'_>, raw: &raw::RawTokens) -> Option<TokensConfig> {
+    let issuer = raw
+        .issuer
+        .as_ref()
+        .map_or_else(|| "credbroker".to_owned(), |s| s.get_ref().clone());
+    if issuer.is_empty() {
+        cx.err(raw.issuer.as_ref().map(|s| s.span()), "tokens.issuer", "must not be empty");
+    }
+    let default_ttl = duration(cx, &raw.default_ttl, "tokens.default_ttl", 300);
+    let max_ttl = duration(cx, &raw.max_ttl, "tokens.max_ttl", 900);
+    let leeway = duration(cx, &raw.leeway, "tokens.leeway", 5);
+    let (default_ttl, max_ttl, leeway) = (default_ttl?, max_ttl?, leeway?);
+    if default_ttl > max_ttl {
+        cx.err(
+            raw.default_ttl.as_ref().map(|s| s.span()),
+            "tokens.default_ttl",
+            "is longer than tokens.max_ttl",
+        );
+    }
+    if leeway > Duration::from_secs(300) {
+        cx.err(
+            raw.leeway.as_ref().map(|s| s.span()),
+            "tokens.leeway",
+            "must be at most 5m: a larger clock skew allowance keeps expired tokens alive",
+        );
+    }
+    Some(TokensConfig {
+        issuer,
+        signing_key: raw.signing_key.as_ref().map(|p| cx.path(p.get_ref())),
+        issue_rate_limit: raw.issue_rate_limit.and_then(|r| rate_limit(cx, r, "tokens.issue_rate_limit")),
+        default_ttl,
+        max_ttl,
+        leeway,
+    })
+}
+
+fn audit(cx: &mut Ctx<'_>, raw: &raw::RawAudit) -> Option<AuditConfig> {
+    let fsync = match raw.fsync.as_ref().map(|s| s.get_ref().as_str()) {
+        None | Some("always") => Some(FsyncPolicy::Always),
+        Some("interval") => Some(FsyncPolicy::Interval),
+        Some("never") => Some(FsyncPolicy::Never),
+        Some(other) => {
+            cx.err(
+                raw.fsync.as_ref().map(|s| s.span()),
+                "audit.fsync",
+                format!("`{other}` is not one of always, interval, never"),
+            );
+            None
+        }
+    };
+    if let Some(r) = &raw.rotate_bytes {
+        if *r.get_ref() < 4096 {
+            cx.err(Some(r.span()), "audit.rotate_bytes", "must be at least 4096");
+        }
+    }
+    let (hmac_key_ref, hmac_key) = match &raw.hmac_key {
+        Some(s) => match secret(cx, s, "audit.hmac_key") {
+            Some((r, v)) => (Some(r), Some(v)),
+            None => (None, None),
+        },
+        None => (None, None),
+    };
+    Some(AuditConfig {
+        path: cx.path(raw.path.get_ref()),
+        fsync: fsync?,
+        rotate_bytes: raw.rotate_bytes.as_ref().map(|r| *r.get_ref()),
+        hmac_key_ref,
+        hmac_key,
+    })
+}
+
+fn state(cx: &mut Ctx<'_>, raw: &raw::RawState) -> Option<StateConfig> {
+    if let Some(backend) = &raw.backend {
+        if backend.get_ref() != "memory" {
+            cx.err(
+                Some(backend.span()),
+                "state.backend",
+                format!(
+                    "backend `{}` is not available in this build (only `memory`)",
+                    backend.get_ref()
+                ),
+            );
+        }
+    }
+    if let Some(url) = &raw.url {
+        cx.err(Some(url.span()), "state.url", "only used by a shared backend, which this build lacks");
+    }
+    let dir = raw
+        .dir
+        .as_ref()
+        .map_or_else(|| cx.path("state"), |d| cx.path(d.get_ref()));
+    Some(StateConfig { dir })
+}
+
+fn connectors(cx: &mut Ctx<'_>, raws: &[raw::RawConnector]) -> Vec<Arc<Connector>> {
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    for raw in raws {
+        let key = format!("connectors[{}]", raw.name.get_ref());
+        if !seen.insert(raw.name.get_ref().clone()) {
+            cx.err(Some(raw.name.span()), &key, "duplicate connector name");
+            continue;
+        }
+        if let Some(c) = connector(cx, raw, &key) {
+            out.push(Arc::new(c));
+        }
+    }
+    out
+}
+
+fn connector(cx: &mut Ctx<'_>, raw: &raw::RawConnector, key: &str) -> Option<Connector> {
+    let name = raw.name.get_ref();
+    if !is_connector_name(name) {
+        cx.err(
+            Some(raw.name.span()),
+            &format!("{key}.name"),
+            "must be 1-64 characters of a-z, A-Z, 0-9, '-', '_' (it is the proxy path prefix)",
+        );
+    }
+    required(cx, &raw.owner, &format!("{key}.owner"));
+    required(cx, &raw.purpose, &format!("{key}.purpose"));
+    let expires_at = expiry(cx, &raw.expires, &format!("{key}.expires"));
+    let upstream = upstream(cx, &raw.upstream, &format!("{key}.upstream"));
+    let upstream_timeout = duration(cx, &raw.upstream_timeout, &format!("{key}.upstream_timeout"), 30);
+    let credential = credential(cx, &raw.credential, &format!("{key}.credential"));
+    let auth = auth(cx, raw.auth.as_ref(), &format!("{key}.auth"));
+    let rate_limit = raw.rate_limit.and_then(|r| rate_limit(cx, r, &format!("{key}.rate_limit")));
+    let upstream_request_id_header = raw.upstream_request_id_header.as_ref().and_then(|h| {
+        header_name(cx, h.get_ref(), Some(h.span()), &format!("{key}.upstream_request_id_header"))
+    });
+    let (operations, router) = operations(cx, &raw.operations, key);
+    Some(Connector {
+        name: name.clone(),
+        owner: raw.owner.get_ref().clone(),
+        purpose: raw.purpose.get_ref().clone(),
+        expires_at: expires_at?,
+        expires_text: raw.expires.get_ref().clone(),
+        upstream: upstream?,
+        upstream_ca: raw.upstream_ca.as_ref().map(|p| cx.path(p.get_ref())),
+        upstream_timeout: upstream_timeout?,
+        credential: credential?,
+        auth: auth?,
+        rate_limit,
+        upstream_request_id_header,
+        operations,
+        router,
+    })
+}
+
+fn is_connector_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+fn operations(
+    cx: &mut Ctx<'_>,
+    raws: &[raw::RawOperation],
+    connector_key: &str,
+) -> (Vec<Operation>, OperationRouter) {
+    let mut router = OperationRouter::new();
+    let mut ops = Vec::new();
+    let mut seen = HashSet::new();
+    for raw in raws {
+        let key = format!("{connector_key}.operations[{}]", raw.name.get_ref());
+        if raw.name.get_ref().is_empty() || raw.name.get_ref().contains([' ', ':']) {
+            cx.err(Some(raw.name.span()), &key, "operation name must be non-empty, without spaces or ':'");
+        }
+        if !seen.insert(raw.name.get_ref().clone()) {
+            cx.err(Some(raw.name.span()), &key, "duplicate operation name in this connector");
+            continue;
+        }
+        let method = match Method::from_bytes(raw.method.get_ref().as_bytes()) {
+            Ok(m) if raw.method.get_ref().bytes().all(|b| b.is_ascii_uppercase()) => Some(m),
+            _ => {
+                cx.err(
+                    Some(raw.method.span()),
+                    &format!("{key}.method"),
+                    "must be an upper-case HTTP method such as GET or POST",
+                );
+                None
+            }
+        };
+        let pattern = match Pattern::parse(raw.path.get_ref()) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                cx.err(Some(raw.path.span()), &format!("{key}.path"), format!("invalid pattern: {e}"));
+                None
+            }
+        };
+        if raw.max_body_bytes == Some(0) {
+            // 0 is a legitimate "no body allowed"; nothing to report.
+        }
+        let (Some(method), Some(pattern)) = (method, pattern) else {
+            continue;
+        };
+        router.insert(method.clone(), &pattern, ops.len());
+        ops.push(Operation {
+            name: raw.name.get_ref().clone(),
+            method,
+            pattern,
+            query: raw.query.clone(),
+            max_body_bytes: raw.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES),
+        });
+    }
+    (ops, router)
+}
+
+fn clients(
+    cx: &mut Ctx<'_>,
+    raws: &[raw::RawClient],
+    connectors: &[Arc<Connector>],
+    tokens: Option<&TokensConfig>,
+) -> Vec<Arc<Client>> {
+    let by_name: HashMap<&str, &Connector> =
+        connectors.iter().map(|c| (c.name.as_str(), c.as_ref())).collect();
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    for raw in raws {
+        let key = format!("clients[{}]", raw.id.get_ref());
+        if raw.id.get_ref().is_empty() || raw.id.get_ref().contains(':') {
+            cx.err(Some(raw.id.span()), &key, "client id must be non-empty and contain no ':'");
+        }
+        if !seen.insert(raw.id.get_ref().clone()) {
+            cx.err(Some(raw.id.span()), &key, "duplicate client id");
+            continue;
+        }
+        required(cx, &raw.owner, &format!("{key}.owner"));
+        let secret_sha256 = raw
+            .secret_sha256
+            .as_ref()
+            .and_then(|s| sha256_hex(cx, s, &format!("{key}.secret_sha256")));
+        if raw.secret_sha256.is_none() && raw.cert_san.is_none() {
+            cx.err(
+                Some(raw.id.span()),
+                &key,
+                "a client needs secret_sha256 or cert_san to authenticate",
+            );
+        }
+        let grants = raw
+            .grants
+            .iter()
+            .enumerate()
+            .filter_map(|(i, g)| grant(cx, g, &format!("{key}.grants[{i}]"), &by_name, tokens))
+            .collect();
+        out.push(Arc::new(Client {
+            id: raw.id.get_ref().clone(),
+            owner: raw.owner.get_ref().clone(),
+            secret_sha256,
+            cert_san: raw.cert_san.as_ref().map(|s| s.get_ref().clone()),
+            rate_limit: raw.rate_limit.and_then(|r| rate_limit(cx, r, &format!("{key}.rate_limit"))),
+            grants,
+        }));
+    }
+    out
+}
+
+fn grant(
+    cx: &mut Ctx<'_>,
+    spanned: &Spanned<raw::RawGrant>,
+    key: &str,
+    connectors: &HashMap<&str, &Connector>,
+    tokens: Option<&TokensConfig>,
+) -> Option<Grant> {
+    let raw = spanned.get_ref();
+    let span = Some(spanned.span());
+    match connectors.get(raw.connector.as_str()) {
+        None => cx.err(span.clone(), key, format!("unknown connector `{}`", raw.connector)),
+        Some(c) => {
+            for op in &raw.operations {
+                if c.operation(op).is_none() {
+                    cx.err(
+                        span.clone(),
+                        key,
+                        format!("connector `{}` has no operation `{op}`", raw.connector),
+                    );
+                }
+            }
+        }
+    }
+    let max_ttl = match &raw.max_ttl {
+        Some(t) => match humantime::parse_duration(t) {
+            Ok(d) => {
+                if tokens.is_some_and(|tk| d > tk.max_ttl) {
+                    cx.err(span.clone(), &format!("{key}.max_ttl"), "is above tokens.max_ttl");
+                }
+                Some(d)
+            }
+            Err(e) => {
+                cx.err(span.clone(), &format!("{key}.max_ttl"), format!("invalid duration: {e}"));
+                None
+            }
+        },
+        None => None,
+    };
+    let expires = match &raw.expires {
+        Some(t) => match DateTime::parse_from_rfc3339(t) {
+            Ok(d) => Some(d.with_timezone(&Utc)),
+            Err(e) => {
+                cx.err(span, &format!("{key}.expires"), format!("not an RFC 3339 time: {e}"));
+                return None;
+            }
+        },
+        None => None,
+    };
+    Some(Grant {
+        connector: raw.connector.clone(),
+        operations: raw.operations.clone(),
+        max_ttl,
+        expires,
+        reason: raw.reason.clone(),
+    })
+}
+
+fn credential(cx: &mut Ctx<'_>, raw: &Spanned<raw::RawCredential>, key: &str) -> Option<Credential> {
+    match raw.get_ref() {
+        raw::RawCredential::Reference(r) => {
+            let (reference, value) = resolve_secret(cx, r, Some(raw.span()), key)?;
+            if value.is_empty() {
+                cx.err(Some(raw.span()), key, "the credential is empty");
+                return None;
+            }
+            Some(Credential::Static { reference, value })
+        }
+        raw::RawCredential::Dynamic(_) => {
+            cx.err(
+                Some(raw.span()),
+                key,
+                "dynamic credentials (oauth2_client_credentials, github_app) are not supported by this build yet",
+            );
+            None
+        }
+    }
+}
+
+fn auth(cx: &mut Ctx<'_>, raw: Option<&Spanned<raw::RawAuth>>, key: &str) -> Option<AuthMethod> {
+    let Some(raw) = raw else {
+        return Some(AuthMethod::Bearer);
+    };
+    let span = Some(raw.span());
+    Some(match raw.get_ref() {
+        raw::RawAuth::Bearer => AuthMethod::Bearer,
+        raw::RawAuth::Header { name, prefix } => {
+            let name = header_name(cx, name, span.clone(), &format!("{key}.name"))?;
+            if is_reserved_header(&name) {
+                cx.err(span, &format!("{key}.name"), "cannot inject into a hop-by-hop or routing header");
+                return None;
+            }
+            if http::HeaderValue::from_str(prefix).is_err() {
+                cx.err(span, &format!("{key}.prefix"), "must be visible ASCII");
+                return None;
+            }
+            AuthMethod::Header { name, prefix: prefix.clone() }
+        }
+        raw::RawAuth::Basic { username } => {
+            if username.contains(':') || username.bytes().any(|b| b.is_ascii_control()) {
+                cx.err(span, &format!("{key}.username"), "must not contain ':' or control characters");
+                return None;
+            }
+            AuthMethod::Basic { username: username.clone() }
+        }
+        raw::RawAuth::Query { name } => {
+            if name.is_empty() {
+                cx.err(span, &format!("{key}.name"), "must not be empty");
+                return None;
+            }
+            AuthMethod::Query { name: name.clone() }
+        }
+    })
+}
+
+/// Headers the broker manages itself; injecting a credential into them would be lost or unsafe.
+fn is_reserved_header(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "host" | "connection" | "keep-alive" | "te" | "trailer" | "transfer-encoding" | "upgrade"
+            | "proxy-connection" | "content-length" | "cookie" | "x-request-id"
+    )
+}
+
+fn upstream(cx: &mut Ctx<'_>, raw: &S, key: &str) -> Option<Upstream> {
+    let text = raw.get_ref();
+    let span = Some(raw.span());
+    let uri: http::Uri = match text.parse() {
+        Ok(u) => u,
+        Err(e) => {
+            cx.err(span, key, format!("not a URL: {e}"));
+            return None;
+        }
+    };
+    let (Some(scheme), Some(authority)) = (uri.scheme().cloned(), uri.authority().cloned()) else {
+        cx.err(span, key, "must be an absolute http(s) URL");
+        return None;
+    };
+    if uri.query().is_some() || authority.as_str().contains('@') {
+        cx.err(span, key, "must not contain a query or user info");
+        return None;
+    }
+    let is_loopback = is_loopback_host(authority.host());
+    match scheme.as_str() {
+        "https" => {}
+        "http" if is_loopback => {}
+        "http" => {
+            cx.err(span, key, "an http:// upstream must be a loopback address; use https://");
+            return None;
+        }
+        other => {
+            cx.err(span, key, format!("unsupported scheme `{other}`"));
+            return None;
+        }
+    }
+    let base_path = uri.path().trim_end_matches('/').to_owned();
+    Some(Upstream {
+        url: text.clone(),
+        scheme,
+        authority,
+        base_path,
+        is_loopback,
+    })
+}
+
+/// `localhost`, `127.0.0.0/8` or `[::1]`.
+pub(crate) fn is_loopback_host(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+fn expiry(cx: &mut Ctx<'_>, raw: &S, key: &str) -> Option<DateTime<Utc>> {
+    let text = raw.get_ref();
+    if let Ok(date) = NaiveDate::parse_from_str(text, "%Y-%m-%d") {
+        // Usable through the whole named day (UTC): expired from the next midnight.
+        return date
+            .succ_opt()
+            .and_then(|d| d.and_hms_opt(0, 0, 0))
+            .map(|t| t.and_utc());
+    }
+    match DateTime::parse_from_rfc3339(text) {
+        Ok(t) => Some(t.with_timezone(&Utc)),
+        Err(_) => {
+            cx.err(Some(raw.span()), key, "must be a date (2027-06-30) or an RFC 3339 time");
+            None
+        }
+    }
+}
+
+fn required(cx: &mut Ctx<'_>, raw: &S, key: &str) {
+    if raw.get_ref().trim().is_empty() {
+        cx.err(Some(raw.span()), key, "is required and must not be empty");
+    }
+}
+
+fn socket_addr(cx: &mut Ctx<'_>, raw: &S, key: &str) -> Option<SocketAddr> {
+    match raw.get_ref().parse() {
+        Ok(a) => Some(a),
+        Err(_) => {
+            cx.err(Some(raw.span()), key, "must be IP:PORT, e.g. 127.0.0.1:8443");
+            None
+        }
+    }
+}
+
+fn tls_files(cx: &mut Ctx<'_>, cert: &Option<S>, key: &Option<S>, section: &str) -> Option<TlsFiles> {
+    match (cert, key) {
+        (Some(c), Some(k)) => Some(TlsFiles {
+            cert: cx.path(c.get_ref()),
+            key: cx.path(k.get_ref()),
+        }),
+        (None, None) => None,
+        (Some(s), None) | (None, Some(s)) => {
+            cx.err(Some(s.span()), section, "tls_cert and tls_key go together");
+            None
+        }
+    }
+}
+
+fn positive(cx: &mut Ctx<'_>, raw: &Option<Spanned<u64>>, key: &str, default: u64) -> u64 {
+    match raw {
+        Some(v) if *v.get_ref() == 0 => {
+            cx.err(Some(v.span()), key, "must be greater than 0");
+            default
+        }
+        Some(v) => *v.get_ref(),
+        None => default,
+    }
+}
+
+fn duration(cx: &mut Ctx<'_>, raw: &Option<S>, key: &str, default_secs: u64) -> Option<Duration> {
+    let Some(raw) = raw else {
+        return Some(Duration::from_secs(default_secs));
+    };
+    match humantime::parse_duration(raw.get_ref()) {
+        Ok(d) if d.is_zero() => {
+            cx.err(Some(raw.span()), key, "must be greater than 0");
+            None
+        }
+        Ok(d) => Some(d),
+        Err(e) => {
+            cx.err(Some(raw.span()), key, format!("invalid duration (e.g. \"60s\", \"5m\"): {e}"));
+            None
+        }
+    }
+}
+
+fn rate_limit(cx: &mut Ctx<'_>, raw: raw::RawRateLimit, key: &str) -> Option<RateLimit> {
+    let burst = raw.burst.unwrap_or(raw.per_second);
+    if raw.per_second == 0 || burst == 0 {
+        cx.err(None, key, "per_second and burst must be greater than 0");
+        return None;
+    }
+    Some(RateLimit {
+        per_second: raw.per_second,
+        burst,
+    })
+}
+
+fn sha256_hex(cx: &mut Ctx<'_>, raw: &S, key: &str) -> Option<[u8; 32]> {
+    let mut out = [0u8; 32];
+    match hex::decode_to_slice(raw.get_ref(), &mut out) {
+        Ok(()) => Some(out),
+        Err(_) => {
+            cx.err(Some(raw.span()), key, "must be 64 hex digits (a SHA-256)");
+            None
+        }
+    }
+}
+
+fn header_name(cx: &mut Ctx<'_>, name: &str, span: Option<Range<usize>>, key: &str) -> Option<HeaderName> {
+    match HeaderName::from_bytes(name.as_bytes()) {
+        Ok(h) => Some(h),
+        Err(_) => {
+            cx.err(span, key, "not a valid HTTP header name");
+            None
+        }
+    }
+}
+
+fn secret(cx: &mut Ctx<'_>, raw: &S, key: &str) -> Option<(SecretRef, Secret)> {
+    resolve_secret(cx, raw.get_ref(), Some(raw.span()), key)
+}
+
+fn resolve_secret(
+    cx: &mut Ctx<'_>,
+    reference: &str,
+    span: Option<Range<usize>>,
+    key: &str,
+) -> Option<(SecretRef, Secret)> {
+    let parsed = match SecretRef::parse(reference, &cx.base_dir) {
+        Ok(r) => r,
+        Err(e) => {
+            cx.err(span, key, e.to_string());
+            return None;
+        }
+    };
+    match parsed.resolve() {
+        Ok(v) => Some((parsed, v)),
+        Err(e) => {
+            cx.err(span, key, e.to_string());
+            None
+        }
+    }
+}

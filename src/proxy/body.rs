@@ -1,0 +1,157 @@
+//! Streaming bodies with accounting: request bodies are passed through with a byte limit,
+//! response bodies are counted, bounded by the request deadline, and report how they ended
+//! so the `proxy_result` record can be written — also when the client goes away mid-stream.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
+
+use super::BoxError;
+
+/// A client request body forwarded as it streams in, refused past `limit` bytes.
+pub struct LimitedBody {
+    inner: Incoming,
+    limit: u64,
+    seen: Arc<AtomicU64>,
+}
+
+impl LimitedBody {
+    pub fn new(inner: Incoming, limit: u64, seen: Arc<AtomicU64>) -> Self {
+        Self { inner, limit, seen }
+    }
+}
+
+/// The request body grew past the operation's `max_body_bytes` while streaming.
+#[derive(Debug, thiserror::Error)]
+#[error("request body exceeds the operation's max_body_bytes")]
+pub struct BodyTooLarge;
+
+impl Body for LimitedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    let total = this.seen.fetch_add(data.len() as u64, Ordering::Relaxed) + data.len() as u64;
+                    if total > this.limit {
+                        return Poll::Ready(Some(Err(Box::new(BodyTooLarge))));
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// How a streamed response ended, for the `proxy_result` record.
+pub struct Outcome {
+    pub bytes_out: u64,
+    pub error: Option<&'static str>,
+}
+
+type OnDone = Box<dyn FnOnce(Outcome) + Send>;
+
+/// An upstream response body on its way to the client.
+pub struct ObservedBody {
+    inner: Incoming,
+    bytes: u64,
+    deadline: Pin<Box<Sleep>>,
+    on_done: Option<OnDone>,
+}
+
+impl ObservedBody {
+    pub fn new(inner: Incoming, deadline: Instant, on_done: OnDone) -> Self {
+        Self {
+            inner,
+            bytes: 0,
+            deadline: Box::pin(tokio::time::sleep_until(deadline)),
+            on_done: Some(on_done),
+        }
+    }
+
+    fn finish(&mut self, error: Option<&'static str>) {
+        if let Some(done) = self.on_done.take() {
+            done(Outcome {
+                bytes_out: self.bytes,
+                error,
+            });
+        }
+    }
+}
+
+/// The response body did not finish within the request's deadline.
+#[derive(Debug, thiserror::Error)]
+#[error("response body exceeded request_timeout")]
+pub struct BodyTimeout;
+
+impl Body for ObservedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.bytes += data.len() as u64;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.finish(Some("upstream body error"));
+                Poll::Ready(Some(Err(Box::new(e))))
+            }
+            Poll::Ready(None) => {
+                this.finish(None);
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                if this.deadline.as_mut().poll(cx).is_ready() {
+                    this.finish(Some("request_timeout while streaming the response"));
+                    return Poll::Ready(Some(Err(Box::new(BodyTimeout))));
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for ObservedBody {
+    fn drop(&mut self) {
+        if self.inner.is_end_stream() {
+            self.finish(None);
+        } else {
+            self.finish(Some("client went away before the response ended"));
+        }
+    }
+}
+
+use std::future::Future as _;

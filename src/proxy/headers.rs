@@ -1,0 +1,156 @@
+//! Header hygiene (DESIGN §4.3 "Forwarding"): what the upstream never sees from the client,
+//! and what the client never sees from the upstream.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// Request headers that never leave the broker. `Host` is the upstream's, `x-request-id` is the
+/// broker's own, credentials and cookies are the client's business with the broker only.
+const STRIPPED_REQUEST: &[HeaderName] = &[
+    header::AUTHORIZATION,
+    header::PROXY_AUTHORIZATION,
+    header::COOKIE,
+    header::HOST,
+    header::FORWARDED,
+];
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) plus the legacy `Proxy-Connection`.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-connection",
+];
+
+/// Method-override headers: an allowlisted GET must not turn into a DELETE upstream.
+const METHOD_OVERRIDES: &[&str] = &["x-http-method-override", "x-http-method", "x-method-override"];
+
+/// Names listed in `Connection` headers: hop-by-hop by declaration.
+fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect()
+}
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(&name.as_str())
+}
+
+/// The headers to send upstream: the client's, minus everything §4.3 removes. The caller adds
+/// `x-request-id`, `X-Forwarded-*` and the credential afterwards.
+pub fn upstream_request_headers(client: &HeaderMap, injected: Option<&HeaderName>) -> HeaderMap {
+    let listed = if client.contains_key(header::CONNECTION) {
+        connection_listed(client)
+    } else {
+        Vec::new()
+    };
+    let mut out = HeaderMap::with_capacity(client.len());
+    for (name, value) in client {
+        let n = name.as_str();
+        if STRIPPED_REQUEST.contains(name)
+            || is_hop_by_hop(name)
+            || METHOD_OVERRIDES.contains(&n)
+            || n.starts_with("x-forwarded-")
+            || n == "x-request-id"
+            || listed.contains(name)
+            || injected == Some(name)
+        {
+            continue;
+        }
+        out.append(name.clone(), value.clone());
+    }
+    out
+}
+
+/// Cleans an upstream response's headers in place: hop-by-hop headers go, and so does any
+/// header whose value contains the injected credential (an echo would hand it to the client).
+pub fn clean_response_headers(headers: &mut HeaderMap, credential: &[u8]) {
+    let listed = connection_listed(headers);
+    for name in HOP_BY_HOP.iter().copied() {
+        headers.remove(name);
+    }
+    for name in listed {
+        headers.remove(name);
+    }
+    if credential.len() >= 4 && headers.iter().any(|(_, v)| contains(v.as_bytes(), credential)) {
+        let names: Vec<HeaderName> = headers
+            .iter()
+            .filter(|(_, v)| contains(v.as_bytes(), credential))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in names {
+            // Removing drops every value of the name; an echo taints the whole header.
+            headers.remove(&name);
+            tracing::warn!(header = %name, "upstream response header echoed the credential; dropped");
+        }
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Adds the broker's own forwarding headers, replacing whatever the client sent.
+pub fn add_forwarding_headers(headers: &mut HeaderMap, peer_ip: &str, proto: &'static str) {
+    if let Ok(v) = HeaderValue::from_str(peer_ip) {
+        headers.insert(HeaderName::from_static("x-forwarded-for"), v);
+    }
+    headers.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static(proto));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn request_hygiene_removes_everything_listed() {
+        let h = map(&[
+            ("authorization", "Bearer t"),
+            ("proxy-authorization", "x"),
+            ("cookie", "a=b"),
+            ("connection", "keep-alive, x-secret-hop"),
+            ("x-secret-hop", "1"),
+            ("keep-alive", "5"),
+            ("te", "trailers"),
+            ("trailer", "x"),
+            ("upgrade", "h2c"),
+            ("proxy-connection", "x"),
+            ("x-http-method-override", "DELETE"),
+            ("x-http-method", "DELETE"),
+            ("x-method-override", "DELETE"),
+            ("forwarded", "for=1.2.3.4"),
+            ("x-forwarded-for", "1.2.3.4"),
+            ("x-forwarded-host", "evil"),
+            ("x-request-id", "client-chosen"),
+            ("host", "broker"),
+            ("accept", "application/json"),
+            ("user-agent", "bot"),
+        ]);
+        let out = upstream_request_headers(&h, None);
+        let names: Vec<&str> = out.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["accept", "user-agent"]);
+    }
+
+    #[test]
+    fn echoed_credential_is_dropped_from_responses() {
+        let mut h = map(&[("x-echo", "Bearer real-credential-123"), ("etag", "abc"), ("connection", "close")]);
+        clean_response_headers(&mut h, b"real-credential-123");
+        assert!(h.get("x-echo").is_none());
+        assert!(h.get("connection").is_none());
+        assert_eq!(h["etag"], "abc");
+    }
+}

@@ -1,0 +1,522 @@
+//! The proxy request pipeline — DESIGN §4.3's table, in order, in one function
+//! ([`stages`]). Each stage is a small function named for its check; any refusal is audited
+//! as a `proxy` deny record and answered by [`Refusal::into_response`].
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, AUTHORIZATION, CONTENT_LENGTH, UPGRADE};
+use http::{HeaderName, Method, Request, Response, Uri};
+use http_body::Body as _;
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+
+use super::body::{LimitedBody, ObservedBody, Outcome};
+use super::canonical;
+use super::headers;
+use super::inject::Injection;
+use super::respond::{full, Refusal};
+use super::ProxyBody;
+use crate::audit::{Decision, Event, Record};
+use crate::broker::{take, Broker, ConnectorRuntime, Live};
+use crate::config::{Client, Connector, Operation};
+use crate::tls::PeerIdentity;
+use crate::token::AccessClaims;
+
+/// What the listener knows about the connection a request came on.
+#[derive(Clone, Debug)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub tls: bool,
+    /// The verified client certificate, on an mTLS connection that presented one.
+    pub client_cert: Option<Arc<PeerIdentity>>,
+}
+
+/// A refusal plus the specific cause recorded in the audit log's `reason`.
+#[derive(Debug)]
+pub struct Denial {
+    pub refusal: Refusal,
+    pub reason: &'static str,
+}
+
+impl From<Refusal> for Denial {
+    fn from(refusal: Refusal) -> Self {
+        let reason = refusal.code();
+        Self { refusal, reason }
+    }
+}
+
+fn deny(refusal: Refusal, reason: &'static str) -> Denial {
+    Denial { refusal, reason }
+}
+
+/// The request target split at the connector: `/github/repos/x` → (`github`, `/repos/x`).
+struct Target<'a> {
+    connector: &'a str,
+    /// The path after `/{connector}`, exactly as received (`/` when nothing follows).
+    path: &'a str,
+    query: Option<&'a str>,
+}
+
+/// Everything the `proxy` audit record says about the request, filled in as stages learn it.
+struct AuditFacts {
+    record: Record,
+}
+
+/// Handles one proxied call end to end.
+pub async fn proxy(broker: Arc<Broker>, req: Request<Incoming>, conn: &ConnInfo, request_id: &str) -> Response<ProxyBody> {
+    let started = Instant::now();
+    let live = broker.live();
+    let mut facts = AuditFacts::new(&req, conn, request_id);
+    match stages(&broker, &live, req, conn, request_id, &mut facts, started).await {
+        Ok(response) => response,
+        Err(denial) => {
+            facts.deny(&denial);
+            if let Err(e) = broker.audit.append(facts.record).await {
+                tracing::error!(error = %e, "cannot write the audit record of a denied call");
+            }
+            denial.refusal.into_response(request_id)
+        }
+    }
+}
+
+/// DESIGN §4.3, rows 1 to 8.
+async fn stages(
+    broker: &Arc<Broker>,
+    live: &Arc<Live>,
+    req: Request<Incoming>,
+    conn: &ConnInfo,
+    request_id: &str,
+    facts: &mut AuditFacts,
+    started: Instant,
+) -> Result<Response<ProxyBody>, Denial> {
+    let (parts, body) = req.into_parts();
+    // 1. The target is canonical and unambiguous; every later decision is on these bytes.
+    let target = canonical_target(live, &parts.uri, &parts.headers)?;
+    facts.target(&target);
+    // 2. The bearer token is genuine, current, unrevoked, and bound to this connection.
+    let claims = authenticate(broker, live, &parts.headers, conn)?;
+    facts.token(&claims);
+    // 3. An operation of the connector *as configured now* matches, is in scope, is granted.
+    let (connector, runtime, operation) = authorize(broker, live, &claims, &parts.method, &target)?;
+    facts.operation(&operation.name);
+    // 4. A `max_uses` token still has a use left.
+    spend_use(broker, &claims)?;
+    // 5. The client's and the connector's rate limits.
+    rate_limit(live, runtime, &claims.sub)?;
+    // 6. The body fits the operation's `max_body_bytes`.
+    let bytes_in = Arc::new(AtomicU64::new(0));
+    let body = bounded_body(body, &parts.headers, operation.max_body_bytes, &bytes_in).await?;
+    // 7. The allow record is durable before anything leaves.
+    let mut allow = facts.record.clone();
+    allow.decision = Some(Decision::Allow);
+    broker
+        .audit
+        .append(allow)
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "audit log unavailable; refusing to forward");
+            Denial::from(Refusal::AuditUnavailable)
+        })?;
+    // 8. Inject the credential, forward, stream the answer back, audit the outcome.
+    let upstream_req = upstream_request(parts, body, &target, connector, runtime, conn, request_id)?;
+    Ok(forward(broker, live, connector, runtime, upstream_req, facts, bytes_in, started).await)
+}
+
+/// Check 1 (DESIGN §4.3): origin-form, canonical path and query, no `Upgrade`, one
+/// `Authorization`, no client copy of the injected header or query parameter.
+fn canonical_target<'a>(live: &Live, uri: &'a Uri, headers: &http::HeaderMap) -> Result<Target<'a>, Denial> {
+    let bad = |reason: &'static str, text: &str| deny(Refusal::InvalidRequest(text.to_owned()), reason);
+    if uri.scheme().is_some() || uri.authority().is_some() {
+        return Err(bad("absolute_form_target", "the request target must be origin-form (/path?query)"));
+    }
+    let path = uri.path();
+    canonical::check_path(path).map_err(|e| deny(Refusal::InvalidRequest(e.to_string()), "non_canonical_path"))?;
+    if let Some(q) = uri.query() {
+        canonical::check_query(q).map_err(|e| deny(Refusal::InvalidRequest(e.to_string()), "non_canonical_query"))?;
+    }
+    if headers.contains_key(UPGRADE) {
+        return Err(bad("upgrade_refused", "protocol upgrades are not proxied"));
+    }
+    if headers.get_all(AUTHORIZATION).iter().nth(1).is_some() {
+        return Err(bad("duplicate_authorization", "more than one Authorization header"));
+    }
+    let rest = &path[1..];
+    let (connector, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    if let Some(runtime) = live.connectors.get(connector) {
+        refuse_injected_copy(&runtime.injection, headers, uri.query())?;
+    }
+    Ok(Target {
+        connector,
+        path,
+        query: uri.query(),
+    })
+}
+
+/// DESIGN §3.8: the upstream must never receive two values for the credential.
+fn refuse_injected_copy(injection: &Injection, headers: &http::HeaderMap, query: Option<&str>) -> Result<(), Denial> {
+    let copy = match injection {
+        Injection::Header { name, .. } => name != AUTHORIZATION && headers.contains_key(name),
+        Injection::Query { name, .. } => query.is_some_and(|q| canonical::query_has_param(q, name)),
+    };
+    if copy {
+        return Err(deny(
+            Refusal::InvalidRequest("the request carries the credential header or parameter the broker injects".into()),
+            "client_supplied_credential",
+        ));
+    }
+    Ok(())
+}
+
+/// Check 2: the bearer token.
+fn authenticate(broker: &Broker, live: &Live, headers: &http::HeaderMap, conn: &ConnInfo) -> Result<AccessClaims, Denial> {
+    let token = bearer_token(headers)?;
+    let now = chrono::Utc::now().timestamp();
+    let claims = live
+        .verifier
+        .verify(token, now)
+        .map_err(|e| deny(Refusal::InvalidToken(e.to_string()), "token_invalid"))?;
+    if broker.revocations.is_revoked(&claims.jti, &claims.sub, claims.iat) {
+        return Err(deny(Refusal::InvalidToken("the token has been revoked".into()), "token_revoked"));
+    }
+    if let Some(cnf) = &claims.cnf {
+        let presented = conn.client_cert.as_ref().map(|c| c.x5t_s256.as_str());
+        if presented != Some(cnf.x5t_s256.as_str()) {
+            return Err(deny(
+                Refusal::InvalidToken("the token is bound to a client certificate this connection did not present".into()),
+                "certificate_mismatch",
+            ));
+        }
+    }
+    Ok(claims)
+}
+
+/// The token from `Authorization: Bearer …` (scheme case-insensitive, RFC 6750 §2.1).
+fn bearer_token(headers: &http::HeaderMap) -> Result<&str, Denial> {
+    let Some(value) = headers.get(AUTHORIZATION) else {
+        return Err(deny(Refusal::MissingToken, "token_missing"));
+    };
+    let value = value
+        .to_str()
+        .map_err(|_| deny(Refusal::InvalidToken("malformed Authorization header".into()), "token_invalid"))?;
+    match value.split_once(' ') {
+        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() => Ok(token.trim()),
+        _ => Err(deny(
+            Refusal::InvalidToken("the Authorization header must be `Bearer <token>`".into()),
+            "token_invalid",
+        )),
+    }
+}
+
+/// Check 3: the call against the current config, the token's scope and its grants.
+fn authorize<'l>(
+    broker: &Broker,
+    live: &'l Live,
+    claims: &AccessClaims,
+    method: &Method,
+    target: &Target<'_>,
+) -> Result<(&'l Connector, &'l ConnectorRuntime, &'l Operation), Denial> {
+    let scope = |reason, text: String| deny(Refusal::InsufficientScope(text), reason);
+    let config = &live.config;
+    let (Some(connector), Some(runtime)) = (config.connector(target.connector), live.connectors.get(target.connector)) else {
+        return Err(scope("unknown_connector", "no such connector".into()));
+    };
+    if broker.revocations.is_disabled(&connector.name) {
+        return Err(scope("connector_disabled", format!("connector {} is disabled", connector.name)));
+    }
+    let now = chrono::Utc::now();
+    if connector.is_expired(now) {
+        return Err(scope("connector_expired", format!("connector {} has expired", connector.name)));
+    }
+    let Some(client) = config.client(&claims.sub) else {
+        return Err(scope("client_unknown", "the token's client is no longer configured".into()));
+    };
+    let mut why = "no_matching_operation";
+    let found = connector.router.find(method, target.path, |i| {
+        let op = &connector.operations[i];
+        let verdict = judge(client, claims, connector, op, method, target, now);
+        if verdict.is_err() && why == "no_matching_operation" {
+            why = verdict.err().unwrap_or(why);
+        }
+        verdict.is_ok()
+    });
+    match found {
+        Some(i) => Ok((connector, runtime, &connector.operations[i])),
+        None => Err(scope(
+            why,
+            match why {
+                "no_matching_operation" => format!("no operation of connector {} allows {method} on this path", connector.name),
+                "query_not_allowed" => "a query parameter is not allowed by the operation".into(),
+                "not_in_token_scope" => "the operation is not in the token's scope".into(),
+                "not_in_authorization_details" => "the call is not the one the token's authorization_details name".into(),
+                _ => "the operation is not granted to this client".into(),
+            },
+        )),
+    }
+}
+
+/// Whether one matching operation may serve this call; the error is the audit reason.
+fn judge(
+    client: &Client,
+    claims: &AccessClaims,
+    connector: &Connector,
+    op: &Operation,
+    method: &Method,
+    target: &Target<'_>,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<(), &'static str> {
+    if let (Some(allowed), Some(q)) = (&op.query, target.query) {
+        if !canonical::query_names(q).all(|n| allowed.iter().any(|a| a == n)) {
+            return Err("query_not_allowed");
+        }
+    }
+    if !claims.scope_items().any(|(c, o)| c == connector.name && o == op.name) {
+        return Err("not_in_token_scope");
+    }
+    if let Some(details) = &claims.authorization_details {
+        let bound = details
+            .iter()
+            .any(|d| d.connector == connector.name && d.method == method.as_str() && d.path == target.path);
+        if !bound {
+            return Err("not_in_authorization_details");
+        }
+    }
+    if !client.is_granted(&connector.name, &op.name, now) {
+        return Err("not_granted");
+    }
+    Ok(())
+}
+
+/// Check 4: single-use and `max_uses` tokens.
+fn spend_use(broker: &Broker, claims: &AccessClaims) -> Result<(), Denial> {
+    match claims.max_uses {
+        Some(max) if !broker.consume_use(&claims.jti, max, claims.exp) => Err(deny(
+            Refusal::InvalidToken("the token's max_uses are spent".into()),
+            "max_uses_exhausted",
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Check 5: the client's limit, then the connector's.
+fn rate_limit(live: &Live, runtime: &ConnectorRuntime, client: &str) -> Result<(), Denial> {
+    if let Some(l) = live.client_limits.get(client) {
+        take(l).map_err(|s| deny(Refusal::RateLimited { retry_after_secs: s.max(1) }, "client_rate_limited"))?;
+    }
+    if let Some(l) = &runtime.limiter {
+        take(l).map_err(|s| deny(Refusal::RateLimited { retry_after_secs: s.max(1) }, "connector_rate_limited"))?;
+    }
+    Ok(())
+}
+
+/// Check 6. A declared length is checked at once and the body streams through a guard; a
+/// chunked body is read up to the limit first, since nothing may leave before the decision.
+async fn bounded_body(body: Incoming, headers: &http::HeaderMap, max: u64, seen: &Arc<AtomicU64>) -> Result<ProxyBody, Denial> {
+    let too_large = || Denial::from(Refusal::RequestTooLarge(max));
+    if body.is_end_stream() {
+        return Ok(full(Bytes::new()));
+    }
+    let declared = headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    match declared {
+        Some(len) if len > max => Err(too_large()),
+        Some(_) => Ok(LimitedBody::new(body, max, Arc::clone(seen)).boxed_unsync()),
+        None => {
+            let limit = usize::try_from(max).unwrap_or(usize::MAX);
+            let bytes = Limited::new(body, limit).collect().await.map_err(|_| too_large())?.to_bytes();
+            seen.store(bytes.len() as u64, Ordering::Relaxed);
+            Ok(full(bytes))
+        }
+    }
+}
+
+/// The request as the upstream receives it: same method, the same path and query bytes
+/// after the connector's base, hygienic headers, the broker's request id, the credential.
+fn upstream_request(
+    parts: http::request::Parts,
+    body: ProxyBody,
+    target: &Target<'_>,
+    connector: &Connector,
+    runtime: &ConnectorRuntime,
+    conn: &ConnInfo,
+    request_id: &str,
+) -> Result<Request<ProxyBody>, Denial> {
+    let mut uri = String::with_capacity(runtime.upstream_prefix.len() + target.path.len() + 64);
+    uri.push_str(&runtime.upstream_prefix);
+    uri.push_str(target.path);
+    let mut sep = '?';
+    if let Some(q) = target.query {
+        uri.push('?');
+        uri.push_str(q);
+        sep = '&';
+    }
+    if let Injection::Query { pair, .. } = &runtime.injection {
+        uri.push(sep);
+        // The pair is ASCII by construction (percent-encoded).
+        uri.push_str(std::str::from_utf8(pair.expose()).unwrap_or_default());
+    }
+    let uri: Uri = uri.parse().map_err(|_| {
+        tracing::error!(connector = %connector.name, "could not build the upstream URI");
+        Denial::from(Refusal::UpstreamUnavailable("invalid upstream URI".into()))
+    })?;
+    let mut hdrs = headers::upstream_request_headers(&parts.headers, runtime.injection.header_name());
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        hdrs.insert(HeaderName::from_static("x-request-id"), v);
+    }
+    headers::add_forwarding_headers(&mut hdrs, &conn.peer.ip().to_string(), if conn.tls { "https" } else { "http" });
+    if let Injection::Header { name, value } = &runtime.injection {
+        hdrs.insert(name.clone(), value.clone());
+    }
+    let mut req = Request::new(body);
+    *req.method_mut() = parts.method;
+    *req.uri_mut() = uri;
+    *req.headers_mut() = hdrs;
+    Ok(req)
+}
+
+/// Check 8 and the way back: bounded wait for the upstream, cleaned response headers, a
+/// streamed body whose end writes the `proxy_result` record.
+#[allow(clippy::too_many_arguments)]
+async fn forward(
+    broker: &Arc<Broker>,
+    live: &Live,
+    connector: &Connector,
+    runtime: &ConnectorRuntime,
+    req: Request<ProxyBody>,
+    facts: &AuditFacts,
+    bytes_in: Arc<AtomicU64>,
+    started: Instant,
+) -> Response<ProxyBody> {
+    let request_id = facts.record.request_id.clone().unwrap_or_default();
+    let request_deadline = started + live.config.server.request_timeout;
+    let wait = connector.upstream_timeout.min(request_deadline.saturating_duration_since(Instant::now()));
+    let result = tokio::time::timeout(wait, runtime.client.request(req)).await;
+    let mut result_record = Record::new(Event::ProxyResult);
+    result_record.request_id = facts.record.request_id.clone();
+    result_record.client = facts.record.client.clone();
+    result_record.connector = facts.record.connector.clone();
+    let response = match result {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            tracing::warn!(connector = %connector.name, error = %e, "upstream request failed");
+            let refusal = Refusal::UpstreamUnavailable(upstream_error_text(&e));
+            return finish_failed(broker, result_record, refusal, &bytes_in, started, &request_id).await;
+        }
+        Err(_) => {
+            return finish_failed(broker, result_record, Refusal::UpstreamTimeout, &bytes_in, started, &request_id).await;
+        }
+    };
+    let (mut parts, body) = response.into_parts();
+    headers::clean_response_headers(&mut parts.headers, runtime.credential.expose());
+    result_record.status = Some(parts.status.as_u16());
+    result_record.upstream_request_id = connector
+        .upstream_request_id_header
+        .as_ref()
+        .and_then(|h| parts.headers.get(h))
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let audit = broker.audit.clone();
+    let on_done = Box::new(move |outcome: Outcome| {
+        result_record.duration_ms = Some(started.elapsed().as_millis() as u64);
+        result_record.bytes_in = Some(bytes_in.load(Ordering::Relaxed));
+        result_record.bytes_out = Some(outcome.bytes_out);
+        result_record.error = outcome.error.map(str::to_owned);
+        tokio::spawn(async move {
+            if let Err(e) = audit.append(result_record).await {
+                tracing::error!(error = %e, "cannot write a proxy_result audit record");
+            }
+        });
+    });
+    let deadline = tokio::time::Instant::from_std(request_deadline);
+    let body = ObservedBody::new(body, deadline, on_done).boxed_unsync();
+    Response::from_parts(parts, body)
+}
+
+async fn finish_failed(
+    broker: &Broker,
+    mut record: Record,
+    refusal: Refusal,
+    bytes_in: &AtomicU64,
+    started: Instant,
+    request_id: &str,
+) -> Response<ProxyBody> {
+    record.status = Some(refusal.status().as_u16());
+    record.duration_ms = Some(started.elapsed().as_millis() as u64);
+    record.bytes_in = Some(bytes_in.load(Ordering::Relaxed));
+    record.bytes_out = Some(0);
+    record.error = Some(refusal.code().to_owned());
+    if let Err(e) = broker.audit.append(record).await {
+        tracing::error!(error = %e, "cannot write a proxy_result audit record");
+    }
+    refusal.into_response(request_id)
+}
+
+/// A short, fixed description of an upstream failure (hyper's chain can be long).
+fn upstream_error_text(e: &hyper_util::client::legacy::Error) -> String {
+    if e.is_connect() {
+        "could not connect to the upstream".into()
+    } else {
+        "the upstream connection failed".into()
+    }
+}
+
+impl AuditFacts {
+    fn new(req: &Request<Incoming>, conn: &ConnInfo, request_id: &str) -> Self {
+        let mut record = Record::new(Event::Proxy);
+        record.request_id = Some(request_id.to_owned());
+        record.method = Some(req.method().as_str().to_owned());
+        record.peer = Some(conn.peer.to_string());
+        record.path = Some(req.uri().path().to_owned());
+        record.query = req.uri().query().map(redact_query);
+        Self { record }
+    }
+
+    fn target(&mut self, target: &Target<'_>) {
+        self.record.connector = Some(target.connector.to_owned());
+        self.record.path = Some(target.path.to_owned());
+    }
+
+    fn token(&mut self, claims: &AccessClaims) {
+        self.record.client = Some(claims.sub.clone());
+        self.record.jti = Some(claims.jti.clone());
+    }
+
+    fn operation(&mut self, name: &str) {
+        self.record.operation = Some(name.to_owned());
+    }
+
+    fn deny(&mut self, denial: &Denial) {
+        self.record.decision = Some(Decision::Deny);
+        self.record.reason = Some(denial.reason.to_owned());
+        self.record.status = Some(denial.refusal.status().as_u16());
+    }
+}
+
+/// The query as recorded: an `access_token` value (a token sent where it must not be) is
+/// replaced by `REDACTED`.
+pub fn redact_query(query: &str) -> String {
+    if !query.contains("access_token") && !query.contains("%") {
+        return query.to_owned();
+    }
+    query
+        .split('&')
+        .map(|pair| {
+            let name = pair.split_once('=').map_or(pair, |(n, _)| n);
+            let decoded = canonical::percent_decode(name).unwrap_or_default();
+            if decoded.eq_ignore_ascii_case(b"access_token") && pair.contains('=') {
+                format!("{name}=REDACTED")
+            } else {
+                pair.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("&")
+}

@@ -1,0 +1,163 @@
+//! Revocations and disabled connectors (DESIGN §3.5): kept in memory for the hot path and in
+//! `[state] dir` so they survive reloads and restarts. Files are written atomically: a temp
+//! file, fsync, rename, fsync of the folder.
+
+use std::collections::{HashMap, HashSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::RwLock;
+
+use serde::{Deserialize, Serialize};
+
+const STATE_FILE: &str = "revocations.json";
+
+/// Why the state could not be read or written.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StateError {
+    /// Reading or writing the state file failed.
+    #[error("state file {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The state file is not valid JSON of the expected shape.
+    #[error("state file {path} is corrupt: {source}")]
+    Corrupt {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+struct RevocationSet {
+    /// Revoked token ids and their `exp`, so entries can be dropped once the token expired.
+    jtis: HashMap<String, i64>,
+    /// Per client: every token with `iat` at or before this second is revoked.
+    clients: HashMap<String, i64>,
+    /// Connectors switched off by the kill switch.
+    disabled: HashSet<String>,
+}
+
+/// The live revocation state, shared by every request.
+#[derive(Debug)]
+pub struct Revocations {
+    file: PathBuf,
+    set: RwLock<RevocationSet>,
+}
+
+impl Revocations {
+    /// Loads the state from `dir` (an absent file is an empty state).
+    pub fn load(dir: &Path) -> Result<Self, StateError> {
+        let file = dir.join(STATE_FILE);
+        let set = match std::fs::read(&file) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| StateError::Corrupt {
+                path: file.clone(),
+                source,
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => RevocationSet::default(),
+            Err(source) => return Err(StateError::Io { path: file, source }),
+        };
+        Ok(Self {
+            file,
+            set: RwLock::new(set),
+        })
+    }
+
+    /// Whether a token is refused by a revocation of its `jti` or of its client.
+    pub fn is_revoked(&self, jti: &str, client: &str, iat: i64) -> bool {
+        let set = self.read();
+        set.jtis.contains_key(jti) || set.clients.get(client).is_some_and(|&at| iat <= at)
+    }
+
+    pub fn is_disabled(&self, connector: &str) -> bool {
+        self.read().disabled.contains(connector)
+    }
+
+    pub fn disabled_connectors(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.read().disabled.iter().cloned().collect();
+        v.sort();
+        v
+    }
+
+    pub fn revoke_jti(&self, jti: &str, exp: i64, now: i64) -> Result<(), StateError> {
+        self.update(|s| {
+            s.jtis.retain(|_, e| *e >= now); // expired tokens are refused anyway
+            s.jtis.insert(jti.to_owned(), exp);
+        })
+    }
+
+    /// Revokes every token of `client` issued at or before the second `now`.
+    pub fn revoke_client(&self, client: &str, now: i64) -> Result<(), StateError> {
+        self.update(|s| {
+            s.clients.insert(client.to_owned(), now);
+        })
+    }
+
+    pub fn set_disabled(&self, connector: &str, disabled: bool) -> Result<(), StateError> {
+        self.update(|s| {
+            if disabled {
+                s.disabled.insert(connector.to_owned());
+            } else {
+                s.disabled.remove(connector);
+            }
+        })
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, RevocationSet> {
+        // A poisoned lock only means a writer panicked between two complete states.
+        self.set.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Applies `change`, persists the result, and only then makes it visible... or keeps it
+    /// in memory even when the disk write fails: a revocation must bite at once; the error is
+    /// returned so the admin call reports that it will not survive a restart.
+    fn update(&self, change: impl FnOnce(&mut RevocationSet)) -> Result<(), StateError> {
+        let snapshot = {
+            let mut set = self.set.write().unwrap_or_else(|e| e.into_inner());
+            change(&mut set);
+            set.clone()
+        };
+        write_atomic(&self.file, &snapshot)
+    }
+}
+
+fn write_atomic(file: &Path, set: &RevocationSet) -> Result<(), StateError> {
+    let io = |source| StateError::Io {
+        path: file.to_path_buf(),
+        source,
+    };
+    let dir = file.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let tmp = file.with_extension("json.tmp");
+    let bytes = serde_json::to_vec_pretty(set).map_err(|e| io(std::io::Error::other(e)))?;
+    let mut f = std::fs::File::create(&tmp).map_err(io)?;
+    f.write_all(&bytes).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, file).map_err(io)?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all(); // best effort: not every filesystem syncs directories
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn revocations_survive_a_reload_from_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Revocations::load(dir.path()).unwrap();
+        r.revoke_jti("j1", 2_000_000_000, 1_000).unwrap();
+        r.revoke_client("bot", 1_000).unwrap();
+        r.set_disabled("github", true).unwrap();
+        let again = Revocations::load(dir.path()).unwrap();
+        assert!(again.is_revoked("j1", "other", 5));
+        assert!(again.is_revoked("j2", "bot", 1_000), "same second is revoked");
+        assert!(!again.is_revoked("j2", "bot", 1_001));
+        assert!(again.is_disabled("github"));
+        again.set_disabled("github", false).unwrap();
+        assert!(!Revocations::load(dir.path()).unwrap().is_disabled("github"));
+    }
+}

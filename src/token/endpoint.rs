@@ -1,0 +1,422 @@
+//! The HTTP side of the authorization server (DESIGN §4.1): `POST /oauth2/token`,
+//! `GET /.well-known/jwks.json` and `GET /.well-known/oauth-authorization-server`.
+//!
+//! Order of work for a token request: source-address lockout, client authentication, form,
+//! grant type, issuance rate limit, grants, scope, lifetime, binding, audit, sign. Every
+//! outcome is audited; a token is returned only once its `token_issued` record is written.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use chrono::{DateTime, TimeZone, Utc};
+use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, PRAGMA, RETRY_AFTER, WWW_AUTHENTICATE};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+
+use super::client_auth::{parse_basic, secret_matches};
+use super::form::{parse_authorization_details, parse_token_form, TokenForm};
+use super::{new_jti, AccessClaims, AuthorizationDetail, Confirmation};
+use crate::audit::{Event, Record};
+use crate::broker::{take, Broker, Live};
+use crate::config::Client;
+use crate::proxy::pipeline::ConnInfo;
+use crate::proxy::respond::json_response;
+use crate::proxy::ProxyBody;
+
+/// Token request bodies larger than this are refused before parsing.
+const MAX_FORM_BYTES: usize = 64 * 1024;
+
+/// An RFC 6749 §5.2 error (plus the broker's own `rate_limited` and `audit_unavailable`).
+#[derive(Debug)]
+struct TokenError {
+    status: StatusCode,
+    code: &'static str,
+    description: String,
+    retry_after: Option<u64>,
+    /// The client, once known, for the audit record.
+    client: Option<String>,
+}
+
+fn error(status: StatusCode, code: &'static str, description: impl Into<String>) -> TokenError {
+    TokenError {
+        status,
+        code,
+        description: description.into(),
+        retry_after: None,
+        client: None,
+    }
+}
+
+fn invalid_request(d: impl Into<String>) -> TokenError {
+    error(StatusCode::BAD_REQUEST, "invalid_request", d)
+}
+
+fn invalid_scope(d: impl Into<String>) -> TokenError {
+    error(StatusCode::BAD_REQUEST, "invalid_scope", d)
+}
+
+fn invalid_client(d: impl Into<String>) -> TokenError {
+    error(StatusCode::UNAUTHORIZED, "invalid_client", d)
+}
+
+fn rate_limited(secs: u64) -> TokenError {
+    TokenError {
+        retry_after: Some(secs.max(1)),
+        ..error(StatusCode::TOO_MANY_REQUESTS, "rate_limited", "too many token requests")
+    }
+}
+
+/// What a successful request produced, before signing.
+struct Issued {
+    claims: AccessClaims,
+    lifetime: u64,
+}
+
+/// `POST /oauth2/token`.
+pub async fn token(broker: Arc<Broker>, req: Request<Incoming>, conn: &ConnInfo, request_id: &str) -> Response<ProxyBody> {
+    let live = broker.live();
+    let mut record = Record::new(Event::TokenDenied);
+    record.request_id = Some(request_id.to_owned());
+    record.peer = Some(conn.peer.to_string());
+    match issue(&broker, &live, req, conn, &mut record).await {
+        Ok(issued) => respond_issued(&broker, &live, issued, record, request_id).await,
+        Err(e) => {
+            record.client = record.client.take().or(e.client.clone());
+            record.reason = Some(e.code.to_owned());
+            if let Err(audit_error) = broker.audit.append(record).await {
+                tracing::error!(error = %audit_error, "cannot write a token_denied audit record");
+            }
+            error_response(e, request_id)
+        }
+    }
+}
+
+async fn issue(
+    broker: &Broker,
+    live: &Live,
+    req: Request<Incoming>,
+    conn: &ConnInfo,
+    record: &mut Record,
+) -> Result<Issued, TokenError> {
+    let now = Utc::now();
+    let ip = conn.peer.ip();
+    if broker.auth_locked_out(ip, now.timestamp()) {
+        return Err(rate_limited(60 - (now.timestamp() % 60) as u64));
+    }
+    if req.method() != Method::POST {
+        return Err(invalid_request("the token endpoint takes POST"));
+    }
+    let (parts, body) = req.into_parts();
+    let form = read_form(&parts.headers, body).await?;
+    let client = match authenticate(live, &parts.headers, &form, conn) {
+        Ok(c) => c,
+        Err(e) => {
+            broker.record_auth_failure(ip, now.timestamp());
+            return Err(e);
+        }
+    };
+    record.client = Some(client.id.clone());
+    let with_client = |mut e: TokenError| {
+        e.client = Some(client.id.clone());
+        e
+    };
+    match form.grant_type.as_deref() {
+        None => return Err(with_client(invalid_request("grant_type is required"))),
+        Some("client_credentials") => {}
+        Some(_) => {
+            return Err(with_client(error(
+                StatusCode::BAD_REQUEST,
+                "unsupported_grant_type",
+                "only client_credentials is supported",
+            )))
+        }
+    }
+    if let Some(l) = live.issue_limits.get(&client.id) {
+        take(l).map_err(|s| with_client(rate_limited(s)))?;
+    }
+    if !client.grants.iter().any(|g| g.is_live(now)) && client.grants.is_empty() {
+        return Err(with_client(error(StatusCode::BAD_REQUEST, "unauthorized_client", "the client holds no grants")));
+    }
+    let requested = form.scope.as_deref().ok_or_else(|| with_client(invalid_request("scope is required")))?;
+    record.scope = Some(requested.to_owned());
+    let scope = resolve_scope(broker, live, client, requested, now).map_err(with_client)?;
+    let lifetime = lifetime(live, client, &form, &scope, now).map_err(with_client)?;
+    let max_uses = parse_max_uses(&form).map_err(with_client)?;
+    let details = match &form.authorization_details {
+        Some(json) => Some(check_details(live, json, &scope).map_err(with_client)?),
+        None => None,
+    };
+    let iat = now.timestamp();
+    let claims = AccessClaims {
+        iss: live.config.tokens.issuer.clone(),
+        sub: client.id.clone(),
+        aud: live.config.tokens.issuer.clone(),
+        iat,
+        nbf: iat,
+        exp: iat + lifetime as i64,
+        jti: new_jti(),
+        scope: scope.iter().map(|(c, o)| format!("{c}:{o}")).collect::<Vec<_>>().join(" "),
+        authorization_details: details,
+        max_uses,
+        cnf: conn.client_cert.as_ref().map(|c| Confirmation {
+            x5t_s256: c.x5t_s256.clone(),
+        }),
+    };
+    Ok(Issued { claims, lifetime })
+}
+
+async fn read_form(headers: &http::HeaderMap, body: Incoming) -> Result<TokenForm, TokenError> {
+    let content_type = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let media = content_type.split(';').next().unwrap_or("").trim();
+    if !media.eq_ignore_ascii_case("application/x-www-form-urlencoded") {
+        return Err(invalid_request("the body must be application/x-www-form-urlencoded"));
+    }
+    let bytes: Bytes = Limited::new(body, MAX_FORM_BYTES)
+        .collect()
+        .await
+        .map_err(|_| invalid_request("the request body is too large or was cut off"))?
+        .to_bytes();
+    let form = parse_token_form(&bytes).map_err(|e| invalid_request(e.to_string()))?;
+    if form.client_secret_present {
+        return Err(invalid_request("client_secret in the body is not supported; use HTTP Basic (client_secret_basic)"));
+    }
+    Ok(form)
+}
+
+/// `client_secret_basic`, or RFC 8705 `tls_client_auth` (`client_id` + certificate SAN).
+fn authenticate<'l>(live: &'l Live, headers: &http::HeaderMap, form: &TokenForm, conn: &ConnInfo) -> Result<&'l Client, TokenError> {
+    if let Some(value) = headers.get(AUTHORIZATION) {
+        let (id, secret) = parse_basic(value.as_bytes()).map_err(|_| invalid_client("malformed Basic client authentication"))?;
+        if form.client_id.as_deref().is_some_and(|f| f != id) {
+            return Err(invalid_request("client_id in the body differs from the authenticated client"));
+        }
+        let client = live.config.client(&id);
+        let ok = client
+            .and_then(|c| c.secret_sha256.as_ref())
+            .is_some_and(|expected| secret_matches(&secret, expected));
+        return match (ok, client) {
+            (true, Some(c)) => Ok(c),
+            _ => Err(invalid_client("client authentication failed")),
+        };
+    }
+    let (Some(id), Some(cert)) = (form.client_id.as_deref(), conn.client_cert.as_ref()) else {
+        return Err(invalid_client("client authentication is required (HTTP Basic or a client certificate)"));
+    };
+    match live.config.client(id) {
+        Some(c) if c.cert_san.as_deref().is_some_and(|san| cert.has_san(san)) => Ok(c),
+        _ => Err(invalid_client("client authentication failed")),
+    }
+}
+
+/// Expands and checks `scope`: every item must be granted now, or the request fails whole.
+fn resolve_scope(
+    broker: &Broker,
+    live: &Live,
+    client: &Client,
+    requested: &str,
+    now: DateTime<Utc>,
+) -> Result<Vec<(String, String)>, TokenError> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    let items: Vec<&str> = requested.split(' ').filter(|s| !s.is_empty()).collect();
+    if items.is_empty() {
+        return Err(invalid_scope("scope is empty"));
+    }
+    for item in items {
+        let Some((connector_name, op)) = item.split_once(':') else {
+            return Err(invalid_scope(format!("`{}` is not connector:operation", short(item))));
+        };
+        let connector = live
+            .config
+            .connector(connector_name)
+            .filter(|c| !c.is_expired(now) && !broker.revocations.is_disabled(&c.name))
+            .ok_or_else(|| invalid_scope(format!("connector `{}` is unknown, expired or disabled", short(connector_name))))?;
+        let ops: Vec<String> = if op == "*" {
+            connector
+                .operations
+                .iter()
+                .filter(|o| client.is_granted(&connector.name, &o.name, now))
+                .map(|o| o.name.clone())
+                .collect()
+        } else if connector.operation(op).is_some() && client.is_granted(&connector.name, op, now) {
+            vec![op.to_owned()]
+        } else {
+            Vec::new()
+        };
+        if ops.is_empty() {
+            return Err(invalid_scope(format!("`{}` is not granted to this client", short(item))));
+        }
+        for op in ops {
+            let pair = (connector.name.clone(), op);
+            if !out.contains(&pair) {
+                out.push(pair);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// At most 80 characters of client input in a message, so an error never carries a blob.
+fn short(s: &str) -> &str {
+    match s.char_indices().nth(80) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+/// min(`ttl` or `default_ttl`, each item's grant `max_ttl`, `tokens.max_ttl`), and never
+/// past the expiry of a time-bound grant the token relies on.
+fn lifetime(live: &Live, client: &Client, form: &TokenForm, scope: &[(String, String)], now: DateTime<Utc>) -> Result<u64, TokenError> {
+    let tokens = &live.config.tokens;
+    let requested = match form.ttl.as_deref() {
+        Some(t) => match t.parse::<u64>() {
+            Ok(n) if n >= 1 => Duration::from_secs(n),
+            _ => return Err(invalid_request("ttl must be a positive number of seconds")),
+        },
+        None => tokens.default_ttl,
+    };
+    let mut limit = requested.min(tokens.max_ttl);
+    for (connector, op) in scope {
+        // The most generous live grant that covers the item decides that item's cap.
+        let best = client
+            .live_grants(connector, now)
+            .filter(|g| g.operations.iter().any(|o| o == op))
+            .map(|g| {
+                let ttl = g.max_ttl.unwrap_or(tokens.max_ttl);
+                let until_expiry = g
+                    .expires
+                    .map(|e| Duration::from_secs((e - now).num_seconds().max(1) as u64))
+                    .unwrap_or(Duration::MAX);
+                ttl.min(until_expiry)
+            })
+            .max()
+            .unwrap_or(Duration::ZERO);
+        limit = limit.min(best);
+    }
+    Ok(limit.as_secs().max(1))
+}
+
+fn parse_max_uses(form: &TokenForm) -> Result<Option<u64>, TokenError> {
+    match form.max_uses.as_deref() {
+        None => Ok(None),
+        Some(s) => match s.parse::<u64>() {
+            Ok(n) if n >= 1 => Ok(Some(n)),
+            _ => Err(invalid_request("max_uses must be an integer of at least 1")),
+        },
+    }
+}
+
+/// RFC 9396 details must each name a call that an operation in the granted scope allows.
+fn check_details(live: &Live, json: &str, scope: &[(String, String)]) -> Result<Vec<AuthorizationDetail>, TokenError> {
+    let details = parse_authorization_details(json).map_err(|e| invalid_request(e.to_string()))?;
+    if details.is_empty() {
+        return Err(invalid_request("authorization_details is empty"));
+    }
+    for d in &details {
+        let Some(connector) = live.config.connector(&d.connector) else {
+            return Err(invalid_scope("authorization_details names an unknown connector"));
+        };
+        let Ok(method) = Method::from_bytes(d.method.as_bytes()) else {
+            return Err(invalid_request("authorization_details has an invalid method"));
+        };
+        if crate::proxy::canonical::check_path(&d.path).is_err() {
+            return Err(invalid_request("authorization_details has a non-canonical path"));
+        }
+        let covered = connector
+            .router
+            .find(&method, &d.path, |i| {
+                let op = &connector.operations[i].name;
+                scope.iter().any(|(c, o)| c == &connector.name && o == op)
+            })
+            .is_some();
+        if !covered {
+            return Err(invalid_scope("authorization_details names a call outside the requested scope"));
+        }
+    }
+    Ok(details)
+}
+
+async fn respond_issued(broker: &Broker, live: &Live, issued: Issued, mut record: Record, request_id: &str) -> Response<ProxyBody> {
+    let Issued { claims, lifetime } = issued;
+    let token = match broker.keys.sign(&claims) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!(error = %e, "token signing failed");
+            return error_response(error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "the token could not be signed"), request_id);
+        }
+    };
+    record.event = Event::TokenIssued;
+    record.scope = Some(claims.scope.clone());
+    record.jti = Some(claims.jti.clone());
+    record.expires_at = Utc.timestamp_opt(claims.exp, 0).single().map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+    if let Err(e) = broker.audit.append(record).await {
+        tracing::error!(error = %e, "audit log unavailable; refusing to issue a token");
+        return error_response(
+            error(StatusCode::SERVICE_UNAVAILABLE, "audit_unavailable", "the audit log cannot be written; no token was issued"),
+            request_id,
+        );
+    }
+    let _ = live;
+    let body = serde_json::json!({
+        "access_token": token,
+        "token_type": "Bearer",
+        "expires_in": lifetime,
+        "scope": claims.scope,
+    });
+    let mut resp = json_response(StatusCode::OK, &body);
+    resp.headers_mut().insert(PRAGMA, HeaderValue::from_static("no-cache"));
+    resp
+}
+
+fn error_response(e: TokenError, request_id: &str) -> Response<ProxyBody> {
+    let body = serde_json::json!({
+        "error": e.code,
+        "error_description": e.description,
+        "request_id": request_id,
+    });
+    let mut resp = json_response(e.status, &body);
+    if e.status == StatusCode::UNAUTHORIZED {
+        resp.headers_mut()
+            .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"credbroker\""));
+    }
+    if let Some(secs) = e.retry_after {
+        resp.headers_mut().insert(RETRY_AFTER, HeaderValue::from(secs));
+    }
+    resp
+}
+
+/// `GET /.well-known/jwks.json`
+pub fn jwks(broker: &Broker) -> Response<ProxyBody> {
+    let value: serde_json::Value = serde_json::from_str(&broker.keys.jwks_json()).unwrap_or_default();
+    let mut resp = json_response(StatusCode::OK, &value);
+    resp.headers_mut()
+        .insert(http::header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=300"));
+    resp
+}
+
+/// `GET /.well-known/oauth-authorization-server` (RFC 8414).
+pub fn metadata(live: &Live) -> Response<ProxyBody> {
+    let server = &live.config.server;
+    let scheme = if server.tls.is_some() { "https" } else { "http" };
+    let base = format!("{scheme}://{}", server.listen);
+    let mut auth_methods = vec!["client_secret_basic"];
+    if server.client_ca.is_some() {
+        auth_methods.push("tls_client_auth");
+    }
+    let body = serde_json::json!({
+        "issuer": live.config.tokens.issuer,
+        "token_endpoint": format!("{base}/oauth2/token"),
+        "jwks_uri": format!("{base}/.well-known/jwks.json"),
+        "grant_types_supported": ["client_credentials"],
+        "token_endpoint_auth_methods_supported": auth_methods,
+        "token_endpoint_auth_signing_alg_values_supported": ["EdDSA"],
+        "response_types_supported": ["token"],
+        "authorization_details_types_supported": ["credbroker_request"],
+        "tls_client_certificate_bound_access_tokens": server.client_ca.is_some(),
+        "scopes_supported": live.config.connectors.iter()
+            .flat_map(|c| c.operations.iter().map(move |o| format!("{}:{}", c.name, o.name)))
+            .collect::<Vec<_>>(),
+    });
+    json_response(StatusCode::OK, &body)
+}
