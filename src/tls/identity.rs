@@ -1,0 +1,135 @@
+//! The identity of a client that presented a verified certificate (RFC 8705): its SANs, for
+//! `tls_client_auth` against a client's `cert_san`, and its SHA-256 thumbprint, for the token's
+//! `cnf: {"x5t#S256": …}` binding (DESIGN §4.1, §4.2).
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use rustls::ServerConnection;
+use sha2::{Digest, Sha256};
+use x509_parser::extensions::GeneralName;
+
+use super::TlsError;
+
+/// What the broker needs to know about a verified client certificate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerIdentity {
+    /// base64url (no padding) of SHA-256 over the certificate's DER: RFC 8705 `x5t#S256`.
+    pub x5t_s256: String,
+    /// The certificate's URI and DNS subject alternative names, in certificate order.
+    pub sans: Vec<String>,
+}
+
+impl PeerIdentity {
+    /// Parses a DER certificate. Only the SANs are read; trust was decided by the TLS verifier.
+    pub fn from_der(der: &[u8]) -> Result<Self, TlsError> {
+        let (rest, cert) = x509_parser::parse_x509_certificate(der)
+            .map_err(|e| TlsError::BadCertificate(e.to_string()))?;
+        if !rest.is_empty() {
+            return Err(TlsError::BadCertificate(
+                "trailing bytes after the certificate".into(),
+            ));
+        }
+        let san = cert
+            .subject_alternative_name()
+            .map_err(|e| TlsError::BadCertificate(e.to_string()))?;
+        let sans = san
+            .map(|ext| {
+                ext.value
+                    .general_names
+                    .iter()
+                    .filter_map(|name| match name {
+                        GeneralName::URI(s) | GeneralName::DNSName(s) => Some((*s).to_owned()),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(Self {
+            x5t_s256: x5t_s256(der),
+            sans,
+        })
+    }
+
+    /// True if any URI or DNS SAN equals `cert_san` exactly (byte for byte, no case folding:
+    /// URIs are case-sensitive and the configured value is what the operator wrote).
+    pub fn has_san(&self, cert_san: &str) -> bool {
+        self.sans.iter().any(|san| san == cert_san)
+    }
+}
+
+/// base64url (no padding) of SHA-256(`der`): the RFC 8705 `x5t#S256` certificate thumbprint.
+pub fn x5t_s256(der: &[u8]) -> String {
+    URL_SAFE_NO_PAD.encode(Sha256::digest(der))
+}
+
+/// From an accepted rustls server connection: the leaf client certificate, if one was presented.
+///
+/// rustls only exposes peer certificates that passed the client verifier, so a `Some` here is a
+/// certificate chaining to `client_ca`.
+pub fn peer_identity(conn: &ServerConnection) -> Option<PeerIdentity> {
+    let leaf = conn.peer_certificates()?.first()?;
+    match PeerIdentity::from_der(leaf) {
+        Ok(identity) => Some(identity),
+        Err(error) => {
+            // webpki accepted it, so this is unexpected; treat the peer as unauthenticated.
+            tracing::warn!(%error, "verified client certificate could not be parsed");
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tls::generate_dev_pki;
+
+    #[test]
+    fn thumbprint_is_base64url_sha256_of_der() {
+        let der = b"not really a certificate";
+        let expected = URL_SAFE_NO_PAD.encode(Sha256::digest(der));
+        assert_eq!(x5t_s256(der), expected);
+        assert_eq!(x5t_s256(der).len(), 43);
+        assert!(!x5t_s256(der).contains(['=', '+', '/']));
+    }
+
+    #[test]
+    fn from_der_reads_uri_and_dns_sans() {
+        let pki = generate_dev_pki(&["spiffe://acme.example/bot", "bot.acme.example"]).unwrap();
+        let uri =
+            PeerIdentity::from_der(&pki.client("spiffe://acme.example/bot").unwrap().cert_der)
+                .unwrap();
+        assert_eq!(uri.sans, vec!["spiffe://acme.example/bot".to_owned()]);
+        assert!(uri.has_san("spiffe://acme.example/bot"));
+        assert!(!uri.has_san("spiffe://acme.example/Bot"));
+        assert!(!uri.has_san("spiffe://acme.example/bot/"));
+        assert!(!uri.has_san("spiffe://acme.example"));
+
+        let dns = pki.client("bot.acme.example").unwrap();
+        let dns_id = PeerIdentity::from_der(&dns.cert_der).unwrap();
+        assert!(dns_id.has_san("bot.acme.example"));
+        assert_eq!(dns_id.x5t_s256, x5t_s256(&dns.cert_der));
+        assert_ne!(dns_id.x5t_s256, uri.x5t_s256);
+    }
+
+    #[test]
+    fn server_cert_sans_exclude_ip_addresses() {
+        let pki = generate_dev_pki(&[]).unwrap();
+        let id = PeerIdentity::from_der(&pki.server().cert_der).unwrap();
+        assert_eq!(id.sans, vec!["localhost".to_owned()]);
+    }
+
+    #[test]
+    fn from_der_rejects_garbage_and_trailing_bytes() {
+        assert!(matches!(
+            PeerIdentity::from_der(b"\x30\x03abc"),
+            Err(TlsError::BadCertificate(_))
+        ));
+        let pki = generate_dev_pki(&[]).unwrap();
+        let mut der = pki.server().cert_der.clone();
+        der.push(0);
+        assert!(matches!(
+            PeerIdentity::from_der(&der),
+            Err(TlsError::BadCertificate(_))
+        ));
+    }
+}
