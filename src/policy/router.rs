@@ -283,7 +283,7 @@ mod tests {
         }
     }
 
-    mod prop {
+    mod proptests {
         use proptest::prelude::*;
 
         use super::*;
