@@ -501,22 +501,41 @@ impl AuditFacts {
 }
 
 /// The query as recorded: an `access_token` value (a token sent where it must not be) is
-/// replaced by `REDACTED`.
+/// replaced by `REDACTED`. Pieces are split on `&` and `;` and names compared after
+/// percent-decoding, case-insensitively — the same way [`canonical::check_query`] finds it.
 pub fn redact_query(query: &str) -> String {
-    if !query.contains("access_token") && !query.contains("%") {
-        return query.to_owned();
+    let mut out = String::with_capacity(query.len());
+    let mut start = 0;
+    for (i, c) in query.char_indices().chain(std::iter::once((query.len(), '&'))) {
+        if c != '&' && c != ';' {
+            continue;
+        }
+        let piece = &query[start..i];
+        let name = piece.split_once('=').map_or(piece, |(n, _)| n);
+        let decoded = canonical::percent_decode(name).unwrap_or_else(|| name.as_bytes().to_vec());
+        if decoded.eq_ignore_ascii_case(b"access_token") && piece.contains('=') {
+            out.push_str(name);
+            out.push_str("=REDACTED");
+        } else {
+            out.push_str(piece);
+        }
+        if i < query.len() {
+            out.push(c);
+        }
+        start = i + 1;
     }
-    query
-        .split('&')
-        .map(|pair| {
-            let name = pair.split_once('=').map_or(pair, |(n, _)| n);
-            let decoded = canonical::percent_decode(name).unwrap_or_default();
-            if decoded.eq_ignore_ascii_case(b"access_token") && pair.contains('=') {
-                format!("{name}=REDACTED")
-            } else {
-                pair.to_owned()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join("&")
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_query;
+
+    #[test]
+    fn access_token_values_never_reach_the_record() {
+        assert_eq!(redact_query("a=1&access_token=SECRET"), "a=1&access_token=REDACTED");
+        assert_eq!(redact_query("a=1;ACCESS_TOKEN=SECRET&b"), "a=1;ACCESS_TOKEN=REDACTED&b");
+        assert_eq!(redact_query("access%5Ftoken=SECRET"), "access%5Ftoken=REDACTED");
+        assert_eq!(redact_query("state=open&page=2"), "state=open&page=2");
+    }
 }

@@ -1,0 +1,8 @@
+//! End-to-end tests: one binary, real sockets on loopback, the broker in process.
+
+mod support;
+
+mod audit_log;
+mod injection;
+mod proxy;
+mod token_endpoint;

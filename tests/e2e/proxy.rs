@@ -1,0 +1,190 @@
+//! DESIGN §4.3: each row of the table, allowed and refused, and that refused calls never
+//! reach the upstream; header hygiene; byte-identical forwarding.
+
+use std::time::Duration;
+
+use crate::support::*;
+
+#[tokio::test]
+async fn allowed_call_is_forwarded_with_the_credential_and_correlated() {
+    let up = FakeUpstream::start().await;
+    let b = TestBroker::start(&standard_config(up.addr)).await;
+    let token = b.token("github:issues.read", &[]).await;
+    let (status, headers, body) = b.call("GET", "/github/repos/acme/widget/issues?state=open&per_page=5", &token).await;
+    assert_eq!(status, 200, "{body}");
+    let rid = headers["x-request-id"].to_str().unwrap().to_owned();
+    let seen = up.requests();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].target, "/repos/acme/widget/issues?state=open&per_page=5");
+    assert_eq!(seen[0].headers["authorization"], format!("Bearer {CREDENTIAL}").as_str());
+    assert_eq!(seen[0].headers["x-request-id"], rid.as_str());
+    assert_eq!(seen[0].headers["host"], up.addr.to_string().as_str());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let records = b.audit();
+    let allow = events(&records, "proxy");
+    assert_eq!(allow[0]["decision"], "allow");
+    assert_eq!(allow[0]["operation"], "issues.read");
+    assert_eq!(allow[0]["path"], "/repos/acme/widget/issues");
+    assert_eq!(allow[0]["request_id"], rid.as_str());
+    let result = events(&records, "proxy_result");
+    assert_eq!(result[0]["status"], 200);
+    assert_eq!(result[0]["upstream_request_id"], "GH-REQ-1");
+    assert_eq!(result[0]["request_id"], rid.as_str());
+}
+
+#[tokio::test]
+async fn each_refusal_has_its_status_and_never_reaches_the_upstream() {
+    let up = FakeUpstream::start().await;
+    let b = TestBroker::start(&standard_config(up.addr)).await;
+    let token = b.token("github:issues.read github:issues.comment", &[]).await;
+    let cases: Vec<(&str, &str, String, u16, &str)> = vec![
+        // check 1: canonical path
+        ("GET", "/github/repos/acme/widget/../x/issues", token.clone(), 400, "invalid_request"),
+        ("GET", "/github/repos/acme//widget/issues", token.clone(), 400, "invalid_request"),
+        ("GET", "/github/repos/acme/widget%2fissues", token.clone(), 400, "invalid_request"),
+        ("GET", "/github/repos/acme/widget/issues?access_token=abc", token.clone(), 400, "invalid_request"),
+        // check 2: token
+        ("GET", "/github/repos/acme/widget/issues", String::new(), 401, "invalid_token"),
+        ("GET", "/github/repos/acme/widget/issues", "not.a.jwt".into(), 401, "invalid_token"),
+        // check 3: allowlist, scope, grant
+        ("DELETE", "/github/repos/acme/widget", token.clone(), 403, "insufficient_scope"),
+        ("GET", "/github/repos/ACME/widget/issues", token.clone(), 403, "insufficient_scope"),
+        ("GET", "/github/repos/acme/widget/issues?sort=x", token.clone(), 403, "insufficient_scope"),
+        ("GET", "/nosuch/repos/acme/widget/issues", token.clone(), 403, "insufficient_scope"),
+    ];
+    for (method, target, tok, status, code) in cases {
+        let (s, headers, body) = b.call(method, target, &tok).await;
+        assert_eq!(s, status, "{method} {target}: {body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["error"], code, "{method} {target}");
+        assert!(v["request_id"].is_string());
+        assert!(headers.contains_key("x-request-id"));
+        if status == 401 {
+            let www = headers["www-authenticate"].to_str().unwrap();
+            assert!(www.starts_with("Bearer realm=\"credbroker\""), "{www}");
+            assert_eq!(www.contains("error="), !tok.is_empty(), "{www}");
+        }
+    }
+    // check 6: body over max_body_bytes (64)
+    let big = "x".repeat(100);
+    let (s, _, _) = b
+        .call_with("POST", "/github/repos/acme/widget/issues/1/comments", &token, &[("content-type", "text/plain")], &big)
+        .await;
+    assert_eq!(s, 413);
+    assert_eq!(up.count(), 0, "no refused call may reach the upstream");
+    // and every refusal is audited as a deny
+    let denies: Vec<_> = b.audit().into_iter().filter(|r| r["event"] == "proxy" && r["decision"] == "deny").collect();
+    assert_eq!(denies.len(), 11);
+    assert!(denies.iter().all(|d| d["reason"].is_string() && d["status"].is_number()));
+}
+
+#[tokio::test]
+async fn token_scope_limits_calls_even_when_granted() {
+    let up = FakeUpstream::start().await;
+    let b = TestBroker::start(&standard_config(up.addr)).await;
+    let token = b.token("github:issues.read", &[]).await;
+    let (s, _, body) = b.call_with("POST", "/github/repos/acme/widget/issues/1/comments", &token, &[], "hi").await;
+    assert_eq!(s, 403, "{body}");
+    assert_eq!(up.count(), 0);
+}
+
+#[tokio::test]
+async fn max_uses_and_single_call_binding() {
+    let up = FakeUpstream::start().await;
+    let b = TestBroker::start(&standard_config(up.addr)).await;
+    let token = b.token("github:issues.read", &[("max_uses", "2")]).await;
+    for _ in 0..2 {
+        assert_eq!(b.call("GET", "/github/repos/acme/widget/issues", &token).await.0, 200);
+    }
+    let (s, _, body) = b.call("GET", "/github/repos/acme/widget/issues", &token).await;
+    assert_eq!(s, 401, "{body}");
+    assert_eq!(up.count(), 2);
+
+    let details = r#"[{"type":"credbroker_request","connector":"github","method":"GET","path":"/repos/acme/widget/issues"}]"#;
+    let bound = b.token("github:issues.read", &[("authorization_details", details)]).await;
+    assert_eq!(b.call("GET", "/github/repos/acme/widget/issues", &bound).await.0, 200);
+    let (s, _, _) = b.call("GET", "/github/repos/acme/gadget/issues", &bound).await;
+    assert_eq!(s, 403, "authorization_details binds the token to one call");
+    assert_eq!(up.count(), 3);
+}
+
+#[tokio::test]
+async fn header_hygiene() {
+    let up = FakeUpstream::start().await;
+    let b = TestBroker::start(&standard_config(up.addr)).await;
+    let token = b.token("github:issues.read", &[]).await;
+    let hdrs = [
+        ("cookie", "session=1"),
+        ("proxy-authorization", "Basic x"),
+        ("connection", "x-hop"),
+        ("x-hop", "1"),
+        ("keep-alive", "timeout=5"),
+        ("x-http-method-override", "DELETE"),
+        ("x-http-method", "DELETE"),
+        ("x-method-override", "DELETE"),
+        ("forwarded", "for=6.6.6.6"),
+        ("x-forwarded-for", "6.6.6.6"),
+        ("x-forwarded-host", "evil.example"),
+        ("x-request-id", "client-chosen"),
+        ("accept", "application/vnd.github+json"),
+    ];
+    let (s, _, body) = b.call_with("GET", "/github/repos/acme/widget/issues", &token, &hdrs, "").await;
+    assert_eq!(s, 200, "{body}");
+    let seen = &up.requests()[0];
+    for gone in [
+        "cookie", "proxy-authorization", "x-hop", "keep-alive", "x-http-method-override",
+        "x-http-method", "x-method-override", "forwarded", "x-forwarded-host",
+    ] {
+        assert!(!seen.headers.contains_key(gone), "{gone} must not be forwarded");
+    }
+    assert_eq!(seen.headers["x-forwarded-for"], "127.0.0.1");
+    assert_ne!(seen.headers["x-request-id"], "client-chosen");
+    assert_eq!(seen.headers["accept"], "application/vnd.github+json");
+    assert_eq!(seen.headers.get_all("authorization").iter().count(), 1);
+}
+
+#[tokio::test]
+async fn upgrade_and_duplicate_authorization_are_refused() {
+    let up = FakeUpstream::start().await;
+    let b = TestBroker::start(&standard_config(up.addr)).await;
+    let token = b.token("github:issues.read", &[]).await;
+    let req = format!(
+        "GET /github/repos/acme/widget/issues HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    );
+    assert_eq!(raw_status(&raw(b.addr, req.as_bytes(), Duration::from_secs(2)).await), Some(400));
+    let req = format!(
+        "GET /github/repos/acme/widget/issues HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n"
+    );
+    assert_eq!(raw_status(&raw(b.addr, req.as_bytes(), Duration::from_secs(2)).await), Some(400));
+    assert_eq!(up.count(), 0);
+}
+
+#[tokio::test]
+async fn oversized_headers_get_431_and_garbage_never_panics() {
+    let up = FakeUpstream::start().await;
+    let b = TestBroker::start(&standard_config(up.addr)).await;
+    let big = format!("GET /github/x HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(9000));
+    assert_eq!(raw_status(&raw(b.addr, big.as_bytes(), Duration::from_secs(2)).await), Some(431));
+    let out = raw(b.addr, b"\x00\x01\x02 garbage \xff\xfe\r\n\r\n", Duration::from_secs(2)).await;
+    assert!(out.is_empty() || raw_status(&out) == Some(400), "{out}");
+    // still serving
+    let token = b.token("github:issues.read", &[]).await;
+    assert_eq!(b.call("GET", "/github/repos/acme/widget/issues", &token).await.0, 200);
+    assert_eq!(up.count(), 1);
+}
+
+#[tokio::test]
+async fn upstream_down_is_502_and_audited() {
+    let up = FakeUpstream::start().await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_addr = dead.local_addr().unwrap();
+    drop(dead);
+    let b = TestBroker::start(&standard_config(dead_addr)).await;
+    let token = b.token("github:issues.read", &[]).await;
+    let (s, _, body) = b.call("GET", "/github/repos/acme/widget/issues", &token).await;
+    assert_eq!(s, 502, "{body}");
+    assert!(body.contains("upstream_unavailable"));
+    let records = b.audit();
+    assert_eq!(events(&records, "proxy_result")[0]["status"], 502);
+    drop(up);
+}

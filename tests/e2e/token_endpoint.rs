@@ -1,0 +1,117 @@
+//! DESIGN §4.1 / §4.2: the token endpoint's successes and every error code.
+
+use crate::support::*;
+
+#[tokio::test]
+async fn issues_a_scoped_token_with_capped_lifetime() {
+    let up = FakeUpstream::start().await;
+    let b = TestBroker::start(&standard_config(up.addr)).await;
+    let (s, headers, body) = b.token_request("bot", SECRET, "github:*", &[("ttl", "9999")]).await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(headers["cache-control"], "no-store");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["token_type"], "Bearer");
+    assert_eq!(v["expires_in"], 120, "capped by the grant's max_ttl");
+    assert_eq!(v["scope"], "github:issues.read github:issues.comment", "`*` expanded explicitly");
+    let token = v["access_token"].as_str().unwrap();
+    let parts: Vec<&str> = token.split('.').collect();
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let header: serde_json::Value = serde_json::from_slice(&b64.decode(parts[0]).unwrap()).unwrap();
+    assert_eq!(header["alg"], "EdDSA");
+    assert_eq!(header["typ"], "at+jwt");
+    assert!(header["kid"].is_string());
+    let claims: serde_json::Value = serde_json::from_slice(&b64.decode(parts[1]).unwrap()).unwrap();
+    assert_eq!(claims["sub"], "bot");
+    assert_eq!(claims["iss"], "credbroker-test");
+    assert_eq!(claims["aud"], "credbroker-test");
+    assert!(claims["exp"].is_i64() && claims["jti"].as_str().unwrap().len() >= 22);
+    // the secret and the token never reach the audit log
+    let audit = std::fs::read_to_string(b.audit_path()).unwrap();
+    assert!(!audit.contains(SECRET) && !audit.contains(token));
+    let issued = b.audit();
+    let rec = events(&issued, "token_issued");
+    assert_eq!(rec[0]["client"], "bot");
+    assert_eq!(rec[0]["jti"], claims["jti"]);
+}
+
+#[tokio::test]
+async fn every_error_code() {
+    let up = FakeUpstream::start().await;
+    let b = TestBroker::start(&standard_config(up.addr)).await;
+    // invalid_client: wrong secret, unknown client
+    for (id, secret) in [("bot", "wrong"), ("nobody", SECRET)] {
+        let (s, h, body) = b.token_request(id, secret, "github:issues.read", &[]).await;
+        assert_eq!(s, 401, "{body}");
+        assert!(body.contains("\"invalid_client\""));
+        assert_eq!(h["www-authenticate"], "Basic realm=\"credbroker\"");
+        assert!(!body.contains("wrong"));
+    }
+    // invalid_scope: not granted, unknown connector, malformed, ungranted op
+    for scope in ["github:repos.delete", "nosuch:x", "garbage", "github:issues.read github:repos.delete"] {
+        let (s, _, body) = b.token_request("bot", SECRET, scope, &[]).await;
+        assert_eq!(s, 400, "{scope}: {body}");
+        assert!(body.contains("\"invalid_scope\""), "{scope}: {body}");
+    }
+    // unauthorized_client: authenticated, no grants
+    let (s, _, body) = b.token_request("nogrants", SECRET, "github:issues.read", &[]).await;
+    assert_eq!(s, 400);
+    assert!(body.contains("\"unauthorized_client\""), "{body}");
+    // unsupported_grant_type
+    let (s, _, body) = b.token_request("bot", SECRET, "github:issues.read", &[("grant_type", "password")]).await;
+    assert_eq!(s, 400);
+    assert!(body.contains("invalid_request") || body.contains("unsupported_grant_type"), "{body}");
+    // invalid_request: bad ttl, bad max_uses, malformed authorization_details
+    for extra in [("ttl", "-5"), ("max_uses", "0"), ("authorization_details", "{not json")] {
+        let (s, _, body) = b.token_request("bot", SECRET, "github:issues.read", &[extra]).await;
+        assert_eq!(s, 400, "{extra:?}");
+        assert!(body.contains("\"invalid_request\""), "{extra:?}: {body}");
+    }
+    let records = b.audit();
+    assert!(events(&records, "token_denied").len() >= 10);
+}
+
+#[tokio::test]
+async fn unsupported_grant_type_alone() {
+    let up = FakeUpstream::start().await;
+    let b = TestBroker::start(&standard_config(up.addr)).await;
+    use base64::Engine;
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!("bot:{SECRET}"));
+    let req = http::Request::post("/oauth2/token")
+        .header("authorization", format!("Basic {basic}"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("grant_type=password&scope=github%3Aissues.read".to_owned())
+        .unwrap();
+    let (s, _, body) = send(b.addr, req).await;
+    assert_eq!(s, 400);
+    assert!(body.contains("\"unsupported_grant_type\""), "{body}");
+}
+
+#[tokio::test]
+async fn repeated_auth_failures_lock_out_the_source() {
+    let up = FakeUpstream::start().await;
+    let b = TestBroker::start(&standard_config(up.addr)).await;
+    for _ in 0..20 {
+        assert_eq!(b.token_request("bot", "wrong", "github:issues.read", &[]).await.0, 401);
+    }
+    let (s, h, _) = b.token_request("bot", SECRET, "github:issues.read", &[]).await;
+    assert_eq!(s, 429, "locked out even with the right secret");
+    assert!(h.contains_key("retry-after"));
+}
+
+#[tokio::test]
+async fn well_known_documents() {
+    let up = FakeUpstream::start().await;
+    let b = TestBroker::start(&standard_config(up.addr)).await;
+    let (s, _, body) = send(b.addr, http::Request::get("/.well-known/jwks.json").body(String::new()).unwrap()).await;
+    assert_eq!(s, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["keys"][0]["kty"], "OKP");
+    assert_eq!(v["keys"][0]["crv"], "Ed25519");
+    assert!(v["keys"][0].get("d").is_none(), "never the private key");
+    let (s, _, body) = send(b.addr, http::Request::get("/.well-known/oauth-authorization-server").body(String::new()).unwrap()).await;
+    assert_eq!(s, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["issuer"], "credbroker-test");
+    assert!(v["token_endpoint"].as_str().unwrap().ends_with("/oauth2/token"));
+}
