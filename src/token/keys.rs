@@ -132,13 +132,25 @@ impl SigningKeys {
             "kty": "OKP", "crv": "Ed25519", "x": x, "kid": kid, "alg": "EdDSA", "use": "sig",
         }]})
         .to_string();
-        Some(Self {
+        let keys = Self {
             encoding: EncodingKey::from_ed_der(der),
             decoding: DecodingKey::from_ed_der(&public),
             public,
             kid,
             jwks,
-        })
+        };
+        keys.signs_verifiably().then_some(keys)
+    }
+
+    /// Whether jsonwebtoken accepts the key and its signatures verify with the public key
+    /// ring derived, so that a key that loads can always sign (checked once, at load).
+    fn signs_verifiably(&self) -> bool {
+        const PROBE: &[u8] = b"credbroker signing key self-test";
+        jsonwebtoken::crypto::sign(PROBE, &self.encoding, Algorithm::EdDSA)
+            .and_then(|sig| {
+                jsonwebtoken::crypto::verify(&sig, PROBE, &self.decoding, Algorithm::EdDSA)
+            })
+            .unwrap_or(false)
     }
 }
 
