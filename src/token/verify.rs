@@ -324,6 +324,7 @@ fn cache_key(token: &str) -> [u8; 32] {
 #[cfg(test)]
 mod tests {
     use jsonwebtoken::{EncodingKey, Header};
+    use proptest::prelude::*;
     use serde_json::{json, Value};
 
     use super::*;
@@ -708,5 +709,22 @@ mod tests {
         assert!(cache.get("c", NOW + 20).is_some());
         assert!(cache.get("c", NOW + 100).is_none(), "dropped at exp");
         assert_eq!(cache.len(), 1);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Changing any one byte of a valid token makes it fail verification.
+        #[test]
+        fn any_single_byte_change_is_refused(index in any::<prop::sample::Index>(), byte in 0x21u8..0x7f) {
+            let v = verifier();
+            let token = v.keys().sign(&sample(ISS, NOW)).unwrap();
+            let i = index.index(token.len());
+            prop_assume!(token.as_bytes()[i] != byte);
+            let mut bytes = token.into_bytes();
+            bytes[i] = byte;
+            let mutated = String::from_utf8(bytes).unwrap();
+            prop_assert!(v.verify(&mutated, NOW).is_err());
+        }
     }
 }
