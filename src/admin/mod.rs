@@ -76,7 +76,7 @@ fn authorized<B>(state: &AdminState, req: &Request<B>) -> bool {
         return false;
     };
     let digest = Sha256::digest(token.as_bytes());
-    bool::from(digest.as_slice().ct_eq(&state.token_sha256))
+    bool::from(digest[..].ct_eq(&state.token_sha256[..]))
 }
 
 fn actor(conn: &ConnInfo) -> String {

@@ -101,10 +101,21 @@ fn verify(files: &[PathBuf], config: Option<&Path>, hmac_key: Option<&str>) -> a
         (None, None) => None,
     };
     match audit::verify_files(files, key.as_ref()) {
-        Ok(report) => {
-            println!("{report}");
-            Ok(if report.is_intact() { ExitCode::SUCCESS } else { ExitCode::from(1) })
-        }
+        Ok(report) => match &report.failure {
+            None => {
+                let last = report
+                    .last
+                    .as_ref()
+                    .map(|(seq, hash)| format!("; last record seq {seq}, hash {hash}"))
+                    .unwrap_or_default();
+                println!("intact: {} records{last}", report.records);
+                Ok(ExitCode::SUCCESS)
+            }
+            Some(failure) => {
+                println!("broken: {failure} ({} records verified before it)", report.records);
+                Ok(ExitCode::from(1))
+            }
+        },
         Err(e) => {
             println!("cannot verify: {e}");
             Ok(ExitCode::from(1))

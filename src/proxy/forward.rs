@@ -47,7 +47,9 @@ impl UpstreamClients {
 }
 
 fn build_client(extra_ca: Option<&Path>) -> Result<UpstreamClient, String> {
-    let tls = crate::tls::upstream_client_config(extra_ca).map_err(|e| e.to_string())?;
+    let mut tls = crate::tls::upstream_client_config(extra_ca).map_err(|e| e.to_string())?;
+    // hyper-rustls sets ALPN itself from enable_http1/enable_http2 and refuses a preset list.
+    tls.alpn_protocols.clear();
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);

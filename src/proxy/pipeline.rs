@@ -94,8 +94,11 @@ async fn stages(
     started: Instant,
 ) -> Result<Response<ProxyBody>, Denial> {
     let (parts, body) = req.into_parts();
+    // The target borrows from its own copy of the URI (a reference-counted clone), so `parts`
+    // can move into the upstream request later.
+    let uri = parts.uri.clone();
     // 1. The target is canonical and unambiguous; every later decision is on these bytes.
-    let target = canonical_target(live, &parts.uri, &parts.headers)?;
+    let target = canonical_target(live, &uri, &parts.headers)?;
     facts.target(&target);
     // 2. The bearer token is genuine, current, unrevoked, and bound to this connection.
     let claims = authenticate(broker, live, &parts.headers, conn)?;

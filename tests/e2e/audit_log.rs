@@ -28,20 +28,74 @@ async fn the_chain_verifies_independently() {
     assert!(ts.ends_with('Z') && ts.len() == "2026-11-26T05:03:25.123456Z".len(), "{ts}");
 }
 
+/// A small tmpfs, mounted for the test (needs root, as CI runs); unmounted on drop.
+struct Tmpfs(tempfile::TempDir);
+
+impl Tmpfs {
+    fn mount(size: &str) -> Option<Self> {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then_some(Self(dir))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(self.0.path()).status();
+    }
+}
+
+/// Fills the filesystem holding `dir` until a write fails.
+fn fill(dir: &std::path::Path) -> std::path::PathBuf {
+    use std::io::Write;
+    let filler = dir.join("filler");
+    let mut f = std::fs::File::create(&filler).unwrap();
+    let chunk = vec![0u8; 4096];
+    while f.write_all(&chunk).is_ok() {}
+    let _ = f.sync_all();
+    filler
+}
+
 #[tokio::test]
-async fn unwritable_audit_log_refuses_with_503_and_forwards_nothing() {
+async fn full_disk_refuses_with_503_forwards_nothing_and_recovers() {
+    let Some(fs) = Tmpfs::mount("256k") else {
+        eprintln!("SKIPPED full_disk_refuses_with_503…: mounting a tmpfs needs root (CI runs as root)");
+        return;
+    };
     let up = FakeUpstream::start().await;
-    let b = TestBroker::start(&standard_config(up.addr)).await;
+    let audit_path = fs.0.path().join("audit.jsonl");
+    let config = standard_config(up.addr).replace(
+        "path = \"audit.jsonl\"",
+        &format!("path = \"{}\"", audit_path.display()),
+    );
+    let b = TestBroker::start(&config).await;
     let token = b.token("github:issues.read", &[]).await;
-    // Make the log unwritable: replace the file by a directory-backed failure. The writer
-    // holds an open handle, so simulate a failing device with /dev/full where available.
-    b.running.as_ref().unwrap().broker.audit.fail_writes_for_test(true);
+    let filler = fill(fs.0.path());
+    // The log's last page may still have room: issue tokens until the log is really full.
+    let mut full = false;
+    for _ in 0..200 {
+        let (s, _, _) = b.token_request("bot", SECRET, "github:issues.read", &[]).await;
+        if s == 503 {
+            full = true;
+            break;
+        }
+        assert_eq!(s, 200);
+    }
+    assert!(full, "the token endpoint must answer 503 once the audit log cannot be written");
     let (s, _, body) = b.call("GET", "/github/repos/acme/widget/issues", &token).await;
     assert_eq!(s, 503, "{body}");
     assert!(body.contains("audit_unavailable"));
-    let (s, _, _) = b.token_request("bot", SECRET, "github:issues.read", &[]).await;
-    assert_eq!(s, 503, "no token without its audit record");
-    assert_eq!(up.count(), 0);
-    b.running.as_ref().unwrap().broker.audit.fail_writes_for_test(false);
-    assert_eq!(b.call("GET", "/github/repos/acme/widget/issues", &token).await.0, 200, "recovers by itself");
+    assert_eq!(up.count(), 0, "nothing forwarded unaudited");
+    std::fs::remove_file(filler).unwrap();
+    let (s, _, body) = b.call("GET", "/github/repos/acme/widget/issues", &token).await;
+    assert_eq!(s, 200, "recovers by itself once writes succeed: {body}");
+    assert_eq!(up.count(), 1);
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let n = verify_chain_independently(&audit_path);
+    assert!(n >= 3);
 }
