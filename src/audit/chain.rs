@@ -1,0 +1,274 @@
+//! The hash chain of DESIGN §5, as pure functions shared by the writer, start-up recovery and
+//! `audit verify`: [`seal`] turns a record into its line, [`check_line`] re-computes a line's
+//! hash and checks its link.
+//!
+//! A line is `{"seq":…,"ts":"…","event":"…",<fields>,"prev":"…","hash":"…"}`. B is the line
+//! with its final `,"hash":"<hex>"}` replaced by `}`; `hash = hex(SHA-256(B))`, or
+//! `hex(HMAC-SHA256(key, B))` with a key.
+
+use chrono::{DateTime, Utc};
+use hmac::{Hmac, Mac};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::audit::record::Record;
+use crate::secret::Secret;
+
+/// `prev` of the first record ever.
+pub const ZERO_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// Hex digits in a hash (SHA-256 and HMAC-SHA256 both give 32 bytes).
+const HASH_HEX_LEN: usize = 64;
+/// What precedes the hash value at the end of a line.
+const HASH_MEMBER: &[u8] = b",\"hash\":\"";
+/// Bytes from the start of `,"hash":"` to the end of the line.
+const SUFFIX_LEN: usize = HASH_MEMBER.len() + HASH_HEX_LEN + 2;
+
+/// Why a line does not belong in the chain.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ChainError {
+    /// The line is not a JSON object with `seq`, `ts`, `prev` and `hash`.
+    #[error("unparsable line: {0}")]
+    Unparsable(String),
+    /// `hash` is not the last member, or is not 64 lowercase hex digits.
+    #[error("`hash` is not the line's last member or is not 64 lowercase hex digits")]
+    HashNotLast,
+    /// The hash re-computed over B differs from the stored one (changed bytes, or a wrong key).
+    #[error("hash mismatch: the record was changed (or the key is wrong)")]
+    HashMismatch,
+    /// `prev` is not the previous record's hash.
+    #[error("broken link: prev {found} but the previous record's hash is {expected}")]
+    BrokenLink {
+        /// The previous record's hash.
+        expected: String,
+        /// The `prev` found on this line.
+        found: String,
+    },
+    /// The record could not be serialised (not expected for [`Record`]'s plain fields).
+    #[error("cannot serialise the record: {0}")]
+    Serialize(#[from] serde_json::Error),
+}
+
+/// The parts of a checked line that the next line's check needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Checked {
+    /// The line's `seq`.
+    pub seq: u64,
+    /// The line's `prev`.
+    pub prev: String,
+    /// The line's (verified) hash.
+    pub hash: String,
+}
+
+/// The members `check_line` reads; borrowed so checking allocates little.
+#[derive(Deserialize)]
+struct Links<'a> {
+    seq: u64,
+    #[serde(borrow)]
+    prev: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    hash: std::borrow::Cow<'a, str>,
+}
+
+/// Formats a writer timestamp: RFC 3339, UTC, microseconds, `Z`.
+pub fn format_ts(t: DateTime<Utc>) -> String {
+    t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
+}
+
+/// Seals a record: returns its line (without `\n`) and its hash.
+pub fn seal(
+    seq: u64,
+    ts: &str,
+    record: &Record,
+    prev: &str,
+    key: Option<&Secret>,
+) -> Result<(String, String), ChainError> {
+    let mut buf = Vec::with_capacity(256);
+    let hash = seal_into(&mut buf, seq, ts, record, prev, key)?;
+    // The line is built from JSON serialisation and hex digits only, so it is UTF-8.
+    let line = String::from_utf8(buf).map_err(|e| ChainError::Unparsable(e.to_string()))?;
+    Ok((line, hash))
+}
+
+/// Appends the sealed line (without `\n`) to `buf` and returns its hash. The writer uses this
+/// to build one batch in one buffer.
+pub fn seal_into(
+    buf: &mut Vec<u8>,
+    seq: u64,
+    ts: &str,
+    record: &Record,
+    prev: &str,
+    key: Option<&Secret>,
+) -> Result<String, ChainError> {
+    let start = buf.len();
+    buf.extend_from_slice(b"{\"seq\":");
+    buf.extend_from_slice(seq.to_string().as_bytes());
+    buf.extend_from_slice(b",\"ts\":\"");
+    buf.extend_from_slice(ts.as_bytes());
+    buf.extend_from_slice(b"\",");
+    let fields_at = buf.len();
+    serde_json::to_writer(&mut *buf, record)?;
+    // Drop the record object's own braces: `{"event":…}` becomes `"event":…`.
+    buf.remove(fields_at);
+    buf.pop();
+    buf.extend_from_slice(b",\"prev\":\"");
+    buf.extend_from_slice(prev.as_bytes());
+    buf.extend_from_slice(b"\"}");
+    let hash = digest(key, &buf[start..]);
+    buf.pop();
+    buf.extend_from_slice(HASH_MEMBER);
+    buf.extend_from_slice(hash.as_bytes());
+    buf.extend_from_slice(b"\"}");
+    Ok(hash)
+}
+
+/// Checks one line (without `\n`): it parses, `hash` is last and re-computes, and, when
+/// `expected_prev` is given, `prev` equals it. Sequence numbers are the caller's business.
+pub fn check_line(
+    line: &[u8],
+    expected_prev: Option<&str>,
+    key: Option<&Secret>,
+) -> Result<Checked, ChainError> {
+    let links: Links<'_> =
+        serde_json::from_slice(line).map_err(|e| ChainError::Unparsable(e.to_string()))?;
+    let body = hashed_bytes(line, &links.hash)?;
+    let computed = digest_parts(key, body, b"}");
+    if !bool::from(computed.as_bytes().ct_eq(links.hash.as_bytes())) {
+        return Err(ChainError::HashMismatch);
+    }
+    if let Some(expected) = expected_prev {
+        if links.prev != expected {
+            return Err(ChainError::BrokenLink {
+                expected: expected.to_owned(),
+                found: links.prev.into_owned(),
+            });
+        }
+    }
+    Ok(Checked {
+        seq: links.seq,
+        prev: links.prev.into_owned(),
+        hash: links.hash.into_owned(),
+    })
+}
+
+/// The part of B before its closing `}`: the line up to `,"hash":"`, after checking that the
+/// line ends with exactly `,"hash":"<hash>"}`.
+fn hashed_bytes<'l>(line: &'l [u8], hash: &str) -> Result<&'l [u8], ChainError> {
+    let well_formed = hash.len() == HASH_HEX_LEN
+        && hash.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        && line.len() > SUFFIX_LEN;
+    if !well_formed {
+        return Err(ChainError::HashNotLast);
+    }
+    let (body, suffix) = line.split_at(line.len() - SUFFIX_LEN);
+    let expected_suffix = [HASH_MEMBER, hash.as_bytes(), b"\"}"].concat();
+    if suffix != expected_suffix.as_slice() {
+        return Err(ChainError::HashNotLast);
+    }
+    Ok(body)
+}
+
+/// `hex(SHA-256(b))` or `hex(HMAC-SHA256(key, b))`.
+fn digest(key: Option<&Secret>, b: &[u8]) -> String {
+    digest_parts(key, b, b"")
+}
+
+/// The digest of `a ‖ b`, so B need not be copied to replace the hash member by `}`.
+fn digest_parts(key: Option<&Secret>, a: &[u8], b: &[u8]) -> String {
+    match key {
+        None => {
+            let mut h = Sha256::new();
+            h.update(a);
+            h.update(b);
+            hex::encode(h.finalize())
+        }
+        Some(key) => {
+            // HMAC accepts keys of any length, so this cannot fail.
+            let mut m = <Hmac<Sha256> as Mac>::new_from_slice(key.expose())
+                .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+            m.update(a);
+            m.update(b);
+            hex::encode(m.finalize().into_bytes())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::record::{Decision, Event};
+
+    fn sample() -> Record {
+        let mut r = Record::new(Event::Proxy);
+        r.client = Some("bot \"q\"".into());
+        r.decision = Some(Decision::Allow);
+        r
+    }
+
+    #[test]
+    fn seal_layout_and_independent_hash() {
+        let ts = "2026-11-26T05:03:25.123456Z";
+        let (line, hash) = seal(1, ts, &sample(), ZERO_HASH, None).unwrap();
+        let b = format!(
+            "{{\"seq\":1,\"ts\":\"{ts}\",\"event\":\"proxy\",\"client\":\"bot \\\"q\\\"\",\"decision\":\"allow\",\"prev\":\"{ZERO_HASH}\"}}"
+        );
+        assert_eq!(line, format!("{},\"hash\":\"{hash}\"}}", &b[..b.len() - 1]));
+        assert_eq!(hash, hex::encode(Sha256::digest(b.as_bytes())));
+        let checked = check_line(line.as_bytes(), Some(ZERO_HASH), None).unwrap();
+        assert_eq!(checked.seq, 1);
+        assert_eq!(checked.hash, hash);
+    }
+
+    #[test]
+    fn keyed_chain_needs_the_key() {
+        let key = Secret::new("k1");
+        let (line, hash) = seal(3, "t", &sample(), ZERO_HASH, Some(&key)).unwrap();
+        let mut m = <Hmac<Sha256> as Mac>::new_from_slice(b"k1").unwrap();
+        let b = format!("{}}}", &line[..line.len() - SUFFIX_LEN]);
+        m.update(b.as_bytes());
+        assert_eq!(hash, hex::encode(m.finalize().into_bytes()));
+        assert!(check_line(line.as_bytes(), None, Some(&key)).is_ok());
+        assert!(matches!(
+            check_line(line.as_bytes(), None, None),
+            Err(ChainError::HashMismatch)
+        ));
+        assert!(matches!(
+            check_line(line.as_bytes(), None, Some(&Secret::new("k2"))),
+            Err(ChainError::HashMismatch)
+        ));
+    }
+
+    #[test]
+    fn check_line_rejects_changes_links_and_layout() {
+        let (line, _) = seal(1, "t", &sample(), ZERO_HASH, None).unwrap();
+        let changed = line.replace("allow", "deny");
+        assert!(matches!(
+            check_line(changed.as_bytes(), None, None),
+            Err(ChainError::HashMismatch)
+        ));
+        assert!(matches!(
+            check_line(line.as_bytes(), Some(&"1".repeat(64)), None),
+            Err(ChainError::BrokenLink { .. })
+        ));
+        assert!(matches!(
+            check_line(b"{\"seq\":1", None, None),
+            Err(ChainError::Unparsable(_))
+        ));
+        // A member after `hash` breaks the rule even if the JSON is fine.
+        let moved = format!("{},\"x\":1}}", &line[..line.len() - 1]);
+        assert!(matches!(
+            check_line(moved.as_bytes(), None, None),
+            Err(ChainError::HashNotLast)
+        ));
+    }
+
+    #[test]
+    fn timestamps_have_microseconds() {
+        let t = DateTime::parse_from_rfc3339("2026-11-26T05:03:25.123456789Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        assert_eq!(format_ts(t), "2026-11-26T05:03:25.123456Z");
+    }
+}

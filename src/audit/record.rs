@@ -1,0 +1,227 @@
+//! The audit record types (DESIGN §5): what callers hand to the writer ([`Record`]) and what
+//! the auditor tools read back ([`StoredRecord`]).
+//!
+//! Field order in [`Record`] is the order members appear on the line, so it is part of the
+//! file format: do not reorder fields.
+
+use serde::{Deserialize, Serialize};
+
+/// What happened. Serialised in snake_case (`token_issued`, `proxy_result`, …).
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Event {
+    /// The token endpoint issued a token.
+    TokenIssued,
+    /// The token endpoint refused a token.
+    TokenDenied,
+    /// A proxy call's decision, written before forwarding.
+    Proxy,
+    /// The outcome of an allowed proxy call.
+    ProxyResult,
+    /// An admin action: reload, revoke, enable, reload failure.
+    Admin,
+    /// A dynamic credential was minted.
+    CredentialRefreshed,
+    /// The broker started.
+    #[default]
+    Startup,
+    /// The broker stopped cleanly.
+    Shutdown,
+    /// A torn tail was cut at start-up.
+    Recovered,
+}
+
+impl Event {
+    /// The name as written in the log.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::TokenIssued => "token_issued",
+            Self::TokenDenied => "token_denied",
+            Self::Proxy => "proxy",
+            Self::ProxyResult => "proxy_result",
+            Self::Admin => "admin",
+            Self::CredentialRefreshed => "credential_refreshed",
+            Self::Startup => "startup",
+            Self::Shutdown => "shutdown",
+            Self::Recovered => "recovered",
+        }
+    }
+}
+
+/// A proxy call's decision: `"allow"` or `"deny"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Decision {
+    /// The call was allowed (and is forwarded once this record is written).
+    Allow,
+    /// The call was refused.
+    Deny,
+}
+
+impl Decision {
+    /// The name as written in the log.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Allow => "allow",
+            Self::Deny => "deny",
+        }
+    }
+}
+
+/// One audit record's event-specific fields. The writer adds `seq`, `ts`, `prev` and `hash`.
+///
+/// Every optional field is skipped when `None`; names are exactly DESIGN §5's. Unknown members
+/// are ignored when reading, so newer writers stay readable by older tools.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    pub event: Event,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connector: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub operation: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub query: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jti: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decision: Option<Decision>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes_in: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes_out: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_request_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub action: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub actor: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub config_sha256: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub truncated_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replica: Option<String>,
+}
+
+impl Record {
+    /// A record of `event` with every optional field empty.
+    pub fn new(event: Event) -> Self {
+        Self {
+            event,
+            ..Self::default()
+        }
+    }
+}
+
+/// The members the writer adds around a [`Record`]; read on their own by `verify`, which needs
+/// nothing else, and together with the record by `query` and `report`.
+#[derive(Clone, Debug, Deserialize)]
+pub(crate) struct Envelope {
+    pub seq: u64,
+    pub ts: String,
+    pub prev: String,
+    pub hash: String,
+}
+
+/// A record as read back from a file: the writer's members plus the event's fields.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredRecord {
+    /// Position in the chain, from 1.
+    pub seq: u64,
+    /// RFC 3339 UTC time with microseconds, as written.
+    pub ts: String,
+    /// The previous record's hash (64 zeros for the first record).
+    pub prev: String,
+    /// This record's hash.
+    pub hash: String,
+    /// The event and its fields.
+    pub record: Record,
+}
+
+impl StoredRecord {
+    /// Parses one line (without its `\n`). Does not check the hash; that is `verify`'s job.
+    ///
+    /// Two plain parses instead of `#[serde(flatten)]`: flatten buffers every member into an
+    /// intermediate map and is slower than reading the line twice.
+    pub fn parse(line: &str) -> Result<Self, serde_json::Error> {
+        let envelope: Envelope = serde_json::from_str(line)?;
+        let record: Record = serde_json::from_str(line)?;
+        Ok(Self {
+            seq: envelope.seq,
+            ts: envelope.ts,
+            prev: envelope.prev,
+            hash: envelope.hash,
+            record,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn absent_fields_are_skipped_and_order_is_struct_order() {
+        let mut r = Record::new(Event::Proxy);
+        r.path = Some("/repos".into());
+        r.client = Some("bot".into());
+        r.decision = Some(Decision::Deny);
+        r.status = Some(403);
+        let json = serde_json::to_string(&r).unwrap();
+        assert_eq!(
+            json,
+            r#"{"event":"proxy","client":"bot","path":"/repos","decision":"deny","status":403}"#
+        );
+    }
+
+    #[test]
+    fn default_event_is_startup_and_names_are_snake_case() {
+        assert_eq!(Record::default().event, Event::Startup);
+        let json = serde_json::to_string(&Event::CredentialRefreshed).unwrap();
+        assert_eq!(json, "\"credential_refreshed\"");
+        assert_eq!(Event::CredentialRefreshed.as_str(), "credential_refreshed");
+    }
+
+    #[test]
+    fn stored_record_reads_envelope_and_fields() {
+        let line = r#"{"seq":7,"ts":"2026-11-26T05:03:25.123456Z","event":"admin","action":"reload","future_field":1,"prev":"00","hash":"ab"}"#;
+        let s = StoredRecord::parse(line).unwrap();
+        assert_eq!(s.seq, 7);
+        assert_eq!(s.record.event, Event::Admin);
+        assert_eq!(s.record.action.as_deref(), Some("reload"));
+        assert_eq!(s.hash, "ab");
+        assert!(StoredRecord::parse(r#"{"seq":1}"#).is_err());
+    }
+}

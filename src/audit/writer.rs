@@ -1,0 +1,982 @@
+//! The audit writer (DESIGN §5, §6): one OS thread owns the file and commits records in groups.
+//!
+//! Callers send `(record, reply)` over a channel. The thread blocks for the first request,
+//! drains whatever else is queued (up to [`MAX_BATCH`]), seals the batch in order, writes it
+//! with one `write`, and under `fsync = "always"` syncs it with one `fdatasync` before answering
+//! every waiter. If the write or sync fails, the file is cut back to its length before the batch
+//! and seq/prev stay where they were, so the next batch simply tries again: the broker refuses
+//! calls while the disk is full and serves again once it is not.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+
+use crate::audit::chain::{self, format_ts, ChainError, ZERO_HASH};
+use crate::audit::record::{Event, Record};
+use crate::audit::AuditError;
+use crate::secret::Secret;
+
+/// The most records committed in one write.
+pub const MAX_BATCH: usize = 1024;
+/// Under `interval`, the longest a written record waits for its sync.
+const SYNC_INTERVAL: Duration = Duration::from_millis(10);
+/// Start-up reads this much of the file's end first when looking for the last intact record.
+const TAIL_WINDOW: u64 = 64 * 1024;
+/// Start-up never cuts more than this: a longer damaged tail is left for a human to inspect.
+const MAX_CUT: u64 = 32 * 1024 * 1024;
+
+/// When records reach the disk (DESIGN §6).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FsyncPolicy {
+    /// `fdatasync` before a record is acknowledged (one per batch).
+    Always,
+    /// Acknowledge after `write`; sync at most 10 ms later.
+    Interval,
+    /// Never sync: page cache only.
+    Never,
+}
+
+/// How to open the audit log.
+#[derive(Clone, Debug)]
+pub struct AuditOptions {
+    /// The current log file; rotated files are `PATH.1`, `PATH.2`, … next to it.
+    pub path: PathBuf,
+    /// When to sync.
+    pub fsync: FsyncPolicy,
+    /// Rotate once the file is larger than this many bytes.
+    pub rotate_bytes: Option<u64>,
+    /// Key for an HMAC-SHA256 chain instead of plain SHA-256.
+    pub hmac_key: Option<Secret>,
+}
+
+/// Counters for metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct AuditStats {
+    /// Records written.
+    pub written: u64,
+    /// Failed batch writes or syncs.
+    pub write_errors: u64,
+    /// Syncs done.
+    pub fsyncs: u64,
+    /// Total time spent in syncs.
+    pub fsync_seconds_sum: f64,
+    /// Rotations done.
+    pub rotations: u64,
+}
+
+/// Called with each sync's duration (for a latency histogram).
+pub type FsyncObserver = Arc<dyn Fn(Duration) + Send + Sync>;
+
+/// A handle on the audit log: cheap to clone, `Send + Sync`.
+#[derive(Clone)]
+pub struct AuditLog {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    tx: mpsc::Sender<Msg>,
+    shared: Arc<Shared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// State the handle and the writer thread share.
+#[derive(Default)]
+struct Shared {
+    written: AtomicU64,
+    write_errors: AtomicU64,
+    fsyncs: AtomicU64,
+    fsync_nanos: AtomicU64,
+    rotations: AtomicU64,
+    observer: ArcSwapOption<Box<dyn Fn(Duration) + Send + Sync>>,
+    /// Test hook: this many coming writes fail after writing half their bytes.
+    #[cfg(test)]
+    inject_failures: std::sync::atomic::AtomicU32,
+}
+
+enum Msg {
+    Append(Box<Record>, Reply),
+    Close(mpsc::SyncSender<()>),
+}
+
+/// Where the writer sends one record's outcome.
+enum Reply {
+    Async(tokio::sync::oneshot::Sender<Result<u64, AuditError>>),
+    Blocking(mpsc::SyncSender<Result<u64, AuditError>>),
+}
+
+impl Reply {
+    fn send(self, result: Result<u64, AuditError>) {
+        // A waiter that went away (request cancelled) no longer needs the answer.
+        match self {
+            Self::Async(tx) => drop(tx.send(result)),
+            Self::Blocking(tx) => drop(tx.send(result)),
+        }
+    }
+}
+
+impl AuditLog {
+    /// Opens (creating the file and its parent folder if needed), reads the tail, continues
+    /// seq/prev, cuts a torn or corrupt tail and writes a `recovered` record. Spawns the writer
+    /// thread.
+    pub fn open(opts: AuditOptions) -> Result<AuditLog, AuditError> {
+        let shared = Arc::new(Shared::default());
+        let writer = Writer::open(opts, shared.clone())?;
+        let (tx, rx) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("audit-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|source| AuditError::Io {
+                context: "spawning the audit writer thread".into(),
+                source,
+            })?;
+        Ok(AuditLog {
+            inner: Arc::new(Inner {
+                tx,
+                shared,
+                thread: Mutex::new(Some(thread)),
+            }),
+        })
+    }
+
+    /// Appends one record; resolves once it is written (and, under `always`, synced).
+    /// Returns the record's seq. An error means the record is not in the log: answer 503.
+    pub async fn append(&self, record: Record) -> Result<u64, AuditError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.send(record, Reply::Async(tx))?;
+        rx.await.map_err(|_| AuditError::Closed)?
+    }
+
+    /// Blocking variant for non-async callers (CLI, shutdown paths). Safe to call anywhere,
+    /// but it blocks the calling thread until the record is written.
+    pub fn append_blocking(&self, record: Record) -> Result<u64, AuditError> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.send(record, Reply::Blocking(tx))?;
+        rx.recv().map_err(|_| AuditError::Closed)?
+    }
+
+    /// Flushes and stops the writer; appends queued before it complete first, later ones fail
+    /// with [`AuditError::Closed`]. Idempotent.
+    pub fn close(&self) {
+        let (tx, rx) = mpsc::sync_channel(1);
+        if self.inner.tx.send(Msg::Close(tx)).is_ok() {
+            // An error only means the thread already stopped.
+            let _ = rx.recv();
+        }
+        let handle = match self.inner.thread.lock() {
+            Ok(mut guard) => guard.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        };
+        if let Some(handle) = handle {
+            if handle.join().is_err() {
+                tracing::error!("the audit writer thread panicked");
+            }
+        }
+    }
+
+    /// Counters for metrics.
+    pub fn stats(&self) -> AuditStats {
+        let s = &self.inner.shared;
+        AuditStats {
+            written: s.written.load(Ordering::Relaxed),
+            write_errors: s.write_errors.load(Ordering::Relaxed),
+            fsyncs: s.fsyncs.load(Ordering::Relaxed),
+            fsync_seconds_sum: Duration::from_nanos(s.fsync_nanos.load(Ordering::Relaxed))
+                .as_secs_f64(),
+            rotations: s.rotations.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Installs a hook called with every sync's duration (e.g. to feed a histogram).
+    pub fn set_fsync_observer(&self, observer: FsyncObserver) {
+        self.inner
+            .shared
+            .observer
+            .store(Some(Arc::new(Box::new(move |d| observer(d)))));
+    }
+
+    fn send(&self, record: Record, reply: Reply) -> Result<(), AuditError> {
+        self.inner
+            .tx
+            .send(Msg::Append(Box::new(record), reply))
+            .map_err(|_| AuditError::Closed)
+    }
+
+    /// Test hook: make the next `n` batch writes fail halfway.
+    #[cfg(test)]
+    fn inject_write_failures(&self, n: u32) {
+        self.inner.shared.inject_failures.store(n, Ordering::SeqCst);
+    }
+}
+
+/// The writer thread's state: the file and where the chain stands.
+struct Writer {
+    path: PathBuf,
+    file: Option<File>,
+    /// Length of the file up to the last committed batch.
+    len: u64,
+    /// True when bytes past `len` may be on disk (a failed cut-back) and must go first.
+    needs_cut: bool,
+    seq: u64,
+    prev: String,
+    last_ts: DateTime<Utc>,
+    policy: FsyncPolicy,
+    rotate_bytes: Option<u64>,
+    key: Option<Secret>,
+    /// Written but not yet synced (under `interval`).
+    dirty: bool,
+    last_sync: Instant,
+    shared: Arc<Shared>,
+}
+
+impl Writer {
+    /// Opens the file, finds where the chain stands, cuts a damaged tail and records the cut.
+    fn open(opts: AuditOptions, shared: Arc<Shared>) -> Result<Self, AuditError> {
+        let io = |context: String| move |source| AuditError::Io { context, source };
+        if let Some(dir) = opts.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+        }
+        let mut file =
+            open_log(&opts.path).map_err(io(format!("opening {}", opts.path.display())))?;
+        let len = file
+            .metadata()
+            .map_err(io(format!("reading {}", opts.path.display())))?
+            .len();
+        let key = opts.hmac_key.as_ref();
+        let scan = scan_tail(&mut file, len, key, &opts.path)?;
+        let cut = len - scan.end;
+        if cut > 0 {
+            file.set_len(scan.end)
+                .and_then(|()| file.sync_data())
+                .map_err(io(format!(
+                    "cutting the torn tail of {}",
+                    opts.path.display()
+                )))?;
+        }
+        let last = match scan.last {
+            Some(last) => Some(last),
+            None => last_rotated_record(&opts.path, key)?,
+        };
+        let (seq, prev, last_ts) = match last {
+            Some(t) => (t.seq, t.hash, t.ts),
+            None => (0, ZERO_HASH.to_owned(), DateTime::<Utc>::MIN_UTC),
+        };
+        let mut writer = Writer {
+            path: opts.path,
+            file: Some(file),
+            len: scan.end,
+            needs_cut: false,
+            seq,
+            prev,
+            last_ts,
+            policy: opts.fsync,
+            rotate_bytes: opts.rotate_bytes,
+            key: opts.hmac_key,
+            dirty: false,
+            last_sync: Instant::now(),
+            shared,
+        };
+        if cut > 0 {
+            tracing::warn!(path = %writer.path.display(), bytes = cut, "cut a torn audit log tail");
+            let mut rec = Record::new(Event::Recovered);
+            rec.truncated_bytes = Some(cut);
+            writer
+                .commit(&[&rec])
+                .and_then(|_| writer.sync())
+                .map_err(io("writing the `recovered` record".into()))?;
+        }
+        Ok(writer)
+    }
+
+    /// The thread's loop: take a batch, commit it, answer; sync on time under `interval`.
+    fn run(mut self, rx: mpsc::Receiver<Msg>) {
+        let mut closing = None;
+        while closing.is_none() {
+            let first = match self.next_message(&rx) {
+                Some(m) => m,
+                None => break,
+            };
+            let mut appends = Vec::new();
+            let mut next = Some(first);
+            while let Some(msg) = next.take() {
+                match msg {
+                    Msg::Append(rec, reply) => appends.push((rec, reply)),
+                    Msg::Close(ack) => {
+                        closing = Some(ack);
+                        break;
+                    }
+                }
+                if appends.len() < MAX_BATCH {
+                    next = rx.try_recv().ok();
+                }
+            }
+            self.commit_and_answer(appends);
+        }
+        self.finish();
+        // Requests that raced with close get `Closed` when `rx` drops with them.
+        drop(rx);
+        if let Some(ack) = closing {
+            let _ = ack.send(());
+        }
+    }
+
+    /// Blocks for the next message; under `interval` wakes up to sync a dirty file in time.
+    fn next_message(&mut self, rx: &mpsc::Receiver<Msg>) -> Option<Msg> {
+        loop {
+            if !(self.dirty && self.policy == FsyncPolicy::Interval) {
+                return rx.recv().ok();
+            }
+            let due = SYNC_INTERVAL.saturating_sub(self.last_sync.elapsed());
+            match rx.recv_timeout(due) {
+                Ok(msg) => return Some(msg),
+                Err(mpsc::RecvTimeoutError::Timeout) => self.background_sync(),
+                Err(mpsc::RecvTimeoutError::Disconnected) => return None,
+            }
+        }
+    }
+
+    fn commit_and_answer(&mut self, appends: Vec<(Box<Record>, Reply)>) {
+        if appends.is_empty() {
+            return;
+        }
+        let records: Vec<&Record> = appends.iter().map(|(r, _)| r.as_ref()).collect();
+        let result = self.commit(&records);
+        match result {
+            Ok(first_seq) => {
+                for (i, (_, reply)) in appends.into_iter().enumerate() {
+                    reply.send(Ok(first_seq + i as u64));
+                }
+                if self.policy == FsyncPolicy::Interval && self.last_sync.elapsed() >= SYNC_INTERVAL
+                {
+                    self.background_sync();
+                }
+                self.maybe_rotate();
+            }
+            Err(e) => {
+                let e = Arc::new(e);
+                for (_, reply) in appends {
+                    reply.send(Err(AuditError::Write(e.clone())));
+                }
+            }
+        }
+    }
+
+    /// Seals and writes `records` as one batch (synced under `always`). On success the chain
+    /// advances and the first record's seq is returned; on failure nothing changed.
+    fn commit(&mut self, records: &[&Record]) -> io::Result<u64> {
+        let (buf, seq, prev) = self.seal_batch(records).map_err(io::Error::other)?;
+        match self.write_batch(&buf) {
+            Ok(()) => {
+                let first = self.seq + 1;
+                self.len += buf.len() as u64;
+                self.seq = seq;
+                self.prev = prev;
+                self.shared
+                    .written
+                    .fetch_add(records.len() as u64, Ordering::Relaxed);
+                Ok(first)
+            }
+            Err(e) => {
+                self.shared.write_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, path = %self.path.display(), records = records.len(),
+                    "audit write failed; cutting the batch back");
+                self.cut_back();
+                Err(e)
+            }
+        }
+    }
+
+    /// Seals the batch into one buffer; returns it with the last seq and hash.
+    fn seal_batch(&mut self, records: &[&Record]) -> Result<(Vec<u8>, u64, String), ChainError> {
+        let mut buf = Vec::with_capacity(records.len() * 320);
+        let mut seq = self.seq;
+        let mut prev = self.prev.clone();
+        for record in records {
+            seq += 1;
+            let ts = format_ts(self.next_ts());
+            prev = chain::seal_into(&mut buf, seq, &ts, record, &prev, self.key.as_ref())?;
+            buf.push(b'\n');
+        }
+        Ok((buf, seq, prev))
+    }
+
+    /// Now, but never before the previous record's time, so `ts` is monotonic with `seq`.
+    fn next_ts(&mut self) -> DateTime<Utc> {
+        self.last_ts = Utc::now().max(self.last_ts);
+        self.last_ts
+    }
+
+    fn write_batch(&mut self, buf: &[u8]) -> io::Result<()> {
+        if self.file.is_none() {
+            self.file = Some(open_log(&self.path)?);
+            self.needs_cut = true;
+        }
+        if self.needs_cut {
+            self.cut_to_len()?;
+        }
+        let file = self
+            .file
+            .as_mut()
+            .ok_or_else(|| io::Error::other("no audit file"))?;
+        #[cfg(test)]
+        inject_failure(&self.shared, file, buf)?;
+        file.write_all(buf)?;
+        if self.policy == FsyncPolicy::Always {
+            self.sync()?;
+        } else {
+            self.dirty = true;
+        }
+        Ok(())
+    }
+
+    /// After a failed batch: remove whatever part of it reached the file.
+    fn cut_back(&mut self) {
+        self.needs_cut = true;
+        if let Err(e) = self.cut_to_len() {
+            // Retried before the next batch is written.
+            tracing::error!(error = %e, "cannot cut the audit log back after a failed write");
+        }
+    }
+
+    fn cut_to_len(&mut self) -> io::Result<()> {
+        if let Some(file) = self.file.as_mut() {
+            file.set_len(self.len)?;
+            self.needs_cut = false;
+        }
+        Ok(())
+    }
+
+    /// `fdatasync`, timed and counted.
+    fn sync(&mut self) -> io::Result<()> {
+        let Some(file) = self.file.as_ref() else {
+            return Ok(());
+        };
+        let started = Instant::now();
+        file.sync_data()?;
+        let took = started.elapsed();
+        self.dirty = false;
+        self.last_sync = Instant::now();
+        let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        self.shared.fsyncs.fetch_add(1, Ordering::Relaxed);
+        self.shared.fsync_nanos.fetch_add(nanos, Ordering::Relaxed);
+        if let Some(observer) = self.shared.observer.load().as_ref() {
+            observer(took);
+        }
+        Ok(())
+    }
+
+    /// An `interval` sync of records already acknowledged: a failure can only be logged.
+    fn background_sync(&mut self) {
+        if let Err(e) = self.sync() {
+            self.shared.write_errors.fetch_add(1, Ordering::Relaxed);
+            // Keep `dirty` so the next wake-up tries again.
+            self.last_sync = Instant::now();
+            tracing::error!(error = %e, "audit log sync failed");
+        }
+    }
+
+    /// Renames a full file to `PATH.N` and continues the chain in a fresh one.
+    fn maybe_rotate(&mut self) {
+        let Some(max) = self.rotate_bytes else { return };
+        if self.len <= max {
+            return;
+        }
+        if self.policy != FsyncPolicy::Never {
+            if let Err(e) = self.sync() {
+                tracing::error!(error = %e, "audit log sync before rotation failed; not rotating");
+                return;
+            }
+        }
+        let target = rotated_path(&self.path, highest_rotation(&self.path) + 1);
+        if let Err(e) = std::fs::rename(&self.path, &target) {
+            tracing::error!(error = %e, "audit log rotation failed; continuing in the same file");
+            return;
+        }
+        self.shared.rotations.fetch_add(1, Ordering::Relaxed);
+        // The next batch opens the fresh file (and retries if that fails now).
+        self.file = None;
+        self.len = 0;
+        match open_log(&self.path) {
+            Ok(f) => self.file = Some(f),
+            Err(e) => tracing::error!(error = %e, "cannot open a fresh audit log after rotation"),
+        }
+        if self.policy != FsyncPolicy::Never {
+            sync_dir(&self.path);
+        }
+    }
+
+    fn finish(&mut self) {
+        if self.dirty && self.policy == FsyncPolicy::Interval {
+            self.background_sync();
+        }
+    }
+}
+
+/// Test hook: fail after writing half the batch, as a full disk would.
+#[cfg(test)]
+fn inject_failure(shared: &Shared, file: &mut File, buf: &[u8]) -> io::Result<()> {
+    let take = shared
+        .inject_failures
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+    if take.is_ok() {
+        file.write_all(&buf[..buf.len() / 2])?;
+        return Err(io::Error::other("injected write failure"));
+    }
+    Ok(())
+}
+
+fn open_log(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create(true)
+        .open(path)
+}
+
+/// Makes a rename durable. Best effort: not every platform can sync a directory.
+fn sync_dir(path: &Path) {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if let Err(e) = File::open(dir).and_then(|d| d.sync_all()) {
+            tracing::warn!(error = %e, "cannot sync the audit log folder");
+        }
+    }
+}
+
+/// `PATH.N`.
+pub(crate) fn rotated_path(path: &Path, n: u64) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".{n}"));
+    PathBuf::from(name)
+}
+
+/// The highest N of the existing `PATH.N` files, 0 when there are none.
+pub(crate) fn highest_rotation(path: &Path) -> u64 {
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return 0;
+    };
+    let dir = match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(d) => d.to_owned(),
+        None => PathBuf::from("."),
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let file = e.file_name();
+            let n = file
+                .to_str()?
+                .strip_prefix(name)?
+                .strip_prefix('.')?
+                .to_owned();
+            // Only plain decimal suffixes: `audit.jsonl.1`, not `audit.jsonl.1.gz`.
+            n.bytes()
+                .all(|b| b.is_ascii_digit())
+                .then(|| n.parse::<u64>().ok())?
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// The last intact record of a file.
+struct Tail {
+    seq: u64,
+    hash: String,
+    ts: DateTime<Utc>,
+}
+
+/// Where the intact part of a file ends and its last record.
+struct TailScan {
+    end: u64,
+    last: Option<Tail>,
+}
+
+/// Finds the last complete line that parses and whose hash re-computes. Lines after it that
+/// do not parse are the damaged tail. A parsable last line whose hash does not re-compute is
+/// not damage but a wrong key or tampering: opening fails rather than destroy evidence.
+fn scan_tail(
+    file: &mut File,
+    len: u64,
+    key: Option<&Secret>,
+    path: &Path,
+) -> Result<TailScan, AuditError> {
+    let io = |source| AuditError::Io {
+        context: format!("reading the tail of {}", path.display()),
+        source,
+    };
+    let mut window = TAIL_WINDOW.min(len);
+    loop {
+        let start = len - window;
+        let mut bytes = Vec::new();
+        file.seek(SeekFrom::Start(start)).map_err(io)?;
+        Read::take(&mut *file, window)
+            .read_to_end(&mut bytes)
+            .map_err(io)?;
+        if let Some(found) = last_intact_line(&bytes, start == 0, key) {
+            let (end, tail) = found.map_err(|reason| AuditError::TailUnverifiable {
+                path: path.to_owned(),
+                reason,
+            })?;
+            return Ok(TailScan {
+                end: start + end as u64,
+                last: Some(tail),
+            });
+        }
+        if start == 0 {
+            return Ok(TailScan { end: 0, last: None });
+        }
+        if window > MAX_CUT {
+            return Err(AuditError::TailTooDamaged {
+                path: path.to_owned(),
+            });
+        }
+        window = (window * 4).min(len);
+    }
+}
+
+/// In `bytes` (a file's end; `from_start` when it is the whole file), the end offset and
+/// record of the last intact line, or the reason the last parsable line is not intact.
+fn last_intact_line(
+    bytes: &[u8],
+    from_start: bool,
+    key: Option<&Secret>,
+) -> Option<Result<(usize, Tail), ChainError>> {
+    // Complete lines end with `\n`; the first piece is a whole line only at the file's start.
+    let mut end = bytes.iter().rposition(|&b| b == b'\n')?;
+    loop {
+        let begin = match bytes[..end].iter().rposition(|&b| b == b'\n') {
+            Some(nl) => nl + 1,
+            None if from_start => 0,
+            None => return None,
+        };
+        let line = &bytes[begin..end];
+        match chain::check_line(line, None, key) {
+            Ok(checked) => {
+                let ts = serde_json::from_slice::<crate::audit::record::Envelope>(line)
+                    .ok()
+                    .and_then(|e| DateTime::parse_from_rfc3339(&e.ts).ok())
+                    .map_or(DateTime::<Utc>::MIN_UTC, |t| t.with_timezone(&Utc));
+                let tail = Tail {
+                    seq: checked.seq,
+                    hash: checked.hash,
+                    ts,
+                };
+                return Some(Ok((end + 1, tail)));
+            }
+            Err(ChainError::Unparsable(_)) if begin > 0 => end = begin - 1,
+            Err(ChainError::Unparsable(_)) => return None,
+            Err(e) => return Some(Err(e)),
+        }
+    }
+}
+
+/// When the current file holds no record: the last record of the newest rotated file.
+fn last_rotated_record(path: &Path, key: Option<&Secret>) -> Result<Option<Tail>, AuditError> {
+    let n = highest_rotation(path);
+    if n == 0 {
+        return Ok(None);
+    }
+    let rotated = rotated_path(path, n);
+    let mut file = File::open(&rotated).map_err(|source| AuditError::Io {
+        context: format!("opening {}", rotated.display()),
+        source,
+    })?;
+    let len = file
+        .metadata()
+        .map_err(|source| AuditError::Io {
+            context: format!("reading {}", rotated.display()),
+            source,
+        })?
+        .len();
+    Ok(scan_tail(&mut file, len, key, &rotated)?.last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::verify::{verify_files, FailureReason};
+
+    fn opts(dir: &Path, fsync: FsyncPolicy) -> AuditOptions {
+        AuditOptions {
+            path: dir.join("logs/audit.jsonl"),
+            fsync,
+            rotate_bytes: None,
+            hmac_key: None,
+        }
+    }
+
+    fn proxy(client: &str) -> Record {
+        let mut r = Record::new(Event::Proxy);
+        r.client = Some(client.into());
+        r
+    }
+
+    fn read_lines(path: &Path) -> Vec<String> {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[test]
+    fn file_bytes_follow_the_chain_rule() {
+        use sha2::{Digest, Sha256};
+        let dir = tempfile::tempdir().unwrap();
+        let o = opts(dir.path(), FsyncPolicy::Always);
+        let log = AuditLog::open(o.clone()).unwrap();
+        for i in 0..3 {
+            assert_eq!(log.append_blocking(proxy(&format!("c{i}"))).unwrap(), i + 1);
+        }
+        log.close();
+        let mut prev = "0".repeat(64);
+        for (i, line) in read_lines(&o.path).iter().enumerate() {
+            // Recomputed here from the bytes, independently of chain.rs.
+            let cut = line.rfind(",\"hash\":\"").unwrap();
+            let b = format!("{}}}", &line[..cut]);
+            let hash = hex::encode(Sha256::digest(b.as_bytes()));
+            assert_eq!(&line[cut..], format!(",\"hash\":\"{hash}\"}}"));
+            assert!(b.starts_with(&format!("{{\"seq\":{},\"ts\":\"", i + 1)));
+            assert!(b.ends_with(&format!(",\"prev\":\"{prev}\"}}")));
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            let ts = v["ts"].as_str().unwrap();
+            assert_eq!(ts.len(), "2026-11-26T05:03:25.123456Z".len());
+            assert!(ts.ends_with('Z'));
+            prev = hash;
+        }
+        assert_eq!(log.stats().written, 3);
+        assert!(log.stats().fsyncs >= 3);
+    }
+
+    #[test]
+    fn restart_continues_seq_and_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = opts(dir.path(), FsyncPolicy::Never);
+        let log = AuditLog::open(o.clone()).unwrap();
+        log.append_blocking(proxy("a")).unwrap();
+        log.append_blocking(proxy("b")).unwrap();
+        log.close();
+        assert!(matches!(
+            log.append_blocking(proxy("late")),
+            Err(AuditError::Closed)
+        ));
+        let log = AuditLog::open(o.clone()).unwrap();
+        assert_eq!(log.append_blocking(proxy("c")).unwrap(), 3);
+        drop(log);
+        // Dropping every handle also stops the writer after it drained the queue.
+        let log = AuditLog::open(o.clone()).unwrap();
+        assert_eq!(log.append_blocking(proxy("d")).unwrap(), 4);
+        log.close();
+        let report = verify_files(std::slice::from_ref(&o.path), None).unwrap();
+        assert!(report.is_intact(), "{report:?}");
+        assert_eq!(report.records, 4);
+        let ts: Vec<String> = read_lines(&o.path)
+            .iter()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["ts"].to_string())
+            .collect();
+        assert!(
+            ts.windows(2).all(|w| w[0] <= w[1]),
+            "ts not monotonic: {ts:?}"
+        );
+    }
+
+    #[test]
+    fn torn_tail_is_cut_and_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = opts(dir.path(), FsyncPolicy::Always);
+        let log = AuditLog::open(o.clone()).unwrap();
+        log.append_blocking(proxy("a")).unwrap();
+        log.append_blocking(proxy("b")).unwrap();
+        log.close();
+        let torn = b"{\"seq\":3,\"ts\":\"2026-";
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&o.path)
+            .unwrap()
+            .write_all(torn)
+            .unwrap();
+        assert!(!verify_files(std::slice::from_ref(&o.path), None)
+            .unwrap()
+            .is_intact());
+        let log = AuditLog::open(o.clone()).unwrap();
+        assert_eq!(log.append_blocking(proxy("c")).unwrap(), 4);
+        log.close();
+        let lines = read_lines(&o.path);
+        let recovered: serde_json::Value = serde_json::from_str(&lines[2]).unwrap();
+        assert_eq!(recovered["event"], "recovered");
+        assert_eq!(recovered["seq"], 3);
+        assert_eq!(recovered["truncated_bytes"], torn.len() as u64);
+        assert!(verify_files(std::slice::from_ref(&o.path), None)
+            .unwrap()
+            .is_intact());
+    }
+
+    #[test]
+    fn garbage_lines_after_the_last_record_are_cut_but_a_bad_hash_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = opts(dir.path(), FsyncPolicy::Never);
+        let log = AuditLog::open(o.clone()).unwrap();
+        log.append_blocking(proxy("a")).unwrap();
+        log.close();
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&o.path)
+            .unwrap();
+        f.write_all(b"\0\0\0\nnot json\n\0\0").unwrap();
+        let log = AuditLog::open(o.clone()).unwrap();
+        log.close();
+        assert!(verify_files(std::slice::from_ref(&o.path), None)
+            .unwrap()
+            .is_intact());
+        // Opening with a key the file was not written with must not cut a valid log.
+        let mut keyed = o.clone();
+        keyed.hmac_key = Some(Secret::new("other"));
+        let before = std::fs::read(&o.path).unwrap();
+        assert!(matches!(
+            AuditLog::open(keyed),
+            Err(AuditError::TailUnverifiable { .. })
+        ));
+        assert_eq!(std::fs::read(&o.path).unwrap(), before);
+    }
+
+    #[test]
+    fn rotation_continues_the_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = opts(dir.path(), FsyncPolicy::Interval);
+        o.rotate_bytes = Some(600);
+        let log = AuditLog::open(o.clone()).unwrap();
+        for i in 0..12 {
+            log.append_blocking(proxy(&format!("client-{i}"))).unwrap();
+        }
+        log.close();
+        let n = highest_rotation(&o.path);
+        assert!(n >= 2, "expected several rotations, got {n}");
+        assert_eq!(log.stats().rotations, n);
+        let mut files: Vec<PathBuf> = (1..=n).map(|i| rotated_path(&o.path, i)).collect();
+        files.push(o.path.clone());
+        let report = verify_files(&files, None).unwrap();
+        assert!(report.is_intact(), "{report:?}");
+        assert_eq!(report.records, 12);
+        // A restart with an empty current file continues from the newest rotated file.
+        std::fs::write(&o.path, b"").unwrap();
+        let log = AuditLog::open(o.clone()).unwrap();
+        let last_rotated = verify_files(&files[..files.len() - 1], None).unwrap();
+        let next = last_rotated.last.unwrap().0 + 1;
+        assert_eq!(log.append_blocking(proxy("after")).unwrap(), next);
+        log.close();
+        assert!(verify_files(&files, None).unwrap().is_intact());
+    }
+
+    #[test]
+    fn hmac_chain_verifies_only_with_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = opts(dir.path(), FsyncPolicy::Never);
+        let key = Secret::new("audit-key");
+        o.hmac_key = Some(key.clone());
+        let log = AuditLog::open(o.clone()).unwrap();
+        log.append_blocking(proxy("a")).unwrap();
+        log.close();
+        // Restart with the key continues the keyed chain.
+        let log = AuditLog::open(o.clone()).unwrap();
+        assert_eq!(log.append_blocking(proxy("b")).unwrap(), 2);
+        log.close();
+        let files = [o.path.clone()];
+        assert!(verify_files(&files, Some(&key)).unwrap().is_intact());
+        let unkeyed = verify_files(&files, None).unwrap();
+        assert_eq!(unkeyed.failure.unwrap().reason, FailureReason::HashMismatch);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn group_commit_gives_consecutive_seqs() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = opts(dir.path(), FsyncPolicy::Always);
+        let log = AuditLog::open(o.clone()).unwrap();
+        let tasks: Vec<_> = (0..256)
+            .map(|i| {
+                let log = log.clone();
+                tokio::spawn(async move { log.append(proxy(&format!("c{i}"))).await })
+            })
+            .collect();
+        let mut seqs = Vec::new();
+        for t in tasks {
+            seqs.push(t.await.unwrap().unwrap());
+        }
+        seqs.sort_unstable();
+        assert_eq!(seqs, (1..=256).collect::<Vec<u64>>());
+        let stats = log.stats();
+        log.close();
+        assert_eq!(stats.written, 256);
+        // Batching: far fewer syncs than records (one per batch).
+        assert!(
+            stats.fsyncs < 256,
+            "no group commit: {} syncs",
+            stats.fsyncs
+        );
+        assert!(verify_files(&[o.path], None).unwrap().is_intact());
+    }
+
+    #[tokio::test]
+    async fn failed_writes_fail_closed_then_recover() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = opts(dir.path(), FsyncPolicy::Always);
+        let log = AuditLog::open(o.clone()).unwrap();
+        assert_eq!(log.append(proxy("ok")).await.unwrap(), 1);
+        log.inject_write_failures(2);
+        assert!(matches!(
+            log.append(proxy("x")).await,
+            Err(AuditError::Write(_))
+        ));
+        assert!(matches!(
+            log.append(proxy("y")).await,
+            Err(AuditError::Write(_))
+        ));
+        assert_eq!(log.append(proxy("back")).await.unwrap(), 2);
+        assert_eq!(log.stats().write_errors, 2);
+        log.close();
+        let report = verify_files(&[o.path.clone()], None).unwrap();
+        assert!(report.is_intact(), "{report:?}");
+        assert_eq!(report.records, 2);
+        assert!(!std::fs::read_to_string(&o.path).unwrap().contains("\"x\""));
+    }
+
+    #[test]
+    fn fsync_observer_sees_syncs() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(opts(dir.path(), FsyncPolicy::Always)).unwrap();
+        let seen = Arc::new(AtomicU64::new(0));
+        let s = seen.clone();
+        log.set_fsync_observer(Arc::new(move |_| {
+            s.fetch_add(1, Ordering::Relaxed);
+        }));
+        log.append_blocking(proxy("a")).unwrap();
+        log.close();
+        assert_eq!(seen.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn rotation_numbers() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.jsonl");
+        assert_eq!(highest_rotation(&p), 0);
+        for name in [
+            "a.jsonl.1",
+            "a.jsonl.3",
+            "a.jsonl.9.gz",
+            "b.jsonl.7",
+            "a.jsonl.x",
+        ] {
+            std::fs::write(dir.path().join(name), b"").unwrap();
+        }
+        assert_eq!(highest_rotation(&p), 3);
+        assert_eq!(rotated_path(&p, 4), dir.path().join("a.jsonl.4"));
+    }
+}
