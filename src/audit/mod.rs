@@ -16,8 +16,9 @@ pub mod verify;
 pub mod writer;
 
 pub use chain::{ChainError, ZERO_HASH};
-
+pub use query::{parse_time, run_query, QueryError, QueryFilter, TimeError};
 pub use record::{Decision, Event, Record, StoredRecord};
+pub use report::{run_report, GrantInfo, ReportError};
 
 pub use verify::{
     verify_files, verify_files_with, FailureReason, VerifyError, VerifyFailure, VerifyOptions,

@@ -1,1 +1,494 @@
-//! query
+//! `audit query`: streams the records of one or more files (in file order) through a filter and
+//! prints the matches as an aligned table or, with `--json`, as the original lines unchanged.
+//! Also the shared line reader for `report` and the `--since`/`--until` time parser.
+
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+use chrono::{DateTime, NaiveDate, Utc};
+
+use crate::audit::record::{Decision, Event, StoredRecord};
+
+/// Why a query could not run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum QueryError {
+    /// A file could not be opened or read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: io::Error,
+    },
+    /// A complete line is not a record (run `audit verify` on the file).
+    #[error("{path}:{line}: not an audit record: {reason}")]
+    BadLine {
+        /// The file.
+        path: PathBuf,
+        /// The line's number, from 1.
+        line: u64,
+        /// The parser's message.
+        reason: String,
+    },
+    /// Writing the output failed.
+    #[error("cannot write the output: {0}")]
+    Output(#[source] io::Error),
+}
+
+/// Why a `--since`/`--until` value was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TimeError {
+    /// Neither RFC 3339, a date, nor a duration like `30m`, `1h`, `7d`.
+    #[error("`{0}` is not an RFC 3339 time, a YYYY-MM-DD date, or a duration like 30m, 1h, 7d")]
+    Invalid(String),
+}
+
+/// Which records to show. Every set field must match.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct QueryFilter {
+    /// `client` equals this.
+    pub client: Option<String>,
+    /// `connector` equals this.
+    pub connector: Option<String>,
+    /// `decision` equals this.
+    pub decision: Option<Decision>,
+    /// `event` equals this.
+    pub event: Option<Event>,
+    /// `ts` at or after this (inclusive).
+    pub since: Option<DateTime<Utc>>,
+    /// `ts` before this (exclusive).
+    pub until: Option<DateTime<Utc>>,
+}
+
+impl QueryFilter {
+    /// True when the record passes every set condition.
+    pub fn matches(&self, rec: &StoredRecord) -> bool {
+        let r = &rec.record;
+        let eq = |want: &Option<String>, have: &Option<String>| {
+            want.as_ref().is_none_or(|w| have.as_ref() == Some(w))
+        };
+        eq(&self.client, &r.client)
+            && eq(&self.connector, &r.connector)
+            && self.decision.is_none_or(|d| r.decision == Some(d))
+            && self.event.is_none_or(|e| r.event == e)
+            && self.time_matches(&rec.ts)
+    }
+
+    fn time_matches(&self, ts: &str) -> bool {
+        if self.since.is_none() && self.until.is_none() {
+            return true;
+        }
+        let Ok(t) = DateTime::parse_from_rfc3339(ts) else {
+            return false;
+        };
+        let t = t.with_timezone(&Utc);
+        self.since.is_none_or(|s| t >= s) && self.until.is_none_or(|u| t < u)
+    }
+
+    /// Substrings every matching line contains as written by the writer (serde_json escaping),
+    /// so most non-matching lines are skipped without parsing them.
+    fn needles(&self) -> Vec<String> {
+        let member = |name: &str, value: &str| {
+            // Serialising a string cannot fail.
+            let quoted = serde_json::to_string(value).unwrap_or_default();
+            format!("\"{name}\":{quoted}")
+        };
+        let mut needles = Vec::new();
+        if let Some(c) = &self.client {
+            needles.push(member("client", c));
+        }
+        if let Some(c) = &self.connector {
+            needles.push(member("connector", c));
+        }
+        if let Some(d) = self.decision {
+            needles.push(member("decision", d.as_str()));
+        }
+        if let Some(e) = self.event {
+            needles.push(member("event", e.as_str()));
+        }
+        needles
+    }
+}
+
+/// Parses `--since`/`--until`: RFC 3339, a `YYYY-MM-DD` date (midnight UTC), or a duration
+/// such as `30m`, `1h`, `7d`, `1h30m` meaning that long before `now`.
+pub fn parse_time(s: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, TimeError> {
+    let s = s.trim();
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    if let Ok(d) = NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+        if let Some(t) = d.and_hms_opt(0, 0, 0) {
+            return Ok(t.and_utc());
+        }
+    }
+    humantime::parse_duration(s)
+        .ok()
+        .and_then(|d| chrono::Duration::from_std(d).ok())
+        .and_then(|d| now.checked_sub_signed(d))
+        .ok_or_else(|| TimeError::Invalid(s.to_owned()))
+}
+
+/// Prints the records of `paths` (read in order) that pass `filter` to `out`; returns how many.
+/// A torn final line (no `\n`, e.g. a write in progress) is skipped.
+pub fn run_query(
+    paths: &[PathBuf],
+    filter: &QueryFilter,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<u64, QueryError> {
+    let needles = filter.needles();
+    let mut table = Table::new();
+    let mut count = 0;
+    for_each_line(paths, |path, line_no, line| {
+        if !needles.iter().all(|n| line.contains(n.as_str())) {
+            return Ok(());
+        }
+        let rec = parse_line(path, line_no, line)?;
+        if !filter.matches(&rec) {
+            return Ok(());
+        }
+        count += 1;
+        if json {
+            writeln!(out, "{line}").map_err(QueryError::Output)
+        } else {
+            table.push(row(&rec), out).map_err(QueryError::Output)
+        }
+    })?;
+    if !json {
+        table.finish(out).map_err(QueryError::Output)?;
+    }
+    Ok(count)
+}
+
+/// Parses a line into a record, or the `BadLine` error for it.
+pub(crate) fn parse_line(path: &Path, line: u64, text: &str) -> Result<StoredRecord, QueryError> {
+    StoredRecord::parse(text).map_err(|e| QueryError::BadLine {
+        path: path.to_owned(),
+        line,
+        reason: e.to_string(),
+    })
+}
+
+/// Calls `f` with each complete line (without `\n`) of `paths` in order, streaming.
+pub(crate) fn for_each_line<E: From<QueryError>>(
+    paths: &[PathBuf],
+    mut f: impl FnMut(&Path, u64, &str) -> Result<(), E>,
+) -> Result<(), E> {
+    for path in paths {
+        let io_err = |source| QueryError::Io {
+            path: path.clone(),
+            source,
+        };
+        let file = File::open(path).map_err(io_err)?;
+        let mut reader = BufReader::with_capacity(1 << 16, file);
+        let mut buf = Vec::with_capacity(1024);
+        let mut line_no = 0;
+        loop {
+            buf.clear();
+            if reader.read_until(b'\n', &mut buf).map_err(io_err)? == 0 || buf.pop() != Some(b'\n')
+            {
+                break;
+            }
+            line_no += 1;
+            let text = std::str::from_utf8(&buf).map_err(|e| QueryError::BadLine {
+                path: path.clone(),
+                line: line_no,
+                reason: e.to_string(),
+            })?;
+            f(path, line_no, text)?;
+        }
+    }
+    Ok(())
+}
+
+const COLUMNS: [&str; 11] = [
+    "TS",
+    "SEQ",
+    "EVENT",
+    "CLIENT",
+    "CONNECTOR",
+    "OPERATION",
+    "METHOD",
+    "PATH",
+    "DECISION",
+    "STATUS",
+    "REASON",
+];
+/// Rows looked at to size the columns before printing starts; later rows reuse the widths.
+const SIZING_ROWS: usize = 200;
+/// No column is padded wider than this; longer values push the rest of their row right.
+const MAX_WIDTH: usize = 48;
+
+type Row = [String; 11];
+
+fn row(rec: &StoredRecord) -> Row {
+    let r = &rec.record;
+    let opt = |v: &Option<String>| v.as_deref().map_or_else(|| "-".to_owned(), cell);
+    [
+        cell(&rec.ts),
+        rec.seq.to_string(),
+        r.event.as_str().to_owned(),
+        opt(&r.client),
+        opt(&r.connector),
+        opt(if r.operation.is_some() {
+            &r.operation
+        } else {
+            &r.action
+        }),
+        opt(&r.method),
+        opt(&r.path),
+        r.decision.map_or("-", Decision::as_str).to_owned(),
+        r.status.map_or_else(|| "-".to_owned(), |s| s.to_string()),
+        opt(if r.reason.is_some() {
+            &r.reason
+        } else {
+            &r.error
+        }),
+    ]
+}
+
+/// A value made safe for a terminal: control characters (escape sequences in a path an
+/// attacker chose) are shown escaped, never sent raw.
+fn cell(v: &str) -> String {
+    if !v.chars().any(char::is_control) {
+        return v.to_owned();
+    }
+    v.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
+/// An aligned table that streams: widths come from the first rows, later rows reuse them.
+struct Table {
+    widths: Option<[usize; 11]>,
+    pending: Vec<Row>,
+}
+
+impl Table {
+    fn new() -> Self {
+        Self {
+            widths: None,
+            pending: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, row: Row, out: &mut dyn Write) -> io::Result<()> {
+        match &self.widths {
+            Some(w) => write_row(out, w, &row),
+            None => {
+                self.pending.push(row);
+                if self.pending.len() >= SIZING_ROWS {
+                    self.start(out)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Sizes the columns from the pending rows and prints the header and those rows.
+    fn start(&mut self, out: &mut dyn Write) -> io::Result<()> {
+        let mut widths = COLUMNS.map(str::len);
+        for row in &self.pending {
+            for (w, v) in widths.iter_mut().zip(row) {
+                *w = (*w).max(v.chars().count().min(MAX_WIDTH));
+            }
+        }
+        let header = COLUMNS.map(str::to_owned);
+        write_row(out, &widths, &header)?;
+        for row in self.pending.drain(..) {
+            write_row(out, &widths, &row)?;
+        }
+        self.widths = Some(widths);
+        Ok(())
+    }
+
+    fn finish(&mut self, out: &mut dyn Write) -> io::Result<()> {
+        if self.widths.is_none() {
+            self.start(out)?;
+        }
+        out.flush()
+    }
+}
+
+fn write_row(out: &mut dyn Write, widths: &[usize; 11], row: &Row) -> io::Result<()> {
+    let last = row.len() - 1;
+    let mut line = String::with_capacity(160);
+    for (i, (v, w)) in row.iter().zip(widths).enumerate() {
+        if i == last {
+            line.push_str(v);
+        } else {
+            // SEQ and STATUS are numbers: right-aligned.
+            let cell = if i == 1 || i == 9 {
+                format!("{v:>w$}  ")
+            } else {
+                format!("{v:<w$}  ")
+            };
+            line.push_str(&cell);
+        }
+    }
+    writeln!(out, "{}", line.trim_end())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::chain::{seal, ZERO_HASH};
+    use crate::audit::record::Record;
+
+    /// Writes records (with their times) as one chained file.
+    pub(crate) fn write_log(dir: &Path, records: &[(&str, Record)]) -> PathBuf {
+        let mut prev = ZERO_HASH.to_owned();
+        let mut text = String::new();
+        for (i, (ts, r)) in records.iter().enumerate() {
+            let (line, hash) = seal(i as u64 + 1, ts, r, &prev, None).unwrap();
+            prev = hash;
+            text.push_str(&line);
+            text.push('\n');
+        }
+        let path = dir.join("audit.jsonl");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn proxy(client: &str, connector: &str, decision: Decision) -> Record {
+        let mut r = Record::new(Event::Proxy);
+        r.client = Some(client.into());
+        r.connector = Some(connector.into());
+        r.decision = Some(decision);
+        r.method = Some("GET".into());
+        r.path = Some("/repos/acme/w/issues".into());
+        r
+    }
+
+    fn sample(dir: &Path) -> PathBuf {
+        let mut startup = Record::new(Event::Startup);
+        startup.version = Some("0.1.0".into());
+        let mut evil = proxy("bot", "github", Decision::Deny);
+        evil.path = Some("/x\u{1b}[31m".into());
+        write_log(
+            dir,
+            &[
+                ("2026-11-25T10:00:00.000000Z", startup),
+                (
+                    "2026-11-25T10:00:01.000000Z",
+                    proxy("bot", "github", Decision::Allow),
+                ),
+                (
+                    "2026-11-25T11:00:00.000000Z",
+                    proxy("sync", "slack", Decision::Allow),
+                ),
+                ("2026-11-26T09:00:00.000000Z", evil),
+            ],
+        )
+    }
+
+    fn query(paths: &[PathBuf], filter: &QueryFilter, json: bool) -> (u64, String) {
+        let mut out = Vec::new();
+        let n = run_query(paths, filter, json, &mut out).unwrap();
+        (n, String::from_utf8(out).unwrap())
+    }
+
+    #[test]
+    fn filters_combine() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = [sample(dir.path())];
+        let all = QueryFilter::default();
+        assert_eq!(query(&p, &all, true).0, 4);
+        let bot = QueryFilter {
+            client: Some("bot".into()),
+            ..Default::default()
+        };
+        assert_eq!(query(&p, &bot, true).0, 2);
+        let bot_deny = QueryFilter {
+            decision: Some(Decision::Deny),
+            ..bot.clone()
+        };
+        assert_eq!(query(&p, &bot_deny, true).0, 1);
+        let startup = QueryFilter {
+            event: Some(Event::Startup),
+            ..Default::default()
+        };
+        assert_eq!(query(&p, &startup, true).0, 1);
+        let slack = QueryFilter {
+            connector: Some("slack".into()),
+            ..Default::default()
+        };
+        assert_eq!(query(&p, &slack, true).0, 1);
+        let window = QueryFilter {
+            since: Some(parse_time("2026-11-25T10:00:01Z", Utc::now()).unwrap()),
+            until: Some(parse_time("2026-11-26", Utc::now()).unwrap()),
+            ..Default::default()
+        };
+        assert_eq!(query(&p, &window, true).0, 2);
+    }
+
+    #[test]
+    fn json_output_is_the_original_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = sample(dir.path());
+        let filter = QueryFilter {
+            client: Some("sync".into()),
+            ..Default::default()
+        };
+        let (_, out) = query(std::slice::from_ref(&p), &filter, true);
+        let original = std::fs::read_to_string(&p).unwrap();
+        assert_eq!(out, format!("{}\n", original.lines().nth(2).unwrap()));
+    }
+
+    #[test]
+    fn table_is_aligned_and_escapes_control_characters() {
+        let dir = tempfile::tempdir().unwrap();
+        let (n, out) = query(&[sample(dir.path())], &QueryFilter::default(), false);
+        assert_eq!(n, 4);
+        assert!(!out.contains('\u{1b}'), "raw escape in table output");
+        assert!(out.contains("/x\\u{1b}[31m"));
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 5);
+        assert!(lines[0].starts_with("TS"));
+        let col = lines[0].find("EVENT").unwrap();
+        assert_eq!(&lines[1][col..col + 7], "startup");
+        assert_eq!(&lines[2][col..col + 5], "proxy");
+    }
+
+    #[test]
+    fn torn_last_line_is_skipped_but_garbage_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = sample(dir.path());
+        let mut bytes = std::fs::read(&p).unwrap();
+        bytes.extend_from_slice(b"{\"seq\":5,");
+        std::fs::write(&p, &bytes).unwrap();
+        assert_eq!(
+            query(std::slice::from_ref(&p), &QueryFilter::default(), true).0,
+            4
+        );
+        bytes.extend_from_slice(b"\n");
+        std::fs::write(&p, &bytes).unwrap();
+        let err = run_query(&[p], &QueryFilter::default(), true, &mut Vec::new()).unwrap_err();
+        assert!(matches!(err, QueryError::BadLine { line: 5, .. }), "{err}");
+    }
+
+    #[test]
+    fn relative_and_absolute_times() {
+        let now = DateTime::parse_from_rfc3339("2026-11-26T12:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let at = |s: &str| parse_time(s, now).unwrap().to_rfc3339();
+        assert_eq!(at("1h"), "2026-11-26T11:00:00+00:00");
+        assert_eq!(at("30m"), "2026-11-26T11:30:00+00:00");
+        assert_eq!(at("7d"), "2026-11-19T12:00:00+00:00");
+        assert_eq!(at("2026-11-20T01:02:03+02:00"), "2026-11-19T23:02:03+00:00");
+        assert_eq!(at("2026-11-20"), "2026-11-20T00:00:00+00:00");
+        assert!(parse_time("yesterday", now).is_err());
+        assert!(parse_time("", now).is_err());
+    }
+}

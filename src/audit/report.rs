@@ -1,1 +1,490 @@
-//! report
+//! `audit report`: usage per connector and client, and the least-privilege findings — grants
+//! never used in the period the files cover, denied attempts beyond the granted scope, and the
+//! time-bound grants with their reasons.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{self, Write};
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use crate::audit::query::{for_each_line, parse_line, QueryError};
+use crate::audit::record::{Decision, Event, StoredRecord};
+
+/// Operations listed per connector and client.
+const TOP_OPERATIONS: usize = 5;
+
+/// One grant from the current config, as `report` needs it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct GrantInfo {
+    /// The client holding the grant.
+    pub client: String,
+    /// The connector.
+    pub connector: String,
+    /// The granted operation.
+    pub operation: String,
+    /// RFC 3339 expiry of a time-bound grant.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires: Option<String>,
+    /// Why a time-bound grant was given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// Why a report could not be made.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReportError {
+    /// Reading the files failed or a line is not a record.
+    #[error(transparent)]
+    Read(#[from] QueryError),
+    /// Writing the output failed.
+    #[error("cannot write the output: {0}")]
+    Output(#[from] io::Error),
+    /// Serialising the JSON document failed.
+    #[error("cannot serialise the report: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+/// The whole report; also the `--json` document.
+#[derive(Debug, Default, Serialize)]
+struct Report {
+    period: Period,
+    usage: Vec<Usage>,
+    unused_grants: Vec<UnusedGrant>,
+    beyond_scope: Vec<BeyondScope>,
+    time_bound_grants: Vec<GrantInfo>,
+}
+
+/// The time the files cover.
+#[derive(Debug, Default, Serialize)]
+struct Period {
+    records: u64,
+    first: Option<String>,
+    last: Option<String>,
+}
+
+/// Proxy use of one connector by one client.
+#[derive(Debug, Default, Serialize)]
+struct Usage {
+    connector: String,
+    client: String,
+    calls: u64,
+    denials: BTreeMap<String, u64>,
+    first_use: Option<String>,
+    last_use: Option<String>,
+    top_operations: Vec<OperationCount>,
+    #[serde(skip)]
+    operations: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Serialize)]
+struct OperationCount {
+    operation: String,
+    calls: u64,
+}
+
+/// A grant with no allowed call in the period.
+#[derive(Debug, Serialize)]
+struct UnusedGrant {
+    client: String,
+    connector: String,
+    operation: String,
+}
+
+/// Denied attempts at a method and path the client's grants do not cover.
+#[derive(Debug, Serialize)]
+struct BeyondScope {
+    client: String,
+    connector: String,
+    method: String,
+    path: String,
+    attempts: u64,
+    reasons: BTreeSet<String>,
+}
+
+/// Reports on `paths` (read in order; several replicas' files merge) against the current
+/// `grants`, as a table or, with `json`, one JSON document.
+pub fn run_report(
+    paths: &[PathBuf],
+    grants: &[GrantInfo],
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<(), ReportError> {
+    let mut acc = Accumulator::default();
+    for_each_line(paths, |path, line_no, line| {
+        acc.add(&parse_line(path, line_no, line)?);
+        Ok::<(), ReportError>(())
+    })?;
+    let report = acc.finish(grants);
+    if json {
+        serde_json::to_writer_pretty(&mut *out, &report)?;
+        writeln!(out)?;
+    } else {
+        write_table(&report, out)?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// Client, connector, method, path of a denied attempt.
+type BeyondKey = (String, String, String, String);
+
+/// Totals gathered while streaming the records.
+#[derive(Default)]
+struct Accumulator {
+    period: Period,
+    usage: BTreeMap<(String, String), Usage>,
+    /// (client, connector, method, path) → attempts and reasons.
+    beyond: BTreeMap<BeyondKey, (u64, BTreeSet<String>)>,
+}
+
+impl Accumulator {
+    fn add(&mut self, rec: &StoredRecord) {
+        self.period.records += 1;
+        if self.period.first.is_none() {
+            self.period.first = Some(rec.ts.clone());
+        }
+        self.period.last = Some(rec.ts.clone());
+        let r = &rec.record;
+        if r.event != Event::Proxy {
+            return;
+        }
+        let client = r.client.clone().unwrap_or_else(|| "-".into());
+        let connector = r.connector.clone().unwrap_or_else(|| "-".into());
+        let usage = self
+            .usage
+            .entry((connector.clone(), client.clone()))
+            .or_insert_with(|| Usage {
+                connector: connector.clone(),
+                client: client.clone(),
+                ..Usage::default()
+            });
+        match r.decision {
+            Some(Decision::Allow) => {
+                usage.calls += 1;
+                usage.first_use.get_or_insert_with(|| rec.ts.clone());
+                usage.last_use = Some(rec.ts.clone());
+                let op = r.operation.clone().unwrap_or_else(|| "-".into());
+                *usage.operations.entry(op).or_default() += 1;
+            }
+            Some(Decision::Deny) => {
+                let reason = r.reason.clone().unwrap_or_else(|| "-".into());
+                *usage.denials.entry(reason.clone()).or_default() += 1;
+                if is_beyond_scope(&reason) {
+                    let method = r.method.clone().unwrap_or_else(|| "-".into());
+                    let path = r.path.clone().unwrap_or_else(|| "-".into());
+                    let entry = self
+                        .beyond
+                        .entry((client, connector, method, path))
+                        .or_default();
+                    entry.0 += 1;
+                    entry.1.insert(reason);
+                }
+            }
+            None => {}
+        }
+    }
+
+    fn finish(self, grants: &[GrantInfo]) -> Report {
+        let used: BTreeSet<(&str, &str, &str)> = self
+            .usage
+            .values()
+            .flat_map(|u| {
+                u.operations
+                    .keys()
+                    .map(|op| (u.client.as_str(), u.connector.as_str(), op.as_str()))
+            })
+            .collect();
+        let unused_grants = grants
+            .iter()
+            .filter(|g| {
+                !used.contains(&(
+                    g.client.as_str(),
+                    g.connector.as_str(),
+                    g.operation.as_str(),
+                ))
+            })
+            .map(|g| UnusedGrant {
+                client: g.client.clone(),
+                connector: g.connector.clone(),
+                operation: g.operation.clone(),
+            })
+            .collect();
+        let usage = self.usage.into_values().map(with_top_operations).collect();
+        let beyond_scope = self
+            .beyond
+            .into_iter()
+            .map(
+                |((client, connector, method, path), (attempts, reasons))| BeyondScope {
+                    client,
+                    connector,
+                    method,
+                    path,
+                    attempts,
+                    reasons,
+                },
+            )
+            .collect();
+        let time_bound_grants = grants
+            .iter()
+            .filter(|g| g.expires.is_some() || g.reason.is_some())
+            .cloned()
+            .collect();
+        Report {
+            period: self.period,
+            usage,
+            unused_grants,
+            beyond_scope,
+            time_bound_grants,
+        }
+    }
+}
+
+/// Fills `top_operations`: most calls first, then by name.
+fn with_top_operations(mut u: Usage) -> Usage {
+    let mut ops: Vec<OperationCount> = u
+        .operations
+        .iter()
+        .map(|(operation, &calls)| OperationCount {
+            operation: operation.clone(),
+            calls,
+        })
+        .collect();
+    ops.sort_by(|a, b| {
+        b.calls
+            .cmp(&a.calls)
+            .then_with(|| a.operation.cmp(&b.operation))
+    });
+    ops.truncate(TOP_OPERATIONS);
+    u.top_operations = ops;
+    u
+}
+
+/// A denial that shows an attempt outside the client's grants (403 `insufficient_scope`, or
+/// no operation of the connector matched), as opposed to a bad token or a rate limit.
+fn is_beyond_scope(reason: &str) -> bool {
+    let r = reason.to_ascii_lowercase().replace(['_', '-'], " ");
+    [
+        "insufficient scope",
+        "no matching operation",
+        "no operation",
+        "not granted",
+    ]
+    .iter()
+    .any(|k| r.contains(k))
+}
+
+fn write_table(r: &Report, out: &mut dyn Write) -> io::Result<()> {
+    let dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+    writeln!(
+        out,
+        "Period: {} .. {} ({} records)\n",
+        dash(&r.period.first),
+        dash(&r.period.last),
+        r.period.records
+    )?;
+    writeln!(out, "Usage by connector and client:")?;
+    if r.usage.is_empty() {
+        writeln!(out, "  (no proxy calls)")?;
+    }
+    for u in &r.usage {
+        let denials: u64 = u.denials.values().sum();
+        writeln!(
+            out,
+            "  {} / {}: {} calls, {} denials, first use {}, last use {}",
+            clean(&u.connector),
+            clean(&u.client),
+            u.calls,
+            denials,
+            dash(&u.first_use),
+            dash(&u.last_use)
+        )?;
+        for (reason, n) in &u.denials {
+            writeln!(out, "      denied {n} x {}", clean(reason))?;
+        }
+        for op in &u.top_operations {
+            writeln!(out, "      {:>6}  {}", op.calls, clean(&op.operation))?;
+        }
+    }
+    writeln!(
+        out,
+        "\nGranted but never used in this period (least privilege):"
+    )?;
+    if r.unused_grants.is_empty() {
+        writeln!(out, "  (none)")?;
+    }
+    for g in &r.unused_grants {
+        writeln!(
+            out,
+            "  {} -> {}.{}",
+            clean(&g.client),
+            clean(&g.connector),
+            clean(&g.operation)
+        )?;
+    }
+    writeln!(out, "\nDenied attempts beyond the granted scope:")?;
+    if r.beyond_scope.is_empty() {
+        writeln!(out, "  (none)")?;
+    }
+    for b in &r.beyond_scope {
+        writeln!(
+            out,
+            "  {} -> {}: {} {} ({} attempts)",
+            clean(&b.client),
+            clean(&b.connector),
+            clean(&b.method),
+            clean(&b.path),
+            b.attempts
+        )?;
+    }
+    writeln!(out, "\nTime-bound grants:")?;
+    if r.time_bound_grants.is_empty() {
+        writeln!(out, "  (none)")?;
+    }
+    for g in &r.time_bound_grants {
+        writeln!(
+            out,
+            "  {} -> {}.{} expires {}: {}",
+            clean(&g.client),
+            clean(&g.connector),
+            clean(&g.operation),
+            dash(&g.expires),
+            clean(&dash(&g.reason))
+        )?;
+    }
+    Ok(())
+}
+
+/// Control characters shown escaped, so a crafted path cannot drive the auditor's terminal.
+fn clean(v: &str) -> String {
+    v.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::audit::chain::{seal, ZERO_HASH};
+    use crate::audit::record::Record;
+
+    fn proxy(client: &str, op: &str, decision: Decision, reason: Option<&str>) -> Record {
+        let mut r = Record::new(Event::Proxy);
+        r.client = Some(client.into());
+        r.connector = Some("github".into());
+        r.operation = (decision == Decision::Allow).then(|| op.to_owned());
+        r.method = Some("GET".into());
+        r.path = Some(format!("/{op}"));
+        r.decision = Some(decision);
+        r.reason = reason.map(str::to_owned);
+        r
+    }
+
+    fn write_log(dir: &Path, records: &[Record]) -> PathBuf {
+        let mut prev = ZERO_HASH.to_owned();
+        let mut text = String::new();
+        for (i, r) in records.iter().enumerate() {
+            let ts = format!("2026-11-2{}T10:00:00.000000Z", i % 10);
+            let (line, hash) = seal(i as u64 + 1, &ts, r, &prev, None).unwrap();
+            prev = hash;
+            text.push_str(&line);
+            text.push('\n');
+        }
+        let path = dir.join("audit.jsonl");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn grant(client: &str, op: &str, expires: Option<&str>) -> GrantInfo {
+        GrantInfo {
+            client: client.into(),
+            connector: "github".into(),
+            operation: op.into(),
+            expires: expires.map(str::to_owned),
+            reason: expires.map(|_| "incident 42".to_owned()),
+        }
+    }
+
+    fn fixture(dir: &Path) -> (PathBuf, Vec<GrantInfo>) {
+        let path = write_log(
+            dir,
+            &[
+                Record::new(Event::Startup),
+                proxy("bot", "read_issues", Decision::Allow, None),
+                proxy("bot", "read_issues", Decision::Allow, None),
+                proxy(
+                    "bot",
+                    "delete_repo",
+                    Decision::Deny,
+                    Some("insufficient_scope"),
+                ),
+                proxy("bot", "x", Decision::Deny, Some("rate_limited")),
+            ],
+        );
+        let grants = vec![
+            grant("bot", "read_issues", None),
+            grant("bot", "write_issues", Some("2026-12-01T00:00:00Z")),
+        ];
+        (path, grants)
+    }
+
+    #[test]
+    fn least_privilege_findings_in_json() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, grants) = fixture(dir.path());
+        let mut out = Vec::new();
+        run_report(&[path], &grants, true, &mut out).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["period"]["records"], 5);
+        assert_eq!(v["usage"][0]["calls"], 2);
+        assert_eq!(v["usage"][0]["denials"]["insufficient_scope"], 1);
+        assert_eq!(v["usage"][0]["denials"]["rate_limited"], 1);
+        assert_eq!(
+            v["usage"][0]["top_operations"][0]["operation"],
+            "read_issues"
+        );
+        assert_eq!(v["usage"][0]["first_use"], "2026-11-21T10:00:00.000000Z");
+        assert_eq!(v["usage"][0]["last_use"], "2026-11-22T10:00:00.000000Z");
+        let unused = v["unused_grants"].as_array().unwrap();
+        assert_eq!(unused.len(), 1);
+        assert_eq!(unused[0]["operation"], "write_issues");
+        let beyond = v["beyond_scope"].as_array().unwrap();
+        assert_eq!(beyond.len(), 1, "rate limiting is not beyond scope");
+        assert_eq!(beyond[0]["path"], "/delete_repo");
+        assert_eq!(v["time_bound_grants"][0]["reason"], "incident 42");
+    }
+
+    #[test]
+    fn table_lists_each_section() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, grants) = fixture(dir.path());
+        let mut out = Vec::new();
+        run_report(&[path], &grants, false, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("github / bot: 2 calls, 2 denials"), "{text}");
+        assert!(text.contains("bot -> github.write_issues\n"), "{text}");
+        assert!(text.contains("GET /delete_repo (1 attempts)"), "{text}");
+        assert!(
+            text.contains("expires 2026-12-01T00:00:00Z: incident 42"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn reasons_beyond_scope() {
+        assert!(is_beyond_scope("insufficient_scope"));
+        assert!(is_beyond_scope("no matching operation"));
+        assert!(is_beyond_scope("no_matching_operation"));
+        assert!(!is_beyond_scope("invalid_token"));
+        assert!(!is_beyond_scope("rate_limited"));
+    }
+}

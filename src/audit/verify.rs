@@ -293,7 +293,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let lines = chain(3, 10, &"a".repeat(64), None);
         let p = write_file(dir.path(), "x", lines.concat().as_bytes());
-        assert!(!verify_files(&[p.clone()], None).unwrap().is_intact());
+        assert!(!verify_files(std::slice::from_ref(&p), None)
+            .unwrap()
+            .is_intact());
         let opts = VerifyOptions {
             allow_later_start: true,
         };
@@ -332,8 +334,10 @@ mod tests {
             "k",
             chain(3, 1, ZERO_HASH, Some(&key)).concat().as_bytes(),
         );
-        assert!(verify_files(&[p.clone()], Some(&key)).unwrap().is_intact());
-        let wrong = verify_files(&[p.clone()], Some(&Secret::new("wrong"))).unwrap();
+        assert!(verify_files(std::slice::from_ref(&p), Some(&key))
+            .unwrap()
+            .is_intact());
+        let wrong = verify_files(std::slice::from_ref(&p), Some(&Secret::new("wrong"))).unwrap();
         assert_eq!(wrong.failure.unwrap().reason, FailureReason::HashMismatch);
         let none = verify_files(&[p], None).unwrap();
         assert_eq!(none.failure.unwrap().reason, FailureReason::HashMismatch);

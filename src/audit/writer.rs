@@ -942,7 +942,7 @@ mod tests {
         assert_eq!(log.append(proxy("back")).await.unwrap(), 2);
         assert_eq!(log.stats().write_errors, 2);
         log.close();
-        let report = verify_files(&[o.path.clone()], None).unwrap();
+        let report = verify_files(std::slice::from_ref(&o.path), None).unwrap();
         assert!(report.is_intact(), "{report:?}");
         assert_eq!(report.records, 2);
         assert!(!std::fs::read_to_string(&o.path).unwrap().contains("\"x\""));
