@@ -963,6 +963,15 @@ mod tests {
     }
 
     #[test]
+    fn handle_is_send_sync_clone_and_options_hide_the_key() {
+        fn assert_handle<T: Send + Sync + Clone + 'static>() {}
+        assert_handle::<AuditLog>();
+        let mut o = opts(Path::new("/tmp"), FsyncPolicy::Never);
+        o.hmac_key = Some(Secret::new("hunter2-sentinel"));
+        assert!(!format!("{o:?}").contains("hunter2"));
+    }
+
+    #[test]
     fn rotation_numbers() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("a.jsonl");
