@@ -1,1 +1,63 @@
-//! placeholder
+//! The hash-chained JSON-lines audit log (DESIGN §5, §6) and the auditor tools behind
+//! `credbroker audit verify | query | report`.
+//!
+//! - [`record`]: the record types; [`chain`]: the chain rule as pure functions;
+//! - [`writer`]: [`AuditLog`], the group-committing writer with recovery and rotation;
+//! - [`verify`], [`query`], [`report`]: the library side of the `audit` commands.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+pub mod chain;
+pub mod query;
+pub mod record;
+pub mod report;
+pub mod verify;
+pub mod writer;
+
+pub use chain::{ChainError, ZERO_HASH};
+pub use query::{parse_time, run_query, QueryError, QueryFilter, TimeError};
+pub use record::{Decision, Event, Record, StoredRecord};
+pub use report::{run_report, GrantInfo, ReportError};
+
+pub use verify::{
+    verify_files, verify_files_with, FailureReason, VerifyError, VerifyFailure, VerifyOptions,
+    VerifyReport,
+};
+pub use writer::{AuditLog, AuditOptions, AuditStats, FsyncObserver, FsyncPolicy};
+
+/// Why the audit log could not be opened or a record not be appended.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuditError {
+    /// A file operation failed while opening the log.
+    #[error("audit log: {context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Writing or syncing the batch holding this record failed; the record is not in the log
+    /// (the file was cut back). The next append tries again.
+    #[error("audit log write failed: {0}")]
+    Write(#[source] Arc<std::io::Error>),
+    /// The writer was closed.
+    #[error("audit log is closed")]
+    Closed,
+    /// The last parsable record does not verify (wrong `hmac_key`, or the file was altered):
+    /// the log is left untouched rather than cut.
+    #[error("audit log {path}: the last record does not verify ({reason}); wrong hmac_key or an altered file")]
+    TailUnverifiable {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with the record.
+        reason: ChainError,
+    },
+    /// No intact record in the file's last 32 MiB: too much to cut without a human looking.
+    #[error("audit log {path}: no intact record near the end of the file; refusing to cut it")]
+    TailTooDamaged {
+        /// The file.
+        path: PathBuf,
+    },
+}

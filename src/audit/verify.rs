@@ -50,6 +50,26 @@ impl VerifyReport {
     }
 }
 
+impl fmt::Display for VerifyReport {
+    /// One line for `audit verify`: `intact: …` or `broken: FILE:LINE: reason …`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.failure {
+            None => {
+                write!(f, "intact: {} records", self.records)?;
+                if let Some((seq, hash)) = &self.last {
+                    write!(f, "; last record seq {seq}, hash {hash}")?;
+                }
+                Ok(())
+            }
+            Some(failure) => write!(
+                f,
+                "broken: {failure} ({} records verified before it)",
+                self.records
+            ),
+        }
+    }
+}
+
 /// Where the chain breaks first.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VerifyFailure {
@@ -280,8 +300,16 @@ mod tests {
         assert!(report.is_intact(), "{report:?}");
         assert_eq!(report.records, 5);
         assert_eq!(report.last.as_ref().map(|l| l.0), Some(5));
+        assert!(report
+            .to_string()
+            .starts_with("intact: 5 records; last record seq 5"));
         // Files out of order break the chain at the first line of the later file.
         let report = verify_files(&[b.clone(), a], None).unwrap();
+        assert!(report.to_string().starts_with("broken: "), "{report}");
+        assert!(
+            report.to_string().contains(":1: the chain starts at seq 3"),
+            "{report}"
+        );
         let failure = report.failure.unwrap();
         assert_eq!(failure.file, b);
         assert_eq!(failure.line, 1);

@@ -149,6 +149,7 @@ impl AuditLog {
 
     /// Appends one record; resolves once it is written (and, under `always`, synced).
     /// Returns the record's seq. An error means the record is not in the log: answer 503.
+    /// Dropping the future does not withdraw a record already queued; it is still written.
     pub async fn append(&self, record: Record) -> Result<u64, AuditError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.send(record, Reply::Async(tx))?;
