@@ -111,7 +111,12 @@ impl Broker {
     /// keep their state, so a reload is not a way around a limit.
     pub fn swap_config(&self, config: Config) -> Result<(), LoadError> {
         let old = self.live();
-        let live = Live::build(Arc::new(config), &self.keys, &self.upstream_clients, Some(&old))?;
+        let live = Live::build(
+            Arc::new(config),
+            &self.keys,
+            &self.upstream_clients,
+            Some(&old),
+        )?;
         self.live.store(Arc::new(live));
         Ok(())
     }
@@ -122,7 +127,10 @@ impl Broker {
 
     /// Counts one use of a `max_uses` token; false once the budget is spent.
     pub fn consume_use(&self, jti: &str, max_uses: u64, exp: i64) -> bool {
-        let mut entry = self.uses.entry(jti.to_owned()).or_insert(Uses { count: 0, exp });
+        let mut entry = self
+            .uses
+            .entry(jti.to_owned())
+            .or_insert(Uses { count: 0, exp });
         if entry.count >= max_uses {
             return false;
         }
@@ -146,9 +154,15 @@ impl Broker {
 
     pub fn record_auth_failure(&self, ip: IpAddr, now: i64) {
         let minute = now / 60;
-        let mut w = self.auth_failures.entry(ip).or_insert(FailureWindow { minute, failures: 0 });
+        let mut w = self.auth_failures.entry(ip).or_insert(FailureWindow {
+            minute,
+            failures: 0,
+        });
         if w.minute != minute {
-            *w = FailureWindow { minute, failures: 0 };
+            *w = FailureWindow {
+                minute,
+                failures: 0,
+            };
         }
         w.failures = w.failures.saturating_add(1);
     }
@@ -169,17 +183,20 @@ impl Live {
         let mut connectors = HashMap::new();
         for c in &config.connectors {
             let Credential::Static { value, .. } = &c.credential;
-            let injection = Injection::new(&c.auth, value).map_err(|source| LoadError::Injection {
-                connector: c.name.clone(),
-                source,
-            })?;
+            let injection =
+                Injection::new(&c.auth, value).map_err(|source| LoadError::Injection {
+                    connector: c.name.clone(),
+                    source,
+                })?;
             let client = upstream_clients
                 .get(c.upstream_ca.as_deref())
                 .map_err(|message| LoadError::UpstreamTls {
                     connector: c.name.clone(),
                     message,
                 })?;
-            let old_limiter = old.and_then(|o| o.connectors.get(&c.name)).and_then(|r| r.limiter.clone());
+            let old_limiter = old
+                .and_then(|o| o.connectors.get(&c.name))
+                .and_then(|r| r.limiter.clone());
             let old_rate = old
                 .and_then(|o| o.config.connector(&c.name))
                 .and_then(|oc| oc.rate_limit);

@@ -33,7 +33,10 @@ pub struct Dev {
 fn random_secret(prefix: &str) -> Secret {
     let mut bytes = [0u8; 24];
     rand::thread_rng().fill_bytes(&mut bytes);
-    Secret::new(format!("{prefix}{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)))
+    Secret::new(format!(
+        "{prefix}{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    ))
 }
 
 /// Starts the demo upstream and draws the demo's secrets.
@@ -51,13 +54,24 @@ pub async fn prepare() -> anyhow::Result<Dev> {
 impl Dev {
     /// The dev config with this run's values; relative paths resolve in the current folder.
     pub fn config(&self) -> Result<Config, ConfigErrors> {
-        let expires = (chrono::Utc::now() + chrono::Duration::days(90)).format("%Y-%m-%d").to_string();
+        let expires = (chrono::Utc::now() + chrono::Duration::days(90))
+            .format("%Y-%m-%d")
+            .to_string();
         let text = DEV_CONFIG
             .replace("{{UPSTREAM}}", &self.upstream.to_string())
             .replace("{{EXPIRES}}", &expires)
-            .replace("{{CREDENTIAL}}", std::str::from_utf8(self.credential.expose()).unwrap_or_default())
-            .replace("{{CLIENT_SECRET_SHA256}}", &hex::encode(Sha256::digest(self.client_secret.expose())))
-            .replace("{{ADMIN_TOKEN_SHA256}}", &hex::encode(Sha256::digest(self.admin_token.expose())));
+            .replace(
+                "{{CREDENTIAL}}",
+                std::str::from_utf8(self.credential.expose()).unwrap_or_default(),
+            )
+            .replace(
+                "{{CLIENT_SECRET_SHA256}}",
+                &hex::encode(Sha256::digest(self.client_secret.expose())),
+            )
+            .replace(
+                "{{ADMIN_TOKEN_SHA256}}",
+                &hex::encode(Sha256::digest(self.admin_token.expose())),
+            );
         Config::parse(&text, &PathBuf::from("./credbroker-dev.toml"))
     }
 
@@ -67,7 +81,10 @@ impl Dev {
         let proxy = running.proxy_addr;
         let secret = String::from_utf8_lossy(self.client_secret.expose());
         let admin_token = String::from_utf8_lossy(self.admin_token.expose());
-        let admin = running.admin_addr.map(|a| a.to_string()).unwrap_or_default();
+        let admin = running
+            .admin_addr
+            .map(|a| a.to_string())
+            .unwrap_or_default();
         println!(
             r#"credbroker dev mode — NOT for real credentials
   proxy + token endpoint: http://{proxy}
@@ -105,7 +122,9 @@ async fn start_demo_upstream(credential: Secret) -> anyhow::Result<SocketAddr> {
     let expected = std::sync::Arc::new(Secret::new(expected));
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
             let expected = std::sync::Arc::clone(&expected);
             tokio::spawn(async move {
                 let svc = service_fn(move |req| demo_answer(std::sync::Arc::clone(&expected), req));
@@ -118,7 +137,10 @@ async fn start_demo_upstream(credential: Secret) -> anyhow::Result<SocketAddr> {
     Ok(addr)
 }
 
-async fn demo_answer(expected: std::sync::Arc<Secret>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn demo_answer(
+    expected: std::sync::Arc<Secret>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     let authorized = req
         .headers()
         .get(http::header::AUTHORIZATION)
@@ -136,15 +158,21 @@ async fn demo_answer(expected: std::sync::Arc<Secret>, req: Request<Incoming>) -
             }),
         )
     } else {
-        (StatusCode::UNAUTHORIZED, serde_json::json!({"message": "Bad credentials"}))
+        (
+            StatusCode::UNAUTHORIZED,
+            serde_json::json!({"message": "Bad credentials"}),
+        )
     };
     let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
     *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
     resp.headers_mut().insert(
         "x-github-request-id",
-        http::HeaderValue::from_str(&format!("DEMO-{:08X}", rand::random::<u32>())).unwrap_or(http::HeaderValue::from_static("DEMO")),
+        http::HeaderValue::from_str(&format!("DEMO-{:08X}", rand::random::<u32>()))
+            .unwrap_or(http::HeaderValue::from_static("DEMO")),
     );
     Ok(resp)
 }

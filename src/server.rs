@@ -103,7 +103,10 @@ pub async fn serve(
         });
     }
     drop(listener);
-    if tokio::time::timeout(limits.request_timeout, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(limits.request_timeout, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!("shutdown: connections still open after request_timeout; closing them");
     }
 }
@@ -119,15 +122,27 @@ async fn serve_connection(
 ) {
     match tls {
         None => {
-            let info = Arc::new(ConnInfo { peer, tls: false, client_cert: None });
-            let service = service_fn(move |req| handle(role.clone(), Arc::clone(&info), limits.max_header_bytes, req));
+            let info = Arc::new(ConnInfo {
+                peer,
+                tls: false,
+                client_cert: None,
+            });
+            let service = service_fn(move |req| {
+                handle(
+                    role.clone(),
+                    Arc::clone(&info),
+                    limits.max_header_bytes,
+                    req,
+                )
+            });
             let conn = builder.serve_connection(TokioIo::new(stream), service);
             if let Err(e) = watcher.watch(conn.into_owned()).await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         }
         Some(acceptor) => {
-            let handshake = tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream)).await;
+            let handshake =
+                tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream)).await;
             let stream = match handshake {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
@@ -140,8 +155,19 @@ async fn serve_connection(
                 }
             };
             let client_cert = crate::tls::peer_identity(stream.get_ref().1).map(Arc::new);
-            let info = Arc::new(ConnInfo { peer, tls: true, client_cert });
-            let service = service_fn(move |req| handle(role.clone(), Arc::clone(&info), limits.max_header_bytes, req));
+            let info = Arc::new(ConnInfo {
+                peer,
+                tls: true,
+                client_cert,
+            });
+            let service = service_fn(move |req| {
+                handle(
+                    role.clone(),
+                    Arc::clone(&info),
+                    limits.max_header_bytes,
+                    req,
+                )
+            });
             let conn = builder.serve_connection(TokioIo::new(stream), service);
             if let Err(e) = watcher.watch(conn.into_owned()).await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
@@ -167,15 +193,23 @@ async fn handle(
         }
     };
     if let Ok(v) = HeaderValue::from_str(&request_id) {
-        resp.headers_mut().insert(HeaderName::from_static("x-request-id"), v);
+        resp.headers_mut()
+            .insert(HeaderName::from_static("x-request-id"), v);
     }
     Ok(resp)
 }
 
-async fn route(broker: Arc<Broker>, req: Request<Incoming>, conn: &ConnInfo, request_id: &str) -> Response<ProxyBody> {
+async fn route(
+    broker: Arc<Broker>,
+    req: Request<Incoming>,
+    conn: &ConnInfo,
+    request_id: &str,
+) -> Response<ProxyBody> {
     match req.uri().path() {
         "/oauth2/token" => crate::token::endpoint::token(broker, req, conn, request_id).await,
-        "/.well-known/jwks.json" if req.method() == Method::GET => crate::token::endpoint::jwks(&broker),
+        "/.well-known/jwks.json" if req.method() == Method::GET => {
+            crate::token::endpoint::jwks(&broker)
+        }
         "/.well-known/oauth-authorization-server" if req.method() == Method::GET => {
             crate::token::endpoint::metadata(&broker.live())
         }

@@ -154,7 +154,10 @@ mod tests {
         r.set_disabled("github", true).unwrap();
         let again = Revocations::load(dir.path()).unwrap();
         assert!(again.is_revoked("j1", "other", 5));
-        assert!(again.is_revoked("j2", "bot", 1_000), "same second is revoked");
+        assert!(
+            again.is_revoked("j2", "bot", 1_000),
+            "same second is revoked"
+        );
         assert!(!again.is_revoked("j2", "bot", 1_001));
         assert!(again.is_disabled("github"));
         again.set_disabled("github", false).unwrap();

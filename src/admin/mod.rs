@@ -31,7 +31,12 @@ pub struct AdminState {
     pub token_sha256: [u8; 32],
 }
 
-pub async fn handle(state: Arc<AdminState>, req: Request<Incoming>, conn: &ConnInfo, request_id: &str) -> Response<ProxyBody> {
+pub async fn handle(
+    state: Arc<AdminState>,
+    req: Request<Incoming>,
+    conn: &ConnInfo,
+    request_id: &str,
+) -> Response<ProxyBody> {
     let path = req.uri().path().to_owned();
     match (req.method(), path.as_str()) {
         (&Method::GET, "/healthz") => ok(serde_json::json!({"status": "ok"})),
@@ -142,7 +147,12 @@ async fn read_json<T: for<'de> Deserialize<'de>>(req: Request<Incoming>) -> Resu
     serde_json::from_slice(&bytes).map_err(|e| format!("invalid JSON body: {e}"))
 }
 
-async fn revoke(broker: &Broker, req: Request<Incoming>, conn: &ConnInfo, request_id: &str) -> Response<ProxyBody> {
+async fn revoke(
+    broker: &Broker,
+    req: Request<Incoming>,
+    conn: &ConnInfo,
+    request_id: &str,
+) -> Response<ProxyBody> {
     let body: RevokeRequest = match read_json(req).await {
         Ok(b) => b,
         Err(e) => return bad(&e, request_id),
@@ -151,18 +161,30 @@ async fn revoke(broker: &Broker, req: Request<Incoming>, conn: &ConnInfo, reques
     let (target, result) = match (&body.jti, &body.client, &body.connector) {
         (Some(jti), None, None) => (
             format!("jti:{jti}"),
-            broker.revocations.revoke_jti(jti, body.exp.unwrap_or(now + 86_400), now),
+            broker
+                .revocations
+                .revoke_jti(jti, body.exp.unwrap_or(now + 86_400), now),
         ),
-        (None, Some(client), None) => (format!("client:{client}"), broker.revocations.revoke_client(client, now)),
+        (None, Some(client), None) => (
+            format!("client:{client}"),
+            broker.revocations.revoke_client(client, now),
+        ),
         (None, None, Some(connector)) => {
             if broker.live().config.connector(connector).is_none() {
                 return bad("unknown connector", request_id);
             }
-            (format!("connector:{connector}"), broker.revocations.set_disabled(connector, true))
+            (
+                format!("connector:{connector}"),
+                broker.revocations.set_disabled(connector, true),
+            )
         }
         _ => return bad("give exactly one of jti, client, connector", request_id),
     };
-    let action = if body.connector.is_some() { "disable" } else { "revoke" };
+    let action = if body.connector.is_some() {
+        "disable"
+    } else {
+        "revoke"
+    };
     admin_outcome(broker, action, &target, conn, result, request_id).await
 }
 
@@ -172,13 +194,26 @@ struct EnableRequest {
     connector: String,
 }
 
-async fn enable(broker: &Broker, req: Request<Incoming>, conn: &ConnInfo, request_id: &str) -> Response<ProxyBody> {
+async fn enable(
+    broker: &Broker,
+    req: Request<Incoming>,
+    conn: &ConnInfo,
+    request_id: &str,
+) -> Response<ProxyBody> {
     let body: EnableRequest = match read_json(req).await {
         Ok(b) => b,
         Err(e) => return bad(&e, request_id),
     };
     let result = broker.revocations.set_disabled(&body.connector, false);
-    admin_outcome(broker, "enable", &format!("connector:{}", body.connector), conn, result, request_id).await
+    admin_outcome(
+        broker,
+        "enable",
+        &format!("connector:{}", body.connector),
+        conn,
+        result,
+        request_id,
+    )
+    .await
 }
 
 /// Audits an admin action and answers. A state-file error still leaves the change in force
@@ -197,7 +232,14 @@ async fn admin_outcome(
     record.action = Some(action.to_owned());
     record.actor = Some(actor(conn));
     record.target = Some(target.to_owned());
-    record.result = Some(if result.is_ok() { "ok" } else { "not_persisted" }.into());
+    record.result = Some(
+        if result.is_ok() {
+            "ok"
+        } else {
+            "not_persisted"
+        }
+        .into(),
+    );
     if let Err(e) = broker.audit.append(record).await {
         tracing::error!(error = %e, "cannot write an admin audit record");
     }

@@ -171,7 +171,11 @@ impl Accumulator {
             Some(Decision::Deny) => {
                 let reason = r.reason.clone().unwrap_or_else(|| "-".into());
                 *usage.denials.entry(reason.clone()).or_default() += 1;
-                if is_beyond_scope(&reason) {
+                // The broker answers every out-of-scope attempt with 403; a kill switch or an
+                // expired connector is 403 too but says nothing about the client.
+                let forbidden = r.status == Some(403)
+                    && !matches!(reason.as_str(), "connector_disabled" | "connector_expired");
+                if forbidden || is_beyond_scope(&reason) {
                     let method = r.method.clone().unwrap_or_else(|| "-".into());
                     let path = r.path.clone().unwrap_or_else(|| "-".into());
                     let entry = self

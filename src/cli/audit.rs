@@ -57,16 +57,41 @@ pub enum AuditCommand {
 
 pub fn run(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
     match cmd {
-        AuditCommand::Verify { files, config, hmac_key } => verify(&files, config.as_deref(), hmac_key.as_deref()),
-        AuditCommand::Query { files, client, connector, decision, event, since, until, json } => {
+        AuditCommand::Verify {
+            files,
+            config,
+            hmac_key,
+        } => verify(&files, config.as_deref(), hmac_key.as_deref()),
+        AuditCommand::Query {
+            files,
+            client,
+            connector,
+            decision,
+            event,
+            since,
+            until,
+            json,
+        } => {
             let now = chrono::Utc::now();
             let filter = QueryFilter {
                 client,
                 connector,
-                decision: decision.map(|d| if d == "allow" { Decision::Allow } else { Decision::Deny }),
+                decision: decision.map(|d| {
+                    if d == "allow" {
+                        Decision::Allow
+                    } else {
+                        Decision::Deny
+                    }
+                }),
                 event: event.map(|e| parse_event(&e)).transpose()?,
-                since: since.map(|s| audit::parse_time(&s, now)).transpose().context("--since")?,
-                until: until.map(|s| audit::parse_time(&s, now)).transpose().context("--until")?,
+                since: since
+                    .map(|s| audit::parse_time(&s, now))
+                    .transpose()
+                    .context("--since")?,
+                until: until
+                    .map(|s| audit::parse_time(&s, now))
+                    .transpose()
+                    .context("--until")?,
             };
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
@@ -74,7 +99,11 @@ pub fn run(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
             out.flush()?;
             Ok(ExitCode::SUCCESS)
         }
-        AuditCommand::Report { files, config, json } => {
+        AuditCommand::Report {
+            files,
+            config,
+            json,
+        } => {
             let grants = match config {
                 Some(path) => grants_of(&Config::load(&path)?),
                 None => Vec::new(),
@@ -93,7 +122,11 @@ fn parse_event(s: &str) -> anyhow::Result<Event> {
         .map_err(|_| anyhow::anyhow!("unknown event `{s}`"))
 }
 
-fn verify(files: &[PathBuf], config: Option<&Path>, hmac_key: Option<&str>) -> anyhow::Result<ExitCode> {
+fn verify(
+    files: &[PathBuf],
+    config: Option<&Path>,
+    hmac_key: Option<&str>,
+) -> anyhow::Result<ExitCode> {
     let key: Option<Secret> = match (config, hmac_key) {
         (Some(path), _) => Config::load(path)?.audit.hmac_key,
         // A relative file: reference is relative to the current directory here.
@@ -112,7 +145,10 @@ fn verify(files: &[PathBuf], config: Option<&Path>, hmac_key: Option<&str>) -> a
                 Ok(ExitCode::SUCCESS)
             }
             Some(failure) => {
-                println!("broken: {failure} ({} records verified before it)", report.records);
+                println!(
+                    "broken: {failure} ({} records verified before it)",
+                    report.records
+                );
                 Ok(ExitCode::from(1))
             }
         },

@@ -18,9 +18,15 @@ pub fn run(path: &Path) -> ExitCode {
     for f in &findings {
         println!("{f}");
     }
-    let errors = findings.iter().filter(|f| f.severity == Severity::Error).count();
+    let errors = findings
+        .iter()
+        .filter(|f| f.severity == Severity::Error)
+        .count();
     let warnings = findings.len() - errors;
-    eprintln!("{}: {errors} error(s), {warnings} warning(s)", path.display());
+    eprintln!(
+        "{}: {errors} error(s), {warnings} warning(s)",
+        path.display()
+    );
     if errors > 0 {
         ExitCode::from(1)
     } else {

@@ -26,7 +26,10 @@ pub struct ExplainArgs {
 /// The verdict: allowed by which operation, or refused and why.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Verdict {
-    Allow { connector: String, operation: String },
+    Allow {
+        connector: String,
+        operation: String,
+    },
     Deny(String),
     BadInput(String),
 }
@@ -39,9 +42,21 @@ pub fn run(args: &ExplainArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match explain(&config, &args.client, &args.method, &args.path, chrono::Utc::now()) {
-        Verdict::Allow { connector, operation } => {
-            println!("allow: {} {} matches operation {connector}:{operation}, granted to {}", args.method, args.path, args.client);
+    match explain(
+        &config,
+        &args.client,
+        &args.method,
+        &args.path,
+        chrono::Utc::now(),
+    ) {
+        Verdict::Allow {
+            connector,
+            operation,
+        } => {
+            println!(
+                "allow: {} {} matches operation {connector}:{operation}, granted to {}",
+                args.method, args.path, args.client
+            );
             ExitCode::SUCCESS
         }
         Verdict::Deny(why) => {
@@ -56,7 +71,13 @@ pub fn run(args: &ExplainArgs) -> ExitCode {
 }
 
 /// The decision the proxy's checks 1 and 3 would make for a token holding every grant.
-pub fn explain(config: &Config, client_id: &str, method: &str, full_path: &str, now: chrono::DateTime<chrono::Utc>) -> Verdict {
+pub fn explain(
+    config: &Config,
+    client_id: &str,
+    method: &str,
+    full_path: &str,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Verdict {
     let Some(client) = config.client(client_id) else {
         return Verdict::BadInput(format!("unknown client `{client_id}`"));
     };
@@ -85,19 +106,30 @@ pub fn explain(config: &Config, client_id: &str, method: &str, full_path: &str, 
         return Verdict::Deny(format!("no connector named `{name}`"));
     };
     if connector.is_expired(now) {
-        return Verdict::Deny(format!("connector {name} expired ({})", connector.expires_text));
+        return Verdict::Deny(format!(
+            "connector {name} expired ({})",
+            connector.expires_text
+        ));
     }
     let mut reasons: Vec<String> = Vec::new();
     let found = connector.router.find(&method, upstream_path, |i| {
         let op = &connector.operations[i];
         if let (Some(allowed), Some(q)) = (&op.query, query) {
-            if let Some(bad) = crate::proxy::canonical::query_names(q).find(|n| !allowed.iter().any(|a| a == n)) {
-                reasons.push(format!("operation {} matches but does not allow query parameter `{bad}`", op.name));
+            if let Some(bad) =
+                crate::proxy::canonical::query_names(q).find(|n| !allowed.iter().any(|a| a == n))
+            {
+                reasons.push(format!(
+                    "operation {} matches but does not allow query parameter `{bad}`",
+                    op.name
+                ));
                 return false;
             }
         }
         if !client.is_granted(&connector.name, &op.name, now) {
-            reasons.push(format!("operation {} matches but is not granted to {client_id} (or its grant expired)", op.name));
+            reasons.push(format!(
+                "operation {} matches but is not granted to {client_id} (or its grant expired)",
+                op.name
+            ));
             return false;
         }
         true
@@ -107,7 +139,9 @@ pub fn explain(config: &Config, client_id: &str, method: &str, full_path: &str, 
             connector: connector.name.clone(),
             operation: connector.operations[i].name.clone(),
         },
-        None if reasons.is_empty() => Verdict::Deny(format!("no operation of connector {name} allows {method} {upstream_path}")),
+        None if reasons.is_empty() => Verdict::Deny(format!(
+            "no operation of connector {name} allows {method} {upstream_path}"
+        )),
         None => Verdict::Deny(reasons.join("; ")),
     }
 }

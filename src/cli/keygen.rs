@@ -38,7 +38,9 @@ pub fn run(cmd: KeygenCommand) -> anyhow::Result<ExitCode> {
                         .create_new(true)
                         .mode(0o600)
                         .open(&path)
-                        .with_context(|| format!("cannot create {} (it must not exist yet)", path.display()))?;
+                        .with_context(|| {
+                            format!("cannot create {} (it must not exist yet)", path.display())
+                        })?;
                     f.write_all(pem.expose())?;
                     eprintln!("wrote {}", path.display());
                 }

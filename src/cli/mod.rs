@@ -17,7 +17,11 @@ use clap::{Args, Parser, Subcommand};
 pub const DEFAULT_CONFIG: &str = "config/credbroker.toml";
 
 #[derive(Debug, Parser)]
-#[command(name = "credbroker", version, about = "Credential brokering proxy: scoped short-lived tokens in, real credentials injected, every use audited")]
+#[command(
+    name = "credbroker",
+    version,
+    about = "Credential brokering proxy: scoped short-lived tokens in, real credentials injected, every use audited"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

@@ -142,17 +142,27 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         header_read_timeout: config.server.header_read_timeout,
         request_timeout: config.server.request_timeout,
     };
-    let proxy_tls = server::acceptor(config.server.tls.as_ref(), config.server.client_ca.as_deref())?;
-    let admin_cfg = config
-        .admin
-        .as_ref()
-        .map(|a| (a.listen, a.token_sha256, server::acceptor(a.tls.as_ref(), None)));
+    let proxy_tls = server::acceptor(
+        config.server.tls.as_ref(),
+        config.server.client_ca.as_deref(),
+    )?;
+    let admin_cfg = config.admin.as_ref().map(|a| {
+        (
+            a.listen,
+            a.token_sha256,
+            server::acceptor(a.tls.as_ref(), None),
+        )
+    });
     let proxy_listener = server::bind(config.server.listen).await?;
     let mut startup = Record::new(Event::Startup);
     startup.version = Some(env!("CARGO_PKG_VERSION").to_owned());
     startup.config_sha256 = Some(config.sha256.clone());
     let broker = Arc::new(Broker::new(config, keys, audit, revocations)?);
-    broker.audit.append(startup).await.context("cannot write the startup audit record")?;
+    broker
+        .audit
+        .append(startup)
+        .await
+        .context("cannot write the startup audit record")?;
 
     let (stop, stopped) = watch::channel(false);
     let mut tasks = Vec::new();
@@ -176,7 +186,13 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             max_connections: 64,
             ..limits
         };
-        tasks.push(tokio::spawn(server::serve(listener, tls?, admin_limits, Role::Admin(state), wait_stop(stopped.clone()))));
+        tasks.push(tokio::spawn(server::serve(
+            listener,
+            tls?,
+            admin_limits,
+            Role::Admin(state),
+            wait_stop(stopped.clone()),
+        )));
     }
     tasks.push(tokio::spawn(sweeper(Arc::clone(&broker), stopped)));
     Ok(Running {

@@ -47,7 +47,10 @@ pub fn check(text: &str, path: &Path, now: DateTime<Utc>) -> Vec<Finding> {
     };
     let mut cx = Ctx::new(text, path);
     file_errors(&mut cx, &config);
-    let mut findings: Vec<Finding> = std::mem::take(&mut cx.errors).into_iter().map(error).collect();
+    let mut findings: Vec<Finding> = std::mem::take(&mut cx.errors)
+        .into_iter()
+        .map(error)
+        .collect();
     warnings(&mut cx, &config, &raw, now);
     findings.extend(cx.errors.into_iter().map(|location| Finding {
         severity: Severity::Warning,
@@ -105,7 +108,11 @@ fn warnings(cx: &mut Ctx<'_>, config: &Config, raw: &RawConfig, now: DateTime<Ut
     if let Some(admin) = &config.admin {
         let raw_admin = raw.admin.as_ref().map(|a| a.listen.span());
         if admin.tls.is_none() && !is_loopback_host(&admin.listen.ip().to_string()) {
-            cx.err(raw_admin, "admin.listen", "plain HTTP admin listener on a non-loopback address");
+            cx.err(
+                raw_admin,
+                "admin.listen",
+                "plain HTTP admin listener on a non-loopback address",
+            );
         }
     }
     if config.tokens.signing_key.is_none() {
@@ -124,7 +131,11 @@ fn warnings(cx: &mut Ctx<'_>, config: &Config, raw: &RawConfig, now: DateTime<Ut
 
 fn literal(cx: &mut Ctx<'_>, raw: &Spanned<String>, key: &str) {
     if raw.get_ref().starts_with("literal:") {
-        cx.err(Some(raw.span()), key, "literal: secret in the config file (for tests and demos only)");
+        cx.err(
+            Some(raw.span()),
+            key,
+            "literal: secret in the config file (for tests and demos only)",
+        );
     }
 }
 
@@ -133,27 +144,51 @@ fn connector_warnings(cx: &mut Ctx<'_>, config: &Config, raw: &RawConfig, now: D
         .clients
         .iter()
         .flat_map(|c| c.grants.iter())
-        .flat_map(|g| g.operations.iter().map(|op| (g.connector.as_str(), op.as_str())))
+        .flat_map(|g| {
+            g.operations
+                .iter()
+                .map(|op| (g.connector.as_str(), op.as_str()))
+        })
         .collect();
     for (connector, rc) in config.connectors.iter().zip(&raw.connectors) {
         let key = format!("connectors[{}]", connector.name);
         if let RawCredential::Reference(r) = rc.credential.get_ref() {
             if r.starts_with("literal:") {
-                cx.err(Some(rc.credential.span()), &format!("{key}.credential"), "literal: secret in the config file (for tests and demos only)");
+                cx.err(
+                    Some(rc.credential.span()),
+                    &format!("{key}.credential"),
+                    "literal: secret in the config file (for tests and demos only)",
+                );
             }
         }
         if connector.is_expired(now) {
-            cx.err(Some(rc.expires.span()), &format!("{key}.expires"), "the connector has expired and refuses every call");
+            cx.err(
+                Some(rc.expires.span()),
+                &format!("{key}.expires"),
+                "the connector has expired and refuses every call",
+            );
         } else if connector.expires_at - now < chrono::Duration::days(30) {
-            cx.err(Some(rc.expires.span()), &format!("{key}.expires"), "the connector expires within 30 days");
+            cx.err(
+                Some(rc.expires.span()),
+                &format!("{key}.expires"),
+                "the connector expires within 30 days",
+            );
         }
         if connector.rate_limit.is_none() {
-            cx.err(Some(rc.name.span()), &key, "no rate_limit: a misbehaving client can use the credential without bound");
+            cx.err(
+                Some(rc.name.span()),
+                &key,
+                "no rate_limit: a misbehaving client can use the credential without bound",
+            );
         }
         for (op, rop) in connector.operations.iter().zip(&rc.operations) {
             let op_key = format!("{key}.operations[{}]", op.name);
             if op.pattern.has_catch_all() {
-                cx.err(Some(rop.path.span()), &format!("{op_key}.path"), "a {*rest} pattern is broad: it allows every path below it");
+                cx.err(
+                    Some(rop.path.span()),
+                    &format!("{op_key}.path"),
+                    "a {*rest} pattern is broad: it allows every path below it",
+                );
             }
             if !granted.contains(&(connector.name.as_str(), op.name.as_str())) {
                 cx.err(Some(rop.name.span()), &op_key, "granted to no client");

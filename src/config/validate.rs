@@ -146,7 +146,12 @@ fn server(cx: &mut Ctx<'_>, raw: &raw::RawServer) -> Option<ServerConfig> {
         client_ca,
         max_connections: usize::try_from(max_connections).unwrap_or(usize::MAX),
         max_header_bytes: usize::try_from(max_header_bytes).unwrap_or(usize::MAX),
-        header_read_timeout: duration(cx, &raw.header_read_timeout, "server.header_read_timeout", 10)?,
+        header_read_timeout: duration(
+            cx,
+            &raw.header_read_timeout,
+            "server.header_read_timeout",
+            10,
+        )?,
         request_timeout: duration(cx, &raw.request_timeout, "server.request_timeout", 60)?,
     })
 }
@@ -168,7 +173,11 @@ fn tokens(cx: &mut Ctx<'_>, raw: &raw::RawTokens) -> Option<TokensConfig> {
         .as_ref()
         .map_or_else(|| "credbroker".to_owned(), |s| s.get_ref().clone());
     if issuer.is_empty() {
-        cx.err(raw.issuer.as_ref().map(|s| s.span()), "tokens.issuer", "must not be empty");
+        cx.err(
+            raw.issuer.as_ref().map(|s| s.span()),
+            "tokens.issuer",
+            "must not be empty",
+        );
     }
     let default_ttl = duration(cx, &raw.default_ttl, "tokens.default_ttl", 300);
     let max_ttl = duration(cx, &raw.max_ttl, "tokens.max_ttl", 900);
@@ -191,7 +200,9 @@ fn tokens(cx: &mut Ctx<'_>, raw: &raw::RawTokens) -> Option<TokensConfig> {
     Some(TokensConfig {
         issuer,
         signing_key: raw.signing_key.as_ref().map(|p| cx.path(p.get_ref())),
-        issue_rate_limit: raw.issue_rate_limit.and_then(|r| rate_limit(cx, r, "tokens.issue_rate_limit")),
+        issue_rate_limit: raw
+            .issue_rate_limit
+            .and_then(|r| rate_limit(cx, r, "tokens.issue_rate_limit")),
         default_ttl,
         max_ttl,
         leeway,
@@ -214,7 +225,11 @@ fn audit(cx: &mut Ctx<'_>, raw: &raw::RawAudit) -> Option<AuditConfig> {
     };
     if let Some(r) = &raw.rotate_bytes {
         if *r.get_ref() < 4096 {
-            cx.err(Some(r.span()), "audit.rotate_bytes", "must be at least 4096");
+            cx.err(
+                Some(r.span()),
+                "audit.rotate_bytes",
+                "must be at least 4096",
+            );
         }
     }
     let (hmac_key_ref, hmac_key) = match &raw.hmac_key {
@@ -247,7 +262,11 @@ fn state(cx: &mut Ctx<'_>, raw: &raw::RawState) -> Option<StateConfig> {
         }
     }
     if let Some(url) = &raw.url {
-        cx.err(Some(url.span()), "state.url", "only used by a shared backend, which this build lacks");
+        cx.err(
+            Some(url.span()),
+            "state.url",
+            "only used by a shared backend, which this build lacks",
+        );
     }
     let dir = raw
         .dir
@@ -285,12 +304,24 @@ fn connector(cx: &mut Ctx<'_>, raw: &raw::RawConnector, key: &str) -> Option<Con
     required(cx, &raw.purpose, &format!("{key}.purpose"));
     let expires_at = expiry(cx, &raw.expires, &format!("{key}.expires"));
     let upstream = upstream(cx, &raw.upstream, &format!("{key}.upstream"));
-    let upstream_timeout = duration(cx, &raw.upstream_timeout, &format!("{key}.upstream_timeout"), 30);
+    let upstream_timeout = duration(
+        cx,
+        &raw.upstream_timeout,
+        &format!("{key}.upstream_timeout"),
+        30,
+    );
     let credential = credential(cx, &raw.credential, &format!("{key}.credential"));
     let auth = auth(cx, raw.auth.as_ref(), &format!("{key}.auth"));
-    let rate_limit = raw.rate_limit.and_then(|r| rate_limit(cx, r, &format!("{key}.rate_limit")));
+    let rate_limit = raw
+        .rate_limit
+        .and_then(|r| rate_limit(cx, r, &format!("{key}.rate_limit")));
     let upstream_request_id_header = raw.upstream_request_id_header.as_ref().and_then(|h| {
-        header_name(cx, h.get_ref(), Some(h.span()), &format!("{key}.upstream_request_id_header"))
+        header_name(
+            cx,
+            h.get_ref(),
+            Some(h.span()),
+            &format!("{key}.upstream_request_id_header"),
+        )
     });
     let (operations, router) = operations(cx, &raw.operations, key);
     Some(Connector {
@@ -329,10 +360,18 @@ fn operations(
     for raw in raws {
         let key = format!("{connector_key}.operations[{}]", raw.name.get_ref());
         if raw.name.get_ref().is_empty() || raw.name.get_ref().contains([' ', ':']) {
-            cx.err(Some(raw.name.span()), &key, "operation name must be non-empty, without spaces or ':'");
+            cx.err(
+                Some(raw.name.span()),
+                &key,
+                "operation name must be non-empty, without spaces or ':'",
+            );
         }
         if !seen.insert(raw.name.get_ref().clone()) {
-            cx.err(Some(raw.name.span()), &key, "duplicate operation name in this connector");
+            cx.err(
+                Some(raw.name.span()),
+                &key,
+                "duplicate operation name in this connector",
+            );
             continue;
         }
         let method = match Method::from_bytes(raw.method.get_ref().as_bytes()) {
@@ -349,7 +388,11 @@ fn operations(
         let pattern = match Pattern::parse(raw.path.get_ref()) {
             Ok(p) => Some(p),
             Err(e) => {
-                cx.err(Some(raw.path.span()), &format!("{key}.path"), format!("invalid pattern: {e}"));
+                cx.err(
+                    Some(raw.path.span()),
+                    &format!("{key}.path"),
+                    format!("invalid pattern: {e}"),
+                );
                 None
             }
         };
@@ -377,14 +420,20 @@ fn clients(
     connectors: &[Arc<Connector>],
     tokens: Option<&TokensConfig>,
 ) -> Vec<Arc<Client>> {
-    let by_name: HashMap<&str, &Connector> =
-        connectors.iter().map(|c| (c.name.as_str(), c.as_ref())).collect();
+    let by_name: HashMap<&str, &Connector> = connectors
+        .iter()
+        .map(|c| (c.name.as_str(), c.as_ref()))
+        .collect();
     let mut seen = HashSet::new();
     let mut out = Vec::new();
     for raw in raws {
         let key = format!("clients[{}]", raw.id.get_ref());
         if raw.id.get_ref().is_empty() || raw.id.get_ref().contains(':') {
-            cx.err(Some(raw.id.span()), &key, "client id must be non-empty and contain no ':'");
+            cx.err(
+                Some(raw.id.span()),
+                &key,
+                "client id must be non-empty and contain no ':'",
+            );
         }
         if !seen.insert(raw.id.get_ref().clone()) {
             cx.err(Some(raw.id.span()), &key, "duplicate client id");
@@ -413,7 +462,9 @@ fn clients(
             owner: raw.owner.get_ref().clone(),
             secret_sha256,
             cert_san: raw.cert_san.as_ref().map(|s| s.get_ref().clone()),
-            rate_limit: raw.rate_limit.and_then(|r| rate_limit(cx, r, &format!("{key}.rate_limit"))),
+            rate_limit: raw
+                .rate_limit
+                .and_then(|r| rate_limit(cx, r, &format!("{key}.rate_limit"))),
             grants,
         }));
     }
@@ -430,7 +481,11 @@ fn grant(
     let raw = spanned.get_ref();
     let span = Some(spanned.span());
     match connectors.get(raw.connector.as_str()) {
-        None => cx.err(span.clone(), key, format!("unknown connector `{}`", raw.connector)),
+        None => cx.err(
+            span.clone(),
+            key,
+            format!("unknown connector `{}`", raw.connector),
+        ),
         Some(c) => {
             for op in &raw.operations {
                 if c.operation(op).is_none() {
@@ -447,12 +502,20 @@ fn grant(
         Some(t) => match humantime::parse_duration(t) {
             Ok(d) => {
                 if tokens.is_some_and(|tk| d > tk.max_ttl) {
-                    cx.err(span.clone(), &format!("{key}.max_ttl"), "is above tokens.max_ttl");
+                    cx.err(
+                        span.clone(),
+                        &format!("{key}.max_ttl"),
+                        "is above tokens.max_ttl",
+                    );
                 }
                 Some(d)
             }
             Err(e) => {
-                cx.err(span.clone(), &format!("{key}.max_ttl"), format!("invalid duration: {e}"));
+                cx.err(
+                    span.clone(),
+                    &format!("{key}.max_ttl"),
+                    format!("invalid duration: {e}"),
+                );
                 None
             }
         },
@@ -462,7 +525,11 @@ fn grant(
         Some(t) => match DateTime::parse_from_rfc3339(t) {
             Ok(d) => Some(d.with_timezone(&Utc)),
             Err(e) => {
-                cx.err(span, &format!("{key}.expires"), format!("not an RFC 3339 time: {e}"));
+                cx.err(
+                    span,
+                    &format!("{key}.expires"),
+                    format!("not an RFC 3339 time: {e}"),
+                );
                 return None;
             }
         },
@@ -477,7 +544,11 @@ fn grant(
     })
 }
 
-fn credential(cx: &mut Ctx<'_>, raw: &Spanned<raw::RawCredential>, key: &str) -> Option<Credential> {
+fn credential(
+    cx: &mut Ctx<'_>,
+    raw: &Spanned<raw::RawCredential>,
+    key: &str,
+) -> Option<Credential> {
     match raw.get_ref() {
         raw::RawCredential::Reference(r) => {
             let (reference, value) = resolve_secret(cx, r, Some(raw.span()), key)?;
@@ -508,21 +579,34 @@ fn auth(cx: &mut Ctx<'_>, raw: Option<&Spanned<raw::RawAuth>>, key: &str) -> Opt
         raw::RawAuth::Header { name, prefix } => {
             let name = header_name(cx, name, span.clone(), &format!("{key}.name"))?;
             if is_reserved_header(&name) {
-                cx.err(span, &format!("{key}.name"), "cannot inject into a hop-by-hop or routing header");
+                cx.err(
+                    span,
+                    &format!("{key}.name"),
+                    "cannot inject into a hop-by-hop or routing header",
+                );
                 return None;
             }
             if http::HeaderValue::from_str(prefix).is_err() {
                 cx.err(span, &format!("{key}.prefix"), "must be visible ASCII");
                 return None;
             }
-            AuthMethod::Header { name, prefix: prefix.clone() }
+            AuthMethod::Header {
+                name,
+                prefix: prefix.clone(),
+            }
         }
         raw::RawAuth::Basic { username } => {
             if username.contains(':') || username.bytes().any(|b| b.is_ascii_control()) {
-                cx.err(span, &format!("{key}.username"), "must not contain ':' or control characters");
+                cx.err(
+                    span,
+                    &format!("{key}.username"),
+                    "must not contain ':' or control characters",
+                );
                 return None;
             }
-            AuthMethod::Basic { username: username.clone() }
+            AuthMethod::Basic {
+                username: username.clone(),
+            }
         }
         raw::RawAuth::Query { name } => {
             if name.is_empty() {
@@ -538,8 +622,17 @@ fn auth(cx: &mut Ctx<'_>, raw: Option<&Spanned<raw::RawAuth>>, key: &str) -> Opt
 fn is_reserved_header(name: &HeaderName) -> bool {
     matches!(
         name.as_str(),
-        "host" | "connection" | "keep-alive" | "te" | "trailer" | "transfer-encoding" | "upgrade"
-            | "proxy-connection" | "content-length" | "cookie" | "x-request-id"
+        "host"
+            | "connection"
+            | "keep-alive"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "proxy-connection"
+            | "content-length"
+            | "cookie"
+            | "x-request-id"
     )
 }
 
@@ -566,7 +659,11 @@ fn upstream(cx: &mut Ctx<'_>, raw: &S, key: &str) -> Option<Upstream> {
         "https" => {}
         "http" if is_loopback => {}
         "http" => {
-            cx.err(span, key, "an http:// upstream must be a loopback address; use https://");
+            cx.err(
+                span,
+                key,
+                "an http:// upstream must be a loopback address; use https://",
+            );
             return None;
         }
         other => {
@@ -603,7 +700,11 @@ fn expiry(cx: &mut Ctx<'_>, raw: &S, key: &str) -> Option<DateTime<Utc>> {
     match DateTime::parse_from_rfc3339(text) {
         Ok(t) => Some(t.with_timezone(&Utc)),
         Err(_) => {
-            cx.err(Some(raw.span()), key, "must be a date (2027-06-30) or an RFC 3339 time");
+            cx.err(
+                Some(raw.span()),
+                key,
+                "must be a date (2027-06-30) or an RFC 3339 time",
+            );
             None
         }
     }
@@ -619,13 +720,22 @@ fn socket_addr(cx: &mut Ctx<'_>, raw: &S, key: &str) -> Option<SocketAddr> {
     match raw.get_ref().parse() {
         Ok(a) => Some(a),
         Err(_) => {
-            cx.err(Some(raw.span()), key, "must be IP:PORT, e.g. 127.0.0.1:8443");
+            cx.err(
+                Some(raw.span()),
+                key,
+                "must be IP:PORT, e.g. 127.0.0.1:8443",
+            );
             None
         }
     }
 }
 
-fn tls_files(cx: &mut Ctx<'_>, cert: &Option<S>, key: &Option<S>, section: &str) -> Option<TlsFiles> {
+fn tls_files(
+    cx: &mut Ctx<'_>,
+    cert: &Option<S>,
+    key: &Option<S>,
+    section: &str,
+) -> Option<TlsFiles> {
     match (cert, key) {
         (Some(c), Some(k)) => Some(TlsFiles {
             cert: cx.path(c.get_ref()),
@@ -661,7 +771,11 @@ fn duration(cx: &mut Ctx<'_>, raw: &Option<S>, key: &str, default_secs: u64) -> 
         }
         Ok(d) => Some(d),
         Err(e) => {
-            cx.err(Some(raw.span()), key, format!("invalid duration (e.g. \"60s\", \"5m\"): {e}"));
+            cx.err(
+                Some(raw.span()),
+                key,
+                format!("invalid duration (e.g. \"60s\", \"5m\"): {e}"),
+            );
             None
         }
     }
@@ -690,7 +804,12 @@ fn sha256_hex(cx: &mut Ctx<'_>, raw: &S, key: &str) -> Option<[u8; 32]> {
     }
 }
 
-fn header_name(cx: &mut Ctx<'_>, name: &str, span: Option<Range<usize>>, key: &str) -> Option<HeaderName> {
+fn header_name(
+    cx: &mut Ctx<'_>,
+    name: &str,
+    span: Option<Range<usize>>,
+    key: &str,
+) -> Option<HeaderName> {
     match HeaderName::from_bytes(name.as_bytes()) {
         Ok(h) => Some(h),
         Err(_) => {

@@ -25,7 +25,11 @@ const HOP_BY_HOP: &[&str] = &[
 ];
 
 /// Method-override headers: an allowlisted GET must not turn into a DELETE upstream.
-const METHOD_OVERRIDES: &[&str] = &["x-http-method-override", "x-http-method", "x-method-override"];
+const METHOD_OVERRIDES: &[&str] = &[
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
 
 /// Names listed in `Connection` headers: hop-by-hop by declaration.
 fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
@@ -78,7 +82,11 @@ pub fn clean_response_headers(headers: &mut HeaderMap, credential: &[u8]) {
     for name in listed {
         headers.remove(name);
     }
-    if credential.len() >= 4 && headers.iter().any(|(_, v)| contains(v.as_bytes(), credential)) {
+    if credential.len() >= 4
+        && headers
+            .iter()
+            .any(|(_, v)| contains(v.as_bytes(), credential))
+    {
         let names: Vec<HeaderName> = headers
             .iter()
             .filter(|(_, v)| contains(v.as_bytes(), credential))
@@ -101,7 +109,10 @@ pub fn add_forwarding_headers(headers: &mut HeaderMap, peer_ip: &str, proto: &'s
     if let Ok(v) = HeaderValue::from_str(peer_ip) {
         headers.insert(HeaderName::from_static("x-forwarded-for"), v);
     }
-    headers.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static(proto));
+    headers.insert(
+        HeaderName::from_static("x-forwarded-proto"),
+        HeaderValue::from_static(proto),
+    );
 }
 
 #[cfg(test)]
@@ -111,7 +122,10 @@ mod tests {
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
-            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
         }
         h
     }
@@ -147,7 +161,11 @@ mod tests {
 
     #[test]
     fn echoed_credential_is_dropped_from_responses() {
-        let mut h = map(&[("x-echo", "Bearer real-credential-123"), ("etag", "abc"), ("connection", "close")]);
+        let mut h = map(&[
+            ("x-echo", "Bearer real-credential-123"),
+            ("etag", "abc"),
+            ("connection", "close"),
+        ]);
         clean_response_headers(&mut h, b"real-credential-123");
         assert!(h.get("x-echo").is_none());
         assert!(h.get("connection").is_none());

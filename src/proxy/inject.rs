@@ -13,7 +13,10 @@ use crate::secret::Secret;
 #[derive(Clone)]
 pub enum Injection {
     /// A header (`Authorization` for bearer and basic), value marked sensitive.
-    Header { name: HeaderName, value: HeaderValue },
+    Header {
+        name: HeaderName,
+        value: HeaderValue,
+    },
     /// `name=value`, both percent-encoded, appended as the last query parameter.
     Query { name: String, pair: Secret },
 }
@@ -121,14 +124,32 @@ mod tests {
         let b = Injection::new(&AuthMethod::Bearer, &cred).unwrap();
         assert_eq!(header(&b), ("authorization", b"Bearer s3cr3t".as_slice()));
         let h = Injection::new(
-            &AuthMethod::Header { name: HeaderName::from_static("x-api-key"), prefix: "Token ".into() },
+            &AuthMethod::Header {
+                name: HeaderName::from_static("x-api-key"),
+                prefix: "Token ".into(),
+            },
             &cred,
         )
         .unwrap();
         assert_eq!(header(&h), ("x-api-key", b"Token s3cr3t".as_slice()));
-        let basic = Injection::new(&AuthMethod::Basic { username: "x".into() }, &cred).unwrap();
-        assert_eq!(header(&basic), ("authorization", b"Basic eDpzM2NyM3Q=".as_slice()));
-        let q = Injection::new(&AuthMethod::Query { name: "api_key".into() }, &Secret::new("a b/c~")).unwrap();
+        let basic = Injection::new(
+            &AuthMethod::Basic {
+                username: "x".into(),
+            },
+            &cred,
+        )
+        .unwrap();
+        assert_eq!(
+            header(&basic),
+            ("authorization", b"Basic eDpzM2NyM3Q=".as_slice())
+        );
+        let q = Injection::new(
+            &AuthMethod::Query {
+                name: "api_key".into(),
+            },
+            &Secret::new("a b/c~"),
+        )
+        .unwrap();
         match q {
             Injection::Query { pair, .. } => assert_eq!(pair.expose(), b"api_key=a%20b%2Fc~"),
             Injection::Header { .. } => panic!(),

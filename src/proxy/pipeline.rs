@@ -67,7 +67,12 @@ struct AuditFacts {
 }
 
 /// Handles one proxied call end to end.
-pub async fn proxy(broker: Arc<Broker>, req: Request<Incoming>, conn: &ConnInfo, request_id: &str) -> Response<ProxyBody> {
+pub async fn proxy(
+    broker: Arc<Broker>,
+    req: Request<Incoming>,
+    conn: &ConnInfo,
+    request_id: &str,
+) -> Response<ProxyBody> {
     let started = Instant::now();
     let live = broker.live();
     let mut facts = AuditFacts::new(&req, conn, request_id);
@@ -116,36 +121,60 @@ async fn stages(
     // 7. The allow record is durable before anything leaves.
     let mut allow = facts.record.clone();
     allow.decision = Some(Decision::Allow);
-    broker
-        .audit
-        .append(allow)
-        .await
-        .map_err(|e| {
-            tracing::error!(error = %e, "audit log unavailable; refusing to forward");
-            Denial::from(Refusal::AuditUnavailable)
-        })?;
+    broker.audit.append(allow).await.map_err(|e| {
+        tracing::error!(error = %e, "audit log unavailable; refusing to forward");
+        Denial::from(Refusal::AuditUnavailable)
+    })?;
     // 8. Inject the credential, forward, stream the answer back, audit the outcome.
-    let upstream_req = upstream_request(parts, body, &target, connector, runtime, conn, request_id)?;
-    Ok(forward(broker, live, connector, runtime, upstream_req, facts, bytes_in, started).await)
+    let upstream_req =
+        upstream_request(parts, body, &target, connector, runtime, conn, request_id)?;
+    Ok(forward(
+        broker,
+        live,
+        connector,
+        runtime,
+        upstream_req,
+        facts,
+        bytes_in,
+        started,
+    )
+    .await)
 }
 
 /// Check 1 (DESIGN §4.3): origin-form, canonical path and query, no `Upgrade`, one
 /// `Authorization`, no client copy of the injected header or query parameter.
-fn canonical_target<'a>(live: &Live, uri: &'a Uri, headers: &http::HeaderMap) -> Result<Target<'a>, Denial> {
-    let bad = |reason: &'static str, text: &str| deny(Refusal::InvalidRequest(text.to_owned()), reason);
+fn canonical_target<'a>(
+    live: &Live,
+    uri: &'a Uri,
+    headers: &http::HeaderMap,
+) -> Result<Target<'a>, Denial> {
+    let bad =
+        |reason: &'static str, text: &str| deny(Refusal::InvalidRequest(text.to_owned()), reason);
     if uri.scheme().is_some() || uri.authority().is_some() {
-        return Err(bad("absolute_form_target", "the request target must be origin-form (/path?query)"));
+        return Err(bad(
+            "absolute_form_target",
+            "the request target must be origin-form (/path?query)",
+        ));
     }
     let path = uri.path();
-    canonical::check_path(path).map_err(|e| deny(Refusal::InvalidRequest(e.to_string()), "non_canonical_path"))?;
+    canonical::check_path(path)
+        .map_err(|e| deny(Refusal::InvalidRequest(e.to_string()), "non_canonical_path"))?;
     if let Some(q) = uri.query() {
-        canonical::check_query(q).map_err(|e| deny(Refusal::InvalidRequest(e.to_string()), "non_canonical_query"))?;
+        canonical::check_query(q).map_err(|e| {
+            deny(
+                Refusal::InvalidRequest(e.to_string()),
+                "non_canonical_query",
+            )
+        })?;
     }
     if headers.contains_key(UPGRADE) {
         return Err(bad("upgrade_refused", "protocol upgrades are not proxied"));
     }
     if headers.get_all(AUTHORIZATION).iter().nth(1).is_some() {
-        return Err(bad("duplicate_authorization", "more than one Authorization header"));
+        return Err(bad(
+            "duplicate_authorization",
+            "more than one Authorization header",
+        ));
     }
     let rest = &path[1..];
     let (connector, path) = match rest.find('/') {
@@ -163,14 +192,20 @@ fn canonical_target<'a>(live: &Live, uri: &'a Uri, headers: &http::HeaderMap) ->
 }
 
 /// DESIGN §3.8: the upstream must never receive two values for the credential.
-fn refuse_injected_copy(injection: &Injection, headers: &http::HeaderMap, query: Option<&str>) -> Result<(), Denial> {
+fn refuse_injected_copy(
+    injection: &Injection,
+    headers: &http::HeaderMap,
+    query: Option<&str>,
+) -> Result<(), Denial> {
     let copy = match injection {
         Injection::Header { name, .. } => name != AUTHORIZATION && headers.contains_key(name),
         Injection::Query { name, .. } => query.is_some_and(|q| canonical::query_has_param(q, name)),
     };
     if copy {
         return Err(deny(
-            Refusal::InvalidRequest("the request carries the credential header or parameter the broker injects".into()),
+            Refusal::InvalidRequest(
+                "the request carries the credential header or parameter the broker injects".into(),
+            ),
             "client_supplied_credential",
         ));
     }
@@ -178,21 +213,35 @@ fn refuse_injected_copy(injection: &Injection, headers: &http::HeaderMap, query:
 }
 
 /// Check 2: the bearer token.
-fn authenticate(broker: &Broker, live: &Live, headers: &http::HeaderMap, conn: &ConnInfo) -> Result<AccessClaims, Denial> {
+fn authenticate(
+    broker: &Broker,
+    live: &Live,
+    headers: &http::HeaderMap,
+    conn: &ConnInfo,
+) -> Result<AccessClaims, Denial> {
     let token = bearer_token(headers)?;
     let now = chrono::Utc::now().timestamp();
     let claims = live
         .verifier
         .verify(token, now)
         .map_err(|e| deny(Refusal::InvalidToken(e.to_string()), "token_invalid"))?;
-    if broker.revocations.is_revoked(&claims.jti, &claims.sub, claims.iat) {
-        return Err(deny(Refusal::InvalidToken("the token has been revoked".into()), "token_revoked"));
+    if broker
+        .revocations
+        .is_revoked(&claims.jti, &claims.sub, claims.iat)
+    {
+        return Err(deny(
+            Refusal::InvalidToken("the token has been revoked".into()),
+            "token_revoked",
+        ));
     }
     if let Some(cnf) = &claims.cnf {
         let presented = conn.client_cert.as_ref().map(|c| c.x5t_s256.as_str());
         if presented != Some(cnf.x5t_s256.as_str()) {
             return Err(deny(
-                Refusal::InvalidToken("the token is bound to a client certificate this connection did not present".into()),
+                Refusal::InvalidToken(
+                    "the token is bound to a client certificate this connection did not present"
+                        .into(),
+                ),
                 "certificate_mismatch",
             ));
         }
@@ -205,11 +254,18 @@ fn bearer_token(headers: &http::HeaderMap) -> Result<&str, Denial> {
     let Some(value) = headers.get(AUTHORIZATION) else {
         return Err(deny(Refusal::MissingToken, "token_missing"));
     };
-    let value = value
-        .to_str()
-        .map_err(|_| deny(Refusal::InvalidToken("malformed Authorization header".into()), "token_invalid"))?;
+    let value = value.to_str().map_err(|_| {
+        deny(
+            Refusal::InvalidToken("malformed Authorization header".into()),
+            "token_invalid",
+        )
+    })?;
     match value.split_once(' ') {
-        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() => Ok(token.trim()),
+        Some((scheme, token))
+            if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() =>
+        {
+            Ok(token.trim())
+        }
         _ => Err(deny(
             Refusal::InvalidToken("the Authorization header must be `Bearer <token>`".into()),
             "token_invalid",
@@ -227,18 +283,30 @@ fn authorize<'l>(
 ) -> Result<(&'l Connector, &'l ConnectorRuntime, &'l Operation), Denial> {
     let scope = |reason, text: String| deny(Refusal::InsufficientScope(text), reason);
     let config = &live.config;
-    let (Some(connector), Some(runtime)) = (config.connector(target.connector), live.connectors.get(target.connector)) else {
+    let (Some(connector), Some(runtime)) = (
+        config.connector(target.connector),
+        live.connectors.get(target.connector),
+    ) else {
         return Err(scope("unknown_connector", "no such connector".into()));
     };
     if broker.revocations.is_disabled(&connector.name) {
-        return Err(scope("connector_disabled", format!("connector {} is disabled", connector.name)));
+        return Err(scope(
+            "connector_disabled",
+            format!("connector {} is disabled", connector.name),
+        ));
     }
     let now = chrono::Utc::now();
     if connector.is_expired(now) {
-        return Err(scope("connector_expired", format!("connector {} has expired", connector.name)));
+        return Err(scope(
+            "connector_expired",
+            format!("connector {} has expired", connector.name),
+        ));
     }
     let Some(client) = config.client(&claims.sub) else {
-        return Err(scope("client_unknown", "the token's client is no longer configured".into()));
+        return Err(scope(
+            "client_unknown",
+            "the token's client is no longer configured".into(),
+        ));
     };
     let mut why = "no_matching_operation";
     let found = connector.router.find(method, target.path, |i| {
@@ -254,10 +322,15 @@ fn authorize<'l>(
         None => Err(scope(
             why,
             match why {
-                "no_matching_operation" => format!("no operation of connector {} allows {method} on this path", connector.name),
+                "no_matching_operation" => format!(
+                    "no operation of connector {} allows {method} on this path",
+                    connector.name
+                ),
                 "query_not_allowed" => "a query parameter is not allowed by the operation".into(),
                 "not_in_token_scope" => "the operation is not in the token's scope".into(),
-                "not_in_authorization_details" => "the call is not the one the token's authorization_details name".into(),
+                "not_in_authorization_details" => {
+                    "the call is not the one the token's authorization_details name".into()
+                }
                 _ => "the operation is not granted to this client".into(),
             },
         )),
@@ -279,13 +352,16 @@ fn judge(
             return Err("query_not_allowed");
         }
     }
-    if !claims.scope_items().any(|(c, o)| c == connector.name && o == op.name) {
+    if !claims
+        .scope_items()
+        .any(|(c, o)| c == connector.name && o == op.name)
+    {
         return Err("not_in_token_scope");
     }
     if let Some(details) = &claims.authorization_details {
-        let bound = details
-            .iter()
-            .any(|d| d.connector == connector.name && d.method == method.as_str() && d.path == target.path);
+        let bound = details.iter().any(|d| {
+            d.connector == connector.name && d.method == method.as_str() && d.path == target.path
+        });
         if !bound {
             return Err("not_in_authorization_details");
         }
@@ -310,17 +386,36 @@ fn spend_use(broker: &Broker, claims: &AccessClaims) -> Result<(), Denial> {
 /// Check 5: the client's limit, then the connector's.
 fn rate_limit(live: &Live, runtime: &ConnectorRuntime, client: &str) -> Result<(), Denial> {
     if let Some(l) = live.client_limits.get(client) {
-        take(l).map_err(|s| deny(Refusal::RateLimited { retry_after_secs: s.max(1) }, "client_rate_limited"))?;
+        take(l).map_err(|s| {
+            deny(
+                Refusal::RateLimited {
+                    retry_after_secs: s.max(1),
+                },
+                "client_rate_limited",
+            )
+        })?;
     }
     if let Some(l) = &runtime.limiter {
-        take(l).map_err(|s| deny(Refusal::RateLimited { retry_after_secs: s.max(1) }, "connector_rate_limited"))?;
+        take(l).map_err(|s| {
+            deny(
+                Refusal::RateLimited {
+                    retry_after_secs: s.max(1),
+                },
+                "connector_rate_limited",
+            )
+        })?;
     }
     Ok(())
 }
 
 /// Check 6. A declared length is checked at once and the body streams through a guard; a
 /// chunked body is read up to the limit first, since nothing may leave before the decision.
-async fn bounded_body(body: Incoming, headers: &http::HeaderMap, max: u64, seen: &Arc<AtomicU64>) -> Result<ProxyBody, Denial> {
+async fn bounded_body(
+    body: Incoming,
+    headers: &http::HeaderMap,
+    max: u64,
+    seen: &Arc<AtomicU64>,
+) -> Result<ProxyBody, Denial> {
     let too_large = || Denial::from(Refusal::RequestTooLarge(max));
     if body.is_end_stream() {
         return Ok(full(Bytes::new()));
@@ -334,7 +429,11 @@ async fn bounded_body(body: Incoming, headers: &http::HeaderMap, max: u64, seen:
         Some(_) => Ok(LimitedBody::new(body, max, Arc::clone(seen)).boxed_unsync()),
         None => {
             let limit = usize::try_from(max).unwrap_or(usize::MAX);
-            let bytes = Limited::new(body, limit).collect().await.map_err(|_| too_large())?.to_bytes();
+            let bytes = Limited::new(body, limit)
+                .collect()
+                .await
+                .map_err(|_| too_large())?
+                .to_bytes();
             seen.store(bytes.len() as u64, Ordering::Relaxed);
             Ok(full(bytes))
         }
@@ -370,11 +469,16 @@ fn upstream_request(
         tracing::error!(connector = %connector.name, "could not build the upstream URI");
         Denial::from(Refusal::UpstreamUnavailable("invalid upstream URI".into()))
     })?;
-    let mut hdrs = headers::upstream_request_headers(&parts.headers, runtime.injection.header_name());
+    let mut hdrs =
+        headers::upstream_request_headers(&parts.headers, runtime.injection.header_name());
     if let Ok(v) = HeaderValue::from_str(request_id) {
         hdrs.insert(HeaderName::from_static("x-request-id"), v);
     }
-    headers::add_forwarding_headers(&mut hdrs, &conn.peer.ip().to_string(), if conn.tls { "https" } else { "http" });
+    headers::add_forwarding_headers(
+        &mut hdrs,
+        &conn.peer.ip().to_string(),
+        if conn.tls { "https" } else { "http" },
+    );
     if let Injection::Header { name, value } = &runtime.injection {
         hdrs.insert(name.clone(), value.clone());
     }
@@ -400,7 +504,9 @@ async fn forward(
 ) -> Response<ProxyBody> {
     let request_id = facts.record.request_id.clone().unwrap_or_default();
     let request_deadline = started + live.config.server.request_timeout;
-    let wait = connector.upstream_timeout.min(request_deadline.saturating_duration_since(Instant::now()));
+    let wait = connector
+        .upstream_timeout
+        .min(request_deadline.saturating_duration_since(Instant::now()));
     let result = tokio::time::timeout(wait, runtime.client.request(req)).await;
     let mut result_record = Record::new(Event::ProxyResult);
     result_record.request_id = facts.record.request_id.clone();
@@ -411,10 +517,26 @@ async fn forward(
         Ok(Err(e)) => {
             tracing::warn!(connector = %connector.name, error = %e, "upstream request failed");
             let refusal = Refusal::UpstreamUnavailable(upstream_error_text(&e));
-            return finish_failed(broker, result_record, refusal, &bytes_in, started, &request_id).await;
+            return finish_failed(
+                broker,
+                result_record,
+                refusal,
+                &bytes_in,
+                started,
+                &request_id,
+            )
+            .await;
         }
         Err(_) => {
-            return finish_failed(broker, result_record, Refusal::UpstreamTimeout, &bytes_in, started, &request_id).await;
+            return finish_failed(
+                broker,
+                result_record,
+                Refusal::UpstreamTimeout,
+                &bytes_in,
+                started,
+                &request_id,
+            )
+            .await;
         }
     };
     let (mut parts, body) = response.into_parts();
@@ -509,7 +631,10 @@ impl AuditFacts {
 pub fn redact_query(query: &str) -> String {
     let mut out = String::with_capacity(query.len());
     let mut start = 0;
-    for (i, c) in query.char_indices().chain(std::iter::once((query.len(), '&'))) {
+    for (i, c) in query
+        .char_indices()
+        .chain(std::iter::once((query.len(), '&')))
+    {
         if c != '&' && c != ';' {
             continue;
         }
@@ -536,9 +661,18 @@ mod tests {
 
     #[test]
     fn access_token_values_never_reach_the_record() {
-        assert_eq!(redact_query("a=1&access_token=SECRET"), "a=1&access_token=REDACTED");
-        assert_eq!(redact_query("a=1;ACCESS_TOKEN=SECRET&b"), "a=1;ACCESS_TOKEN=REDACTED&b");
-        assert_eq!(redact_query("access%5Ftoken=SECRET"), "access%5Ftoken=REDACTED");
+        assert_eq!(
+            redact_query("a=1&access_token=SECRET"),
+            "a=1&access_token=REDACTED"
+        );
+        assert_eq!(
+            redact_query("a=1;ACCESS_TOKEN=SECRET&b"),
+            "a=1;ACCESS_TOKEN=REDACTED&b"
+        );
+        assert_eq!(
+            redact_query("access%5Ftoken=SECRET"),
+            "access%5Ftoken=REDACTED"
+        );
         assert_eq!(redact_query("state=open&page=2"), "state=open&page=2");
     }
 }

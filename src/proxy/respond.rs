@@ -81,15 +81,21 @@ impl Refusal {
 
     pub fn description(&self) -> String {
         match self {
-            Self::InvalidRequest(d) | Self::InvalidToken(d) | Self::InsufficientScope(d) => d.clone(),
+            Self::InvalidRequest(d) | Self::InvalidToken(d) | Self::InsufficientScope(d) => {
+                d.clone()
+            }
             Self::HeadersTooLarge => "request line and headers are too large".into(),
             Self::MissingToken => "a bearer token is required".into(),
             Self::RateLimited { retry_after_secs } => {
                 format!("rate limit exceeded; retry after {retry_after_secs} s")
             }
             Self::RequestTooLarge(max) => format!("request body exceeds {max} bytes"),
-            Self::AuditUnavailable => "the audit log cannot be written; nothing was forwarded".into(),
-            Self::CredentialUnavailable => "no upstream credential could be obtained; nothing was forwarded".into(),
+            Self::AuditUnavailable => {
+                "the audit log cannot be written; nothing was forwarded".into()
+            }
+            Self::CredentialUnavailable => {
+                "no upstream credential could be obtained; nothing was forwarded".into()
+            }
             Self::UpstreamUnavailable(d) => format!("upstream unavailable: {d}"),
             Self::UpstreamTimeout => "the upstream did not answer in time".into(),
             Self::NotFound => "no such endpoint".into(),
@@ -110,18 +116,25 @@ impl Refusal {
         let headers = resp.headers_mut();
         match &self {
             Self::MissingToken => {
-                headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"credbroker\""));
+                headers.insert(
+                    WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"credbroker\""),
+                );
             }
             Self::InvalidToken(_) => {
                 headers.insert(
                     WWW_AUTHENTICATE,
-                    HeaderValue::from_static("Bearer realm=\"credbroker\", error=\"invalid_token\""),
+                    HeaderValue::from_static(
+                        "Bearer realm=\"credbroker\", error=\"invalid_token\"",
+                    ),
                 );
             }
             Self::InsufficientScope(_) => {
                 headers.insert(
                     WWW_AUTHENTICATE,
-                    HeaderValue::from_static("Bearer realm=\"credbroker\", error=\"insufficient_scope\""),
+                    HeaderValue::from_static(
+                        "Bearer realm=\"credbroker\", error=\"insufficient_scope\"",
+                    ),
                 );
             }
             Self::RateLimited { retry_after_secs } => {
@@ -147,7 +160,9 @@ pub fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<P
 
 /// A complete body as a [`ProxyBody`].
 pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
-    Full::new(bytes.into()).map_err(|never| match never {}).boxed_unsync()
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
 }
 
 #[cfg(test)]
@@ -160,12 +175,18 @@ mod tests {
         assert_eq!(r.status(), 401);
         assert_eq!(r.headers()[WWW_AUTHENTICATE], "Bearer realm=\"credbroker\"");
         let r = Refusal::InvalidToken("expired".into()).into_response("rid");
-        assert!(r.headers()[WWW_AUTHENTICATE].to_str().unwrap().contains("error=\"invalid_token\""));
+        assert!(r.headers()[WWW_AUTHENTICATE]
+            .to_str()
+            .unwrap()
+            .contains("error=\"invalid_token\""));
     }
 
     #[test]
     fn rate_limited_carries_retry_after() {
-        let r = Refusal::RateLimited { retry_after_secs: 3 }.into_response("rid");
+        let r = Refusal::RateLimited {
+            retry_after_secs: 3,
+        }
+        .into_response("rid");
         assert_eq!(r.status(), 429);
         assert_eq!(r.headers()[RETRY_AFTER], "3");
     }

@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use chrono::{DateTime, TimeZone, Utc};
-use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, PRAGMA, RETRY_AFTER, WWW_AUTHENTICATE};
+use http::header::{
+    HeaderValue, AUTHORIZATION, CONTENT_TYPE, PRAGMA, RETRY_AFTER, WWW_AUTHENTICATE,
+};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
@@ -64,7 +66,11 @@ fn invalid_client(d: impl Into<String>) -> TokenError {
 fn rate_limited(secs: u64) -> TokenError {
     TokenError {
         retry_after: Some(secs.max(1)),
-        ..error(StatusCode::TOO_MANY_REQUESTS, "rate_limited", "too many token requests")
+        ..error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            "too many token requests",
+        )
     }
 }
 
@@ -75,7 +81,12 @@ struct Issued {
 }
 
 /// `POST /oauth2/token`.
-pub async fn token(broker: Arc<Broker>, req: Request<Incoming>, conn: &ConnInfo, request_id: &str) -> Response<ProxyBody> {
+pub async fn token(
+    broker: Arc<Broker>,
+    req: Request<Incoming>,
+    conn: &ConnInfo,
+    request_id: &str,
+) -> Response<ProxyBody> {
     let live = broker.live();
     let mut record = Record::new(Event::TokenDenied);
     record.request_id = Some(request_id.to_owned());
@@ -137,9 +148,16 @@ async fn issue(
         take(l).map_err(|s| with_client(rate_limited(s)))?;
     }
     if !client.grants.iter().any(|g| g.is_live(now)) && client.grants.is_empty() {
-        return Err(with_client(error(StatusCode::BAD_REQUEST, "unauthorized_client", "the client holds no grants")));
+        return Err(with_client(error(
+            StatusCode::BAD_REQUEST,
+            "unauthorized_client",
+            "the client holds no grants",
+        )));
     }
-    let requested = form.scope.as_deref().ok_or_else(|| with_client(invalid_request("scope is required")))?;
+    let requested = form
+        .scope
+        .as_deref()
+        .ok_or_else(|| with_client(invalid_request("scope is required")))?;
     record.scope = Some(requested.to_owned());
     let scope = resolve_scope(broker, live, client, requested, now).map_err(with_client)?;
     let lifetime = lifetime(live, client, &form, &scope, now).map_err(with_client)?;
@@ -157,7 +175,11 @@ async fn issue(
         nbf: iat,
         exp: iat + lifetime as i64,
         jti: new_jti(),
-        scope: scope.iter().map(|(c, o)| format!("{c}:{o}")).collect::<Vec<_>>().join(" "),
+        scope: scope
+            .iter()
+            .map(|(c, o)| format!("{c}:{o}"))
+            .collect::<Vec<_>>()
+            .join(" "),
         authorization_details: details,
         max_uses,
         cnf: conn.client_cert.as_ref().map(|c| Confirmation {
@@ -168,10 +190,15 @@ async fn issue(
 }
 
 async fn read_form(headers: &http::HeaderMap, body: Incoming) -> Result<TokenForm, TokenError> {
-    let content_type = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let content_type = headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
     let media = content_type.split(';').next().unwrap_or("").trim();
     if !media.eq_ignore_ascii_case("application/x-www-form-urlencoded") {
-        return Err(invalid_request("the body must be application/x-www-form-urlencoded"));
+        return Err(invalid_request(
+            "the body must be application/x-www-form-urlencoded",
+        ));
     }
     let bytes: Bytes = Limited::new(body, MAX_FORM_BYTES)
         .collect()
@@ -180,17 +207,27 @@ async fn read_form(headers: &http::HeaderMap, body: Incoming) -> Result<TokenFor
         .to_bytes();
     let form = parse_token_form(&bytes).map_err(|e| invalid_request(e.to_string()))?;
     if form.client_secret_present {
-        return Err(invalid_request("client_secret in the body is not supported; use HTTP Basic (client_secret_basic)"));
+        return Err(invalid_request(
+            "client_secret in the body is not supported; use HTTP Basic (client_secret_basic)",
+        ));
     }
     Ok(form)
 }
 
 /// `client_secret_basic`, or RFC 8705 `tls_client_auth` (`client_id` + certificate SAN).
-fn authenticate<'l>(live: &'l Live, headers: &http::HeaderMap, form: &TokenForm, conn: &ConnInfo) -> Result<&'l Client, TokenError> {
+fn authenticate<'l>(
+    live: &'l Live,
+    headers: &http::HeaderMap,
+    form: &TokenForm,
+    conn: &ConnInfo,
+) -> Result<&'l Client, TokenError> {
     if let Some(value) = headers.get(AUTHORIZATION) {
-        let (id, secret) = parse_basic(value.as_bytes()).map_err(|_| invalid_client("malformed Basic client authentication"))?;
+        let (id, secret) = parse_basic(value.as_bytes())
+            .map_err(|_| invalid_client("malformed Basic client authentication"))?;
         if form.client_id.as_deref().is_some_and(|f| f != id) {
-            return Err(invalid_request("client_id in the body differs from the authenticated client"));
+            return Err(invalid_request(
+                "client_id in the body differs from the authenticated client",
+            ));
         }
         let client = live.config.client(&id);
         let ok = client
@@ -202,7 +239,9 @@ fn authenticate<'l>(live: &'l Live, headers: &http::HeaderMap, form: &TokenForm,
         };
     }
     let (Some(id), Some(cert)) = (form.client_id.as_deref(), conn.client_cert.as_ref()) else {
-        return Err(invalid_client("client authentication is required (HTTP Basic or a client certificate)"));
+        return Err(invalid_client(
+            "client authentication is required (HTTP Basic or a client certificate)",
+        ));
     };
     match live.config.client(id) {
         Some(c) if c.cert_san.as_deref().is_some_and(|san| cert.has_san(san)) => Ok(c),
@@ -225,13 +264,21 @@ fn resolve_scope(
     }
     for item in items {
         let Some((connector_name, op)) = item.split_once(':') else {
-            return Err(invalid_scope(format!("`{}` is not connector:operation", short(item))));
+            return Err(invalid_scope(format!(
+                "`{}` is not connector:operation",
+                short(item)
+            )));
         };
         let connector = live
             .config
             .connector(connector_name)
             .filter(|c| !c.is_expired(now) && !broker.revocations.is_disabled(&c.name))
-            .ok_or_else(|| invalid_scope(format!("connector `{}` is unknown, expired or disabled", short(connector_name))))?;
+            .ok_or_else(|| {
+                invalid_scope(format!(
+                    "connector `{}` is unknown, expired or disabled",
+                    short(connector_name)
+                ))
+            })?;
         let ops: Vec<String> = if op == "*" {
             connector
                 .operations
@@ -245,7 +292,10 @@ fn resolve_scope(
             Vec::new()
         };
         if ops.is_empty() {
-            return Err(invalid_scope(format!("`{}` is not granted to this client", short(item))));
+            return Err(invalid_scope(format!(
+                "`{}` is not granted to this client",
+                short(item)
+            )));
         }
         for op in ops {
             let pair = (connector.name.clone(), op);
@@ -267,7 +317,13 @@ fn short(s: &str) -> &str {
 
 /// min(`ttl` or `default_ttl`, each item's grant `max_ttl`, `tokens.max_ttl`), and never
 /// past the expiry of a time-bound grant the token relies on.
-fn lifetime(live: &Live, client: &Client, form: &TokenForm, scope: &[(String, String)], now: DateTime<Utc>) -> Result<u64, TokenError> {
+fn lifetime(
+    live: &Live,
+    client: &Client,
+    form: &TokenForm,
+    scope: &[(String, String)],
+    now: DateTime<Utc>,
+) -> Result<u64, TokenError> {
     let tokens = &live.config.tokens;
     let requested = match form.ttl.as_deref() {
         Some(t) => match t.parse::<u64>() {
@@ -308,20 +364,30 @@ fn parse_max_uses(form: &TokenForm) -> Result<Option<u64>, TokenError> {
 }
 
 /// RFC 9396 details must each name a call that an operation in the granted scope allows.
-fn check_details(live: &Live, json: &str, scope: &[(String, String)]) -> Result<Vec<AuthorizationDetail>, TokenError> {
+fn check_details(
+    live: &Live,
+    json: &str,
+    scope: &[(String, String)],
+) -> Result<Vec<AuthorizationDetail>, TokenError> {
     let details = parse_authorization_details(json).map_err(|e| invalid_request(e.to_string()))?;
     if details.is_empty() {
         return Err(invalid_request("authorization_details is empty"));
     }
     for d in &details {
         let Some(connector) = live.config.connector(&d.connector) else {
-            return Err(invalid_scope("authorization_details names an unknown connector"));
+            return Err(invalid_scope(
+                "authorization_details names an unknown connector",
+            ));
         };
         let Ok(method) = Method::from_bytes(d.method.as_bytes()) else {
-            return Err(invalid_request("authorization_details has an invalid method"));
+            return Err(invalid_request(
+                "authorization_details has an invalid method",
+            ));
         };
         if crate::proxy::canonical::check_path(&d.path).is_err() {
-            return Err(invalid_request("authorization_details has a non-canonical path"));
+            return Err(invalid_request(
+                "authorization_details has a non-canonical path",
+            ));
         }
         let covered = connector
             .router
@@ -331,29 +397,51 @@ fn check_details(live: &Live, json: &str, scope: &[(String, String)]) -> Result<
             })
             .is_some();
         if !covered {
-            return Err(invalid_scope("authorization_details names a call outside the requested scope"));
+            return Err(invalid_scope(
+                "authorization_details names a call outside the requested scope",
+            ));
         }
     }
     Ok(details)
 }
 
-async fn respond_issued(broker: &Broker, live: &Live, issued: Issued, mut record: Record, request_id: &str) -> Response<ProxyBody> {
+async fn respond_issued(
+    broker: &Broker,
+    live: &Live,
+    issued: Issued,
+    mut record: Record,
+    request_id: &str,
+) -> Response<ProxyBody> {
     let Issued { claims, lifetime } = issued;
     let token = match broker.keys.sign(&claims) {
         Ok(t) => t,
         Err(e) => {
             tracing::error!(error = %e, "token signing failed");
-            return error_response(error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "the token could not be signed"), request_id);
+            return error_response(
+                error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "server_error",
+                    "the token could not be signed",
+                ),
+                request_id,
+            );
         }
     };
     record.event = Event::TokenIssued;
     record.scope = Some(claims.scope.clone());
     record.jti = Some(claims.jti.clone());
-    record.expires_at = Utc.timestamp_opt(claims.exp, 0).single().map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+    record.expires_at = Utc
+        .timestamp_opt(claims.exp, 0)
+        .single()
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
     if let Err(e) = broker.audit.append(record).await {
         tracing::error!(error = %e, "audit log unavailable; refusing to issue a token");
         return error_response(
-            error(StatusCode::SERVICE_UNAVAILABLE, "audit_unavailable", "the audit log cannot be written; no token was issued"),
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "audit_unavailable",
+                "the audit log cannot be written; no token was issued",
+            ),
             request_id,
         );
     }
@@ -365,7 +453,8 @@ async fn respond_issued(broker: &Broker, live: &Live, issued: Issued, mut record
         "scope": claims.scope,
     });
     let mut resp = json_response(StatusCode::OK, &body);
-    resp.headers_mut().insert(PRAGMA, HeaderValue::from_static("no-cache"));
+    resp.headers_mut()
+        .insert(PRAGMA, HeaderValue::from_static("no-cache"));
     resp
 }
 
@@ -377,28 +466,38 @@ fn error_response(e: TokenError, request_id: &str) -> Response<ProxyBody> {
     });
     let mut resp = json_response(e.status, &body);
     if e.status == StatusCode::UNAUTHORIZED {
-        resp.headers_mut()
-            .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"credbroker\""));
+        resp.headers_mut().insert(
+            WWW_AUTHENTICATE,
+            HeaderValue::from_static("Basic realm=\"credbroker\""),
+        );
     }
     if let Some(secs) = e.retry_after {
-        resp.headers_mut().insert(RETRY_AFTER, HeaderValue::from(secs));
+        resp.headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from(secs));
     }
     resp
 }
 
 /// `GET /.well-known/jwks.json`
 pub fn jwks(broker: &Broker) -> Response<ProxyBody> {
-    let value: serde_json::Value = serde_json::from_str(&broker.keys.jwks_json()).unwrap_or_default();
+    let value: serde_json::Value =
+        serde_json::from_str(&broker.keys.jwks_json()).unwrap_or_default();
     let mut resp = json_response(StatusCode::OK, &value);
-    resp.headers_mut()
-        .insert(http::header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=300"));
+    resp.headers_mut().insert(
+        http::header::CACHE_CONTROL,
+        HeaderValue::from_static("public, max-age=300"),
+    );
     resp
 }
 
 /// `GET /.well-known/oauth-authorization-server` (RFC 8414).
 pub fn metadata(live: &Live) -> Response<ProxyBody> {
     let server = &live.config.server;
-    let scheme = if server.tls.is_some() { "https" } else { "http" };
+    let scheme = if server.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let base = format!("{scheme}://{}", server.listen);
     let mut auth_methods = vec!["client_secret_basic"];
     if server.client_ca.is_some() {

@@ -9,14 +9,18 @@ async fn the_chain_verifies_independently() {
     let up = FakeUpstream::start().await;
     let mut b = TestBroker::start(&standard_config(up.addr)).await;
     let token = b.token("github:issues.read", &[]).await;
-    b.call("GET", "/github/repos/acme/widget/issues", &token).await;
+    b.call("GET", "/github/repos/acme/widget/issues", &token)
+        .await;
     b.call("DELETE", "/github/repos/acme/widget", &token).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     b.stop().await;
     let n = verify_chain_independently(&b.audit_path());
     let records = b.audit();
     assert_eq!(n, records.len());
-    let kinds: Vec<&str> = records.iter().map(|r| r["event"].as_str().unwrap()).collect();
+    let kinds: Vec<&str> = records
+        .iter()
+        .map(|r| r["event"].as_str().unwrap())
+        .collect();
     assert_eq!(kinds.first(), Some(&"startup"));
     assert_eq!(kinds.last(), Some(&"shutdown"));
     for k in ["token_issued", "proxy", "proxy_result"] {
@@ -25,7 +29,10 @@ async fn the_chain_verifies_independently() {
     assert_eq!(records[0]["seq"], 1);
     assert_eq!(records[0]["prev"], "0".repeat(64));
     let ts = records[0]["ts"].as_str().unwrap();
-    assert!(ts.ends_with('Z') && ts.len() == "2026-11-26T05:03:25.123456Z".len(), "{ts}");
+    assert!(
+        ts.ends_with('Z') && ts.len() == "2026-11-26T05:03:25.123456Z".len(),
+        "{ts}"
+    );
 }
 
 /// A small tmpfs, mounted for the test (needs root, as CI runs); unmounted on drop.
@@ -46,7 +53,10 @@ impl Tmpfs {
 
 impl Drop for Tmpfs {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg("-l").arg(self.0.path()).status();
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.0.path())
+            .status();
     }
 }
 
@@ -64,7 +74,9 @@ fn fill(dir: &std::path::Path) -> std::path::PathBuf {
 #[tokio::test]
 async fn full_disk_refuses_with_503_forwards_nothing_and_recovers() {
     let Some(fs) = Tmpfs::mount("256k") else {
-        eprintln!("SKIPPED full_disk_refuses_with_503…: mounting a tmpfs needs root (CI runs as root)");
+        eprintln!(
+            "SKIPPED full_disk_refuses_with_503…: mounting a tmpfs needs root (CI runs as root)"
+        );
         return;
     };
     let up = FakeUpstream::start().await;
@@ -79,20 +91,29 @@ async fn full_disk_refuses_with_503_forwards_nothing_and_recovers() {
     // The log's last page may still have room: issue tokens until the log is really full.
     let mut full = false;
     for _ in 0..200 {
-        let (s, _, _) = b.token_request("bot", SECRET, "github:issues.read", &[]).await;
+        let (s, _, _) = b
+            .token_request("bot", SECRET, "github:issues.read", &[])
+            .await;
         if s == 503 {
             full = true;
             break;
         }
         assert_eq!(s, 200);
     }
-    assert!(full, "the token endpoint must answer 503 once the audit log cannot be written");
-    let (s, _, body) = b.call("GET", "/github/repos/acme/widget/issues", &token).await;
+    assert!(
+        full,
+        "the token endpoint must answer 503 once the audit log cannot be written"
+    );
+    let (s, _, body) = b
+        .call("GET", "/github/repos/acme/widget/issues", &token)
+        .await;
     assert_eq!(s, 503, "{body}");
     assert!(body.contains("audit_unavailable"));
     assert_eq!(up.count(), 0, "nothing forwarded unaudited");
     std::fs::remove_file(filler).unwrap();
-    let (s, _, body) = b.call("GET", "/github/repos/acme/widget/issues", &token).await;
+    let (s, _, body) = b
+        .call("GET", "/github/repos/acme/widget/issues", &token)
+        .await;
     assert_eq!(s, 200, "recovers by itself once writes succeed: {body}");
     assert_eq!(up.count(), 1);
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;

@@ -11,14 +11,28 @@ fn config_with_auth(upstream: std::net::SocketAddr, auth: &str) -> String {
 
 #[tokio::test]
 async fn header_with_prefix() {
-    let up = FakeUpstream::start_expecting(Expect::Header("x-api-key", format!("Token {CREDENTIAL}"))).await;
-    let b = TestBroker::start(&config_with_auth(up.addr, r#"{ type = "header", name = "X-Api-Key", prefix = "Token " }"#)).await;
+    let up =
+        FakeUpstream::start_expecting(Expect::Header("x-api-key", format!("Token {CREDENTIAL}")))
+            .await;
+    let b = TestBroker::start(&config_with_auth(
+        up.addr,
+        r#"{ type = "header", name = "X-Api-Key", prefix = "Token " }"#,
+    ))
+    .await;
     let token = b.token("github:issues.read", &[]).await;
-    let (s, _, body) = b.call("GET", "/github/repos/acme/widget/issues", &token).await;
+    let (s, _, body) = b
+        .call("GET", "/github/repos/acme/widget/issues", &token)
+        .await;
     assert_eq!(s, 200, "{body}");
     assert!(!up.requests()[0].headers.contains_key("authorization"));
     let (s, _, _) = b
-        .call_with("GET", "/github/repos/acme/widget/issues", &token, &[("x-api-key", "mine")], "")
+        .call_with(
+            "GET",
+            "/github/repos/acme/widget/issues",
+            &token,
+            &[("x-api-key", "mine")],
+            "",
+        )
         .await;
     assert_eq!(s, 400, "client copy of the injected header");
     assert_eq!(up.count(), 1);
@@ -27,39 +41,76 @@ async fn header_with_prefix() {
 #[tokio::test]
 async fn basic() {
     use base64::Engine;
-    let expected = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("x:{CREDENTIAL}")));
+    let expected = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("x:{CREDENTIAL}"))
+    );
     let up = FakeUpstream::start_expecting(Expect::Header("authorization", expected)).await;
-    let b = TestBroker::start(&config_with_auth(up.addr, r#"{ type = "basic", username = "x" }"#)).await;
+    let b = TestBroker::start(&config_with_auth(
+        up.addr,
+        r#"{ type = "basic", username = "x" }"#,
+    ))
+    .await;
     let token = b.token("github:issues.read", &[]).await;
-    assert_eq!(b.call("GET", "/github/repos/acme/widget/issues", &token).await.0, 200);
+    assert_eq!(
+        b.call("GET", "/github/repos/acme/widget/issues", &token)
+            .await
+            .0,
+        200
+    );
 }
 
 #[tokio::test]
 async fn query_parameter_is_appended_last_and_encoded() {
     let up = FakeUpstream::start_expecting(Expect::Query(format!("&api_key={CREDENTIAL}"))).await;
-    let b = TestBroker::start(&config_with_auth(up.addr, r#"{ type = "query", name = "api_key" }"#)).await;
+    let b = TestBroker::start(&config_with_auth(
+        up.addr,
+        r#"{ type = "query", name = "api_key" }"#,
+    ))
+    .await;
     let token = b.token("github:issues.read", &[]).await;
-    let (s, _, body) = b.call("GET", "/github/repos/acme/widget/issues?state=open", &token).await;
+    let (s, _, body) = b
+        .call("GET", "/github/repos/acme/widget/issues?state=open", &token)
+        .await;
     assert_eq!(s, 200, "{body}");
-    assert_eq!(up.requests()[0].target, format!("/repos/acme/widget/issues?state=open&api_key={CREDENTIAL}"));
-    let (s, _, _) = b.call("GET", "/github/repos/acme/widget/issues?API%5FKEY=x", &token).await;
-    assert_eq!(s, 400, "client copy of the injected parameter, after decoding");
+    assert_eq!(
+        up.requests()[0].target,
+        format!("/repos/acme/widget/issues?state=open&api_key={CREDENTIAL}")
+    );
+    let (s, _, _) = b
+        .call(
+            "GET",
+            "/github/repos/acme/widget/issues?API%5FKEY=x",
+            &token,
+        )
+        .await;
+    assert_eq!(
+        s, 400,
+        "client copy of the injected parameter, after decoding"
+    );
     assert_eq!(up.count(), 1);
 }
 
 #[tokio::test]
 async fn echoed_credential_header_is_dropped() {
     fn echo(_: &Seen) -> Option<http::Response<http_body_util::Full<bytes::Bytes>>> {
-        let mut r = http::Response::new(http_body_util::Full::new(bytes::Bytes::from_static(b"{}")));
-        r.headers_mut().insert("x-debug-auth", format!("Bearer {CREDENTIAL}").parse().unwrap());
-        r.headers_mut().insert("location", "https://elsewhere.example/".parse().unwrap());
+        let mut r =
+            http::Response::new(http_body_util::Full::new(bytes::Bytes::from_static(b"{}")));
+        r.headers_mut().insert(
+            "x-debug-auth",
+            format!("Bearer {CREDENTIAL}").parse().unwrap(),
+        );
+        r.headers_mut()
+            .insert("location", "https://elsewhere.example/".parse().unwrap());
         *r.status_mut() = http::StatusCode::FOUND;
         Some(r)
     }
     let up = FakeUpstream::start_with(Expect::Nothing, echo).await;
     let b = TestBroker::start(&standard_config(up.addr)).await;
     let token = b.token("github:issues.read", &[]).await;
-    let (s, h, _) = b.call("GET", "/github/repos/acme/widget/issues", &token).await;
+    let (s, h, _) = b
+        .call("GET", "/github/repos/acme/widget/issues", &token)
+        .await;
     assert_eq!(s, 302, "redirects are passed back, not followed");
     assert!(!h.contains_key("x-debug-auth"));
     assert_eq!(up.count(), 1);

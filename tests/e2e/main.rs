@@ -2,6 +2,7 @@
 
 mod support;
 
+mod admin;
 mod audit_log;
 mod injection;
 mod proxy;

@@ -10,13 +10,25 @@ async fn allowed_call_is_forwarded_with_the_credential_and_correlated() {
     let up = FakeUpstream::start().await;
     let b = TestBroker::start(&standard_config(up.addr)).await;
     let token = b.token("github:issues.read", &[]).await;
-    let (status, headers, body) = b.call("GET", "/github/repos/acme/widget/issues?state=open&per_page=5", &token).await;
+    let (status, headers, body) = b
+        .call(
+            "GET",
+            "/github/repos/acme/widget/issues?state=open&per_page=5",
+            &token,
+        )
+        .await;
     assert_eq!(status, 200, "{body}");
     let rid = headers["x-request-id"].to_str().unwrap().to_owned();
     let seen = up.requests();
     assert_eq!(seen.len(), 1);
-    assert_eq!(seen[0].target, "/repos/acme/widget/issues?state=open&per_page=5");
-    assert_eq!(seen[0].headers["authorization"], format!("Bearer {CREDENTIAL}").as_str());
+    assert_eq!(
+        seen[0].target,
+        "/repos/acme/widget/issues?state=open&per_page=5"
+    );
+    assert_eq!(
+        seen[0].headers["authorization"],
+        format!("Bearer {CREDENTIAL}").as_str()
+    );
     assert_eq!(seen[0].headers["x-request-id"], rid.as_str());
     assert_eq!(seen[0].headers["host"], up.addr.to_string().as_str());
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -36,21 +48,83 @@ async fn allowed_call_is_forwarded_with_the_credential_and_correlated() {
 async fn each_refusal_has_its_status_and_never_reaches_the_upstream() {
     let up = FakeUpstream::start().await;
     let b = TestBroker::start(&standard_config(up.addr)).await;
-    let token = b.token("github:issues.read github:issues.comment", &[]).await;
+    let token = b
+        .token("github:issues.read github:issues.comment", &[])
+        .await;
     let cases: Vec<(&str, &str, String, u16, &str)> = vec![
         // check 1: canonical path
-        ("GET", "/github/repos/acme/widget/../x/issues", token.clone(), 400, "invalid_request"),
-        ("GET", "/github/repos/acme//widget/issues", token.clone(), 400, "invalid_request"),
-        ("GET", "/github/repos/acme/widget%2fissues", token.clone(), 400, "invalid_request"),
-        ("GET", "/github/repos/acme/widget/issues?access_token=abc", token.clone(), 400, "invalid_request"),
+        (
+            "GET",
+            "/github/repos/acme/widget/../x/issues",
+            token.clone(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "GET",
+            "/github/repos/acme//widget/issues",
+            token.clone(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "GET",
+            "/github/repos/acme/widget%2fissues",
+            token.clone(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "GET",
+            "/github/repos/acme/widget/issues?access_token=abc",
+            token.clone(),
+            400,
+            "invalid_request",
+        ),
         // check 2: token
-        ("GET", "/github/repos/acme/widget/issues", String::new(), 401, "invalid_token"),
-        ("GET", "/github/repos/acme/widget/issues", "not.a.jwt".into(), 401, "invalid_token"),
+        (
+            "GET",
+            "/github/repos/acme/widget/issues",
+            String::new(),
+            401,
+            "invalid_token",
+        ),
+        (
+            "GET",
+            "/github/repos/acme/widget/issues",
+            "not.a.jwt".into(),
+            401,
+            "invalid_token",
+        ),
         // check 3: allowlist, scope, grant
-        ("DELETE", "/github/repos/acme/widget", token.clone(), 403, "insufficient_scope"),
-        ("GET", "/github/repos/ACME/widget/issues", token.clone(), 403, "insufficient_scope"),
-        ("GET", "/github/repos/acme/widget/issues?sort=x", token.clone(), 403, "insufficient_scope"),
-        ("GET", "/nosuch/repos/acme/widget/issues", token.clone(), 403, "insufficient_scope"),
+        (
+            "DELETE",
+            "/github/repos/acme/widget",
+            token.clone(),
+            403,
+            "insufficient_scope",
+        ),
+        (
+            "GET",
+            "/github/repos/ACME/widget/issues",
+            token.clone(),
+            403,
+            "insufficient_scope",
+        ),
+        (
+            "GET",
+            "/github/repos/acme/widget/issues?sort=x",
+            token.clone(),
+            403,
+            "insufficient_scope",
+        ),
+        (
+            "GET",
+            "/nosuch/repos/acme/widget/issues",
+            token.clone(),
+            403,
+            "insufficient_scope",
+        ),
     ];
     for (method, target, tok, status, code) in cases {
         let (s, headers, body) = b.call(method, target, &tok).await;
@@ -68,14 +142,26 @@ async fn each_refusal_has_its_status_and_never_reaches_the_upstream() {
     // check 6: body over max_body_bytes (64)
     let big = "x".repeat(100);
     let (s, _, _) = b
-        .call_with("POST", "/github/repos/acme/widget/issues/1/comments", &token, &[("content-type", "text/plain")], &big)
+        .call_with(
+            "POST",
+            "/github/repos/acme/widget/issues/1/comments",
+            &token,
+            &[("content-type", "text/plain")],
+            &big,
+        )
         .await;
     assert_eq!(s, 413);
     assert_eq!(up.count(), 0, "no refused call may reach the upstream");
     // and every refusal is audited as a deny
-    let denies: Vec<_> = b.audit().into_iter().filter(|r| r["event"] == "proxy" && r["decision"] == "deny").collect();
+    let denies: Vec<_> = b
+        .audit()
+        .into_iter()
+        .filter(|r| r["event"] == "proxy" && r["decision"] == "deny")
+        .collect();
     assert_eq!(denies.len(), 11);
-    assert!(denies.iter().all(|d| d["reason"].is_string() && d["status"].is_number()));
+    assert!(denies
+        .iter()
+        .all(|d| d["reason"].is_string() && d["status"].is_number()));
 }
 
 #[tokio::test]
@@ -83,7 +169,15 @@ async fn token_scope_limits_calls_even_when_granted() {
     let up = FakeUpstream::start().await;
     let b = TestBroker::start(&standard_config(up.addr)).await;
     let token = b.token("github:issues.read", &[]).await;
-    let (s, _, body) = b.call_with("POST", "/github/repos/acme/widget/issues/1/comments", &token, &[], "hi").await;
+    let (s, _, body) = b
+        .call_with(
+            "POST",
+            "/github/repos/acme/widget/issues/1/comments",
+            &token,
+            &[],
+            "hi",
+        )
+        .await;
     assert_eq!(s, 403, "{body}");
     assert_eq!(up.count(), 0);
 }
@@ -94,16 +188,32 @@ async fn max_uses_and_single_call_binding() {
     let b = TestBroker::start(&standard_config(up.addr)).await;
     let token = b.token("github:issues.read", &[("max_uses", "2")]).await;
     for _ in 0..2 {
-        assert_eq!(b.call("GET", "/github/repos/acme/widget/issues", &token).await.0, 200);
+        assert_eq!(
+            b.call("GET", "/github/repos/acme/widget/issues", &token)
+                .await
+                .0,
+            200
+        );
     }
-    let (s, _, body) = b.call("GET", "/github/repos/acme/widget/issues", &token).await;
+    let (s, _, body) = b
+        .call("GET", "/github/repos/acme/widget/issues", &token)
+        .await;
     assert_eq!(s, 401, "{body}");
     assert_eq!(up.count(), 2);
 
     let details = r#"[{"type":"credbroker_request","connector":"github","method":"GET","path":"/repos/acme/widget/issues"}]"#;
-    let bound = b.token("github:issues.read", &[("authorization_details", details)]).await;
-    assert_eq!(b.call("GET", "/github/repos/acme/widget/issues", &bound).await.0, 200);
-    let (s, _, _) = b.call("GET", "/github/repos/acme/gadget/issues", &bound).await;
+    let bound = b
+        .token("github:issues.read", &[("authorization_details", details)])
+        .await;
+    assert_eq!(
+        b.call("GET", "/github/repos/acme/widget/issues", &bound)
+            .await
+            .0,
+        200
+    );
+    let (s, _, _) = b
+        .call("GET", "/github/repos/acme/gadget/issues", &bound)
+        .await;
     assert_eq!(s, 403, "authorization_details binds the token to one call");
     assert_eq!(up.count(), 3);
 }
@@ -128,14 +238,26 @@ async fn header_hygiene() {
         ("x-request-id", "client-chosen"),
         ("accept", "application/vnd.github+json"),
     ];
-    let (s, _, body) = b.call_with("GET", "/github/repos/acme/widget/issues", &token, &hdrs, "").await;
+    let (s, _, body) = b
+        .call_with("GET", "/github/repos/acme/widget/issues", &token, &hdrs, "")
+        .await;
     assert_eq!(s, 200, "{body}");
     let seen = &up.requests()[0];
     for gone in [
-        "cookie", "proxy-authorization", "x-hop", "keep-alive", "x-http-method-override",
-        "x-http-method", "x-method-override", "forwarded", "x-forwarded-host",
+        "cookie",
+        "proxy-authorization",
+        "x-hop",
+        "keep-alive",
+        "x-http-method-override",
+        "x-http-method",
+        "x-method-override",
+        "forwarded",
+        "x-forwarded-host",
     ] {
-        assert!(!seen.headers.contains_key(gone), "{gone} must not be forwarded");
+        assert!(
+            !seen.headers.contains_key(gone),
+            "{gone} must not be forwarded"
+        );
     }
     assert_eq!(seen.headers["x-forwarded-for"], "127.0.0.1");
     assert_ne!(seen.headers["x-request-id"], "client-chosen");
@@ -151,11 +273,17 @@ async fn upgrade_and_duplicate_authorization_are_refused() {
     let req = format!(
         "GET /github/repos/acme/widget/issues HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
     );
-    assert_eq!(raw_status(&raw(b.addr, req.as_bytes(), Duration::from_secs(2)).await), Some(400));
+    assert_eq!(
+        raw_status(&raw(b.addr, req.as_bytes(), Duration::from_secs(2)).await),
+        Some(400)
+    );
     let req = format!(
         "GET /github/repos/acme/widget/issues HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n"
     );
-    assert_eq!(raw_status(&raw(b.addr, req.as_bytes(), Duration::from_secs(2)).await), Some(400));
+    assert_eq!(
+        raw_status(&raw(b.addr, req.as_bytes(), Duration::from_secs(2)).await),
+        Some(400)
+    );
     assert_eq!(up.count(), 0);
 }
 
@@ -163,13 +291,29 @@ async fn upgrade_and_duplicate_authorization_are_refused() {
 async fn oversized_headers_get_431_and_garbage_never_panics() {
     let up = FakeUpstream::start().await;
     let b = TestBroker::start(&standard_config(up.addr)).await;
-    let big = format!("GET /github/x HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(9000));
-    assert_eq!(raw_status(&raw(b.addr, big.as_bytes(), Duration::from_secs(2)).await), Some(431));
-    let out = raw(b.addr, b"\x00\x01\x02 garbage \xff\xfe\r\n\r\n", Duration::from_secs(2)).await;
+    let big = format!(
+        "GET /github/x HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(9000)
+    );
+    assert_eq!(
+        raw_status(&raw(b.addr, big.as_bytes(), Duration::from_secs(2)).await),
+        Some(431)
+    );
+    let out = raw(
+        b.addr,
+        b"\x00\x01\x02 garbage \xff\xfe\r\n\r\n",
+        Duration::from_secs(2),
+    )
+    .await;
     assert!(out.is_empty() || raw_status(&out) == Some(400), "{out}");
     // still serving
     let token = b.token("github:issues.read", &[]).await;
-    assert_eq!(b.call("GET", "/github/repos/acme/widget/issues", &token).await.0, 200);
+    assert_eq!(
+        b.call("GET", "/github/repos/acme/widget/issues", &token)
+            .await
+            .0,
+        200
+    );
     assert_eq!(up.count(), 1);
 }
 
@@ -181,7 +325,9 @@ async fn upstream_down_is_502_and_audited() {
     drop(dead);
     let b = TestBroker::start(&standard_config(dead_addr)).await;
     let token = b.token("github:issues.read", &[]).await;
-    let (s, _, body) = b.call("GET", "/github/repos/acme/widget/issues", &token).await;
+    let (s, _, body) = b
+        .call("GET", "/github/repos/acme/widget/issues", &token)
+        .await;
     assert_eq!(s, 502, "{body}");
     assert!(body.contains("upstream_unavailable"));
     let records = b.audit();

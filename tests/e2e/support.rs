@@ -2,7 +2,6 @@
 //! upstream that answers only when it sees the injected credential, and small HTTP clients
 //! (hyper for well-formed requests, a raw socket for everything else).
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -60,7 +59,11 @@ pub enum Expect {
 
 impl FakeUpstream {
     pub async fn start() -> Self {
-        Self::start_expecting(Expect::Header("authorization", format!("Bearer {CREDENTIAL}"))).await
+        Self::start_expecting(Expect::Header(
+            "authorization",
+            format!("Bearer {CREDENTIAL}"),
+        ))
+        .await
     }
 
     pub async fn start_expecting(expect: Expect) -> Self {
@@ -78,7 +81,9 @@ impl FakeUpstream {
         let rec = Arc::clone(&seen);
         tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
                 let rec = Arc::clone(&rec);
                 let expect = expect.clone();
                 tokio::spawn(async move {
@@ -87,10 +92,18 @@ impl FakeUpstream {
                         let expect = expect.clone();
                         async move {
                             let (parts, body) = req.into_parts();
-                            let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                            let body = body
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
                             let s = Seen {
                                 method: parts.method.to_string(),
-                                target: parts.uri.path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_default(),
+                                target: parts
+                                    .uri
+                                    .path_and_query()
+                                    .map(|p| p.as_str().to_owned())
+                                    .unwrap_or_default(),
                                 headers: parts.headers.clone(),
                                 body,
                             };
@@ -99,18 +112,27 @@ impl FakeUpstream {
                                 return Ok::<_, Infallible>(r);
                             }
                             let ok = match &expect {
-                                Expect::Header(name, value) => s.headers.get(*name).is_some_and(|v| v == value.as_str()),
+                                Expect::Header(name, value) => {
+                                    s.headers.get(*name).is_some_and(|v| v == value.as_str())
+                                }
                                 Expect::Query(pair) => s.target.ends_with(pair.as_str()),
                                 Expect::Nothing => true,
                             };
                             let (status, text) = if ok {
-                                (StatusCode::OK, format!("{{\"ok\":true,\"target\":{:?}}}", s.target))
+                                (
+                                    StatusCode::OK,
+                                    format!("{{\"ok\":true,\"target\":{:?}}}", s.target),
+                                )
                             } else {
-                                (StatusCode::UNAUTHORIZED, "{\"message\":\"Bad credentials\"}".to_owned())
+                                (
+                                    StatusCode::UNAUTHORIZED,
+                                    "{\"message\":\"Bad credentials\"}".to_owned(),
+                                )
                             };
                             let mut r = Response::new(Full::new(Bytes::from(text)));
                             *r.status_mut() = status;
-                            r.headers_mut().insert("x-github-request-id", "GH-REQ-1".parse().unwrap());
+                            r.headers_mut()
+                                .insert("x-github-request-id", "GH-REQ-1".parse().unwrap());
                             Ok(r)
                         }
                     });
@@ -251,7 +273,13 @@ impl TestBroker {
         v["access_token"].as_str().unwrap().to_owned()
     }
 
-    pub async fn token_request(&self, id: &str, secret: &str, scope: &str, extra: &[(&str, &str)]) -> (u16, HeaderMap, String) {
+    pub async fn token_request(
+        &self,
+        id: &str,
+        secret: &str,
+        scope: &str,
+        extra: &[(&str, &str)],
+    ) -> (u16, HeaderMap, String) {
         let mut form = vec![("grant_type", "client_credentials"), ("scope", scope)];
         form.extend_from_slice(extra);
         let body = form_encode(&form);
@@ -269,7 +297,14 @@ impl TestBroker {
         self.call_with(method, target, token, &[], "").await
     }
 
-    pub async fn call_with(&self, method: &str, target: &str, token: &str, headers: &[(&str, &str)], body: &str) -> (u16, HeaderMap, String) {
+    pub async fn call_with(
+        &self,
+        method: &str,
+        target: &str,
+        token: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> (u16, HeaderMap, String) {
         let mut b = Request::builder().method(method).uri(target);
         if !token.is_empty() {
             b = b.header("authorization", format!("Bearer {token}"));
@@ -280,7 +315,12 @@ impl TestBroker {
         send(self.addr, b.body(body.to_owned()).unwrap()).await
     }
 
-    pub async fn admin_call(&self, method: &str, path: &str, body: &str) -> (u16, HeaderMap, String) {
+    pub async fn admin_call(
+        &self,
+        method: &str,
+        path: &str,
+        body: &str,
+    ) -> (u16, HeaderMap, String) {
         let req = Request::builder()
             .method(method)
             .uri(path)
@@ -331,17 +371,28 @@ fn enc(s: &str) -> String {
 /// Sends one HTTP/1.1 request over a fresh connection with hyper's client.
 pub async fn send(addr: SocketAddr, mut req: Request<String>) -> (u16, HeaderMap, String) {
     let stream = TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
     tokio::spawn(conn);
-    req.headers_mut().insert("host", addr.to_string().parse().unwrap());
+    req.headers_mut()
+        .insert("host", addr.to_string().parse().unwrap());
     let req = req.map(|b| Full::new(Bytes::from(b)));
     let resp = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req))
         .await
         .expect("response in time")
         .unwrap();
     let (parts, body) = resp.into_parts();
-    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-    (parts.status.as_u16(), parts.headers, String::from_utf8_lossy(&body).into_owned())
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    (
+        parts.status.as_u16(),
+        parts.headers,
+        String::from_utf8_lossy(&body).into_owned(),
+    )
 }
 
 /// Writes raw bytes, reads until the peer closes or `wait` passes; returns what came back.
@@ -369,7 +420,12 @@ pub fn verify_chain_independently(path: &Path) -> usize {
         let hash = &line[idx + 9..line.len() - 2];
         assert!(line.ends_with("\"}"));
         let b = format!("{}}}", &line[..idx]);
-        assert_eq!(hex::encode(Sha256::digest(b.as_bytes())), hash, "hash of line {}", n + 1);
+        assert_eq!(
+            hex::encode(Sha256::digest(b.as_bytes())),
+            hash,
+            "hash of line {}",
+            n + 1
+        );
         let v: serde_json::Value = serde_json::from_str(line).unwrap();
         assert_eq!(v["prev"], prev.as_str(), "prev link of line {}", n + 1);
         let seq = v["seq"].as_u64().unwrap();
@@ -387,5 +443,3 @@ pub fn verify_chain_independently(path: &Path) -> usize {
 pub fn events<'a>(records: &'a [serde_json::Value], event: &str) -> Vec<&'a serde_json::Value> {
     records.iter().filter(|r| r["event"] == event).collect()
 }
-
-pub type Form<'a> = HashMap<&'a str, &'a str>;

@@ -6,13 +6,18 @@ use crate::support::*;
 async fn issues_a_scoped_token_with_capped_lifetime() {
     let up = FakeUpstream::start().await;
     let b = TestBroker::start(&standard_config(up.addr)).await;
-    let (s, headers, body) = b.token_request("bot", SECRET, "github:*", &[("ttl", "9999")]).await;
+    let (s, headers, body) = b
+        .token_request("bot", SECRET, "github:*", &[("ttl", "9999")])
+        .await;
     assert_eq!(s, 200, "{body}");
     assert_eq!(headers["cache-control"], "no-store");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["token_type"], "Bearer");
     assert_eq!(v["expires_in"], 120, "capped by the grant's max_ttl");
-    assert_eq!(v["scope"], "github:issues.read github:issues.comment", "`*` expanded explicitly");
+    assert_eq!(
+        v["scope"], "github:issues.read github:issues.comment",
+        "`*` expanded explicitly"
+    );
     let token = v["access_token"].as_str().unwrap();
     let parts: Vec<&str> = token.split('.').collect();
     use base64::Engine;
@@ -48,22 +53,45 @@ async fn every_error_code() {
         assert!(!body.contains("wrong"));
     }
     // invalid_scope: not granted, unknown connector, malformed, ungranted op
-    for scope in ["github:repos.delete", "nosuch:x", "garbage", "github:issues.read github:repos.delete"] {
+    for scope in [
+        "github:repos.delete",
+        "nosuch:x",
+        "garbage",
+        "github:issues.read github:repos.delete",
+    ] {
         let (s, _, body) = b.token_request("bot", SECRET, scope, &[]).await;
         assert_eq!(s, 400, "{scope}: {body}");
         assert!(body.contains("\"invalid_scope\""), "{scope}: {body}");
     }
     // unauthorized_client: authenticated, no grants
-    let (s, _, body) = b.token_request("nogrants", SECRET, "github:issues.read", &[]).await;
+    let (s, _, body) = b
+        .token_request("nogrants", SECRET, "github:issues.read", &[])
+        .await;
     assert_eq!(s, 400);
     assert!(body.contains("\"unauthorized_client\""), "{body}");
     // unsupported_grant_type
-    let (s, _, body) = b.token_request("bot", SECRET, "github:issues.read", &[("grant_type", "password")]).await;
+    let (s, _, body) = b
+        .token_request(
+            "bot",
+            SECRET,
+            "github:issues.read",
+            &[("grant_type", "password")],
+        )
+        .await;
     assert_eq!(s, 400);
-    assert!(body.contains("invalid_request") || body.contains("unsupported_grant_type"), "{body}");
+    assert!(
+        body.contains("invalid_request") || body.contains("unsupported_grant_type"),
+        "{body}"
+    );
     // invalid_request: bad ttl, bad max_uses, malformed authorization_details
-    for extra in [("ttl", "-5"), ("max_uses", "0"), ("authorization_details", "{not json")] {
-        let (s, _, body) = b.token_request("bot", SECRET, "github:issues.read", &[extra]).await;
+    for extra in [
+        ("ttl", "-5"),
+        ("max_uses", "0"),
+        ("authorization_details", "{not json"),
+    ] {
+        let (s, _, body) = b
+            .token_request("bot", SECRET, "github:issues.read", &[extra])
+            .await;
         assert_eq!(s, 400, "{extra:?}");
         assert!(body.contains("\"invalid_request\""), "{extra:?}: {body}");
     }
@@ -92,9 +120,16 @@ async fn repeated_auth_failures_lock_out_the_source() {
     let up = FakeUpstream::start().await;
     let b = TestBroker::start(&standard_config(up.addr)).await;
     for _ in 0..20 {
-        assert_eq!(b.token_request("bot", "wrong", "github:issues.read", &[]).await.0, 401);
+        assert_eq!(
+            b.token_request("bot", "wrong", "github:issues.read", &[])
+                .await
+                .0,
+            401
+        );
     }
-    let (s, h, _) = b.token_request("bot", SECRET, "github:issues.read", &[]).await;
+    let (s, h, _) = b
+        .token_request("bot", SECRET, "github:issues.read", &[])
+        .await;
     assert_eq!(s, 429, "locked out even with the right secret");
     assert!(h.contains_key("retry-after"));
 }
@@ -103,15 +138,30 @@ async fn repeated_auth_failures_lock_out_the_source() {
 async fn well_known_documents() {
     let up = FakeUpstream::start().await;
     let b = TestBroker::start(&standard_config(up.addr)).await;
-    let (s, _, body) = send(b.addr, http::Request::get("/.well-known/jwks.json").body(String::new()).unwrap()).await;
+    let (s, _, body) = send(
+        b.addr,
+        http::Request::get("/.well-known/jwks.json")
+            .body(String::new())
+            .unwrap(),
+    )
+    .await;
     assert_eq!(s, 200);
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["keys"][0]["kty"], "OKP");
     assert_eq!(v["keys"][0]["crv"], "Ed25519");
     assert!(v["keys"][0].get("d").is_none(), "never the private key");
-    let (s, _, body) = send(b.addr, http::Request::get("/.well-known/oauth-authorization-server").body(String::new()).unwrap()).await;
+    let (s, _, body) = send(
+        b.addr,
+        http::Request::get("/.well-known/oauth-authorization-server")
+            .body(String::new())
+            .unwrap(),
+    )
+    .await;
     assert_eq!(s, 200);
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["issuer"], "credbroker-test");
-    assert!(v["token_endpoint"].as_str().unwrap().ends_with("/oauth2/token"));
+    assert!(v["token_endpoint"]
+        .as_str()
+        .unwrap()
+        .ends_with("/oauth2/token"));
 }
