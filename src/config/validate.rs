@@ -104,7 +104,7 @@ fn convert(cx: &mut Ctx<'_>, raw: RawConfig, text: &str) -> Option<Config> {
     let audit = audit(cx, &raw.audit);
     let state = state(cx, &raw.state);
     let connectors = connectors(cx, &raw.connectors);
-    let clients = clients(cx, &raw.clients, &connectors, tokens.as_ref());
+    let clients = clients(cx, &raw.clients, &raw.connectors, tokens.as_ref());
 
     let connector_index = index(connectors.iter().map(|c| c.name.clone()));
     let client_index = index(clients.iter().map(|c| c.id.clone()));
@@ -417,12 +417,17 @@ fn operations(
 fn clients(
     cx: &mut Ctx<'_>,
     raws: &[raw::RawClient],
-    connectors: &[Arc<Connector>],
+    connectors: &[raw::RawConnector],
     tokens: Option<&TokensConfig>,
 ) -> Vec<Arc<Client>> {
-    let by_name: HashMap<&str, &Connector> = connectors
+    // Grants are checked against the file's names, so a connector with errors of its own does
+    // not also show up as "unknown" in every grant that names it.
+    let by_name: HashMap<&str, HashSet<&str>> = connectors
         .iter()
-        .map(|c| (c.name.as_str(), c.as_ref()))
+        .map(|c| {
+            let ops = c.operations.iter().map(|o| o.name.get_ref().as_str()).collect();
+            (c.name.get_ref().as_str(), ops)
+        })
         .collect();
     let mut seen = HashSet::new();
     let mut out = Vec::new();
@@ -475,7 +480,7 @@ fn grant(
     cx: &mut Ctx<'_>,
     spanned: &Spanned<raw::RawGrant>,
     key: &str,
-    connectors: &HashMap<&str, &Connector>,
+    connectors: &HashMap<&str, HashSet<&str>>,
     tokens: Option<&TokensConfig>,
 ) -> Option<Grant> {
     let raw = spanned.get_ref();
@@ -486,9 +491,9 @@ fn grant(
             key,
             format!("unknown connector `{}`", raw.connector),
         ),
-        Some(c) => {
+        Some(ops) => {
             for op in &raw.operations {
-                if c.operation(op).is_none() {
+                if !ops.contains(op.as_str()) {
                     cx.err(
                         span.clone(),
                         key,

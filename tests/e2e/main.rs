@@ -4,6 +4,7 @@ mod support;
 
 mod admin;
 mod audit_log;
+mod cli;
 mod injection;
 mod proxy;
 mod token_endpoint;
