@@ -45,18 +45,38 @@ fn a_good_config_becomes_validated_types() {
     let gh = c.connector("github").unwrap();
     assert_eq!(gh.upstream.base_path, "/v3");
     assert_eq!(gh.upstream.authority.as_str(), "api.github.com");
-    assert_eq!(gh.rate_limit, Some(RateLimit { per_second: 5, burst: 5 }));
-    assert_eq!(gh.expires_at, Utc.with_ymd_and_hms(2027, 7, 1, 0, 0, 0).unwrap(), "usable through the named day");
-    assert_eq!(c.audit.path, Path::new("/etc/credbroker/audit.jsonl"), "relative to the config file");
+    assert_eq!(
+        gh.rate_limit,
+        Some(RateLimit {
+            per_second: 5,
+            burst: 5
+        })
+    );
+    assert_eq!(
+        gh.expires_at,
+        Utc.with_ymd_and_hms(2027, 7, 1, 0, 0, 0).unwrap(),
+        "usable through the named day"
+    );
+    assert_eq!(
+        c.audit.path,
+        Path::new("/etc/credbroker/audit.jsonl"),
+        "relative to the config file"
+    );
     assert_eq!(c.state.dir, Path::new("/etc/credbroker/state"));
     assert_eq!(c.tokens.default_ttl, std::time::Duration::from_secs(300));
-    assert!(c.client("bot").unwrap().is_granted("github", "issues.read", Utc::now()));
+    assert!(c
+        .client("bot")
+        .unwrap()
+        .is_granted("github", "issues.read", Utc::now()));
     assert_eq!(c.sha256.len(), 64);
 }
 
 #[test]
 fn an_unknown_key_names_file_line_and_key() {
-    let text = GOOD.replace("listen = \"127.0.0.1:8443\"", "listen = \"127.0.0.1:8443\"\nlisen = \"x\"");
+    let text = GOOD.replace(
+        "listen = \"127.0.0.1:8443\"",
+        "listen = \"127.0.0.1:8443\"\nlisen = \"x\"",
+    );
     let err = parse(&text).unwrap_err().to_string();
     assert!(err.contains("/etc/credbroker/credbroker.toml:4"), "{err}");
     assert!(err.contains("lisen"), "{err}");
@@ -65,13 +85,23 @@ fn an_unknown_key_names_file_line_and_key() {
 #[test]
 fn every_semantic_problem_is_reported_at_once() {
     let text = GOOD
-        .replace("owner = \"platform@acme.example\"\npurpose", "owner = \"\"\npurpose")
+        .replace(
+            "owner = \"platform@acme.example\"\npurpose",
+            "owner = \"\"\npurpose",
+        )
         .replace("https://api.github.com/v3/", "http://api.github.com")
         .replace("/repos/acme/{repo}/issues", "/repos/../{repo}")
         .replace("literal:tok", "env:CREDBROKER_TEST_UNSET_VAR")
-        .replace("operations = [\"issues.read\"], max_ttl = \"60s\"", "operations = [\"issues.write\"], max_ttl = \"2h\"");
+        .replace(
+            "operations = [\"issues.read\"], max_ttl = \"60s\"",
+            "operations = [\"issues.write\"], max_ttl = \"2h\"",
+        );
     let errors = parse(&text).unwrap_err().0;
-    let all = errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n");
+    let all = errors
+        .iter()
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join("\n");
     for needle in [
         "connectors[github].owner",
         "loopback",
@@ -101,7 +131,11 @@ fn missing_required_fields_are_errors() {
 
 #[test]
 fn http_loopback_upstreams_are_allowed() {
-    for up in ["http://127.0.0.1:9000", "http://localhost:1", "http://[::1]:80"] {
+    for up in [
+        "http://127.0.0.1:9000",
+        "http://localhost:1",
+        "http://[::1]:80",
+    ] {
         let text = GOOD.replace("https://api.github.com/v3/", up);
         assert!(parse(&text).is_ok(), "{up}");
     }
@@ -115,14 +149,30 @@ fn lint_warns_about_governance_gaps() {
         .replace("2027-06-30", "2026-12-10");
     let now = Utc.with_ymd_and_hms(2026, 11, 26, 0, 0, 0).unwrap();
     let findings = check(&text, Path::new("c.toml"), now);
-    assert!(findings.iter().all(|f| f.severity == Severity::Warning), "{findings:?}");
-    let all = findings.iter().map(|f| f.to_string()).collect::<Vec<_>>().join("\n");
-    for needle in ["plain HTTP listener", "ephemeral", "literal:", "{*rest}", "within 30 days", "no rate_limit"] {
+    assert!(
+        findings.iter().all(|f| f.severity == Severity::Warning),
+        "{findings:?}"
+    );
+    let all = findings
+        .iter()
+        .map(|f| f.to_string())
+        .collect::<Vec<_>>()
+        .join("\n");
+    for needle in [
+        "plain HTTP listener",
+        "ephemeral",
+        "literal:",
+        "{*rest}",
+        "within 30 days",
+        "no rate_limit",
+    ] {
         assert!(all.contains(needle), "missing `{needle}` in:\n{all}");
     }
     let later = Utc.with_ymd_and_hms(2027, 1, 1, 0, 0, 0).unwrap();
     let expired = check(&text, Path::new("c.toml"), later);
-    assert!(expired.iter().any(|f| f.to_string().contains("has expired")));
+    assert!(expired
+        .iter()
+        .any(|f| f.to_string().contains("has expired")));
 }
 
 #[test]
@@ -133,7 +183,11 @@ fn lint_finds_ungranted_operations_and_grantless_clients() {
     .replace("[[clients]]", "[[clients]]\nid = \"idle\"\nowner = \"o\"\nsecret_sha256 = \"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\"\n\n[[clients]]");
     // The extra operation lands in the last table that was open: the connector's.
     let findings = check(&text, Path::new("c.toml"), Utc::now());
-    let all = findings.iter().map(|f| f.to_string()).collect::<Vec<_>>().join("\n");
+    let all = findings
+        .iter()
+        .map(|f| f.to_string())
+        .collect::<Vec<_>>()
+        .join("\n");
     assert!(all.contains("clients[idle]: has no grants"), "{all}");
 }
 
@@ -147,5 +201,10 @@ fn the_shipped_example_parses_with_its_env_vars() {
         .replace("env:AUDIT_HMAC_KEY", "literal:z");
     let c = parse(&text).unwrap();
     assert_eq!(c.connectors.len(), 2);
-    assert!(c.client("incident-bot").unwrap().grants[1].reason.as_deref() == Some("INC-4711"));
+    assert!(
+        c.client("incident-bot").unwrap().grants[1]
+            .reason
+            .as_deref()
+            == Some("INC-4711")
+    );
 }

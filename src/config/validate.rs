@@ -425,7 +425,11 @@ fn clients(
     let by_name: HashMap<&str, HashSet<&str>> = connectors
         .iter()
         .map(|c| {
-            let ops = c.operations.iter().map(|o| o.name.get_ref().as_str()).collect();
+            let ops = c
+                .operations
+                .iter()
+                .map(|o| o.name.get_ref().as_str())
+                .collect();
             (c.name.get_ref().as_str(), ops)
         })
         .collect();

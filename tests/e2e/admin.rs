@@ -8,11 +8,24 @@ async fn admin_needs_its_token_but_health_does_not() {
     let up = FakeUpstream::start().await;
     let b = TestBroker::start(&standard_config(up.addr)).await;
     let admin = b.admin.unwrap();
-    let (s, _, _) = send(admin, http::Request::get("/healthz").body(String::new()).unwrap()).await;
+    let (s, _, _) = send(
+        admin,
+        http::Request::get("/healthz").body(String::new()).unwrap(),
+    )
+    .await;
     assert_eq!(s, 200);
-    let (s, _, _) = send(admin, http::Request::get("/v1/connectors").body(String::new()).unwrap()).await;
+    let (s, _, _) = send(
+        admin,
+        http::Request::get("/v1/connectors")
+            .body(String::new())
+            .unwrap(),
+    )
+    .await;
     assert_eq!(s, 401);
-    let req = http::Request::get("/v1/connectors").header("authorization", "Bearer wrong").body(String::new()).unwrap();
+    let req = http::Request::get("/v1/connectors")
+        .header("authorization", "Bearer wrong")
+        .body(String::new())
+        .unwrap();
     assert_eq!(send(admin, req).await.0, 401);
     let (s, _, body) = b.admin_call("GET", "/v1/connectors", "").await;
     assert_eq!(s, 200);
@@ -24,13 +37,25 @@ async fn admin_needs_its_token_but_health_does_not() {
 async fn reload_narrows_an_issued_token_at_once_and_bad_config_keeps_the_old() {
     let up = FakeUpstream::start().await;
     let b = TestBroker::start(&standard_config(up.addr)).await;
-    let token = b.token("github:issues.read github:issues.comment", &[]).await;
-    assert_eq!(b.call("GET", "/github/repos/acme/widget/issues", &token).await.0, 200);
+    let token = b
+        .token("github:issues.read github:issues.comment", &[])
+        .await;
+    assert_eq!(
+        b.call("GET", "/github/repos/acme/widget/issues", &token)
+            .await
+            .0,
+        200
+    );
     // an invalid config is refused and the old one keeps serving
     std::fs::write(b.config_path(), "[server]\nlisten = nonsense").unwrap();
     let (s, _, body) = b.admin_call("POST", "/v1/reload", "").await;
     assert_eq!(s, 400, "{body}");
-    assert_eq!(b.call("GET", "/github/repos/acme/widget/issues", &token).await.0, 200);
+    assert_eq!(
+        b.call("GET", "/github/repos/acme/widget/issues", &token)
+            .await
+            .0,
+        200
+    );
     // narrow the grant: issues.read removed
     let narrowed = standard_config(up.addr).replace(
         "operations = [\"issues.read\", \"issues.comment\"]",
@@ -39,7 +64,9 @@ async fn reload_narrows_an_issued_token_at_once_and_bad_config_keeps_the_old() {
     std::fs::write(b.config_path(), narrowed).unwrap();
     let (s, _, body) = b.admin_call("POST", "/v1/reload", "").await;
     assert_eq!(s, 200, "{body}");
-    let (s, _, _) = b.call("GET", "/github/repos/acme/widget/issues", &token).await;
+    let (s, _, _) = b
+        .call("GET", "/github/repos/acme/widget/issues", &token)
+        .await;
     assert_eq!(s, 403, "the removed operation is refused for the old token");
     assert_eq!(up.count(), 2);
     let records = b.audit();
@@ -58,23 +85,74 @@ async fn revocation_by_jti_client_and_kill_switch() {
     let jti = {
         use base64::Engine;
         let claims = t1.split('.').nth(1).unwrap();
-        let v: serde_json::Value =
-            serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(claims).unwrap()).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(claims)
+                .unwrap(),
+        )
+        .unwrap();
         v["jti"].as_str().unwrap().to_owned()
     };
-    assert_eq!(b.admin_call("POST", "/v1/revoke", &format!("{{\"jti\":\"{jti}\"}}")).await.0, 200);
-    assert_eq!(b.call("GET", "/github/repos/acme/widget/issues", &t1).await.0, 401);
-    assert_eq!(b.call("GET", "/github/repos/acme/widget/issues", &t2).await.0, 200);
+    assert_eq!(
+        b.admin_call("POST", "/v1/revoke", &format!("{{\"jti\":\"{jti}\"}}"))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        b.call("GET", "/github/repos/acme/widget/issues", &t1)
+            .await
+            .0,
+        401
+    );
+    assert_eq!(
+        b.call("GET", "/github/repos/acme/widget/issues", &t2)
+            .await
+            .0,
+        200
+    );
     // kill switch
-    assert_eq!(b.admin_call("POST", "/v1/revoke", "{\"connector\":\"github\"}").await.0, 200);
-    assert_eq!(b.call("GET", "/github/repos/acme/widget/issues", &t2).await.0, 403);
-    let (s, _, _) = b.token_request("bot", SECRET, "github:issues.read", &[]).await;
+    assert_eq!(
+        b.admin_call("POST", "/v1/revoke", "{\"connector\":\"github\"}")
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        b.call("GET", "/github/repos/acme/widget/issues", &t2)
+            .await
+            .0,
+        403
+    );
+    let (s, _, _) = b
+        .token_request("bot", SECRET, "github:issues.read", &[])
+        .await;
     assert_eq!(s, 400, "no token for a disabled connector");
-    assert_eq!(b.admin_call("POST", "/v1/enable", "{\"connector\":\"github\"}").await.0, 200);
-    assert_eq!(b.call("GET", "/github/repos/acme/widget/issues", &t2).await.0, 200);
+    assert_eq!(
+        b.admin_call("POST", "/v1/enable", "{\"connector\":\"github\"}")
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        b.call("GET", "/github/repos/acme/widget/issues", &t2)
+            .await
+            .0,
+        200
+    );
     // every token of the client, including one minted in the same second
-    assert_eq!(b.admin_call("POST", "/v1/revoke", "{\"client\":\"bot\"}").await.0, 200);
-    assert_eq!(b.call("GET", "/github/repos/acme/widget/issues", &t2).await.0, 401);
+    assert_eq!(
+        b.admin_call("POST", "/v1/revoke", "{\"client\":\"bot\"}")
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        b.call("GET", "/github/repos/acme/widget/issues", &t2)
+            .await
+            .0,
+        401
+    );
     assert_eq!(up.count(), 2);
     let seen = up.requests();
     assert!(seen.iter().all(|r| r.method == "GET" && r.body.is_empty()));
