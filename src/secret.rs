@@ -10,6 +10,14 @@ use std::path::{Path, PathBuf};
 use zeroize::Zeroizing;
 
 /// Bytes that must never reach a log line, an error message or an audit record.
+///
+/// ```
+/// use credbroker::secret::Secret;
+///
+/// let s = Secret::new("ghs_real_credential");
+/// assert_eq!(format!("{s:?}"), "Secret(**REDACTED**)");
+/// assert_eq!(s.expose(), b"ghs_real_credential");
+/// ```
 #[derive(Clone)]
 pub struct Secret(Zeroizing<Vec<u8>>);
 

@@ -71,6 +71,16 @@ pub enum Segment {
 
 /// A compiled path pattern: `/`-separated segments; literal (byte-exact, case-sensitive, no
 /// decoding), `{name}` (exactly one non-empty segment), `{*name}` (only last: one or more segments).
+///
+/// ```
+/// use credbroker::policy::Pattern;
+///
+/// let p = Pattern::parse("/repos/acme/{repo}/issues").unwrap();
+/// assert!(p.matches("/repos/acme/widget/issues"));
+/// assert!(!p.matches("/repos/ACME/widget/issues")); // literals are byte-exact
+/// assert!(!p.matches("/repos/acme//issues"));       // `{repo}` needs a non-empty segment
+/// assert!(Pattern::parse("/repos/{*rest}/x").is_err()); // a catch-all only comes last
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pattern {
     source: Box<str>,
