@@ -218,12 +218,14 @@ fn authenticate(
     live: &Live,
     headers: &http::HeaderMap,
     conn: &ConnInfo,
-) -> Result<AccessClaims, Denial> {
+) -> Result<Arc<AccessClaims>, Denial> {
     let token = bearer_token(headers)?;
     let now = chrono::Utc::now().timestamp();
     let claims = live
         .verifier
-        .verify(token, now)
+        // Verified tokens are cached by a hash of the token (exp/nbf re-checked on every hit);
+        // revocation, binding and max_uses below are checked on every call regardless.
+        .verify_cached(token, now)
         .map_err(|e| deny(Refusal::InvalidToken(e.to_string()), "token_invalid"))?;
     if broker
         .revocations
