@@ -23,7 +23,6 @@ use crate::broker::Broker;
 use crate::proxy::pipeline::{self, ConnInfo};
 use crate::proxy::respond::Refusal;
 use crate::proxy::ProxyBody;
-use crate::tls::PeerIdentity;
 
 /// HTTP/1 header lines per request; more is refused by hyper with 431.
 const MAX_HEADERS: usize = 100;
@@ -250,9 +249,4 @@ pub fn acceptor(
     let Some(files) = tls else { return Ok(None) };
     let config = crate::tls::server_config(&files.cert, &files.key, client_ca)?;
     Ok(Some(TlsAcceptor::from(config)))
-}
-
-#[allow(dead_code)]
-fn _peer_identity_is_shared(p: PeerIdentity) -> Arc<PeerIdentity> {
-    Arc::new(p)
 }

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use hyper_rustls::HttpsConnector;
@@ -66,9 +66,4 @@ fn build_client(extra_ca: Option<&Path>) -> Result<UpstreamClient, String> {
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
         .build(connector))
-}
-
-/// A convenience for tests and dev mode: a client for plain-HTTP loopback upstreams.
-pub fn shared(clients: &Arc<UpstreamClients>) -> Result<UpstreamClient, String> {
-    clients.get(None)
 }

@@ -92,7 +92,7 @@ pub async fn token(
     record.request_id = Some(request_id.to_owned());
     record.peer = Some(conn.peer.to_string());
     match issue(&broker, &live, req, conn, &mut record).await {
-        Ok(issued) => respond_issued(&broker, &live, issued, record, request_id).await,
+        Ok(issued) => respond_issued(&broker, issued, record, request_id).await,
         Err(e) => {
             record.client = record.client.take().or(e.client.clone());
             record.reason = Some(e.code.to_owned());
@@ -147,7 +147,9 @@ async fn issue(
     if let Some(l) = live.issue_limits.get(&client.id) {
         take(l).map_err(|s| with_client(rate_limited(s)))?;
     }
-    if !client.grants.iter().any(|g| g.is_live(now)) && client.grants.is_empty() {
+    // A client with no grants at all is unauthorized; one whose only grant expired gets
+    // invalid_scope below (DESIGN §3.3).
+    if client.grants.is_empty() {
         return Err(with_client(error(
             StatusCode::BAD_REQUEST,
             "unauthorized_client",
@@ -407,7 +409,6 @@ fn check_details(
 
 async fn respond_issued(
     broker: &Broker,
-    live: &Live,
     issued: Issued,
     mut record: Record,
     request_id: &str,
@@ -445,7 +446,6 @@ async fn respond_issued(
             request_id,
         );
     }
-    let _ = live;
     let body = serde_json::json!({
         "access_token": token,
         "token_type": "Bearer",

@@ -125,14 +125,19 @@ async fn full_disk_refuses_with_503_forwards_nothing_and_recovers() {
 /// logs pass, a changed byte fails. Skipped when python3 is missing.
 #[tokio::test]
 async fn the_python_verifier_from_the_readme_works() {
-    if std::process::Command::new("python3").arg("--version").output().is_err() {
+    if std::process::Command::new("python3")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
         eprintln!("SKIPPED: python3 not found");
         return;
     }
     let up = FakeUpstream::start().await;
     let mut b = TestBroker::start(&standard_config(up.addr)).await;
     let token = b.token("github:issues.read", &[]).await;
-    b.call("GET", "/github/repos/acme/widget/issues", &token).await;
+    b.call("GET", "/github/repos/acme/widget/issues", &token)
+        .await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     b.stop().await;
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tools/verify-audit.py");
@@ -144,8 +149,15 @@ async fn the_python_verifier_from_the_readme_works() {
             .unwrap()
     };
     let o = run();
-    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stdout));
-    let text = std::fs::read_to_string(b.audit_path()).unwrap().replacen("bot", "bob", 1);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    let text = std::fs::read_to_string(b.audit_path())
+        .unwrap()
+        .replacen("bot", "bob", 1);
     std::fs::write(b.audit_path(), text).unwrap();
     let o = run();
     assert_eq!(o.status.code(), Some(1));
