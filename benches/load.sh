@@ -1,0 +1,189 @@
+#!/usr/bin/env bash
+# Load comparison (issue 7): direct upstream vs nginx proxy_pass with an injected
+# Authorization header vs credbroker (fsync=never and fsync=always), interleaved, each
+# configuration repeated, wrk pinned to CPU 0 and the servers to CPU 1.
+#
+# usage: benches/load.sh [SECONDS_PER_RUN=10] [REPEATS=3]
+# Prints a table and writes JSON to target/load.json. Installs wrk and nginx with apt when
+# missing. Only loopback addresses are used; every run is bounded in time.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DURATION="${1:-10}"
+REPEATS="${2:-3}"
+CONNS=(32 256)
+
+need() { command -v "$1" >/dev/null 2>&1; }
+if ! need wrk || ! need nginx; then
+  apt-get update -qq && apt-get install -y -qq wrk nginx-light || apt-get install -y -qq wrk nginx
+fi
+BIN=target/release/credbroker
+[ -x "$BIN" ] || cargo build --release
+
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  [ -f "$WORK/up/nginx.pid" ] && kill "$(cat "$WORK/up/nginx.pid")" 2>/dev/null || true
+  [ -f "$WORK/px/nginx.pid" ] && kill "$(cat "$WORK/px/nginx.pid")" 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+UP=127.0.0.1:18081; NGX=127.0.0.1:18082; CB_NEVER=127.0.0.1:18083; CB_ALWAYS=127.0.0.1:18084
+CREDENTIAL="bench-credential-$(head -c 8 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+
+nginx_conf() { # dir, server block
+  mkdir -p "$1"
+  cat > "$1/nginx.conf" <<NGX
+worker_processes 1;
+pid $1/nginx.pid;
+error_log $1/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  upstream backend { server $UP; keepalive 512; }
+  $2
+}
+NGX
+}
+# The fast upstream: nginx answering a small JSON body, only with the credential.
+nginx_conf "$WORK/up" "server { listen $UP reuseport; location / {
+    if (\$http_authorization != 'Bearer $CREDENTIAL') { return 401; }
+    default_type application/json; return 200 '{\"ok\":true,\"issues\":[]}'; } }"
+# The bar: nginx proxy_pass injecting the credential, no checks.
+nginx_conf "$WORK/px" "server { listen $NGX; location / {
+    proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection '';
+    proxy_set_header Authorization 'Bearer $CREDENTIAL'; } }"
+taskset -c 1 nginx -c "$WORK/up/nginx.conf" -p "$WORK/up"
+taskset -c 1 nginx -c "$WORK/px/nginx.conf" -p "$WORK/px"
+
+secret=bench-client-secret
+secret_sha=$(printf %s "$secret" | sha256sum | cut -d' ' -f1)
+broker_conf() { # name listen fsync
+  mkdir -p "$WORK/$1"
+  cat > "$WORK/$1/credbroker.toml" <<TOML
+[server]
+listen = "$2"
+max_connections = 20000
+[tokens]
+max_ttl = "3600s"
+[audit]
+path = "audit.jsonl"
+fsync = "$3"
+[[connectors]]
+name = "github"
+owner = "bench@example"
+purpose = "load comparison"
+expires = "2099-01-01"
+upstream = "http://$UP"
+credential = "literal:$CREDENTIAL"
+  [[connectors.operations]]
+  name = "issues.read"
+  method = "GET"
+  path = "/repos/acme/{repo}/issues"
+[[clients]]
+id = "bench"
+owner = "bench@example"
+secret_sha256 = "$secret_sha"
+grants = [ { connector = "github", operations = ["issues.read"] } ]
+TOML
+}
+broker_conf never "$CB_NEVER" never
+broker_conf always "$CB_ALWAYS" always
+RUST_LOG=warn taskset -c 1 "$BIN" serve --config "$WORK/never/credbroker.toml" 2>"$WORK/never.log" & PIDS+=($!); PID_NEVER=$!
+RUST_LOG=warn taskset -c 1 "$BIN" serve --config "$WORK/always/credbroker.toml" 2>"$WORK/always.log" & PIDS+=($!); PID_ALWAYS=$!
+for a in $UP $NGX $CB_NEVER $CB_ALWAYS; do
+  for _ in $(seq 50); do curl -s -o /dev/null "http://$a/" && break; sleep 0.1; done
+done
+token() {
+  curl -s -u "bench:$secret" -d grant_type=client_credentials -d scope=github:issues.read -d ttl=3600 \
+    "http://$1/oauth2/token" | sed -E 's/.*"access_token":"([^"]+)".*/\1/'
+}
+TOK_NEVER=$(token "$CB_NEVER"); TOK_ALWAYS=$(token "$CB_ALWAYS")
+PATH_Q=/repos/acme/widget/issues
+
+pids_of() { # config name -> pids whose CPU counts as "the proxy"
+  case "$1" in
+    direct) cat "$WORK/up/nginx.pid"; pgrep -P "$(cat "$WORK/up/nginx.pid")" ;;
+    nginx) cat "$WORK/px/nginx.pid"; pgrep -P "$(cat "$WORK/px/nginx.pid")" ;;
+    never) echo "$PID_NEVER" ;;
+    always) echo "$PID_ALWAYS" ;;
+  esac
+}
+cpu_ticks() { local t=0; for p in $(pids_of "$1"); do t=$((t + $(awk '{print $14+$15}' "/proc/$p/stat"))); done; echo $t; }
+peak_rss_kb() { local m=0; for p in $(pids_of "$1"); do v=$(awk '/VmHWM/{print $2}' "/proc/$p/status"); [ "$v" -gt "$m" ] && m=$v; done; echo $m; }
+TICK=$(getconf CLK_TCK)
+
+run() { # name conns -> "rps p50_ms p99_ms cpu_us_per_req"
+  local name=$1 c=$2 url hdr=()
+  case $name in
+    direct) url="http://$UP$PATH_Q"; hdr=(-H "Authorization: Bearer $CREDENTIAL") ;;
+    nginx) url="http://$NGX$PATH_Q" ;;
+    never) url="http://$CB_NEVER/github$PATH_Q"; hdr=(-H "Authorization: Bearer $TOK_NEVER") ;;
+    always) url="http://$CB_ALWAYS/github$PATH_Q"; hdr=(-H "Authorization: Bearer $TOK_ALWAYS") ;;
+  esac
+  local before after out
+  before=$(cpu_ticks "$name")
+  out=$(taskset -c 0 wrk -t1 -c"$c" -d"${DURATION}s" --latency "${hdr[@]}" "$url")
+  after=$(cpu_ticks "$name")
+  python3 - "$out" "$before" "$after" "$TICK" <<'PY'
+import re, sys
+out, before, after, tick = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+def ms(v):
+    n, u = re.match(r"([\d.]+)(\w+)", v).groups()
+    return float(n) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[u]
+rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+total = int(re.search(r"(\d+) requests in", out).group(1))
+p50 = ms(re.search(r"50%\s+(\S+)", out).group(1)); p99 = ms(re.search(r"99%\s+(\S+)", out).group(1))
+non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+errors = int(non2xx.group(1)) if non2xx else 0
+cpu_us = (after - before) / tick * 1e6 / max(total, 1)
+print(f"{rps:.0f} {p50:.3f} {p99:.3f} {cpu_us:.1f} {errors}")
+PY
+}
+
+echo "load comparison: ${DURATION}s per run, ${REPEATS} repeats, interleaved; wrk on CPU 0, servers on CPU 1" >&2
+RESULTS="$WORK/results.txt"; : > "$RESULTS"
+for c in "${CONNS[@]}"; do
+  for r in $(seq "$REPEATS"); do
+    for name in direct nginx never always; do
+      line=$(run "$name" "$c")
+      echo "$c $name $r $line" | tee -a "$RESULTS" >&2
+    done
+  done
+done
+for name in direct nginx never always; do echo "rss $name $(peak_rss_kb "$name")" >> "$RESULTS"; done
+
+python3 - "$RESULTS" <<'PY'
+import json, statistics, sys
+rows = [l.split() for l in open(sys.argv[1])]
+rss = {r[1]: int(r[2]) for r in rows if r[0] == "rss"}
+data = {}
+for r in rows:
+    if r[0] == "rss": continue
+    c, name = int(r[0]), r[1]
+    data.setdefault((c, name), []).append(tuple(map(float, r[3:8])))
+out = {"runs": {}, "ratios": {}, "peak_rss_kb": rss}
+names = {"direct": "direct upstream", "nginx": "nginx proxy_pass", "never": "credbroker fsync=never", "always": "credbroker fsync=always"}
+print(f"{'conns':>5}  {'configuration':<24} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'CPU us/req':>10} {'non-2xx':>8}")
+for (c, name), vals in sorted(data.items(), key=lambda kv: (kv[0][0], list(names).index(kv[0][1]))):
+    med = [statistics.median(v[i] for v in vals) for i in range(5)]
+    out["runs"][f"{c}/{name}"] = dict(zip(["rps", "p50_ms", "p99_ms", "cpu_us_per_req", "non_2xx"], med), repeats=len(vals))
+    print(f"{c:>5}  {names[name]:<24} {med[0]:>9.0f} {med[1]:>8.3f} {med[2]:>8.3f} {med[3]:>10.1f} {med[4]:>8.0f}")
+for c in sorted({k[0] for k in data}):
+    g = lambda n, k: out["runs"][f"{c}/{n}"][k]
+    for n in ("never", "always"):
+        out["ratios"][f"{c}/{n}"] = {
+            "rps_vs_nginx": g(n, "rps") / g("nginx", "rps"),
+            "rps_vs_direct": g(n, "rps") / g("direct", "rps"),
+            "cpu_vs_nginx": g(n, "cpu_us_per_req") / g("nginx", "cpu_us_per_req"),
+            "p99_added_over_direct_ms": g(n, "p99_ms") - g("direct", "p99_ms"),
+        }
+print()
+for k, v in out["ratios"].items():
+    print(f"{k:<12} req/s vs nginx {v['rps_vs_nginx']:.2f}x, vs direct {v['rps_vs_direct']:.2f}x; CPU/req vs nginx {v['cpu_vs_nginx']:.2f}x; p99 added over direct {v['p99_added_over_direct_ms']:.3f} ms")
+print("peak RSS (KiB):", rss)
+json.dump(out, open("target/load.json", "w"), indent=2)
+print("JSON: target/load.json")
+PY
