@@ -25,10 +25,14 @@ async fn upstream() -> SocketAddr {
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
-            let Ok((s, _)) = listener.accept().await else { continue };
+            let Ok((s, _)) = listener.accept().await else {
+                continue;
+            };
             tokio::spawn(async move {
                 let svc = service_fn(|_req: Request<hyper::body::Incoming>| async {
-                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"{\"ok\":true}"))))
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(
+                        b"{\"ok\":true}",
+                    ))))
                 });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(s), svc)
@@ -74,13 +78,19 @@ grants = [ {{ connector = "github", operations = ["issues.read"] }} ]
 async fn connect(addr: SocketAddr) -> SendRequest<Empty<Bytes>> {
     let s = tokio::net::TcpStream::connect(addr).await.unwrap();
     s.set_nodelay(true).unwrap();
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s)).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+        .await
+        .unwrap();
     tokio::spawn(conn);
     sender
 }
 
 async fn get(sender: &mut SendRequest<Empty<Bytes>>, uri: &str, auth: &str) {
-    let req = Request::get(uri).header("host", "x").header("authorization", auth).body(Empty::new()).unwrap();
+    let req = Request::get(uri)
+        .header("host", "x")
+        .header("authorization", auth)
+        .body(Empty::new())
+        .unwrap();
     let resp = sender.send_request(req).await.unwrap();
     assert_eq!(resp.status(), 200);
     resp.into_body().collect().await.unwrap();
@@ -89,22 +99,37 @@ async fn get(sender: &mut SendRequest<Empty<Bytes>>, uri: &str, auth: &str) {
 async fn token(addr: SocketAddr) -> String {
     use base64::Engine;
     let s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s)).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+        .await
+        .unwrap();
     tokio::spawn(conn);
     let basic = base64::engine::general_purpose::STANDARD.encode(format!("bench:{SECRET}"));
     let req = Request::post("/oauth2/token")
         .header("host", "x")
         .header("authorization", format!("Basic {basic}"))
         .header("content-type", "application/x-www-form-urlencoded")
-        .body(Full::new(Bytes::from("grant_type=client_credentials&scope=github%3Aissues.read&ttl=900")))
+        .body(Full::new(Bytes::from(
+            "grant_type=client_credentials&scope=github%3Aissues.read&ttl=900",
+        )))
         .unwrap();
-    let body = sender.send_request(req).await.unwrap().into_body().collect().await.unwrap().to_bytes();
+    let body = sender
+        .send_request(req)
+        .await
+        .unwrap()
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes();
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
     v["access_token"].as_str().unwrap().to_owned()
 }
 
 fn bench(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let up = rt.block_on(upstream());
     let mut group = c.benchmark_group("pipeline");
@@ -127,7 +152,9 @@ fn bench(c: &mut Criterion) {
     for fsync in ["never", "always"] {
         let sub = dir.path().join(fsync);
         std::fs::create_dir_all(&sub).unwrap();
-        let running = rt.block_on(credbroker::cli::serve::start(config(&sub, up, fsync))).unwrap();
+        let running = rt
+            .block_on(credbroker::cli::serve::start(config(&sub, up, fsync)))
+            .unwrap();
         let addr = running.proxy_addr;
         let bearer = format!("Bearer {}", rt.block_on(token(addr)));
         let mut client = rt.block_on(connect(addr));
