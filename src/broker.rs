@@ -15,7 +15,8 @@ use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
 use crate::audit::AuditLog;
-use crate::config::{Config, Credential, RateLimit};
+use crate::config::{Config, Connector, Credential, RateLimit};
+use crate::credential::{CredentialError, DynamicCredential};
 use crate::proxy::forward::{UpstreamClient, UpstreamClients};
 use crate::proxy::inject::{InjectError, Injection};
 use crate::state::Revocations;
@@ -51,6 +52,11 @@ pub struct ConnectorRuntime {
     pub injection: Injection,
     /// The raw credential, to spot an upstream echoing it back.
     pub credential: crate::secret::Secret,
+    /// A dynamic credential's source and cache (DESIGN §3.7), kept across reloads that leave
+    /// it unchanged. For such a connector `injection` and `credential` carry no credential:
+    /// `injection` only names the header or parameter check 1 refuses from clients, and the
+    /// pipeline builds the real injection per call from the minted token.
+    pub dynamic: Option<Arc<DynamicCredential>>,
     pub client: UpstreamClient,
     pub limiter: Option<Arc<DefaultDirectRateLimiter>>,
     /// `scheme://authority/base-path`, to which the request path and query are appended.
@@ -80,6 +86,12 @@ pub enum LoadError {
     /// An upstream TLS configuration could not be built.
     #[error("connector {connector}: {message}")]
     UpstreamTls { connector: String, message: String },
+    /// A dynamic credential's source could not be built (e.g. its key stopped parsing).
+    #[error("connector {connector}: {source}")]
+    DynamicCredential {
+        connector: String,
+        source: CredentialError,
+    },
 }
 
 impl Broker {
@@ -182,9 +194,14 @@ impl Live {
         );
         let mut connectors = HashMap::new();
         for c in &config.connectors {
-            let Credential::Static { value, .. } = &c.credential;
+            // A dynamic connector has no credential yet: an empty one gives the injection's
+            // names for check 1, and nothing else reads it.
+            let value = match &c.credential {
+                Credential::Static { value, .. } => value.clone(),
+                _ => crate::secret::Secret::new(Vec::new()),
+            };
             let injection =
-                Injection::new(&c.auth, value).map_err(|source| LoadError::Injection {
+                Injection::new(&c.auth, &value).map_err(|source| LoadError::Injection {
                     connector: c.name.clone(),
                     source,
                 })?;
@@ -194,6 +211,7 @@ impl Live {
                     connector: c.name.clone(),
                     message,
                 })?;
+            let dynamic = dynamic_credential(c, &client, old)?;
             let old_limiter = old
                 .and_then(|o| o.connectors.get(&c.name))
                 .and_then(|r| r.limiter.clone());
@@ -208,7 +226,8 @@ impl Live {
                 c.name.clone(),
                 ConnectorRuntime {
                     injection,
-                    credential: value.clone(),
+                    credential: value,
+                    dynamic,
                     client,
                     limiter: limiter(c.rate_limit, old_rate, old_limiter),
                     upstream_prefix,
@@ -237,6 +256,29 @@ impl Live {
             issue_limits,
         })
     }
+}
+
+/// The connector's dynamic credential source: the one in force when its config (secrets
+/// included) and trust roots are unchanged, so its cache survives the reload; else a new one.
+fn dynamic_credential(
+    c: &Connector,
+    client: &UpstreamClient,
+    old: Option<&Live>,
+) -> Result<Option<Arc<DynamicCredential>>, LoadError> {
+    let previous = old.and_then(|o| {
+        let same_ca = o.config.connector(&c.name)?.upstream_ca == c.upstream_ca;
+        let d = o.connectors.get(&c.name)?.dynamic.as_ref()?;
+        (same_ca && d.same_config(&c.credential)).then(|| Arc::clone(d))
+    });
+    if previous.is_some() {
+        return Ok(previous);
+    }
+    DynamicCredential::new(&c.name, &c.credential, client.clone())
+        .map(|d| d.map(Arc::new))
+        .map_err(|source| LoadError::DynamicCredential {
+            connector: c.name.clone(),
+            source,
+        })
 }
 
 /// A limiter for `rate`, reusing `previous` when the quota is unchanged.

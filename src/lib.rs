@@ -7,6 +7,7 @@
 //!
 //! - [`config`]: the TOML file (§3), parsed into validated types, and `check`'s lint.
 //! - [`secret`]: the secret newtype and `env:`/`file:`/`literal:` references.
+//! - [`credential`]: dynamic upstream credentials — OAuth2 client credentials, GitHub App (§3.7).
 //! - [`policy`]: path patterns and the per-connector operation router (§3.1, §3.2).
 //! - [`token`]: signing keys, JWKS, issuing and verifying access tokens (§4.1, §4.2).
 //! - [`proxy`]: the request pipeline of §4.3, credential injection and forwarding.
@@ -20,6 +21,7 @@ pub mod audit;
 pub mod broker;
 pub mod cli;
 pub mod config;
+pub mod credential;
 pub mod dev;
 pub mod policy;
 pub mod proxy;

@@ -36,6 +36,16 @@ impl Secret {
     }
 }
 
+/// Constant-time, so comparing a reloaded secret with the one in force leaks nothing.
+impl PartialEq for Secret {
+    fn eq(&self, other: &Self) -> bool {
+        use subtle::ConstantTimeEq;
+        bool::from(self.0.as_slice().ct_eq(other.0.as_slice()))
+    }
+}
+
+impl Eq for Secret {}
+
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Secret(**REDACTED**)")

@@ -292,6 +292,8 @@ fn connectors_view(broker: &Broker) -> serde_json::Value {
                     crate::config::AuthMethod::Basic { .. } => "basic",
                     crate::config::AuthMethod::Query { .. } => "query",
                 },
+                "credential": live.connectors.get(&c.name).and_then(|r| r.dynamic.as_ref())
+                    .map_or_else(|| serde_json::json!({"type": "static"}), |d| d.view()),
                 "rate_limit": c.rate_limit.map(|r| serde_json::json!({"per_second": r.per_second, "burst": r.burst})),
                 "operations": c.operations.iter().map(|o| serde_json::json!({
                     "name": o.name, "method": o.method.as_str(), "path": o.pattern.as_str(),

@@ -5,11 +5,12 @@
 //! (compiled patterns, resolved secrets, parsed durations), collecting *every* problem with its
 //! file, line and key before failing. [`lint`] adds `check`'s governance findings on top.
 
+mod dynamic;
 pub mod lint;
 pub mod raw;
 mod validate;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -153,6 +154,46 @@ pub struct Upstream {
 pub enum Credential {
     /// A static secret, resolved at load (and re-read on reload).
     Static { reference: SecretRef, value: Secret },
+    /// OAuth2 client credentials (DESIGN §3.7): the broker mints short access tokens.
+    OAuth2(OAuth2Credential),
+    /// A GitHub App (DESIGN §3.7): the broker mints installation tokens.
+    GithubApp(GithubAppCredential),
+}
+
+/// `{ type = "oauth2_client_credentials", … }`, validated. The long-term secret is resolved at
+/// load, so a reload re-reads it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OAuth2Credential {
+    /// `https://…` (or `http://` on loopback).
+    pub token_url: http::Uri,
+    pub client_id: String,
+    pub client_secret: Secret,
+    pub scope: Option<String>,
+    pub auth_method: OAuth2AuthMethod,
+}
+
+/// How the broker authenticates to the token endpoint (RFC 6749 §2.3.1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OAuth2AuthMethod {
+    /// HTTP Basic with the form-urlencoded id and secret (`client_secret_basic`, the default).
+    Basic,
+    /// `client_id` and `client_secret` in the form body (`client_secret_post`).
+    Post,
+}
+
+/// `{ type = "github_app", … }`, validated: the private key is a parsable RSA PEM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GithubAppCredential {
+    pub app_id: u64,
+    pub installation_id: u64,
+    /// PKCS#1 or PKCS#8 PEM.
+    pub private_key: Secret,
+    /// The API base without a trailing slash (`https://api.github.com` by default).
+    pub api: String,
+    /// Narrow the installation token to these repositories (names), if set.
+    pub repositories: Option<Vec<String>>,
+    /// Narrow the installation token to these permissions, if set.
+    pub permissions: Option<BTreeMap<String, String>>,
 }
 
 /// How the credential is injected (DESIGN §3.8).

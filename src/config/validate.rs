@@ -567,14 +567,7 @@ fn credential(
             }
             Some(Credential::Static { reference, value })
         }
-        raw::RawCredential::Dynamic(_) => {
-            cx.err(
-                Some(raw.span()),
-                key,
-                "dynamic credentials (oauth2_client_credentials, github_app) are not supported by this build yet",
-            );
-            None
-        }
+        raw::RawCredential::Dynamic(d) => super::dynamic::credential(cx, d, raw.span(), key),
     }
 }
 
@@ -832,7 +825,7 @@ fn secret(cx: &mut Ctx<'_>, raw: &S, key: &str) -> Option<(SecretRef, Secret)> {
     resolve_secret(cx, raw.get_ref(), Some(raw.span()), key)
 }
 
-fn resolve_secret(
+pub(super) fn resolve_secret(
     cx: &mut Ctx<'_>,
     reference: &str,
     span: Option<Range<usize>>,

@@ -23,6 +23,7 @@ use super::ProxyBody;
 use crate::audit::{Decision, Event, Record};
 use crate::broker::{take, Broker, ConnectorRuntime, Live};
 use crate::config::{Client, Connector, Operation};
+use crate::credential::{DynamicCredential, Minted};
 use crate::tls::PeerIdentity;
 use crate::token::AccessClaims;
 
@@ -118,6 +119,8 @@ async fn stages(
     // 6. The body fits the operation's `max_body_bytes`.
     let bytes_in = Arc::new(AtomicU64::new(0));
     let body = bounded_body(body, &parts.headers, operation.max_body_bytes, &bytes_in).await?;
+    // 6½ (DESIGN §3.7). The upstream credential: static, cached, or minted now.
+    let credential = upstream_credential(broker, connector, runtime).await?;
     // 7. The allow record is durable before anything leaves.
     let mut allow = facts.record.clone();
     allow.decision = Some(Decision::Allow);
@@ -126,13 +129,22 @@ async fn stages(
         Denial::from(Refusal::AuditUnavailable)
     })?;
     // 8. Inject the credential, forward, stream the answer back, audit the outcome.
-    let upstream_req =
-        upstream_request(parts, body, &target, connector, runtime, conn, request_id)?;
+    let upstream_req = upstream_request(
+        parts,
+        body,
+        &target,
+        connector,
+        runtime,
+        credential.injection(),
+        conn,
+        request_id,
+    )?;
     Ok(forward(
         broker,
         live,
         connector,
         runtime,
+        &credential,
         upstream_req,
         facts,
         bytes_in,
@@ -442,14 +454,79 @@ async fn bounded_body(
     }
 }
 
+/// The credential one call injects: the connector's static one, or a minted one.
+enum CallCredential<'r> {
+    Static(&'r ConnectorRuntime),
+    Minted {
+        source: &'r Arc<DynamicCredential>,
+        minted: Arc<Minted>,
+        injection: Injection,
+    },
+}
+
+impl CallCredential<'_> {
+    fn injection(&self) -> &Injection {
+        match self {
+            Self::Static(runtime) => &runtime.injection,
+            Self::Minted { injection, .. } => injection,
+        }
+    }
+
+    /// The raw credential, to spot an upstream echoing it back.
+    fn secret(&self) -> &[u8] {
+        match self {
+            Self::Static(runtime) => runtime.credential.expose(),
+            Self::Minted { minted, .. } => minted.token.expose(),
+        }
+    }
+
+    /// A 401 to a minted credential drops it, so the next call mints anew (never a replay).
+    fn upstream_answered(&self, status: http::StatusCode) {
+        if let Self::Minted { source, minted, .. } = self {
+            if status == http::StatusCode::UNAUTHORIZED {
+                source.rejected(minted);
+            }
+        }
+    }
+}
+
+/// DESIGN §3.7, between checks 6 and 7: a dynamic connector's credential, cached or minted;
+/// none to be had → 502 `credential_unavailable`, audited, nothing forwarded.
+async fn upstream_credential<'r>(
+    broker: &Broker,
+    connector: &Connector,
+    runtime: &'r ConnectorRuntime,
+) -> Result<CallCredential<'r>, Denial> {
+    let Some(source) = &runtime.dynamic else {
+        return Ok(CallCredential::Static(runtime));
+    };
+    let unavailable = || deny(Refusal::CredentialUnavailable, "credential_unavailable");
+    let minted = source.get(&broker.audit).await.map_err(|e| {
+        tracing::warn!(connector = %connector.name, error = %e, "no upstream credential; refusing the call");
+        unavailable()
+    })?;
+    let injection = Injection::new(&connector.auth, &minted.token).map_err(|_| {
+        tracing::error!(connector = %connector.name, "the minted credential cannot be injected as configured");
+        source.rejected(&minted);
+        unavailable()
+    })?;
+    Ok(CallCredential::Minted {
+        source,
+        minted,
+        injection,
+    })
+}
+
 /// The request as the upstream receives it: same method, the same path and query bytes
 /// after the connector's base, hygienic headers, the broker's request id, the credential.
+#[allow(clippy::too_many_arguments)]
 fn upstream_request(
     parts: http::request::Parts,
     body: ProxyBody,
     target: &Target<'_>,
     connector: &Connector,
     runtime: &ConnectorRuntime,
+    injection: &Injection,
     conn: &ConnInfo,
     request_id: &str,
 ) -> Result<Request<ProxyBody>, Denial> {
@@ -462,7 +539,7 @@ fn upstream_request(
         uri.push_str(q);
         sep = '&';
     }
-    if let Injection::Query { pair, .. } = &runtime.injection {
+    if let Injection::Query { pair, .. } = injection {
         uri.push(sep);
         // The pair is ASCII by construction (percent-encoded).
         uri.push_str(std::str::from_utf8(pair.expose()).unwrap_or_default());
@@ -472,7 +549,7 @@ fn upstream_request(
         Denial::from(Refusal::UpstreamUnavailable("invalid upstream URI".into()))
     })?;
     let mut hdrs =
-        headers::upstream_request_headers(&parts.headers, runtime.injection.header_name());
+        headers::upstream_request_headers(&parts.headers, injection.header_name());
     if let Ok(v) = HeaderValue::from_str(request_id) {
         hdrs.insert(HeaderName::from_static("x-request-id"), v);
     }
@@ -481,7 +558,7 @@ fn upstream_request(
         &conn.peer.ip().to_string(),
         if conn.tls { "https" } else { "http" },
     );
-    if let Injection::Header { name, value } = &runtime.injection {
+    if let Injection::Header { name, value } = injection {
         hdrs.insert(name.clone(), value.clone());
     }
     let mut req = Request::new(body);
@@ -499,6 +576,7 @@ async fn forward(
     live: &Live,
     connector: &Connector,
     runtime: &ConnectorRuntime,
+    credential: &CallCredential<'_>,
     req: Request<ProxyBody>,
     facts: &AuditFacts,
     bytes_in: Arc<AtomicU64>,
@@ -542,7 +620,8 @@ async fn forward(
         }
     };
     let (mut parts, body) = response.into_parts();
-    headers::clean_response_headers(&mut parts.headers, runtime.credential.expose());
+    credential.upstream_answered(parts.status);
+    headers::clean_response_headers(&mut parts.headers, credential.secret());
     result_record.status = Some(parts.status.as_u16());
     result_record.upstream_request_id = connector
         .upstream_request_id_header

@@ -1,0 +1,339 @@
+//! Dynamic upstream credentials (DESIGN §3.7): the broker holds a long-term secret (an OAuth2
+//! client secret, a GitHub App private key) and mints the short-lived credential it injects.
+//!
+//! - [`oauth2`]: RFC 6749 §4.4 client credentials against `token_url`;
+//! - [`github_app`]: an RS256 app JWT exchanged for a narrowed installation token;
+//! - [`cache`]: the per-connector cache, refresh point and single in-flight refresh.
+//!
+//! A [`DynamicCredential`] lives per connector and survives reloads that leave its config
+//! unchanged, so the cache is not thrown away on every reload. Minted tokens are [`Secret`]s;
+//! errors and audit records name the endpoint's status, never a token or a secret.
+
+pub mod cache;
+pub mod github_app;
+pub mod oauth2;
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use chrono::{DateTime, SecondsFormat, Utc};
+use http::Request;
+use http_body_util::{BodyExt, Limited};
+
+use crate::audit::{AuditLog, Event, Record};
+use crate::config::{Credential, OAuth2Credential};
+use crate::proxy::forward::UpstreamClient;
+use crate::proxy::ProxyBody;
+use crate::secret::Secret;
+use cache::{Cache, Clock, SystemClock};
+
+/// A whole minting exchange (connect, request, response body) must finish within this.
+pub const MINT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Token responses are small JSON objects; anything larger is refused unread.
+pub const MAX_RESPONSE_BYTES: usize = 64 * 1024;
+/// A credential is refreshed at most this long before it expires…
+const REFRESH_EARLY: chrono::Duration = chrono::Duration::seconds(60);
+/// …and not before this fraction (in tenths) of its lifetime has passed.
+const REFRESH_TENTHS: i32 = 9;
+
+/// Which kind of dynamic credential; the audit record's `kind`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    OAuth2ClientCredentials,
+    GithubApp,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::OAuth2ClientCredentials => "oauth2_client_credentials",
+            Self::GithubApp => "github_app",
+        }
+    }
+}
+
+/// A minted credential and its timing.
+pub struct Minted {
+    /// The short-lived upstream credential.
+    pub token: Secret,
+    /// When the mint request was sent (the lifetime is counted from there, conservatively).
+    pub issued_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    /// From here on a caller refreshes it: the later of 60 s before expiry and 90 % of the
+    /// lifetime (DESIGN §3.7), so it is refreshed at most 60 s early and short-lived ones are
+    /// still reused.
+    pub refresh_at: DateTime<Utc>,
+}
+
+impl Minted {
+    /// A credential valid from `issued_at` to `expires_at`; an empty token or a non-positive
+    /// lifetime is a malformed answer.
+    pub fn new(
+        token: Secret,
+        issued_at: DateTime<Utc>,
+        expires_at: DateTime<Utc>,
+    ) -> Result<Self, CredentialError> {
+        if token.is_empty() {
+            return Err(CredentialError::Malformed("empty token"));
+        }
+        let lifetime = expires_at - issued_at;
+        if lifetime <= chrono::Duration::zero() {
+            return Err(CredentialError::Malformed("the credential is already expired"));
+        }
+        let ninety_percent = issued_at + lifetime * REFRESH_TENTHS / 10;
+        Ok(Self {
+            token,
+            issued_at,
+            expires_at,
+            refresh_at: (expires_at - REFRESH_EARLY).max(ninety_percent),
+        })
+    }
+}
+
+impl fmt::Debug for Minted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Minted")
+            .field("token", &self.token)
+            .field("expires_at", &self.expires_at)
+            .field("refresh_at", &self.refresh_at)
+            .finish()
+    }
+}
+
+/// Why no credential could be minted. Never carries a token, a secret or a response body.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CredentialError {
+    /// The endpoint could not be reached or the connection failed.
+    #[error("cannot reach the credential endpoint: {0}")]
+    Unreachable(&'static str),
+    /// The exchange did not finish within [`MINT_TIMEOUT`].
+    #[error("the credential endpoint did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The endpoint answered with a non-success status.
+    #[error("the credential endpoint answered HTTP {0}")]
+    Status(u16),
+    /// The answer was larger than [`MAX_RESPONSE_BYTES`].
+    #[error("the credential endpoint's answer exceeds {MAX_RESPONSE_BYTES} bytes")]
+    TooLarge,
+    /// The answer is not the JSON the protocol describes.
+    #[error("the credential endpoint's answer is malformed: {0}")]
+    Malformed(&'static str),
+    /// The GitHub App JWT could not be signed.
+    #[error("cannot sign the GitHub App JWT")]
+    Signing,
+    /// The mint request could not be built (a configured value is not valid in a request).
+    #[error("cannot build the mint request: {0}")]
+    Request(&'static str),
+}
+
+/// How one connector mints: the validated config it was built from.
+enum Minter {
+    OAuth2(OAuth2Credential),
+    GithubApp(github_app::App),
+}
+
+/// One connector's dynamic credential: how to mint it, and the cache.
+pub struct DynamicCredential {
+    connector: String,
+    minter: Minter,
+    client: UpstreamClient,
+    cache: Cache,
+    mints: AtomicU64,
+}
+
+impl DynamicCredential {
+    /// The source for `credential`, or `None` for a static one.
+    pub fn new(
+        connector: &str,
+        credential: &Credential,
+        client: UpstreamClient,
+    ) -> Result<Option<Self>, CredentialError> {
+        Self::with_clock(connector, credential, client, Arc::new(SystemClock))
+    }
+
+    /// [`DynamicCredential::new`] with a chosen clock (tests).
+    pub fn with_clock(
+        connector: &str,
+        credential: &Credential,
+        client: UpstreamClient,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Option<Self>, CredentialError> {
+        let minter = match credential {
+            Credential::Static { .. } => return Ok(None),
+            Credential::OAuth2(c) => Minter::OAuth2(c.clone()),
+            Credential::GithubApp(c) => Minter::GithubApp(github_app::App::new(c.clone())?),
+        };
+        Ok(Some(Self {
+            connector: connector.to_owned(),
+            minter,
+            client,
+            cache: Cache::new(clock),
+            mints: AtomicU64::new(0),
+        }))
+    }
+
+    /// Whether this source was built from exactly `credential` (secrets included), so a
+    /// reload may keep it and its cache.
+    pub fn same_config(&self, credential: &Credential) -> bool {
+        match (&self.minter, credential) {
+            (Minter::OAuth2(a), Credential::OAuth2(b)) => a == b,
+            (Minter::GithubApp(a), Credential::GithubApp(b)) => a.config() == b,
+            _ => false,
+        }
+    }
+
+    pub fn kind(&self) -> Kind {
+        match self.minter {
+            Minter::OAuth2(_) => Kind::OAuth2ClientCredentials,
+            Minter::GithubApp(_) => Kind::GithubApp,
+        }
+    }
+
+    /// A fresh credential: the cached one, or one minted now (lazily, on first use). The mint
+    /// runs as its own task so a caller that goes away does not cancel it for the others.
+    pub async fn get(self: &Arc<Self>, audit: &AuditLog) -> Result<Arc<Minted>, CredentialError> {
+        if let Some(m) = self.cache.fresh() {
+            return Ok(m);
+        }
+        let this = Arc::clone(self);
+        let audit = audit.clone();
+        let task = tokio::spawn(async move {
+            this.cache
+                .get(|now| this.mint_and_audit(now, &audit))
+                .await
+        });
+        task.await
+            .map_err(|_| CredentialError::Unreachable("the mint task failed"))?
+    }
+
+    /// The upstream answered 401 to `used`: drop it so the next call mints a new one.
+    pub fn rejected(&self, used: &Arc<Minted>) {
+        tracing::warn!(connector = %self.connector, "upstream refused the minted credential; it will be minted again");
+        self.cache.invalidate(used);
+    }
+
+    /// When the cached credential expires, if one is cached.
+    pub fn expires_at(&self) -> Option<DateTime<Utc>> {
+        self.cache.peek().map(|m| m.expires_at)
+    }
+
+    /// How many credentials this source has minted (a metrics counter).
+    pub fn mints(&self) -> u64 {
+        self.mints.load(Ordering::Relaxed)
+    }
+
+    /// The admin view (`GET /v1/connectors`): kind, expiry, mints. No secret.
+    pub fn view(&self) -> serde_json::Value {
+        serde_json::json!({
+            "type": self.kind().as_str(),
+            "expires_at": self.expires_at().map(rfc3339),
+            "mints": self.mints(),
+        })
+    }
+
+    async fn mint_and_audit(
+        &self,
+        now: DateTime<Utc>,
+        audit: &AuditLog,
+    ) -> Result<Minted, CredentialError> {
+        let minted = match &self.minter {
+            Minter::OAuth2(c) => oauth2::mint(&self.client, c, now).await,
+            Minter::GithubApp(app) => app.mint(&self.client, now).await,
+        };
+        let minted = minted.inspect_err(|e| {
+            tracing::warn!(connector = %self.connector, kind = self.kind().as_str(), error = %e, "cannot mint the upstream credential");
+        })?;
+        self.mints.fetch_add(1, Ordering::Relaxed);
+        let mut record = Record::new(Event::CredentialRefreshed);
+        record.connector = Some(self.connector.clone());
+        record.kind = Some(self.kind().as_str().to_owned());
+        record.expires_at = Some(rfc3339(minted.expires_at));
+        // Not fatal here: if the log is down, the call's own allow record fails next and the
+        // call is refused with 503 before anything is forwarded.
+        if let Err(e) = audit.append(record).await {
+            tracing::error!(error = %e, "cannot write the credential_refreshed audit record");
+        }
+        tracing::info!(connector = %self.connector, kind = self.kind().as_str(), expires_at = %minted.expires_at, "minted an upstream credential");
+        Ok(minted)
+    }
+}
+
+impl fmt::Debug for DynamicCredential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DynamicCredential")
+            .field("connector", &self.connector)
+            .field("kind", &self.kind())
+            .finish_non_exhaustive()
+    }
+}
+
+fn rfc3339(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+/// Sends a mint request and returns the body of a 2xx answer, all within [`MINT_TIMEOUT`] and
+/// [`MAX_RESPONSE_BYTES`].
+async fn exchange(client: &UpstreamClient, req: Request<ProxyBody>) -> Result<Bytes, CredentialError> {
+    let work = async {
+        let response = client.request(req).await.map_err(|e| {
+            CredentialError::Unreachable(if e.is_connect() {
+                "could not connect"
+            } else {
+                "the connection failed"
+            })
+        })?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(CredentialError::Status(status.as_u16()));
+        }
+        Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .map_err(|e| {
+                if e.is::<http_body_util::LengthLimitError>() {
+                    CredentialError::TooLarge
+                } else {
+                    CredentialError::Unreachable("the response body was cut off")
+                }
+            })
+    };
+    tokio::time::timeout(MINT_TIMEOUT, work)
+        .await
+        .map_err(|_| CredentialError::Timeout(MINT_TIMEOUT))?
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone;
+
+    use super::*;
+
+    #[test]
+    fn refresh_point_is_the_later_of_60s_early_and_90_percent() {
+        let t0 = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
+        let secs = chrono::Duration::seconds;
+        let hour = Minted::new(Secret::new("t"), t0, t0 + secs(3600)).unwrap();
+        assert_eq!(hour.refresh_at, t0 + secs(3540));
+        let short = Minted::new(Secret::new("t"), t0, t0 + secs(300)).unwrap();
+        assert_eq!(short.refresh_at, t0 + secs(270));
+        assert!(Minted::new(Secret::new("t"), t0, t0).is_err());
+        assert!(Minted::new(Secret::new(""), t0, t0 + secs(5)).is_err());
+    }
+
+    #[test]
+    fn debug_never_shows_the_token() {
+        let t0 = Utc::now();
+        let m = Minted::new(
+            Secret::new("ghs_sentinel"),
+            t0,
+            t0 + chrono::Duration::seconds(60),
+        )
+        .unwrap();
+        assert!(!format!("{m:?}").contains("sentinel"));
+    }
+}
