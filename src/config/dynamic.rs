@@ -31,9 +31,14 @@ pub(super) fn credential(
         } => {
             let url = endpoint(cx, token_url, &span, &format!("{key}.token_url"));
             if client_id.is_empty() {
-                cx.err(Some(span.clone()), &format!("{key}.client_id"), "must not be empty");
+                cx.err(
+                    Some(span.clone()),
+                    &format!("{key}.client_id"),
+                    "must not be empty",
+                );
             }
-            let secret = long_term_secret(cx, client_secret, &span, &format!("{key}.client_secret"));
+            let secret =
+                long_term_secret(cx, client_secret, &span, &format!("{key}.client_secret"));
             let method = match auth_method.as_deref() {
                 None | Some("basic") => Some(OAuth2AuthMethod::Basic),
                 Some("post") => Some(OAuth2AuthMethod::Post),
@@ -67,7 +72,11 @@ pub(super) fn credential(
         } => {
             for (value, name) in [(app_id, "app_id"), (installation_id, "installation_id")] {
                 if *value == 0 {
-                    cx.err(Some(span.clone()), &format!("{key}.{name}"), "must be positive");
+                    cx.err(
+                        Some(span.clone()),
+                        &format!("{key}.{name}"),
+                        "must be positive",
+                    );
                 }
             }
             let api_text = api.as_deref().unwrap_or(GITHUB_API);
@@ -97,6 +106,14 @@ pub(super) fn credential(
                 permissions: permissions.clone(),
             }))
         }
+    }
+}
+
+/// The secret references of a dynamic credential (for `check`'s `literal:` warning).
+pub(super) fn long_term_secrets(raw: &RawDynamicCredential) -> Vec<&String> {
+    match raw {
+        RawDynamicCredential::Oauth2ClientCredentials { client_secret, .. } => vec![client_secret],
+        RawDynamicCredential::GithubApp { private_key, .. } => vec![private_key],
     }
 }
 
@@ -158,4 +175,136 @@ fn rsa_key_signs(cx: &mut Ctx<'_>, pem: &Secret, span: &Range<usize>, key: &str)
         );
     }
     signs.is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use rsa::pkcs1::EncodeRsaPrivateKey;
+    use rsa::pkcs8::{EncodePrivateKey, LineEnding};
+
+    use super::super::{Config, ConfigErrors};
+    use super::*;
+
+    /// A config with one connector whose `credential` is `credential`, in folder `dir`.
+    fn parse_with(credential: &str, dir: &Path) -> Result<Config, ConfigErrors> {
+        let text = format!(
+            r#"
+[server]
+listen = "127.0.0.1:8443"
+[audit]
+path = "audit.jsonl"
+[[connectors]]
+name = "gh"
+owner = "o"
+purpose = "p"
+expires = "2099-01-01"
+upstream = "https://api.github.com"
+credential = {credential}
+"#
+        );
+        Config::parse(&text, &dir.join("credbroker.toml"))
+    }
+
+    fn errors(credential: &str, dir: &Path) -> String {
+        parse_with(credential, dir).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn oauth2_is_validated_and_defaults_to_basic() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = parse_with(
+            r#"{ type = "oauth2_client_credentials", token_url = "https://login.example/token", client_id = "id", client_secret = "literal:s", scope = "read" }"#,
+            dir.path(),
+        )
+        .unwrap();
+        let Credential::OAuth2(o) = &c.connector("gh").unwrap().credential else {
+            panic!("not oauth2");
+        };
+        assert_eq!(o.auth_method, OAuth2AuthMethod::Basic);
+        assert_eq!(o.client_secret.expose(), b"s");
+        // Loopback http is fine (tests, sidecars); anything else must be https.
+        let loopback = r#"{ type = "oauth2_client_credentials", token_url = "http://127.0.0.1:9/token", client_id = "id", client_secret = "literal:s", auth_method = "post" }"#;
+        assert!(parse_with(loopback, dir.path()).is_ok());
+        let e = errors(
+            r#"{ type = "oauth2_client_credentials", token_url = "http://login.example/token", client_id = "id", client_secret = "env:CREDBROKER_TEST_UNSET_X", auth_method = "jwt" }"#,
+            dir.path(),
+        );
+        assert!(e.contains("credential.token_url: must be https://"), "{e}");
+        assert!(
+            e.contains("credential.client_secret: environment variable"),
+            "{e}"
+        );
+        assert!(
+            e.contains("credential.auth_method: `jwt` is not one of"),
+            "{e}"
+        );
+        assert!(e.contains(":12:"), "errors carry the line: {e}");
+    }
+
+    #[test]
+    fn github_app_keys_pkcs1_pkcs8_unreadable_and_malformed() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = rsa::RsaPrivateKey::new(&mut rand::thread_rng(), 2048).unwrap();
+        std::fs::write(
+            dir.path().join("pkcs1.pem"),
+            key.to_pkcs1_pem(LineEnding::LF).unwrap().as_bytes(),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("pkcs8.pem"),
+            key.to_pkcs8_pem(LineEnding::LF).unwrap().as_bytes(),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("bad.pem"),
+            "-----BEGIN RSA PRIVATE KEY-----\nAAAA\n-----END RSA PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        let app = |key: &str| {
+            format!(
+                r#"{{ type = "github_app", app_id = 1, installation_id = 2, private_key = "file:{key}", repositories = ["widget"], permissions = {{ issues = "write" }} }}"#
+            )
+        };
+        for ok in ["pkcs1.pem", "pkcs8.pem"] {
+            let c = parse_with(&app(ok), dir.path()).unwrap();
+            let Credential::GithubApp(g) = &c.connector("gh").unwrap().credential else {
+                panic!("not github_app");
+            };
+            assert_eq!(g.api, GITHUB_API);
+            assert_eq!(g.repositories.as_deref(), Some(&["widget".to_owned()][..]));
+        }
+        let e = errors(&app("missing.pem"), dir.path());
+        assert!(
+            e.contains("credential.private_key: cannot read secret file"),
+            "{e}"
+        );
+        let e = errors(&app("bad.pem"), dir.path());
+        assert!(e.contains("not a usable RSA private key PEM"), "{e}");
+        let e = errors(
+            r#"{ type = "github_app", app_id = 0, installation_id = 2, private_key = "file:pkcs1.pem", api = "http://github.example" }"#,
+            dir.path(),
+        );
+        assert!(e.contains("credential.app_id: must be positive"), "{e}");
+        assert!(e.contains("credential.api: must be https://"), "{e}");
+        assert!(!e.contains("PRIVATE KEY-----"), "no key material in errors");
+    }
+
+    #[test]
+    fn check_warns_about_literal_long_term_secrets() {
+        let dir = tempfile::tempdir().unwrap();
+        let cred = r#"{ type = "oauth2_client_credentials", token_url = "https://l.example/t", client_id = "id", client_secret = "literal:s" }"#;
+        let config = format!(
+            "[server]\nlisten = \"127.0.0.1:8443\"\n[audit]\npath = \"a.jsonl\"\n[[connectors]]\nname = \"gh\"\nowner = \"o\"\npurpose = \"p\"\nexpires = \"2099-01-01\"\nupstream = \"https://x.example\"\ncredential = {cred}\n"
+        );
+        let findings =
+            super::super::lint::check(&config, &dir.path().join("c.toml"), chrono::Utc::now());
+        assert!(
+            findings
+                .iter()
+                .any(|f| f.to_string().contains("credential: literal: secret")),
+            "{findings:?}"
+        );
+    }
 }

@@ -152,7 +152,11 @@ fn connector_warnings(cx: &mut Ctx<'_>, config: &Config, raw: &RawConfig, now: D
         .collect();
     for (connector, rc) in config.connectors.iter().zip(&raw.connectors) {
         let key = format!("connectors[{}]", connector.name);
-        if let RawCredential::Reference(r) = rc.credential.get_ref() {
+        let secrets: Vec<&String> = match rc.credential.get_ref() {
+            RawCredential::Reference(r) => vec![r],
+            RawCredential::Dynamic(d) => super::dynamic::long_term_secrets(d),
+        };
+        for r in secrets {
             if r.starts_with("literal:") {
                 cx.err(
                     Some(rc.credential.span()),

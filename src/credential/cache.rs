@@ -184,7 +184,11 @@ mod tests {
         assert_eq!(n.load(Ordering::SeqCst), 1);
         clock.advance(3600 - 61);
         cache.get(minter(&n, 3600)).await.unwrap();
-        assert_eq!(n.load(Ordering::SeqCst), 1, "still before the refresh point");
+        assert_eq!(
+            n.load(Ordering::SeqCst),
+            1,
+            "still before the refresh point"
+        );
         clock.advance(2);
         let m = cache.get(minter(&n, 3600)).await.unwrap();
         assert_eq!(n.load(Ordering::SeqCst), 2, "refreshed 60 s before expiry");
@@ -264,6 +268,10 @@ mod tests {
         for t in tasks {
             assert!(t.await.unwrap().is_err());
         }
-        assert_eq!(n.load(Ordering::SeqCst), 1, "waiters reused the failed attempt");
+        assert_eq!(
+            n.load(Ordering::SeqCst),
+            1,
+            "waiters reused the failed attempt"
+        );
     }
 }

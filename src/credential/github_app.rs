@@ -103,8 +103,8 @@ impl App {
         })
         .map_err(|_| CredentialError::Request("narrowing"))?;
         let bearer = Zeroizing::new([b"Bearer ".as_slice(), jwt.expose()].concat());
-        let mut auth = HeaderValue::from_bytes(&bearer)
-            .map_err(|_| CredentialError::Request("app JWT"))?;
+        let mut auth =
+            HeaderValue::from_bytes(&bearer).map_err(|_| CredentialError::Request("app JWT"))?;
         auth.set_sensitive(true);
         Request::builder()
             .method(Method::POST)
@@ -191,12 +191,14 @@ mod tests {
             assert_eq!(claims.iss, 12345);
             assert_eq!(claims.iat, t0.timestamp() - 60);
             assert!(claims.exp <= t0.timestamp() + 600 && claims.exp > t0.timestamp());
-            let payload = std::str::from_utf8(jwt.expose()).unwrap().split('.').nth(1).unwrap();
-            let raw = base64::Engine::decode(
-                &base64::engine::general_purpose::URL_SAFE_NO_PAD,
-                payload,
-            )
-            .unwrap();
+            let payload = std::str::from_utf8(jwt.expose())
+                .unwrap()
+                .split('.')
+                .nth(1)
+                .unwrap();
+            let raw =
+                base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, payload)
+                    .unwrap();
             assert!(String::from_utf8(raw).unwrap().contains("\"iss\":12345"));
         }
         let a = app(&pkcs1, true);
@@ -231,6 +233,10 @@ mod tests {
         assert_eq!(m.refresh_at, t0 + chrono::Duration::seconds(3540));
         assert!(parse(br#"{"token":"ghs_x"}"#, t0).is_err());
         assert!(parse(br#"{"token":"ghs_x","expires_at":"tomorrow"}"#, t0).is_err());
-        assert!(parse(br#"{"token":"ghs_x","expires_at":"2025-01-01T00:00:00Z"}"#, t0).is_err());
+        assert!(parse(
+            br#"{"token":"ghs_x","expires_at":"2025-01-01T00:00:00Z"}"#,
+            t0
+        )
+        .is_err());
     }
 }

@@ -81,7 +81,9 @@ impl Minted {
         }
         let lifetime = expires_at - issued_at;
         if lifetime <= chrono::Duration::zero() {
-            return Err(CredentialError::Malformed("the credential is already expired"));
+            return Err(CredentialError::Malformed(
+                "the credential is already expired",
+            ));
         }
         let ninety_percent = issued_at + lifetime * REFRESH_TENTHS / 10;
         Ok(Self {
@@ -201,11 +203,10 @@ impl DynamicCredential {
         }
         let this = Arc::clone(self);
         let audit = audit.clone();
-        let task = tokio::spawn(async move {
-            this.cache
-                .get(|now| this.mint_and_audit(now, &audit))
-                .await
-        });
+        let task =
+            tokio::spawn(
+                async move { this.cache.get(|now| this.mint_and_audit(now, &audit)).await },
+            );
         task.await
             .map_err(|_| CredentialError::Unreachable("the mint task failed"))?
     }
@@ -277,7 +278,10 @@ fn rfc3339(t: DateTime<Utc>) -> String {
 
 /// Sends a mint request and returns the body of a 2xx answer, all within [`MINT_TIMEOUT`] and
 /// [`MAX_RESPONSE_BYTES`].
-async fn exchange(client: &UpstreamClient, req: Request<ProxyBody>) -> Result<Bytes, CredentialError> {
+async fn exchange(
+    client: &UpstreamClient,
+    req: Request<ProxyBody>,
+) -> Result<Bytes, CredentialError> {
     let work = async {
         let response = client.request(req).await.map_err(|e| {
             CredentialError::Unreachable(if e.is_connect() {

@@ -127,7 +127,9 @@ mod tests {
         let auth = req.headers()[AUTHORIZATION].clone();
         assert!(auth.is_sensitive());
         let b64 = auth.to_str().unwrap().strip_prefix("Basic ").unwrap();
-        let decoded = base64::engine::general_purpose::STANDARD.decode(b64).unwrap();
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .unwrap();
         assert_eq!(decoded, b"my%20app:s3cr%3At%26x");
         assert_eq!(
             body_of(req).await,

@@ -548,8 +548,7 @@ fn upstream_request(
         tracing::error!(connector = %connector.name, "could not build the upstream URI");
         Denial::from(Refusal::UpstreamUnavailable("invalid upstream URI".into()))
     })?;
-    let mut hdrs =
-        headers::upstream_request_headers(&parts.headers, injection.header_name());
+    let mut hdrs = headers::upstream_request_headers(&parts.headers, injection.header_name());
     if let Ok(v) = HeaderValue::from_str(request_id) {
         hdrs.insert(HeaderName::from_static("x-request-id"), v);
     }
