@@ -5,6 +5,7 @@ mod support;
 mod admin;
 mod audit_log;
 mod cli;
+mod dynamic_credentials;
 mod injection;
 mod proxy;
 mod token_endpoint;
