@@ -14,6 +14,7 @@ use dashmap::DashMap;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
+use crate::admin::metrics::Metrics;
 use crate::audit::AuditLog;
 use crate::config::{Config, Connector, Credential, RateLimit};
 use crate::credential::{CredentialError, DynamicCredential};
@@ -32,6 +33,8 @@ pub struct Broker {
     pub keys: Arc<SigningKeys>,
     pub audit: AuditLog,
     pub revocations: Revocations,
+    /// Counters and histograms served at `GET /metrics`.
+    pub metrics: Arc<Metrics>,
     uses: DashMap<String, Uses>,
     auth_failures: DashMap<IpAddr, FailureWindow>,
     upstream_clients: UpstreamClients,
@@ -103,11 +106,14 @@ impl Broker {
     ) -> Result<Self, LoadError> {
         let upstream_clients = UpstreamClients::default();
         let live = Live::build(Arc::new(config), &keys, &upstream_clients, None)?;
+        let metrics = Arc::new(Metrics::new());
+        metrics.observe_audit(&audit);
         Ok(Self {
             live: ArcSwap::from_pointee(live),
             keys,
             audit,
             revocations,
+            metrics,
             uses: DashMap::new(),
             auth_failures: DashMap::new(),
             upstream_clients,

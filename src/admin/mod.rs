@@ -2,6 +2,9 @@
 //! connector view. Everything but `/healthz` and `/readyz` needs the admin bearer token,
 //! compared by SHA-256 in constant time. Every admin action is audited.
 
+pub mod metrics;
+pub mod watch;
+
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -53,6 +56,7 @@ pub async fn handle(
             resp
         }
         (&Method::GET, "/v1/connectors") => ok(connectors_view(&state.broker)),
+        (&Method::GET, "/metrics") => metrics_response(&state.broker),
         (&Method::POST, "/v1/reload") => {
             let actor = actor(conn);
             match reload(&state.broker, &actor).await {
@@ -62,7 +66,7 @@ pub async fn handle(
         }
         (&Method::POST, "/v1/revoke") => revoke(&state.broker, req, conn, request_id).await,
         (&Method::POST, "/v1/enable") => enable(&state.broker, req, conn, request_id).await,
-        (_, "/v1/connectors" | "/v1/reload" | "/v1/revoke" | "/v1/enable") => {
+        (_, "/v1/connectors" | "/v1/reload" | "/v1/revoke" | "/v1/enable" | "/metrics") => {
             Refusal::MethodNotAllowed.into_response(request_id)
         }
         _ => Refusal::NotFound.into_response(request_id),
@@ -125,7 +129,19 @@ pub async fn reload(broker: &Broker, actor: &str) -> Result<(), String> {
     if let Err(e) = broker.audit.append(record).await {
         tracing::error!(error = %e, "cannot write the admin audit record for a reload");
     }
+    broker.metrics.reload(result.is_ok());
     result
+}
+
+fn metrics_response(broker: &Broker) -> Response<ProxyBody> {
+    let mut resp = Response::new(crate::proxy::respond::full(Bytes::from(
+        broker.metrics.render(broker),
+    )));
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(metrics::CONTENT_TYPE),
+    );
+    resp
 }
 
 #[derive(Deserialize)]
@@ -300,6 +316,7 @@ fn connectors_view(broker: &Broker) -> serde_json::Value {
                     "query": o.query, "max_body_bytes": o.max_body_bytes,
                 })).collect::<Vec<_>>(),
                 "grants": grants,
+                "usage": broker.metrics.usage(&c.name),
             })
         })
         .collect();

@@ -80,6 +80,8 @@ pub async fn proxy(
     match stages(&broker, &live, req, conn, request_id, &mut facts, started).await {
         Ok(response) => response,
         Err(denial) => {
+            let took = started.elapsed();
+            broker.metrics.proxy_denied(&live.config, &facts.record, denial.reason, took);
             facts.deny(&denial);
             if let Err(e) = broker.audit.append(facts.record).await {
                 tracing::error!(error = %e, "cannot write the audit record of a denied call");
@@ -128,6 +130,7 @@ async fn stages(
         tracing::error!(error = %e, "audit log unavailable; refusing to forward");
         Denial::from(Refusal::AuditUnavailable)
     })?;
+    broker.metrics.proxy_allowed(&connector.name, &operation.name);
     // 8. Inject the credential, forward, stream the answer back, audit the outcome.
     let upstream_req = upstream_request(
         parts,
@@ -586,7 +589,9 @@ async fn forward(
     let wait = connector
         .upstream_timeout
         .min(request_deadline.saturating_duration_since(Instant::now()));
+    let sent = Instant::now();
     let result = tokio::time::timeout(wait, runtime.client.request(req)).await;
+    broker.metrics.upstream_result(&connector.name, sent.elapsed(), &result);
     let mut result_record = Record::new(Event::ProxyResult);
     result_record.request_id = facts.record.request_id.clone();
     result_record.client = facts.record.client.clone();
@@ -629,7 +634,9 @@ async fn forward(
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
     let audit = broker.audit.clone();
+    let (metrics, connector_name) = (Arc::clone(&broker.metrics), connector.name.clone());
     let on_done = Box::new(move |outcome: Outcome| {
+        metrics.request_done(&connector_name, started.elapsed());
         result_record.duration_ms = Some(started.elapsed().as_millis() as u64);
         result_record.bytes_in = Some(bytes_in.load(Ordering::Relaxed));
         result_record.bytes_out = Some(outcome.bytes_out);
@@ -658,6 +665,8 @@ async fn finish_failed(
     record.bytes_in = Some(bytes_in.load(Ordering::Relaxed));
     record.bytes_out = Some(0);
     record.error = Some(refusal.code().to_owned());
+    let connector = record.connector.as_deref().unwrap_or_default();
+    broker.metrics.request_done(connector, started.elapsed());
     if let Err(e) = broker.audit.append(record).await {
         tracing::error!(error = %e, "cannot write a proxy_result audit record");
     }

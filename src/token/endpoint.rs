@@ -96,6 +96,7 @@ pub async fn token(
         Err(e) => {
             record.client = record.client.take().or(e.client.clone());
             record.reason = Some(e.code.to_owned());
+            broker.metrics.token(record.client.as_deref(), Some(e.code));
             if let Err(audit_error) = broker.audit.append(record).await {
                 tracing::error!(error = %audit_error, "cannot write a token_denied audit record");
             }
@@ -435,7 +436,9 @@ async fn respond_issued(
         .timestamp_opt(claims.exp, 0)
         .single()
         .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+    let client = record.client.clone();
     if let Err(e) = broker.audit.append(record).await {
+        broker.metrics.token(client.as_deref(), Some("audit_unavailable"));
         tracing::error!(error = %e, "audit log unavailable; refusing to issue a token");
         return error_response(
             error(
@@ -446,6 +449,7 @@ async fn respond_issued(
             request_id,
         );
     }
+    broker.metrics.token(client.as_deref(), None);
     let body = serde_json::json!({
         "access_token": token,
         "token_type": "Bearer",

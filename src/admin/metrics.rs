@@ -1,0 +1,446 @@
+//! `GET /metrics` (DESIGN §4.4): the broker's counters and histograms in the OpenMetrics text
+//! format, which Prometheus scrapes natively, built with `prometheus-client`.
+//!
+//! Label values are always bounded: a connector is labelled only when the config in force
+//! names it, an operation only once it matched one of the connector's operations, a client only
+//! once it authenticated, and a reason is one of the broker's fixed reason codes. Anything a
+//! caller could make up (an unknown connector in the path, a client id that failed to
+//! authenticate) is folded into the empty value, so a scan cannot grow the series count.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use prometheus_client::encoding::{EncodeLabelSet, LabelSetEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::{Registry, Unit};
+
+use crate::audit::{AuditLog, Record};
+use crate::broker::Broker;
+use crate::config::Config;
+
+/// The `Content-Type` of the exposition (OpenMetrics 1.0 text, which Prometheus accepts).
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// A label set given as (name, value) pairs; a `None` value leaves the label out, so an
+/// allowed request carries no empty `reason`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct Labels(Vec<(&'static str, Option<String>)>);
+
+impl EncodeLabelSet for Labels {
+    fn encode(&self, encoder: LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        let present: Vec<(&str, &str)> = self
+            .0
+            .iter()
+            .filter_map(|(k, v)| v.as_deref().map(|v| (*k, v)))
+            .collect();
+        EncodeLabelSet::encode(&present.as_slice(), encoder)
+    }
+}
+
+fn labels(pairs: &[(&'static str, &str)]) -> Labels {
+    Labels(
+        pairs
+            .iter()
+            .map(|(k, v)| (*k, Some((*v).to_owned())))
+            .collect(),
+    )
+}
+
+type HistogramFamily = Family<Labels, Histogram, fn() -> Histogram>;
+
+/// Latency buckets from 1 ms to about 33 s (a doubling per bucket): proxied calls are bounded
+/// by `request_timeout` (60 s by default), so the top buckets still separate slow from stuck.
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
+}
+
+/// Audit syncs are much shorter: 50 µs to about 1.6 s.
+fn fsync_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 16))
+}
+
+/// Usage of one connector, for `GET /v1/connectors`.
+#[derive(Debug, Default)]
+struct Usage {
+    allowed: AtomicU64,
+    denied: AtomicU64,
+    /// Unix seconds of the last allowed call (0: never).
+    last_allowed: AtomicI64,
+}
+
+/// The registry and every family the broker updates. Held by [`Broker`]; the update methods
+/// are the one-line hooks the pipeline, the token endpoint and reload call.
+pub struct Metrics {
+    registry: Registry,
+    proxy_requests: Family<Labels, Counter>,
+    request_duration: HistogramFamily,
+    upstream_duration: HistogramFamily,
+    upstream_errors: Family<Labels, Counter>,
+    tokens_issued: Family<Labels, Counter>,
+    tokens_denied: Family<Labels, Counter>,
+    reloads: Family<Labels, Counter>,
+    audit_records: Counter,
+    audit_write_errors: Counter,
+    audit_rotations: Counter,
+    audit_fsync: Histogram,
+    connector_expiry: Family<Labels, Gauge>,
+    connector_enabled: Family<Labels, Gauge>,
+    usage: DashMap<String, Usage>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every family.
+    pub fn new() -> Self {
+        let mut m = Self {
+            registry: Registry::default(),
+            proxy_requests: Family::default(),
+            request_duration: Family::new_with_constructor(latency_histogram),
+            upstream_duration: Family::new_with_constructor(latency_histogram),
+            upstream_errors: Family::default(),
+            tokens_issued: Family::default(),
+            tokens_denied: Family::default(),
+            reloads: Family::default(),
+            audit_records: Counter::default(),
+            audit_write_errors: Counter::default(),
+            audit_rotations: Counter::default(),
+            audit_fsync: fsync_histogram(),
+            connector_expiry: Family::default(),
+            connector_enabled: Family::default(),
+            usage: DashMap::new(),
+        };
+        m.register();
+        m
+    }
+
+    fn register(&mut self) {
+        let r = &mut self.registry;
+        r.register(
+            "credbroker_proxy_requests",
+            "Proxied calls by connector, operation and decision; denials carry their reason code",
+            self.proxy_requests.clone(),
+        );
+        r.register_with_unit(
+            "credbroker_proxy_request_duration",
+            "Whole proxied request, from receipt to the end of the response body",
+            Unit::Seconds,
+            self.request_duration.clone(),
+        );
+        r.register_with_unit(
+            "credbroker_upstream_duration",
+            "Time from forwarding to the upstream's response headers",
+            Unit::Seconds,
+            self.upstream_duration.clone(),
+        );
+        r.register(
+            "credbroker_upstream_errors",
+            "Upstream failures by connector and kind (connect, failed, timeout)",
+            self.upstream_errors.clone(),
+        );
+        r.register(
+            "credbroker_tokens_issued",
+            "Access tokens issued, by client",
+            self.tokens_issued.clone(),
+        );
+        r.register(
+            "credbroker_tokens_denied",
+            "Token requests refused, by client (empty when unauthenticated) and error code",
+            self.tokens_denied.clone(),
+        );
+        r.register(
+            "credbroker_config_reloads",
+            "Config reload attempts by result (ok, failed)",
+            self.reloads.clone(),
+        );
+        r.register(
+            "credbroker_audit_records",
+            "Audit records written",
+            self.audit_records.clone(),
+        );
+        r.register(
+            "credbroker_audit_write_errors",
+            "Failed audit batch writes or syncs (the calls in them were refused)",
+            self.audit_write_errors.clone(),
+        );
+        r.register(
+            "credbroker_audit_rotations",
+            "Audit log rotations",
+            self.audit_rotations.clone(),
+        );
+        r.register_with_unit(
+            "credbroker_audit_fsync_duration",
+            "Duration of each audit log fdatasync",
+            Unit::Seconds,
+            self.audit_fsync.clone(),
+        );
+        r.register_with_unit(
+            "credbroker_connector_expiry_timestamp",
+            "When each connector expires (Unix time); it refuses every call from then on",
+            Unit::Seconds,
+            self.connector_expiry.clone(),
+        );
+        r.register(
+            "credbroker_connector_enabled",
+            "1 when the connector is enabled, 0 while its kill switch is on",
+            self.connector_enabled.clone(),
+        );
+    }
+
+    /// Feeds each audit sync's duration into the fsync histogram.
+    pub fn observe_audit(&self, audit: &AuditLog) {
+        let fsync = self.audit_fsync.clone();
+        audit.set_fsync_observer(std::sync::Arc::new(move |d: Duration| {
+            fsync.observe(d.as_secs_f64());
+        }));
+    }
+
+    /// A refused proxy call: counted with its reason, and its duration observed. `connector`
+    /// and `operation` are labels only when `config` knows them (see the module note).
+    pub fn proxy_denied(
+        &self,
+        config: &Config,
+        record: &Record,
+        reason: &'static str,
+        took: Duration,
+    ) {
+        let connector = record.connector.as_deref();
+        let connector = connector.filter(|c| config.connector(c).is_some());
+        let operation = record.operation.as_deref().filter(|_| connector.is_some());
+        self.count_request(connector, operation, Some(reason));
+        self.request_done(connector.unwrap_or_default(), took);
+    }
+
+    /// A proxy call whose allow record is durable (it is about to be forwarded).
+    pub fn proxy_allowed(&self, connector: &str, operation: &str) {
+        self.count_request(Some(connector), Some(operation), None);
+    }
+
+    fn count_request(
+        &self,
+        connector: Option<&str>,
+        operation: Option<&str>,
+        deny_reason: Option<&'static str>,
+    ) {
+        let decision = if deny_reason.is_some() {
+            "deny"
+        } else {
+            "allow"
+        };
+        let set = Labels(vec![
+            ("connector", Some(connector.unwrap_or_default().to_owned())),
+            ("operation", Some(operation.unwrap_or_default().to_owned())),
+            ("decision", Some(decision.to_owned())),
+            ("reason", deny_reason.map(str::to_owned)),
+        ]);
+        self.proxy_requests.get_or_create(&set).inc();
+        let Some(c) = connector else { return };
+        let usage = self.usage.entry(c.to_owned()).or_default();
+        if deny_reason.is_some() {
+            usage.denied.fetch_add(1, Ordering::Relaxed);
+        } else {
+            usage.allowed.fetch_add(1, Ordering::Relaxed);
+            usage
+                .last_allowed
+                .store(chrono::Utc::now().timestamp(), Ordering::Relaxed);
+        }
+    }
+
+    /// A proxied request is over: denied, failed upstream, or its response body ended.
+    /// `connector` is a configured connector's name (or empty).
+    pub fn request_done(&self, connector: &str, took: Duration) {
+        self.request_duration
+            .get_or_create(&labels(&[("connector", connector)]))
+            .observe(took.as_secs_f64());
+    }
+
+    /// The wait for the upstream's response headers ended: an answer, a failure (`connect`
+    /// or `failed`) or a `timeout`. Only called for connectors of the config in force.
+    pub fn upstream_result<T>(
+        &self,
+        connector: &str,
+        took: Duration,
+        result: &Result<Result<T, hyper_util::client::legacy::Error>, tokio::time::error::Elapsed>,
+    ) {
+        let kind = match result {
+            Ok(Ok(_)) => None,
+            Ok(Err(e)) if e.is_connect() => Some("connect"),
+            Ok(Err(_)) => Some("failed"),
+            Err(_) => Some("timeout"),
+        };
+        self.upstream_done(connector, took, kind);
+    }
+
+    fn upstream_done(&self, connector: &str, took: Duration, error: Option<&'static str>) {
+        let set = labels(&[("connector", connector)]);
+        match error {
+            None => self
+                .upstream_duration
+                .get_or_create(&set)
+                .observe(took.as_secs_f64()),
+            Some(kind) => {
+                self.upstream_errors
+                    .get_or_create(&labels(&[("connector", connector), ("kind", kind)]))
+                    .inc();
+            }
+        }
+    }
+
+    /// A token request's outcome; `client` is set only once the client authenticated.
+    pub fn token(&self, client: Option<&str>, denied: Option<&'static str>) {
+        let client = client.unwrap_or_default();
+        match denied {
+            None => self
+                .tokens_issued
+                .get_or_create(&labels(&[("client", client)]))
+                .inc(),
+            Some(code) => self
+                .tokens_denied
+                .get_or_create(&labels(&[("client", client), ("reason", code)]))
+                .inc(),
+        };
+    }
+
+    /// A reload attempt (any trigger).
+    pub fn reload(&self, ok: bool) {
+        let result = if ok { "ok" } else { "failed" };
+        self.reloads
+            .get_or_create(&labels(&[("result", result)]))
+            .inc();
+    }
+
+    /// `{allowed, denied, last_allowed}` of one connector since start, for the connector view.
+    pub fn usage(&self, connector: &str) -> serde_json::Value {
+        let Some(u) = self.usage.get(connector) else {
+            return serde_json::json!({"allowed": 0, "denied": 0, "last_allowed": null});
+        };
+        let last = u.last_allowed.load(Ordering::Relaxed);
+        serde_json::json!({
+            "allowed": u.allowed.load(Ordering::Relaxed),
+            "denied": u.denied.load(Ordering::Relaxed),
+            "last_allowed": (last > 0)
+                .then(|| chrono::DateTime::from_timestamp(last, 0).map(|t| t.to_rfc3339()))
+                .flatten(),
+        })
+    }
+
+    /// The exposition, after refreshing what is read at scrape time: the audit writer's
+    /// counters and, from the config in force, each connector's expiry and enabled state
+    /// (cleared first, so a connector removed by a reload disappears).
+    pub fn render(&self, broker: &Broker) -> String {
+        let stats = broker.audit.stats();
+        // The writer's counters only grow; mirroring them keeps one source of truth.
+        self.audit_records
+            .inner()
+            .store(stats.written, Ordering::Relaxed);
+        self.audit_write_errors
+            .inner()
+            .store(stats.write_errors, Ordering::Relaxed);
+        self.audit_rotations
+            .inner()
+            .store(stats.rotations, Ordering::Relaxed);
+        let live = broker.live();
+        self.connector_expiry.clear();
+        self.connector_enabled.clear();
+        for c in &live.config.connectors {
+            let set = labels(&[("connector", &c.name)]);
+            self.connector_expiry
+                .get_or_create(&set)
+                .set(c.expires_at.timestamp());
+            let enabled = i64::from(!broker.revocations.is_disabled(&c.name));
+            self.connector_enabled.get_or_create(&set).set(enabled);
+        }
+        let mut out = String::new();
+        // Writing into a String cannot fail; an error here would be a bug in the encoder.
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::error!(error = %e, "cannot encode metrics");
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> Config {
+        let text = r#"
+[server]
+listen = "127.0.0.1:0"
+[audit]
+path = "audit.jsonl"
+[[connectors]]
+name = "github"
+owner = "o"
+purpose = "p"
+expires = "2099-12-31"
+upstream = "http://127.0.0.1:9"
+credential = "literal:x"
+  [[connectors.operations]]
+  name = "issues.read"
+  method = "GET"
+  path = "/issues"
+"#;
+        Config::parse(text, std::path::Path::new("t.toml")).unwrap()
+    }
+
+    fn encode(m: &Metrics) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &m.registry).unwrap();
+        out
+    }
+
+    #[test]
+    fn made_up_connectors_and_operations_do_not_become_labels() {
+        let m = Metrics::new();
+        let c = config();
+        m.proxy_allowed("github", "issues.read");
+        let mut record = Record::new(crate::audit::Event::Proxy);
+        record.connector = Some("attacker-chosen".into());
+        record.operation = Some("x".into());
+        m.proxy_denied(&c, &record, "unknown_connector", Duration::from_millis(1));
+        let text = encode(&m);
+        assert!(text.contains(
+            "credbroker_proxy_requests_total{connector=\"github\",operation=\"issues.read\",decision=\"allow\"} 1"
+        ), "{text}");
+        assert!(text.contains(
+            "credbroker_proxy_requests_total{connector=\"\",operation=\"\",decision=\"deny\",reason=\"unknown_connector\"} 1"
+        ), "{text}");
+        assert!(!text.contains("attacker-chosen"));
+        assert_eq!(m.usage("github")["allowed"], 1);
+        assert!(m.usage("attacker-chosen")["allowed"] == 0);
+    }
+
+    #[test]
+    fn names_follow_the_conventions() {
+        let m = Metrics::new();
+        m.token(Some("bot"), None);
+        m.token(None, Some("invalid_client"));
+        m.reload(false);
+        m.upstream_done("github", Duration::from_millis(3), None);
+        m.upstream_done("github", Duration::from_millis(3), Some("timeout"));
+        let text = encode(&m);
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            assert!(line.starts_with("credbroker_"), "{line}");
+        }
+        assert!(text.contains("credbroker_tokens_issued_total{client=\"bot\"} 1"));
+        assert!(text.contains(
+            "credbroker_tokens_denied_total{client=\"\",reason=\"invalid_client\"} 1"
+        ));
+        assert!(text.contains("credbroker_config_reloads_total{result=\"failed\"} 1"));
+        assert!(text.contains("credbroker_upstream_duration_seconds_count{connector=\"github\"} 1"));
+        assert!(text.contains(
+            "credbroker_upstream_errors_total{connector=\"github\",kind=\"timeout\"} 1"
+        ));
+        assert!(text.contains("# TYPE credbroker_audit_fsync_duration_seconds histogram"));
+        assert!(text.ends_with("# EOF\n"));
+    }
+}
