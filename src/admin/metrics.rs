@@ -432,14 +432,12 @@ credential = "literal:x"
             assert!(line.starts_with("credbroker_"), "{line}");
         }
         assert!(text.contains("credbroker_tokens_issued_total{client=\"bot\"} 1"));
-        assert!(text.contains(
-            "credbroker_tokens_denied_total{client=\"\",reason=\"invalid_client\"} 1"
-        ));
+        assert!(text
+            .contains("credbroker_tokens_denied_total{client=\"\",reason=\"invalid_client\"} 1"));
         assert!(text.contains("credbroker_config_reloads_total{result=\"failed\"} 1"));
         assert!(text.contains("credbroker_upstream_duration_seconds_count{connector=\"github\"} 1"));
-        assert!(text.contains(
-            "credbroker_upstream_errors_total{connector=\"github\",kind=\"timeout\"} 1"
-        ));
+        assert!(text
+            .contains("credbroker_upstream_errors_total{connector=\"github\",kind=\"timeout\"} 1"));
         assert!(text.contains("# TYPE credbroker_audit_fsync_duration_seconds histogram"));
         assert!(text.ends_with("# EOF\n"));
     }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use notify::event::{AccessKind, AccessMode};
+use notify::event::{AccessKind, AccessMode, ModifyKind};
 use notify::{Event, EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch};
@@ -42,7 +42,7 @@ pub enum WatchError {
 /// Whether `config_path` is a real file holding exactly the config in force — false for
 /// `serve --dev`, whose config is built in memory under a name that is not on disk.
 pub fn is_backed_by_file(config_path: &Path, sha256: &str) -> bool {
-    std::fs::read(config_path).is_ok_and(|bytes| hex::encode(Sha256::digest(&bytes)) == sha256)
+    file_sha256(config_path).is_some_and(|s| s == sha256)
 }
 
 /// Starts the watcher when the config in force came from a real file; a watch that cannot be
@@ -106,6 +106,8 @@ pub fn spawn(
 /// events too and must not trigger a reload loop.
 fn is_change(kind: &EventKind) -> bool {
     match kind {
+        // Reading a file can update its access time: metadata changes are not content changes.
+        EventKind::Modify(ModifyKind::Metadata(_)) => false,
         EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_) => true,
         EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
         _ => false,
@@ -119,6 +121,9 @@ async fn run(
     mut changes: mpsc::UnboundedReceiver<()>,
     mut stopped: watch::Receiver<bool>,
 ) {
+    // The content last tried: a broken save is reported once, not on every later event.
+    // (`Some(None)`: an unreadable file was tried.)
+    let mut last_tried: Option<Option<String>> = None;
     loop {
         tokio::select! {
             change = changes.recv() => {
@@ -131,10 +136,15 @@ async fn run(
         if !settle(&mut changes, &mut stopped).await {
             return;
         }
-        if changed(&broker) {
-            // Failures are logged, audited and counted by `reload`; the old config stays.
-            let _ = super::reload(&broker, ACTOR).await;
+        let live = broker.live();
+        let now = file_sha256(&live.config.path);
+        if now.as_deref() == Some(live.config.sha256.as_str()) || last_tried.as_ref() == Some(&now)
+        {
+            continue;
         }
+        last_tried = Some(now);
+        // Failures are logged, audited and counted by `reload`; the old config stays.
+        let _ = super::reload(&broker, ACTOR).await;
     }
 }
 
@@ -156,17 +166,18 @@ async fn settle(
     }
 }
 
-/// The file's bytes differ from the config in force (an unreadable file counts as changed, so
-/// the failed attempt is logged and audited).
-fn changed(broker: &Broker) -> bool {
-    let live = broker.live();
-    !is_backed_by_file(&live.config.path, &live.config.sha256)
+/// Hex SHA-256 of the file's bytes; `None` when it cannot be read (a reload is then still
+/// attempted once, so the problem is logged and audited).
+fn file_sha256(path: &Path) -> Option<String> {
+    std::fs::read(path)
+        .ok()
+        .map(|bytes| hex::encode(Sha256::digest(&bytes)))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use notify::event::{CreateKind, ModifyKind};
+    use notify::event::{CreateKind, MetadataKind};
 
     #[test]
     fn reads_of_the_file_are_not_changes() {
@@ -178,6 +189,9 @@ mod tests {
         ))));
         assert!(is_change(&EventKind::Access(AccessKind::Close(
             AccessMode::Write
+        ))));
+        assert!(!is_change(&EventKind::Modify(ModifyKind::Metadata(
+            MetadataKind::AccessTime
         ))));
         assert!(is_change(&EventKind::Modify(ModifyKind::Any)));
         assert!(is_change(&EventKind::Create(CreateKind::File)));

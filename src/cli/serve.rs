@@ -194,7 +194,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             wait_stop(stopped.clone()),
         )));
     }
-    tasks.extend(crate::admin::watch::start_if_file_backed(&broker, stopped.clone()));
+    tasks.extend(crate::admin::watch::start_if_file_backed(
+        &broker,
+        stopped.clone(),
+    ));
     tasks.push(tokio::spawn(sweeper(Arc::clone(&broker), stopped)));
     Ok(Running {
         proxy_addr,

@@ -46,7 +46,7 @@ pub fn check(text: &str, path: &Path, now: DateTime<Utc>) -> Vec<Finding> {
         return Vec::new(); // cannot happen: it parsed a moment ago
     };
     let mut cx = Ctx::new(text, path);
-    file_errors(&mut cx, &config);
+    file_errors(&mut cx, &config, &raw);
     let mut findings: Vec<Finding> = std::mem::take(&mut cx.errors)
         .into_iter()
         .map(error)
@@ -66,33 +66,39 @@ fn error(location: ConfigError) -> Finding {
     }
 }
 
-/// Files `serve` will need: report now rather than at start-up.
-fn file_errors(cx: &mut Ctx<'_>, config: &Config) {
-    if let Some(key) = &config.tokens.signing_key {
+/// Files `serve` will need: report now rather than at start-up, each at its key's line.
+fn file_errors(cx: &mut Ctx<'_>, config: &Config, raw: &RawConfig) {
+    if let (Some(key), Some(rk)) = (&config.tokens.signing_key, &raw.tokens.signing_key) {
         if let Err(e) = crate::token::SigningKeys::from_pem_file(key) {
-            cx.err(None, "tokens.signing_key", e.to_string());
+            cx.err(Some(rk.span()), "tokens.signing_key", e.to_string());
         }
     }
-    let mut files = Vec::new();
-    if let Some(tls) = &config.server.tls {
-        files.push(("server.tls_cert", &tls.cert));
-        files.push(("server.tls_key", &tls.key));
+    let admin = raw.admin.as_ref();
+    let mut files: Vec<(String, Option<&Spanned<String>>)> = vec![
+        ("server.tls_cert".into(), raw.server.tls_cert.as_ref()),
+        ("server.tls_key".into(), raw.server.tls_key.as_ref()),
+        ("server.client_ca".into(), raw.server.client_ca.as_ref()),
+        (
+            "admin.tls_cert".into(),
+            admin.and_then(|a| a.tls_cert.as_ref()),
+        ),
+        (
+            "admin.tls_key".into(),
+            admin.and_then(|a| a.tls_key.as_ref()),
+        ),
+    ];
+    for c in &raw.connectors {
+        let key = format!("connectors[{}].upstream_ca", c.name.get_ref());
+        files.push((key, c.upstream_ca.as_ref()));
     }
-    if let Some(ca) = &config.server.client_ca {
-        files.push(("server.client_ca", ca));
-    }
-    if let Some(tls) = config.admin.as_ref().and_then(|a| a.tls.as_ref()) {
-        files.push(("admin.tls_cert", &tls.cert));
-        files.push(("admin.tls_key", &tls.key));
-    }
-    for c in &config.connectors {
-        if let Some(ca) = &c.upstream_ca {
-            files.push(("upstream_ca", ca));
-        }
-    }
-    for (key, file) in files {
-        if let Err(e) = std::fs::metadata(file) {
-            cx.err(None, key, format!("cannot read {}: {e}", file.display()));
+    for (key, value) in files.into_iter().filter_map(|(k, v)| Some((k, v?))) {
+        let file = cx.path(value.get_ref());
+        if let Err(e) = std::fs::metadata(&file) {
+            cx.err(
+                Some(value.span()),
+                &key,
+                format!("cannot read {}: {e}", file.display()),
+            );
         }
     }
 }

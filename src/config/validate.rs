@@ -72,7 +72,8 @@ pub(super) fn parse(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
     let raw: RawConfig = match toml::from_str(text) {
         Ok(raw) => raw,
         Err(e) => {
-            let message = e.message().to_owned();
+            // toml's message may span lines; `check` prints one finding a line.
+            let message = e.message().trim().replace('\n', "; ");
             let span = e.span();
             let key = span
                 .as_ref()

@@ -81,7 +81,9 @@ pub async fn proxy(
         Ok(response) => response,
         Err(denial) => {
             let took = started.elapsed();
-            broker.metrics.proxy_denied(&live.config, &facts.record, denial.reason, took);
+            broker
+                .metrics
+                .proxy_denied(&live.config, &facts.record, denial.reason, took);
             facts.deny(&denial);
             if let Err(e) = broker.audit.append(facts.record).await {
                 tracing::error!(error = %e, "cannot write the audit record of a denied call");
@@ -130,7 +132,9 @@ async fn stages(
         tracing::error!(error = %e, "audit log unavailable; refusing to forward");
         Denial::from(Refusal::AuditUnavailable)
     })?;
-    broker.metrics.proxy_allowed(&connector.name, &operation.name);
+    broker
+        .metrics
+        .proxy_allowed(&connector.name, &operation.name);
     // 8. Inject the credential, forward, stream the answer back, audit the outcome.
     let upstream_req = upstream_request(
         parts,
@@ -591,7 +595,9 @@ async fn forward(
         .min(request_deadline.saturating_duration_since(Instant::now()));
     let sent = Instant::now();
     let result = tokio::time::timeout(wait, runtime.client.request(req)).await;
-    broker.metrics.upstream_result(&connector.name, sent.elapsed(), &result);
+    broker
+        .metrics
+        .upstream_result(&connector.name, sent.elapsed(), &result);
     let mut result_record = Record::new(Event::ProxyResult);
     result_record.request_id = facts.record.request_id.clone();
     result_record.client = facts.record.client.clone();

@@ -438,7 +438,9 @@ async fn respond_issued(
         .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
     let client = record.client.clone();
     if let Err(e) = broker.audit.append(record).await {
-        broker.metrics.token(client.as_deref(), Some("audit_unavailable"));
+        broker
+            .metrics
+            .token(client.as_deref(), Some("audit_unavailable"));
         tracing::error!(error = %e, "audit log unavailable; refusing to issue a token");
         return error_response(
             error(

@@ -7,5 +7,6 @@ mod audit_log;
 mod cli;
 mod dynamic_credentials;
 mod injection;
+mod ops;
 mod proxy;
 mod token_endpoint;
