@@ -156,6 +156,14 @@ impl AuditLog {
         rx.await.map_err(|_| AuditError::Closed)?
     }
 
+    /// Queues a record without waiting for it to be written. It is in the writer's queue when
+    /// this returns, so it is ordered before any record appended later (a `shutdown` record
+    /// included). A failed write is counted and logged by the writer; nobody waits on it.
+    pub fn append_detached(&self, record: Record) -> Result<(), AuditError> {
+        let (tx, _rx) = tokio::sync::oneshot::channel();
+        self.send(record, Reply::Async(tx))
+    }
+
     /// Blocking variant for non-async callers (CLI, shutdown paths). Safe to call anywhere,
     /// but it blocks the calling thread until the record is written.
     pub fn append_blocking(&self, record: Record) -> Result<u64, AuditError> {

@@ -647,11 +647,11 @@ async fn forward(
         result_record.bytes_in = Some(bytes_in.load(Ordering::Relaxed));
         result_record.bytes_out = Some(outcome.bytes_out);
         result_record.error = outcome.error.map(str::to_owned);
-        tokio::spawn(async move {
-            if let Err(e) = audit.append(result_record).await {
-                tracing::error!(error = %e, "cannot write a proxy_result audit record");
-            }
-        });
+        // Queued synchronously, so it precedes a later `shutdown` record; the response is
+        // already on its way, so nothing waits for the write.
+        if let Err(e) = audit.append_detached(result_record) {
+            tracing::error!(error = %e, "cannot queue a proxy_result audit record");
+        }
     });
     let deadline = tokio::time::Instant::from_std(request_deadline);
     let body = ObservedBody::new(body, deadline, on_done).boxed_unsync();
