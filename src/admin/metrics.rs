@@ -89,6 +89,8 @@ pub struct Metrics {
     audit_fsync: Histogram,
     connector_expiry: Family<Labels, Gauge>,
     connector_enabled: Family<Labels, Gauge>,
+    credential_mints: Family<Labels, Counter>,
+    credential_expiry: Family<Labels, Gauge>,
     usage: DashMap<String, Usage>,
 }
 
@@ -116,6 +118,8 @@ impl Metrics {
             audit_fsync: fsync_histogram(),
             connector_expiry: Family::default(),
             connector_enabled: Family::default(),
+            credential_mints: Family::default(),
+            credential_expiry: Family::default(),
             usage: DashMap::new(),
         };
         m.register();
@@ -192,6 +196,17 @@ impl Metrics {
             "credbroker_connector_enabled",
             "1 when the connector is enabled, 0 while its kill switch is on",
             self.connector_enabled.clone(),
+        );
+        r.register(
+            "credbroker_credential_mints",
+            "Dynamic upstream credentials minted, by connector and kind (resets when a reload replaces the credential)",
+            self.credential_mints.clone(),
+        );
+        r.register_with_unit(
+            "credbroker_credential_expiry_timestamp",
+            "When each connector's cached dynamic credential expires (Unix time)",
+            Unit::Seconds,
+            self.credential_expiry.clone(),
         );
     }
 
@@ -357,6 +372,24 @@ impl Metrics {
                 .set(c.expires_at.timestamp());
             let enabled = i64::from(!broker.revocations.is_disabled(&c.name));
             self.connector_enabled.get_or_create(&set).set(enabled);
+        }
+        self.credential_mints.clear();
+        self.credential_expiry.clear();
+        for (name, runtime) in &live.connectors {
+            let Some(dynamic) = &runtime.dynamic else {
+                continue;
+            };
+            let set = labels(&[("connector", name), ("kind", dynamic.kind().as_str())]);
+            self.credential_mints
+                .get_or_create(&set)
+                .inner()
+                .store(dynamic.mints(), Ordering::Relaxed);
+            if let Some(t) = dynamic.expires_at() {
+                let set = labels(&[("connector", name)]);
+                self.credential_expiry
+                    .get_or_create(&set)
+                    .set(t.timestamp());
+            }
         }
         let mut out = String::new();
         // Writing into a String cannot fail; an error here would be a bug in the encoder.

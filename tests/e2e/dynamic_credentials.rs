@@ -192,6 +192,17 @@ async fn oauth2_basic_mints_once_for_many_calls_and_audits_the_mint() {
     assert_eq!(cred["type"], "oauth2_client_credentials");
     assert_eq!(cred["expires_at"], refreshed[0]["expires_at"]);
     assert!(!view.contains("sentinel") && !view.contains("at-0"));
+
+    let (s, _, metrics) = b.admin_call("GET", "/metrics", "").await;
+    assert_eq!(s, 200);
+    assert!(
+        metrics.contains("credbroker_credential_mints_total{connector=\"github\",kind=\"oauth2_client_credentials\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("credbroker_credential_expiry_timestamp_seconds{connector=\"github\"}")
+    );
+    assert!(!metrics.contains("sentinel") && !metrics.contains("at-0"));
 }
 
 #[tokio::test]
