@@ -20,6 +20,7 @@ use crate::config::{Config, Connector, Credential, RateLimit};
 use crate::credential::{CredentialError, DynamicCredential};
 use crate::proxy::forward::{UpstreamClient, UpstreamClients};
 use crate::proxy::inject::{InjectError, Injection};
+use crate::server::{ListenerTls, ListenerTlsError};
 use crate::state::Revocations;
 use crate::token::{SigningKeys, TokenVerifier};
 
@@ -38,6 +39,8 @@ pub struct Broker {
     uses: DashMap<String, Uses>,
     auth_failures: DashMap<IpAddr, FailureWindow>,
     upstream_clients: UpstreamClients,
+    /// The listeners' TLS configs, re-read on every reload.
+    pub listener_tls: ListenerTls,
 }
 
 /// The config in force and what is derived from it. Requests hold an `Arc<Live>` for their
@@ -95,6 +98,10 @@ pub enum LoadError {
         connector: String,
         source: CredentialError,
     },
+    /// A listener's certificate, key or client CA could not be loaded (or a reload would
+    /// switch a listener between TLS and plain HTTP).
+    #[error(transparent)]
+    ListenerTls(#[from] ListenerTlsError),
 }
 
 impl Broker {
@@ -105,6 +112,7 @@ impl Broker {
         revocations: Revocations,
     ) -> Result<Self, LoadError> {
         let upstream_clients = UpstreamClients::default();
+        let listener_tls = ListenerTls::load(&config)?;
         let live = Live::build(Arc::new(config), &keys, &upstream_clients, None)?;
         let metrics = Arc::new(Metrics::new());
         metrics.observe_audit(&audit);
@@ -117,6 +125,7 @@ impl Broker {
             uses: DashMap::new(),
             auth_failures: DashMap::new(),
             upstream_clients,
+            listener_tls,
         })
     }
 
@@ -127,7 +136,10 @@ impl Broker {
 
     /// Puts a new, already validated config in force; rate limiters whose quota did not change
     /// keep their state, so a reload is not a way around a limit.
+    /// Listener certificates are re-read too, before anything is swapped: a bad certificate
+    /// fails the whole reload and the old config and certificates stay in force.
     pub fn swap_config(&self, config: Config) -> Result<(), LoadError> {
+        let tls = self.listener_tls.prepare(&config)?;
         let old = self.live();
         let live = Live::build(
             Arc::new(config),
@@ -136,6 +148,7 @@ impl Broker {
             Some(&old),
         )?;
         self.live.store(Arc::new(live));
+        self.listener_tls.install(tls);
         Ok(())
     }
 

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use http::header::HeaderValue;
 use http::{HeaderName, Method, Request, Response};
 use hyper::body::Incoming;
@@ -20,9 +21,11 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
 use crate::broker::Broker;
+use crate::config::Config;
 use crate::proxy::pipeline::{self, ConnInfo};
 use crate::proxy::respond::Refusal;
 use crate::proxy::ProxyBody;
+use crate::tls::TlsError;
 
 /// HTTP/1 header lines per request; more is refused by hyper with 431.
 const MAX_HEADERS: usize = 100;
@@ -50,7 +53,7 @@ pub enum Role {
 /// `limits.request_timeout`.
 pub async fn serve(
     listener: TcpListener,
-    tls: Option<TlsAcceptor>,
+    tls: Option<SwappableTls>,
     limits: ListenerLimits,
     role: Role,
     shutdown: impl Future<Output = ()>,
@@ -91,7 +94,8 @@ pub async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
-        let tls = tls.clone();
+        // The certificate in force now: a reload changes what the next connection sees.
+        let tls = tls.as_ref().map(SwappableTls::acceptor);
         let role = role.clone();
         let builder = Arc::clone(&builder);
         let limits = limits.clone();
@@ -252,4 +256,140 @@ pub fn acceptor(
     let Some(files) = tls else { return Ok(None) };
     let config = crate::tls::server_config(&files.cert, &files.key, client_ca)?;
     Ok(Some(TlsAcceptor::from(config)))
+}
+
+/// A listener's rustls server config, replaced on reload. Each accepted connection takes the
+/// config in force when it is accepted, so a reload changes what new connections see and
+/// never touches an open one.
+#[derive(Clone)]
+pub struct SwappableTls(Arc<ArcSwap<rustls::ServerConfig>>);
+
+impl SwappableTls {
+    pub fn new(config: Arc<rustls::ServerConfig>) -> Self {
+        Self(Arc::new(ArcSwap::new(config)))
+    }
+
+    /// Puts `config` in force for connections accepted from now on.
+    pub fn store(&self, config: Arc<rustls::ServerConfig>) {
+        self.0.store(config);
+    }
+
+    /// An acceptor with the config in force now.
+    pub fn acceptor(&self) -> TlsAcceptor {
+        TlsAcceptor::from(self.0.load_full())
+    }
+}
+
+/// The TLS configs of the broker's listeners, loaded at start and re-read on every reload
+/// (so a certificate renewed in place is picked up by `credbroker` without a restart).
+pub struct ListenerTls {
+    /// The proxy listener's; `None` when it serves plain HTTP.
+    pub proxy: Option<SwappableTls>,
+    /// The admin listener's: outer `None` when there is no admin listener, inner `None` when
+    /// it serves plain HTTP.
+    pub admin: Option<Option<SwappableTls>>,
+}
+
+/// Server configs freshly loaded from a config's files, ready for [`ListenerTls::install`].
+pub struct PreparedTls {
+    proxy: Option<Arc<rustls::ServerConfig>>,
+    admin: Option<Arc<rustls::ServerConfig>>,
+}
+
+/// Why a listener's TLS config could not be (re)loaded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ListenerTlsError {
+    /// The certificate, key or client CA of a listener could not be loaded.
+    #[error("[{listener}] TLS: {source}")]
+    Load {
+        /// `server` or `admin`.
+        listener: &'static str,
+        /// What was wrong with the files.
+        source: TlsError,
+    },
+    /// A reload would turn TLS on or off for a running listener; the socket was set up for
+    /// one or the other at start, and silently staying plain would be worse than refusing.
+    #[error("[{listener}] TLS cannot be turned {} by a reload; restart credbroker", if *.enable { "on" } else { "off" })]
+    ModeChanged {
+        /// `server` or `admin`.
+        listener: &'static str,
+        /// True when the new config adds TLS, false when it removes it.
+        enable: bool,
+    },
+}
+
+impl ListenerTls {
+    /// Loads the TLS configs `config` asks for.
+    pub fn load(config: &Config) -> Result<Self, ListenerTlsError> {
+        let proxy = server_tls(config)?.map(SwappableTls::new);
+        let admin = match &config.admin {
+            None => None,
+            Some(_) => Some(admin_tls(config)?.map(SwappableTls::new)),
+        };
+        Ok(Self { proxy, admin })
+    }
+
+    /// Re-reads the files of `config` for the running listeners; nothing is put in force yet,
+    /// so a failure leaves the old certificates serving.
+    pub fn prepare(&self, config: &Config) -> Result<PreparedTls, ListenerTlsError> {
+        let proxy = same_mode("server", self.proxy.is_some(), server_tls(config)?)?;
+        let admin = match &self.admin {
+            // The admin listener is not started or stopped by a reload.
+            None => None,
+            Some(slot) => same_mode("admin", slot.is_some(), admin_tls(config)?)?,
+        };
+        Ok(PreparedTls { proxy, admin })
+    }
+
+    /// Puts prepared configs in force for new connections.
+    pub fn install(&self, prepared: PreparedTls) {
+        if let (Some(slot), Some(config)) = (&self.proxy, prepared.proxy) {
+            slot.store(config);
+        }
+        if let (Some(Some(slot)), Some(config)) = (&self.admin, prepared.admin) {
+            slot.store(config);
+        }
+    }
+}
+
+/// The proxy listener's server config (with the mTLS verifier when `client_ca` is set).
+fn server_tls(config: &Config) -> Result<Option<Arc<rustls::ServerConfig>>, ListenerTlsError> {
+    let Some(files) = &config.server.tls else {
+        return Ok(None);
+    };
+    crate::tls::server_config(&files.cert, &files.key, config.server.client_ca.as_deref())
+        .map(Some)
+        .map_err(|source| ListenerTlsError::Load {
+            listener: "server",
+            source,
+        })
+}
+
+/// The admin listener's server config (never mTLS: admins use the bearer token).
+fn admin_tls(config: &Config) -> Result<Option<Arc<rustls::ServerConfig>>, ListenerTlsError> {
+    let Some(files) = config.admin.as_ref().and_then(|a| a.tls.as_ref()) else {
+        return Ok(None);
+    };
+    crate::tls::server_config(&files.cert, &files.key, None)
+        .map(Some)
+        .map_err(|source| ListenerTlsError::Load {
+            listener: "admin",
+            source,
+        })
+}
+
+/// `new` if the listener keeps its mode (TLS or plain), else the error naming the change.
+fn same_mode(
+    listener: &'static str,
+    running_tls: bool,
+    new: Option<Arc<rustls::ServerConfig>>,
+) -> Result<Option<Arc<rustls::ServerConfig>>, ListenerTlsError> {
+    if running_tls != new.is_some() {
+        return Err(ListenerTlsError::ModeChanged {
+            listener,
+            enable: new.is_some(),
+        });
+    }
+    Ok(new)
 }

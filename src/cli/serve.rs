@@ -142,17 +142,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         header_read_timeout: config.server.header_read_timeout,
         request_timeout: config.server.request_timeout,
     };
-    let proxy_tls = server::acceptor(
-        config.server.tls.as_ref(),
-        config.server.client_ca.as_deref(),
-    )?;
-    let admin_cfg = config.admin.as_ref().map(|a| {
-        (
-            a.listen,
-            a.token_sha256,
-            server::acceptor(a.tls.as_ref(), None),
-        )
-    });
+    let admin_cfg = config.admin.as_ref().map(|a| (a.listen, a.token_sha256));
     let proxy_listener = server::bind(config.server.listen).await?;
     let mut startup = Record::new(Event::Startup);
     startup.version = Some(env!("CARGO_PKG_VERSION").to_owned());
@@ -169,13 +159,14 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let proxy_addr = proxy_listener.local_addr()?;
     tasks.push(tokio::spawn(server::serve(
         proxy_listener,
-        proxy_tls,
+        broker.listener_tls.proxy.clone(),
         limits.clone(),
         Role::Proxy(Arc::clone(&broker)),
         wait_stop(stopped.clone()),
     )));
     let mut admin_addr = None;
-    if let Some((listen, token_sha256, tls)) = admin_cfg {
+    if let Some((listen, token_sha256)) = admin_cfg {
+        let tls = broker.listener_tls.admin.clone().flatten();
         let listener = server::bind(listen).await?;
         admin_addr = Some(listener.local_addr()?);
         let state = Arc::new(AdminState {
@@ -188,7 +179,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         };
         tasks.push(tokio::spawn(server::serve(
             listener,
-            tls?,
+            tls,
             admin_limits,
             Role::Admin(state),
             wait_stop(stopped.clone()),

@@ -670,7 +670,11 @@ async fn finish_failed(
     record.duration_ms = Some(started.elapsed().as_millis() as u64);
     record.bytes_in = Some(bytes_in.load(Ordering::Relaxed));
     record.bytes_out = Some(0);
-    record.error = Some(refusal.code().to_owned());
+    // The record keeps the reason (e.g. a refused upstream certificate), not just the code.
+    record.error = Some(match &refusal {
+        Refusal::UpstreamUnavailable(detail) => format!("{}: {detail}", refusal.code()),
+        other => other.code().to_owned(),
+    });
     let connector = record.connector.as_deref().unwrap_or_default();
     broker.metrics.request_done(connector, started.elapsed());
     if let Err(e) = broker.audit.append(record).await {
@@ -679,13 +683,37 @@ async fn finish_failed(
     refusal.into_response(request_id)
 }
 
-/// A short, fixed description of an upstream failure (hyper's chain can be long).
+/// A short, fixed description of an upstream failure (hyper's chain can be long). A TLS
+/// failure says so, with rustls' reason for a refused certificate (`UnknownIssuer`,
+/// `NotValidForName`, `Expired`…): those name a problem, never key material.
 fn upstream_error_text(e: &hyper_util::client::legacy::Error) -> String {
-    if e.is_connect() {
-        "could not connect to the upstream".into()
-    } else {
-        "the upstream connection failed".into()
+    match tls_error_in(e) {
+        Some(rustls::Error::InvalidCertificate(reason)) => {
+            format!("the upstream's TLS certificate failed verification ({reason:?})")
+        }
+        Some(_) => "the TLS handshake with the upstream failed".into(),
+        None if e.is_connect() => "could not connect to the upstream".into(),
+        None => "the upstream connection failed".into(),
     }
+}
+
+/// The rustls error somewhere in `e`'s source chain; tokio-rustls wraps it in an `io::Error`.
+fn tls_error_in<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    let mut cause = Some(e);
+    while let Some(err) = cause {
+        if let Some(tls) = err.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        let inner = err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|i| i.downcast_ref::<rustls::Error>());
+        if inner.is_some() {
+            return inner;
+        }
+        cause = err.source();
+    }
+    None
 }
 
 impl AuditFacts {
