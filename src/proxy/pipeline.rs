@@ -108,11 +108,10 @@ async fn stages(
     // can move into the upstream request later.
     let uri = parts.uri.clone();
     // 1. The target is canonical and unambiguous; every later decision is on these bytes.
-    let target = canonical_target(live, &uri, &parts.headers)?;
+    let target = canonical_target(live, &uri, parts.version, &parts.headers)?;
     facts.target(&target);
     // 2. The bearer token is genuine, current, unrevoked, and bound to this connection.
-    let claims = authenticate(broker, live, &parts.headers, conn)?;
-    facts.token(&claims);
+    let claims = authenticate(broker, live, &parts.headers, conn, facts)?;
     // 3. An operation of the connector *as configured now* matches, is in scope, is granted.
     let (connector, runtime, operation) = authorize(broker, live, &claims, &parts.method, &target)?;
     facts.operation(&operation.name);
@@ -165,11 +164,15 @@ async fn stages(
 fn canonical_target<'a>(
     live: &Live,
     uri: &'a Uri,
+    version: http::Version,
     headers: &http::HeaderMap,
 ) -> Result<Target<'a>, Denial> {
     let bad =
         |reason: &'static str, text: &str| deny(Refusal::InvalidRequest(text.to_owned()), reason);
-    if uri.scheme().is_some() || uri.authority().is_some() {
+    // Origin-form is an HTTP/1 request-line rule. An HTTP/2 request always has `:scheme` and
+    // `:authority`, which hyper puts in the URI; they are ignored (the upstream is the
+    // connector's), and the path and query below are checked the same way.
+    if version < http::Version::HTTP_2 && (uri.scheme().is_some() || uri.authority().is_some()) {
         return Err(bad(
             "absolute_form_target",
             "the request target must be origin-form (/path?query)",
@@ -231,12 +234,14 @@ fn refuse_injected_copy(
     Ok(())
 }
 
-/// Check 2: the bearer token.
+/// Check 2: the bearer token. Once its signature verifies, `facts` names its client and
+/// `jti`, so a revoked or replayed (wrong certificate) token is audited as that token.
 fn authenticate(
     broker: &Broker,
     live: &Live,
     headers: &http::HeaderMap,
     conn: &ConnInfo,
+    facts: &mut AuditFacts,
 ) -> Result<Arc<AccessClaims>, Denial> {
     let token = bearer_token(headers)?;
     let now = chrono::Utc::now().timestamp();
@@ -246,6 +251,7 @@ fn authenticate(
         // revocation, binding and max_uses below are checked on every call regardless.
         .verify_cached(token, now)
         .map_err(|e| deny(Refusal::InvalidToken(e.to_string()), "token_invalid"))?;
+    facts.token(&claims);
     if broker
         .revocations
         .is_revoked(&claims.jti, &claims.sub, claims.iat)
@@ -697,21 +703,19 @@ fn upstream_error_text(e: &hyper_util::client::legacy::Error) -> String {
     }
 }
 
-/// The rustls error somewhere in `e`'s source chain; tokio-rustls wraps it in an `io::Error`.
+/// The rustls error somewhere in `e`'s source chain. tokio-rustls wraps it in an `io::Error`,
+/// which hyper-rustls wraps in another; `io::Error::source` skips the wrapped error itself, so
+/// an `io::Error` is descended through `get_ref` instead.
 fn tls_error_in<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
     let mut cause = Some(e);
     while let Some(err) = cause {
         if let Some(tls) = err.downcast_ref::<rustls::Error>() {
             return Some(tls);
         }
-        let inner = err
-            .downcast_ref::<std::io::Error>()
-            .and_then(|io| io.get_ref())
-            .and_then(|i| i.downcast_ref::<rustls::Error>());
-        if inner.is_some() {
-            return inner;
-        }
-        cause = err.source();
+        cause = match err.downcast_ref::<std::io::Error>() {
+            Some(io) => io.get_ref().map(|inner| inner as &(dyn std::error::Error + 'static)),
+            None => err.source(),
+        };
     }
     None
 }

@@ -9,4 +9,5 @@ mod dynamic_credentials;
 mod injection;
 mod ops;
 mod proxy;
+mod tls;
 mod token_endpoint;
