@@ -713,7 +713,9 @@ fn tls_error_in<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rust
             return Some(tls);
         }
         cause = match err.downcast_ref::<std::io::Error>() {
-            Some(io) => io.get_ref().map(|inner| inner as &(dyn std::error::Error + 'static)),
+            Some(io) => io
+                .get_ref()
+                .map(|inner| inner as &(dyn std::error::Error + 'static)),
             None => err.source(),
         };
     }

@@ -43,7 +43,16 @@ struct TlsBroker {
 impl TlsBroker {
     /// `connector` replaces the standard connector's upstream line (e.g. an https upstream).
     async fn start(upstream: SocketAddr, admin_tls: bool, connector: Option<&str>) -> Self {
-        let pki = generate_dev_pki(&[MTLS_SAN, OTHER_SAN]).unwrap();
+        Self::start_with(new_pki(), upstream, admin_tls, connector).await
+    }
+
+    /// [`TlsBroker::start`] with a CA made beforehand (for upstream certificates signed by it).
+    async fn start_with(
+        pki: DevPki,
+        upstream: SocketAddr,
+        admin_tls: bool,
+        connector: Option<&str>,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         write_pem(dir.path(), "ca.pem", &pki.ca_cert_pem);
         write_cert(dir.path(), "server", pki.server());
@@ -70,6 +79,11 @@ impl TlsBroker {
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
         v["access_token"].as_str().unwrap().to_owned()
     }
+}
+
+/// A CA with the server certificate and the two test client certificates.
+fn new_pki() -> DevPki {
+    generate_dev_pki(&[MTLS_SAN, OTHER_SAN]).unwrap()
 }
 
 /// The standard config with TLS + mTLS on `[server]`, optionally TLS on `[admin]`, and a client
@@ -153,14 +167,14 @@ async fn tls_connect(
 struct H1 {
     sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
     host: String,
-    /// The leaf certificate the server presented.
-    server_cert: Vec<u8>,
+    /// The `x5t#S256` thumbprint of the leaf certificate the server presented.
+    server_cert: String,
 }
 
 impl H1 {
     async fn connect(addr: SocketAddr, config: Arc<ClientConfig>) -> Self {
         let stream = tls_connect(addr, config).await.expect("TLS handshake");
-        let server_cert = stream.get_ref().1.peer_certificates().unwrap()[0].to_vec();
+        let server_cert = x5t_s256(&stream.get_ref().1.peer_certificates().unwrap()[0]);
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .unwrap();
@@ -174,8 +188,7 @@ impl H1 {
 
     /// Sends one request; `Err` when the connection failed (e.g. a refused client certificate).
     async fn try_send(&mut self, mut req: Request<String>) -> Result<Reply, hyper::Error> {
-        req.headers_mut()
-            .insert("host", self.host.parse().unwrap());
+        req.headers_mut().insert("host", self.host.parse().unwrap());
         let req = req.map(|b| Full::new(Bytes::from(b)));
         let resp = tokio::time::timeout(Duration::from_secs(10), self.sender.send_request(req))
             .await
@@ -270,7 +283,7 @@ fn client_hello(version: [u8; 2]) -> Vec<u8> {
     let mut hello = version.to_vec();
     hello.extend_from_slice(&[0x42; 32]); // random
     hello.push(0); // session id
-    // ECDHE-ECDSA/RSA AES-128-GCM (TLS 1.2) and two CBC suites a TLS 1.1 client would offer.
+                   // ECDHE-ECDSA/RSA AES-128-GCM (TLS 1.2) and two CBC suites a TLS 1.1 client would offer.
     hello.extend_from_slice(&[0x00, 0x08, 0xc0, 0x2b, 0xc0, 0x2f, 0xc0, 0x13, 0x00, 0x2f]);
     hello.extend_from_slice(&[0x01, 0x00]); // null compression
     let extensions: &[u8] = &[
@@ -314,7 +327,10 @@ async fn version_policy_alpn_and_plain_http_refused() {
     assert_eq!(status, 200, "{body}");
     let cfg = client_config(ca, None, &[&TLS12], &[b"http/1.1"]);
     let s = tls_connect(addr, cfg).await.unwrap();
-    assert_eq!(s.get_ref().1.protocol_version(), Some(ProtocolVersion::TLSv1_2));
+    assert_eq!(
+        s.get_ref().1.protocol_version(),
+        Some(ProtocolVersion::TLSv1_2)
+    );
     assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
 
     // The same hand-made hello as TLS 1.2 is answered with a ServerHello (handshake record)…
@@ -329,8 +345,15 @@ async fn version_policy_alpn_and_plain_http_refused() {
     // Plain HTTP to the TLS port: never an HTTP answer, and the connection is closed.
     let plain = b"GET /.well-known/jwks.json HTTP/1.1\r\nHost: x\r\n\r\n";
     let out = raw_bytes(addr, plain, Duration::from_secs(3)).await;
-    assert!(!out.starts_with(b"HTTP/"), "{}", String::from_utf8_lossy(&out));
-    assert!(out.is_empty() || out[0] == 0x15, "nothing or an alert: {out:?}");
+    assert!(
+        !out.starts_with(b"HTTP/"),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+    assert!(
+        out.is_empty() || out[0] == 0x15,
+        "nothing or an alert: {out:?}"
+    );
 }
 
 #[tokio::test]
@@ -382,7 +405,10 @@ async fn mtls_token_issuance_and_refusals() {
             sender.send_request(req).await.is_err()
         }
     };
-    assert!(refused, "a certificate from another CA must not get an answer");
+    assert!(
+        refused,
+        "a certificate from another CA must not get an answer"
+    );
 
     let records = b.broker.audit();
     let issued = events(&records, "token_issued");
@@ -539,7 +565,9 @@ async fn upstream_over_tls_with_a_private_ca() {
     let records = b.audit();
     let results = events(&records, "proxy_result");
     assert_eq!(results.len(), 2);
-    assert!(results.iter().all(|r| r["status"] == 200 && r["error"].is_null()));
+    assert!(results
+        .iter()
+        .all(|r| r["status"] == 200 && r["error"].is_null()));
 }
 
 #[tokio::test]
@@ -548,19 +576,17 @@ async fn untrusted_upstream_certificate_is_502_and_audited() {
     // The upstream's certificate comes from a CA the connector does not trust.
     let rogue = generate_dev_pki(&[]).unwrap();
     let up = TlsUpstream::start(&rogue.issue_server_cert(&["localhost"]).unwrap()).await;
-    let b = TlsBroker::start(
-        unused.addr,
-        false,
-        Some(&https_connector(up.addr.port())),
-    )
-    .await;
+    let b = TlsBroker::start(unused.addr, false, Some(&https_connector(up.addr.port()))).await;
     let token = b.mtls_token("github:issues.read").await;
     let mut c = b.h1(Some(b.client(MTLS_SAN))).await;
     let (status, _, body) = c.get("/github/repos/acme/widget/issues", &token).await;
     assert_eq!(status, 502, "{body}");
     assert!(body.contains("\"upstream_unavailable\""), "{body}");
     assert!(body.contains("certificate"), "{body}");
-    assert!(up.seen().is_empty(), "no request reached the untrusted upstream");
+    assert!(
+        up.seen().is_empty(),
+        "no request reached the untrusted upstream"
+    );
     assert!(unused.requests().is_empty(), "never a fallback");
 
     let records = b.broker.audit();
@@ -573,6 +599,27 @@ async fn untrusted_upstream_certificate_is_502_and_audited() {
         error.contains("certificate") && error.contains("UnknownIssuer"),
         "{error}"
     );
+}
+
+#[tokio::test]
+async fn upstream_certificate_for_another_name_is_refused() {
+    let unused = FakeUpstream::start().await;
+    // Signed by the trusted CA, but for another host: hostname verification is always on.
+    let pki = new_pki();
+    let up = TlsUpstream::start(&pki.issue_server_cert(&["other.test"]).unwrap()).await;
+    let connector = https_connector(up.addr.port());
+    let b = TlsBroker::start_with(pki, unused.addr, false, Some(&connector)).await;
+    let token = b.mtls_token("github:issues.read").await;
+    let mut c = b.h1(Some(b.client(MTLS_SAN))).await;
+    let (status, _, body) = c.get("/github/repos/acme/widget/issues", &token).await;
+    assert_eq!(status, 502, "{body}");
+    assert!(up.seen().is_empty());
+    let records = b.broker.audit();
+    let error = events(&records, "proxy_result")[0]["error"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(error.contains("NotValidForName"), "{error}");
 }
 
 #[tokio::test]
@@ -622,14 +669,18 @@ async fn certificates_reload_without_dropping_open_connections() {
     let dir = b.broker.dir.path().to_owned();
     let admin = b.broker.admin.unwrap();
     let cfg = || client_config(&b.pki.ca_cert_pem, None, &[&TLS13], &[b"http/1.1"]);
-    let old_cert = b.pki.server().cert_der.clone();
+    let old_cert = x5t_s256(&b.pki.server().cert_der);
 
     // A keep-alive connection to each listener, opened before the reload.
     let mut open = H1::connect(b.broker.addr, cfg()).await;
     let mut admin_conn = H1::connect(admin, cfg()).await;
     assert_eq!(open.server_cert, old_cert);
     assert_eq!(admin_conn.server_cert, old_cert);
-    let jwks = || Request::get("/.well-known/jwks.json").body(String::new()).unwrap();
+    let jwks = || {
+        Request::get("/.well-known/jwks.json")
+            .body(String::new())
+            .unwrap()
+    };
     assert_eq!(open.send(jwks()).await.0, 200);
 
     // A broken key: the reload fails as a whole and the old certificate keeps serving.
@@ -637,18 +688,25 @@ async fn certificates_reload_without_dropping_open_connections() {
     let (status, _, body) = admin_conn.reload().await;
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("server-key.pem"), "{body}");
-    assert_eq!(H1::connect(b.broker.addr, cfg()).await.server_cert, old_cert);
+    assert_eq!(
+        H1::connect(b.broker.addr, cfg()).await.server_cert,
+        old_cert
+    );
 
     // A renewed certificate in place: new connections to both listeners see it.
-    let renewed = b.pki.issue_server_cert(&["localhost", "127.0.0.1"]).unwrap();
+    let renewed = b
+        .pki
+        .issue_server_cert(&["localhost", "127.0.0.1"])
+        .unwrap();
     write_cert(&dir, "server", &renewed);
     let (status, _, body) = admin_conn.reload().await;
     assert_eq!(status, 200, "{body}");
+    let new_cert = x5t_s256(&renewed.cert_der);
     assert_eq!(
         H1::connect(b.broker.addr, cfg()).await.server_cert,
-        renewed.cert_der
+        new_cert
     );
-    assert_eq!(H1::connect(admin, cfg()).await.server_cert, renewed.cert_der);
+    assert_eq!(H1::connect(admin, cfg()).await.server_cert, new_cert);
 
     // The connections opened before the reload still work.
     assert_eq!(open.send(jwks()).await.0, 200);
@@ -675,6 +733,8 @@ async fn reload_cannot_switch_a_listener_between_tls_and_plain() {
     assert!(body.contains("cannot be turned off"), "{body}");
     let cfg = client_config(&b.pki.ca_cert_pem, None, &[&TLS13], &[b"http/1.1"]);
     let mut c = H1::connect(b.broker.addr, cfg).await;
-    let jwks = Request::get("/.well-known/jwks.json").body(String::new()).unwrap();
+    let jwks = Request::get("/.well-known/jwks.json")
+        .body(String::new())
+        .unwrap();
     assert_eq!(c.send(jwks).await.0, 200);
 }
