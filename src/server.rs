@@ -305,8 +305,8 @@ pub enum ListenerTlsError {
     Load {
         /// `server` or `admin`.
         listener: &'static str,
-        /// What was wrong with the files.
-        source: TlsError,
+        /// What was wrong with the files (boxed: `TlsError` is large and this is a cold path).
+        source: Box<TlsError>,
     },
     /// A reload would turn TLS on or off for a running listener; the socket was set up for
     /// one or the other at start, and silently staying plain would be worse than refusing.
@@ -362,7 +362,7 @@ fn server_tls(config: &Config) -> Result<Option<Arc<rustls::ServerConfig>>, List
         .map(Some)
         .map_err(|source| ListenerTlsError::Load {
             listener: "server",
-            source,
+            source: Box::new(source),
         })
 }
 
@@ -375,7 +375,7 @@ fn admin_tls(config: &Config) -> Result<Option<Arc<rustls::ServerConfig>>, Liste
         .map(Some)
         .map_err(|source| ListenerTlsError::Load {
             listener: "admin",
-            source,
+            source: Box::new(source),
         })
 }
 

@@ -81,6 +81,19 @@ impl TlsBroker {
     }
 }
 
+/// The audit records once `n` records of `event` are in the log: a `proxy_result` is written
+/// when the response body ends, just after the client has read it. Polls for up to 5 s.
+async fn audit_with(b: &TestBroker, event: &str, n: usize) -> Vec<serde_json::Value> {
+    for _ in 0..500 {
+        let records = b.audit();
+        if events(&records, event).len() >= n {
+            return records;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("fewer than {n} {event} records after 5 s");
+}
+
 /// A CA with the server certificate and the two test client certificates.
 fn new_pki() -> DevPki {
     generate_dev_pki(&[MTLS_SAN, OTHER_SAN]).unwrap()
@@ -562,9 +575,8 @@ async fn upstream_over_tls_with_a_private_ca() {
     );
     // The broker's own listener is plain HTTP here, and says so.
     assert_eq!(seen[0].1, "http");
-    let records = b.audit();
+    let records = audit_with(&b, "proxy_result", 2).await;
     let results = events(&records, "proxy_result");
-    assert_eq!(results.len(), 2);
     assert!(results
         .iter()
         .all(|r| r["status"] == 200 && r["error"].is_null()));
