@@ -248,16 +248,6 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
         .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
 }
 
-/// Builds the TLS acceptor for a listener, if it has certificates.
-pub fn acceptor(
-    tls: Option<&crate::config::TlsFiles>,
-    client_ca: Option<&std::path::Path>,
-) -> Result<Option<TlsAcceptor>, crate::tls::TlsError> {
-    let Some(files) = tls else { return Ok(None) };
-    let config = crate::tls::server_config(&files.cert, &files.key, client_ca)?;
-    Ok(Some(TlsAcceptor::from(config)))
-}
-
 /// A listener's rustls server config, replaced on reload. Each accepted connection takes the
 /// config in force when it is accepted, so a reload changes what new connections see and
 /// never touches an open one.
