@@ -11,7 +11,7 @@ use bytes::Bytes;
 use http::header::{HeaderValue, AUTHORIZATION, CONTENT_LENGTH, UPGRADE};
 use http::{HeaderName, Method, Request, Response, Uri};
 use http_body::Body as _;
-use http_body_util::{BodyExt, Limited};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
 
 use super::body::{LimitedBody, ObservedBody, Outcome};
@@ -459,7 +459,17 @@ async fn bounded_body(
             let bytes = Limited::new(body, limit)
                 .collect()
                 .await
-                .map_err(|_| too_large())?
+                .map_err(|e| {
+                    // A broken chunked encoding is the client's malformed request, not a size.
+                    if e.downcast_ref::<LengthLimitError>().is_some() {
+                        too_large()
+                    } else {
+                        deny(
+                            Refusal::InvalidRequest("malformed or truncated request body".into()),
+                            "malformed_body",
+                        )
+                    }
+                })?
                 .to_bytes();
             seen.store(bytes.len() as u64, Ordering::Relaxed);
             Ok(full(bytes))

@@ -3,6 +3,7 @@
 mod support;
 
 mod admin;
+mod attacks;
 mod audit_log;
 mod cli;
 mod dynamic_credentials;
