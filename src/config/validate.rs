@@ -77,7 +77,7 @@ pub(super) fn parse(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
             let span = e.span();
             let key = span
                 .as_ref()
-                .map(|s| source_line(text, s.start).to_owned())
+                .map(|s| line_key(source_line(text, s.start)).to_owned())
                 .unwrap_or_default();
             cx.err(span, &key, message);
             return Err(ConfigErrors(cx.errors));
@@ -96,6 +96,16 @@ fn source_line(text: &str, offset: usize) -> &str {
     let start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
     let end = text[offset..].find('\n').map_or(text.len(), |i| offset + i);
     text[start..end].trim()
+}
+
+/// What of a source line an error may quote: the key before `=`, never the value (it may be
+/// a `literal:` secret); a line without `=` only if it holds no `literal:` value.
+fn line_key(line: &str) -> &str {
+    match line.split_once('=') {
+        Some((key, _)) => key.trim(),
+        None if line.contains("literal:") => "",
+        None => line,
+    }
 }
 
 fn convert(cx: &mut Ctx<'_>, raw: RawConfig, text: &str) -> Option<Config> {

@@ -10,5 +10,6 @@ mod dynamic_credentials;
 mod injection;
 mod ops;
 mod proxy;
+mod secrets;
 mod tls;
 mod token_endpoint;
