@@ -1091,3 +1091,158 @@ async fn request_timeout_answers_504_for_a_silent_upstream_and_keeps_serving() {
     assert_eq!(results[0]["status"], 504);
     assert_eq!(results[0]["error"], "upstream_timeout");
 }
+
+/// Path segments an attacker would try: the allowlisted literals, case and dot variants,
+/// empty segments, percent-encodings (of separators, dots, `%`, controls, overlong and
+/// full-width look-alikes, and of harmless letters), `;`, `\` and random words.
+fn segment() -> impl proptest::strategy::Strategy<Value = String> {
+    use proptest::prelude::*;
+    prop_oneof![
+        4 => prop::sample::select(vec!["repos", "acme", "widget", "issues", "comments", "1", "42"]),
+        1 => prop::sample::select(vec!["Repos", "ACME", "Issues", "WIDGET", "github"]),
+        1 => prop::sample::select(vec![".", "..", "...", "issues.", ".hidden", ""]),
+        2 => prop::sample::select(vec![
+            "%2e", "%2E", "%2e%2e", "%2f", "%2F", "%5c", "%25", "%252e", "%00", "%0a", "%c0%ae",
+            "%ef%bc%8f", "%41", "%20", "wid%67et", "%7e", "%zz", "%2",
+        ]),
+        1 => prop::sample::select(vec![";x", "a;b", "a\\b", "~", "a:b", "@", "!$&'()*+,="]),
+        1 => "[a-z0-9]{1,6}".prop_map(|s| Box::leak(s.into_boxed_str()) as &str),
+    ]
+    .prop_map(str::to_owned)
+}
+
+/// A request: usually to `/github`, either in the shape of an allowlisted pattern with random
+/// fill-ins (with the method that pattern allows, mostly) or a random list of segments, plus an
+/// optional query. Returns (method, path, query).
+fn attack_request() -> impl proptest::strategy::Strategy<Value = (&'static str, String, String)> {
+    use proptest::prelude::*;
+    let lit = |s: &'static str| Just(s.to_owned()).boxed();
+    let or_random = |s: &'static str| prop_oneof![3 => lit(s), 1 => segment().boxed()];
+    let method = |usual: &'static str| prop_oneof![6 => Just(usual), 1 => Just("DELETE")];
+    let list = (
+        or_random("repos"),
+        segment(),
+        segment(),
+        4usize..=5,
+        method("GET"),
+    )
+        .prop_map(|(r, a, b, n, m)| {
+            let mut v = vec![r, "acme".to_owned(), a, "issues".to_owned(), b];
+            v.truncate(n);
+            (m, v)
+        });
+    let comments = (
+        or_random("widget"),
+        segment(),
+        or_random("comments"),
+        method("POST"),
+    )
+        .prop_map(|(a, b, c, m)| {
+            let v = vec![
+                "repos".to_owned(),
+                "acme".to_owned(),
+                a,
+                "issues".to_owned(),
+                b,
+                c,
+            ];
+            (m, v)
+        });
+    let random = (prop::collection::vec(segment(), 1..7), method("GET")).prop_map(|(v, m)| (m, v));
+    let prefix = prop_oneof![6 => Just("/github"), 1 => Just("/GitHub"), 1 => Just("")];
+    let query = prop::sample::select(vec!["", "", "?state=open", "?page=2&per_page=5", "?q=1"]);
+    (
+        prefix,
+        prop_oneof![2 => list, 2 => comments, 1 => random],
+        query,
+    )
+        .prop_map(|(p, (m, segs), q)| (m, format!("{p}/{}", segs.join("/")), q.to_owned()))
+}
+
+#[test]
+fn random_paths_are_forwarded_byte_identical_and_allowlisted_or_not_at_all() {
+    use credbroker::policy::Pattern;
+    use proptest::test_runner::{Config, TestCaseError, TestRunner};
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (up, b, t) = rt.block_on(async {
+        let up = FakeUpstream::start().await;
+        let b = TestBroker::start(&standard_config(up.addr)).await;
+        let t = b
+            .token("github:issues.read github:issues.comment", &[])
+            .await;
+        (up, b, t)
+    });
+    // The connector's allowlist, as the standard config writes it.
+    let allowlist: Vec<Pattern> = [
+        "/repos/acme/{repo}/issues",
+        "/repos/acme/widget/issues/{number}/comments",
+        "/repos/acme/{repo}",
+    ]
+    .iter()
+    .map(|p| Pattern::parse(p).unwrap())
+    .collect();
+    let forwarded = std::cell::Cell::new(0);
+    let mut runner = TestRunner::new(Config {
+        cases: 64,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let result = runner.run(&attack_request(), |(method, path, query)| {
+        let extra = if method == "POST" {
+            "Content-Length: 0\r\n"
+        } else {
+            ""
+        };
+        let before = up.count();
+        let target = format!("{path}{query}");
+        let out = rt.block_on(raw(
+            b.addr,
+            &req(method, &target, &t, extra),
+            Duration::from_secs(3),
+        ));
+        let status =
+            raw_status(&out).ok_or_else(|| TestCaseError::fail(format!("no answer: {out:?}")))?;
+        let after = up.count();
+        if !(200..300).contains(&status) {
+            proptest::prop_assert_eq!(
+                after,
+                before,
+                "{} {} → {} but forwarded",
+                method,
+                target,
+                status
+            );
+            return Ok(());
+        }
+        forwarded.set(forwarded.get() + 1);
+        proptest::prop_assert_eq!(after, before + 1);
+        let seen = up.requests().pop().unwrap();
+        let rest = path
+            .strip_prefix("/github")
+            .unwrap_or("<no connector prefix>");
+        proptest::prop_assert_eq!(
+            &seen.target,
+            &format!("{rest}{query}"),
+            "not byte-identical"
+        );
+        proptest::prop_assert!(
+            allowlist.iter().any(|p| p.matches(rest)),
+            "{} forwarded but no pattern matches",
+            rest
+        );
+        Ok(())
+    });
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+    // The property is only interesting if both sides happen.
+    let forwarded = forwarded.get();
+    assert!(forwarded > 0, "no random path was ever allowed");
+    assert!(forwarded < 64, "every random path was allowed");
+    eprintln!("random paths: {forwarded} of 64 forwarded");
+    drop(b);
+}
