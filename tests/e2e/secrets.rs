@@ -261,7 +261,7 @@ async fn tls_session(hay: &mut Haystack) -> (Vec<String>, String) {
         hay.response(what, &r);
     }
     // Admin: the config view, metrics, a bad admin token, then revoke t1.
-    for path in ["/v1/connectors", "/healthz"] {
+    for path in ["/v1/connectors", "/healthz", "/metrics"] {
         let r = b.admin_call("GET", path, "").await;
         assert_eq!(r.0, 200, "{path}");
         hay.response(path, &r);
