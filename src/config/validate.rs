@@ -98,14 +98,13 @@ fn source_line(text: &str, offset: usize) -> &str {
     text[start..end].trim()
 }
 
-/// What of a source line an error may quote: the key before `=`, never the value (it may be
-/// a `literal:` secret); a line without `=` only if it holds no `literal:` value.
+/// What of a source line an error may quote: the whole line, unless it holds a `literal:`
+/// secret — then only the key before `=` (or nothing), never the value.
 fn line_key(line: &str) -> &str {
-    match line.split_once('=') {
-        Some((key, _)) => key.trim(),
-        None if line.contains("literal:") => "",
-        None => line,
+    if !line.contains("literal:") {
+        return line;
     }
+    line.split_once('=').map_or("", |(key, _)| key.trim())
 }
 
 fn convert(cx: &mut Ctx<'_>, raw: RawConfig, text: &str) -> Option<Config> {
