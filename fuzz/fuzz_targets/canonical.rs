@@ -35,6 +35,9 @@ fuzz_target!(|data: &[u8]| {
         "decoding {s:?} creates a forbidden byte"
     );
     for segment in decoded.split(|&b| b == b'/').skip(1) {
-        assert!(segment != b"." && segment != b"..", "{s:?} has a dot segment once decoded");
+        assert!(
+            segment != b"." && segment != b"..",
+            "{s:?} has a dot segment once decoded"
+        );
     }
 });

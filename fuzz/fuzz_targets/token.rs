@@ -35,7 +35,10 @@ fn fixture() -> &'static Fixture {
         };
         let token = keys.sign(&claims).expect("signing works");
         let verifier = TokenVerifier::new(keys, "credbroker-fuzz".into(), 5);
-        assert!(verifier.verify(&token, NOW).is_ok(), "the genuine token verifies");
+        assert!(
+            verifier.verify(&token, NOW).is_ok(),
+            "the genuine token verifies"
+        );
         Fixture { verifier, token }
     })
 }
@@ -56,6 +59,9 @@ fuzz_target!(|data: &[u8]| {
         String::from_utf8_lossy(&bytes).into_owned()
     };
     if f.verifier.verify(&candidate, NOW).is_ok() {
-        assert_eq!(candidate, f.token, "a token other than the genuine one verified");
+        assert_eq!(
+            candidate, f.token,
+            "a token other than the genuine one verified"
+        );
     }
 });
