@@ -135,7 +135,7 @@ def ms(v):
     return float(n) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[u]
 rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
 total = int(re.search(r"(\d+) requests in", out).group(1))
-p50 = ms(re.search(r"50%\s+(\S+)", out).group(1)); p99 = ms(re.search(r"99%\s+(\S+)", out).group(1))
+p50 = ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1)); p99 = ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))
 non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
 errors = int(non2xx.group(1)) if non2xx else 0
 cpu_us = (after - before) / tick * 1e6 / max(total, 1)

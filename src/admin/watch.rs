@@ -1,23 +1,26 @@
 //! Reload on a change of the config file (DESIGN §3.4), the third trigger beside SIGHUP and
-//! `POST /v1/reload`. The file's folder is watched (editors replace a file by renaming a new
-//! one over it, which a watch on the file itself would lose); changes are debounced, and a
-//! reload is attempted only when the file's bytes differ from the config in force, so a save
-//! that another trigger already loaded is not reloaded (and audited) twice.
+//! `POST /v1/reload`. The file is polled — one `stat` a second — rather than watched with
+//! inotify: a folder watch (needed because editors rename a new file over the old one) also
+//! wakes on every audit write when the log shares the config's folder, which cost a thread
+//! wake-up per proxied call. Changes are debounced, and a reload is attempted only when the
+//! file's bytes differ from the config in force, so a save another trigger already loaded is
+//! not reloaded (and audited) twice.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use notify::event::{AccessKind, AccessMode, ModifyKind};
-use notify::{Event, EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use sha2::{Digest, Sha256};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use crate::broker::Broker;
 
 /// Quiet time after the last change before reloading: an editor's save is several events
 /// (truncate, write, rename), and a half-written file must not be loaded.
 pub const DEBOUNCE: Duration = Duration::from_millis(500);
+
+/// How often the file's metadata is looked at.
+pub const POLL: Duration = Duration::from_secs(1);
 
 /// The actor recorded in the `admin` audit record of a reload this watcher started.
 pub const ACTOR: &str = "watch";
@@ -26,17 +29,9 @@ pub const ACTOR: &str = "watch";
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum WatchError {
-    /// The config path has no file name or folder to watch.
+    /// The config path has no file name to watch.
     #[error("cannot watch {0}: not a file path")]
     NotAFile(PathBuf),
-    /// The OS watch could not be set up (inotify limits, a missing folder, …).
-    #[error("cannot watch {path}: {source}")]
-    Notify {
-        /// The folder.
-        path: PathBuf,
-        /// The cause.
-        source: notify::Error,
-    },
 }
 
 /// Whether `config_path` is a real file holding exactly the config in force — false for
@@ -71,70 +66,55 @@ pub fn spawn(
     stopped: watch::Receiver<bool>,
 ) -> Result<tokio::task::JoinHandle<()>, WatchError> {
     let path = broker.config_path();
-    let (Some(name), Some(dir)) = (path.file_name(), path.parent()) else {
+    if path.file_name().is_none() {
         return Err(WatchError::NotAFile(path));
-    };
-    let name = name.to_owned();
-    let dir = if dir.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        dir
-    };
-    let (tx, rx) = mpsc::unbounded_channel();
-    let mut watcher = notify::recommended_watcher(move |res: notify::Result<Event>| {
-        if let Ok(event) = res {
-            if is_change(&event.kind) && event.paths.iter().any(|p| p.file_name() == Some(&name)) {
-                // The receiver is gone only when the broker is stopping.
-                let _ = tx.send(());
-            }
-        }
-    })
-    .map_err(|source| WatchError::Notify {
-        path: dir.to_owned(),
-        source,
-    })?;
-    watcher
-        .watch(dir, RecursiveMode::NonRecursive)
-        .map_err(|source| WatchError::Notify {
-            path: dir.to_owned(),
-            source,
-        })?;
-    Ok(tokio::spawn(run(broker, watcher, rx, stopped)))
-}
-
-/// Content changes only: the broker's own reads of the file (open, close-after-read) are
-/// events too and must not trigger a reload loop.
-fn is_change(kind: &EventKind) -> bool {
-    match kind {
-        // Reading a file can update its access time: metadata changes are not content changes.
-        EventKind::Modify(ModifyKind::Metadata(_)) => false,
-        EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_) => true,
-        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
-        _ => false,
     }
+    Ok(tokio::spawn(run(broker, path, stopped)))
 }
 
-async fn run(
-    broker: Arc<Broker>,
-    // Held so the OS watch lives as long as this task.
-    _watcher: RecommendedWatcher,
-    mut changes: mpsc::UnboundedReceiver<()>,
-    mut stopped: watch::Receiver<bool>,
-) {
-    // The content last tried: a broken save is reported once, not on every later event.
+/// What a `stat` tells about the file: enough to notice a write or a rename over it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Stamp {
+    modified: Option<std::time::SystemTime>,
+    len: u64,
+    inode: u64,
+}
+
+fn stamp(path: &Path) -> Option<Stamp> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some(Stamp {
+        modified: m.modified().ok(),
+        len: m.len(),
+        inode: m.ino(),
+    })
+}
+
+async fn run(broker: Arc<Broker>, path: PathBuf, mut stopped: watch::Receiver<bool>) {
+    // The content last tried: a broken save is reported once, not on every later poll.
     // (`Some(None)`: an unreadable file was tried.)
     let mut last_tried: Option<Option<String>> = None;
+    let mut seen = stamp(&path);
+    let mut tick = tokio::time::interval(POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            change = changes.recv() => {
-                if change.is_none() {
-                    return;
-                }
-            }
+            _ = tick.tick() => {}
             _ = stopped.wait_for(|s| *s) => return,
         }
-        if !settle(&mut changes, &mut stopped).await {
-            return;
+        if stamp(&path) == seen {
+            continue;
+        }
+        // Debounce: wait until the file has stopped changing for DEBOUNCE.
+        loop {
+            seen = stamp(&path);
+            tokio::select! {
+                _ = tokio::time::sleep(DEBOUNCE) => {}
+                _ = stopped.wait_for(|s| *s) => return,
+            }
+            if stamp(&path) == seen {
+                break;
+            }
         }
         let live = broker.live();
         let now = file_sha256(&live.config.path);
@@ -145,24 +125,6 @@ async fn run(
         last_tried = Some(now);
         // Failures are logged, audited and counted by `reload`; the old config stays.
         let _ = super::reload(&broker, ACTOR).await;
-    }
-}
-
-/// Waits until no change arrived for [`DEBOUNCE`]; false when the broker is stopping.
-async fn settle(
-    changes: &mut mpsc::UnboundedReceiver<()>,
-    stopped: &mut watch::Receiver<bool>,
-) -> bool {
-    loop {
-        tokio::select! {
-            change = changes.recv() => {
-                if change.is_none() {
-                    return false;
-                }
-            }
-            _ = tokio::time::sleep(DEBOUNCE) => return true,
-            _ = stopped.wait_for(|s| *s) => return false,
-        }
     }
 }
 
@@ -177,24 +139,17 @@ fn file_sha256(path: &Path) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use notify::event::{CreateKind, MetadataKind};
 
     #[test]
-    fn reads_of_the_file_are_not_changes() {
-        assert!(!is_change(&EventKind::Access(AccessKind::Open(
-            AccessMode::Any
-        ))));
-        assert!(!is_change(&EventKind::Access(AccessKind::Close(
-            AccessMode::Read
-        ))));
-        assert!(is_change(&EventKind::Access(AccessKind::Close(
-            AccessMode::Write
-        ))));
-        assert!(!is_change(&EventKind::Modify(ModifyKind::Metadata(
-            MetadataKind::AccessTime
-        ))));
-        assert!(is_change(&EventKind::Modify(ModifyKind::Any)));
-        assert!(is_change(&EventKind::Create(CreateKind::File)));
+    fn a_rename_over_the_file_changes_its_stamp() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "a").unwrap();
+        let before = stamp(&path);
+        let tmp = dir.path().join("c.toml.new");
+        std::fs::write(&tmp, "b").unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+        assert_ne!(stamp(&path), before, "an editor's atomic save is seen");
     }
 
     #[test]
