@@ -74,7 +74,9 @@ struct Links<'a> {
 
 /// Formats a writer timestamp: RFC 3339, UTC, microseconds, `Z`.
 pub fn format_ts(t: DateTime<Utc>) -> String {
-    t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
+    // `to_rfc3339_opts` writes directly; a strftime pattern is parsed on every call, and
+    // this runs for every record.
+    t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
 
 /// Seals a record: returns its line (without `\n`) and its hash.
