@@ -67,6 +67,8 @@ pub struct ConnectorRuntime {
     pub limiter: Option<Arc<DefaultDirectRateLimiter>>,
     /// `scheme://authority/base-path`, to which the request path and query are appended.
     pub upstream_prefix: String,
+    /// This connector's metric series, resolved at load.
+    pub metrics: Arc<crate::admin::metrics::ConnectorMetrics>,
 }
 
 struct Uses {
@@ -113,9 +115,9 @@ impl Broker {
     ) -> Result<Self, LoadError> {
         let upstream_clients = UpstreamClients::default();
         let listener_tls = ListenerTls::load(&config)?;
-        let live = Live::build(Arc::new(config), &keys, &upstream_clients, None)?;
         let metrics = Arc::new(Metrics::new());
         metrics.observe_audit(&audit);
+        let live = Live::build(Arc::new(config), &keys, &upstream_clients, &metrics, None)?;
         Ok(Self {
             live: ArcSwap::from_pointee(live),
             keys,
@@ -145,6 +147,7 @@ impl Broker {
             Arc::new(config),
             &self.keys,
             &self.upstream_clients,
+            &self.metrics,
             Some(&old),
         )?;
         self.live.store(Arc::new(live));
@@ -204,6 +207,7 @@ impl Live {
         config: Arc<Config>,
         keys: &Arc<SigningKeys>,
         upstream_clients: &UpstreamClients,
+        metrics: &Metrics,
         old: Option<&Live>,
     ) -> Result<Self, LoadError> {
         let verifier = TokenVerifier::new(
@@ -250,6 +254,7 @@ impl Live {
                     client,
                     limiter: limiter(c.rate_limit, old_rate, old_limiter),
                     upstream_prefix,
+                    metrics: metrics.for_connector(c),
                 },
             );
         }

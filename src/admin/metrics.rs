@@ -8,6 +8,7 @@
 //! authenticate) is folded into the empty value, so a scan cannot grow the series count.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -20,7 +21,7 @@ use prometheus_client::registry::{Registry, Unit};
 
 use crate::audit::{AuditLog, Record};
 use crate::broker::Broker;
-use crate::config::Config;
+use crate::config::{Config, Connector};
 
 /// The `Content-Type` of the exposition (OpenMetrics 1.0 text, which Prometheus accepts).
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -72,6 +73,38 @@ struct Usage {
     last_allowed: AtomicI64,
 }
 
+/// One connector's series for the hot path (see [`Metrics::for_connector`]).
+pub struct ConnectorMetrics {
+    /// `credbroker_proxy_requests_total{decision="allow"}`, by operation index.
+    allowed: Vec<Counter>,
+    request_duration: Histogram,
+    upstream_duration: Histogram,
+    usage: Arc<Usage>,
+}
+
+impl ConnectorMetrics {
+    /// An allowed call of the connector's operation number `operation` (about to be forwarded).
+    pub fn allowed(&self, operation: usize) {
+        if let Some(c) = self.allowed.get(operation) {
+            c.inc();
+        }
+        self.usage.allowed.fetch_add(1, Ordering::Relaxed);
+        self.usage
+            .last_allowed
+            .store(chrono::Utc::now().timestamp(), Ordering::Relaxed);
+    }
+
+    /// The whole request is over (its response body ended, or it failed).
+    pub fn request_done(&self, took: Duration) {
+        self.request_duration.observe(took.as_secs_f64());
+    }
+
+    /// The upstream answered (headers received) after `took`.
+    pub fn upstream_ok(&self, took: Duration) {
+        self.upstream_duration.observe(took.as_secs_f64());
+    }
+}
+
 /// The registry and every family the broker updates. Held by [`Broker`]; the update methods
 /// are the one-line hooks the pipeline, the token endpoint and reload call.
 pub struct Metrics {
@@ -91,7 +124,7 @@ pub struct Metrics {
     connector_enabled: Family<Labels, Gauge>,
     credential_mints: Family<Labels, Counter>,
     credential_expiry: Family<Labels, Gauge>,
-    usage: DashMap<String, Usage>,
+    usage: DashMap<String, Arc<Usage>>,
 }
 
 impl Default for Metrics {
@@ -237,6 +270,31 @@ impl Metrics {
     /// A proxy call whose allow record is durable (it is about to be forwarded).
     pub fn proxy_allowed(&self, connector: &str, operation: &str) {
         self.count_request(Some(connector), Some(operation), None);
+    }
+
+    /// Resolves one connector's series once per config load, so an allowed call only bumps
+    /// atomics instead of building label sets and hashing them three times.
+    pub fn for_connector(&self, connector: &Connector) -> Arc<ConnectorMetrics> {
+        let allowed = connector
+            .operations
+            .iter()
+            .map(|op| {
+                let set = Labels(vec![
+                    ("connector", Some(connector.name.clone())),
+                    ("operation", Some(op.name.clone())),
+                    ("decision", Some("allow".to_owned())),
+                    ("reason", None),
+                ]);
+                self.proxy_requests.get_or_create(&set).clone()
+            })
+            .collect();
+        let set = labels(&[("connector", &connector.name)]);
+        Arc::new(ConnectorMetrics {
+            allowed,
+            request_duration: self.request_duration.get_or_create(&set).clone(),
+            upstream_duration: self.upstream_duration.get_or_create(&set).clone(),
+            usage: Arc::clone(&self.usage.entry(connector.name.clone()).or_default()),
+        })
     }
 
     fn count_request(

@@ -131,9 +131,7 @@ async fn stages(
         tracing::error!(error = %e, "audit log unavailable; refusing to forward");
         Denial::from(Refusal::AuditUnavailable)
     })?;
-    broker
-        .metrics
-        .proxy_allowed(&connector.name, &operation.name);
+    runtime.metrics.allowed(operation_index(connector, operation));
     // 8. Inject the credential, forward, stream the answer back, audit the outcome.
     let upstream_req = upstream_request(
         parts,
@@ -399,6 +397,15 @@ fn judge(
     Ok(())
 }
 
+/// The position of `operation` among its connector's operations (for per-operation metrics).
+/// `operation` is an element of `connector.operations` (the router returned its index), so
+/// its offset in the slice gives the index in constant time.
+fn operation_index(connector: &Connector, operation: &Operation) -> usize {
+    let base = connector.operations.as_ptr() as usize;
+    let at = operation as *const Operation as usize;
+    at.wrapping_sub(base) / std::mem::size_of::<Operation>().max(1)
+}
+
 /// Check 4: single-use and `max_uses` tokens.
 fn spend_use(broker: &Broker, claims: &AccessClaims) -> Result<(), Denial> {
     match claims.max_uses {
@@ -611,9 +618,12 @@ async fn forward(
         .min(request_deadline.saturating_duration_since(Instant::now()));
     let sent = Instant::now();
     let result = tokio::time::timeout(wait, runtime.client.request(req)).await;
-    broker
-        .metrics
-        .upstream_result(&connector.name, sent.elapsed(), &result);
+    match &result {
+        Ok(Ok(_)) => runtime.metrics.upstream_ok(sent.elapsed()),
+        failed => broker
+            .metrics
+            .upstream_result(&connector.name, sent.elapsed(), failed),
+    }
     let mut result_record = Record::new(Event::ProxyResult);
     result_record.request_id = facts.record.request_id.clone();
     result_record.client = facts.record.client.clone();
@@ -656,9 +666,9 @@ async fn forward(
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
     let audit = broker.audit.clone();
-    let (metrics, connector_name) = (Arc::clone(&broker.metrics), connector.name.clone());
+    let metrics = Arc::clone(&runtime.metrics);
     let on_done = Box::new(move |outcome: Outcome| {
-        metrics.request_done(&connector_name, started.elapsed());
+        metrics.request_done(started.elapsed());
         result_record.duration_ms = Some(started.elapsed().as_millis() as u64);
         result_record.bytes_in = Some(bytes_in.load(Ordering::Relaxed));
         result_record.bytes_out = Some(outcome.bytes_out);
