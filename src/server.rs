@@ -125,11 +125,7 @@ async fn serve_connection(
 ) {
     match tls {
         None => {
-            let info = Arc::new(ConnInfo {
-                peer,
-                tls: false,
-                client_cert: None,
-            });
+            let info = Arc::new(ConnInfo::new(peer, false, None));
             let service = service_fn(move |req| {
                 handle(
                     role.clone(),
@@ -158,11 +154,7 @@ async fn serve_connection(
                 }
             };
             let client_cert = crate::tls::peer_identity(stream.get_ref().1).map(Arc::new);
-            let info = Arc::new(ConnInfo {
-                peer,
-                tls: true,
-                client_cert,
-            });
+            let info = Arc::new(ConnInfo::new(peer, true, client_cert));
             let service = service_fn(move |req| {
                 handle(
                     role.clone(),

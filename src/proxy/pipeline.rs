@@ -34,6 +34,22 @@ pub struct ConnInfo {
     pub tls: bool,
     /// The verified client certificate, on an mTLS connection that presented one.
     pub client_cert: Option<Arc<PeerIdentity>>,
+    /// `peer` and its IP as text, formatted once per connection for audit records and
+    /// `X-Forwarded-For`.
+    pub peer_text: String,
+    pub peer_ip_text: String,
+}
+
+impl ConnInfo {
+    pub fn new(peer: SocketAddr, tls: bool, client_cert: Option<Arc<PeerIdentity>>) -> Self {
+        Self {
+            peer,
+            tls,
+            client_cert,
+            peer_text: peer.to_string(),
+            peer_ip_text: peer.ip().to_string(),
+        }
+    }
 }
 
 /// A refusal plus the specific cause recorded in the audit log's `reason`.
@@ -584,7 +600,7 @@ fn upstream_request(
     }
     headers::add_forwarding_headers(
         &mut hdrs,
-        &conn.peer.ip().to_string(),
+        &conn.peer_ip_text,
         if conn.tls { "https" } else { "http" },
     );
     if let Injection::Header { name, value } = injection {
@@ -747,7 +763,7 @@ impl AuditFacts {
         let mut record = Record::new(Event::Proxy);
         record.request_id = Some(request_id.to_owned());
         record.method = Some(req.method().as_str().to_owned());
-        record.peer = Some(conn.peer.to_string());
+        record.peer = Some(conn.peer_text.clone());
         record.path = Some(req.uri().path().to_owned());
         record.query = req.uri().query().map(redact_query);
         Self { record }

@@ -90,7 +90,7 @@ pub async fn token(
     let live = broker.live();
     let mut record = Record::new(Event::TokenDenied);
     record.request_id = Some(request_id.to_owned());
-    record.peer = Some(conn.peer.to_string());
+    record.peer = Some(conn.peer_text.clone());
     match issue(&broker, &live, req, conn, &mut record).await {
         Ok(issued) => respond_issued(&broker, issued, record, request_id).await,
         Err(e) => {
