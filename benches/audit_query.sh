@@ -29,7 +29,7 @@ with open(path, "w") as f:
         prev = h
 PY
 ls -la "$DIR/audit.jsonl"
-t() { local s e; s=$(date +%s.%N); "$@" > /dev/null; e=$(date +%s.%N); echo "$(echo "$e - $s" | bc) s  $*" | sed "s|$DIR/||g"; }
+t() { local s e; s=$(date +%s.%N); "$@" > /dev/null; e=$(date +%s.%N); printf "%6.3f s  %s\n" "$(echo "$e - $s" | bc)" "$*" | sed "s|$DIR/||g"; }
 t "$BIN" audit verify "$DIR/audit.jsonl"
 t "$BIN" audit query "$DIR/audit.jsonl" --client ir-bot --decision deny
 t "$BIN" audit query "$DIR/audit.jsonl" --client ir-bot --decision deny --json
