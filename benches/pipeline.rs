@@ -91,6 +91,8 @@ async fn get(sender: &mut SendRequest<Empty<Bytes>>, uri: &str, auth: &str) {
         .header("authorization", auth)
         .body(Empty::new())
         .unwrap();
+    // HTTP/1: the connection takes the next request once the previous one is complete.
+    sender.ready().await.unwrap();
     let resp = sender.send_request(req).await.unwrap();
     assert_eq!(resp.status(), 200);
     resp.into_body().collect().await.unwrap();
