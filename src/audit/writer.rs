@@ -1058,16 +1058,26 @@ mod tests {
 
     #[tokio::test]
     async fn detached_records_ride_with_the_next_write_and_never_get_lost() {
-        for policy in [FsyncPolicy::Always, FsyncPolicy::Never, FsyncPolicy::Interval] {
+        for policy in [
+            FsyncPolicy::Always,
+            FsyncPolicy::Never,
+            FsyncPolicy::Interval,
+        ] {
             let dir = tempfile::tempdir().unwrap();
             let o = opts(dir.path(), policy);
             let log = AuditLog::open(o.clone()).unwrap();
             log.append_detached(proxy("first")).unwrap();
-            assert_eq!(log.append(proxy("second")).await.unwrap(), 2, "{policy:?}: order kept");
+            assert_eq!(
+                log.append(proxy("second")).await.unwrap(),
+                2,
+                "{policy:?}: order kept"
+            );
             log.append_detached(proxy("third")).unwrap();
             tokio::time::sleep(Duration::from_millis(60)).await;
             assert!(
-                std::fs::read_to_string(&o.path).unwrap().contains("\"third\""),
+                std::fs::read_to_string(&o.path)
+                    .unwrap()
+                    .contains("\"third\""),
                 "{policy:?}: written by its deadline"
             );
             log.append_detached(proxy("fourth")).unwrap();
@@ -1078,14 +1088,20 @@ mod tests {
                 .filter(|c| lines.iter().any(|l| l.contains(&format!("\"{c}\""))))
                 .collect();
             assert_eq!(clients.len(), 4, "{policy:?}: flushed on close");
-            assert!(verify_files(std::slice::from_ref(&o.path), None).unwrap().is_intact());
+            assert!(verify_files(std::slice::from_ref(&o.path), None)
+                .unwrap()
+                .is_intact());
         }
     }
 
     #[tokio::test]
     async fn failed_writes_fail_closed_then_recover() {
         // Both paths: the writer thread (always) and inline writes (never, interval).
-        for policy in [FsyncPolicy::Always, FsyncPolicy::Never, FsyncPolicy::Interval] {
+        for policy in [
+            FsyncPolicy::Always,
+            FsyncPolicy::Never,
+            FsyncPolicy::Interval,
+        ] {
             failed_writes_fail_closed_then_recover_with(policy).await;
         }
     }

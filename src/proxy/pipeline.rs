@@ -147,7 +147,9 @@ async fn stages(
         tracing::error!(error = %e, "audit log unavailable; refusing to forward");
         Denial::from(Refusal::AuditUnavailable)
     })?;
-    runtime.metrics.allowed(operation_index(connector, operation));
+    runtime
+        .metrics
+        .allowed(operation_index(connector, operation));
     // 8. Inject the credential, forward, stream the answer back, audit the outcome.
     let upstream_req = upstream_request(
         parts,
