@@ -123,51 +123,52 @@ async fn serve_connection(
     builder: &auto::Builder<TokioExecutor>,
     watcher: hyper_util::server::graceful::Watcher,
 ) {
-    match tls {
-        None => {
-            let info = Arc::new(ConnInfo::new(peer, false, None));
-            let service = service_fn(move |req| {
-                handle(
-                    role.clone(),
-                    Arc::clone(&info),
-                    limits.max_header_bytes,
-                    req,
-                )
-            });
-            let conn = builder.serve_connection(TokioIo::new(stream), service);
-            if let Err(e) = watcher.watch(conn.into_owned()).await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
+    let Some(acceptor) = tls else {
+        let info = ConnInfo::new(peer, false, None);
+        return serve_http(stream, info, limits, role, builder, watcher).await;
+    };
+    // The handshake is bounded like the headers: a silent client cannot hold a slot.
+    let handshake = tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream)).await;
+    let stream = match handshake {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            return;
         }
-        Some(acceptor) => {
-            let handshake =
-                tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream)).await;
-            let stream = match handshake {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(%peer, "TLS handshake timed out");
-                    return;
-                }
-            };
-            let client_cert = crate::tls::peer_identity(stream.get_ref().1).map(Arc::new);
-            let info = Arc::new(ConnInfo::new(peer, true, client_cert));
-            let service = service_fn(move |req| {
-                handle(
-                    role.clone(),
-                    Arc::clone(&info),
-                    limits.max_header_bytes,
-                    req,
-                )
-            });
-            let conn = builder.serve_connection(TokioIo::new(stream), service);
-            if let Err(e) = watcher.watch(conn.into_owned()).await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
+        Err(_) => {
+            tracing::debug!(%peer, "TLS handshake timed out");
+            return;
         }
+    };
+    let client_cert = crate::tls::peer_identity(stream.get_ref().1).map(Arc::new);
+    let info = ConnInfo::new(peer, true, client_cert);
+    serve_http(stream, info, limits, role, builder, watcher).await;
+}
+
+/// HTTP/1.1 or HTTP/2 on an accepted (and, for TLS, handshaken) connection.
+async fn serve_http<I>(
+    io: I,
+    info: ConnInfo,
+    limits: ListenerLimits,
+    role: Role,
+    builder: &auto::Builder<TokioExecutor>,
+    watcher: hyper_util::server::graceful::Watcher,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let peer = info.peer;
+    let info = Arc::new(info);
+    let service = service_fn(move |req| {
+        handle(
+            role.clone(),
+            Arc::clone(&info),
+            limits.max_header_bytes,
+            req,
+        )
+    });
+    let conn = builder.serve_connection(TokioIo::new(io), service);
+    if let Err(e) = watcher.watch(conn.into_owned()).await {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
     }
 }
 

@@ -253,7 +253,7 @@ fn row(rec: &StoredRecord) -> Row {
 
 /// A value made safe for a terminal: control characters (escape sequences in a path an
 /// attacker chose) are shown escaped, never sent raw.
-fn cell(v: &str) -> String {
+pub(crate) fn cell(v: &str) -> String {
     if !v.chars().any(char::is_control) {
         return v.to_owned();
     }

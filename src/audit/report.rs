@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-use crate::audit::query::{for_each_line, parse_line, QueryError};
+use crate::audit::query::{cell, for_each_line, parse_line, QueryError};
 use crate::audit::record::{Decision, Event, StoredRecord};
 
 /// Operations listed per connector and client.
@@ -297,18 +297,18 @@ fn write_table(r: &Report, out: &mut dyn Write) -> io::Result<()> {
         writeln!(
             out,
             "  {} / {}: {} calls, {} denials, first use {}, last use {}",
-            clean(&u.connector),
-            clean(&u.client),
+            cell(&u.connector),
+            cell(&u.client),
             u.calls,
             denials,
             dash(&u.first_use),
             dash(&u.last_use)
         )?;
         for (reason, n) in &u.denials {
-            writeln!(out, "      denied {n} x {}", clean(reason))?;
+            writeln!(out, "      denied {n} x {}", cell(reason))?;
         }
         for op in &u.top_operations {
-            writeln!(out, "      {:>6}  {}", op.calls, clean(&op.operation))?;
+            writeln!(out, "      {:>6}  {}", op.calls, cell(&op.operation))?;
         }
     }
     writeln!(
@@ -322,9 +322,9 @@ fn write_table(r: &Report, out: &mut dyn Write) -> io::Result<()> {
         writeln!(
             out,
             "  {} -> {}.{}",
-            clean(&g.client),
-            clean(&g.connector),
-            clean(&g.operation)
+            cell(&g.client),
+            cell(&g.connector),
+            cell(&g.operation)
         )?;
     }
     writeln!(out, "\nDenied attempts beyond the granted scope:")?;
@@ -335,10 +335,10 @@ fn write_table(r: &Report, out: &mut dyn Write) -> io::Result<()> {
         writeln!(
             out,
             "  {} -> {}: {} {} ({} attempts)",
-            clean(&b.client),
-            clean(&b.connector),
-            clean(&b.method),
-            clean(&b.path),
+            cell(&b.client),
+            cell(&b.connector),
+            cell(&b.method),
+            cell(&b.path),
             b.attempts
         )?;
     }
@@ -350,27 +350,14 @@ fn write_table(r: &Report, out: &mut dyn Write) -> io::Result<()> {
         writeln!(
             out,
             "  {} -> {}.{} expires {}: {}",
-            clean(&g.client),
-            clean(&g.connector),
-            clean(&g.operation),
+            cell(&g.client),
+            cell(&g.connector),
+            cell(&g.operation),
             dash(&g.expires),
-            clean(&dash(&g.reason))
+            cell(&dash(&g.reason))
         )?;
     }
     Ok(())
-}
-
-/// Control characters shown escaped, so a crafted path cannot drive the auditor's terminal.
-fn clean(v: &str) -> String {
-    v.chars()
-        .map(|c| {
-            if c.is_control() {
-                c.escape_default().to_string()
-            } else {
-                c.to_string()
-            }
-        })
-        .collect()
 }
 
 #[cfg(test)]
