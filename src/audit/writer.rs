@@ -107,6 +107,12 @@ struct Shared {
     fsync_nanos: AtomicU64,
     rotations: AtomicU64,
     observer: ArcSwapOption<Box<dyn Fn(Duration) + Send + Sync>>,
+    /// Under `always`: detached records left here by callers for the writer thread to take
+    /// with its next batch, so that queuing one never wakes the thread (a context switch).
+    #[allow(clippy::vec_box)]
+    deferred: Mutex<Vec<Box<Record>>>,
+    /// Set by `close`: later records are refused.
+    closed: std::sync::atomic::AtomicBool,
     /// Test hook: this many coming writes fail after writing half their bytes.
     #[cfg(test)]
     inject_failures: std::sync::atomic::AtomicU32,
@@ -207,6 +213,7 @@ impl AuditLog {
     /// Flushes and stops the writer; appends queued before it complete first, later ones fail
     /// with [`AuditError::Closed`]. Idempotent.
     pub fn close(&self) {
+        self.inner.shared.closed.store(true, Ordering::Release);
         if let Some(inline) = &self.inner.inline {
             if let Some(mut writer) = lock(inline).take() {
                 writer.finish();
@@ -261,6 +268,17 @@ impl AuditLog {
             }
             return Ok(());
         }
+        if matches!(reply, Reply::Detached) {
+            if self.inner.shared.closed.load(Ordering::Acquire) {
+                return Err(AuditError::Closed);
+            }
+            let mut deferred = lock_deferred(&self.inner.shared);
+            if deferred.len() < MAX_BATCH {
+                deferred.push(Box::new(record));
+                return Ok(());
+            }
+            // A full queue goes to the thread like any record, taking the others along.
+        }
         self.inner
             .tx
             .as_ref()
@@ -274,6 +292,12 @@ impl AuditLog {
     fn inject_write_failures(&self, n: u32) {
         self.inner.shared.inject_failures.store(n, Ordering::SeqCst);
     }
+}
+
+/// The deferred-record queue; poisoning cannot leave it half-updated (a push or a drain).
+#[allow(clippy::vec_box)]
+fn lock_deferred(shared: &Shared) -> std::sync::MutexGuard<'_, Vec<Box<Record>>> {
+    shared.deferred.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The writer lock; a poisoned lock means a writer panicked between two complete batches,
@@ -430,13 +454,16 @@ impl Writer {
             let flush_due = self
                 .pending_since
                 .map(|t| SYNC_INTERVAL.saturating_sub(t.elapsed()));
-            let due = match (sync_due, flush_due) {
-                (None, None) => return rx.recv().ok(),
-                (a, b) => a.into_iter().chain(b).min().unwrap_or(SYNC_INTERVAL),
-            };
+            // With nothing due, still look at the deferred queue every SYNC_INTERVAL.
+            let due = sync_due
+                .into_iter()
+                .chain(flush_due)
+                .min()
+                .unwrap_or(SYNC_INTERVAL);
             match rx.recv_timeout(due) {
                 Ok(msg) => return Some(msg),
                 Err(mpsc::RecvTimeoutError::Timeout) => {
+                    self.absorb_deferred();
                     self.flush_pending();
                     if self.dirty && self.policy == FsyncPolicy::Interval {
                         self.background_sync();
@@ -444,6 +471,15 @@ impl Writer {
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => return None,
             }
+        }
+    }
+
+    /// Takes the detached records callers left in the shared queue (thread mode).
+    fn absorb_deferred(&mut self) {
+        let mut deferred = lock_deferred(&self.shared);
+        if !deferred.is_empty() {
+            self.pending_since.get_or_insert_with(Instant::now);
+            self.pending.append(&mut deferred);
         }
     }
 
@@ -465,6 +501,7 @@ impl Writer {
 
     /// Commits the deferred records, then `appends`, as one batch (seq in that order).
     fn commit_and_answer(&mut self, mut appends: Vec<(Box<Record>, Reply)>) {
+        self.absorb_deferred();
         if !self.pending.is_empty() {
             self.pending_since = None;
             let mut all: Vec<(Box<Record>, Reply)> = self
@@ -645,6 +682,7 @@ impl Writer {
     }
 
     fn finish(&mut self) {
+        self.absorb_deferred();
         self.flush_pending();
         if self.dirty && self.policy == FsyncPolicy::Interval {
             self.background_sync();
