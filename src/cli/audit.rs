@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Subcommand;
 
+use super::ConfigPath;
 use crate::audit::{self, Decision, Event, GrantInfo, QueryFilter};
 use crate::config::Config;
 use crate::secret::{Secret, SecretRef};
@@ -17,9 +18,6 @@ pub enum AuditCommand {
     Verify {
         #[arg(required = true)]
         files: Vec<PathBuf>,
-        /// Take the HMAC key from this config's audit.hmac_key.
-        #[arg(long, conflicts_with = "hmac_key")]
-        config: Option<PathBuf>,
         /// The HMAC key as a secret reference (env:NAME, file:PATH, literal:VALUE).
         #[arg(long)]
         hmac_key: Option<String>,
@@ -49,19 +47,13 @@ pub enum AuditCommand {
         #[arg(required = true)]
         files: Vec<PathBuf>,
         #[arg(long)]
-        config: Option<PathBuf>,
-        #[arg(long)]
         json: bool,
     },
 }
 
-pub fn run(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
+pub fn run(cmd: AuditCommand, config: &ConfigPath) -> anyhow::Result<ExitCode> {
     match cmd {
-        AuditCommand::Verify {
-            files,
-            config,
-            hmac_key,
-        } => verify(&files, config.as_deref(), hmac_key.as_deref()),
+        AuditCommand::Verify { files, hmac_key } => verify(&files, config, hmac_key.as_deref()),
         AuditCommand::Query {
             files,
             client,
@@ -95,23 +87,23 @@ pub fn run(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
             };
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
-            audit::run_query(&files, &filter, json, &mut out)?;
-            out.flush()?;
+            let written = audit::run_query(&files, &filter, json, &mut out)
+                .map(|_| ())
+                .map_err(anyhow::Error::from)
+                .and_then(|()| out.flush().map_err(anyhow::Error::from));
+            ok_on_broken_pipe(written)?;
             Ok(ExitCode::SUCCESS)
         }
-        AuditCommand::Report {
-            files,
-            config,
-            json,
-        } => {
-            let grants = match config {
-                Some(path) => grants_of(&Config::load(&path)?),
-                None => Vec::new(),
-            };
+        AuditCommand::Report { files, json } => {
+            let grants = optional_config(config)?
+                .map(|c| grants_of(&c))
+                .unwrap_or_default();
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
-            audit::run_report(&files, &grants, json, &mut out)?;
-            out.flush()?;
+            let written = audit::run_report(&files, &grants, json, &mut out)
+                .map_err(anyhow::Error::from)
+                .and_then(|()| out.flush().map_err(anyhow::Error::from));
+            ok_on_broken_pipe(written)?;
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -122,16 +114,54 @@ fn parse_event(s: &str) -> anyhow::Result<Event> {
         .map_err(|_| anyhow::anyhow!("unknown event `{s}`"))
 }
 
+/// A reader stopping early (`| head`) is not an error of the command.
+fn ok_on_broken_pipe(result: anyhow::Result<()>) -> anyhow::Result<()> {
+    match result {
+        Err(e)
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) || format!("{e:#}").contains("Broken pipe") =>
+        {
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+/// The config for commands where it only adds information: an explicit `--config` must load;
+/// the default file is used when present and valid, and otherwise skipped with a note.
+fn optional_config(config: &ConfigPath) -> anyhow::Result<Option<Config>> {
+    if config.explicit {
+        return Ok(Some(Config::load(&config.path)?));
+    }
+    if !config.path.exists() {
+        return Ok(None);
+    }
+    match Config::load(&config.path) {
+        Ok(c) => Ok(Some(c)),
+        Err(e) => {
+            eprintln!(
+                "note: not using {} (it does not load: {e}); pass --config to choose one",
+                config.path.display()
+            );
+            Ok(None)
+        }
+    }
+}
+
 fn verify(
     files: &[PathBuf],
-    config: Option<&Path>,
+    config: &ConfigPath,
     hmac_key: Option<&str>,
 ) -> anyhow::Result<ExitCode> {
-    let key: Option<Secret> = match (config, hmac_key) {
-        (Some(path), _) => Config::load(path)?.audit.hmac_key,
+    let key: Option<Secret> = match hmac_key {
+        Some(_) if config.explicit => {
+            anyhow::bail!("give either --config or --hmac-key, not both")
+        }
         // A relative file: reference is relative to the current directory here.
-        (None, Some(r)) => Some(SecretRef::parse(r, Path::new("."))?.resolve()?),
-        (None, None) => None,
+        Some(r) => Some(SecretRef::parse(r, Path::new("."))?.resolve()?),
+        None => optional_config(config)?.and_then(|c| c.audit.hmac_key),
     };
     match audit::verify_files(files, key.as_ref()) {
         Ok(report) => match &report.failure {

@@ -1,6 +1,5 @@
 //! `credbroker explain`: would the current config let client C make this call, and why.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args;
@@ -19,8 +18,6 @@ pub struct ExplainArgs {
     /// The full proxy path, e.g. /github/repos/acme/widget/issues (a query is allowed).
     #[arg(long)]
     pub path: String,
-    #[arg(long, default_value = super::DEFAULT_CONFIG)]
-    pub config: PathBuf,
 }
 
 /// The verdict: allowed by which operation, or refused and why.
@@ -34,8 +31,8 @@ pub enum Verdict {
     BadInput(String),
 }
 
-pub fn run(args: &ExplainArgs) -> ExitCode {
-    let config = match Config::load(&args.config) {
+pub fn run(args: &ExplainArgs, config_path: &std::path::Path) -> ExitCode {
+    let config = match Config::load(config_path) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{e}");

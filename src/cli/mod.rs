@@ -11,7 +11,7 @@ pub mod serve;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Parser, Subcommand};
 
 /// Default `--config`.
 pub const DEFAULT_CONFIG: &str = "config/credbroker.toml";
@@ -23,15 +23,33 @@ pub const DEFAULT_CONFIG: &str = "config/credbroker.toml";
     about = "Credential brokering proxy: scoped short-lived tokens in, real credentials injected, every use audited"
 )]
 pub struct Cli {
+    /// The configuration file (every command takes it; default config/credbroker.toml).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub config: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
 
-#[derive(Debug, Args, Clone)]
-pub struct ConfigArg {
-    /// The configuration file.
-    #[arg(long, global = true, default_value = DEFAULT_CONFIG)]
-    pub config: PathBuf,
+/// `--config` as given, or the default, and whether it was given.
+#[derive(Clone, Debug)]
+pub struct ConfigPath {
+    pub path: PathBuf,
+    pub explicit: bool,
+}
+
+impl ConfigPath {
+    fn from_arg(arg: Option<PathBuf>) -> Self {
+        match arg {
+            Some(path) => Self {
+                path,
+                explicit: true,
+            },
+            None => Self {
+                path: PathBuf::from(DEFAULT_CONFIG),
+                explicit: false,
+            },
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -39,7 +57,7 @@ pub enum Command {
     /// Run the broker.
     Serve(serve::ServeArgs),
     /// Validate the config and lint it for governance problems (exit 1 on errors).
-    Check(ConfigArg),
+    Check,
     /// Would the current config let a client make this call? (0 allow, 1 deny, 2 bad input)
     Explain(explain::ExplainArgs),
     /// Verify, query and report on audit logs.
@@ -52,11 +70,13 @@ pub enum Command {
 
 /// Runs a parsed command line; the error case is exit 2 with the message on stderr.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let config = ConfigPath::from_arg(cli.config);
     match cli.command {
-        Command::Serve(args) => serve::run(args),
-        Command::Check(args) => Ok(check::run(&args.config)),
-        Command::Explain(args) => Ok(explain::run(&args)),
-        Command::Audit(cmd) => audit::run(cmd),
+        Command::Serve(args) => serve::run(args, &config.path),
+        Command::Check => Ok(check::run(&config.path)),
+        Command::Explain(args) => Ok(explain::run(&args, &config.path)),
+        Command::Audit(cmd) => audit::run(cmd, &config),
+        // Keys and secrets do not depend on a config; `--config` is accepted and unused.
         Command::Keygen(cmd) => keygen::run(cmd),
     }
 }

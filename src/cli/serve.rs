@@ -2,7 +2,6 @@
 //! [`start`] is the library entry the tests use: it binds everything and returns handles.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,8 +21,6 @@ use crate::token::SigningKeys;
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    #[arg(long, default_value = super::DEFAULT_CONFIG)]
-    pub config: PathBuf,
     /// Zero-setup demo: ephemeral key, plain HTTP on 127.0.0.1:8080, a built-in demo upstream.
     #[arg(long)]
     pub dev: bool,
@@ -58,7 +55,7 @@ impl Running {
     }
 }
 
-pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
+pub fn run(args: ServeArgs, config_path: &std::path::Path) -> anyhow::Result<ExitCode> {
     init_tracing();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -69,7 +66,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             let dev = crate::dev::prepare().await?;
             (dev.config()?, Some(dev))
         } else {
-            (Config::load(&args.config)?, None)
+            (Config::load(config_path)?, None)
         };
         let running = start(config).await?;
         if let Some(dev) = &dev {

@@ -128,6 +128,16 @@ fn keygen_commands() {
         0,
         "never overwrites"
     );
+    // Every command takes --config (DESIGN §2), even where it does not need one.
+    assert_eq!(
+        code(&credbroker(&[
+            "keygen",
+            "client-secret",
+            "--config",
+            "/nonexistent.toml"
+        ])),
+        0
+    );
     let o = credbroker(&["keygen", "client-secret"]);
     let out = String::from_utf8_lossy(&o.stdout);
     let secret = out.lines().next().unwrap().rsplit(' ').next().unwrap();
