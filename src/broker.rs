@@ -85,6 +85,9 @@ struct FailureWindow {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum LoadError {
+    /// The new config changes settings that only take effect at start-up.
+    #[error("these settings only change with a restart: {}; reload refused, the running config stays", .0.join(", "))]
+    RestartNeeded(Vec<&'static str>),
     /// A connector's credential cannot be injected as configured.
     #[error("connector {connector}: {source}")]
     Injection {
@@ -141,8 +144,12 @@ impl Broker {
     /// Listener certificates are re-read too, before anything is swapped: a bad certificate
     /// fails the whole reload and the old config and certificates stay in force.
     pub fn swap_config(&self, config: Config) -> Result<(), LoadError> {
-        let tls = self.listener_tls.prepare(&config)?;
         let old = self.live();
+        let fixed = restart_only_changes(&old.config, &config);
+        if !fixed.is_empty() {
+            return Err(LoadError::RestartNeeded(fixed));
+        }
+        let tls = self.listener_tls.prepare(&config)?;
         let live = Live::build(
             Arc::new(config),
             &self.keys,
@@ -303,6 +310,55 @@ fn dynamic_credential(
             connector: c.name.clone(),
             source,
         })
+}
+
+/// Settings read once at start-up (listeners, the audit log, state, the signing key): a reload
+/// that changes them would be answered "reloaded" while the old values stay in force, so it
+/// is refused instead, naming each one.
+fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
+    let (o, n) = (&old.server, &new.server);
+    let admin_listen = |c: &Config| c.admin.as_ref().map(|a| a.listen);
+    let checks: [(&'static str, bool); 11] = [
+        ("server.listen", o.listen != n.listen),
+        (
+            "server.max_connections",
+            o.max_connections != n.max_connections,
+        ),
+        (
+            "server.max_header_bytes",
+            o.max_header_bytes != n.max_header_bytes,
+        ),
+        (
+            "server.header_read_timeout",
+            o.header_read_timeout != n.header_read_timeout,
+        ),
+        (
+            "server.request_timeout",
+            o.request_timeout != n.request_timeout,
+        ),
+        (
+            "[admin] listen (or adding/removing [admin])",
+            admin_listen(old) != admin_listen(new),
+        ),
+        (
+            "tokens.signing_key",
+            old.tokens.signing_key != new.tokens.signing_key,
+        ),
+        ("audit.path", old.audit.path != new.audit.path),
+        ("audit.fsync", old.audit.fsync != new.audit.fsync),
+        (
+            "audit.rotate_bytes / audit.hmac_key",
+            old.audit.rotate_bytes != new.audit.rotate_bytes
+                || old.audit.hmac_key.as_ref().map(|k| k.expose().to_vec())
+                    != new.audit.hmac_key.as_ref().map(|k| k.expose().to_vec()),
+        ),
+        ("state.dir", old.state.dir != new.state.dir),
+    ];
+    checks
+        .into_iter()
+        .filter(|(_, changed)| *changed)
+        .map(|(name, _)| name)
+        .collect()
 }
 
 /// A limiter for `rate`, reusing `previous` when the quota is unchanged.

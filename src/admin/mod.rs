@@ -30,7 +30,7 @@ const MAX_ADMIN_BODY: usize = 16 * 1024;
 /// What the admin listener needs.
 pub struct AdminState {
     pub broker: Arc<Broker>,
-    /// SHA-256 of the admin bearer token (from the config at start).
+    /// SHA-256 of the admin bearer token at start; the config in force takes precedence.
     pub token_sha256: [u8; 32],
 }
 
@@ -85,7 +85,14 @@ fn authorized<B>(state: &AdminState, req: &Request<B>) -> bool {
         return false;
     };
     let digest = Sha256::digest(token.as_bytes());
-    bool::from(digest[..].ct_eq(&state.token_sha256[..]))
+    // The token in force is the current config's, so a reload rotates it.
+    let live = state.broker.live();
+    let expected = live
+        .config
+        .admin
+        .as_ref()
+        .map_or(state.token_sha256, |a| a.token_sha256);
+    bool::from(digest[..].ct_eq(&expected[..]))
 }
 
 fn actor(conn: &ConnInfo) -> String {

@@ -159,3 +159,31 @@ async fn revocation_by_jti_client_and_kill_switch() {
     let records = b.audit();
     assert_eq!(events(&records, "admin").len(), 4);
 }
+
+#[tokio::test]
+async fn reload_rotates_the_admin_token_and_refuses_restart_only_changes() {
+    let up = FakeUpstream::start().await;
+    let b = TestBroker::start(&standard_config(up.addr)).await;
+    // Settings read at start-up are refused by name, not silently ignored.
+    let moved =
+        standard_config(up.addr).replace("max_header_bytes = 8192", "max_header_bytes = 4096");
+    std::fs::write(b.config_path(), moved).unwrap();
+    let (s, _, body) = b.admin_call("POST", "/v1/reload", "").await;
+    assert_eq!(s, 400, "{body}");
+    assert!(body.contains("server.max_header_bytes"), "{body}");
+    // The admin token is rotated by a reload.
+    let rotated =
+        standard_config(up.addr).replace(&sha256_hex(ADMIN_TOKEN), &sha256_hex("new-admin-token"));
+    std::fs::write(b.config_path(), rotated).unwrap();
+    assert_eq!(b.admin_call("POST", "/v1/reload", "").await.0, 200);
+    assert_eq!(
+        b.admin_call("GET", "/v1/connectors", "").await.0,
+        401,
+        "old token refused"
+    );
+    let req = http::Request::get("/v1/connectors")
+        .header("authorization", "Bearer new-admin-token")
+        .body(String::new())
+        .unwrap();
+    assert_eq!(send(b.admin.unwrap(), req).await.0, 200);
+}
