@@ -766,7 +766,24 @@ impl AuditFacts {
         record.request_id = Some(request_id.to_owned());
         record.method = Some(req.method().as_str().to_owned());
         record.peer = Some(conn.peer_text.clone());
-        record.path = Some(req.uri().path().to_owned());
+        // Split like `canonical_target` will, so a call refused by check 1 is still recorded
+        // with its connector and the upstream path (DESIGN §5); an empty first segment names
+        // no connector and the whole path is kept.
+        let full = req.uri().path();
+        match full
+            .get(1..)
+            .map(|rest| rest.split_once('/').unwrap_or((rest, "")))
+        {
+            Some((connector, rest)) if !connector.is_empty() => {
+                record.connector = Some(connector.to_owned());
+                record.path = Some(if rest.is_empty() {
+                    "/".to_owned()
+                } else {
+                    format!("/{rest}")
+                });
+            }
+            _ => record.path = Some(full.to_owned()),
+        }
         record.query = req.uri().query().map(redact_query);
         Self { record }
     }
