@@ -59,7 +59,7 @@ pub async fn handle(
         (&Method::GET, "/metrics") => metrics_response(&state.broker),
         (&Method::POST, "/v1/reload") => {
             let actor = actor(conn);
-            match reload(&state.broker, &actor).await {
+            match reload(&state.broker, &actor, Some(request_id)).await {
                 Ok(()) => ok(serde_json::json!({"result": "reloaded"})),
                 Err(e) => bad(&e, request_id),
             }
@@ -112,13 +112,14 @@ fn bad(message: &str, request_id: &str) -> Response<ProxyBody> {
 
 /// Re-reads and validates the config file; on success swaps it in, else keeps the old one.
 /// Either way the attempt is audited. Used by SIGHUP, the file watcher and `POST /v1/reload`.
-pub async fn reload(broker: &Broker, actor: &str) -> Result<(), String> {
+pub async fn reload(broker: &Broker, actor: &str, request_id: Option<&str>) -> Result<(), String> {
     let path = broker.config_path();
     let result = match Config::load(&path) {
         Ok(config) => broker.swap_config(config).map_err(|e| e.to_string()),
         Err(errors) => Err(errors.to_string()),
     };
     let mut record = Record::new(Event::Admin);
+    record.request_id = request_id.map(str::to_owned);
     record.action = Some("reload".into());
     record.actor = Some(actor.to_owned());
     record.target = Some(path.display().to_string());

@@ -124,7 +124,7 @@ async fn run(broker: Arc<Broker>, path: PathBuf, mut stopped: watch::Receiver<bo
         }
         last_tried = Some(now);
         // Failures are logged, audited and counted by `reload`; the old config stays.
-        let _ = super::reload(&broker, ACTOR).await;
+        let _ = super::reload(&broker, ACTOR, None).await;
     }
 }
 

@@ -108,7 +108,7 @@ async fn wait_for_signals(running: &Running) {
     loop {
         tokio::select! {
             _ = hup.recv() => {
-                let _ = crate::admin::reload(&running.broker, "signal:SIGHUP").await;
+                let _ = crate::admin::reload(&running.broker, "signal:SIGHUP", None).await;
             }
             _ = term.recv() => return,
             _ = int.recv() => return,

@@ -162,9 +162,18 @@ async fn each_refusal_has_its_status_and_never_reaches_the_upstream() {
     assert!(denies
         .iter()
         .all(|d| d["reason"].is_string() && d["status"].is_number()));
-    let canonical = denies.iter().find(|d| d["reason"] == "non_canonical_path").unwrap();
-    assert_eq!(canonical["connector"], "github", "check-1 denials name the connector");
-    assert!(canonical["path"].as_str().unwrap().starts_with("/repos/"), "{canonical}");
+    let canonical = denies
+        .iter()
+        .find(|d| d["reason"] == "non_canonical_path")
+        .unwrap();
+    assert_eq!(
+        canonical["connector"], "github",
+        "check-1 denials name the connector"
+    );
+    assert!(
+        canonical["path"].as_str().unwrap().starts_with("/repos/"),
+        "{canonical}"
+    );
 }
 
 #[tokio::test]
