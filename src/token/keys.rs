@@ -164,7 +164,7 @@ impl fmt::Debug for SigningKeys {
 
 /// A new PKCS#8 v2 PEM (`-----BEGIN PRIVATE KEY-----`) Ed25519 key, for `keygen signing-key`.
 pub fn generate_signing_key_pem() -> Secret {
-    let der = generate_pkcs8_der();
+    let der = pkcs8_v1_from_v2(&generate_pkcs8_der());
     let b64 = Zeroizing::new(STANDARD.encode(&*der));
     let mut pem = Zeroizing::new(String::from("-----BEGIN PRIVATE KEY-----\n"));
     // RFC 7468 lines are at most 64 characters; base64 output is ASCII so byte chunks are chars.
@@ -183,6 +183,29 @@ fn generate_pkcs8_der() -> Zeroizing<Vec<u8>> {
     let doc = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new())
         .expect("the OS random number generator is available");
     Zeroizing::new(doc.as_ref().to_vec())
+}
+
+/// The PKCS#8 v1 encoding of an Ed25519 key (RFC 8410: version 0, the 32-byte seed, no
+/// public key) — what `openssl genpkey -algorithm ed25519` writes and what every OpenSSL can
+/// read; ring produces v2 (with the public key), which OpenSSL 3.0 refuses.
+fn pkcs8_v1_from_v2(v2: &[u8]) -> Zeroizing<Vec<u8>> {
+    /// SEQUENCE { INTEGER 0, SEQUENCE { OID 1.3.101.112 }, OCTET STRING { OCTET STRING (32) } }
+    const V1_PREFIX: [u8; 16] = [
+        0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04,
+        0x20,
+    ];
+    /// The same header as ring writes it for v2: version 1, then the seed at offset 16.
+    const SEED_MARKER: [u8; 4] = [0x04, 0x22, 0x04, 0x20];
+    let seed = v2
+        .windows(SEED_MARKER.len())
+        .position(|w| w == SEED_MARKER)
+        .map(|i| i + SEED_MARKER.len())
+        .and_then(|start| v2.get(start..start + 32));
+    match seed {
+        Some(seed) => Zeroizing::new([V1_PREFIX.as_slice(), seed].concat()),
+        // Not ring's layout: keep the v2 document, which the broker itself loads.
+        None => Zeroizing::new(v2.to_vec()),
+    }
 }
 
 /// The DER of the first `PRIVATE KEY` block, ignoring any other PEM blocks.
@@ -206,6 +229,33 @@ fn jwk_thumbprint(x: &str) -> String {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn keygen_writes_pkcs8_v1_that_loads() {
+        let pem = generate_signing_key_pem();
+        let der = pkcs8_der_from_pem(pem.expose()).unwrap();
+        assert_eq!(&der[..5], &[0x30, 0x2e, 0x02, 0x01, 0x00], "PKCS#8 v1, as openssl writes");
+        assert_eq!(der.len(), 48);
+        let keys = SigningKeys::from_pem(pem.expose()).unwrap();
+        let token = keys.sign(&sample_claims_for_keygen_test()).unwrap();
+        assert_eq!(token.split('.').count(), 3);
+    }
+
+    fn sample_claims_for_keygen_test() -> AccessClaims {
+        AccessClaims {
+            iss: "i".into(),
+            sub: "s".into(),
+            aud: "i".into(),
+            iat: 1,
+            nbf: 1,
+            exp: 2,
+            jti: "j".into(),
+            scope: "c:o".into(),
+            authorization_details: None,
+            max_uses: None,
+            cnf: None,
+        }
+    }
 
     /// A test key only, made with `openssl genpkey -algorithm ed25519` (PKCS#8 v1).
     pub(crate) const V1_PEM: &str = "-----BEGIN PRIVATE KEY-----
@@ -250,15 +300,12 @@ MC4CAQAwBQYDK2VwBCIEIHoWh6oc041E9+QwOUgg6CDlhsUrPKlzfsxcaVHZHqPq
     }
 
     #[test]
-    fn generated_pem_is_v2_and_loads() {
+    fn generated_pem_is_well_formed_and_loads() {
         let pem = generate_signing_key_pem();
         let text = std::str::from_utf8(pem.expose()).unwrap();
         assert!(text.starts_with("-----BEGIN PRIVATE KEY-----\n"));
         assert!(text.ends_with("-----END PRIVATE KEY-----\n"));
         assert!(text.lines().all(|l| l.len() <= 64));
-        let der = pkcs8_der_from_pem(pem.expose()).unwrap();
-        // v2 documents carry version 1 and are accepted by ring's strict v2-only parser.
-        assert!(Ed25519KeyPair::from_pkcs8(&der).is_ok());
         let keys = SigningKeys::from_pem(pem.expose()).unwrap();
         assert_ne!(
             keys.kid(),
@@ -292,8 +339,7 @@ MC4CAQAwBQYDK2VwBCIEIHoWh6oc041E9+QwOUgg6CDlhsUrPKlzfsxcaVHZHqPq
         assert!(matches!(err, KeyError::NotEd25519(None)));
 
         // A v2 document whose embedded public key was tampered with.
-        let pem = generate_signing_key_pem();
-        let mut der = pkcs8_der_from_pem(pem.expose()).unwrap().to_vec();
+        let mut der = generate_pkcs8_der().to_vec();
         let last = der.len() - 1;
         der[last] ^= 1;
         assert!(SigningKeys::from_pkcs8_der(&der).is_none());
