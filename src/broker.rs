@@ -24,8 +24,9 @@ use crate::server::{ListenerTls, ListenerTlsError};
 use crate::state::Revocations;
 use crate::token::{SigningKeys, TokenVerifier};
 
-/// A failed client authentication budget: this many failures from one address within a minute
-/// lock it out of the token endpoint for the rest of that minute (DESIGN §4.1).
+/// A failed client authentication budget: this many failures from one address within 60
+/// seconds lock it out of the token endpoint until the oldest of them is a minute old
+/// (DESIGN §4.1).
 pub const AUTH_FAILURES_PER_MINUTE: u32 = 20;
 
 /// Everything shared by all connections.
@@ -76,9 +77,21 @@ struct Uses {
     exp: i64,
 }
 
-struct FailureWindow {
-    minute: i64,
-    failures: u32,
+/// The times (Unix seconds) of a source address's latest failed client authentications,
+/// at most [`AUTH_FAILURES_PER_MINUTE`], oldest first: a sliding 60-second window, so failures
+/// on both sides of a minute boundary still add up.
+#[derive(Default)]
+struct FailureWindow(std::collections::VecDeque<i64>);
+
+impl FailureWindow {
+    /// Seconds until the window holds fewer than the limit, if it is full now.
+    fn lockout_left(&self, now: i64) -> Option<u64> {
+        if self.0.len() < AUTH_FAILURES_PER_MINUTE as usize {
+            return None;
+        }
+        let until = self.0.front().copied()? + 60;
+        (until > now).then(|| (until - now) as u64)
+    }
 }
 
 /// Why a config could not be put in force.
@@ -182,30 +195,22 @@ impl Broker {
     /// Forgets counters of tokens that have expired (they are refused by `exp` anyway).
     pub fn sweep_expired(&self, now: i64) {
         self.uses.retain(|_, u| u.exp >= now);
-        let minute = now / 60;
-        self.auth_failures.retain(|_, w| w.minute == minute);
+        self.auth_failures
+            .retain(|_, w| w.0.back().is_some_and(|&last| last + 60 > now));
     }
 
-    /// Whether `ip` is locked out of the token endpoint for the current minute.
-    pub fn auth_locked_out(&self, ip: IpAddr, now: i64) -> bool {
-        self.auth_failures
-            .get(&ip)
-            .is_some_and(|w| w.minute == now / 60 && w.failures >= AUTH_FAILURES_PER_MINUTE)
+    /// The seconds `ip` stays locked out of the token endpoint: it failed client
+    /// authentication [`AUTH_FAILURES_PER_MINUTE`] times within the last 60 seconds.
+    pub fn auth_lockout(&self, ip: IpAddr, now: i64) -> Option<u64> {
+        self.auth_failures.get(&ip)?.lockout_left(now)
     }
 
     pub fn record_auth_failure(&self, ip: IpAddr, now: i64) {
-        let minute = now / 60;
-        let mut w = self.auth_failures.entry(ip).or_insert(FailureWindow {
-            minute,
-            failures: 0,
-        });
-        if w.minute != minute {
-            *w = FailureWindow {
-                minute,
-                failures: 0,
-            };
+        let mut w = self.auth_failures.entry(ip).or_default();
+        w.0.push_back(now);
+        while w.0.len() > AUTH_FAILURES_PER_MINUTE as usize {
+            w.0.pop_front();
         }
-        w.failures = w.failures.saturating_add(1);
     }
 }
 
@@ -386,4 +391,29 @@ pub fn take(limiter: &DefaultDirectRateLimiter) -> Result<(), u64> {
         let wait: Duration = not_until.wait_time_from(DefaultClock::default().now());
         wait.as_secs() + u64::from(wait.subsec_nanos() > 0)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_across_a_minute_boundary_still_lock_out() {
+        let mut w = FailureWindow::default();
+        for _ in 0..19 {
+            w.0.push_back(59);
+        }
+        assert_eq!(w.lockout_left(59), None, "19 failures are within budget");
+        w.0.push_back(61);
+        assert_eq!(
+            w.lockout_left(61),
+            Some(58),
+            "20 within 60 s, though across :00"
+        );
+        assert_eq!(
+            w.lockout_left(119),
+            None,
+            "free once the oldest is a minute old"
+        );
+    }
 }

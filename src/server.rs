@@ -207,7 +207,14 @@ async fn route(
             crate::token::endpoint::jwks(&broker)
         }
         "/.well-known/oauth-authorization-server" if req.method() == Method::GET => {
-            crate::token::endpoint::metadata(&broker.live())
+            crate::token::endpoint::metadata(
+                &broker.live(),
+                req.uri().authority().map(|a| a.as_str()).or_else(|| {
+                    req.headers()
+                        .get(http::header::HOST)
+                        .and_then(|h| h.to_str().ok())
+                }),
+            )
         }
         "/.well-known/jwks.json" | "/.well-known/oauth-authorization-server" => {
             Refusal::MethodNotAllowed.into_response(request_id)

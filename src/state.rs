@@ -82,7 +82,9 @@ impl Revocations {
 
     pub fn revoke_jti(&self, jti: &str, exp: i64, now: i64) -> Result<(), StateError> {
         self.update(|s| {
-            s.jtis.retain(|_, e| *e >= now); // expired tokens are refused anyway
+            // Expired tokens are refused anyway; an hour of slack covers any clock-skew leeway
+            // (at most 5 minutes) so an entry never goes while its token could still pass.
+            s.jtis.retain(|_, e| *e + 3600 >= now);
             s.jtis.insert(jti.to_owned(), exp);
         })
     }

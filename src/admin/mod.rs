@@ -42,8 +42,8 @@ pub async fn handle(
 ) -> Response<ProxyBody> {
     let path = req.uri().path().to_owned();
     match (req.method(), path.as_str()) {
-        (&Method::GET, "/healthz") => ok(serde_json::json!({"status": "ok"})),
-        (&Method::GET, "/readyz") => ok(serde_json::json!({"status": "ready"})),
+        (&Method::GET | &Method::HEAD, "/healthz") => ok(serde_json::json!({"status": "ok"})),
+        (&Method::GET | &Method::HEAD, "/readyz") => ok(serde_json::json!({"status": "ready"})),
         _ if !authorized(&state, &req) => {
             let mut resp = json_response(
                 StatusCode::UNAUTHORIZED,
@@ -152,6 +152,13 @@ fn metrics_response(broker: &Broker) -> Response<ProxyBody> {
     resp
 }
 
+/// How long any token issued now can stay acceptable: `max_ttl` plus the clock-skew leeway.
+/// A `jti` revoked without its `exp` is kept at least that long.
+fn longest_life(broker: &Broker) -> i64 {
+    let tokens = &broker.live().config.tokens;
+    i64::try_from((tokens.max_ttl + tokens.leeway).as_secs()).unwrap_or(i64::MAX / 2)
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RevokeRequest {
@@ -187,7 +194,7 @@ async fn revoke(
             format!("jti:{jti}"),
             broker
                 .revocations
-                .revoke_jti(jti, body.exp.unwrap_or(now + 86_400), now),
+                .revoke_jti(jti, body.exp.unwrap_or(now + longest_life(broker)), now),
         ),
         (None, Some(client), None) => (
             format!("client:{client}"),
@@ -228,6 +235,13 @@ async fn enable(
         Ok(b) => b,
         Err(e) => return bad(&e, request_id),
     };
+    // A connector that was removed from the config may still be listed as disabled: enabling
+    // it clears the entry. Anything else unknown is a typo worth saying so.
+    if broker.live().config.connector(&body.connector).is_none()
+        && !broker.revocations.is_disabled(&body.connector)
+    {
+        return bad("unknown connector", request_id);
+    }
     let result = broker.revocations.set_disabled(&body.connector, false);
     admin_outcome(
         broker,

@@ -82,6 +82,10 @@ pub fn explain(
         Ok(m) if method.bytes().all(|b| b.is_ascii_uppercase()) => m,
         _ => return Verdict::BadInput(format!("`{method}` is not an upper-case HTTP method")),
     };
+    // A fragment never reaches the proxy's checks (the HTTP layer drops it): drop it here too.
+    let full_path = full_path
+        .split_once('#')
+        .map_or(full_path, |(before, _)| before);
     let (path, query) = match full_path.split_once('?') {
         Some((p, q)) => (p, Some(q)),
         None => (full_path, None),
@@ -102,6 +106,12 @@ pub fn explain(
     let Some(connector) = config.connector(name) else {
         return Verdict::Deny(format!("no connector named `{name}`"));
     };
+    // The kill switch lives in the state directory, beside the config.
+    if crate::state::Revocations::load(&config.state.dir).is_ok_and(|r| r.is_disabled(name)) {
+        return Verdict::Deny(format!(
+            "connector {name} is disabled (kill switch); POST /v1/enable turns it back on"
+        ));
+    }
     if connector.is_expired(now) {
         return Verdict::Deny(format!(
             "connector {name} expired ({})",

@@ -309,6 +309,11 @@ fn bearer_token(headers: &http::HeaderMap) -> Result<&str, Denial> {
         {
             Ok(token.trim())
         }
+        // Another scheme (Basic, …) carries no bearer token at all: RFC 6750 §3.1 answers
+        // without an error code, as for no header.
+        Some((scheme, _)) if !scheme.eq_ignore_ascii_case("bearer") => {
+            Err(deny(Refusal::MissingToken, "token_missing"))
+        }
         _ => Err(deny(
             Refusal::InvalidToken("the Authorization header must be `Bearer <token>`".into()),
             "token_invalid",

@@ -114,11 +114,15 @@ async fn issue(
 ) -> Result<Issued, TokenError> {
     let now = Utc::now();
     let ip = conn.peer.ip();
-    if broker.auth_locked_out(ip, now.timestamp()) {
-        return Err(rate_limited(60 - (now.timestamp() % 60) as u64));
+    if let Some(left) = broker.auth_lockout(ip, now.timestamp()) {
+        return Err(rate_limited(left));
     }
     if req.method() != Method::POST {
-        return Err(invalid_request("the token endpoint takes POST"));
+        return Err(error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "invalid_request",
+            "the token endpoint takes POST",
+        ));
     }
     let (parts, body) = req.into_parts();
     let form = read_form(&parts.headers, body).await?;
@@ -209,11 +213,6 @@ async fn read_form(headers: &http::HeaderMap, body: Incoming) -> Result<TokenFor
         .map_err(|_| invalid_request("the request body is too large or was cut off"))?
         .to_bytes();
     let form = parse_token_form(&bytes).map_err(|e| invalid_request(e.to_string()))?;
-    if form.client_secret_present {
-        return Err(invalid_request(
-            "client_secret in the body is not supported; use HTTP Basic (client_secret_basic)",
-        ));
-    }
     Ok(form)
 }
 
@@ -224,6 +223,13 @@ fn authenticate<'l>(
     form: &TokenForm,
     conn: &ConnInfo,
 ) -> Result<&'l Client, TokenError> {
+    // client_secret_post is an authentication method this server does not offer: an
+    // authentication failure (RFC 6749 §5.2), counted toward the source's lockout.
+    if form.client_secret_present {
+        return Err(invalid_client(
+            "client_secret in the body is not supported; use HTTP Basic (client_secret_basic)",
+        ));
+    }
     if let Some(value) = headers.get(AUTHORIZATION) {
         let (id, secret) = parse_basic(value.as_bytes())
             .map_err(|_| invalid_client("malformed Basic client authentication"))?;
@@ -452,12 +458,16 @@ async fn respond_issued(
         );
     }
     broker.metrics.token(client.as_deref(), None);
-    let body = serde_json::json!({
+    let mut body = serde_json::json!({
         "access_token": token,
         "token_type": "Bearer",
         "expires_in": lifetime,
         "scope": claims.scope,
     });
+    // RFC 9396 §7: the granted authorization_details are returned with the token.
+    if let Some(details) = &claims.authorization_details {
+        body["authorization_details"] = serde_json::to_value(details).unwrap_or_default();
+    }
     let mut resp = json_response(StatusCode::OK, &body);
     resp.headers_mut()
         .insert(PRAGMA, HeaderValue::from_static("no-cache"));
@@ -476,6 +486,10 @@ fn error_response(e: TokenError, request_id: &str) -> Response<ProxyBody> {
             WWW_AUTHENTICATE,
             HeaderValue::from_static("Basic realm=\"credbroker\""),
         );
+    }
+    if e.status == StatusCode::METHOD_NOT_ALLOWED {
+        resp.headers_mut()
+            .insert(http::header::ALLOW, HeaderValue::from_static("POST"));
     }
     if let Some(secs) = e.retry_after {
         resp.headers_mut()
@@ -497,14 +511,26 @@ pub fn jwks(broker: &Broker) -> Response<ProxyBody> {
 }
 
 /// `GET /.well-known/oauth-authorization-server` (RFC 8414).
-pub fn metadata(live: &Live) -> Response<ProxyBody> {
+///
+/// URLs use the authority the client reached the broker by (its `Host`), when it is a plain
+/// host[:port]: behind `0.0.0.0` or a port mapping, the listen address would be unreachable.
+pub fn metadata(live: &Live, host: Option<&str>) -> Response<ProxyBody> {
     let server = &live.config.server;
     let scheme = if server.tls.is_some() {
         "https"
     } else {
         "http"
     };
-    let base = format!("{scheme}://{}", server.listen);
+    let host = host.filter(|h| {
+        !h.is_empty()
+            && h.len() <= 255
+            && h.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'))
+    });
+    let base = match host {
+        Some(h) => format!("{scheme}://{h}"),
+        None => format!("{scheme}://{}", server.listen),
+    };
     let mut auth_methods = vec!["client_secret_basic"];
     if server.client_ca.is_some() {
         auth_methods.push("tls_client_auth");
@@ -515,8 +541,8 @@ pub fn metadata(live: &Live) -> Response<ProxyBody> {
         "jwks_uri": format!("{base}/.well-known/jwks.json"),
         "grant_types_supported": ["client_credentials"],
         "token_endpoint_auth_methods_supported": auth_methods,
-        "token_endpoint_auth_signing_alg_values_supported": ["EdDSA"],
-        "response_types_supported": ["token"],
+        // Only client_credentials: no authorization endpoint, so no response types.
+        "response_types_supported": [],
         "authorization_details_types_supported": ["credbroker_request"],
         "tls_client_certificate_bound_access_tokens": server.client_ca.is_some(),
         "scopes_supported": live.config.connectors.iter()

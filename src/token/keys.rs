@@ -234,7 +234,11 @@ pub(crate) mod tests {
     fn keygen_writes_pkcs8_v1_that_loads() {
         let pem = generate_signing_key_pem();
         let der = pkcs8_der_from_pem(pem.expose()).unwrap();
-        assert_eq!(&der[..5], &[0x30, 0x2e, 0x02, 0x01, 0x00], "PKCS#8 v1, as openssl writes");
+        assert_eq!(
+            &der[..5],
+            &[0x30, 0x2e, 0x02, 0x01, 0x00],
+            "PKCS#8 v1, as openssl writes"
+        );
         assert_eq!(der.len(), 48);
         let keys = SigningKeys::from_pem(pem.expose()).unwrap();
         let token = keys.sign(&sample_claims_for_keygen_test()).unwrap();

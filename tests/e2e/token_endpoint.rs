@@ -165,3 +165,57 @@ async fn well_known_documents() {
         .unwrap()
         .ends_with("/oauth2/token"));
 }
+
+#[tokio::test]
+async fn rfc_details_of_the_token_endpoint() {
+    let up = FakeUpstream::start().await;
+    let b = TestBroker::start(&standard_config(up.addr)).await;
+    // RFC 9396 §7: the granted authorization_details come back with the token.
+    let details = r#"[{"type":"credbroker_request","connector":"github","method":"GET","path":"/repos/acme/widget/issues"}]"#;
+    let (s, _, body) = b
+        .token_request(
+            "bot",
+            SECRET,
+            "github:issues.read",
+            &[("authorization_details", details)],
+        )
+        .await;
+    assert_eq!(s, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        v["authorization_details"][0]["path"],
+        "/repos/acme/widget/issues"
+    );
+    // Only POST.
+    let (s, h, _) = send(
+        b.addr,
+        http::Request::get("/oauth2/token")
+            .body(String::new())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 405);
+    assert_eq!(h["allow"], "POST");
+    // client_secret_post is an unsupported authentication method: invalid_client.
+    let req = http::Request::post("/oauth2/token")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("grant_type=client_credentials&scope=github%3Aissues.read&client_id=bot&client_secret={SECRET}"))
+        .unwrap();
+    let (s, h, body) = send(b.addr, req).await;
+    assert_eq!(s, 401, "{body}");
+    assert!(body.contains("\"invalid_client\"") && !body.contains(SECRET));
+    assert!(h.contains_key("www-authenticate"));
+    // A non-Bearer scheme on the proxy carries no token: 401 without an error attribute.
+    let (s, h, _) = b
+        .call_with(
+            "GET",
+            "/github/repos/acme/widget/issues",
+            "",
+            &[("authorization", "Basic Ym90OnNlY3JldA==")],
+            "",
+        )
+        .await;
+    assert_eq!(s, 401);
+    assert_eq!(h["www-authenticate"], "Bearer realm=\"credbroker\"");
+    assert_eq!(up.count(), 0);
+}
