@@ -354,8 +354,7 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         (
             "audit.rotate_bytes / audit.hmac_key",
             old.audit.rotate_bytes != new.audit.rotate_bytes
-                || old.audit.hmac_key.as_ref().map(|k| k.expose().to_vec())
-                    != new.audit.hmac_key.as_ref().map(|k| k.expose().to_vec()),
+                || old.audit.hmac_key != new.audit.hmac_key,
         ),
         ("state.dir", old.state.dir != new.state.dir),
     ];

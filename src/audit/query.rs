@@ -340,7 +340,7 @@ fn write_row(out: &mut dyn Write, widths: &[usize; 11], row: &Row) -> io::Result
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::audit::chain::{seal, ZERO_HASH};
     use crate::audit::record::Record;

@@ -365,7 +365,6 @@ mod tests {
     use std::path::Path;
 
     use super::*;
-    use crate::audit::chain::{seal, ZERO_HASH};
     use crate::audit::record::Record;
 
     fn proxy(client: &str, op: &str, decision: Decision, reason: Option<&str>) -> Record {
@@ -380,19 +379,17 @@ mod tests {
         r
     }
 
+    /// The records as one chained file, a day apart (query's helper writes the chain).
     fn write_log(dir: &Path, records: &[Record]) -> PathBuf {
-        let mut prev = ZERO_HASH.to_owned();
-        let mut text = String::new();
-        for (i, r) in records.iter().enumerate() {
-            let ts = format!("2026-11-2{}T10:00:00.000000Z", i % 10);
-            let (line, hash) = seal(i as u64 + 1, &ts, r, &prev, None).unwrap();
-            prev = hash;
-            text.push_str(&line);
-            text.push('\n');
-        }
-        let path = dir.join("audit.jsonl");
-        std::fs::write(&path, text).unwrap();
-        path
+        let times: Vec<String> = (0..records.len())
+            .map(|i| format!("2026-11-2{}T10:00:00.000000Z", i % 10))
+            .collect();
+        let timed: Vec<(&str, Record)> = times
+            .iter()
+            .map(String::as_str)
+            .zip(records.iter().cloned())
+            .collect();
+        crate::audit::query::tests::write_log(dir, &timed)
     }
 
     fn grant(client: &str, op: &str, expires: Option<&str>) -> GrantInfo {

@@ -98,11 +98,7 @@ pub fn explain(
             return Verdict::BadInput(format!("the query fails the canonical check: {e}"));
         }
     }
-    let rest = &path[1..];
-    let (name, upstream_path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    };
+    let (name, upstream_path) = crate::proxy::canonical::split_target(path);
     let Some(connector) = config.connector(name) else {
         return Verdict::Deny(format!("no connector named `{name}`"));
     };

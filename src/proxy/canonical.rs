@@ -144,6 +144,17 @@ pub fn check_query(query: &str) -> Result<(), CanonicalError> {
     Ok(())
 }
 
+/// Splits a proxy path at its connector: `/github/repos/x` → (`github`, `/repos/x`), and
+/// `/github` → (`github`, `/`). The connector is empty when the path starts with `//` or is `/`.
+/// Nothing is decoded or normalised: the rest is forwarded byte for byte.
+pub fn split_target(path: &str) -> (&str, &str) {
+    let rest = path.strip_prefix('/').unwrap_or(path);
+    match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    }
+}
+
 /// Iterates the raw names of query parameters (`a=1&b&c=` → a, b, c), skipping empty pieces.
 ///
 /// Pieces are separated by `&` and also by `;`, which some servers still accept as a

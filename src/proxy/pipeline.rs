@@ -129,7 +129,8 @@ async fn stages(
     // 2. The bearer token is genuine, current, unrevoked, and bound to this connection.
     let claims = authenticate(broker, live, &parts.headers, conn, facts)?;
     // 3. An operation of the connector *as configured now* matches, is in scope, is granted.
-    let (connector, runtime, operation) = authorize(broker, live, &claims, &parts.method, &target)?;
+    let (connector, runtime, op_index) = authorize(broker, live, &claims, &parts.method, &target)?;
+    let operation = &connector.operations[op_index];
     facts.operation(&operation.name);
     // 4. A `max_uses` token still has a use left.
     spend_use(broker, &claims)?;
@@ -147,9 +148,7 @@ async fn stages(
         tracing::error!(error = %e, "audit log unavailable; refusing to forward");
         Denial::from(Refusal::AuditUnavailable)
     })?;
-    runtime
-        .metrics
-        .allowed(operation_index(connector, operation));
+    runtime.metrics.allowed(op_index);
     // 8. Inject the credential, forward, stream the answer back, audit the outcome.
     let upstream_req = upstream_request(
         parts,
@@ -214,11 +213,7 @@ fn canonical_target<'a>(
             "more than one Authorization header",
         ));
     }
-    let rest = &path[1..];
-    let (connector, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    };
+    let (connector, path) = canonical::split_target(path);
     if let Some(runtime) = live.connectors.get(connector) {
         refuse_injected_copy(&runtime.injection, headers, uri.query())?;
     }
@@ -328,7 +323,7 @@ fn authorize<'l>(
     claims: &AccessClaims,
     method: &Method,
     target: &Target<'_>,
-) -> Result<(&'l Connector, &'l ConnectorRuntime, &'l Operation), Denial> {
+) -> Result<(&'l Connector, &'l ConnectorRuntime, usize), Denial> {
     let scope = |reason, text: String| deny(Refusal::InsufficientScope(text), reason);
     let config = &live.config;
     let (Some(connector), Some(runtime)) = (
@@ -366,7 +361,7 @@ fn authorize<'l>(
         verdict.is_ok()
     });
     match found {
-        Some(i) => Ok((connector, runtime, &connector.operations[i])),
+        Some(i) => Ok((connector, runtime, i)),
         None => Err(scope(
             why,
             match why {
@@ -418,15 +413,6 @@ fn judge(
         return Err("not_granted");
     }
     Ok(())
-}
-
-/// The position of `operation` among its connector's operations (for per-operation metrics).
-/// `operation` is an element of `connector.operations` (the router returned its index), so
-/// its offset in the slice gives the index in constant time.
-fn operation_index(connector: &Connector, operation: &Operation) -> usize {
-    let base = connector.operations.as_ptr() as usize;
-    let at = operation as *const Operation as usize;
-    at.wrapping_sub(base) / std::mem::size_of::<Operation>().max(1)
 }
 
 /// Check 4: single-use and `max_uses` tokens.
@@ -771,23 +757,16 @@ impl AuditFacts {
         record.request_id = Some(request_id.to_owned());
         record.method = Some(req.method().as_str().to_owned());
         record.peer = Some(conn.peer_text.clone());
-        // Split like `canonical_target` will, so a call refused by check 1 is still recorded
-        // with its connector and the upstream path (DESIGN §5); an empty first segment names
-        // no connector and the whole path is kept.
+        // Split as `canonical_target` will, so a call refused by check 1 is still recorded
+        // with its connector and the upstream path (DESIGN §5); without a connector segment
+        // the whole path is kept.
         let full = req.uri().path();
-        match full
-            .get(1..)
-            .map(|rest| rest.split_once('/').unwrap_or((rest, "")))
-        {
-            Some((connector, rest)) if !connector.is_empty() => {
+        match canonical::split_target(full) {
+            ("", _) => record.path = Some(full.to_owned()),
+            (connector, rest) => {
                 record.connector = Some(connector.to_owned());
-                record.path = Some(if rest.is_empty() {
-                    "/".to_owned()
-                } else {
-                    format!("/{rest}")
-                });
+                record.path = Some(rest.to_owned());
             }
-            _ => record.path = Some(full.to_owned()),
         }
         record.query = req.uri().query().map(redact_query);
         Self { record }
