@@ -18,7 +18,7 @@ use crate::admin::metrics::Metrics;
 use crate::audit::AuditLog;
 use crate::config::{Config, Connector, Credential, RateLimit};
 use crate::credential::{CredentialError, DynamicCredential};
-use crate::proxy::forward::{UpstreamClient, UpstreamClients};
+use crate::proxy::forward::{UpstreamClient, UpstreamClients, WorkerClients};
 use crate::proxy::inject::{InjectError, Injection};
 use crate::server::{ListenerTls, ListenerTlsError};
 use crate::state::Revocations;
@@ -64,7 +64,7 @@ pub struct ConnectorRuntime {
     /// `injection` only names the header or parameter check 1 refuses from clients, and the
     /// pipeline builds the real injection per call from the minted token.
     pub dynamic: Option<Arc<DynamicCredential>>,
-    pub client: UpstreamClient,
+    pub client: WorkerClients,
     pub limiter: Option<Arc<DefaultDirectRateLimiter>>,
     /// `scheme://authority/base-path`, to which the request path and query are appended.
     pub upstream_prefix: String,
@@ -246,7 +246,7 @@ impl Live {
                     connector: c.name.clone(),
                     message,
                 })?;
-            let dynamic = dynamic_credential(c, &client, old)?;
+            let dynamic = dynamic_credential(c, client.here(), old)?;
             let old_limiter = old
                 .and_then(|o| o.connectors.get(&c.name))
                 .and_then(|r| r.limiter.clone());

@@ -14,7 +14,8 @@
 //! - [`audit`]: the hash-chained JSON-lines audit log and the auditor tools (§5, §6).
 //! - [`admin`]: the admin listener (§4.4).
 //! - [`tls`]: TLS, mTLS and development certificates.
-//! - [`server`]: listeners, reload, shutdown; [`cli`]: one file per command.
+//! - [`server`]: listeners, reload, shutdown; [`workers`]: one runtime per core;
+//!   [`cli`]: one file per command.
 
 pub mod admin;
 pub mod audit;
@@ -30,3 +31,4 @@ pub mod server;
 pub mod state;
 pub mod tls;
 pub mod token;
+pub mod workers;

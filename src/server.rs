@@ -100,7 +100,8 @@ pub async fn serve(
         let builder = Arc::clone(&builder);
         let limits = limits.clone();
         let watcher = graceful.watcher();
-        tokio::spawn(async move {
+        // The connection lives on one worker runtime from here on.
+        crate::workers::spawn(async move {
             let _permit = permit;
             serve_connection(stream, peer, tls, limits, role, &builder, watcher).await;
         });

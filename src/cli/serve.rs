@@ -57,11 +57,15 @@ impl Running {
 
 pub fn run(args: ServeArgs, config_path: &std::path::Path) -> anyhow::Result<ExitCode> {
     init_tracing();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    // Worker 0 of the pool (crate::workers): listeners, admin, reloads and signals run here
+    // too, next to the connections it is handed.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
+        crate::workers::install(crate::workers::default_count())
+            .context("cannot start the worker runtimes")?;
         let (config, dev) = if args.dev {
             let dev = crate::dev::prepare().await?;
             (dev.config()?, Some(dev))
@@ -80,6 +84,7 @@ pub fn run(args: ServeArgs, config_path: &std::path::Path) -> anyhow::Result<Exi
         wait_for_signals(&running).await;
         tracing::info!("shutting down: draining in-flight requests");
         running.shutdown().await;
+        crate::workers::shutdown();
         Ok(ExitCode::SUCCESS)
     })
 }

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hyper_rustls::HttpsConnector;
@@ -17,6 +17,19 @@ use super::ProxyBody;
 /// A pooled client; cheap to clone (the pool is shared).
 pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, ProxyBody>;
 
+/// One pooled client per worker runtime ([`crate::workers`]): a pooled connection is driven
+/// by a task on the runtime that opened it, so each worker keeps its own pool and a call never
+/// hops threads to reach its upstream connection. Cheap to clone.
+#[derive(Clone)]
+pub struct WorkerClients(Arc<[UpstreamClient]>);
+
+impl WorkerClients {
+    /// The client of the worker running on this thread.
+    pub fn here(&self) -> &UpstreamClient {
+        &self.0[crate::workers::current() % self.0.len()]
+    }
+}
+
 /// Idle upstream connections are kept this long for reuse.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// At most this many idle connections per upstream host.
@@ -27,12 +40,12 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// One client per distinct trust configuration, shared across reloads so pools survive them.
 #[derive(Default)]
 pub struct UpstreamClients {
-    by_ca: Mutex<HashMap<Option<PathBuf>, UpstreamClient>>,
+    by_ca: Mutex<HashMap<Option<PathBuf>, WorkerClients>>,
 }
 
 impl UpstreamClients {
-    /// The client for connectors trusting webpki roots plus `extra_ca`.
-    pub fn get(&self, extra_ca: Option<&Path>) -> Result<UpstreamClient, String> {
+    /// The clients for connectors trusting webpki roots plus `extra_ca`.
+    pub fn get(&self, extra_ca: Option<&Path>) -> Result<WorkerClients, String> {
         let key = extra_ca.map(Path::to_path_buf);
         let mut map = self.by_ca.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = map.get(&key) {
@@ -40,9 +53,12 @@ impl UpstreamClients {
             // every time instead would drop every pooled connection on each reload.
             return Ok(c.clone());
         }
-        let client = build_client(extra_ca)?;
-        map.insert(key, client.clone());
-        Ok(client)
+        let clients = (0..crate::workers::count())
+            .map(|_| build_client(extra_ca))
+            .collect::<Result<Arc<[_]>, _>>()?;
+        let clients = WorkerClients(clients);
+        map.insert(key, clients.clone());
+        Ok(clients)
     }
 }
 

@@ -626,7 +626,7 @@ async fn forward(
         .upstream_timeout
         .min(request_deadline.saturating_duration_since(Instant::now()));
     let sent = Instant::now();
-    let result = tokio::time::timeout(wait, runtime.client.request(req)).await;
+    let result = tokio::time::timeout(wait, runtime.client.here().request(req)).await;
     match &result {
         Ok(Ok(_)) => runtime.metrics.upstream_ok(sent.elapsed()),
         failed => broker

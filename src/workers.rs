@@ -1,0 +1,113 @@
+//! One single-threaded runtime per core, the way nginx runs one worker process per core.
+//!
+//! A proxied call is a chain of small steps on two sockets (client and upstream) plus the
+//! audit write. On tokio's work-stealing runtime every step pays for cross-thread
+//! bookkeeping, and on a machine with one core to spare that bookkeeping is all it buys.
+//! Here the accept loop hands each connection to one worker for its whole life; the worker's
+//! runtime drives the client connection, the pooled upstream connections it uses (each
+//! worker has its own pool, see [`crate::proxy::forward::UpstreamClients`]) and their
+//! timers, all on one thread. Measured with `benches/load.sh` on the reference machine (one
+//! core for the broker): +11% calls/s and −8% CPU per call against the multi-threaded
+//! runtime, from the experiment that led here.
+//!
+//! Worker 0 is the runtime `credbroker serve` starts on (it also runs the listeners, admin
+//! API, reloads and signals); workers 1.. are extra threads. With no pool installed (tests,
+//! library use) connections are spawned on the caller's runtime.
+
+use std::cell::Cell;
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::thread::JoinHandle;
+
+use tokio::runtime::Handle;
+use tokio::sync::oneshot;
+
+thread_local! {
+    /// The worker this thread runs (0 outside the pool).
+    static INDEX: Cell<usize> = const { Cell::new(0) };
+}
+
+static POOL: OnceLock<Workers> = OnceLock::new();
+
+/// The process's worker runtimes.
+pub struct Workers {
+    handles: Vec<Handle>,
+    next: AtomicUsize,
+    /// Extra worker threads and the senders that let them finish.
+    threads: Mutex<Vec<(oneshot::Sender<()>, JoinHandle<()>)>>,
+}
+
+/// How many workers there are (what per-worker state is sized by): 1 without a pool.
+pub fn count() -> usize {
+    POOL.get().map_or(1, |w| w.handles.len())
+}
+
+/// The index of the worker running on this thread, in `0..count()`.
+pub fn current() -> usize {
+    INDEX.with(Cell::get)
+}
+
+/// Runs `task` on the next worker, round robin; without a pool, on the caller's runtime.
+pub fn spawn<F>(task: F)
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    match POOL.get() {
+        Some(pool) if pool.handles.len() > 1 => {
+            let i = pool.next.fetch_add(1, Ordering::Relaxed) % pool.handles.len();
+            drop(pool.handles[i].spawn(task));
+        }
+        _ => drop(tokio::spawn(task)),
+    }
+}
+
+/// Installs the pool: the calling thread's runtime becomes worker 0 and `total - 1` threads
+/// each start a single-threaded runtime. Call once, from inside worker 0's runtime, before
+/// anything sized by [`count`] is built. A second call is refused.
+pub fn install(total: usize) -> std::io::Result<()> {
+    let mut handles = vec![Handle::current()];
+    let mut threads = Vec::new();
+    for index in 1..total.max(1) {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        handles.push(runtime.handle().clone());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name(format!("credbroker-worker-{index}"))
+            .spawn(move || {
+                INDEX.with(|i| i.set(index));
+                // Runs the connections spawned onto it until the pool shuts down.
+                runtime.block_on(async {
+                    let _ = stopped.await;
+                });
+            })?;
+        threads.push((stop, thread));
+    }
+    let workers = Workers {
+        handles,
+        next: AtomicUsize::new(0),
+        threads: Mutex::new(threads),
+    };
+    POOL.set(workers)
+        .map_err(|_| std::io::Error::other("the worker pool is already installed"))
+}
+
+/// Stops the extra workers (their remaining tasks, idle upstream connections say, are
+/// dropped). Call after the listeners have drained.
+pub fn shutdown() {
+    let Some(pool) = POOL.get() else { return };
+    let threads = std::mem::take(&mut *pool.threads.lock().unwrap_or_else(|e| e.into_inner()));
+    for (stop, thread) in threads {
+        let _ = stop.send(());
+        if thread.join().is_err() {
+            tracing::error!("a worker thread panicked");
+        }
+    }
+}
+
+/// The number of workers `serve` starts: one per core this process may run on.
+pub fn default_count() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
