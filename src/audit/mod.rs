@@ -11,6 +11,7 @@ use std::sync::Arc;
 pub mod chain;
 pub mod query;
 pub mod record;
+mod relay;
 pub mod report;
 pub mod verify;
 pub mod writer;

@@ -5,7 +5,8 @@
 //! with one `write`, and under `fsync = "always"` syncs it with one `fdatasync` before answering
 //! every waiter. If the write or sync fails, the file is cut back to its length before the batch
 //! and seq/prev stay where they were, so the next batch simply tries again: the broker refuses
-//! calls while the disk is full and serves again once it is not.
+//! calls while the disk is full and serves again once it is not. Async callers get their
+//! answers through their worker's relay ([`super::relay`]): one cross-thread wake a batch.
 //!
 //! Under `never` and `interval` nobody waits for a sync, and handing each record to another
 //! thread would cost two context switches per call for nothing: there the caller seals and
@@ -26,6 +27,7 @@ use serde::Deserialize;
 
 use crate::audit::chain::{self, format_ts, ChainError, ZERO_HASH};
 use crate::audit::record::{Event, Record};
+use crate::audit::relay::{AnswerTx, Relays};
 use crate::audit::AuditError;
 use crate::secret::Secret;
 
@@ -102,7 +104,6 @@ struct Inner {
 }
 
 /// State the handle and the writer thread share.
-#[derive(Default)]
 struct Shared {
     written: AtomicU64,
     write_errors: AtomicU64,
@@ -116,6 +117,8 @@ struct Shared {
     deferred: Mutex<Vec<Box<Record>>>,
     /// Set by `close`: later records are refused.
     closed: std::sync::atomic::AtomicBool,
+    /// Under `always`: hands answers to async callers on their own runtime.
+    relays: Arc<Relays>,
     /// Test hook: this many coming writes fail after writing half their bytes.
     #[cfg(test)]
     inject_failures: std::sync::atomic::AtomicU32,
@@ -128,16 +131,25 @@ enum Msg {
 
 /// Where the writer sends one record's outcome.
 enum Reply {
-    Async(tokio::sync::oneshot::Sender<Result<u64, AuditError>>),
+    Async(AnswerTx),
+    /// An async caller whose answer goes through its worker's relay.
+    Relayed(AnswerTx, usize),
     Blocking(mpsc::SyncSender<Result<u64, AuditError>>),
     /// Nobody waits ([`AuditLog::append_detached`]): the record may ride with the next write.
     Detached,
 }
 
 impl Reply {
-    fn send(self, result: Result<u64, AuditError>) {
+    /// Sends the outcome; a relayed one is left with its relay, whose worker is then added
+    /// to `wake` (for one wake per worker and batch).
+    fn send(self, result: Result<u64, AuditError>, relays: &Relays, wake: &mut Vec<usize>) {
         // A waiter that went away (request cancelled) no longer needs the answer.
         match self {
+            Self::Relayed(tx, worker) => {
+                if relays.deliver(worker, tx, result) && !wake.contains(&worker) {
+                    wake.push(worker);
+                }
+            }
             Self::Async(tx) => drop(tx.send(result)),
             Self::Blocking(tx) => drop(tx.send(result)),
             Self::Detached => {}
@@ -150,7 +162,19 @@ impl AuditLog {
     /// seq/prev, cuts a torn or corrupt tail and writes a `recovered` record. Spawns the writer
     /// thread.
     pub fn open(opts: AuditOptions) -> Result<AuditLog, AuditError> {
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared {
+            written: AtomicU64::new(0),
+            write_errors: AtomicU64::new(0),
+            fsyncs: AtomicU64::new(0),
+            fsync_nanos: AtomicU64::new(0),
+            rotations: AtomicU64::new(0),
+            observer: ArcSwapOption::empty(),
+            deferred: Mutex::new(Vec::new()),
+            closed: std::sync::atomic::AtomicBool::new(false),
+            relays: Arc::new(Relays::new(crate::workers::count())),
+            #[cfg(test)]
+            inject_failures: std::sync::atomic::AtomicU32::new(0),
+        });
         let policy = opts.fsync;
         let writer = Writer::open(opts, shared.clone())?;
         let spawn_error = |source| AuditError::Io {
@@ -190,7 +214,16 @@ impl AuditLog {
     /// Dropping the future does not withdraw a record already queued; it is still written.
     pub async fn append(&self, record: Record) -> Result<u64, AuditError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.send(record, Reply::Async(tx))?;
+        // Under `always` the writer thread answers; through a relay, its wake-ups stay few.
+        let relay = match self.inner.tx {
+            Some(_) => self.inner.shared.relays.for_caller(),
+            None => None,
+        };
+        let reply = match relay {
+            Some(worker) => Reply::Relayed(tx, worker),
+            None => Reply::Async(tx),
+        };
+        self.send(record, reply)?;
         rx.await.map_err(|_| AuditError::Closed)?
     }
 
@@ -217,6 +250,8 @@ impl AuditLog {
     /// with [`AuditError::Closed`]. Idempotent.
     pub fn close(&self) {
         self.inner.shared.closed.store(true, Ordering::Release);
+        // Relays stop once the writer has answered everything (below).
+        let _relays_close = RelaysClose(&self.inner.shared.relays);
         if let Some(inline) = &self.inner.inline {
             if let Some(mut writer) = lock(inline).take() {
                 writer.finish();
@@ -294,6 +329,15 @@ impl AuditLog {
     #[cfg(test)]
     fn inject_write_failures(&self, n: u32) {
         self.inner.shared.inject_failures.store(n, Ordering::SeqCst);
+    }
+}
+
+/// Closes the relays when dropped, i.e. after the writer thread has answered its last batch.
+struct RelaysClose<'a>(&'a Relays);
+
+impl Drop for RelaysClose<'_> {
+    fn drop(&mut self) {
+        self.0.close();
     }
 }
 
@@ -422,6 +466,7 @@ impl Writer {
             };
             let mut appends = Vec::new();
             let mut next = Some(first);
+            let mut waited = false;
             while let Some(msg) = next.take() {
                 match msg {
                     Msg::Append(rec, reply) => appends.push((rec, reply)),
@@ -432,8 +477,13 @@ impl Writer {
                 }
                 if appends.len() < MAX_BATCH {
                     next = rx.try_recv().ok();
-                    if next.is_none() && self.commit_delay(appends.len()) {
-                        next = rx.recv_timeout(COMMIT_DELAY).ok();
+                    if next.is_none() && !waited && self.commit_delay(appends.len()) {
+                        // Sleep rather than wait on the queue: a waiting receiver is woken by
+                        // every send, and on a busy core each wake-up is two context switches
+                        // (the caller's thread is preempted). Once per batch.
+                        waited = true;
+                        std::thread::sleep(COMMIT_DELAY);
+                        next = rx.try_recv().ok();
                     }
                 }
             }
@@ -533,10 +583,12 @@ impl Writer {
         }
         let records: Vec<&Record> = appends.iter().map(|(r, _)| r.as_ref()).collect();
         let result = self.commit(&records);
+        let relays = Arc::clone(&self.shared.relays);
+        let mut wake = Vec::new();
         match result {
             Ok(first_seq) => {
                 for (i, (_, reply)) in appends.into_iter().enumerate() {
-                    reply.send(Ok(first_seq + i as u64));
+                    reply.send(Ok(first_seq + i as u64), &relays, &mut wake);
                 }
                 if self.policy == FsyncPolicy::Interval && self.last_sync.elapsed() >= SYNC_INTERVAL
                 {
@@ -547,9 +599,12 @@ impl Writer {
             Err(e) => {
                 let e = Arc::new(e);
                 for (_, reply) in appends {
-                    reply.send(Err(AuditError::Write(e.clone())));
+                    reply.send(Err(AuditError::Write(e.clone())), &relays, &mut wake);
                 }
             }
+        }
+        for worker in wake {
+            relays.wake(worker);
         }
     }
 
