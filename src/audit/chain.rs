@@ -6,6 +6,8 @@
 //! with its final `,"hash":"<hex>"}` replaced by `}`; `hash = hex(SHA-256(B))`, or
 //! `hex(HMAC-SHA256(key, B))` with a key.
 
+use std::io::Write as _;
+
 use chrono::{DateTime, Utc};
 use hmac::{Hmac, Mac};
 use serde::Deserialize;
@@ -106,7 +108,8 @@ pub fn seal_into(
 ) -> Result<String, ChainError> {
     let start = buf.len();
     buf.extend_from_slice(b"{\"seq\":");
-    buf.extend_from_slice(seq.to_string().as_bytes());
+    // Into the buffer directly: no String per record.
+    let _ = write!(buf, "{seq}");
     buf.extend_from_slice(b",\"ts\":\"");
     buf.extend_from_slice(ts.as_bytes());
     buf.extend_from_slice(b"\",");

@@ -213,6 +213,13 @@ impl AuditLog {
     /// Returns the record's seq. An error means the record is not in the log: answer 503.
     /// Dropping the future does not withdraw a record already queued; it is still written.
     pub async fn append(&self, record: Record) -> Result<u64, AuditError> {
+        if let Some(inline) = &self.inner.inline {
+            // Written by this caller, now: nothing to wait for.
+            return lock(inline)
+                .as_mut()
+                .ok_or(AuditError::Closed)?
+                .commit_one(&record);
+        }
         let (tx, rx) = tokio::sync::oneshot::channel();
         // Under `always` the writer thread answers; through a relay, its wake-ups stay few.
         let relay = match self.inner.tx {
@@ -392,7 +399,12 @@ struct Writer {
     last_batch: usize,
     last_sync: Instant,
     shared: Arc<Shared>,
+    /// The batch buffer, kept between batches (up to [`SCRATCH_KEEP`] bytes).
+    scratch: Vec<u8>,
 }
+
+/// A batch buffer larger than this is not kept for the next batch.
+const SCRATCH_KEEP: usize = 256 * 1024;
 
 impl Writer {
     /// Opens the file, finds where the chain stands, cuts a damaged tail and records the cut.
@@ -443,6 +455,7 @@ impl Writer {
             last_batch: 0,
             last_sync: Instant::now(),
             shared,
+            scratch: Vec::new(),
         };
         if cut > 0 {
             tracing::warn!(path = %writer.path.display(), bytes = cut, "cut a torn audit log tail");
@@ -590,11 +603,7 @@ impl Writer {
                 for (i, (_, reply)) in appends.into_iter().enumerate() {
                     reply.send(Ok(first_seq + i as u64), &relays, &mut wake);
                 }
-                if self.policy == FsyncPolicy::Interval && self.last_sync.elapsed() >= SYNC_INTERVAL
-                {
-                    self.background_sync();
-                }
-                self.maybe_rotate();
+                self.after_commit();
             }
             Err(e) => {
                 let e = Arc::new(e);
@@ -608,11 +617,52 @@ impl Writer {
         }
     }
 
+    /// An inline caller's record (`never`, `interval`): committed now, after the deferred
+    /// records, in one write. Returns its seq.
+    fn commit_one(&mut self, record: &Record) -> Result<u64, AuditError> {
+        let pending = std::mem::take(&mut self.pending);
+        self.pending_since = None;
+        let mut records: Vec<&Record> = Vec::with_capacity(pending.len() + 1);
+        records.extend(pending.iter().map(|r| r.as_ref()));
+        records.push(record);
+        let first = self
+            .commit(&records)
+            .map_err(|e| AuditError::Write(Arc::new(e)))?;
+        self.after_commit();
+        Ok(first + pending.len() as u64)
+    }
+
+    /// Housekeeping after a committed batch: a due `interval` sync, rotation.
+    fn after_commit(&mut self) {
+        if self.policy == FsyncPolicy::Interval && self.last_sync.elapsed() >= SYNC_INTERVAL {
+            self.background_sync();
+        }
+        self.maybe_rotate();
+    }
+
     /// Seals and writes `records` as one batch (synced under `always`). On success the chain
     /// advances and the first record's seq is returned; on failure nothing changed.
     fn commit(&mut self, records: &[&Record]) -> io::Result<u64> {
-        let (buf, seq, prev) = self.seal_batch(records).map_err(io::Error::other)?;
-        match self.write_batch(&buf) {
+        let mut buf = std::mem::take(&mut self.scratch);
+        buf.clear();
+        let sealed = self.seal_batch(&mut buf, records).map_err(io::Error::other);
+        let result =
+            sealed.and_then(|(seq, prev)| self.write_sealed(&buf, records.len(), seq, prev));
+        if buf.capacity() <= SCRATCH_KEEP {
+            self.scratch = buf;
+        }
+        result
+    }
+
+    /// Writes a sealed batch and advances the chain, or cuts it back.
+    fn write_sealed(
+        &mut self,
+        buf: &[u8],
+        records: usize,
+        seq: u64,
+        prev: String,
+    ) -> io::Result<u64> {
+        match self.write_batch(buf) {
             Ok(()) => {
                 let first = self.seq + 1;
                 self.len += buf.len() as u64;
@@ -620,12 +670,12 @@ impl Writer {
                 self.prev = prev;
                 self.shared
                     .written
-                    .fetch_add(records.len() as u64, Ordering::Relaxed);
+                    .fetch_add(records as u64, Ordering::Relaxed);
                 Ok(first)
             }
             Err(e) => {
                 self.shared.write_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(error = %e, path = %self.path.display(), records = records.len(),
+                tracing::error!(error = %e, path = %self.path.display(), records,
                     "audit write failed; cutting the batch back");
                 self.cut_back();
                 Err(e)
@@ -633,18 +683,22 @@ impl Writer {
         }
     }
 
-    /// Seals the batch into one buffer; returns it with the last seq and hash.
-    fn seal_batch(&mut self, records: &[&Record]) -> Result<(Vec<u8>, u64, String), ChainError> {
-        let mut buf = Vec::with_capacity(records.len() * 320);
+    /// Seals the batch into `buf`; returns the last seq and hash.
+    fn seal_batch(
+        &mut self,
+        buf: &mut Vec<u8>,
+        records: &[&Record],
+    ) -> Result<(u64, String), ChainError> {
+        buf.reserve(records.len() * 320);
         let mut seq = self.seq;
         let mut prev = self.prev.clone();
         for record in records {
             seq += 1;
             let ts = format_ts(self.next_ts());
-            prev = chain::seal_into(&mut buf, seq, &ts, record, &prev, self.key.as_ref())?;
+            prev = chain::seal_into(buf, seq, &ts, record, &prev, self.key.as_ref())?;
             buf.push(b'\n');
         }
-        Ok((buf, seq, prev))
+        Ok((seq, prev))
     }
 
     /// Now, but never before the previous record's time, so `ts` is monotonic with `seq`.
