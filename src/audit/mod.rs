@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 pub mod chain;
+mod gather;
 pub mod query;
 pub mod record;
 mod relay;
@@ -61,4 +62,15 @@ pub enum AuditError {
         /// The file.
         path: PathBuf,
     },
+}
+
+impl AuditError {
+    /// The same failure, for another record of the batch it struck (the I/O error is shared).
+    pub(crate) fn for_another_record(&self) -> AuditError {
+        match self {
+            Self::Write(e) => Self::Write(Arc::clone(e)),
+            Self::Closed => Self::Closed,
+            other => Self::Write(Arc::new(std::io::Error::other(other.to_string()))),
+        }
+    }
 }

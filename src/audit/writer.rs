@@ -9,9 +9,10 @@
 //! answers through their worker's relay ([`super::relay`]): one cross-thread wake a batch.
 //!
 //! Under `never` and `interval` nobody waits for a sync, and handing each record to another
-//! thread would cost two context switches per call for nothing: there the caller seals and
-//! writes its record itself, under a mutex, and (for `interval`) a small thread syncs a dirty
-//! file every 10 ms. Batching and fail-closed behaviour are the same code either way.
+//! thread would cost two context switches per call for nothing: there the callers seal and
+//! write their records themselves, under a mutex, concurrent callers of one worker sharing a
+//! write ([`super::gather`]), and (for `interval`) a small thread syncs a dirty file every
+//! 10 ms. Batching and fail-closed behaviour are the same code either way.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -26,6 +27,7 @@ use chrono::{DateTime, Utc};
 use serde::Deserialize;
 
 use crate::audit::chain::{self, format_ts, ChainError, ZERO_HASH};
+use crate::audit::gather::{Gathers, Joined};
 use crate::audit::record::{Event, Record};
 use crate::audit::relay::{AnswerTx, Relays};
 use crate::audit::AuditError;
@@ -98,6 +100,8 @@ struct Inner {
     /// The writer itself when callers write inline (`never`, `interval`); `None` inside once
     /// closed.
     inline: Option<Arc<Mutex<Option<Writer>>>>,
+    /// Inline callers sharing a write ([`super::gather`]).
+    gathers: Gathers,
     shared: Arc<Shared>,
     /// The writer thread (`always`) or the interval syncer.
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -203,6 +207,7 @@ impl AuditLog {
             inner: Arc::new(Inner {
                 tx,
                 inline,
+                gathers: Gathers::new(crate::workers::count()),
                 shared,
                 thread: Mutex::new(thread),
             }),
@@ -213,12 +218,20 @@ impl AuditLog {
     /// Returns the record's seq. An error means the record is not in the log: answer 503.
     /// Dropping the future does not withdraw a record already queued; it is still written.
     pub async fn append(&self, record: Record) -> Result<u64, AuditError> {
-        if let Some(inline) = &self.inner.inline {
-            // Written by this caller, now: nothing to wait for.
-            return lock(inline)
-                .as_mut()
-                .ok_or(AuditError::Closed)?
-                .commit_one(&record);
+        if self.inner.inline.is_some() {
+            return match self.inner.gathers.join(record) {
+                Joined::Joiner(answer) => answer.await.map_err(|_| AuditError::Closed)?,
+                Joined::Leader(slot) => {
+                    let lead = Lead {
+                        log: self,
+                        slot,
+                        done: false,
+                    };
+                    // Let this runtime's other ready calls reach their audit step and join.
+                    tokio::task::yield_now().await;
+                    lead.write()
+                }
+            };
         }
         let (tx, rx) = tokio::sync::oneshot::channel();
         // Under `always` the writer thread answers; through a relay, its wake-ups stay few.
@@ -336,6 +349,50 @@ impl AuditLog {
     #[cfg(test)]
     fn inject_write_failures(&self, n: u32) {
         self.inner.shared.inject_failures.store(n, Ordering::SeqCst);
+    }
+}
+
+/// A gathering's leader ([`super::gather`]): writes what was gathered, also when dropped
+/// before it got to (its call cancelled), so no joiner is left waiting.
+struct Lead<'a> {
+    log: &'a AuditLog,
+    slot: usize,
+    done: bool,
+}
+
+impl Lead<'_> {
+    /// Writes the gathering in one batch and answers the joiners; returns the leader's seq.
+    fn write(mut self) -> Result<u64, AuditError> {
+        self.done = true;
+        self.write_gathered()
+    }
+
+    fn write_gathered(&self) -> Result<u64, AuditError> {
+        let (records, joiners) = self.log.inner.gathers.take(self.slot);
+        let result = match &self.log.inner.inline {
+            Some(inline) => lock(inline)
+                .as_mut()
+                .ok_or(AuditError::Closed)
+                .and_then(|writer| writer.commit_inline(&records)),
+            None => Err(AuditError::Closed),
+        };
+        for (i, joiner) in joiners.into_iter().enumerate() {
+            // A joiner that went away (request cancelled) no longer needs the answer.
+            let answer = match &result {
+                Ok(first) => Ok(first + 1 + i as u64),
+                Err(e) => Err(e.for_another_record()),
+            };
+            let _ = joiner.send(answer);
+        }
+        result
+    }
+}
+
+impl Drop for Lead<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = self.write_gathered();
+        }
     }
 }
 
@@ -617,16 +674,16 @@ impl Writer {
         }
     }
 
-    /// An inline caller's record (`never`, `interval`): committed now, after the deferred
-    /// records, in one write. Returns its seq.
-    fn commit_one(&mut self, record: &Record) -> Result<u64, AuditError> {
+    /// Inline callers' records (`never`, `interval`): committed now, after the deferred
+    /// records, in one write. Returns the seq of `records[0]`.
+    fn commit_inline(&mut self, records: &[Record]) -> Result<u64, AuditError> {
         let pending = std::mem::take(&mut self.pending);
         self.pending_since = None;
-        let mut records: Vec<&Record> = Vec::with_capacity(pending.len() + 1);
-        records.extend(pending.iter().map(|r| r.as_ref()));
-        records.push(record);
+        let mut batch: Vec<&Record> = Vec::with_capacity(pending.len() + records.len());
+        batch.extend(pending.iter().map(|r| r.as_ref()));
+        batch.extend(records);
         let first = self
-            .commit(&records)
+            .commit(&batch)
             .map_err(|e| AuditError::Write(Arc::new(e)))?;
         self.after_commit();
         Ok(first + pending.len() as u64)
@@ -1255,6 +1312,61 @@ mod tests {
                 .unwrap()
                 .is_intact());
         }
+    }
+
+    #[tokio::test]
+    async fn concurrent_inline_callers_share_writes_and_each_gets_its_own_seq() {
+        for policy in [FsyncPolicy::Never, FsyncPolicy::Interval] {
+            let dir = tempfile::tempdir().unwrap();
+            let o = opts(dir.path(), policy);
+            let log = AuditLog::open(o.clone()).unwrap();
+            let calls = (0..50).map(|i| {
+                let log = log.clone();
+                tokio::spawn(async move { log.append(proxy(&format!("c{i}"))).await })
+            });
+            let mut seqs = Vec::new();
+            for call in calls.collect::<Vec<_>>() {
+                seqs.push(call.await.unwrap().unwrap());
+            }
+            log.close();
+            let lines = read_lines(&o.path);
+            for (i, seq) in seqs.iter().enumerate() {
+                // Each caller's seq is the line holding its own record.
+                let line = &lines[usize::try_from(*seq).unwrap() - 1];
+                assert!(line.contains(&format!("\"c{i}\"")), "{policy:?}: {line}");
+            }
+            seqs.sort_unstable();
+            assert_eq!(seqs, (1..=50).collect::<Vec<u64>>(), "{policy:?}");
+            assert!(verify_files(std::slice::from_ref(&o.path), None)
+                .unwrap()
+                .is_intact());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_leader_dropped_while_gathering_still_writes_for_those_who_joined() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = opts(dir.path(), FsyncPolicy::Never);
+        let log = AuditLog::open(o.clone()).unwrap();
+        let mut leader = Box::pin(log.append(proxy("leader")));
+        // First poll: the leader opens the gathering and yields.
+        let waker = futures_util::task::noop_waker();
+        let mut cx = std::task::Context::from_waker(&waker);
+        assert!(std::future::Future::poll(leader.as_mut(), &mut cx).is_pending());
+        let joiner = tokio::spawn({
+            let log = log.clone();
+            async move { log.append(proxy("joiner")).await }
+        });
+        tokio::task::yield_now().await; // the joiner joins and waits
+        drop(leader); // e.g. its client went away
+        let answered = tokio::time::timeout(Duration::from_secs(5), joiner).await;
+        assert_eq!(
+            answered.expect("the joiner was answered").unwrap().unwrap(),
+            2
+        );
+        log.close();
+        let lines = read_lines(&o.path);
+        assert!(lines[0].contains("\"leader\"") && lines[1].contains("\"joiner\""));
     }
 
     #[tokio::test]

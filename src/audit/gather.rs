@@ -1,0 +1,110 @@
+//! Concurrent inline callers (`fsync = "never"` or `"interval"`) share one write.
+//!
+//! Each allow record must be in the file before its call is forwarded, and a `write` of a
+//! few hundred bytes costs more in the kernel than sealing the record does. So the first caller
+//! on a worker opens a gathering and yields once: the other calls that runtime has ready run
+//! up to their own audit step meanwhile and join it. Then the first caller — the leader —
+//! writes everything gathered with one `write` and answers the others (on the same thread: a
+//! queue push each, no wake-up across threads). A lone caller pays one yield.
+//!
+//! A leader whose call is dropped while it waits (its client went away) still writes what was
+//! gathered, from `Drop`: nobody who joined is ever left waiting.
+
+use std::sync::{Mutex, MutexGuard};
+
+use tokio::sync::oneshot;
+
+use crate::audit::record::Record;
+use crate::audit::relay::{Answer, AnswerTx};
+
+/// One gathering per worker runtime ([`crate::workers`]).
+pub(super) struct Gathers {
+    slots: Box<[Mutex<Gathering>]>,
+}
+
+#[derive(Default)]
+struct Gathering {
+    /// A leader is yielding and will write `records`.
+    open: bool,
+    /// The leader's record first, then the joiners' in the order they came.
+    records: Vec<Record>,
+    /// The joiners' answers, for `records[1..]`.
+    joiners: Vec<AnswerTx>,
+}
+
+/// What [`Gathers::join`] made of the caller.
+pub(super) enum Joined {
+    /// Yield once, then [`Gathers::take`] the slot and write it.
+    Leader(usize),
+    /// The leader answers here.
+    Joiner(oneshot::Receiver<Answer>),
+}
+
+impl Gathers {
+    pub(super) fn new(workers: usize) -> Self {
+        Self {
+            slots: (0..workers.max(1)).map(|_| Mutex::default()).collect(),
+        }
+    }
+
+    /// Joins the calling worker's open gathering, or opens one and leads it.
+    pub(super) fn join(&self, record: Record) -> Joined {
+        let slot = crate::workers::current() % self.slots.len();
+        let mut gathering = self.lock(slot);
+        gathering.records.push(record);
+        if gathering.open {
+            let (tx, rx) = oneshot::channel();
+            gathering.joiners.push(tx);
+            Joined::Joiner(rx)
+        } else {
+            gathering.open = true;
+            Joined::Leader(slot)
+        }
+    }
+
+    /// Closes the gathering: its records (the leader's first) and the joiners' answers.
+    pub(super) fn take(&self, slot: usize) -> (Vec<Record>, Vec<AnswerTx>) {
+        let mut gathering = self.lock(slot);
+        gathering.open = false;
+        (
+            std::mem::take(&mut gathering.records),
+            std::mem::take(&mut gathering.joiners),
+        )
+    }
+
+    fn lock(&self, slot: usize) -> MutexGuard<'_, Gathering> {
+        // A push or a take cannot be left half done by a panic.
+        self.slots[slot].lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::record::Event;
+
+    #[test]
+    fn the_first_caller_leads_and_the_next_ones_join_until_the_take() {
+        let gathers = Gathers::new(1);
+        let Joined::Leader(slot) = gathers.join(Record::new(Event::Proxy)) else {
+            panic!("the first caller leads");
+        };
+        let Joined::Joiner(mut rx) = gathers.join(Record::new(Event::Admin)) else {
+            panic!("the second caller joins");
+        };
+        let (records, joiners) = gathers.take(slot);
+        assert_eq!(
+            records.iter().map(|r| r.event).collect::<Vec<_>>(),
+            [Event::Proxy, Event::Admin]
+        );
+        assert_eq!(joiners.len(), 1);
+        assert!(matches!(
+            gathers.join(Record::new(Event::Proxy)),
+            Joined::Leader(_)
+        ));
+        for tx in joiners {
+            tx.send(Ok(2)).unwrap();
+        }
+        assert_eq!(rx.try_recv().unwrap().unwrap(), 2);
+    }
+}
