@@ -47,8 +47,10 @@ http {
 }
 NGX
 }
-# The fast upstream: nginx answering a small JSON body, only with the credential.
-nginx_conf "$WORK/up" "server { listen $UP reuseport; location / {
+# The fast upstream: nginx answering a small JSON body, only with the credential. No
+# `reuseport`: a server left over from an aborted run then makes this start fail, instead of
+# silently sharing the port (and the load) with it.
+nginx_conf "$WORK/up" "server { listen $UP; location / {
     if (\$http_authorization != 'Bearer $CREDENTIAL') { return 401; }
     default_type application/json; return 200 '{\"ok\":true,\"issues\":[]}'; } }"
 # The bar: nginx proxy_pass injecting the credential, no checks.
