@@ -886,3 +886,76 @@ async fn revocations_and_the_kill_switch_survive_a_restart() {
     assert_eq!(up.count(), 2);
     verify_chain_independently(&dir.path().join("audit.jsonl"));
 }
+
+// ---------------------------------------------------------------------------------------
+// `serve` runs one worker runtime per core (src/workers.rs)
+
+/// The names of a process's threads.
+fn thread_names(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|tasks| {
+            tasks
+                .filter_map(Result::ok)
+                .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+                .map(|name| name.trim().to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_calls_over_every_worker_are_each_audited_once_in_a_verifying_chain() {
+    // Under `always` answers go through the per-worker relays; under `never` concurrent
+    // calls on a worker share writes. Both must give every call its own allow record.
+    for fsync in ["always", "never"] {
+        let up = FakeUpstream::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let config =
+            standard_config(up.addr).replace("fsync = \"always\"", &format!("fsync = \"{fsync}\""));
+        let path = write_config(dir.path(), &config);
+        let broker = ChildBroker::spawn(&path);
+        // The child may run on as many cores as this test process (same affinity).
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let workers = thread_names(broker.child.id())
+            .iter()
+            .filter(|n| n.starts_with("credbroker-work"))
+            .count();
+        assert_eq!(
+            workers + 1,
+            cores,
+            "{fsync}: one runtime per core, the main one included"
+        );
+
+        let token = token_at(broker.proxy, "github:issues.read").await;
+        let proxy = broker.proxy;
+        // Each call on its own connection: connections are handed to workers round robin.
+        let calls: Vec<_> = (0..40)
+            .map(|_| {
+                let token = token.clone();
+                tokio::spawn(async move { get_at(proxy, ISSUES, &token).await.0 })
+            })
+            .collect();
+        for call in calls {
+            assert_eq!(call.await.unwrap(), 200, "{fsync}");
+        }
+        broker.stop().await;
+
+        let log = dir.path().join("audit.jsonl");
+        let records = audit_records(&log);
+        let allowed = events(&records, "proxy")
+            .iter()
+            .filter(|r| r["decision"] == "allow")
+            .count();
+        assert_eq!(allowed, 40, "{fsync}");
+        assert_eq!(events(&records, "proxy_result").len(), 40, "{fsync}");
+        let mut ids: Vec<_> = events(&records, "proxy")
+            .iter()
+            .map(|r| r["request_id"].as_str().unwrap().to_owned())
+            .collect();
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), 40, "{fsync}: one allow record per call");
+        assert_eq!(up.count(), 40);
+        verify_chain_independently(&log);
+    }
+}
