@@ -94,6 +94,15 @@ pub async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
+        // Off this runtime's event loop: the worker that serves the connection registers it
+        // with its own, so its readiness events never pass through this thread.
+        let stream = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "cannot hand the connection to a worker");
+                continue;
+            }
+        };
         // The certificate in force now: a reload changes what the next connection sees.
         let tls = tls.as_ref().map(SwappableTls::acceptor);
         let role = role.clone();
@@ -103,6 +112,13 @@ pub async fn serve(
         // The connection lives on one worker runtime from here on.
         crate::workers::spawn(async move {
             let _permit = permit;
+            let stream = match TcpStream::from_std(stream) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "cannot register the connection");
+                    return;
+                }
+            };
             serve_connection(stream, peer, tls, limits, role, &builder, watcher).await;
         });
     }

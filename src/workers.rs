@@ -12,7 +12,9 @@
 //!
 //! Worker 0 is the runtime `credbroker serve` starts on (it also runs the listeners, admin
 //! API, reloads and signals); workers 1.. are extra threads. With no pool installed (tests,
-//! library use) connections are spawned on the caller's runtime.
+//! library use) connections are spawned on the caller's runtime, and per-worker machinery
+//! that relies on a worker's runtime being driven all the time (the audit relay and write
+//! gathering) stands aside: [`current`] is `None` on every thread that is not a worker.
 
 use std::cell::Cell;
 use std::future::Future;
@@ -24,8 +26,8 @@ use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 
 thread_local! {
-    /// The worker this thread runs (0 outside the pool).
-    static INDEX: Cell<usize> = const { Cell::new(0) };
+    /// The worker this thread runs, if it is one.
+    static INDEX: Cell<Option<usize>> = const { Cell::new(None) };
 }
 
 static POOL: OnceLock<Workers> = OnceLock::new();
@@ -35,7 +37,7 @@ pub struct Workers {
     handles: Vec<Handle>,
     next: AtomicUsize,
     /// Extra worker threads and the senders that let them finish.
-    threads: Mutex<Vec<(oneshot::Sender<()>, JoinHandle<()>)>>,
+    threads: Mutex<Vec<WorkerThread>>,
 }
 
 /// How many workers there are (what per-worker state is sized by): 1 without a pool.
@@ -43,9 +45,15 @@ pub fn count() -> usize {
     POOL.get().map_or(1, |w| w.handles.len())
 }
 
-/// The index of the worker running on this thread, in `0..count()`.
-pub fn current() -> usize {
+/// The index of the worker running on this thread, in `0..count()`; `None` off the pool.
+pub fn current() -> Option<usize> {
     INDEX.with(Cell::get)
+}
+
+/// Makes the calling thread act as worker `index` (tests of per-worker machinery).
+#[cfg(test)]
+pub(crate) fn act_as_worker(index: usize) {
+    INDEX.with(|i| i.set(Some(index)));
 }
 
 /// Runs `task` on the next worker, round robin; without a pool, on the caller's runtime.
@@ -63,48 +71,80 @@ where
 }
 
 /// Installs the pool: the calling thread's runtime becomes worker 0 and `total - 1` threads
-/// each start a single-threaded runtime. Call once, from inside worker 0's runtime, before
-/// anything sized by [`count`] is built. A second call is refused.
+/// each start a single-threaded runtime. Call once, from inside worker 0's runtime (which must
+/// be driven for as long as the process serves), before anything sized by [`count`] is built.
+/// A second call is refused.
 pub fn install(total: usize) -> std::io::Result<()> {
     let mut handles = vec![Handle::current()];
     let mut threads = Vec::new();
     for index in 1..total.max(1) {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        handles.push(runtime.handle().clone());
-        let (stop, stopped) = oneshot::channel::<()>();
-        let thread = std::thread::Builder::new()
-            .name(format!("credbroker-worker-{index}"))
-            .spawn(move || {
-                INDEX.with(|i| i.set(index));
-                // Runs the connections spawned onto it until the pool shuts down.
-                runtime.block_on(async {
-                    let _ = stopped.await;
-                });
-            })?;
-        threads.push((stop, thread));
+        match start_worker(index) {
+            Ok((handle, thread)) => {
+                handles.push(handle);
+                threads.push(thread);
+            }
+            Err(e) => {
+                stop(threads);
+                return Err(e);
+            }
+        }
     }
     let workers = Workers {
         handles,
         next: AtomicUsize::new(0),
         threads: Mutex::new(threads),
     };
-    POOL.set(workers)
-        .map_err(|_| std::io::Error::other("the worker pool is already installed"))
+    if let Err(refused) = POOL.set(workers) {
+        stop(std::mem::take(
+            &mut *refused.threads.lock().unwrap_or_else(|e| e.into_inner()),
+        ));
+        return Err(std::io::Error::other(
+            "the worker pool is already installed",
+        ));
+    }
+    INDEX.with(|i| i.set(Some(0)));
+    Ok(())
 }
 
-/// Stops the extra workers (their remaining tasks, idle upstream connections say, are
-/// dropped). Call after the listeners have drained.
-pub fn shutdown() {
-    let Some(pool) = POOL.get() else { return };
-    let threads = std::mem::take(&mut *pool.threads.lock().unwrap_or_else(|e| e.into_inner()));
+type WorkerThread = (oneshot::Sender<()>, JoinHandle<()>);
+
+/// Worker `index`: a thread driving a single-threaded runtime until told to stop.
+fn start_worker(index: usize) -> std::io::Result<(Handle, WorkerThread)> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let handle = runtime.handle().clone();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name(format!("credbroker-worker-{index}"))
+        .spawn(move || {
+            INDEX.with(|i| i.set(Some(index)));
+            // Runs the connections spawned onto it until the pool shuts down; dropping the
+            // runtime then drops whatever is left (idle upstream connections, say).
+            runtime.block_on(async {
+                let _ = stopped.await;
+            });
+        })?;
+    Ok((handle, (stop, thread)))
+}
+
+fn stop(threads: Vec<WorkerThread>) {
     for (stop, thread) in threads {
         let _ = stop.send(());
         if thread.join().is_err() {
             tracing::error!("a worker thread panicked");
         }
     }
+}
+
+/// Stops the extra workers; the connections still open on them are dropped (their
+/// `proxy_result` records say the client went away). Call after the listeners have drained
+/// and before the `shutdown` record, so that it is the log's last.
+pub fn shutdown() {
+    let Some(pool) = POOL.get() else { return };
+    stop(std::mem::take(
+        &mut *pool.threads.lock().unwrap_or_else(|e| e.into_inner()),
+    ));
 }
 
 /// The number of workers `serve` starts: one per core this process may run on.

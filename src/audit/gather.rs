@@ -47,9 +47,14 @@ impl Gathers {
         }
     }
 
-    /// Joins the calling worker's open gathering, or opens one and leads it.
-    pub(super) fn join(&self, record: Record) -> Joined {
-        let slot = crate::workers::current() % self.slots.len();
+    /// The calling worker's gathering; `None` off the worker pool, where a leader's runtime
+    /// might not be driven while others wait on it (the caller then writes alone).
+    pub(super) fn slot_for_caller(&self) -> Option<usize> {
+        crate::workers::current().map(|w| w % self.slots.len())
+    }
+
+    /// Joins `slot`'s open gathering, or opens one and leads it.
+    pub(super) fn join(&self, slot: usize, record: Record) -> Joined {
         let mut gathering = self.lock(slot);
         gathering.records.push(record);
         if gathering.open {
@@ -72,6 +77,12 @@ impl Gathers {
         )
     }
 
+    /// Records gathered in `slot` so far.
+    #[cfg(test)]
+    pub(super) fn gathered(&self, slot: usize) -> usize {
+        self.lock(slot).records.len()
+    }
+
     fn lock(&self, slot: usize) -> MutexGuard<'_, Gathering> {
         // A push or a take cannot be left half done by a panic.
         self.slots[slot].lock().unwrap_or_else(|e| e.into_inner())
@@ -86,10 +97,10 @@ mod tests {
     #[test]
     fn the_first_caller_leads_and_the_next_ones_join_until_the_take() {
         let gathers = Gathers::new(1);
-        let Joined::Leader(slot) = gathers.join(Record::new(Event::Proxy)) else {
+        let Joined::Leader(slot) = gathers.join(0, Record::new(Event::Proxy)) else {
             panic!("the first caller leads");
         };
-        let Joined::Joiner(mut rx) = gathers.join(Record::new(Event::Admin)) else {
+        let Joined::Joiner(mut rx) = gathers.join(0, Record::new(Event::Admin)) else {
             panic!("the second caller joins");
         };
         let (records, joiners) = gathers.take(slot);
@@ -99,7 +110,7 @@ mod tests {
         );
         assert_eq!(joiners.len(), 1);
         assert!(matches!(
-            gathers.join(Record::new(Event::Proxy)),
+            gathers.join(0, Record::new(Event::Proxy)),
             Joined::Leader(_)
         ));
         for tx in joiners {

@@ -56,10 +56,11 @@ impl Relays {
     }
 
     /// The relay serving the calling thread's worker, started on the caller's runtime if it
-    /// is not running; `None` outside a runtime (the writer then answers directly).
+    /// is not running; `None` off the worker pool (the writer then answers directly: a relay
+    /// on a runtime nobody drives would never hand its answers out).
     pub(super) fn for_caller(self: &Arc<Self>) -> Option<usize> {
+        let worker = crate::workers::current()? % self.slots.len();
         let runtime = tokio::runtime::Handle::try_current().ok()?;
-        let worker = crate::workers::current() % self.slots.len();
         let mut mailbox = self.lock(worker);
         if !mailbox.running && !self.closed.load(Ordering::Acquire) {
             mailbox.running = true;
@@ -99,6 +100,12 @@ impl Relays {
         for slot in self.slots.iter() {
             slot.wake.notify_one();
         }
+    }
+
+    /// Whether `worker`'s relay task runs.
+    #[cfg(test)]
+    pub(super) fn running(&self, worker: usize) -> bool {
+        self.lock(worker).running
     }
 
     fn lock(&self, worker: usize) -> MutexGuard<'_, Mailbox> {
@@ -150,6 +157,7 @@ mod tests {
 
     #[tokio::test]
     async fn answers_reach_their_callers_through_the_relay() {
+        crate::workers::act_as_worker(0);
         let relays = Arc::new(Relays::new(1));
         let worker = relays.for_caller().expect("inside a runtime");
         let (tx, rx) = oneshot::channel();
@@ -168,9 +176,17 @@ mod tests {
     }
 
     #[test]
-    fn without_a_runtime_the_answer_goes_out_directly() {
+    fn off_the_pool_or_outside_a_runtime_the_answer_goes_out_directly() {
         let relays = Arc::new(Relays::new(1));
-        assert!(relays.for_caller().is_none());
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        assert!(
+            runtime.block_on(async { relays.for_caller() }).is_none(),
+            "not a worker thread"
+        );
+        crate::workers::act_as_worker(0);
+        assert!(relays.for_caller().is_none(), "no runtime");
         let (tx, mut rx) = oneshot::channel();
         assert!(!relays.deliver(0, tx, Ok(1)));
         assert_eq!(rx.try_recv().unwrap().unwrap(), 1);
@@ -178,6 +194,7 @@ mod tests {
 
     #[test]
     fn a_relay_whose_runtime_goes_away_leaves_no_answer_behind() {
+        crate::workers::act_as_worker(0);
         let relays = Arc::new(Relays::new(1));
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -197,6 +214,7 @@ mod tests {
 
     #[tokio::test]
     async fn close_stops_the_relay_after_handing_out() {
+        crate::workers::act_as_worker(0);
         let relays = Arc::new(Relays::new(1));
         let worker = relays.for_caller().unwrap();
         tokio::task::yield_now().await;

@@ -29,7 +29,7 @@ use serde::Deserialize;
 use crate::audit::chain::{self, format_ts, ChainError, ZERO_HASH};
 use crate::audit::gather::{Gathers, Joined};
 use crate::audit::record::{Event, Record};
-use crate::audit::relay::{AnswerTx, Relays};
+use crate::audit::relay::{Answer, AnswerTx, Relays};
 use crate::audit::AuditError;
 use crate::secret::Secret;
 
@@ -126,11 +126,16 @@ struct Shared {
     /// Test hook: this many coming writes fail after writing half their bytes.
     #[cfg(test)]
     inject_failures: std::sync::atomic::AtomicU32,
+    /// Test counter: batch writes attempted.
+    #[cfg(test)]
+    batches: AtomicU64,
 }
 
 enum Msg {
     Append(Box<Record>, Reply),
-    Close(mpsc::SyncSender<()>),
+    /// Close the log, after writing this last record if there is one; the answer is that
+    /// record's outcome.
+    Close(mpsc::SyncSender<Option<Answer>>, Option<Box<Record>>),
 }
 
 /// Where the writer sends one record's outcome.
@@ -178,6 +183,8 @@ impl AuditLog {
             relays: Arc::new(Relays::new(crate::workers::count())),
             #[cfg(test)]
             inject_failures: std::sync::atomic::AtomicU32::new(0),
+            #[cfg(test)]
+            batches: AtomicU64::new(0),
         });
         let policy = opts.fsync;
         let writer = Writer::open(opts, shared.clone())?;
@@ -218,8 +225,15 @@ impl AuditLog {
     /// Returns the record's seq. An error means the record is not in the log: answer 503.
     /// Dropping the future does not withdraw a record already queued; it is still written.
     pub async fn append(&self, record: Record) -> Result<u64, AuditError> {
-        if self.inner.inline.is_some() {
-            return match self.inner.gathers.join(record) {
+        if let Some(inline) = &self.inner.inline {
+            let Some(slot) = self.inner.gathers.slot_for_caller() else {
+                // Off the worker pool: written by this caller alone, now.
+                return lock(inline)
+                    .as_mut()
+                    .ok_or(AuditError::Closed)?
+                    .commit_after_pending(std::slice::from_ref(&record));
+            };
+            return match self.inner.gathers.join(slot, record) {
                 Joined::Joiner(answer) => answer.await.map_err(|_| AuditError::Closed)?,
                 Joined::Leader(slot) => {
                     let lead = Lead {
@@ -269,19 +283,31 @@ impl AuditLog {
     /// Flushes and stops the writer; appends queued before it complete first, later ones fail
     /// with [`AuditError::Closed`]. Idempotent.
     pub fn close(&self) {
+        self.close_after(None);
+    }
+
+    /// Writes `last` as the log's final record and closes it, in one step: no record appended
+    /// concurrently can land after it (such appends fail with [`AuditError::Closed`]). For the
+    /// `shutdown` record. Blocks until written.
+    pub fn close_with(&self, last: Record) -> Result<u64, AuditError> {
+        self.close_after(Some(last))
+            .unwrap_or(Err(AuditError::Closed))
+    }
+
+    fn close_after(&self, last: Option<Record>) -> Option<Answer> {
         self.inner.shared.closed.store(true, Ordering::Release);
         // Relays stop once the writer has answered everything (below).
         let _relays_close = RelaysClose(&self.inner.shared.relays);
+        let mut written = None;
         if let Some(inline) = &self.inner.inline {
             if let Some(mut writer) = lock(inline).take() {
-                writer.finish();
+                written = writer.finish(last.as_ref());
             }
-        }
-        if let Some(queue) = &self.inner.tx {
+        } else if let Some(queue) = &self.inner.tx {
             let (tx, rx) = mpsc::sync_channel(1);
-            if queue.send(Msg::Close(tx)).is_ok() {
+            if queue.send(Msg::Close(tx, last.map(Box::new))).is_ok() {
                 // An error only means the thread already stopped.
-                let _ = rx.recv();
+                written = rx.recv().ok().flatten();
             }
         }
         let handle = match self.inner.thread.lock() {
@@ -293,6 +319,7 @@ impl AuditLog {
                 tracing::error!("the audit writer thread panicked");
             }
         }
+        written
     }
 
     /// Counters for metrics.
@@ -373,7 +400,7 @@ impl Lead<'_> {
             Some(inline) => lock(inline)
                 .as_mut()
                 .ok_or(AuditError::Closed)
-                .and_then(|writer| writer.commit_inline(&records)),
+                .and_then(|writer| writer.commit_after_pending(&records)),
             None => Err(AuditError::Closed),
         };
         for (i, joiner) in joiners.into_iter().enumerate() {
@@ -419,16 +446,49 @@ fn lock(m: &Mutex<Option<Writer>>) -> std::sync::MutexGuard<'_, Option<Writer>> 
 
 /// With inline writes: every [`SYNC_INTERVAL`], write deferred records and (under `interval`)
 /// sync a dirty file, until the log is closed.
+///
+/// The `fdatasync` runs on a duplicate of the file descriptor, outside the writer lock: callers
+/// (request handlers on the worker runtimes) keep writing while the disk syncs, instead of
+/// stalling a whole worker for the length of a sync.
 fn inline_flusher(writer: &Mutex<Option<Writer>>) {
     loop {
         std::thread::sleep(SYNC_INTERVAL);
-        let mut guard = lock(writer);
-        let Some(w) = guard.as_mut() else { return };
-        w.flush_pending();
-        if w.dirty && w.policy == FsyncPolicy::Interval {
-            w.background_sync();
+        let (file, shared) = {
+            let mut guard = lock(writer);
+            let Some(w) = guard.as_mut() else { return };
+            w.flush_pending();
+            if !(w.dirty && w.policy == FsyncPolicy::Interval) {
+                continue;
+            }
+            let Some(file) = w.file.as_ref().and_then(|f| f.try_clone().ok()) else {
+                continue; // still dirty: the next round tries again
+            };
+            w.dirty = false;
+            w.last_sync = Instant::now();
+            (file, Arc::clone(&w.shared))
+        };
+        if let Err(e) = timed_sync(&file, &shared) {
+            shared.write_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(error = %e, "audit log sync failed");
+            if let Some(w) = lock(writer).as_mut() {
+                w.dirty = true;
+            }
         }
     }
+}
+
+/// `fdatasync`, timed and counted.
+fn timed_sync(file: &File, shared: &Shared) -> io::Result<()> {
+    let started = Instant::now();
+    file.sync_data()?;
+    let took = started.elapsed();
+    let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+    shared.fsyncs.fetch_add(1, Ordering::Relaxed);
+    shared.fsync_nanos.fetch_add(nanos, Ordering::Relaxed);
+    if let Some(observer) = shared.observer.load().as_ref() {
+        observer(took);
+    }
+    Ok(())
 }
 
 /// The writer's state: the file and where the chain stands.
@@ -540,8 +600,8 @@ impl Writer {
             while let Some(msg) = next.take() {
                 match msg {
                     Msg::Append(rec, reply) => appends.push((rec, reply)),
-                    Msg::Close(ack) => {
-                        closing = Some(ack);
+                    Msg::Close(ack, last) => {
+                        closing = Some((ack, last));
                         break;
                     }
                 }
@@ -567,11 +627,12 @@ impl Writer {
             }
             self.commit_and_answer(appends);
         }
-        self.finish();
+        let (ack, last) = closing.map_or((None, None), |(ack, last)| (Some(ack), last));
+        let written = self.finish(last.as_deref());
         // Requests that raced with close get `Closed` when `rx` drops with them.
         drop(rx);
-        if let Some(ack) = closing {
-            let _ = ack.send(());
+        if let Some(ack) = ack {
+            let _ = ack.send(written);
         }
     }
 
@@ -664,9 +725,14 @@ impl Writer {
             }
             Err(e) => {
                 let e = Arc::new(e);
-                for (_, reply) in appends {
-                    reply.send(Err(AuditError::Write(e.clone())), &relays, &mut wake);
+                let mut detached = Vec::new();
+                for (record, reply) in appends {
+                    match reply {
+                        Reply::Detached => detached.push(record),
+                        reply => reply.send(Err(AuditError::Write(e.clone())), &relays, &mut wake),
+                    }
                 }
+                self.restore_pending(detached);
             }
         }
         for worker in wake {
@@ -674,26 +740,50 @@ impl Writer {
         }
     }
 
-    /// Inline callers' records (`never`, `interval`): committed now, after the deferred
-    /// records, in one write. Returns the seq of `records[0]`.
-    fn commit_inline(&mut self, records: &[Record]) -> Result<u64, AuditError> {
+    /// Records committed now, after the deferred ones, in one write (inline callers, the
+    /// final record). Returns the seq of `records[0]`.
+    fn commit_after_pending(&mut self, records: &[Record]) -> Result<u64, AuditError> {
         let pending = std::mem::take(&mut self.pending);
         self.pending_since = None;
         let mut batch: Vec<&Record> = Vec::with_capacity(pending.len() + records.len());
         batch.extend(pending.iter().map(|r| r.as_ref()));
         batch.extend(records);
-        let first = self
-            .commit(&batch)
-            .map_err(|e| AuditError::Write(Arc::new(e)))?;
-        self.after_commit();
-        Ok(first + pending.len() as u64)
+        let result = self.commit(&batch);
+        drop(batch);
+        match result {
+            Ok(first) => {
+                self.after_commit();
+                Ok(first + pending.len() as u64)
+            }
+            Err(e) => {
+                self.restore_pending(pending);
+                Err(AuditError::Write(Arc::new(e)))
+            }
+        }
     }
 
-    /// Housekeeping after a committed batch: a due `interval` sync, rotation.
-    fn after_commit(&mut self) {
-        if self.policy == FsyncPolicy::Interval && self.last_sync.elapsed() >= SYNC_INTERVAL {
-            self.background_sync();
+    /// Deferred records whose batch failed: kept for the next write (nobody else will write
+    /// them), at most [`MAX_BATCH`] of them, so a long outage cannot grow memory without bound.
+    #[allow(clippy::vec_box)]
+    fn restore_pending(&mut self, mut records: Vec<Box<Record>>) {
+        if records.is_empty() {
+            return;
         }
+        records.append(&mut self.pending);
+        if records.len() > MAX_BATCH {
+            tracing::error!(
+                lost = records.len() - MAX_BATCH,
+                "audit log unwritable: dropping proxy_result records beyond the retry limit"
+            );
+            records.truncate(MAX_BATCH);
+        }
+        self.pending = records;
+        self.pending_since.get_or_insert_with(Instant::now);
+    }
+
+    /// Housekeeping after a committed batch: rotation. (An `interval` sync is the flusher
+    /// thread's job, done outside the writer lock.)
+    fn after_commit(&mut self) {
         self.maybe_rotate();
     }
 
@@ -777,6 +867,8 @@ impl Writer {
             .as_mut()
             .ok_or_else(|| io::Error::other("no audit file"))?;
         #[cfg(test)]
+        self.shared.batches.fetch_add(1, Ordering::Relaxed);
+        #[cfg(test)]
         inject_failure(&self.shared, file, buf)?;
         file.write_all(buf)?;
         if self.policy == FsyncPolicy::Always {
@@ -809,17 +901,9 @@ impl Writer {
         let Some(file) = self.file.as_ref() else {
             return Ok(());
         };
-        let started = Instant::now();
-        file.sync_data()?;
-        let took = started.elapsed();
+        timed_sync(file, &self.shared)?;
         self.dirty = false;
         self.last_sync = Instant::now();
-        let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
-        self.shared.fsyncs.fetch_add(1, Ordering::Relaxed);
-        self.shared.fsync_nanos.fetch_add(nanos, Ordering::Relaxed);
-        if let Some(observer) = self.shared.observer.load().as_ref() {
-            observer(took);
-        }
         Ok(())
     }
 
@@ -863,12 +947,21 @@ impl Writer {
         }
     }
 
-    fn finish(&mut self) {
+    /// The end: deferred records, then `last` if given (its outcome is returned), then a
+    /// final sync under `interval`.
+    fn finish(&mut self, last: Option<&Record>) -> Option<Answer> {
         self.absorb_deferred();
-        self.flush_pending();
+        let written = match last {
+            Some(record) => Some(self.commit_after_pending(std::slice::from_ref(record))),
+            None => {
+                self.flush_pending();
+                None
+            }
+        };
         if self.dirty && self.policy == FsyncPolicy::Interval {
             self.background_sync();
         }
+        written
     }
 }
 
@@ -1316,6 +1409,7 @@ mod tests {
 
     #[tokio::test]
     async fn concurrent_inline_callers_share_writes_and_each_gets_its_own_seq() {
+        crate::workers::act_as_worker(0);
         for policy in [FsyncPolicy::Never, FsyncPolicy::Interval] {
             let dir = tempfile::tempdir().unwrap();
             let o = opts(dir.path(), policy);
@@ -1337,6 +1431,11 @@ mod tests {
             }
             seqs.sort_unstable();
             assert_eq!(seqs, (1..=50).collect::<Vec<u64>>(), "{policy:?}");
+            let writes = log.inner.shared.batches.load(Ordering::Relaxed);
+            assert!(
+                writes <= 5,
+                "{policy:?}: 50 concurrent records took {writes} writes"
+            );
             assert!(verify_files(std::slice::from_ref(&o.path), None)
                 .unwrap()
                 .is_intact());
@@ -1344,7 +1443,37 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn under_always_a_workers_callers_get_their_answers_through_its_relay() {
+        crate::workers::act_as_worker(0);
+        let dir = tempfile::tempdir().unwrap();
+        let o = opts(dir.path(), FsyncPolicy::Always);
+        let log = AuditLog::open(o.clone()).unwrap();
+        let calls: Vec<_> = (0..20)
+            .map(|i| {
+                let log = log.clone();
+                tokio::spawn(async move { log.append(proxy(&format!("c{i}"))).await })
+            })
+            .collect();
+        let mut seqs = Vec::new();
+        for call in calls {
+            let answered = tokio::time::timeout(Duration::from_secs(5), call).await;
+            seqs.push(answered.expect("answered").unwrap().unwrap());
+        }
+        seqs.sort_unstable();
+        assert_eq!(seqs, (1..=20).collect::<Vec<u64>>());
+        assert!(
+            log.inner.shared.relays.running(0),
+            "the answers went through worker 0's relay"
+        );
+        log.close();
+        assert!(verify_files(std::slice::from_ref(&o.path), None)
+            .unwrap()
+            .is_intact());
+    }
+
+    #[tokio::test]
     async fn a_leader_dropped_while_gathering_still_writes_for_those_who_joined() {
+        crate::workers::act_as_worker(0);
         let dir = tempfile::tempdir().unwrap();
         let o = opts(dir.path(), FsyncPolicy::Never);
         let log = AuditLog::open(o.clone()).unwrap();
@@ -1358,6 +1487,11 @@ mod tests {
             async move { log.append(proxy("joiner")).await }
         });
         tokio::task::yield_now().await; // the joiner joins and waits
+        assert_eq!(
+            log.inner.gathers.gathered(0),
+            2,
+            "the joiner joined the leader"
+        );
         drop(leader); // e.g. its client went away
         let answered = tokio::time::timeout(Duration::from_secs(5), joiner).await;
         assert_eq!(
@@ -1367,6 +1501,57 @@ mod tests {
         log.close();
         let lines = read_lines(&o.path);
         assert!(lines[0].contains("\"leader\"") && lines[1].contains("\"joiner\""));
+    }
+
+    #[tokio::test]
+    async fn close_with_writes_the_last_record_after_everything_and_nothing_after_it() {
+        for policy in [
+            FsyncPolicy::Always,
+            FsyncPolicy::Never,
+            FsyncPolicy::Interval,
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let o = opts(dir.path(), policy);
+            let log = AuditLog::open(o.clone()).unwrap();
+            assert_eq!(log.append(proxy("a")).await.unwrap(), 1);
+            log.append_detached(proxy("detached")).unwrap();
+            assert_eq!(
+                log.close_with(Record::new(Event::Shutdown)).unwrap(),
+                3,
+                "{policy:?}: after the deferred record"
+            );
+            assert!(matches!(
+                log.append(proxy("late")).await,
+                Err(AuditError::Closed)
+            ));
+            assert!(log.append_detached(proxy("late")).is_err(), "{policy:?}");
+            let lines = read_lines(&o.path);
+            assert_eq!(lines.len(), 3, "{policy:?}: {lines:?}");
+            assert!(lines[2].contains("\"shutdown\""), "{policy:?}");
+            assert!(verify_files(std::slice::from_ref(&o.path), None)
+                .unwrap()
+                .is_intact());
+        }
+    }
+
+    #[tokio::test]
+    async fn under_interval_the_flusher_syncs_a_dirty_file_and_only_then() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(opts(dir.path(), FsyncPolicy::Interval)).unwrap();
+        log.append(proxy("a")).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while log.stats().fsyncs == 0 {
+            assert!(Instant::now() < deadline, "no sync within 5 s");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let synced = log.stats().fsyncs;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(
+            log.stats().fsyncs,
+            synced,
+            "a clean file is not synced again"
+        );
+        log.close();
     }
 
     #[tokio::test]
@@ -1402,6 +1587,34 @@ mod tests {
         assert!(report.is_intact(), "{report:?}");
         assert_eq!(report.records, 2);
         assert!(!std::fs::read_to_string(&o.path).unwrap().contains("\"x\""));
+    }
+
+    #[tokio::test]
+    async fn a_failed_batch_keeps_its_detached_records_for_the_next_write() {
+        for policy in [
+            FsyncPolicy::Always,
+            FsyncPolicy::Never,
+            FsyncPolicy::Interval,
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let o = opts(dir.path(), policy);
+            let log = AuditLog::open(o.clone()).unwrap();
+            log.inject_write_failures(1);
+            log.append_detached(proxy("detached")).unwrap();
+            // Whichever write carries the detached record first fails (this one, or the
+            // background flush); a later one must still write it.
+            let mut tries = 0;
+            while log.append(proxy("later")).await.is_err() {
+                tries += 1;
+                assert!(tries < 3, "{policy:?}: the log did not recover");
+            }
+            log.close();
+            let text = std::fs::read_to_string(&o.path).unwrap();
+            assert!(text.contains("\"detached\""), "{policy:?}: {text}");
+            assert!(verify_files(std::slice::from_ref(&o.path), None)
+                .unwrap()
+                .is_intact());
+        }
     }
 
     #[test]

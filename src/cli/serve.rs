@@ -43,10 +43,12 @@ impl Running {
         for t in self.tasks {
             let _ = t.await;
         }
-        if let Err(e) = self.broker.audit.append(Record::new(Event::Shutdown)).await {
+        // Connections still open past the drain budget go with their worker runtimes (their
+        // `proxy_result` records are written now); `shutdown` is then the log's last record.
+        crate::workers::shutdown();
+        if let Err(e) = self.broker.audit.close_with(Record::new(Event::Shutdown)) {
             tracing::error!(error = %e, "cannot write the shutdown audit record");
         }
-        self.broker.audit.close();
     }
 
     /// Resolves when `shutdown` was asked for (for the signal handler loop).
@@ -84,7 +86,6 @@ pub fn run(args: ServeArgs, config_path: &std::path::Path) -> anyhow::Result<Exi
         wait_for_signals(&running).await;
         tracing::info!("shutting down: draining in-flight requests");
         running.shutdown().await;
-        crate::workers::shutdown();
         Ok(ExitCode::SUCCESS)
     })
 }

@@ -26,7 +26,7 @@ pub struct WorkerClients(Arc<[UpstreamClient]>);
 impl WorkerClients {
     /// The client of the worker running on this thread.
     pub fn here(&self) -> &UpstreamClient {
-        &self.0[crate::workers::current() % self.0.len()]
+        &self.0[crate::workers::current().unwrap_or(0) % self.0.len()]
     }
 }
 
