@@ -19,7 +19,8 @@ pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, ProxyBody>;
 
 /// One pooled client per worker runtime ([`crate::workers`]): a pooled connection is driven
 /// by a task on the runtime that opened it, so each worker keeps its own pool and a call never
-/// hops threads to reach its upstream connection. Cheap to clone.
+/// hops threads to reach its upstream connection. Cheap to clone. (A dynamic connector's
+/// token requests use the client of the worker that built the config; they are rare.)
 #[derive(Clone)]
 pub struct WorkerClients(Arc<[UpstreamClient]>);
 
@@ -32,7 +33,8 @@ impl WorkerClients {
 
 /// Idle upstream connections are kept this long for reuse.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
-/// At most this many idle connections per upstream host.
+/// At most this many idle connections per upstream host and worker (so at most this many
+/// times the number of cores per host in all).
 const POOL_MAX_IDLE_PER_HOST: usize = 512;
 /// TCP connect budget; the whole exchange is bounded by `upstream_timeout` as well.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
