@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# A/B comparison of two credbroker binaries under the load of benches/load.sh: one broker at a
+# time in front of the same fast loopback upstream (nginx), wrk pinned to CPU 0, broker and
+# upstream to CPU 1, the two binaries run alternately. For measuring one change: build the
+# binary before and after it, then
+#
+#   benches/ab.sh [-f never|always] [-c CONNS=32] [-d SECONDS=5] [-r ROUNDS=3] BIN_A BIN_B
+#
+# Prints calls/s and the broker's CPU µs per call for every run, then the medians and the
+# ratio B/A. Only loopback addresses are used; every run is bounded in time.
+set -euo pipefail
+FSYNC=never CONNS=32 DURATION=5 ROUNDS=3
+while getopts "f:c:d:r:" o; do
+  case $o in
+    f) FSYNC=$OPTARG ;; c) CONNS=$OPTARG ;; d) DURATION=$OPTARG ;; r) ROUNDS=$OPTARG ;;
+    *) sed -n 2,10p "$0"; exit 2 ;;
+  esac
+done
+shift $((OPTIND - 1))
+[ $# -eq 2 ] || { sed -n 2,10p "$0"; exit 2; }
+A=$(realpath "$1") B=$(realpath "$2")
+command -v wrk >/dev/null && command -v nginx >/dev/null \
+  || { apt-get update -qq && apt-get install -y -qq wrk nginx-light || apt-get install -y -qq wrk nginx; }
+
+WORK=$(mktemp -d)
+UP=127.0.0.1:18091 CB=127.0.0.1:18093 CREDENTIAL=ab-bench-credential
+cleanup() {
+  [ -f "$WORK/nginx.pid" ] && kill "$(cat "$WORK/nginx.pid")" 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+cat > "$WORK/nginx.conf" <<NGX
+worker_processes 1; pid $WORK/nginx.pid; error_log $WORK/nginx.log warn;
+events { worker_connections 4096; }
+http { access_log off; keepalive_requests 1000000;
+  server { listen $UP; location / {
+    if (\$http_authorization != 'Bearer $CREDENTIAL') { return 401; }
+    default_type application/json; return 200 '{"ok":true,"issues":[]}'; } } }
+NGX
+taskset -c 1 nginx -c "$WORK/nginx.conf" -p "$WORK"
+secret=ab-client-secret
+cat > "$WORK/credbroker.toml" <<TOML
+[server]
+listen = "$CB"
+max_connections = 20000
+[tokens]
+max_ttl = "3600s"
+[audit]
+path = "audit.jsonl"
+fsync = "$FSYNC"
+[[connectors]]
+name = "github"
+owner = "bench@example"
+purpose = "A/B comparison"
+expires = "2099-01-01"
+upstream = "http://$UP"
+credential = "literal:$CREDENTIAL"
+  [[connectors.operations]]
+  name = "issues.read"
+  method = "GET"
+  path = "/repos/acme/{repo}/issues"
+[[clients]]
+id = "bench"
+owner = "bench@example"
+secret_sha256 = "$(printf %s "$secret" | sha256sum | cut -d' ' -f1)"
+grants = [ { connector = "github", operations = ["issues.read"] } ]
+TOML
+
+run() { # binary -> "calls/s cpu_us_per_call"
+  rm -f "$WORK/audit.jsonl"
+  RUST_LOG=warn taskset -c 1 "$1" serve --config "$WORK/credbroker.toml" 2>"$WORK/broker.log" &
+  local pid=$!
+  for _ in $(seq 50); do curl -s -o /dev/null "http://$CB/" && break; sleep 0.1; done
+  local token
+  token=$(curl -s -u "bench:$secret" -d grant_type=client_credentials -d scope=github:issues.read \
+    "http://$CB/oauth2/token" | sed -E 's/.*"access_token":"([^"]+)".*/\1/')
+  local before after out
+  before=$(awk '{print $14+$15}' "/proc/$pid/stat")
+  out=$(taskset -c 0 wrk -t1 -c"$CONNS" -d"${DURATION}s" -H "Authorization: Bearer $token" \
+    "http://$CB/github/repos/acme/widget/issues")
+  after=$(awk '{print $14+$15}' "/proc/$pid/stat")
+  kill "$pid"; wait "$pid" 2>/dev/null || true
+  local rps total
+  rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
+  total=$(echo "$out" | grep -oE '[0-9]+ requests in' | cut -d' ' -f1)
+  echo "$rps $(python3 -c "print(round(($after-$before)/$(getconf CLK_TCK)*1e6/max($total,1),2))")"
+}
+
+echo "fsync=$FSYNC, $CONNS connections, ${DURATION}s per run, $ROUNDS rounds, A and B alternately" >&2
+: > "$WORK/results"
+for r in $(seq "$ROUNDS"); do
+  for side in A B; do
+    bin=$A; [ $side = B ] && bin=$B
+    line=$(run "$bin")
+    echo "$side $line" | tee -a "$WORK/results" >&2
+  done
+done
+python3 - "$WORK/results" <<'PY'
+import statistics, sys
+rows = [l.split() for l in open(sys.argv[1])]
+med = {s: [statistics.median(float(r[i]) for r in rows if r[0] == s) for i in (1, 2)] for s in "AB"}
+for s in "AB":
+    print(f"{s}: {med[s][0]:.0f} calls/s, {med[s][1]:.2f} CPU µs per call (medians)")
+print(f"B/A: calls/s {med['B'][0] / med['A'][0]:.3f}x, CPU per call {med['B'][1] / med['A'][1]:.3f}x")
+PY
