@@ -1260,9 +1260,7 @@ mod tests {
         assert_eq!(recovered["event"], "recovered");
         assert_eq!(recovered["seq"], 3);
         assert_eq!(recovered["truncated_bytes"], torn.len() as u64);
-        assert!(verify_files(std::slice::from_ref(&o.path), None)
-            .unwrap()
-            .is_intact());
+        assert_intact(&o.path);
     }
 
     #[test]
@@ -1279,9 +1277,7 @@ mod tests {
         f.write_all(b"\0\0\0\nnot json\n\0\0").unwrap();
         let log = AuditLog::open(o.clone()).unwrap();
         log.close();
-        assert!(verify_files(std::slice::from_ref(&o.path), None)
-            .unwrap()
-            .is_intact());
+        assert_intact(&o.path);
         // Opening with a key the file was not written with must not cut a valid log.
         let mut keyed = o.clone();
         keyed.hmac_key = Some(Secret::new("other"));
@@ -1401,27 +1397,47 @@ mod tests {
                 .filter(|c| lines.iter().any(|l| l.contains(&format!("\"{c}\""))))
                 .collect();
             assert_eq!(clients.len(), 4, "{policy:?}: flushed on close");
-            assert!(verify_files(std::slice::from_ref(&o.path), None)
-                .unwrap()
-                .is_intact());
+            assert_intact(&o.path);
         }
+    }
+
+    /// A fresh log, used from this thread acting as worker 0 of a pool (so the relay and
+    /// write gathering are in play).
+    fn open_on_worker_0(policy: FsyncPolicy) -> (tempfile::TempDir, AuditOptions, AuditLog) {
+        crate::workers::act_as_worker(0);
+        let dir = tempfile::tempdir().unwrap();
+        let o = opts(dir.path(), policy);
+        let log = AuditLog::open(o.clone()).unwrap();
+        (dir, o, log)
+    }
+
+    fn assert_intact(path: &Path) {
+        let report = verify_files(std::slice::from_ref(&path.to_path_buf()), None).unwrap();
+        assert!(report.is_intact(), "{report:?}");
+    }
+
+    /// Appends records of clients `c0`..`c{n-1}` from `n` concurrent tasks; their seqs, in
+    /// that order.
+    async fn append_concurrently(log: &AuditLog, n: usize) -> Vec<u64> {
+        let calls: Vec<_> = (0..n)
+            .map(|i| {
+                let log = log.clone();
+                tokio::spawn(async move { log.append(proxy(&format!("c{i}"))).await })
+            })
+            .collect();
+        let mut seqs = Vec::new();
+        for call in calls {
+            let answered = tokio::time::timeout(Duration::from_secs(5), call).await;
+            seqs.push(answered.expect("answered in time").unwrap().unwrap());
+        }
+        seqs
     }
 
     #[tokio::test]
     async fn concurrent_inline_callers_share_writes_and_each_gets_its_own_seq() {
-        crate::workers::act_as_worker(0);
         for policy in [FsyncPolicy::Never, FsyncPolicy::Interval] {
-            let dir = tempfile::tempdir().unwrap();
-            let o = opts(dir.path(), policy);
-            let log = AuditLog::open(o.clone()).unwrap();
-            let calls = (0..50).map(|i| {
-                let log = log.clone();
-                tokio::spawn(async move { log.append(proxy(&format!("c{i}"))).await })
-            });
-            let mut seqs = Vec::new();
-            for call in calls.collect::<Vec<_>>() {
-                seqs.push(call.await.unwrap().unwrap());
-            }
+            let (_dir, o, log) = open_on_worker_0(policy);
+            let mut seqs = append_concurrently(&log, 50).await;
             log.close();
             let lines = read_lines(&o.path);
             for (i, seq) in seqs.iter().enumerate() {
@@ -1436,29 +1452,14 @@ mod tests {
                 writes <= 5,
                 "{policy:?}: 50 concurrent records took {writes} writes"
             );
-            assert!(verify_files(std::slice::from_ref(&o.path), None)
-                .unwrap()
-                .is_intact());
+            assert_intact(&o.path);
         }
     }
 
     #[tokio::test]
     async fn under_always_a_workers_callers_get_their_answers_through_its_relay() {
-        crate::workers::act_as_worker(0);
-        let dir = tempfile::tempdir().unwrap();
-        let o = opts(dir.path(), FsyncPolicy::Always);
-        let log = AuditLog::open(o.clone()).unwrap();
-        let calls: Vec<_> = (0..20)
-            .map(|i| {
-                let log = log.clone();
-                tokio::spawn(async move { log.append(proxy(&format!("c{i}"))).await })
-            })
-            .collect();
-        let mut seqs = Vec::new();
-        for call in calls {
-            let answered = tokio::time::timeout(Duration::from_secs(5), call).await;
-            seqs.push(answered.expect("answered").unwrap().unwrap());
-        }
+        let (_dir, o, log) = open_on_worker_0(FsyncPolicy::Always);
+        let mut seqs = append_concurrently(&log, 20).await;
         seqs.sort_unstable();
         assert_eq!(seqs, (1..=20).collect::<Vec<u64>>());
         assert!(
@@ -1466,17 +1467,12 @@ mod tests {
             "the answers went through worker 0's relay"
         );
         log.close();
-        assert!(verify_files(std::slice::from_ref(&o.path), None)
-            .unwrap()
-            .is_intact());
+        assert_intact(&o.path);
     }
 
     #[tokio::test]
     async fn a_leader_dropped_while_gathering_still_writes_for_those_who_joined() {
-        crate::workers::act_as_worker(0);
-        let dir = tempfile::tempdir().unwrap();
-        let o = opts(dir.path(), FsyncPolicy::Never);
-        let log = AuditLog::open(o.clone()).unwrap();
+        let (_dir, o, log) = open_on_worker_0(FsyncPolicy::Never);
         let mut leader = Box::pin(log.append(proxy("leader")));
         // First poll: the leader opens the gathering and yields.
         let waker = futures_util::task::noop_waker();
@@ -1528,9 +1524,7 @@ mod tests {
             let lines = read_lines(&o.path);
             assert_eq!(lines.len(), 3, "{policy:?}: {lines:?}");
             assert!(lines[2].contains("\"shutdown\""), "{policy:?}");
-            assert!(verify_files(std::slice::from_ref(&o.path), None)
-                .unwrap()
-                .is_intact());
+            assert_intact(&o.path);
         }
     }
 
@@ -1611,9 +1605,7 @@ mod tests {
             log.close();
             let text = std::fs::read_to_string(&o.path).unwrap();
             assert!(text.contains("\"detached\""), "{policy:?}: {text}");
-            assert!(verify_files(std::slice::from_ref(&o.path), None)
-                .unwrap()
-                .is_intact());
+            assert_intact(&o.path);
         }
     }
 
