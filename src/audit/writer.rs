@@ -6,12 +6,12 @@
 //! every waiter. If the write or sync fails, the file is cut back to its length before the batch
 //! and seq/prev stay where they were, so the next batch simply tries again: the broker refuses
 //! calls while the disk is full and serves again once it is not. Async callers get their
-//! answers through their worker's relay ([`super::relay`]): one cross-thread wake a batch.
+//! answers through their worker's relay (`audit::relay`): one cross-thread wake a batch.
 //!
 //! Under `never` and `interval` nobody waits for a sync, and handing each record to another
 //! thread would cost two context switches per call for nothing: there the callers seal and
 //! write their records themselves, under a mutex, concurrent callers of one worker sharing a
-//! write ([`super::gather`]), and (for `interval`) a small thread syncs a dirty file every
+//! write (`audit::gather`), and (for `interval`) a small thread syncs a dirty file every
 //! 10 ms. Batching and fail-closed behaviour are the same code either way.
 
 use std::fs::{File, OpenOptions};
@@ -100,7 +100,7 @@ struct Inner {
     /// The writer itself when callers write inline (`never`, `interval`); `None` inside once
     /// closed.
     inline: Option<Arc<Mutex<Option<Writer>>>>,
-    /// Inline callers sharing a write ([`super::gather`]).
+    /// Inline callers sharing a write (`audit::gather`).
     gathers: Gathers,
     shared: Arc<Shared>,
     /// The writer thread (`always`) or the interval syncer.
@@ -379,7 +379,7 @@ impl AuditLog {
     }
 }
 
-/// A gathering's leader ([`super::gather`]): writes what was gathered, also when dropped
+/// A gathering's leader (`audit::gather`): writes what was gathered, also when dropped
 /// before it got to (its call cancelled), so no joiner is left waiting.
 struct Lead<'a> {
     log: &'a AuditLog,
