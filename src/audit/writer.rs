@@ -231,7 +231,7 @@ impl AuditLog {
                 return lock(inline)
                     .as_mut()
                     .ok_or(AuditError::Closed)?
-                    .commit_after_pending(std::slice::from_ref(&record));
+                    .commit_after_pending(&[&record]);
             };
             return match self.inner.gathers.join(slot, record) {
                 Joined::Joiner(answer) => answer.await.map_err(|_| AuditError::Closed)?,
@@ -400,7 +400,9 @@ impl Lead<'_> {
             Some(inline) => lock(inline)
                 .as_mut()
                 .ok_or(AuditError::Closed)
-                .and_then(|writer| writer.commit_after_pending(&records)),
+                .and_then(|writer| {
+                    writer.commit_after_pending(&records.iter().collect::<Vec<_>>())
+                }),
             None => Err(AuditError::Closed),
         };
         for (i, joiner) in joiners.into_iter().enumerate() {
@@ -691,63 +693,49 @@ impl Writer {
 
     /// Writes deferred records on their own (their deadline passed, or the log is closing).
     fn flush_pending(&mut self) {
-        if !self.pending.is_empty() {
-            self.commit_and_answer(Vec::new());
-        }
+        // A failure is counted and logged by `commit`, and the records kept for the next try.
+        let _ = self.commit_after_pending(&[]);
     }
 
-    /// Commits the deferred records, then `appends`, as one batch (seq in that order).
-    fn commit_and_answer(&mut self, mut appends: Vec<(Box<Record>, Reply)>) {
+    /// Commits the deferred records, then `appends`, as one batch (seq in that order), and
+    /// answers the waiters. Detached records among `appends` join the deferred ones.
+    fn commit_and_answer(&mut self, appends: Vec<(Box<Record>, Reply)>) {
         self.absorb_deferred();
-        if !self.pending.is_empty() {
-            self.pending_since = None;
-            let mut all: Vec<(Box<Record>, Reply)> = self
-                .pending
-                .drain(..)
-                .map(|r| (r, Reply::Detached))
-                .collect();
-            all.append(&mut appends);
-            appends = all;
+        let mut waiting = Vec::with_capacity(appends.len());
+        for (record, reply) in appends {
+            match reply {
+                Reply::Detached => self.pending.push(record),
+                reply => waiting.push((record, reply)),
+            }
         }
-        if appends.is_empty() {
-            return;
-        }
-        let records: Vec<&Record> = appends.iter().map(|(r, _)| r.as_ref()).collect();
-        let result = self.commit(&records);
+        let records: Vec<&Record> = waiting.iter().map(|(r, _)| r.as_ref()).collect();
+        let result = self.commit_after_pending(&records);
+        drop(records);
         let relays = Arc::clone(&self.shared.relays);
         let mut wake = Vec::new();
-        match result {
-            Ok(first_seq) => {
-                for (i, (_, reply)) in appends.into_iter().enumerate() {
-                    reply.send(Ok(first_seq + i as u64), &relays, &mut wake);
-                }
-                self.after_commit();
-            }
-            Err(e) => {
-                let e = Arc::new(e);
-                let mut detached = Vec::new();
-                for (record, reply) in appends {
-                    match reply {
-                        Reply::Detached => detached.push(record),
-                        reply => reply.send(Err(AuditError::Write(e.clone())), &relays, &mut wake),
-                    }
-                }
-                self.restore_pending(detached);
-            }
+        for (i, (_, reply)) in waiting.into_iter().enumerate() {
+            let answer = match &result {
+                Ok(first) => Ok(first + i as u64),
+                Err(e) => Err(e.for_another_record()),
+            };
+            reply.send(answer, &relays, &mut wake);
         }
         for worker in wake {
             relays.wake(worker);
         }
     }
 
-    /// Records committed now, after the deferred ones, in one write (inline callers, the
-    /// final record). Returns the seq of `records[0]`.
-    fn commit_after_pending(&mut self, records: &[Record]) -> Result<u64, AuditError> {
+    /// Records committed now, after the deferred ones, in one write. Returns the seq of
+    /// `records[0]`. On failure the deferred records are kept for the next write.
+    fn commit_after_pending(&mut self, records: &[&Record]) -> Result<u64, AuditError> {
         let pending = std::mem::take(&mut self.pending);
         self.pending_since = None;
+        if pending.is_empty() && records.is_empty() {
+            return Ok(self.seq + 1);
+        }
         let mut batch: Vec<&Record> = Vec::with_capacity(pending.len() + records.len());
         batch.extend(pending.iter().map(|r| r.as_ref()));
-        batch.extend(records);
+        batch.extend_from_slice(records);
         let result = self.commit(&batch);
         drop(batch);
         match result {
@@ -952,7 +940,7 @@ impl Writer {
     fn finish(&mut self, last: Option<&Record>) -> Option<Answer> {
         self.absorb_deferred();
         let written = match last {
-            Some(record) => Some(self.commit_after_pending(std::slice::from_ref(record))),
+            Some(record) => Some(self.commit_after_pending(&[record])),
             None => {
                 self.flush_pending();
                 None
