@@ -19,8 +19,9 @@ done
 shift $((OPTIND - 1))
 [ $# -eq 2 ] || { sed -n 2,10p "$0"; exit 2; }
 A=$(realpath "$1") B=$(realpath "$2")
-command -v wrk >/dev/null && command -v nginx >/dev/null \
-  || { apt-get update -qq && apt-get install -y -qq wrk nginx-light || apt-get install -y -qq wrk nginx; }
+cd "$(dirname "$0")/.."
+source benches/common.sh
+need_wrk_and_nginx
 
 WORK=$(mktemp -d)
 UP=127.0.0.1:18091 CB=127.0.0.1:18093 CREDENTIAL=ab-bench-credential
@@ -29,51 +30,18 @@ cleanup() {
   rm -rf "$WORK"
 }
 trap cleanup EXIT
-cat > "$WORK/nginx.conf" <<NGX
-worker_processes 1; pid $WORK/nginx.pid; error_log $WORK/nginx.log warn;
-events { worker_connections 4096; }
-http { access_log off; keepalive_requests 1000000;
-  server { listen $UP; location / {
-    if (\$http_authorization != 'Bearer $CREDENTIAL') { return 401; }
-    default_type application/json; return 200 '{"ok":true,"issues":[]}'; } } }
-NGX
+nginx_conf "$WORK" "$(upstream_server "$UP" "$CREDENTIAL")"
 taskset -c 1 nginx -c "$WORK/nginx.conf" -p "$WORK"
 secret=ab-client-secret
-cat > "$WORK/credbroker.toml" <<TOML
-[server]
-listen = "$CB"
-max_connections = 20000
-[tokens]
-max_ttl = "3600s"
-[audit]
-path = "audit.jsonl"
-fsync = "$FSYNC"
-[[connectors]]
-name = "github"
-owner = "bench@example"
-purpose = "A/B comparison"
-expires = "2099-01-01"
-upstream = "http://$UP"
-credential = "literal:$CREDENTIAL"
-  [[connectors.operations]]
-  name = "issues.read"
-  method = "GET"
-  path = "/repos/acme/{repo}/issues"
-[[clients]]
-id = "bench"
-owner = "bench@example"
-secret_sha256 = "$(printf %s "$secret" | sha256sum | cut -d' ' -f1)"
-grants = [ { connector = "github", operations = ["issues.read"] } ]
-TOML
+broker_conf "$WORK/credbroker.toml" "$CB" "$FSYNC" "$UP" "$CREDENTIAL" "$secret"
 
 run() { # binary -> "calls/s cpu_us_per_call"
   rm -f "$WORK/audit.jsonl"
   RUST_LOG=warn taskset -c 1 "$1" serve --config "$WORK/credbroker.toml" 2>"$WORK/broker.log" &
   local pid=$!
-  for _ in $(seq 50); do curl -s -o /dev/null "http://$CB/" && break; sleep 0.1; done
+  wait_http "$CB"
   local token
-  token=$(curl -s -u "bench:$secret" -d grant_type=client_credentials -d scope=github:issues.read \
-    "http://$CB/oauth2/token" | sed -E 's/.*"access_token":"([^"]+)".*/\1/')
+  token=$(broker_token "$CB" "$secret")
   local before after out
   before=$(awk '{print $14+$15}' "/proc/$pid/stat")
   out=$(taskset -c 0 wrk -t1 -c"$CONNS" -d"${DURATION}s" -H "Authorization: Bearer $token" \

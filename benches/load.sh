@@ -12,10 +12,8 @@ DURATION="${1:-10}"
 REPEATS="${2:-3}"
 CONNS=(32 256)
 
-need() { command -v "$1" >/dev/null 2>&1; }
-if ! need wrk || ! need nginx; then
-  apt-get update -qq && apt-get install -y -qq wrk nginx-light || apt-get install -y -qq wrk nginx
-fi
+source benches/common.sh
+need_wrk_and_nginx
 BIN=target/release/credbroker
 [ -x "$BIN" ] || cargo build --release
 
@@ -32,77 +30,22 @@ trap cleanup EXIT
 UP=127.0.0.1:18081; NGX=127.0.0.1:18082; CB_NEVER=127.0.0.1:18083; CB_ALWAYS=127.0.0.1:18084
 CREDENTIAL="bench-credential-$(head -c 8 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 
-nginx_conf() { # dir, server block
-  mkdir -p "$1"
-  cat > "$1/nginx.conf" <<NGX
-worker_processes 1;
-pid $1/nginx.pid;
-error_log $1/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  upstream backend { server $UP; keepalive 512; }
-  $2
-}
-NGX
-}
-# The fast upstream: nginx answering a small JSON body, only with the credential. No
-# `reuseport`: a server left over from an aborted run then makes this start fail, instead of
-# silently sharing the port (and the load) with it.
-nginx_conf "$WORK/up" "server { listen $UP; location / {
-    if (\$http_authorization != 'Bearer $CREDENTIAL') { return 401; }
-    default_type application/json; return 200 '{\"ok\":true,\"issues\":[]}'; } }"
+nginx_conf "$WORK/up" "$(upstream_server "$UP" "$CREDENTIAL")"
 # The bar: nginx proxy_pass injecting the credential, no checks.
-nginx_conf "$WORK/px" "server { listen $NGX; location / {
+nginx_conf "$WORK/px" "upstream backend { server $UP; keepalive 512; }
+  server { listen $NGX; location / {
     proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection '';
     proxy_set_header Authorization 'Bearer $CREDENTIAL'; } }"
 taskset -c 1 nginx -c "$WORK/up/nginx.conf" -p "$WORK/up"
 taskset -c 1 nginx -c "$WORK/px/nginx.conf" -p "$WORK/px"
 
 secret=bench-client-secret
-secret_sha=$(printf %s "$secret" | sha256sum | cut -d' ' -f1)
-broker_conf() { # name listen fsync
-  mkdir -p "$WORK/$1"
-  cat > "$WORK/$1/credbroker.toml" <<TOML
-[server]
-listen = "$2"
-max_connections = 20000
-[tokens]
-max_ttl = "3600s"
-[audit]
-path = "audit.jsonl"
-fsync = "$3"
-[[connectors]]
-name = "github"
-owner = "bench@example"
-purpose = "load comparison"
-expires = "2099-01-01"
-upstream = "http://$UP"
-credential = "literal:$CREDENTIAL"
-  [[connectors.operations]]
-  name = "issues.read"
-  method = "GET"
-  path = "/repos/acme/{repo}/issues"
-[[clients]]
-id = "bench"
-owner = "bench@example"
-secret_sha256 = "$secret_sha"
-grants = [ { connector = "github", operations = ["issues.read"] } ]
-TOML
-}
-broker_conf never "$CB_NEVER" never
-broker_conf always "$CB_ALWAYS" always
+broker_conf "$WORK/never/credbroker.toml" "$CB_NEVER" never "$UP" "$CREDENTIAL" "$secret"
+broker_conf "$WORK/always/credbroker.toml" "$CB_ALWAYS" always "$UP" "$CREDENTIAL" "$secret"
 RUST_LOG=warn taskset -c 1 "$BIN" serve --config "$WORK/never/credbroker.toml" 2>"$WORK/never.log" & PIDS+=($!); PID_NEVER=$!
 RUST_LOG=warn taskset -c 1 "$BIN" serve --config "$WORK/always/credbroker.toml" 2>"$WORK/always.log" & PIDS+=($!); PID_ALWAYS=$!
-for a in $UP $NGX $CB_NEVER $CB_ALWAYS; do
-  for _ in $(seq 50); do curl -s -o /dev/null "http://$a/" && break; sleep 0.1; done
-done
-token() {
-  curl -s -u "bench:$secret" -d grant_type=client_credentials -d scope=github:issues.read -d ttl=3600 \
-    "http://$1/oauth2/token" | sed -E 's/.*"access_token":"([^"]+)".*/\1/'
-}
-TOK_NEVER=$(token "$CB_NEVER"); TOK_ALWAYS=$(token "$CB_ALWAYS")
+for a in $UP $NGX $CB_NEVER $CB_ALWAYS; do wait_http "$a"; done
+TOK_NEVER=$(broker_token "$CB_NEVER" "$secret"); TOK_ALWAYS=$(broker_token "$CB_ALWAYS" "$secret")
 PATH_Q=/repos/acme/widget/issues
 
 pids_of() { # config name -> pids whose CPU counts as "the proxy"
