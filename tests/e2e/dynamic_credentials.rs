@@ -213,13 +213,13 @@ async fn oauth2_post_and_refresh_before_expiry() {
     let token_url = format!("http://{}/oauth2/token", ts.addr);
     let b = TestBroker::start(&oauth2_config(up.addr, &token_url, "post")).await;
     let token = b.token("github:issues.read", &[]).await;
-    assert_eq!(b.call("GET", ISSUES, &token).await.0, 200);
+    assert_eq!(b.status("GET", ISSUES, &token).await, 200);
     assert_eq!(client_auth(&ts.requests()[0]), Some("post"));
     assert!(!ts.requests()[0].headers.contains_key("authorization"));
     // The one real wait here: the broker runs on the wall clock (the refresh-point arithmetic
     // is tested with a fake clock in credential::cache).
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    assert_eq!(b.call("GET", ISSUES, &token).await.0, 200);
+    assert_eq!(b.status("GET", ISSUES, &token).await, 200);
     assert_eq!(ts.count(), 2);
     let seen: Vec<String> = up.requests().iter().map(bearer).collect();
     assert_eq!(seen, ["Bearer at-0", "Bearer at-1"]);
@@ -236,7 +236,7 @@ async fn concurrent_calls_during_a_mint_share_it() {
     for _ in 0..10 {
         let (b, token) = (Arc::clone(&b), token.clone());
         calls.push(tokio::spawn(async move {
-            b.call("GET", ISSUES, &token).await.0
+            b.status("GET", ISSUES, &token).await
         }));
     }
     for c in calls {
@@ -314,7 +314,7 @@ async fn upstream_401_drops_the_credential_and_the_next_call_mints_without_repla
     assert_eq!(s, 401, "the upstream's 401 is passed back as it is");
     assert!(body.contains("Bad credentials"));
     assert_eq!(up.count(), 1, "never replayed");
-    assert_eq!(b.call("GET", ISSUES, &token).await.0, 200);
+    assert_eq!(b.status("GET", ISSUES, &token).await, 200);
     assert_eq!(ts.count(), 2, "the next call minted anew");
     assert_eq!(bearer(&up.requests()[1]), "Bearer at-1");
     assert_eq!(events(&b.audit(), "credential_refreshed").len(), 2);
@@ -449,7 +449,7 @@ async fn github_app_jwt_verified_token_narrowed_cached_and_audited() {
     let config = std::fs::read_to_string(b.config_path()).unwrap();
     let b2 = TestBroker::start_in(&config, dir).await;
     let token = b2.token("github:issues.read", &[]).await;
-    assert_eq!(b2.call("GET", ISSUES, &token).await.0, 502);
+    assert_eq!(b2.status("GET", ISSUES, &token).await, 502);
     assert_eq!((gh.count(), up.count()), (2, 3));
 }
 
@@ -461,9 +461,9 @@ async fn reload_keeps_an_unchanged_credential_cache() {
     let config = oauth2_config(up.addr, &token_url, "basic");
     let b = TestBroker::start(&config).await;
     let token = b.token("github:issues.read", &[]).await;
-    assert_eq!(b.call("GET", ISSUES, &token).await.0, 200);
+    assert_eq!(b.status("GET", ISSUES, &token).await, 200);
     assert_eq!(b.admin_call("POST", "/v1/reload", "").await.0, 200);
-    assert_eq!(b.call("GET", ISSUES, &token).await.0, 200);
+    assert_eq!(b.status("GET", ISSUES, &token).await, 200);
     assert_eq!(ts.count(), 1, "an unchanged credential survives a reload");
     // A changed scope is a different credential: the next call mints.
     std::fs::write(

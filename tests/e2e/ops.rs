@@ -240,7 +240,7 @@ async fn a_changed_config_file_reloads_without_any_call() {
     let config = standard_config(up.addr);
     let b = TestBroker::start(&config).await;
     let token = b.token("github:issues.read", &[]).await;
-    assert_eq!(b.call("GET", ISSUES, &token).await.0, 200);
+    assert_eq!(b.status("GET", ISSUES, &token).await, 200);
 
     // a broken save is refused (and audited); the old config keeps serving
     std::fs::write(b.config_path(), "[server]\nlisten = ").unwrap();
@@ -250,12 +250,12 @@ async fn a_changed_config_file_reloads_without_any_call() {
             .any(|r| r["result"] == "failed")
     })
     .await;
-    assert_eq!(b.call("GET", ISSUES, &token).await.0, 200);
+    assert_eq!(b.status("GET", ISSUES, &token).await, 200);
 
     // the fixed, narrowed save takes effect on the token already issued
     std::fs::write(b.config_path(), narrowed(&config)).unwrap();
     eventually("the narrowed grant refuses the issued token", || async {
-        b.call("GET", ISSUES, &token).await.0 == 403
+        b.status("GET", ISSUES, &token).await == 403
     })
     .await;
     let records = b.audit();
@@ -420,15 +420,14 @@ async fn metrics_are_served_to_admins_and_count() {
         .await;
     assert_eq!(bad, 401);
     for _ in 0..2 {
-        assert_eq!(b.call("GET", ISSUES, &token).await.0, 200);
+        assert_eq!(b.status("GET", ISSUES, &token).await, 200);
     }
     assert_eq!(
-        b.call("DELETE", "/github/repos/acme/widget", &token)
-            .await
-            .0,
+        b.status("DELETE", "/github/repos/acme/widget", &token)
+            .await,
         403
     );
-    assert_eq!(b.call("GET", "/nope/x", &token).await.0, 403);
+    assert_eq!(b.status("GET", "/nope/x", &token).await, 403);
     assert_eq!(b.admin_call("POST", "/v1/reload", "").await.0, 200);
     let after = scrape(&b).await;
 
@@ -504,7 +503,7 @@ async fn an_unreachable_upstream_counts_as_an_upstream_error() {
     // port 9 (discard) on loopback: nothing listens there in a test environment
     let b = TestBroker::start(&standard_config("127.0.0.1:9".parse().unwrap())).await;
     let token = b.token("github:issues.read", &[]).await;
-    assert_eq!(b.call("GET", ISSUES, &token).await.0, 502);
+    assert_eq!(b.status("GET", ISSUES, &token).await, 502);
     let text = scrape(&b).await;
     let connect = [("connector", "github"), ("kind", "connect")];
     assert_eq!(

@@ -292,6 +292,11 @@ impl TestBroker {
         send(self.addr, req).await
     }
 
+    /// The status of a proxied call (for tests that need nothing else of the answer).
+    pub async fn status(&self, method: &str, target: &str, token: &str) -> u16 {
+        self.call(method, target, token).await.0
+    }
+
     /// A proxied call with a bearer token.
     pub async fn call(&self, method: &str, target: &str, token: &str) -> (u16, HeaderMap, String) {
         self.call_with(method, target, token, &[], "").await
