@@ -1164,9 +1164,7 @@ mod tests {
     #[test]
     fn file_bytes_follow_the_chain_rule() {
         use sha2::{Digest, Sha256};
-        let dir = tempfile::tempdir().unwrap();
-        let o = opts(dir.path(), FsyncPolicy::Always);
-        let log = AuditLog::open(o.clone()).unwrap();
+        let (_dir, o, log) = open_fresh(FsyncPolicy::Always);
         for i in 0..3 {
             assert_eq!(log.append_blocking(proxy(&format!("c{i}"))).unwrap(), i + 1);
         }
@@ -1192,9 +1190,7 @@ mod tests {
 
     #[test]
     fn restart_continues_seq_and_chain() {
-        let dir = tempfile::tempdir().unwrap();
-        let o = opts(dir.path(), FsyncPolicy::Never);
-        let log = AuditLog::open(o.clone()).unwrap();
+        let (_dir, o, log) = open_fresh(FsyncPolicy::Never);
         log.append_blocking(proxy("a")).unwrap();
         log.append_blocking(proxy("b")).unwrap();
         log.close();
@@ -1224,9 +1220,7 @@ mod tests {
 
     #[test]
     fn torn_tail_is_cut_and_recorded() {
-        let dir = tempfile::tempdir().unwrap();
-        let o = opts(dir.path(), FsyncPolicy::Always);
-        let log = AuditLog::open(o.clone()).unwrap();
+        let (_dir, o, log) = open_fresh(FsyncPolicy::Always);
         log.append_blocking(proxy("a")).unwrap();
         log.append_blocking(proxy("b")).unwrap();
         log.close();
@@ -1253,9 +1247,7 @@ mod tests {
 
     #[test]
     fn garbage_lines_after_the_last_record_are_cut_but_a_bad_hash_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let o = opts(dir.path(), FsyncPolicy::Never);
-        let log = AuditLog::open(o.clone()).unwrap();
+        let (_dir, o, log) = open_fresh(FsyncPolicy::Never);
         log.append_blocking(proxy("a")).unwrap();
         log.close();
         let mut f = std::fs::OpenOptions::new()
@@ -1326,9 +1318,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn group_commit_gives_consecutive_seqs() {
-        let dir = tempfile::tempdir().unwrap();
-        let o = opts(dir.path(), FsyncPolicy::Always);
-        let log = AuditLog::open(o.clone()).unwrap();
+        let (_dir, o, log) = open_fresh(FsyncPolicy::Always);
         let tasks: Vec<_> = (0..256)
             .map(|i| {
                 let log = log.clone();
@@ -1393,6 +1383,11 @@ mod tests {
     /// write gathering are in play).
     fn open_on_worker_0(policy: FsyncPolicy) -> (tempfile::TempDir, AuditOptions, AuditLog) {
         crate::workers::act_as_worker(0);
+        open_fresh(policy)
+    }
+
+    /// A fresh log in a temporary folder (kept alive by the returned guard).
+    fn open_fresh(policy: FsyncPolicy) -> (tempfile::TempDir, AuditOptions, AuditLog) {
         let dir = tempfile::tempdir().unwrap();
         let o = opts(dir.path(), policy);
         let log = AuditLog::open(o.clone()).unwrap();
@@ -1494,9 +1489,7 @@ mod tests {
             FsyncPolicy::Never,
             FsyncPolicy::Interval,
         ] {
-            let dir = tempfile::tempdir().unwrap();
-            let o = opts(dir.path(), policy);
-            let log = AuditLog::open(o.clone()).unwrap();
+            let (_dir, o, log) = open_fresh(policy);
             assert_eq!(log.append(proxy("a")).await.unwrap(), 1);
             log.append_detached(proxy("detached")).unwrap();
             assert_eq!(
@@ -1549,9 +1542,7 @@ mod tests {
     }
 
     async fn failed_writes_fail_closed_then_recover_with(policy: FsyncPolicy) {
-        let dir = tempfile::tempdir().unwrap();
-        let o = opts(dir.path(), policy);
-        let log = AuditLog::open(o.clone()).unwrap();
+        let (_dir, o, log) = open_fresh(policy);
         assert_eq!(log.append(proxy("ok")).await.unwrap(), 1);
         log.inject_write_failures(2);
         assert!(matches!(
@@ -1578,9 +1569,7 @@ mod tests {
             FsyncPolicy::Never,
             FsyncPolicy::Interval,
         ] {
-            let dir = tempfile::tempdir().unwrap();
-            let o = opts(dir.path(), policy);
-            let log = AuditLog::open(o.clone()).unwrap();
+            let (_dir, o, log) = open_fresh(policy);
             log.inject_write_failures(1);
             log.append_detached(proxy("detached")).unwrap();
             // Whichever write carries the detached record first fails (this one, or the
