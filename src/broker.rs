@@ -18,7 +18,7 @@ use crate::admin::metrics::Metrics;
 use crate::audit::AuditLog;
 use crate::config::{Config, Connector, Credential, RateLimit};
 use crate::credential::{CredentialError, DynamicCredential};
-use crate::proxy::forward::{UpstreamClient, UpstreamClients, WorkerClients};
+use crate::proxy::forward::{Origin, UpstreamClient, UpstreamClients};
 use crate::proxy::inject::{InjectError, Injection};
 use crate::server::{ListenerTls, ListenerTlsError};
 use crate::state::Revocations;
@@ -64,10 +64,12 @@ pub struct ConnectorRuntime {
     /// `injection` only names the header or parameter check 1 refuses from clients, and the
     /// pipeline builds the real injection per call from the minted token.
     pub dynamic: Option<Arc<DynamicCredential>>,
-    pub client: WorkerClients,
+    pub client: UpstreamClient,
     pub limiter: Option<Arc<DefaultDirectRateLimiter>>,
-    /// `scheme://authority/base-path`, to which the request path and query are appended.
-    pub upstream_prefix: String,
+    /// Where calls go: the upstream's scheme and authority.
+    pub origin: Origin,
+    /// The upstream's base path, to which the request path and query are appended.
+    pub base_path: String,
     /// This connector's metric series, resolved at load.
     pub metrics: Arc<crate::admin::metrics::ConnectorMetrics>,
 }
@@ -110,6 +112,12 @@ pub enum LoadError {
     /// An upstream TLS configuration could not be built.
     #[error("connector {connector}: {message}")]
     UpstreamTls { connector: String, message: String },
+    /// The upstream URL names no origin a connection can be made to.
+    #[error("connector {connector}: {source}")]
+    Upstream {
+        connector: String,
+        source: crate::proxy::forward::UpstreamError,
+    },
     /// A dynamic credential's source could not be built (e.g. its key stopped parsing).
     #[error("connector {connector}: {source}")]
     DynamicCredential {
@@ -246,17 +254,20 @@ impl Live {
                     connector: c.name.clone(),
                     message,
                 })?;
-            let dynamic = dynamic_credential(c, client.here(), old)?;
+            let dynamic = dynamic_credential(c, &client, old)?;
             let old_limiter = old
                 .and_then(|o| o.connectors.get(&c.name))
                 .and_then(|r| r.limiter.clone());
             let old_rate = old
                 .and_then(|o| o.config.connector(&c.name))
                 .and_then(|oc| oc.rate_limit);
-            let upstream_prefix = format!(
-                "{}://{}{}",
-                c.upstream.scheme, c.upstream.authority, c.upstream.base_path
-            );
+            let origin =
+                Origin::new(&c.upstream.scheme, &c.upstream.authority).map_err(|source| {
+                    LoadError::Upstream {
+                        connector: c.name.clone(),
+                        source,
+                    }
+                })?;
             connectors.insert(
                 c.name.clone(),
                 ConnectorRuntime {
@@ -265,7 +276,8 @@ impl Live {
                     dynamic,
                     client,
                     limiter: limiter(c.rate_limit, old_rate, old_limiter),
-                    upstream_prefix,
+                    origin,
+                    base_path: c.upstream.base_path.clone(),
                     metrics: metrics.for_connector(c),
                 },
             );

@@ -341,7 +341,10 @@ impl Metrics {
         &self,
         connector: &str,
         took: Duration,
-        result: &Result<Result<T, hyper_util::client::legacy::Error>, tokio::time::error::Elapsed>,
+        result: &Result<
+            Result<T, crate::proxy::forward::UpstreamError>,
+            tokio::time::error::Elapsed,
+        >,
     ) {
         let kind = match result {
             Ok(Ok(_)) => None,

@@ -12,6 +12,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
+use super::forward::UpstreamBody;
 use super::BoxError;
 
 /// A client request body forwarded as it streams in, refused past `limit` bytes.
@@ -77,14 +78,14 @@ type OnDone = Box<dyn FnOnce(Outcome) + Send>;
 
 /// An upstream response body on its way to the client.
 pub struct ObservedBody {
-    inner: Incoming,
+    inner: UpstreamBody,
     bytes: u64,
     deadline: Pin<Box<Sleep>>,
     on_done: Option<OnDone>,
 }
 
 impl ObservedBody {
-    pub fn new(inner: Incoming, deadline: Instant, on_done: OnDone) -> Self {
+    pub fn new(inner: UpstreamBody, deadline: Instant, on_done: OnDone) -> Self {
         Self {
             inner,
             bytes: 0,

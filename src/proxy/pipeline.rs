@@ -16,6 +16,7 @@ use hyper::body::Incoming;
 
 use super::body::{LimitedBody, ObservedBody, Outcome};
 use super::canonical;
+use super::forward::UpstreamError;
 use super::headers;
 use super::inject::Injection;
 use super::respond::{full, Refusal};
@@ -569,8 +570,10 @@ fn upstream_request(
     conn: &ConnInfo,
     request_id: &str,
 ) -> Result<Request<ProxyBody>, Denial> {
-    let mut uri = String::with_capacity(runtime.upstream_prefix.len() + target.path.len() + 64);
-    uri.push_str(&runtime.upstream_prefix);
+    // Origin form: the client picks the connection (and, for HTTP/2, the authority) from
+    // the connector's origin.
+    let mut uri = String::with_capacity(runtime.base_path.len() + target.path.len() + 64);
+    uri.push_str(&runtime.base_path);
     uri.push_str(target.path);
     let mut sep = '?';
     if let Some(q) = target.query {
@@ -626,7 +629,7 @@ async fn forward(
         .upstream_timeout
         .min(request_deadline.saturating_duration_since(Instant::now()));
     let sent = Instant::now();
-    let result = tokio::time::timeout(wait, runtime.client.here().request(req)).await;
+    let result = tokio::time::timeout(wait, runtime.client.send(&runtime.origin, req)).await;
     match &result {
         Ok(Ok(_)) => runtime.metrics.upstream_ok(sent.elapsed()),
         failed => broker
@@ -721,20 +724,23 @@ async fn finish_failed(
 /// A short, fixed description of an upstream failure (hyper's chain can be long). A TLS
 /// failure says so, with rustls' reason for a refused certificate (`UnknownIssuer`,
 /// `NotValidForName`, `Expired`…): those name a problem, never key material.
-fn upstream_error_text(e: &hyper_util::client::legacy::Error) -> String {
-    match tls_error_in(e) {
-        Some(rustls::Error::InvalidCertificate(reason)) => {
-            format!("the upstream's TLS certificate failed verification ({reason:?})")
-        }
-        Some(_) => "the TLS handshake with the upstream failed".into(),
-        None if e.is_connect() => "could not connect to the upstream".into(),
-        None => "the upstream connection failed".into(),
+fn upstream_error_text(e: &UpstreamError) -> String {
+    match e {
+        UpstreamError::Tls(io) => match tls_error_in(io) {
+            Some(rustls::Error::InvalidCertificate(reason)) => {
+                format!("the upstream's TLS certificate failed verification ({reason:?})")
+            }
+            _ => "the TLS handshake with the upstream failed".into(),
+        },
+        UpstreamError::Connect(_) => "could not connect to the upstream".into(),
+        UpstreamError::Uri(_) => "invalid upstream URI".into(),
+        UpstreamError::Http(_) => "the upstream connection failed".into(),
     }
 }
 
 /// The rustls error somewhere in `e`'s source chain. tokio-rustls wraps it in an `io::Error`,
-/// which hyper-rustls wraps in another; `io::Error::source` skips the wrapped error itself, so
-/// an `io::Error` is descended through `get_ref` instead.
+/// whose `source` skips the wrapped error itself, so an `io::Error` is descended through
+/// `get_ref` instead.
 fn tls_error_in<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
     let mut cause = Some(e);
     while let Some(err) = cause {
