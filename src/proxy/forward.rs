@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{ready, Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::HOST;
@@ -29,6 +29,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
+// tokio's clock, so that tests can move it past the idle timeout.
+use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 
 use super::ProxyBody;
@@ -507,6 +509,14 @@ impl Body for UpstreamBody {
     }
 }
 
+impl std::fmt::Debug for UpstreamBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamBody")
+            .field("pooled", &self.give_back.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
 impl Drop for UpstreamBody {
     fn drop(&mut self) {
         // A body nobody polled is read through when it is empty (HEAD, 204, 304, length 0).
@@ -537,3 +547,6 @@ impl UpstreamClients {
         Ok(client)
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,329 @@
+//! The pool over real loopback sockets, against a hand-written HTTP/1 upstream whose
+//! connection handling each test chooses.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use http_body_util::{BodyExt, Empty};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use std::future::Future as _;
+
+use super::*;
+
+const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello";
+const CHUNKED: &[u8] =
+    b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+const NO_CONTENT: &[u8] = b"HTTP/1.1 204 No Content\r\n\r\n";
+
+/// What the upstream does after reading a request.
+#[derive(Clone, Copy)]
+enum Then {
+    /// Answers and waits for the next request.
+    Answer(&'static [u8]),
+    /// Answers, then closes without saying so (`keep-alive` as far as the client knows).
+    AnswerAndClose(&'static [u8]),
+    /// Closes without answering: the request was sent, so it must not be sent again.
+    Close,
+    /// Sends the head and a part of a long body, then stalls.
+    Stall,
+}
+
+struct Upstream {
+    addr: SocketAddr,
+    connections: Arc<AtomicUsize>,
+    requests: Arc<AtomicUsize>,
+}
+
+impl Upstream {
+    async fn start(then: Then) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let requests = Arc::new(AtomicUsize::new(0));
+        let (c, r) = (Arc::clone(&connections), Arc::clone(&requests));
+        tokio::spawn(async move {
+            while let Ok((sock, _)) = listener.accept().await {
+                c.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(serve(sock, then, Arc::clone(&r)));
+            }
+        });
+        Self {
+            addr,
+            connections,
+            requests,
+        }
+    }
+
+    fn origin(&self) -> Origin {
+        Origin::new(&Scheme::HTTP, &self.addr.to_string().parse().unwrap()).unwrap()
+    }
+
+    fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+
+    fn requests(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+}
+
+async fn serve(mut sock: TcpStream, then: Then, requests: Arc<AtomicUsize>) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            buf.drain(..end + 4);
+            requests.fetch_add(1, Ordering::SeqCst);
+            match then {
+                Then::Answer(reply) => sock.write_all(reply).await.unwrap(),
+                Then::AnswerAndClose(reply) => {
+                    sock.write_all(reply).await.unwrap();
+                    return;
+                }
+                Then::Close => return,
+                Then::Stall => {
+                    let head = b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\nstart";
+                    sock.write_all(head).await.unwrap();
+                    // Hold the connection open without finishing the body.
+                    let _ = sock.read(&mut chunk).await;
+                    return;
+                }
+            }
+        }
+        match sock.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+fn get(path: &str) -> Request<ProxyBody> {
+    let body = Empty::<Bytes>::new()
+        .map_err(|never| match never {})
+        .boxed_unsync();
+    let mut req = Request::new(body);
+    *req.uri_mut() = path.parse().unwrap();
+    req
+}
+
+fn client() -> UpstreamClient {
+    UpstreamClient::new(None).unwrap()
+}
+
+async fn read_all(response: Response<UpstreamBody>) -> Bytes {
+    response.into_body().collect().await.unwrap().to_bytes()
+}
+
+#[tokio::test]
+async fn sequential_calls_reuse_one_connection_whatever_the_body_framing() {
+    for reply in [OK, CHUNKED, NO_CONTENT] {
+        let up = Upstream::start(Then::Answer(reply)).await;
+        let (client, origin) = (client(), up.origin());
+        for _ in 0..20 {
+            let response = client.send(&origin, get("/x")).await.unwrap();
+            let body = read_all(response).await;
+            assert!(body.is_empty() || body == "hello");
+        }
+        assert_eq!(up.requests(), 20);
+        assert_eq!(
+            up.connections(),
+            1,
+            "{}",
+            String::from_utf8_lossy(reply).lines().next().unwrap()
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_response_that_ends_before_its_request_body_returns_the_connection_once_both_are_done() {
+    let up = Upstream::start(Then::Answer(OK)).await;
+    let (client, origin) = (client(), up.origin());
+    let (send_body, body) = tokio::sync::oneshot::channel();
+    let mut req = get("/upload");
+    *req.body_mut() = LateBody(Some(body)).boxed_unsync();
+    req.headers_mut()
+        .insert(http::header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+    // The upstream answers on the head alone; the connection is still sending the body.
+    let response = client.send(&origin, req).await.unwrap();
+    assert_eq!(read_all(response).await, "hello");
+    assert_eq!(idle_count(&client, &origin), 0, "not reusable mid-request");
+    send_body.send(Bytes::from_static(b"12345")).unwrap();
+    for _ in 0..100 {
+        if idle_count(&client, &origin) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(
+        idle_count(&client, &origin),
+        1,
+        "pooled once the body went out"
+    );
+    read_all(client.send(&origin, get("/x")).await.unwrap()).await;
+    assert_eq!(up.connections(), 1);
+}
+
+/// A five-byte request body that arrives when the test sends it.
+struct LateBody(Option<tokio::sync::oneshot::Receiver<Bytes>>);
+
+impl Body for LateBody {
+    type Data = Bytes;
+    type Error = super::super::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let Some(rx) = self.0.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let data = ready!(Pin::new(rx).poll(cx));
+        self.0 = None;
+        Poll::Ready(data.ok().map(|d| Ok(Frame::data(d))))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(5)
+    }
+}
+
+#[tokio::test]
+async fn an_unread_empty_body_still_returns_its_connection() {
+    let up = Upstream::start(Then::Answer(NO_CONTENT)).await;
+    let (client, origin) = (client(), up.origin());
+    for _ in 0..5 {
+        // Dropped without a poll, as hyper's server does with a body that is already done.
+        let response = client.send(&origin, get("/x")).await.unwrap();
+        assert_eq!(response.status(), 204);
+    }
+    assert_eq!(up.connections(), 1);
+}
+
+#[tokio::test]
+async fn concurrent_calls_each_get_a_connection_and_all_come_back() {
+    let up = Upstream::start(Then::Answer(OK)).await;
+    let (client, origin) = (client(), up.origin());
+    let calls = (0..8).map(|_| {
+        let (client, origin) = (client.clone(), origin.clone());
+        async move { read_all(client.send(&origin, get("/x")).await.unwrap()).await }
+    });
+    for body in futures_util::future::join_all(calls).await {
+        assert_eq!(body, "hello");
+    }
+    assert_eq!(up.connections(), 8);
+    assert_eq!(idle_count(&client, &origin), 8);
+    // The next round reuses them: no new connection.
+    for _ in 0..8 {
+        read_all(client.send(&origin, get("/x")).await.unwrap()).await;
+    }
+    assert_eq!(up.connections(), 8);
+}
+
+#[tokio::test]
+async fn idle_connections_close_after_the_idle_timeout() {
+    let up = Upstream::start(Then::Answer(OK)).await;
+    let (client, origin) = (client(), up.origin());
+    read_all(client.send(&origin, get("/x")).await.unwrap()).await;
+    assert_eq!(idle_count(&client, &origin), 1);
+    tokio::time::pause();
+    tokio::time::advance(POOL_IDLE_TIMEOUT - Duration::from_secs(1)).await;
+    assert_eq!(idle_count(&client, &origin), 1, "still fresh");
+    tokio::time::advance(REAP_EVERY + Duration::from_secs(1)).await;
+    tokio::task::yield_now().await;
+    assert_eq!(idle_count(&client, &origin), 0, "the reaper closed it");
+    tokio::time::resume();
+    read_all(client.send(&origin, get("/x")).await.unwrap()).await;
+    assert_eq!(up.connections(), 2);
+}
+
+#[tokio::test]
+async fn a_connection_the_upstream_closed_while_idle_is_replaced_without_losing_the_call() {
+    let up = Upstream::start(Then::AnswerAndClose(OK)).await;
+    let (client, origin) = (client(), up.origin());
+    for _ in 0..5 {
+        let body = read_all(client.send(&origin, get("/x")).await.unwrap()).await;
+        assert_eq!(body, "hello");
+        // Let the client see the close, as it would between real calls.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(up.requests(), 5, "each call reached the upstream once");
+    assert_eq!(up.connections(), 5);
+}
+
+#[tokio::test]
+async fn a_request_the_upstream_received_is_never_sent_again() {
+    let up = Upstream::start(Then::Close).await;
+    let (client, origin) = (client(), up.origin());
+    let err = client.send(&origin, get("/x")).await.unwrap_err();
+    assert!(matches!(err, UpstreamError::Http(_)), "{err}");
+    assert!(!err.is_connect());
+    assert_eq!(up.requests(), 1);
+}
+
+#[tokio::test]
+async fn a_body_dropped_before_its_end_closes_its_connection() {
+    let up = Upstream::start(Then::Stall).await;
+    let (client, origin) = (client(), up.origin());
+    let response = client.send(&origin, get("/x")).await.unwrap();
+    let mut body = response.into_body();
+    let first = body.frame().await.unwrap().unwrap();
+    assert_eq!(first.data_ref().unwrap(), "start");
+    drop(body);
+    assert_eq!(idle_count(&client, &origin), 0);
+    // The next call needs a new connection: the old one is mid-response.
+    let _ = client.send(&origin, get("/x")).await.unwrap();
+    assert_eq!(up.connections(), 2);
+}
+
+#[tokio::test]
+async fn connection_refused_is_a_connect_error() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    let origin = Origin::new(&Scheme::HTTP, &addr.to_string().parse().unwrap()).unwrap();
+    let err = client().send(&origin, get("/x")).await.unwrap_err();
+    assert!(err.is_connect(), "{err}");
+}
+
+#[tokio::test]
+async fn absolute_uris_go_to_their_origin_in_origin_form_with_a_host() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = tokio::spawn(async move {
+        let (mut sock, _) = listener.accept().await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = sock.read(&mut buf).await.unwrap();
+        sock.write_all(OK).await.unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    });
+    let mut req = get("/");
+    *req.uri_mut() = format!("http://{addr}/token?a=1").parse().unwrap();
+    read_all(client().request(req).await.unwrap()).await;
+    let head = seen.await.unwrap();
+    assert!(head.starts_with("GET /token?a=1 HTTP/1.1\r\n"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains(&format!("host: {addr}\r\n")),
+        "{head}"
+    );
+}
+
+#[test]
+fn origins_key_and_host_header() {
+    let o = Origin::of(&"https://api.example:443/v3".parse().unwrap()).unwrap();
+    assert_eq!(&*o.key, "https://api.example:443");
+    assert_eq!(o.host_header, "api.example");
+    let o = Origin::of(&"http://[::1]:8080/".parse().unwrap()).unwrap();
+    assert_eq!(&*o.host, "::1");
+    assert_eq!(o.port, 8080);
+    assert_eq!(o.host_header, "[::1]:8080");
+    assert!(Origin::of(&"ftp://x/".parse().unwrap()).is_err());
+    assert!(Origin::of(&"/relative".parse().unwrap()).is_err());
+}
+
+fn idle_count(client: &UpstreamClient, origin: &Origin) -> usize {
+    let pool = client.0.lock(client.worker());
+    pool.origins.get(&*origin.key).map_or(0, |c| c.idle.len())
+}
