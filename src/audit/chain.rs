@@ -187,7 +187,7 @@ fn digest_parts(key: Option<&Secret>, a: &[u8], b: &[u8]) -> String {
             let mut h = Sha256::new();
             h.update(a);
             h.update(b);
-            hex::encode(h.finalize())
+            hex_lower(&h.finalize())
         }
         Some(key) => {
             // HMAC accepts keys of any length, so this cannot fail.
@@ -195,9 +195,21 @@ fn digest_parts(key: Option<&Secret>, a: &[u8], b: &[u8]) -> String {
                 .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
             m.update(a);
             m.update(b);
-            hex::encode(m.finalize().into_bytes())
+            hex_lower(&m.finalize().into_bytes())
         }
     }
+}
+
+/// Lower-case hex of a 32-byte digest, through a stack buffer: `hex::encode` goes char by
+/// char through an iterator, and this runs twice per proxied call.
+fn hex_lower(digest: &[u8]) -> String {
+    let mut buf = [0u8; HASH_HEX_LEN];
+    // A 32-byte digest always fits the 64-byte buffer.
+    hex::encode_to_slice(digest, &mut buf).unwrap_or_else(|_| unreachable!("32-byte digest"));
+    // Hex digits are ASCII.
+    std::str::from_utf8(&buf)
+        .map(str::to_owned)
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

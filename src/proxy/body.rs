@@ -80,7 +80,10 @@ type OnDone = Box<dyn FnOnce(Outcome) + Send>;
 pub struct ObservedBody {
     inner: UpstreamBody,
     bytes: u64,
-    deadline: Pin<Box<Sleep>>,
+    deadline: Instant,
+    /// Armed at the first wait for the upstream: most bodies arrive in the first poll, and
+    /// then need no timer at all.
+    timer: Option<Pin<Box<Sleep>>>,
     on_done: Option<OnDone>,
 }
 
@@ -89,7 +92,8 @@ impl ObservedBody {
         Self {
             inner,
             bytes: 0,
-            deadline: Box::pin(tokio::time::sleep_until(deadline)),
+            deadline,
+            timer: None,
             on_done: Some(on_done),
         }
     }
@@ -134,7 +138,11 @@ impl Body for ObservedBody {
                 Poll::Ready(None)
             }
             Poll::Pending => {
-                if this.deadline.as_mut().poll(cx).is_ready() {
+                let deadline = this.deadline;
+                let timer = this
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                if timer.as_mut().poll(cx).is_ready() {
                     this.finish(Some("request_timeout while streaming the response"));
                     return Poll::Ready(Some(Err(Box::new(BodyTimeout))));
                 }

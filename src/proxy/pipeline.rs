@@ -625,16 +625,17 @@ async fn forward(
 ) -> Response<ProxyBody> {
     let request_id = facts.record.request_id.clone().unwrap_or_default();
     let request_deadline = started + live.config.server.request_timeout;
+    let sent = Instant::now();
     let wait = connector
         .upstream_timeout
-        .min(request_deadline.saturating_duration_since(Instant::now()));
-    let sent = Instant::now();
+        .min(request_deadline.saturating_duration_since(sent));
     let result = tokio::time::timeout(wait, runtime.client.send(&runtime.origin, req)).await;
+    let took = sent.elapsed();
     match &result {
-        Ok(Ok(_)) => runtime.metrics.upstream_ok(sent.elapsed()),
+        Ok(Ok(_)) => runtime.metrics.upstream_ok(took),
         failed => broker
             .metrics
-            .upstream_result(&connector.name, sent.elapsed(), failed),
+            .upstream_result(&connector.name, took, failed),
     }
     let mut result_record = Record::new(Event::ProxyResult);
     result_record.request_id = facts.record.request_id.clone();
@@ -680,8 +681,9 @@ async fn forward(
     let audit = broker.audit.clone();
     let metrics = Arc::clone(&runtime.metrics);
     let on_done = Box::new(move |outcome: Outcome| {
-        metrics.request_done(started.elapsed());
-        result_record.duration_ms = Some(started.elapsed().as_millis() as u64);
+        let elapsed = started.elapsed();
+        metrics.request_done(elapsed);
+        result_record.duration_ms = Some(elapsed.as_millis() as u64);
         result_record.bytes_in = Some(bytes_in.load(Ordering::Relaxed));
         result_record.bytes_out = Some(outcome.bytes_out);
         result_record.error = outcome.error.map(str::to_owned);
@@ -705,7 +707,8 @@ async fn finish_failed(
     request_id: &str,
 ) -> Response<ProxyBody> {
     record.status = Some(refusal.status().as_u16());
-    record.duration_ms = Some(started.elapsed().as_millis() as u64);
+    let elapsed = started.elapsed();
+    record.duration_ms = Some(elapsed.as_millis() as u64);
     record.bytes_in = Some(bytes_in.load(Ordering::Relaxed));
     record.bytes_out = Some(0);
     // The record keeps the reason (e.g. a refused upstream certificate), not just the code.
@@ -714,7 +717,7 @@ async fn finish_failed(
         other => other.code().to_owned(),
     });
     let connector = record.connector.as_deref().unwrap_or_default();
-    broker.metrics.request_done(connector, started.elapsed());
+    broker.metrics.request_done(connector, elapsed);
     if let Err(e) = broker.audit.append(record).await {
         tracing::error!(error = %e, "cannot write a proxy_result audit record");
     }

@@ -1092,6 +1092,56 @@ async fn request_timeout_answers_504_for_a_silent_upstream_and_keeps_serving() {
     assert_eq!(results[0]["error"], "upstream_timeout");
 }
 
+/// An upstream that answers the head and the start of a long body, then stalls.
+async fn stalling_upstream() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let head = b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n{\"partial\":";
+                let _ = s.write_all(head).await;
+                // Hold the connection open without finishing the body.
+                let _ = s.read(&mut buf).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn request_timeout_cuts_off_a_response_body_that_stalls_and_audits_why() {
+    let addr = stalling_upstream().await;
+    let config =
+        server_with(addr, "").replace("request_timeout = \"5s\"", "request_timeout = \"1s\"");
+    let b = TestBroker::start(&config).await;
+    let t = b.token("github:issues.read", &[]).await;
+    let request = format!("GET {ALLOWED} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {t}\r\n\r\n");
+    let started = Instant::now();
+    let out = raw(b.addr, request.as_bytes(), Duration::from_secs(4)).await;
+    let took = started.elapsed();
+    assert_eq!(raw_status(&out), Some(200), "{out}");
+    assert!(
+        out.ends_with("{\"partial\":"),
+        "the part that came is passed on: {out}"
+    );
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_millis(2500),
+        "connection closed after {took:?} (request_timeout 1s)"
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let records = b.audit();
+    let results = events(&records, "proxy_result");
+    assert_eq!(results.len(), 1, "{records:?}");
+    assert_eq!(results[0]["status"], 200);
+    assert_eq!(
+        results[0]["error"],
+        "request_timeout while streaming the response"
+    );
+}
+
 /// Path segments an attacker would try: the allowlisted literals, case and dot variants,
 /// empty segments, percent-encodings (of separators, dots, `%`, controls, overlong and
 /// full-width look-alikes, and of harmless letters), `;`, `\` and random words.
