@@ -5,7 +5,7 @@
 //! bookkeeping, and on a machine with one core to spare that bookkeeping is all it buys.
 //! Here the accept loop hands each connection to one worker for its whole life; the worker's
 //! runtime drives the client connection, the pooled upstream connections it uses (each
-//! worker has its own pool, see [`crate::proxy::forward::WorkerClients`]) and their
+//! worker has its own pool, see [`crate::proxy::forward::UpstreamClient`]) and their
 //! timers, all on one thread. Measured with `benches/ab.sh` on the reference machine (one
 //! core for the broker, 32 connections, `fsync = "never"`): 1.12× the calls/s at 0.92× the
 //! CPU per call of tokio's multi-threaded runtime.

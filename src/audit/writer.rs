@@ -266,7 +266,7 @@ impl AuditLog {
     /// included). A failed write is counted and logged by the writer; nobody waits on it.
     ///
     /// Nothing is gated on such a record, so it is not written on its own: it joins the next
-    /// write (the next allow record, usually) or is written within [`SYNC_INTERVAL`] — one
+    /// write (the next allow record, usually) or is written within `SYNC_INTERVAL` — one
     /// write (and under `always` one sync) fewer per proxied call.
     pub fn append_detached(&self, record: Record) -> Result<(), AuditError> {
         self.send(record, Reply::Detached)

@@ -1,5 +1,5 @@
 //! The proxy request pipeline — DESIGN §4.3's table, in order, in one function
-//! ([`stages`]). Each stage is a small function named for its check; any refusal is audited
+//! (`stages`). Each stage is a small function named for its check; any refusal is audited
 //! as a `proxy` deny record and answered by [`Refusal::into_response`].
 
 use std::net::SocketAddr;

@@ -513,7 +513,7 @@ pub fn jwks(broker: &Broker) -> Response<ProxyBody> {
 /// `GET /.well-known/oauth-authorization-server` (RFC 8414).
 ///
 /// URLs use the authority the client reached the broker by (its `Host`), when it is a plain
-/// host[:port]: behind `0.0.0.0` or a port mapping, the listen address would be unreachable.
+/// host\[:port\]: behind `0.0.0.0` or a port mapping, the listen address would be unreachable.
 pub fn metadata(live: &Live, host: Option<&str>) -> Response<ProxyBody> {
     let server = &live.config.server;
     let scheme = if server.tls.is_some() {
