@@ -17,7 +17,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -35,9 +35,13 @@ use crate::secret::Secret;
 
 /// The most records committed in one write.
 pub const MAX_BATCH: usize = 1024;
-/// Under `always` with concurrent callers, how long the writer waits for more records before
-/// a sync: one `fdatasync` then covers more calls.
+/// Under `always` with many calls in flight, how long the writer waits for more records
+/// before a sync: one `fdatasync` then covers more calls.
 const COMMIT_DELAY: Duration = Duration::from_micros(100);
+/// The writer waits [`COMMIT_DELAY`] only when at least this many calls per record in the
+/// batch are in flight elsewhere (PostgreSQL's `commit_siblings`, relative): their records
+/// are coming. With fewer, the wait costs every caller more than the shared sync saves.
+const SIBLINGS_PER_RECORD: usize = 4;
 /// Under `interval`, the longest a written record waits for its sync.
 const SYNC_INTERVAL: Duration = Duration::from_millis(10);
 /// Start-up reads this much of the file's end first when looking for the last intact record.
@@ -107,6 +111,21 @@ struct Inner {
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
+/// Whether enough calls are in flight besides the `batch` waiting on a sync that holding it
+/// back for [`COMMIT_DELAY`] gathers more than it delays.
+fn records_are_coming(in_flight: usize, batch: usize) -> bool {
+    in_flight.saturating_sub(batch) >= SIBLINGS_PER_RECORD * batch.max(1)
+}
+
+/// A proxied call in progress, for the writer's commit delay ([`AuditLog::call_in_flight`]).
+pub struct CallInFlight(Arc<Shared>);
+
+impl Drop for CallInFlight {
+    fn drop(&mut self) {
+        self.0.calls_in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// State the handle and the writer thread share.
 struct Shared {
     written: AtomicU64,
@@ -123,6 +142,8 @@ struct Shared {
     closed: std::sync::atomic::AtomicBool,
     /// Under `always`: hands answers to async callers on their own runtime.
     relays: Arc<Relays>,
+    /// Proxied calls in progress ([`AuditLog::call_in_flight`]).
+    calls_in_flight: AtomicUsize,
     /// Test hook: this many coming writes fail after writing half their bytes.
     #[cfg(test)]
     inject_failures: std::sync::atomic::AtomicU32,
@@ -181,6 +202,7 @@ impl AuditLog {
             deferred: Mutex::new(Vec::new()),
             closed: std::sync::atomic::AtomicBool::new(false),
             relays: Arc::new(Relays::new(crate::workers::count())),
+            calls_in_flight: AtomicUsize::new(0),
             #[cfg(test)]
             inject_failures: std::sync::atomic::AtomicU32::new(0),
             #[cfg(test)]
@@ -270,6 +292,17 @@ impl AuditLog {
     /// write (and under `always` one sync) fewer per proxied call.
     pub fn append_detached(&self, record: Record) -> Result<(), AuditError> {
         self.send(record, Reply::Detached)
+    }
+
+    /// Counts a proxied call as in progress until the guard drops. Under `always` the writer
+    /// holds a sync back a moment only while many calls are in flight: their records are
+    /// about to arrive and share it.
+    pub fn call_in_flight(&self) -> CallInFlight {
+        self.inner
+            .shared
+            .calls_in_flight
+            .fetch_add(1, Ordering::Relaxed);
+        CallInFlight(Arc::clone(&self.inner.shared))
     }
 
     /// Blocking variant for non-async callers (CLI, shutdown paths). Safe to call anywhere,
@@ -514,8 +547,6 @@ struct Writer {
     #[allow(clippy::vec_box)]
     pending: Vec<Box<Record>>,
     pending_since: Option<Instant>,
-    /// Records in the last committed batch (drives [`COMMIT_DELAY`]).
-    last_batch: usize,
     last_sync: Instant,
     shared: Arc<Shared>,
     /// The batch buffer, kept between batches (up to [`SCRATCH_KEEP`] bytes).
@@ -571,7 +602,6 @@ impl Writer {
             dirty: false,
             pending: Vec::new(),
             pending_since: None,
-            last_batch: 0,
             last_sync: Instant::now(),
             shared,
             scratch: Vec::new(),
@@ -619,7 +649,6 @@ impl Writer {
                     }
                 }
             }
-            self.last_batch = appends.len();
             // A batch of detached records only waits for company (or its deadline).
             if closing.is_none() && appends.iter().all(|(_, r)| matches!(r, Reply::Detached)) {
                 for (rec, _) in appends {
@@ -639,9 +668,11 @@ impl Writer {
     }
 
     /// Under `always`, whether to wait a moment for more records before the sync: only when
-    /// the last batch showed concurrent callers, so a lone caller never waits for nothing.
+    /// many more calls are in flight than wait on this batch, so a lone caller or a few
+    /// concurrent ones never wait for records that are not coming.
     fn commit_delay(&self, batch: usize) -> bool {
-        self.policy == FsyncPolicy::Always && self.last_batch > 1 && batch < self.last_batch * 2
+        let in_flight = self.shared.calls_in_flight.load(Ordering::Relaxed);
+        self.policy == FsyncPolicy::Always && records_are_coming(in_flight, batch)
     }
 
     /// Blocks for the next message; wakes up in time to write deferred records (and, under
@@ -1387,6 +1418,29 @@ mod tests {
     }
 
     /// A fresh log in a temporary folder (kept alive by the returned guard).
+    #[test]
+    fn the_commit_delay_waits_only_when_many_more_calls_are_in_flight() {
+        assert!(!records_are_coming(0, 1), "nothing else in flight");
+        assert!(!records_are_coming(1, 1), "the lone caller's own call");
+        assert!(!records_are_coming(4, 1));
+        assert!(records_are_coming(5, 1), "four others per waiting record");
+        assert!(!records_are_coming(32, 16), "half the calls already wait");
+        assert!(records_are_coming(256, 10), "most calls are yet to append");
+    }
+
+    #[test]
+    fn calls_in_flight_are_counted_until_their_guard_drops() {
+        let (_dir, _o, log) = open_fresh(FsyncPolicy::Always);
+        let count = || log.inner.shared.calls_in_flight.load(Ordering::Relaxed);
+        let a = log.call_in_flight();
+        let b = log.call_in_flight();
+        assert_eq!(count(), 2);
+        drop(a);
+        assert_eq!(count(), 1);
+        drop(b);
+        assert_eq!(count(), 0);
+    }
+
     fn open_fresh(policy: FsyncPolicy) -> (tempfile::TempDir, AuditOptions, AuditLog) {
         let dir = tempfile::tempdir().unwrap();
         let o = opts(dir.path(), policy);

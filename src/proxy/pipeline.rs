@@ -92,6 +92,7 @@ pub async fn proxy(
     request_id: &str,
 ) -> Response<ProxyBody> {
     let started = Instant::now();
+    let _in_flight = broker.audit.call_in_flight();
     let live = broker.live();
     let mut facts = AuditFacts::new(&req, conn, request_id);
     match stages(&broker, &live, req, conn, request_id, &mut facts, started).await {
