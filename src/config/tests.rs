@@ -123,6 +123,22 @@ fn duplicates_and_unknown_connectors_are_errors() {
 }
 
 #[test]
+fn connect_and_trace_operations_are_refused() {
+    for method in ["CONNECT", "TRACE"] {
+        let text = GOOD.replace("method = \"GET\"", &format!("method = \"{method}\""));
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(
+            err.contains("].method") && err.contains(&format!("{method} cannot be proxied")),
+            "{method}: {err}"
+        );
+    }
+    for method in ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"] {
+        let text = GOOD.replace("method = \"GET\"", &format!("method = \"{method}\""));
+        assert!(parse(&text).is_ok(), "{method}");
+    }
+}
+
+#[test]
 fn missing_required_fields_are_errors() {
     let text = GOOD.replace("purpose = \"triage\"\n", "");
     let err = parse(&text).unwrap_err().to_string();

@@ -385,6 +385,20 @@ fn operations(
             continue;
         }
         let method = match Method::from_bytes(raw.method.get_ref().as_bytes()) {
+            // CONNECT would open a tunnel past every check, and TRACE has the upstream echo
+            // the request back, injected credential included.
+            Ok(m) if m == Method::CONNECT || m == Method::TRACE => {
+                cx.err(
+                    Some(raw.method.span()),
+                    &format!("{key}.method"),
+                    if m == Method::CONNECT {
+                        "CONNECT cannot be proxied: it opens a tunnel past every check"
+                    } else {
+                        "TRACE cannot be proxied: the upstream would echo the injected credential"
+                    },
+                );
+                None
+            }
             Ok(m) if raw.method.get_ref().bytes().all(|b| b.is_ascii_uppercase()) => Some(m),
             _ => {
                 cx.err(

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{ready, Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::HOST;
@@ -29,22 +29,38 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
-// tokio's clock, so that tests can move it past the idle timeout.
-use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 
 use super::ProxyBody;
 
-/// Idle upstream connections are kept this long for reuse.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
-/// At most this many idle HTTP/1 connections per upstream origin and worker (so at most this
-/// many times the number of cores per origin in all).
-const POOL_MAX_IDLE_PER_HOST: usize = 512;
 /// TCP connect plus TLS handshake budget; the whole exchange is bounded by `upstream_timeout`
 /// as well.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// How often a worker with idle connections closes those past [`POOL_IDLE_TIMEOUT`].
-const REAP_EVERY: Duration = Duration::from_secs(30);
+/// When an upstream name has several addresses and the first has not answered in this long,
+/// the next is tried alongside it (RFC 8305's "connection attempt delay"): a dead first
+/// address (a broken IPv6 route, typically) then costs 250 ms, not the whole budget.
+const NEXT_ADDRESS_AFTER: Duration = Duration::from_millis(250);
+
+/// The pool's bounds.
+#[derive(Clone, Copy, Debug)]
+struct Limits {
+    /// Idle connections are kept this long for reuse; the reaper looks every third of it.
+    idle_timeout: Duration,
+    /// At most this many idle HTTP/1 connections per origin and worker (so at most this many
+    /// times the number of cores per origin in all).
+    max_idle_per_origin: usize,
+    /// HTTP/2 pings: a shared connection whose path went silent is closed (and replaced) after
+    /// `ping_every + ping_timeout` instead of failing every call until TCP gives up.
+    ping_every: Duration,
+    ping_timeout: Duration,
+}
+
+const LIMITS: Limits = Limits {
+    idle_timeout: Duration::from_secs(90),
+    max_idle_per_origin: 512,
+    ping_every: Duration::from_secs(20),
+    ping_timeout: Duration::from_secs(10),
+};
 
 /// Why an upstream exchange failed. The messages name the failure, never a request's content.
 #[derive(Debug, thiserror::Error)]
@@ -126,6 +142,7 @@ pub struct UpstreamClient(Arc<Shared>);
 
 struct Shared {
     tls: TlsConnector,
+    limits: Limits,
     /// One pool per worker runtime: a connection is driven by a task on the runtime that
     /// opened it, so a call never hops threads to reach its upstream connection.
     pools: Box<[Mutex<Pool>]>,
@@ -162,12 +179,17 @@ impl UpstreamClient {
     pub fn new(extra_ca: Option<&Path>) -> Result<Self, String> {
         // ALPN h2 + http/1.1: the connection speaks whichever the upstream picks.
         let tls = crate::tls::upstream_client_config(extra_ca).map_err(|e| e.to_string())?;
-        Ok(Self(Arc::new(Shared {
+        Ok(Self::with(tls, LIMITS))
+    }
+
+    fn with(tls: rustls::ClientConfig, limits: Limits) -> Self {
+        Self(Arc::new(Shared {
             tls: TlsConnector::from(Arc::new(tls)),
+            limits,
             pools: (0..crate::workers::count())
                 .map(|_| Mutex::default())
                 .collect(),
-        })))
+        }))
     }
 
     /// Sends `req`, whose URI is absolute (credential minting).
@@ -176,8 +198,7 @@ impl UpstreamClient {
         mut req: Request<ProxyBody>,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let origin = Origin::of(req.uri())?;
-        let path = req.uri().path_and_query().cloned();
-        *req.uri_mut() = Uri::from(path.unwrap_or_else(|| PathAndQuery::from_static("/")));
+        origin_form(&mut req);
         self.send(&origin, req).await
     }
 
@@ -188,13 +209,17 @@ impl UpstreamClient {
         mut req: Request<ProxyBody>,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let worker = self.worker();
+        // Once the shared HTTP/2 connection has handed a request back, this call does not take
+        // it again: every turn of the loop then uses up an idle connection or a new one.
+        let mut skip_h2 = false;
         loop {
-            let (conn, reused) = match self.0.checkout(worker, origin) {
+            let (conn, reused) = match self.0.checkout(worker, origin, skip_h2) {
                 Some(conn) => (conn, true),
                 None => (self.connect(worker, origin).await?, false),
             };
             let mut unsent = match conn {
                 Conn::H1(mut sender) => {
+                    origin_form(&mut req);
                     req.headers_mut()
                         .entry(HOST)
                         .or_insert_with(|| origin.host_header.clone());
@@ -212,19 +237,23 @@ impl UpstreamClient {
                     }
                 }
                 Conn::H2(mut sender) => {
-                    // HTTP/2 carries the scheme and authority as pseudo-headers.
+                    // HTTP/2 carries the scheme and authority as pseudo-headers, not `Host`.
                     absolute_form(&mut req, origin);
+                    req.headers_mut().remove(HOST);
                     match sender.try_send_request(req).await {
                         Ok(response) => return Ok(response.map(|b| UpstreamBody::new(b, None))),
                         Err(unsent) => {
-                            self.0.forget_h2(worker, origin);
+                            // A failed stream leaves the connection to the others; a closed
+                            // connection is dropped from the pool.
+                            self.0.forget_closed_h2(worker, origin);
+                            skip_h2 = true;
                             unsent
                         }
                     }
                 }
             };
             // Only a reused connection may have closed unnoticed; a new one failing is an
-            // answer. Each retry uses up an idle connection, so the loop ends.
+            // answer. A request that may have reached the upstream is never sent again.
             req = match unsent.take_message() {
                 Some(r) if reused => r,
                 _ => return Err(UpstreamError::Http(unsent.into_error())),
@@ -261,17 +290,23 @@ impl UpstreamClient {
         let (io, h2) = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
             .await
             .map_err(|_| UpstreamError::Connect(io::ErrorKind::TimedOut.into()))??;
+        // Nothing of the request has been sent if a handshake fails.
+        let handshake_failed = |e| UpstreamError::Connect(io::Error::other(e));
         if h2 {
+            let limits = &self.0.limits;
             let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
+                .keep_alive_interval(limits.ping_every)
+                .keep_alive_timeout(limits.ping_timeout)
+                .keep_alive_while_idle(true)
                 .handshake(io)
                 .await
-                .map_err(UpstreamError::Http)?;
+                .map_err(handshake_failed)?;
             tokio::spawn(drive(conn));
             self.0.pool_h2(worker, origin, sender.clone());
             Ok(Conn::H2(sender))
         } else {
-            let (sender, conn) = http1::handshake(io).await.map_err(UpstreamError::Http)?;
+            let (sender, conn) = http1::handshake(io).await.map_err(handshake_failed)?;
             tokio::spawn(drive(conn));
             Ok(Conn::H1(sender))
         }
@@ -289,19 +324,41 @@ async fn drive<F: std::future::Future<Output = hyper::Result<()>>>(conn: F) {
     }
 }
 
-/// Connects to each of `host`'s addresses in turn until one answers.
+/// Connects to the first of `host`'s addresses that answers, in resolver order, starting the
+/// next attempt alongside when one has not answered within [`NEXT_ADDRESS_AFTER`] or failed.
 async fn tcp_connect(host: &str, port: u16) -> io::Result<TcpStream> {
-    let mut last = None;
-    for addr in tokio::net::lookup_host((host, port)).await? {
-        match TcpStream::connect(addr).await {
-            Ok(tcp) => {
-                tcp.set_nodelay(true)?;
-                return Ok(tcp);
-            }
-            Err(e) => last = Some(e),
+    use futures_util::stream::{FuturesUnordered, StreamExt};
+    let mut addresses = tokio::net::lookup_host((host, port)).await?;
+    let mut attempts = FuturesUnordered::new();
+    let mut last_error = None;
+    loop {
+        if let Some(addr) = addresses.next() {
+            attempts.push(TcpStream::connect(addr));
+        } else if attempts.is_empty() {
+            let none = || io::Error::new(io::ErrorKind::NotFound, "no address");
+            return Err(last_error.unwrap_or_else(none));
+        }
+        let next_after = tokio::time::sleep(NEXT_ADDRESS_AFTER);
+        tokio::select! {
+            Some(result) = attempts.next() => match result {
+                Ok(tcp) => {
+                    tcp.set_nodelay(true)?;
+                    return Ok(tcp);
+                }
+                Err(e) => last_error = Some(e),
+            },
+            () = next_after => {}
         }
     }
-    Err(last.unwrap_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address")))
+}
+
+/// `/path?query` for HTTP/1 (a request handed back by an HTTP/2 connection is absolute).
+fn origin_form(req: &mut Request<ProxyBody>) {
+    if req.uri().scheme().is_none() {
+        return;
+    }
+    let path = req.uri().path_and_query().cloned();
+    *req.uri_mut() = Uri::from(path.unwrap_or_else(|| PathAndQuery::from_static("/")));
 }
 
 fn absolute_form(req: &mut Request<ProxyBody>, origin: &Origin) {
@@ -325,11 +382,12 @@ impl Shared {
 
     /// A pooled connection to `origin` that is still open: the shared HTTP/2 one, else the
     /// HTTP/1 one idle the shortest time.
-    fn checkout(&self, worker: usize, origin: &Origin) -> Option<Conn> {
+    fn checkout(&self, worker: usize, origin: &Origin, skip_h2: bool) -> Option<Conn> {
+        let idle_timeout = self.limits.idle_timeout;
         let mut pool = self.lock(worker);
         let conns = pool.origins.get_mut(&*origin.key)?;
         let now = Instant::now();
-        if let Some((sender, used)) = &mut conns.h2 {
+        if let Some((sender, used)) = conns.h2.as_mut().filter(|_| !skip_h2) {
             if !sender.is_closed() {
                 *used = now;
                 return Some(Conn::H2(sender.clone()));
@@ -337,7 +395,7 @@ impl Shared {
             conns.h2 = None;
         }
         while let Some(idle) = conns.idle.pop_back() {
-            if now.duration_since(idle.since) >= POOL_IDLE_TIMEOUT {
+            if now.duration_since(idle.since) >= idle_timeout {
                 // The newest has expired, so have all the others.
                 conns.idle.clear();
                 break;
@@ -365,9 +423,13 @@ impl Shared {
         }
     }
 
-    fn forget_h2(&self, worker: usize, origin: &Origin) {
+    /// Drops the origin's pooled HTTP/2 connection if it has closed (whichever one it is by
+    /// now: another call may have pooled a new one).
+    fn forget_closed_h2(&self, worker: usize, origin: &Origin) {
         if let Some(conns) = self.lock(worker).origins.get_mut(&*origin.key) {
-            conns.h2 = None;
+            if conns.h2.as_ref().is_some_and(|(s, _)| s.is_closed()) {
+                conns.h2 = None;
+            }
         }
     }
 
@@ -379,7 +441,7 @@ impl Shared {
     ) {
         let mut pool = self.lock(worker);
         let conns = pool.origins.entry(key).or_default();
-        if conns.idle.len() >= POOL_MAX_IDLE_PER_HOST {
+        if conns.idle.len() >= self.limits.max_idle_per_origin {
             return; // dropping the sender closes the connection
         }
         conns.idle.push_back(IdleH1 {
@@ -394,28 +456,32 @@ impl Shared {
             return;
         }
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            pool.reaper = Some(rt.spawn(reap(Arc::downgrade(self), worker)));
+            let every = self.limits.idle_timeout / 3;
+            pool.reaper = Some(rt.spawn(reap(Arc::downgrade(self), worker, every)));
         }
     }
 }
 
-/// Closes a worker's connections idle longer than [`POOL_IDLE_TIMEOUT`], and those the
-/// upstream closed, until none are left or the client is gone.
-async fn reap(client: Weak<Shared>, worker: usize) {
+/// Closes a worker's connections idle longer than the idle timeout, and those the upstream
+/// closed, until none are left or the client is gone.
+async fn reap(client: Weak<Shared>, worker: usize, every: Duration) {
     loop {
-        tokio::time::sleep(REAP_EVERY).await;
+        tokio::time::sleep(every).await;
         let Some(client) = client.upgrade() else {
             return;
         };
+        let idle_timeout = client.limits.idle_timeout;
         let mut pool = client.lock(worker);
         let now = Instant::now();
         pool.origins.retain(|_, conns| {
-            conns.idle.retain(|i| {
-                now.duration_since(i.since) < POOL_IDLE_TIMEOUT && !i.sender.is_closed()
-            });
-            if conns.h2.as_ref().is_some_and(|(s, used)| {
-                s.is_closed() || now.duration_since(*used) >= POOL_IDLE_TIMEOUT
-            }) {
+            conns
+                .idle
+                .retain(|i| now.duration_since(i.since) < idle_timeout && !i.sender.is_closed());
+            if conns
+                .h2
+                .as_ref()
+                .is_some_and(|(s, used)| s.is_closed() || now.duration_since(*used) >= idle_timeout)
+            {
                 conns.h2 = None;
             }
             !conns.idle.is_empty() || conns.h2.is_some()
@@ -438,15 +504,18 @@ struct GiveBack {
 impl GiveBack {
     /// The response has ended. The connection takes a new request once hyper has finished
     /// with this one, which is usually already the case (its task read the end of the body
-    /// before this poll); else a small task waits for it. After a `Connection: close` or a
-    /// failed exchange it never becomes ready and is dropped.
+    /// before this poll); else (a request body still going out) a small task waits for it, at
+    /// most the idle timeout. After a `Connection: close` or a failed exchange it never
+    /// becomes ready and is dropped.
     fn release(mut self) {
         if self.sender.is_ready() {
             self.client.put_idle(self.worker, self.key, self.sender);
         } else if !self.sender.is_closed() {
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                let wait = self.client.limits.idle_timeout;
                 rt.spawn(async move {
-                    if self.sender.ready().await.is_ok() {
+                    let ready = tokio::time::timeout(wait, self.sender.ready()).await;
+                    if matches!(ready, Ok(Ok(()))) {
                         self.client.put_idle(self.worker, self.key, self.sender);
                     }
                 });

@@ -112,19 +112,33 @@ fn client() -> UpstreamClient {
     UpstreamClient::new(None).unwrap()
 }
 
+fn client_with(limits: Limits) -> UpstreamClient {
+    UpstreamClient::with(crate::tls::upstream_client_config(None).unwrap(), limits)
+}
+
+/// Polls `done` every 5 ms for up to two seconds.
+async fn eventually(mut done: impl FnMut() -> bool) -> bool {
+    for _ in 0..400 {
+        if done() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    done()
+}
+
 async fn read_all(response: Response<UpstreamBody>) -> Bytes {
     response.into_body().collect().await.unwrap().to_bytes()
 }
 
 #[tokio::test]
 async fn sequential_calls_reuse_one_connection_whatever_the_body_framing() {
-    for reply in [OK, CHUNKED, NO_CONTENT] {
+    for (reply, expected) in [(OK, "hello"), (CHUNKED, "hello"), (NO_CONTENT, "")] {
         let up = Upstream::start(Then::Answer(reply)).await;
         let (client, origin) = (client(), up.origin());
         for _ in 0..20 {
             let response = client.send(&origin, get("/x")).await.unwrap();
-            let body = read_all(response).await;
-            assert!(body.is_empty() || body == "hello");
+            assert_eq!(read_all(response).await, expected);
         }
         assert_eq!(up.requests(), 20);
         assert_eq!(
@@ -224,18 +238,140 @@ async fn concurrent_calls_each_get_a_connection_and_all_come_back() {
 #[tokio::test]
 async fn idle_connections_close_after_the_idle_timeout() {
     let up = Upstream::start(Then::Answer(OK)).await;
-    let (client, origin) = (client(), up.origin());
+    let limits = Limits {
+        idle_timeout: Duration::from_millis(300),
+        ..LIMITS
+    };
+    let (client, origin) = (client_with(limits), up.origin());
     read_all(client.send(&origin, get("/x")).await.unwrap()).await;
     assert_eq!(idle_count(&client, &origin), 1);
-    tokio::time::pause();
-    tokio::time::advance(POOL_IDLE_TIMEOUT - Duration::from_secs(1)).await;
-    assert_eq!(idle_count(&client, &origin), 1, "still fresh");
-    tokio::time::advance(REAP_EVERY + Duration::from_secs(1)).await;
-    tokio::task::yield_now().await;
-    assert_eq!(idle_count(&client, &origin), 0, "the reaper closed it");
-    tokio::time::resume();
+    let pooled = Instant::now();
+    assert!(
+        eventually(|| idle_count(&client, &origin) == 0).await,
+        "the reaper closed it"
+    );
+    assert!(
+        pooled.elapsed() >= limits.idle_timeout,
+        "not before its time"
+    );
     read_all(client.send(&origin, get("/x")).await.unwrap()).await;
     assert_eq!(up.connections(), 2);
+}
+
+#[tokio::test]
+async fn an_expired_idle_connection_is_not_checked_out() {
+    let up = Upstream::start(Then::Answer(OK)).await;
+    let (client, origin) = (client(), up.origin());
+    read_all(client.send(&origin, get("/x")).await.unwrap()).await;
+    {
+        let mut pool = client.0.lock(client.worker());
+        let conns = pool.origins.get_mut(&*origin.key).unwrap();
+        conns.idle[0].since = Instant::now() - LIMITS.idle_timeout;
+    }
+    read_all(client.send(&origin, get("/x")).await.unwrap()).await;
+    assert_eq!(up.connections(), 2);
+}
+
+#[tokio::test]
+async fn idle_connections_are_capped_per_origin() {
+    let up = Upstream::start(Then::Answer(OK)).await;
+    let limits = Limits {
+        max_idle_per_origin: 2,
+        ..LIMITS
+    };
+    let (client, origin) = (client_with(limits), up.origin());
+    let calls =
+        (0..4).map(|_| async { read_all(client.send(&origin, get("/x")).await.unwrap()).await });
+    futures_util::future::join_all(calls).await;
+    assert_eq!(up.connections(), 4);
+    assert_eq!(idle_count(&client, &origin), 2);
+}
+
+#[tokio::test]
+async fn connection_close_is_never_pooled() {
+    const CLOSE: &[u8] = b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 5\r\n\r\nhello";
+    // The upstream says close but keeps its socket open.
+    let up = Upstream::start(Then::Answer(CLOSE)).await;
+    let (client, origin) = (client(), up.origin());
+    for _ in 0..3 {
+        read_all(client.send(&origin, get("/x")).await.unwrap()).await;
+        tokio::task::yield_now().await;
+        assert_eq!(idle_count(&client, &origin), 0);
+    }
+    assert_eq!(up.connections(), 3);
+}
+
+#[tokio::test]
+async fn an_unsent_request_on_a_dead_pooled_connection_goes_out_on_a_new_one() {
+    let up = Upstream::start(Then::Answer(OK)).await;
+    let (client, origin) = (client(), up.origin());
+    // A pooled connection whose peer is gone and whose task has not noticed yet.
+    let (ours, theirs) = tokio::io::duplex(1024);
+    drop(theirs);
+    let (sender, conn) = http1::handshake::<_, ProxyBody>(TokioIo::new(ours))
+        .await
+        .unwrap();
+    tokio::spawn(drive(conn));
+    client
+        .0
+        .put_idle(client.worker(), Arc::clone(&origin.key), sender);
+    assert_eq!(idle_count(&client, &origin), 1);
+    let body = read_all(client.send(&origin, get("/x")).await.unwrap()).await;
+    assert_eq!(body, "hello");
+    assert_eq!(up.requests(), 1);
+    assert_eq!(up.connections(), 1);
+}
+
+#[tokio::test]
+async fn a_new_connection_that_fails_is_an_answer_not_a_reason_to_dial_again() {
+    // Accepts and at once closes every connection.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = Arc::clone(&accepted);
+    tokio::spawn(async move {
+        while let Ok((sock, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            drop(sock);
+        }
+    });
+    let origin = Origin::new(&Scheme::HTTP, &addr.to_string().parse().unwrap()).unwrap();
+    let client = client();
+    let call = client.send(&origin, get("/x"));
+    let result = tokio::time::timeout(Duration::from_secs(2), call).await;
+    assert!(result.expect("an answer, not a loop").is_err());
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_request_a_reused_connection_delivered_is_never_sent_again() {
+    // Answers the first request on a connection; reads the second and closes unanswered.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let requests = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::clone(&requests);
+    tokio::spawn(async move {
+        let (mut sock, _) = listener.accept().await.unwrap();
+        let mut buf = [0u8; 4096];
+        let _ = sock.read(&mut buf).await.unwrap();
+        seen.fetch_add(1, Ordering::SeqCst);
+        sock.write_all(OK).await.unwrap();
+        let _ = sock.read(&mut buf).await.unwrap();
+        seen.fetch_add(1, Ordering::SeqCst);
+        drop(sock);
+        // A second connection would be accepted (and counted) here.
+        if listener.accept().await.is_ok() {
+            seen.fetch_add(100, Ordering::SeqCst);
+        }
+    });
+    let origin = Origin::new(&Scheme::HTTP, &addr.to_string().parse().unwrap()).unwrap();
+    let client = client();
+    read_all(client.send(&origin, get("/1")).await.unwrap()).await;
+    assert_eq!(idle_count(&client, &origin), 1);
+    let err = client.send(&origin, get("/2")).await.unwrap_err();
+    assert!(matches!(err, UpstreamError::Http(_)), "{err}");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(requests.load(Ordering::SeqCst), 2, "each request sent once");
 }
 
 #[tokio::test]
@@ -246,7 +382,12 @@ async fn a_connection_the_upstream_closed_while_idle_is_replaced_without_losing_
         let body = read_all(client.send(&origin, get("/x")).await.unwrap()).await;
         assert_eq!(body, "hello");
         // Let the client see the close, as it would between real calls.
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        let seen_closed = eventually(|| {
+            let pool = client.0.lock(client.worker());
+            let conns = pool.origins.get(&*origin.key);
+            conns.is_none_or(|c| c.idle.iter().all(|i| i.sender.is_closed()))
+        });
+        assert!(seen_closed.await);
     }
     assert_eq!(up.requests(), 5, "each call reached the upstream once");
     assert_eq!(up.connections(), 5);
@@ -326,4 +467,188 @@ fn origins_key_and_host_header() {
 fn idle_count(client: &UpstreamClient, origin: &Origin) -> usize {
     let pool = client.0.lock(client.worker());
     pool.origins.get(&*origin.key).map_or(0, |c| c.idle.len())
+}
+
+/// HTTPS upstreams that pick h2 by ALPN.
+mod h2 {
+    use std::sync::atomic::AtomicBool;
+
+    use hyper::service::service_fn;
+
+    use super::*;
+
+    /// What the upstream saw of a request: version, URI authority, `Host` header.
+    type Seen = (http::Version, Option<String>, Option<HeaderValue>);
+
+    struct H2Upstream {
+        port: u16,
+        connections: Arc<AtomicUsize>,
+        seen: Arc<Mutex<Vec<Seen>>>,
+        ca_pem: String,
+    }
+
+    /// Answers "hello", except on `/fail`, whose stream it resets.
+    async fn h2_upstream() -> H2Upstream {
+        let pki = crate::tls::generate_dev_pki(&[]).unwrap();
+        let cert = pki.issue_server_cert(&["localhost"]).unwrap();
+        let server = crate::tls::server_config_from_pem(
+            (Path::new("upstream.pem"), cert.cert_pem.as_bytes()),
+            (Path::new("upstream-key.pem"), &cert.key_pem),
+            None,
+        )
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(server);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let seen: Arc<Mutex<Vec<_>>> = Arc::default();
+        let (count, log) = (Arc::clone(&connections), Arc::clone(&seen));
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let (acceptor, log) = (acceptor.clone(), Arc::clone(&log));
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let service = service_fn(move |req: Request<Incoming>| {
+                        log.lock().unwrap().push((
+                            req.version(),
+                            req.uri().authority().map(|a| a.to_string()),
+                            req.headers().get(HOST).cloned(),
+                        ));
+                        async move {
+                            if req.uri().path() == "/fail" {
+                                return Err("reset this stream");
+                            }
+                            let body = http_body_util::Full::new(Bytes::from_static(b"hello"));
+                            Ok(Response::new(body))
+                        }
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tls), service)
+                        .await;
+                });
+            }
+        });
+        H2Upstream {
+            port,
+            connections,
+            seen,
+            ca_pem: pki.ca_cert_pem,
+        }
+    }
+
+    fn tls_client(ca_pem: &str, limits: Limits) -> UpstreamClient {
+        let ca = Some((Path::new("ca.pem"), ca_pem.as_bytes()));
+        let config = crate::tls::upstream_client_config_from_pem(ca, true).unwrap();
+        UpstreamClient::with(config, limits)
+    }
+
+    fn origin(port: u16) -> Origin {
+        Origin::new(
+            &Scheme::HTTPS,
+            &format!("localhost:{port}").parse().unwrap(),
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_worker_shares_one_connection_and_names_the_authority_not_host() {
+        let up = h2_upstream().await;
+        let (client, origin) = (tls_client(&up.ca_pem, LIMITS), origin(up.port));
+        let first = client.send(&origin, get("/x")).await.unwrap();
+        assert_eq!(first.version(), http::Version::HTTP_2);
+        assert_eq!(read_all(first).await, "hello");
+        let calls = (0..8)
+            .map(|_| async { read_all(client.send(&origin, get("/x")).await.unwrap()).await });
+        for body in futures_util::future::join_all(calls).await {
+            assert_eq!(body, "hello");
+        }
+        assert_eq!(up.connections.load(Ordering::SeqCst), 1);
+        let seen = up.seen.lock().unwrap();
+        assert_eq!(seen.len(), 9);
+        let authority = format!("localhost:{}", up.port);
+        for (version, uri_authority, host) in seen.iter() {
+            assert_eq!(*version, http::Version::HTTP_2);
+            assert_eq!(uri_authority.as_deref(), Some(authority.as_str()));
+            assert_eq!(*host, None, "h2 names the authority as :authority only");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_stream_leaves_the_shared_connection_to_the_others() {
+        let up = h2_upstream().await;
+        let (client, origin) = (tls_client(&up.ca_pem, LIMITS), origin(up.port));
+        read_all(client.send(&origin, get("/x")).await.unwrap()).await;
+        let err = client.send(&origin, get("/fail")).await.unwrap_err();
+        assert!(matches!(err, UpstreamError::Http(_)), "{err}");
+        read_all(client.send(&origin, get("/x")).await.unwrap()).await;
+        assert_eq!(up.connections.load(Ordering::SeqCst), 1);
+    }
+
+    /// A TCP relay to `to` whose connections open so far can be made to swallow every byte
+    /// (a path gone silent); connections opened later pass.
+    async fn relay(to: u16) -> (u16, Arc<Mutex<Vec<Arc<AtomicBool>>>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let flags: Arc<Mutex<Vec<Arc<AtomicBool>>>> = Arc::default();
+        let all = Arc::clone(&flags);
+        tokio::spawn(async move {
+            while let Ok((a, _)) = listener.accept().await {
+                let b = TcpStream::connect(("127.0.0.1", to)).await.unwrap();
+                let silent = Arc::new(AtomicBool::new(false));
+                all.lock().unwrap().push(Arc::clone(&silent));
+                let (ar, aw) = a.into_split();
+                let (br, bw) = b.into_split();
+                tokio::spawn(pipe(ar, bw, Arc::clone(&silent)));
+                tokio::spawn(pipe(br, aw, silent));
+            }
+        });
+        (port, flags)
+    }
+
+    async fn pipe(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        silent: Arc<AtomicBool>,
+    ) {
+        let mut buf = [0u8; 16384];
+        while let Ok(n) = from.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            if !silent.load(Ordering::SeqCst) && to.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+        // Keep the write half open: silence, not a close.
+        std::future::pending::<()>().await;
+    }
+
+    #[tokio::test]
+    async fn a_connection_whose_path_went_silent_is_replaced_once_its_pings_go_unanswered() {
+        let up = h2_upstream().await;
+        let (port, flags) = relay(up.port).await;
+        let limits = Limits {
+            ping_every: Duration::from_millis(100),
+            ping_timeout: Duration::from_millis(100),
+            ..LIMITS
+        };
+        let (client, origin) = (tls_client(&up.ca_pem, limits), origin(port));
+        read_all(client.send(&origin, get("/x")).await.unwrap()).await;
+        for silent in flags.lock().unwrap().iter() {
+            silent.store(true, Ordering::SeqCst);
+        }
+        let closed = eventually(|| {
+            let pool = client.0.lock(client.worker());
+            let h2 = pool.origins.get(&*origin.key).and_then(|c| c.h2.as_ref());
+            h2.is_none_or(|(sender, _)| sender.is_closed())
+        });
+        assert!(closed.await, "the unanswered pings closed it");
+        let call = client.send(&origin, get("/x"));
+        let response = tokio::time::timeout(Duration::from_secs(2), call).await;
+        assert_eq!(read_all(response.unwrap().unwrap()).await, "hello");
+        assert_eq!(up.connections.load(Ordering::SeqCst), 2);
+    }
 }
