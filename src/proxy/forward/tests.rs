@@ -250,8 +250,9 @@ async fn idle_connections_close_after_the_idle_timeout() {
         eventually(|| idle_count(&client, &origin) == 0).await,
         "the reaper closed it"
     );
+    // The connection was pooled a moment before `pooled` was read: allow for that.
     assert!(
-        pooled.elapsed() >= limits.idle_timeout,
+        pooled.elapsed() >= limits.idle_timeout - Duration::from_millis(20),
         "not before its time"
     );
     read_all(client.send(&origin, get("/x")).await.unwrap()).await;
