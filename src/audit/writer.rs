@@ -35,9 +35,12 @@ use crate::secret::Secret;
 
 /// The most records committed in one write.
 pub const MAX_BATCH: usize = 1024;
-/// Under `always` with many calls in flight, how long the writer waits for more records
-/// before a sync: one `fdatasync` then covers more calls.
+/// Under `always` with many calls in flight, how long the writer first waits for more records
+/// before a sync: one `fdatasync` then covers more calls. Each further wait, taken only if
+/// records arrived during the last one, is twice as long.
 const COMMIT_DELAY: Duration = Duration::from_micros(100);
+/// The longest single wait: 100 + 200 + 400 + 800 µs (1.5 ms) at most before a sync.
+const MAX_COMMIT_DELAY: Duration = Duration::from_micros(800);
 /// The writer waits [`COMMIT_DELAY`] only when at least this many calls per record in the
 /// batch are in flight elsewhere (PostgreSQL's `commit_siblings`, relative): their records
 /// are coming. With fewer, the wait costs every caller more than the shared sync saves.
@@ -628,7 +631,7 @@ impl Writer {
             };
             let mut appends = Vec::new();
             let mut next = Some(first);
-            let mut waited = false;
+            let mut delay = COMMIT_DELAY;
             while let Some(msg) = next.take() {
                 match msg {
                     Msg::Append(rec, reply) => appends.push((rec, reply)),
@@ -639,12 +642,16 @@ impl Writer {
                 }
                 if appends.len() < MAX_BATCH {
                     next = rx.try_recv().ok();
-                    if next.is_none() && !waited && self.commit_delay(appends.len()) {
+                    if next.is_none()
+                        && delay <= MAX_COMMIT_DELAY
+                        && self.commit_delay(appends.len())
+                    {
                         // Sleep rather than wait on the queue: a waiting receiver is woken by
                         // every send, and on a busy core each wake-up is two context switches
-                        // (the caller's thread is preempted). Once per batch.
-                        waited = true;
-                        std::thread::sleep(COMMIT_DELAY);
+                        // (the caller's thread is preempted). Each further wait is twice as
+                        // long, and happens only if records arrived during the last one.
+                        std::thread::sleep(delay);
+                        delay *= 2;
                         next = rx.try_recv().ok();
                     }
                 }
