@@ -51,7 +51,11 @@ fn main() {
         count(|| rt.block_on(get(&mut direct, "/repos/acme/widget/issues", &auth)));
 
     let running = rt
-        .block_on(credbroker::cli::serve::start(config(dir.path(), up, "never")))
+        .block_on(credbroker::cli::serve::start(config(
+            dir.path(),
+            up,
+            "never",
+        )))
         .unwrap();
     let bearer = format!("Bearer {}", rt.block_on(token(running.proxy_addr)));
     let mut client = rt.block_on(connect(running.proxy_addr));
