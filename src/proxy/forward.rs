@@ -12,6 +12,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -324,11 +325,15 @@ async fn drive<F: std::future::Future<Output = hyper::Result<()>>>(conn: F) {
     }
 }
 
-/// Connects to the first of `host`'s addresses that answers, in resolver order, starting the
-/// next attempt alongside when one has not answered within [`NEXT_ADDRESS_AFTER`] or failed.
+/// Connects to the first of `host`'s addresses that answers, in resolver order.
 async fn tcp_connect(host: &str, port: u16) -> io::Result<TcpStream> {
+    connect_first(tokio::net::lookup_host((host, port)).await?).await
+}
+
+/// Tries `addresses` in order, starting the next attempt alongside when one has not answered
+/// within [`NEXT_ADDRESS_AFTER`] or has failed; the first connection made wins.
+async fn connect_first(mut addresses: impl Iterator<Item = SocketAddr>) -> io::Result<TcpStream> {
     use futures_util::stream::{FuturesUnordered, StreamExt};
-    let mut addresses = tokio::net::lookup_host((host, port)).await?;
     let mut attempts = FuturesUnordered::new();
     let mut last_error = None;
     loop {

@@ -430,6 +430,34 @@ async fn connection_refused_is_a_connect_error() {
 }
 
 #[tokio::test]
+async fn an_address_that_never_answers_costs_a_moment_not_the_connect_budget() {
+    // A listener whose accept queue is full drops further SYNs: connecting to it hangs.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let silent = socket.listen(1).unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let mut queued = Vec::new();
+    while tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(silent_addr))
+        .await
+        .map(|c| queued.push(c))
+        .is_ok()
+    {
+        assert!(queued.len() < 64, "the accept queue never filled");
+    }
+    let up = Upstream::start(Then::Answer(OK)).await;
+    let started = Instant::now();
+    let tcp = connect_first([silent_addr, up.addr].into_iter())
+        .await
+        .unwrap();
+    assert_eq!(tcp.peer_addr().unwrap(), up.addr);
+    let took = started.elapsed();
+    assert!(
+        took >= NEXT_ADDRESS_AFTER && took < NEXT_ADDRESS_AFTER * 4,
+        "second address tried after {took:?}"
+    );
+}
+
+#[tokio::test]
 async fn absolute_uris_go_to_their_origin_in_origin_form_with_a_host() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
