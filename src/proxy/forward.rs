@@ -1,8 +1,8 @@
 //! Upstream connections: keep-alive connections over HTTPS (rustls, webpki roots plus an
 //! optional `upstream_ca`, ALPN h2 or http/1.1) or plain HTTP for loopback upstreams, pooled
-//! per worker runtime. Redirects are never followed. The only retry is the one that cannot
-//! repeat anything: a request that a reused connection hands back unsent (it had closed while
-//! idle) goes out on another connection (DESIGN §4.3).
+//! per worker runtime. Redirects are never followed. DESIGN §4.3 forbids retries because a
+//! retried POST could act twice; the one resend here cannot: a request that a reused
+//! connection hands back unsent (it had closed while idle) goes out on another connection.
 //!
 //! Why not hyper-util's pooled client: it checks every call's connection out of a pool shared
 //! by all threads and spawns a task per call to put it back. Here a connection belongs to the
