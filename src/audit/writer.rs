@@ -120,12 +120,15 @@ fn records_are_coming(in_flight: usize, batch: usize) -> bool {
     in_flight.saturating_sub(batch) >= SIBLINGS_PER_RECORD * batch.max(1)
 }
 
-/// A proxied call in progress, for the writer's commit delay ([`AuditLog::call_in_flight`]).
-pub struct CallInFlight(Arc<Shared>);
+/// A proxied call in progress, for the writer's commit delay ([`AuditLog::call_in_flight`]);
+/// counts nothing when no writer thread reads the count.
+pub struct CallInFlight<'a>(Option<&'a AtomicUsize>);
 
-impl Drop for CallInFlight {
+impl Drop for CallInFlight<'_> {
     fn drop(&mut self) {
-        self.0.calls_in_flight.fetch_sub(1, Ordering::Relaxed);
+        if let Some(count) = self.0 {
+            count.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -299,13 +302,18 @@ impl AuditLog {
 
     /// Counts a proxied call as in progress until the guard drops. Under `always` the writer
     /// holds a sync back a moment only while many calls are in flight: their records are
-    /// about to arrive and share it.
-    pub fn call_in_flight(&self) -> CallInFlight {
-        self.inner
-            .shared
-            .calls_in_flight
-            .fetch_add(1, Ordering::Relaxed);
-        CallInFlight(Arc::clone(&self.inner.shared))
+    /// about to arrive and share it. Under `never` and `interval` nothing reads the count, so
+    /// the hot path does not touch it.
+    pub fn call_in_flight(&self) -> CallInFlight<'_> {
+        let count = self
+            .inner
+            .tx
+            .is_some()
+            .then_some(&self.inner.shared.calls_in_flight);
+        if let Some(count) = count {
+            count.fetch_add(1, Ordering::Relaxed);
+        }
+        CallInFlight(count)
     }
 
     /// Blocking variant for non-async callers (CLI, shutdown paths). Safe to call anywhere,
