@@ -111,11 +111,41 @@ pub struct RawConnector {
 }
 
 /// `credential = "env:NAME"` or a dynamic credential table (DESIGN §3.7).
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug)]
 pub enum RawCredential {
     Reference(String),
     Dynamic(RawDynamicCredential),
+}
+
+/// A string is a reference and a table a dynamic credential, told apart by the value's type
+/// rather than by trying both (serde's `untagged`), so a typo inside the table is reported
+/// as the table's own error (`unknown field \`scopee\``), not as "did not match any variant".
+impl<'de> Deserialize<'de> for RawCredential {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = RawCredential;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(
+                    "a secret reference (\"env:NAME\", \"file:PATH\") or a credential table",
+                )
+            }
+
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(RawCredential::Reference(v.to_owned()))
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<Self::Value, A::Error> {
+                RawDynamicCredential::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(RawCredential::Dynamic)
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
 /// A dynamic credential: the broker mints short-lived upstream credentials itself.
@@ -143,7 +173,9 @@ pub enum RawDynamicCredential {
 #[derive(Debug, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum RawAuth {
-    Bearer,
+    /// A struct variant, not a unit one: serde ignores extra keys next to a unit variant's
+    /// tag, and `deny_unknown_fields` must hold here too (`prefix` is not a bearer option).
+    Bearer {},
     Header {
         name: String,
         #[serde(default)]

@@ -116,6 +116,101 @@ fn every_semantic_problem_is_reported_at_once() {
 }
 
 #[test]
+fn an_error_quotes_the_key_but_never_a_value() {
+    // A raw secret pasted under a mistyped key, under the right key with the wrong type, and
+    // as a wrong-typed number: each error names the line and key, never the value.
+    let cases = [
+        GOOD.replace(
+            "credential = \"literal:tok\"",
+            "credentials = \"ghp_RAW_SECRET_1\"",
+        ),
+        GOOD.replace(
+            "credential = \"literal:tok\"",
+            "credential = [\"ghp_RAW_SECRET_1\"]",
+        ),
+        GOOD.replace(
+            "path = \"audit.jsonl\"",
+            "path = \"audit.jsonl\"\nhmac_key = 424242424242",
+        ),
+        GOOD.replace("[audit]", "[audit]\nhmac_key = \"ghp_RAW_SECRET_1\""),
+    ];
+    for text in cases {
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("credbroker.toml:"), "{err}");
+        assert!(
+            !err.contains("RAW_SECRET") && !err.contains("424242"),
+            "a value leaked: {err}"
+        );
+    }
+    let err = parse(&GOOD.replace("credential = \"literal:tok\"", "credentials = \"x\""))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("credentials") && err.contains("unknown field"),
+        "{err}"
+    );
+}
+
+#[test]
+fn without_values_hides_what_serde_quotes_and_keeps_names() {
+    use super::validate::without_values;
+    assert_eq!(
+        without_values(r#"invalid type: string "a\"b", expected u64"#),
+        r#"invalid type: string "…", expected u64"#
+    );
+    assert_eq!(
+        without_values("invalid type: integer `42`, expected a string"),
+        "invalid type: integer …, expected a string"
+    );
+    assert_eq!(
+        without_values("unknown field `hmac_kye`, expected one of `path`, `fsync`"),
+        "unknown field `hmac_kye`, expected one of `path`, `fsync`"
+    );
+    assert_eq!(without_values("expected `\"`"), "expected `\"`");
+}
+
+#[test]
+fn typos_inside_auth_and_credential_tables_are_named() {
+    let bearer = GOOD.replace(
+        "rate_limit = { per_second = 5 }",
+        "rate_limit = { per_second = 5 }\nauth = { type = \"bearer\", prefix = \"token \" }",
+    );
+    let err = parse(&bearer).unwrap_err().to_string();
+    assert!(err.contains("unknown field `prefix`"), "{err}");
+    let dynamic = GOOD.replace(
+        "credential = \"literal:tok\"",
+        "credential = { type = \"oauth2_client_credentials\", token_url = \"https://l.example/t\", client_id = \"c\", client_secret = \"literal:s\", scopee = \"r\" }",
+    );
+    let err = parse(&dynamic).unwrap_err().to_string();
+    assert!(err.contains("unknown field `scopee`"), "{err}");
+    let kind = dynamic.replace("oauth2_client_credentials", "aws_sts");
+    let err = parse(&kind).unwrap_err().to_string();
+    assert!(err.contains("unknown variant `aws_sts`"), "{err}");
+}
+
+#[test]
+fn reserved_names_shared_listeners_and_empty_hmac_keys_are_errors() {
+    let err = parse(&GOOD.replace("name = \"github\"", "name = \"oauth2\""))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("connectors[oauth2].name") && err.contains("reserved"),
+        "{err}"
+    );
+    let admin = "\n[admin]\nlisten = \"0.0.0.0:8443\"\ntoken_sha256 = \"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\"\n";
+    let shared = GOOD.replace("[audit]", &format!("{admin}\n[audit]"));
+    let err = parse(&shared).unwrap_err().to_string();
+    assert!(err.contains("admin.listen"), "{err}");
+    assert!(parse(&shared.replace("0.0.0.0:8443", "127.0.0.1:9443")).is_ok());
+    let empty = GOOD.replace("[audit]", "[audit]\nhmac_key = \"literal:\"");
+    let err = parse(&empty).unwrap_err().to_string();
+    assert!(
+        err.contains("audit.hmac_key") && err.contains("empty"),
+        "{err}"
+    );
+}
+
+#[test]
 fn duplicates_and_unknown_connectors_are_errors() {
     let dup = format!("{GOOD}\n[[clients]]\nid = \"bot\"\nowner = \"x\"\nsecret_sha256 = \"{}\"\ngrants = [{{ connector = \"nope\", operations = [] }}]\n", "0".repeat(64));
     let all = parse(&dup).unwrap_err().to_string();

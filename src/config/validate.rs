@@ -73,7 +73,7 @@ pub(super) fn parse(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
         Ok(raw) => raw,
         Err(e) => {
             // toml's message may span lines; `check` prints one finding a line.
-            let message = e.message().trim().replace('\n', "; ");
+            let message = without_values(e.message().trim()).replace('\n', "; ");
             let span = e.span();
             let key = span
                 .as_ref()
@@ -98,18 +98,70 @@ fn source_line(text: &str, offset: usize) -> &str {
     text[start..end].trim()
 }
 
-/// What of a source line an error may quote: the whole line, unless it holds a `literal:`
-/// secret — then only the key before `=` (or nothing), never the value.
+/// What of a source line an error may quote: the key before `=`, or a `[table]` header —
+/// never a value. A value may be a secret pasted where a reference belongs (a mistyped key,
+/// a wrong type), and the message goes to `check`'s output, the log, the admin API's answer
+/// and an `admin` audit record.
 fn line_key(line: &str) -> &str {
-    if !line.contains("literal:") {
+    if let Some((key, _)) = line.split_once('=') {
+        return key.trim();
+    }
+    if line.starts_with('[') {
         return line;
     }
-    line.split_once('=').map_or("", |(key, _)| key.trim())
+    ""
+}
+
+/// serde's message with every value it quotes hidden, for the same reason as [`line_key`]:
+/// `invalid type: string "ghp_…", expected …` becomes `invalid type: string "…", expected …`,
+/// and `integer`, `boolean` … values shown in backquotes go too. Names in backquotes (an
+/// unknown field's) stay: the key is what the reader needs.
+pub(super) fn without_values(message: &str) -> String {
+    const VALUE_KINDS: [&str; 4] = ["integer", "floating point", "boolean", "character"];
+    let mut out = String::with_capacity(message.len());
+    let mut chars = message.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => {
+                out.push_str("\"…\"");
+                // Skip to the closing quote (serde escapes quotes inside with a backslash).
+                let mut escaped = false;
+                for c in chars.by_ref() {
+                    match c {
+                        '\\' if !escaped => escaped = true,
+                        '"' if !escaped => break,
+                        _ => escaped = false,
+                    }
+                }
+            }
+            '`' => {
+                let name: String = chars.by_ref().take_while(|&c| c != '`').collect();
+                if VALUE_KINDS.iter().any(|k| out.ends_with(&format!("{k} "))) {
+                    out.push('…');
+                } else {
+                    out.push('`');
+                    out.push_str(&name);
+                    out.push('`');
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 fn convert(cx: &mut Ctx<'_>, raw: RawConfig, text: &str) -> Option<Config> {
     let server = server(cx, &raw.server);
     let admin = raw.admin.as_ref().and_then(|a| admin(cx, a));
+    if let (Some(server), Some(admin), Some(raw_admin)) = (&server, &admin, &raw.admin) {
+        if listeners_collide(server.listen, admin.listen) {
+            cx.err(
+                Some(raw_admin.listen.span()),
+                "admin.listen",
+                "the admin listener must not share the proxy listener's address and port",
+            );
+        }
+    }
     let tokens = tokens(cx, &raw.tokens);
     let audit = audit(cx, &raw.audit);
     let state = state(cx, &raw.state);
@@ -131,6 +183,14 @@ fn convert(cx: &mut Ctx<'_>, raw: RawConfig, text: &str) -> Option<Config> {
         connector_index,
         client_index,
     })
+}
+
+/// Whether two listeners would bind the same port on an overlapping address (the same one,
+/// or either on all addresses).
+fn listeners_collide(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port()
+        && a.port() != 0
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
 fn index(names: impl Iterator<Item = String>) -> HashMap<String, usize> {
@@ -244,6 +304,11 @@ fn audit(cx: &mut Ctx<'_>, raw: &raw::RawAudit) -> Option<AuditConfig> {
     }
     let (hmac_key_ref, hmac_key) = match &raw.hmac_key {
         Some(s) => match secret(cx, s, "audit.hmac_key") {
+            // Anyone can compute an HMAC with an empty key: it would protect nothing.
+            Some((_, v)) if v.is_empty() => {
+                cx.err(Some(s.span()), "audit.hmac_key", "the key is empty");
+                (None, None)
+            }
             Some((r, v)) => (Some(r), Some(v)),
             None => (None, None),
         },
@@ -309,6 +374,12 @@ fn connector(cx: &mut Ctx<'_>, raw: &raw::RawConnector, key: &str) -> Option<Con
             &format!("{key}.name"),
             "must be 1-64 characters of a-z, A-Z, 0-9, '-', '_' (it is the proxy path prefix)",
         );
+    } else if RESERVED_CONNECTOR_NAMES.contains(&name.as_str()) {
+        cx.err(
+            Some(raw.name.span()),
+            &format!("{key}.name"),
+            format!("`{name}` is reserved: /{name}/… is served by the broker itself"),
+        );
     }
     required(cx, &raw.owner, &format!("{key}.owner"));
     required(cx, &raw.purpose, &format!("{key}.purpose"));
@@ -351,6 +422,10 @@ fn connector(cx: &mut Ctx<'_>, raw: &raw::RawConnector, key: &str) -> Option<Con
         router,
     })
 }
+
+/// Path prefixes the proxy listener serves itself (`/oauth2/token`); a connector of that name
+/// would be shadowed there. (`.well-known` is not a valid connector name anyway.)
+const RESERVED_CONNECTOR_NAMES: [&str; 1] = ["oauth2"];
 
 fn is_connector_name(name: &str) -> bool {
     (1..=64).contains(&name.len())
@@ -601,7 +676,7 @@ fn auth(cx: &mut Ctx<'_>, raw: Option<&Spanned<raw::RawAuth>>, key: &str) -> Opt
     };
     let span = Some(raw.span());
     Some(match raw.get_ref() {
-        raw::RawAuth::Bearer => AuthMethod::Bearer,
+        raw::RawAuth::Bearer {} => AuthMethod::Bearer,
         raw::RawAuth::Header { name, prefix } => {
             let name = header_name(cx, name, span.clone(), &format!("{key}.name"))?;
             if is_reserved_header(&name) {
