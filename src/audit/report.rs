@@ -29,6 +29,9 @@ pub struct GrantInfo {
     /// Why a time-bound grant was given.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// False once a time-bound grant has expired: it no longer exists (DESIGN §3.3), so it is
+    /// listed among the time-bound grants but is not an unused permission.
+    pub live: bool,
 }
 
 /// Why a report could not be made.
@@ -46,14 +49,16 @@ pub enum ReportError {
     Json(#[from] serde_json::Error),
 }
 
-/// The whole report; also the `--json` document.
+/// The whole report; also the `--json` document. The two grant lists are `null` when no
+/// config was given: without the grants there is nothing to say, and an empty list would
+/// read as "no unused permissions".
 #[derive(Debug, Default, Serialize)]
 struct Report {
     period: Period,
     usage: Vec<Usage>,
-    unused_grants: Vec<UnusedGrant>,
+    unused_grants: Option<Vec<UnusedGrant>>,
     beyond_scope: Vec<BeyondScope>,
-    time_bound_grants: Vec<GrantInfo>,
+    time_bound_grants: Option<Vec<GrantInfo>>,
 }
 
 /// The time the files cover.
@@ -104,10 +109,11 @@ struct BeyondScope {
 }
 
 /// Reports on `paths` (read in order; several replicas' files merge) against the current
-/// `grants`, as a table or, with `json`, one JSON document.
+/// `grants` (`None`: no config, so no grant findings), as a table or, with `json`, one JSON
+/// document.
 pub fn run_report(
     paths: &[PathBuf],
-    grants: &[GrantInfo],
+    grants: Option<&[GrantInfo]>,
     json: bool,
     out: &mut dyn Write,
 ) -> Result<(), ReportError> {
@@ -190,7 +196,7 @@ impl Accumulator {
         }
     }
 
-    fn finish(self, grants: &[GrantInfo]) -> Report {
+    fn finish(self, grants: Option<&[GrantInfo]>) -> Report {
         let used: BTreeSet<(&str, &str, &str)> = self
             .usage
             .values()
@@ -200,21 +206,29 @@ impl Accumulator {
                     .map(|op| (u.client.as_str(), u.connector.as_str(), op.as_str()))
             })
             .collect();
-        let unused_grants = grants
-            .iter()
-            .filter(|g| {
-                !used.contains(&(
-                    g.client.as_str(),
-                    g.connector.as_str(),
-                    g.operation.as_str(),
-                ))
-            })
-            .map(|g| UnusedGrant {
-                client: g.client.clone(),
-                connector: g.connector.clone(),
-                operation: g.operation.clone(),
-            })
-            .collect();
+        // A permission held through two grants (a permanent one and an elevation) is listed
+        // once; an expired elevation is no permission at all.
+        let unused_grants = grants.map(|grants| {
+            grants
+                .iter()
+                .filter(|g| g.live)
+                .map(|g| {
+                    (
+                        g.client.as_str(),
+                        g.connector.as_str(),
+                        g.operation.as_str(),
+                    )
+                })
+                .filter(|key| !used.contains(key))
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .map(|(client, connector, operation)| UnusedGrant {
+                    client: client.to_owned(),
+                    connector: connector.to_owned(),
+                    operation: operation.to_owned(),
+                })
+                .collect()
+        });
         let usage = self.usage.into_values().map(with_top_operations).collect();
         let beyond_scope = self
             .beyond
@@ -230,11 +244,13 @@ impl Accumulator {
                 },
             )
             .collect();
-        let time_bound_grants = grants
-            .iter()
-            .filter(|g| g.expires.is_some() || g.reason.is_some())
-            .cloned()
-            .collect();
+        let time_bound_grants = grants.map(|grants| {
+            grants
+                .iter()
+                .filter(|g| g.expires.is_some() || g.reason.is_some())
+                .cloned()
+                .collect()
+        });
         Report {
             period: self.period,
             usage,
@@ -315,50 +331,70 @@ fn write_table(r: &Report, out: &mut dyn Write) -> io::Result<()> {
         out,
         "\nGranted but never used in this period (least privilege):"
     )?;
-    if r.unused_grants.is_empty() {
-        writeln!(out, "  (none)")?;
+    match &r.unused_grants {
+        None => writeln!(out, "  {NEEDS_CONFIG}")?,
+        Some(unused) if unused.is_empty() => writeln!(out, "  (none)")?,
+        Some(unused) => {
+            for g in unused {
+                writeln!(
+                    out,
+                    "  {} -> {}:{}",
+                    cell(&g.client),
+                    cell(&g.connector),
+                    cell(&g.operation)
+                )?;
+            }
+        }
     }
-    for g in &r.unused_grants {
-        writeln!(
-            out,
-            "  {} -> {}.{}",
-            cell(&g.client),
-            cell(&g.connector),
-            cell(&g.operation)
-        )?;
-    }
-    writeln!(out, "\nDenied attempts beyond the granted scope:")?;
+    writeln!(
+        out,
+        "\nDenied attempts outside the allowlist, the grants or the token's scope:"
+    )?;
     if r.beyond_scope.is_empty() {
         writeln!(out, "  (none)")?;
     }
     for b in &r.beyond_scope {
+        let reasons: Vec<String> = b.reasons.iter().map(|r| cell(r)).collect();
         writeln!(
             out,
-            "  {} -> {}: {} {} ({} attempts)",
+            "  {} -> {}: {} {} ({} {}: {})",
             cell(&b.client),
             cell(&b.connector),
             cell(&b.method),
             cell(&b.path),
-            b.attempts
+            b.attempts,
+            if b.attempts == 1 {
+                "attempt"
+            } else {
+                "attempts"
+            },
+            reasons.join(", ")
         )?;
     }
     writeln!(out, "\nTime-bound grants:")?;
-    if r.time_bound_grants.is_empty() {
-        writeln!(out, "  (none)")?;
-    }
-    for g in &r.time_bound_grants {
-        writeln!(
-            out,
-            "  {} -> {}.{} expires {}: {}",
-            cell(&g.client),
-            cell(&g.connector),
-            cell(&g.operation),
-            dash(&g.expires),
-            cell(&dash(&g.reason))
-        )?;
+    match &r.time_bound_grants {
+        None => writeln!(out, "  {NEEDS_CONFIG}")?,
+        Some(grants) if grants.is_empty() => writeln!(out, "  (none)")?,
+        Some(grants) => {
+            for g in grants {
+                writeln!(
+                    out,
+                    "  {} -> {}:{} {} {}: {}",
+                    cell(&g.client),
+                    cell(&g.connector),
+                    cell(&g.operation),
+                    if g.live { "expires" } else { "EXPIRED" },
+                    dash(&g.expires),
+                    cell(&dash(&g.reason))
+                )?;
+            }
+        }
     }
     Ok(())
 }
+
+/// What the grant sections say when no config was given.
+const NEEDS_CONFIG: &str = "(unknown: the grants come from the config; pass --config)";
 
 #[cfg(test)]
 mod tests {
@@ -399,6 +435,7 @@ mod tests {
             operation: op.into(),
             expires: expires.map(str::to_owned),
             reason: expires.map(|_| "incident 42".to_owned()),
+            live: true,
         }
     }
 
@@ -430,7 +467,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (path, grants) = fixture(dir.path());
         let mut out = Vec::new();
-        run_report(&[path], &grants, true, &mut out).unwrap();
+        run_report(&[path], Some(&grants), true, &mut out).unwrap();
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["period"]["records"], 5);
         assert_eq!(v["usage"][0]["calls"], 2);
@@ -456,15 +493,62 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (path, grants) = fixture(dir.path());
         let mut out = Vec::new();
-        run_report(&[path], &grants, false, &mut out).unwrap();
+        run_report(&[path], Some(&grants), false, &mut out).unwrap();
         let text = String::from_utf8(out).unwrap();
         assert!(text.contains("github / bot: 2 calls, 2 denials"), "{text}");
-        assert!(text.contains("bot -> github.write_issues\n"), "{text}");
-        assert!(text.contains("GET /delete_repo (1 attempts)"), "{text}");
+        assert!(text.contains("bot -> github:write_issues\n"), "{text}");
+        assert!(
+            text.contains("GET /delete_repo (1 attempt: insufficient_scope)"),
+            "{text}"
+        );
         assert!(
             text.contains("expires 2026-12-01T00:00:00Z: incident 42"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn expired_and_duplicate_grants_are_not_unused_permissions() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, mut grants) = fixture(dir.path());
+        // write_issues twice (permanent and an elevation), and an expired elevation.
+        grants.push(grant("bot", "write_issues", None));
+        let mut expired = grant("bot", "admin", Some("2020-01-01T00:00:00Z"));
+        expired.live = false;
+        grants.push(expired);
+        let mut out = Vec::new();
+        run_report(std::slice::from_ref(&path), Some(&grants), true, &mut out).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        let unused: Vec<&str> = v["unused_grants"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| g["operation"].as_str().unwrap())
+            .collect();
+        assert_eq!(unused, ["write_issues"]);
+        assert_eq!(v["time_bound_grants"][1]["live"], false);
+        let mut out = Vec::new();
+        run_report(&[path], Some(&grants), false, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.contains("bot -> github:admin EXPIRED 2020-01-01T00:00:00Z: incident 42"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn without_a_config_the_grant_sections_say_so_instead_of_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, _) = fixture(dir.path());
+        let mut out = Vec::new();
+        run_report(std::slice::from_ref(&path), None, true, &mut out).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert!(v["unused_grants"].is_null() && v["time_bound_grants"].is_null());
+        let mut out = Vec::new();
+        run_report(&[path], None, false, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(text.matches(NEEDS_CONFIG).count(), 2, "{text}");
+        assert!(!text.contains("(none)\n\nDenied"), "{text}");
     }
 
     #[test]

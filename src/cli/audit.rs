@@ -5,11 +5,12 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
+use chrono::{DateTime, Utc};
 use clap::Subcommand;
 
 use super::ConfigPath;
 use crate::audit::{self, Decision, Event, GrantInfo, QueryFilter};
-use crate::config::Config;
+use crate::config::AuditorConfig;
 use crate::secret::{Secret, SecretRef};
 
 #[derive(Debug, Subcommand)]
@@ -95,12 +96,11 @@ pub fn run(cmd: AuditCommand, config: &ConfigPath) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         AuditCommand::Report { files, json } => {
-            let grants = optional_config(config)?
-                .map(|c| grants_of(&c))
-                .unwrap_or_default();
+            let grants = auditor_config(config, "the report has no grant findings")?
+                .map(|c| grants_of(&c, chrono::Utc::now()));
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
-            let written = audit::run_report(&files, &grants, json, &mut out)
+            let written = audit::run_report(&files, grants.as_deref(), json, &mut out)
                 .map_err(anyhow::Error::from)
                 .and_then(|()| out.flush().map_err(anyhow::Error::from));
             ok_on_broken_pipe(written)?;
@@ -129,25 +129,19 @@ fn ok_on_broken_pipe(result: anyhow::Result<()>) -> anyhow::Result<()> {
     }
 }
 
-/// The config for commands where it only adds information: an explicit `--config` must load;
-/// the default file is used when present and valid, and otherwise skipped with a note.
-fn optional_config(config: &ConfigPath) -> anyhow::Result<Option<Config>> {
-    if config.explicit {
-        return Ok(Some(Config::load(&config.path)?));
-    }
-    if !config.path.exists() {
+/// The auditor's part of the config ([`AuditorConfig`]). The file given, or the default one
+/// when it exists, must load: falling back to no config would verify a keyed chain as a plain
+/// one, which anyone can forge. Only a missing default file means no config, said on stderr
+/// with what that leaves out (`without`).
+fn auditor_config(config: &ConfigPath, without: &str) -> anyhow::Result<Option<AuditorConfig>> {
+    if !config.explicit && !config.path.exists() {
+        eprintln!(
+            "note: no config at {} ({without}); pass --config to use one",
+            config.path.display()
+        );
         return Ok(None);
     }
-    match Config::load(&config.path) {
-        Ok(c) => Ok(Some(c)),
-        Err(e) => {
-            eprintln!(
-                "note: not using {} (it does not load: {e}); pass --config to choose one",
-                config.path.display()
-            );
-            Ok(None)
-        }
-    }
+    Ok(Some(AuditorConfig::load(&config.path)?))
 }
 
 fn verify(
@@ -160,8 +154,14 @@ fn verify(
             anyhow::bail!("give either --config or --hmac-key, not both")
         }
         // A relative file: reference is relative to the current directory here.
-        Some(r) => Some(SecretRef::parse(r, Path::new("."))?.resolve()?),
-        None => optional_config(config)?.and_then(|c| c.audit.hmac_key),
+        Some(r) => {
+            let key = SecretRef::parse(r, Path::new("."))?.resolve()?;
+            anyhow::ensure!(!key.is_empty(), "--hmac-key: the key is empty");
+            Some(key)
+        }
+        None => {
+            auditor_config(config, "verifying as a plain SHA-256 chain")?.and_then(|c| c.hmac_key)
+        }
     };
     match audit::verify_files(files, key.as_ref()) {
         Ok(report) => match &report.failure {
@@ -189,20 +189,23 @@ fn verify(
     }
 }
 
-/// Every (client, connector, operation) the config grants, for the least-privilege report.
-pub fn grants_of(config: &Config) -> Vec<GrantInfo> {
+/// Every (client, connector, operation) the config grants, for the least-privilege report;
+/// a time-bound grant past its `expires` at `now` is marked as no longer live.
+pub fn grants_of(config: &AuditorConfig, now: DateTime<Utc>) -> Vec<GrantInfo> {
     config
-        .clients
+        .grants
         .iter()
-        .flat_map(|c| {
-            c.grants.iter().flat_map(move |g| {
-                g.operations.iter().map(move |op| GrantInfo {
-                    client: c.id.clone(),
-                    connector: g.connector.clone(),
-                    operation: op.clone(),
-                    expires: g.expires.map(|e| e.to_rfc3339()),
-                    reason: g.reason.clone(),
-                })
+        .flat_map(|g| {
+            g.operations.iter().map(move |op| GrantInfo {
+                client: g.client.clone(),
+                connector: g.connector.clone(),
+                operation: op.clone(),
+                // `Z`, as every other time the tools and the log print.
+                expires: g
+                    .expires
+                    .map(|e| e.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)),
+                reason: g.reason.clone(),
+                live: g.expires.is_none_or(|e| now < e),
             })
         })
         .collect()

@@ -238,18 +238,49 @@ pub struct Grant {
     pub reason: Option<String>,
 }
 
+/// What the auditor's commands (`audit verify`, `audit report`) need of a config file: the
+/// chain key and the grants. Read without resolving any connector credential or loading any
+/// key or certificate: checking the log must not need the organisation's upstream tokens.
+#[derive(Debug)]
+pub struct AuditorConfig {
+    /// `audit.hmac_key`, resolved.
+    pub hmac_key: Option<Secret>,
+    /// Every client's grants, as written (expired ones included).
+    pub grants: Vec<AuditorGrant>,
+}
+
+/// One `grants` entry of one client.
+#[derive(Debug)]
+pub struct AuditorGrant {
+    pub client: String,
+    pub connector: String,
+    pub operations: Vec<String>,
+    pub expires: Option<DateTime<Utc>>,
+    pub reason: Option<String>,
+}
+
+impl AuditorConfig {
+    /// Reads the file at `path`: TOML syntax, known keys, `audit.hmac_key` and the grants.
+    pub fn load(path: &Path) -> Result<Self, ConfigErrors> {
+        validate::parse_for_auditor(&read_config(path)?, path)
+    }
+}
+
+fn read_config(path: &Path) -> Result<String, ConfigErrors> {
+    std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError::new(
+            path,
+            None,
+            "",
+            format!("cannot read config: {e}"),
+        )])
+    })
+}
+
 impl Config {
     /// Reads and validates the file at `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigErrors> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigErrors(vec![ConfigError::new(
-                path,
-                None,
-                "",
-                format!("cannot read config: {e}"),
-            )])
-        })?;
-        Self::parse(&text, path)
+        Self::parse(&read_config(path)?, path)
     }
 
     /// Validates `text` as if read from `path` (relative paths resolve against its folder).

@@ -15,9 +15,9 @@ use toml::Spanned;
 
 use super::raw::{self, RawConfig, S};
 use super::{
-    AdminConfig, AuditConfig, AuthMethod, Client, Config, ConfigError, ConfigErrors, Connector,
-    Credential, Grant, Operation, RateLimit, ServerConfig, StateConfig, TlsFiles, TokensConfig,
-    Upstream, DEFAULT_MAX_BODY_BYTES,
+    AdminConfig, AuditConfig, AuditorConfig, AuditorGrant, AuthMethod, Client, Config, ConfigError,
+    ConfigErrors, Connector, Credential, Grant, Operation, RateLimit, ServerConfig, StateConfig,
+    TlsFiles, TokensConfig, Upstream, DEFAULT_MAX_BODY_BYTES,
 };
 use crate::audit::FsyncPolicy;
 use crate::policy::{OperationRouter, Pattern};
@@ -69,8 +69,20 @@ impl<'a> Ctx<'a> {
 
 pub(super) fn parse(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
     let mut cx = Ctx::new(text, file);
-    let raw: RawConfig = match toml::from_str(text) {
-        Ok(raw) => raw,
+    let Some(raw) = parse_toml(&mut cx, text) else {
+        return Err(ConfigErrors(cx.errors));
+    };
+    let config = convert(&mut cx, raw, text);
+    match config {
+        Some(config) if cx.errors.is_empty() => Ok(config),
+        _ => Err(ConfigErrors(cx.errors)),
+    }
+}
+
+/// The file as TOML, every key known; a syntax error or an unknown key is recorded in `cx`.
+fn parse_toml(cx: &mut Ctx<'_>, text: &str) -> Option<RawConfig> {
+    match toml::from_str(text) {
+        Ok(raw) => Some(raw),
         Err(e) => {
             // toml's message may span lines; `check` prints one finding a line.
             let message = without_values(e.message().trim()).replace('\n', "; ");
@@ -80,13 +92,51 @@ pub(super) fn parse(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
                 .map(|s| line_key(source_line(text, s.start)).to_owned())
                 .unwrap_or_default();
             cx.err(span, &key, message);
-            return Err(ConfigErrors(cx.errors));
+            None
         }
+    }
+}
+
+/// The auditor's part of the file ([`AuditorConfig`]): the same syntax and key checks, then
+/// only `audit.hmac_key` resolved and the grants read.
+pub(super) fn parse_for_auditor(text: &str, file: &Path) -> Result<AuditorConfig, ConfigErrors> {
+    let mut cx = Ctx::new(text, file);
+    let Some(raw) = parse_toml(&mut cx, text) else {
+        return Err(ConfigErrors(cx.errors));
     };
-    let config = convert(&mut cx, raw, text);
-    match config {
-        Some(config) if cx.errors.is_empty() => Ok(config),
-        _ => Err(ConfigErrors(cx.errors)),
+    let hmac_key = audit(&mut cx, &raw.audit).and_then(|a| a.hmac_key);
+    let mut grants = Vec::new();
+    for client in &raw.clients {
+        for (i, g) in client.grants.iter().enumerate() {
+            let key = format!("clients[{}].grants[{i}]", client.id.get_ref());
+            let expires = match &g.get_ref().expires {
+                Some(t) => match DateTime::parse_from_rfc3339(t) {
+                    Ok(d) => Some(d.with_timezone(&Utc)),
+                    Err(e) => {
+                        cx.err(
+                            Some(g.span()),
+                            &format!("{key}.expires"),
+                            format!("not an RFC 3339 time: {e}"),
+                        );
+                        continue;
+                    }
+                },
+                None => None,
+            };
+            let g = g.get_ref();
+            grants.push(AuditorGrant {
+                client: client.id.get_ref().clone(),
+                connector: g.connector.clone(),
+                operations: g.operations.clone(),
+                expires,
+                reason: g.reason.clone(),
+            });
+        }
+    }
+    if cx.errors.is_empty() {
+        Ok(AuditorConfig { hmac_key, grants })
+    } else {
+        Err(ConfigErrors(cx.errors))
     }
 }
 

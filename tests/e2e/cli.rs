@@ -11,6 +11,16 @@ fn credbroker(args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// Runs in `dir`, away from the repository's `config/credbroker.toml` (the default config,
+/// which the auditor's commands would read).
+fn credbroker_in(dir: &std::path::Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_credbroker"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap()
+}
+
 fn code(o: &Output) -> i32 {
     o.status.code().unwrap()
 }
@@ -158,6 +168,8 @@ async fn audit_verify_detects_tampering() {
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     b.stop().await;
     let path = b.audit_path();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let credbroker = |args: &[&str]| credbroker_in(elsewhere.path(), args);
     let o = credbroker(&["audit", "verify", path.to_str().unwrap()]);
     assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stdout));
     let text = std::fs::read_to_string(&path).unwrap().replacen(
@@ -183,4 +195,111 @@ async fn audit_verify_detects_tampering() {
     ]);
     assert_eq!(code(&o), 0);
     assert_eq!(String::from_utf8_lossy(&o.stdout).lines().count(), 1);
+}
+
+/// A chain of `n` `startup` records built as DESIGN §5 says, keyed with `key` if given.
+fn chain(n: u64, key: Option<&[u8]>) -> String {
+    use hmac::{Hmac, Mac};
+    use sha2::{Digest, Sha256};
+    let mut prev = "0".repeat(64);
+    let mut out = String::new();
+    for seq in 1..=n {
+        let body = format!(
+            r#"{{"seq":{seq},"ts":"2026-11-26T10:00:0{seq}.000000Z","event":"startup","version":"x","config_sha256":"{}","prev":"{prev}"}}"#,
+            "0".repeat(64)
+        );
+        let hash = match key {
+            Some(k) => {
+                let mut mac = Hmac::<Sha256>::new_from_slice(k).unwrap();
+                mac.update(body.as_bytes());
+                hex::encode(mac.finalize().into_bytes())
+            }
+            None => hex::encode(Sha256::digest(body.as_bytes())),
+        };
+        out.push_str(&format!(
+            "{},\"hash\":\"{hash}\"}}\n",
+            &body[..body.len() - 1]
+        ));
+        prev = hash;
+    }
+    out
+}
+
+/// DESIGN §2, §5: a config that declares a keyed chain is never silently dropped for an
+/// unkeyed check — a plain chain is what someone without the key can forge.
+#[test]
+fn audit_verify_never_falls_back_to_an_unkeyed_check() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("config")).unwrap();
+    // The default config declares a keyed chain whose key is not available here.
+    std::fs::write(
+        dir.path().join("config/credbroker.toml"),
+        "[server]\nlisten = \"127.0.0.1:9\"\n[audit]\npath = \"a.jsonl\"\nhmac_key = \"env:CREDBROKER_TEST_UNSET_KEY\"\n",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("forged.jsonl"), chain(3, None)).unwrap();
+    let verify = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_credbroker"))
+            .args(["audit", "verify"])
+            .args(args)
+            .current_dir(dir.path())
+            .env_remove("CREDBROKER_TEST_UNSET_KEY")
+            .output()
+            .unwrap()
+    };
+    let o = verify(&["forged.jsonl"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_ne!(code(&o), 0, "{out}");
+    assert!(!out.contains("intact"), "{out}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("CREDBROKER_TEST_UNSET_KEY"),
+        "says why"
+    );
+
+    // With no default config at all, the check is unkeyed and says so on stderr.
+    std::fs::remove_file(dir.path().join("config/credbroker.toml")).unwrap();
+    let o = verify(&["forged.jsonl"]);
+    assert_eq!(code(&o), 0);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("plain SHA-256"));
+}
+
+/// The auditor's commands read only the chain key and the grants: they work without the
+/// connectors' upstream credentials.
+#[test]
+fn audit_verify_and_report_need_no_upstream_credentials() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("credbroker.toml");
+    let text = standard_config("127.0.0.1:9".parse().unwrap());
+    assert!(
+        text.contains("credential = \""),
+        "the fixture has a connector"
+    );
+    let text = text
+        .lines()
+        .map(|l| {
+            if l.trim_start().starts_with("credential = ") {
+                "credential = \"env:CREDBROKER_TEST_UNSET_CREDENTIAL\"".to_owned()
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+        .replace("[audit]", "[audit]\nhmac_key = \"literal:auditor-key\"");
+    std::fs::write(&config, text).unwrap();
+    let log = dir.path().join("keyed.jsonl");
+    std::fs::write(&log, chain(2, Some(b"auditor-key"))).unwrap();
+    let (config, log) = (config.to_str().unwrap(), log.to_str().unwrap());
+    let o = credbroker(&["audit", "verify", log, "--config", config]);
+    assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).starts_with("intact: 2 records"));
+    let o = credbroker(&["audit", "report", log, "--config", config, "--json"]);
+    assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(report["unused_grants"]
+        .as_array()
+        .is_some_and(|g| !g.is_empty()));
+    // The full config does not load here, which is what `serve` and `check` need.
+    let o = credbroker(&["check", "--config", config]);
+    assert_eq!(code(&o), 1);
 }
