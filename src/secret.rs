@@ -71,10 +71,10 @@ pub enum SecretError {
     #[error("environment variable {0} is not set")]
     EnvMissing(String),
     /// The file could not be read.
-    #[error("cannot read secret file {path}: {source}")]
+    #[error("cannot read secret file {path}: {cause}")]
     FileUnreadable {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 
@@ -106,9 +106,9 @@ impl SecretRef {
                 .ok_or_else(|| SecretError::EnvMissing(name.clone())),
             Self::File(path) => {
                 let mut bytes =
-                    std::fs::read(path).map_err(|source| SecretError::FileUnreadable {
+                    std::fs::read(path).map_err(|cause| SecretError::FileUnreadable {
                         path: path.clone(),
-                        source,
+                        cause,
                     })?;
                 if bytes.last() == Some(&b'\n') {
                     bytes.pop();

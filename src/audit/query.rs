@@ -15,12 +15,12 @@ use crate::audit::record::{Decision, Event, StoredRecord};
 #[non_exhaustive]
 pub enum QueryError {
     /// A file could not be opened or read.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {cause}")]
     Io {
         /// The file.
         path: PathBuf,
         /// The cause.
-        source: io::Error,
+        cause: io::Error,
     },
     /// A complete line is not a record (run `audit verify` on the file).
     #[error("{path}:{line}: not an audit record: {reason}")]
@@ -179,9 +179,9 @@ pub(crate) fn for_each_line<E: From<QueryError>>(
     mut f: impl FnMut(&Path, u64, &str) -> Result<(), E>,
 ) -> Result<(), E> {
     for path in paths {
-        let io_err = |source| QueryError::Io {
+        let io_err = |cause| QueryError::Io {
             path: path.clone(),
-            source,
+            cause,
         };
         let file = File::open(path).map_err(io_err)?;
         let mut reader = BufReader::with_capacity(1 << 16, file);

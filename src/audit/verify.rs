@@ -14,12 +14,12 @@ use crate::secret::Secret;
 #[non_exhaustive]
 pub enum VerifyError {
     /// A file could not be opened or read.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {cause}")]
     Io {
         /// The file.
         path: PathBuf,
         /// The cause.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 
@@ -144,6 +144,8 @@ impl From<ChainError> for FailureReason {
             ChainError::HashMismatch => Self::HashMismatch,
             ChainError::BrokenLink { .. } => Self::BrokenLink,
             ChainError::HashNotLast => Self::HashNotLast,
+            // The chain's own message already starts "unparsable line: …".
+            ChainError::Unparsable(why) => Self::Unparsable(why),
             other => Self::Unparsable(other.to_string()),
         }
     }
@@ -189,9 +191,9 @@ struct ChainState<'k> {
 impl ChainState<'_> {
     /// Verifies one file; returns the first bad line's number and reason.
     fn verify_file(&mut self, path: &Path) -> Result<Option<(u64, FailureReason)>, VerifyError> {
-        let io_err = |source| VerifyError::Io {
+        let io_err = |cause| VerifyError::Io {
             path: path.to_owned(),
-            source,
+            cause,
         };
         let mut reader = BufReader::with_capacity(1 << 16, File::open(path).map_err(io_err)?);
         let mut buf = Vec::with_capacity(1024);

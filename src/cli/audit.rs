@@ -155,7 +155,7 @@ fn verify(
         }
         // A relative file: reference is relative to the current directory here.
         Some(r) => {
-            let key = SecretRef::parse(r, Path::new("."))?.resolve()?;
+            let key = SecretRef::parse(r, Path::new(""))?.resolve()?;
             anyhow::ensure!(!key.is_empty(), "--hmac-key: the key is empty");
             Some(key)
         }

@@ -39,6 +39,10 @@ struct TokenError {
     retry_after: Option<u64>,
     /// The client, once known, for the audit record.
     client: Option<String>,
+    /// A configured client that a failed authentication claimed to be: recorded, so an
+    /// auditor's `audit query --client` shows guessing at that client's secret. Never an
+    /// unknown id (that text is the caller's, and may be anything, a pasted secret included).
+    claimed: Option<String>,
 }
 
 fn error(status: StatusCode, code: &'static str, description: impl Into<String>) -> TokenError {
@@ -48,6 +52,7 @@ fn error(status: StatusCode, code: &'static str, description: impl Into<String>)
         description: description.into(),
         retry_after: None,
         client: None,
+        claimed: None,
     }
 }
 
@@ -97,6 +102,7 @@ pub async fn token(
             record.client = record.client.take().or(e.client.clone());
             record.reason = Some(e.code.to_owned());
             broker.metrics.token(record.client.as_deref(), Some(e.code));
+            record.client = record.client.take().or(e.claimed.clone());
             if let Err(audit_error) = broker.audit.append(record).await {
                 tracing::error!(error = %audit_error, "cannot write a token_denied audit record");
             }
@@ -244,7 +250,7 @@ fn authenticate<'l>(
             .is_some_and(|expected| secret_matches(&secret, expected));
         return match (ok, client) {
             (true, Some(c)) => Ok(c),
-            _ => Err(invalid_client("client authentication failed")),
+            _ => Err(authentication_failed(client)),
         };
     }
     let (Some(id), Some(cert)) = (form.client_id.as_deref(), conn.client_cert.as_ref()) else {
@@ -254,7 +260,15 @@ fn authenticate<'l>(
     };
     match live.config.client(id) {
         Some(c) if c.cert_san.as_deref().is_some_and(|san| cert.has_san(san)) => Ok(c),
-        _ => Err(invalid_client("client authentication failed")),
+        client => Err(authentication_failed(client)),
+    }
+}
+
+/// `invalid_client`, naming the configured client that was claimed, if any (for the record).
+fn authentication_failed(claimed: Option<&std::sync::Arc<Client>>) -> TokenError {
+    TokenError {
+        claimed: claimed.map(|c| c.id.clone()),
+        ..invalid_client("client authentication failed")
     }
 }
 

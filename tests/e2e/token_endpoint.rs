@@ -96,7 +96,17 @@ async fn every_error_code() {
         assert!(body.contains("\"invalid_request\""), "{extra:?}: {body}");
     }
     let records = b.audit();
-    assert!(events(&records, "token_denied").len() >= 10);
+    let denied = events(&records, "token_denied");
+    assert!(denied.len() >= 10);
+    // A failed authentication names the configured client it claimed to be, never an
+    // unknown id.
+    let failed: Vec<_> = denied
+        .iter()
+        .filter(|r| r["reason"] == "invalid_client")
+        .collect();
+    assert_eq!(failed.len(), 2);
+    assert_eq!(failed[0]["client"], "bot");
+    assert!(failed[1].get("client").is_none(), "{}", failed[1]);
 }
 
 #[tokio::test]
