@@ -58,7 +58,7 @@ pub struct RawAdmin {
 pub struct RawTokens {
     pub issuer: Option<S>,
     pub signing_key: Option<S>,
-    pub issue_rate_limit: Option<RawRateLimit>,
+    pub issue_rate_limit: Option<Spanned<RawRateLimit>>,
     pub default_ttl: Option<S>,
     pub max_ttl: Option<S>,
     pub leeway: Option<S>,
@@ -84,7 +84,7 @@ pub struct RawState {
 }
 
 /// `{ per_second = 50, burst = 100 }`
-#[derive(Clone, Copy, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRateLimit {
     pub per_second: u32,
@@ -104,7 +104,7 @@ pub struct RawConnector {
     pub upstream_timeout: Option<S>,
     pub credential: Spanned<RawCredential>,
     pub auth: Option<Spanned<RawAuth>>,
-    pub rate_limit: Option<RawRateLimit>,
+    pub rate_limit: Option<Spanned<RawRateLimit>>,
     pub upstream_request_id_header: Option<S>,
     #[serde(default)]
     pub operations: Vec<RawOperation>,
@@ -208,7 +208,7 @@ pub struct RawClient {
     pub owner: S,
     pub secret_sha256: Option<S>,
     pub cert_san: Option<S>,
-    pub rate_limit: Option<RawRateLimit>,
+    pub rate_limit: Option<Spanned<RawRateLimit>>,
     #[serde(default)]
     pub grants: Vec<Spanned<RawGrant>>,
 }

@@ -211,10 +211,26 @@ fn reserved_names_shared_listeners_and_empty_hmac_keys_are_errors() {
 }
 
 #[test]
+fn a_bad_rate_limit_names_its_line() {
+    let text = GOOD.replace("{ per_second = 5 }", "{ per_second = 0 }");
+    let err = parse(&text).unwrap_err().to_string();
+    assert!(
+        err.contains("credbroker.toml:15: connectors[github].rate_limit"),
+        "{err}"
+    );
+}
+
+#[test]
 fn duplicates_and_unknown_connectors_are_errors() {
     let dup = format!("{GOOD}\n[[clients]]\nid = \"bot\"\nowner = \"x\"\nsecret_sha256 = \"{}\"\ngrants = [{{ connector = \"nope\", operations = [] }}]\n", "0".repeat(64));
     let all = parse(&dup).unwrap_err().to_string();
     assert!(all.contains("duplicate client id"), "{all}");
+    // A second connector of the same name, without the granted operation: one error, not a
+    // follow-on "has no operation" for the grant the first copy satisfies.
+    let second = "\n[[connectors]]\nname = \"github\"\nowner = \"o\"\npurpose = \"p\"\nexpires = \"2027-01-01\"\nupstream = \"https://x.example\"\ncredential = \"literal:t\"\n";
+    let all = parse(&format!("{GOOD}{second}")).unwrap_err().to_string();
+    assert!(all.contains("duplicate connector name"), "{all}");
+    assert!(!all.contains("has no operation"), "{all}");
 }
 
 #[test]

@@ -322,6 +322,7 @@ fn tokens(cx: &mut Ctx<'_>, raw: &raw::RawTokens) -> Option<TokensConfig> {
         signing_key: raw.signing_key.as_ref().map(|p| cx.path(p.get_ref())),
         issue_rate_limit: raw
             .issue_rate_limit
+            .as_ref()
             .and_then(|r| rate_limit(cx, r, "tokens.issue_rate_limit")),
         default_ttl,
         max_ttl,
@@ -445,6 +446,7 @@ fn connector(cx: &mut Ctx<'_>, raw: &raw::RawConnector, key: &str) -> Option<Con
     let auth = auth(cx, raw.auth.as_ref(), &format!("{key}.auth"));
     let rate_limit = raw
         .rate_limit
+        .as_ref()
         .and_then(|r| rate_limit(cx, r, &format!("{key}.rate_limit")));
     let upstream_request_id_header = raw.upstream_request_id_header.as_ref().and_then(|h| {
         header_name(
@@ -570,18 +572,15 @@ fn clients(
     tokens: Option<&TokensConfig>,
 ) -> Vec<Arc<Client>> {
     // Grants are checked against the file's names, so a connector with errors of its own does
-    // not also show up as "unknown" in every grant that names it.
-    let by_name: HashMap<&str, HashSet<&str>> = connectors
-        .iter()
-        .map(|c| {
-            let ops = c
-                .operations
-                .iter()
-                .map(|o| o.name.get_ref().as_str())
-                .collect();
-            (c.name.get_ref().as_str(), ops)
-        })
-        .collect();
+    // not also show up as "unknown" in every grant that names it; a duplicated connector
+    // counts with the operations of all its copies (the duplicate is the one error to report).
+    let mut by_name: HashMap<&str, HashSet<&str>> = HashMap::new();
+    for c in connectors {
+        by_name
+            .entry(c.name.get_ref().as_str())
+            .or_default()
+            .extend(c.operations.iter().map(|o| o.name.get_ref().as_str()));
+    }
     let mut seen = HashSet::new();
     let mut out = Vec::new();
     for raw in raws {
@@ -622,6 +621,7 @@ fn clients(
             cert_san: raw.cert_san.as_ref().map(|s| s.get_ref().clone()),
             rate_limit: raw
                 .rate_limit
+                .as_ref()
                 .and_then(|r| rate_limit(cx, r, &format!("{key}.rate_limit"))),
             grants,
         }));
@@ -932,10 +932,19 @@ fn duration(cx: &mut Ctx<'_>, raw: &Option<S>, key: &str, default_secs: u64) -> 
     }
 }
 
-fn rate_limit(cx: &mut Ctx<'_>, raw: raw::RawRateLimit, key: &str) -> Option<RateLimit> {
+fn rate_limit(
+    cx: &mut Ctx<'_>,
+    spanned: &Spanned<raw::RawRateLimit>,
+    key: &str,
+) -> Option<RateLimit> {
+    let raw = spanned.get_ref();
     let burst = raw.burst.unwrap_or(raw.per_second);
     if raw.per_second == 0 || burst == 0 {
-        cx.err(None, key, "per_second and burst must be greater than 0");
+        cx.err(
+            Some(spanned.span()),
+            key,
+            "per_second and burst must be greater than 0",
+        );
         return None;
     }
     Some(RateLimit {
