@@ -19,7 +19,7 @@ use crate::audit::AuditLog;
 use crate::config::{Config, Connector, Credential, RateLimit};
 use crate::credential::{CredentialError, DynamicCredential};
 use crate::proxy::forward::{Origin, UpstreamClient, UpstreamClients};
-use crate::proxy::inject::{InjectError, Injection};
+use crate::proxy::inject::{Echoes, InjectError, Injection};
 use crate::server::{ListenerTls, ListenerTlsError};
 use crate::state::Revocations;
 use crate::token::{SigningKeys, TokenVerifier};
@@ -57,10 +57,10 @@ pub struct Live {
 /// Per-connector values prepared at load so the hot path allocates as little as possible.
 pub struct ConnectorRuntime {
     pub injection: Injection,
-    /// The raw credential, to spot an upstream echoing it back.
-    pub credential: crate::secret::Secret,
+    /// The forms of the credential an upstream must not echo back.
+    pub echoes: Echoes,
     /// A dynamic credential's source and cache (DESIGN §3.7), kept across reloads that leave
-    /// it unchanged. For such a connector `injection` and `credential` carry no credential:
+    /// it unchanged. For such a connector `injection` and `echoes` carry no credential:
     /// `injection` only names the header or parameter check 1 refuses from clients, and the
     /// pipeline builds the real injection per call from the minted token.
     pub dynamic: Option<Arc<DynamicCredential>>,
@@ -272,7 +272,7 @@ impl Live {
                 c.name.clone(),
                 ConnectorRuntime {
                     injection,
-                    credential: value,
+                    echoes: Echoes::new(&c.auth, &value),
                     dynamic,
                     client,
                     limiter: limiter(c.rate_limit, old_rate, old_limiter),

@@ -3,6 +3,8 @@
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
+use super::inject::Echoes;
+
 /// Request headers that never leave the broker. `Host` is the upstream's, `x-request-id` is the
 /// broker's own, credentials and cookies are the client's business with the broker only.
 const STRIPPED_REQUEST: &[HeaderName] = &[
@@ -73,8 +75,9 @@ pub fn upstream_request_headers(client: &HeaderMap, injected: Option<&HeaderName
 }
 
 /// Cleans an upstream response's headers in place: hop-by-hop headers go, and so does any
-/// header whose value contains the injected credential (an echo would hand it to the client).
-pub fn clean_response_headers(headers: &mut HeaderMap, credential: &[u8]) {
+/// header whose value carries the injected credential in any form it was sent in (an echo
+/// would hand it to the client).
+pub fn clean_response_headers(headers: &mut HeaderMap, echoes: &Echoes) {
     let listed = connection_listed(headers);
     for name in HOP_BY_HOP.iter().copied() {
         headers.remove(name);
@@ -82,14 +85,10 @@ pub fn clean_response_headers(headers: &mut HeaderMap, credential: &[u8]) {
     for name in listed {
         headers.remove(name);
     }
-    if credential.len() >= 4
-        && headers
-            .iter()
-            .any(|(_, v)| contains(v.as_bytes(), credential))
-    {
+    if headers.iter().any(|(_, v)| echoes.found_in(v.as_bytes())) {
         let names: Vec<HeaderName> = headers
             .iter()
-            .filter(|(_, v)| contains(v.as_bytes(), credential))
+            .filter(|(_, v)| echoes.found_in(v.as_bytes()))
             .map(|(n, _)| n.clone())
             .collect();
         for name in names {
@@ -98,10 +97,6 @@ pub fn clean_response_headers(headers: &mut HeaderMap, credential: &[u8]) {
             tracing::warn!(header = %name, "upstream response header echoed the credential; dropped");
         }
     }
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 /// Adds the broker's own forwarding headers, replacing whatever the client sent.
@@ -166,7 +161,11 @@ mod tests {
             ("etag", "abc"),
             ("connection", "close"),
         ]);
-        clean_response_headers(&mut h, b"real-credential-123");
+        let echoes = Echoes::new(
+            &crate::config::AuthMethod::Bearer,
+            &crate::secret::Secret::new("real-credential-123"),
+        );
+        clean_response_headers(&mut h, &echoes);
         assert!(h.get("x-echo").is_none());
         assert!(h.get("connection").is_none());
         assert_eq!(h["etag"], "abc");

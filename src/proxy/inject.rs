@@ -84,6 +84,92 @@ impl Injection {
     }
 }
 
+/// The forms in which an injected credential could come back in an upstream response header:
+/// as it is; as the `basic` auth's base64 of `user:credential`; as the `query` auth's
+/// percent-encoding (a redirect's `Location` repeating the query). A header value holding
+/// escapes is also compared after decoding them, whatever their case. An upstream echoing any
+/// of these would hand the credential to the client (DESIGN §4.3). Prepared once per
+/// credential, as each response is checked against them.
+pub struct Echoes {
+    /// The raw credential first; forms shorter than [`MIN_ECHO`] are left out (they would
+    /// match ordinary header values).
+    forms: Vec<Secret>,
+}
+
+/// The shortest form looked for.
+const MIN_ECHO: usize = 4;
+
+impl fmt::Debug for Echoes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Echoes({} forms, **REDACTED**)", self.forms.len())
+    }
+}
+
+impl Echoes {
+    pub fn new(auth: &AuthMethod, credential: &Secret) -> Self {
+        let cred = credential.expose();
+        let mut forms = vec![credential.clone()];
+        match auth {
+            AuthMethod::Basic { username } => {
+                let raw = zeroize::Zeroizing::new([username.as_bytes(), b":", cred].concat());
+                let encoded = base64::engine::general_purpose::STANDARD.encode(&*raw);
+                // Without its padding, so an echo that drops or re-pads it still matches.
+                forms.push(Secret::new(encoded.trim_end_matches('=')));
+            }
+            AuthMethod::Query { .. } => {
+                let encoded = percent_encode(cred);
+                if encoded.as_bytes() != cred {
+                    forms.push(Secret::new(encoded));
+                }
+            }
+            AuthMethod::Bearer | AuthMethod::Header { .. } => {}
+        }
+        forms.retain(|f| f.expose().len() >= MIN_ECHO);
+        Self { forms }
+    }
+
+    /// Whether `value` carries the credential in one of its forms.
+    pub fn found_in(&self, value: &[u8]) -> bool {
+        if self.forms.iter().any(|f| contains(value, f.expose())) {
+            return true;
+        }
+        match self.forms.first() {
+            Some(raw) if value.contains(&b'%') => contains(
+                &zeroize::Zeroizing::new(decode_escapes(value)),
+                raw.expose(),
+            ),
+            _ => false,
+        }
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.len() >= needle.len() && haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// `%XX` escapes decoded (either case); anything else, malformed escapes included, kept.
+fn decode_escapes(value: &[u8]) -> Vec<u8> {
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(value.len());
+    let mut i = 0;
+    while i < value.len() {
+        let escape = (value[i] == b'%')
+            .then(|| Some(hex(*value.get(i + 1)?)? << 4 | hex(*value.get(i + 2)?)?))
+            .flatten();
+        match escape {
+            Some(b) => {
+                out.push(b);
+                i += 3;
+            }
+            None => {
+                out.push(value[i]);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
 fn sensitive(bytes: Vec<u8>) -> Result<HeaderValue, InjectError> {
     let bytes = zeroize::Zeroizing::new(bytes);
     let mut v = HeaderValue::from_bytes(&bytes).map_err(|_| InjectError)?;
@@ -110,6 +196,38 @@ pub fn percent_encode(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn echoes_cover_every_form_the_credential_was_sent_in() {
+        let cred = Secret::new("QRY CRED/+&=é~");
+        let query = Echoes::new(&AuthMethod::Query { name: "k".into() }, &cred);
+        assert!(query.found_in("QRY CRED/+&=é~".as_bytes()));
+        assert!(query.found_in(b"https://x.example/r?a=1&k=QRY%20CRED%2F%2B%26%3D%C3%A9~"));
+        assert!(!query.found_in(b"k=QRY%20cred"), "only part of it");
+        assert!(
+            query.found_in(b"k=QRY%20CRED%2f%2b%26%3d%c3%a9~"),
+            "lower-case escapes"
+        );
+        assert!(!query.found_in(b"k=other%20value"));
+        let basic = Echoes::new(
+            &AuthMethod::Basic {
+                username: "x".into(),
+            },
+            &Secret::new("BASCRED-xyz"),
+        );
+        assert!(basic.found_in(b"Basic eDpCQVNDUkVELXh5eg=="));
+        assert!(basic.found_in(b"before eDpCQVNDUkVELXh5eg after"));
+        assert!(!basic.found_in(b"Basic eDpvdGhlcg=="));
+        let bearer = Echoes::new(&AuthMethod::Bearer, &Secret::new("tok-123"));
+        assert!(bearer.found_in(b"Bearer tok-123"));
+        assert!(
+            !bearer.found_in(b"%zz%4"),
+            "malformed escapes are not an error"
+        );
+        // A dynamic connector before its first mint: nothing to look for.
+        assert!(!Echoes::new(&AuthMethod::Bearer, &Secret::new("")).found_in(b"anything"));
+        assert!(!format!("{bearer:?}").contains("tok-123"));
+    }
 
     fn header(i: &Injection) -> (&str, &[u8]) {
         match i {

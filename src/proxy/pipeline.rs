@@ -18,7 +18,7 @@ use super::body::{LimitedBody, ObservedBody, Outcome};
 use super::canonical;
 use super::forward::UpstreamError;
 use super::headers;
-use super::inject::Injection;
+use super::inject::{Echoes, Injection};
 use super::respond::{full, Refusal};
 use super::ProxyBody;
 use crate::audit::{Decision, Event, Record};
@@ -502,6 +502,7 @@ enum CallCredential<'r> {
         source: &'r Arc<DynamicCredential>,
         minted: Arc<Minted>,
         injection: Injection,
+        echoes: Echoes,
     },
 }
 
@@ -513,11 +514,11 @@ impl CallCredential<'_> {
         }
     }
 
-    /// The raw credential, to spot an upstream echoing it back.
-    fn secret(&self) -> &[u8] {
+    /// The forms of the credential an upstream must not echo back.
+    fn echoes(&self) -> &Echoes {
         match self {
-            Self::Static(runtime) => runtime.credential.expose(),
-            Self::Minted { minted, .. } => minted.token.expose(),
+            Self::Static(runtime) => &runtime.echoes,
+            Self::Minted { echoes, .. } => echoes,
         }
     }
 
@@ -551,10 +552,12 @@ async fn upstream_credential<'r>(
         source.rejected(&minted);
         unavailable()
     })?;
+    let echoes = Echoes::new(&connector.auth, &minted.token);
     Ok(CallCredential::Minted {
         source,
         minted,
         injection,
+        echoes,
     })
 }
 
@@ -576,14 +579,16 @@ fn upstream_request(
     let mut uri = String::with_capacity(runtime.base_path.len() + target.path.len() + 64);
     uri.push_str(&runtime.base_path);
     uri.push_str(target.path);
-    let mut sep = '?';
+    // Before the injected pair: `?` without a query, `&` after one (none after an empty
+    // query or a trailing `&`, which would make an empty parameter).
+    let mut sep = Some('?');
     if let Some(q) = target.query {
         uri.push('?');
         uri.push_str(q);
-        sep = '&';
+        sep = (!q.is_empty() && !q.ends_with('&')).then_some('&');
     }
     if let Injection::Query { pair, .. } = injection {
-        uri.push(sep);
+        uri.extend(sep);
         // The pair is ASCII by construction (percent-encoded).
         uri.push_str(std::str::from_utf8(pair.expose()).unwrap_or_default());
     }
@@ -671,7 +676,7 @@ async fn forward(
     };
     let (mut parts, body) = response.into_parts();
     credential.upstream_answered(parts.status);
-    headers::clean_response_headers(&mut parts.headers, credential.secret());
+    headers::clean_response_headers(&mut parts.headers, credential.echoes());
     result_record.status = Some(parts.status.as_u16());
     result_record.upstream_request_id = connector
         .upstream_request_id_header

@@ -61,7 +61,7 @@ async fn basic() {
 
 #[tokio::test]
 async fn query_parameter_is_appended_last_and_encoded() {
-    let up = FakeUpstream::start_expecting(Expect::Query(format!("&api_key={CREDENTIAL}"))).await;
+    let up = FakeUpstream::start_expecting(Expect::Query(format!("api_key={CREDENTIAL}"))).await;
     let b = TestBroker::start(&config_with_auth(
         up.addr,
         r#"{ type = "query", name = "api_key" }"#,
@@ -88,6 +88,23 @@ async fn query_parameter_is_appended_last_and_encoded() {
         "client copy of the injected parameter, after decoding"
     );
     assert_eq!(up.count(), 1);
+    // An empty query or a trailing `&` gets no empty parameter before the credential.
+    for (target, sent) in [
+        ("/github/repos/acme/widget/issues?", "?api_key="),
+        (
+            "/github/repos/acme/widget/issues?state=open&",
+            "?state=open&api_key=",
+        ),
+    ] {
+        let (s, _, body) = b.call("GET", target, &token).await;
+        assert_eq!(s, 200, "{target}: {body}");
+        let seen = up.requests().last().unwrap().target.clone();
+        assert_eq!(
+            seen,
+            format!("/repos/acme/widget/issues{sent}{CREDENTIAL}"),
+            "{target}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -113,4 +130,48 @@ async fn echoed_credential_header_is_dropped() {
     assert_eq!(s, 302, "redirects are passed back, not followed");
     assert!(!h.contains_key("x-debug-auth"));
     assert_eq!(up.count(), 1);
+}
+
+/// DESIGN §4.3: an echo of the credential in the form it was sent — `basic`'s base64, `query`'s
+/// percent-encoding (a redirect repeating the query) — is dropped like a raw one.
+#[tokio::test]
+async fn echoes_of_the_encoded_credential_are_dropped_too() {
+    /// Hands back what the upstream received: its `Authorization`, and its target in a redirect.
+    fn echo(seen: &Seen) -> Option<http::Response<http_body_util::Full<bytes::Bytes>>> {
+        let mut r =
+            http::Response::new(http_body_util::Full::new(bytes::Bytes::from_static(b"{}")));
+        if let Some(auth) = seen.headers.get("authorization") {
+            r.headers_mut().insert("x-echo-auth", auth.clone());
+        }
+        let location = format!("https://elsewhere.example{}", seen.target);
+        r.headers_mut()
+            .insert("location", location.parse().unwrap());
+        r.headers_mut().insert("x-kept", "yes".parse().unwrap());
+        *r.status_mut() = http::StatusCode::FOUND;
+        Some(r)
+    }
+    // A credential with bytes that each encoding changes.
+    const ODD: &str = "odd cred/+&=~x";
+    for auth in [
+        r#"{ type = "basic", username = "x" }"#,
+        r#"{ type = "query", name = "api_key" }"#,
+    ] {
+        let up = FakeUpstream::start_with(Expect::Nothing, echo).await;
+        let config = config_with_auth(up.addr, auth)
+            .replace(&format!("literal:{CREDENTIAL}"), &format!("literal:{ODD}"));
+        assert!(config.contains(ODD));
+        let b = TestBroker::start(&config).await;
+        let token = b.token("github:issues.read", &[]).await;
+        let (s, h, _) = b
+            .call("GET", "/github/repos/acme/widget/issues?state=open", &token)
+            .await;
+        assert_eq!(s, 302, "{auth}");
+        assert_eq!(h["x-kept"], "yes", "{auth}");
+        assert!(!h.contains_key("x-echo-auth"), "{auth}: {h:?}");
+        if auth.contains("query") {
+            assert!(!h.contains_key("location"), "{auth}: {h:?}");
+        } else {
+            assert!(h.contains_key("location"), "{auth}: nothing secret in it");
+        }
+    }
 }
