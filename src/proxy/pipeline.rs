@@ -140,7 +140,15 @@ async fn stages(
     rate_limit(live, runtime, &claims.sub)?;
     // 6. The body fits the operation's `max_body_bytes`.
     let bytes_in = Arc::new(AtomicU64::new(0));
-    let body = bounded_body(body, &parts.headers, operation.max_body_bytes, &bytes_in).await?;
+    let body_deadline = started + live.config.server.request_timeout;
+    let body = bounded_body(
+        body,
+        &parts.headers,
+        operation.max_body_bytes,
+        &bytes_in,
+        body_deadline,
+    )
+    .await?;
     // 6½ (DESIGN §3.7). The upstream credential: static, cached, or minted now.
     let credential = upstream_credential(broker, connector, runtime).await?;
     // 7. The allow record is durable before anything leaves.
@@ -460,6 +468,7 @@ async fn bounded_body(
     headers: &http::HeaderMap,
     max: u64,
     seen: &Arc<AtomicU64>,
+    deadline: Instant,
 ) -> Result<ProxyBody, Denial> {
     let too_large = || Denial::from(Refusal::RequestTooLarge(max));
     if body.is_end_stream() {
@@ -473,10 +482,17 @@ async fn bounded_body(
         Some(len) if len > max => Err(too_large()),
         Some(_) => Ok(LimitedBody::new(body, max, Arc::clone(seen)).boxed_unsync()),
         None => {
+            // A chunked body is read whole here (to know its size before anything is
+            // forwarded), so a client that stops sending must not hold the call open: the
+            // read ends with the request's time budget.
             let limit = usize::try_from(max).unwrap_or(usize::MAX);
-            let bytes = Limited::new(body, limit)
-                .collect()
-                .await
+            let collected = tokio::time::timeout_at(
+                tokio::time::Instant::from_std(deadline),
+                Limited::new(body, limit).collect(),
+            )
+            .await
+            .map_err(|_| deny(Refusal::RequestTimeout, "request_body_timeout"))?;
+            let bytes = collected
                 .map_err(|e| {
                     // A broken chunked encoding is the client's malformed request, not a size.
                     if e.downcast_ref::<LengthLimitError>().is_some() {

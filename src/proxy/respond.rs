@@ -30,6 +30,8 @@ pub enum Refusal {
     RateLimited { retry_after_secs: u64 },
     /// Check 6: the body is larger than the operation allows (413).
     RequestTooLarge(u64),
+    /// Check 6: the client did not send the body it announced within `request_timeout` (408).
+    RequestTimeout,
     /// Check 7: the audit record could not be written (503): nothing was forwarded.
     AuditUnavailable,
     /// A dynamic credential could not be obtained (502): nothing was forwarded.
@@ -53,6 +55,7 @@ impl Refusal {
             Self::InsufficientScope(_) => StatusCode::FORBIDDEN,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::RequestTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::AuditUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::CredentialUnavailable | Self::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -70,6 +73,7 @@ impl Refusal {
             Self::InsufficientScope(_) => "insufficient_scope",
             Self::RateLimited { .. } => "rate_limited",
             Self::RequestTooLarge(_) => "request_too_large",
+            Self::RequestTimeout => "request_timeout",
             Self::AuditUnavailable => "audit_unavailable",
             Self::CredentialUnavailable => "credential_unavailable",
             Self::UpstreamUnavailable(_) => "upstream_unavailable",
@@ -90,6 +94,7 @@ impl Refusal {
                 format!("rate limit exceeded; retry after {retry_after_secs} s")
             }
             Self::RequestTooLarge(max) => format!("request body exceeds {max} bytes"),
+            Self::RequestTimeout => "the request body did not arrive in time".into(),
             Self::AuditUnavailable => {
                 "the audit log cannot be written; nothing was forwarded".into()
             }

@@ -131,7 +131,7 @@ async fn issue(
         ));
     }
     let (parts, body) = req.into_parts();
-    let form = read_form(&parts.headers, body).await?;
+    let form = read_form(&parts.headers, body, live.config.server.request_timeout).await?;
     let client = match authenticate(live, &parts.headers, &form, conn) {
         Ok(c) => c,
         Err(e) => {
@@ -202,7 +202,13 @@ async fn issue(
     Ok(Issued { claims, lifetime })
 }
 
-async fn read_form(headers: &http::HeaderMap, body: Incoming) -> Result<TokenForm, TokenError> {
+/// The form body, read within `budget` (`server.request_timeout`): a client that stops
+/// sending it gets 408 instead of holding the connection open.
+async fn read_form(
+    headers: &http::HeaderMap,
+    body: Incoming,
+    budget: std::time::Duration,
+) -> Result<TokenForm, TokenError> {
     let content_type = headers
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -213,9 +219,15 @@ async fn read_form(headers: &http::HeaderMap, body: Incoming) -> Result<TokenFor
             "the body must be application/x-www-form-urlencoded",
         ));
     }
-    let bytes: Bytes = Limited::new(body, MAX_FORM_BYTES)
-        .collect()
+    let bytes: Bytes = tokio::time::timeout(budget, Limited::new(body, MAX_FORM_BYTES).collect())
         .await
+        .map_err(|_| {
+            error(
+                StatusCode::REQUEST_TIMEOUT,
+                "invalid_request",
+                "the request body did not arrive in time",
+            )
+        })?
         .map_err(|_| invalid_request("the request body is too large or was cut off"))?
         .to_bytes();
     let form = parse_token_form(&bytes).map_err(|e| invalid_request(e.to_string()))?;
@@ -235,6 +247,11 @@ fn authenticate<'l>(
         return Err(invalid_client(
             "client_secret in the body is not supported; use HTTP Basic (client_secret_basic)",
         ));
+    }
+    // One authentication per request (RFC 6749 §2.3), as check 1 of the proxy insists too:
+    // with two, which one counts would be the server's guess.
+    if headers.get_all(AUTHORIZATION).iter().nth(1).is_some() {
+        return Err(invalid_request("more than one Authorization header"));
     }
     if let Some(value) = headers.get(AUTHORIZATION) {
         let (id, secret) = parse_basic(value.as_bytes())

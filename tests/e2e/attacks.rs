@@ -1296,3 +1296,63 @@ fn random_paths_are_forwarded_byte_identical_and_allowlisted_or_not_at_all() {
     eprintln!("random paths: {forwarded} of 64 forwarded");
     drop(b);
 }
+
+/// Sends `head` and a first piece of a body that never ends, then reads the answer; returns it
+/// with the time it took.
+async fn stall_body(addr: SocketAddr, head: String, piece: &[u8]) -> (String, Duration) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let started = Instant::now();
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(piece).await.unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    // Up to the head and the JSON body (or the broker hanging up).
+    while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await {
+        if n == 0 {
+            break;
+        }
+        answer.extend_from_slice(&buf[..n]);
+        if answer.windows(2).any(|w| w == b"}\n") || answer.ends_with(b"}") {
+            break;
+        }
+    }
+    (
+        String::from_utf8_lossy(&answer).into_owned(),
+        started.elapsed(),
+    )
+}
+
+/// DESIGN §6 (bounded per-request time): a client that stops sending a chunked body (read
+/// whole before forwarding) or a token request's form gets 408 within `request_timeout`,
+/// instead of holding the connection open.
+#[tokio::test]
+async fn a_stalled_request_body_ends_with_request_timeout() {
+    let up = FakeUpstream::start().await;
+    let config =
+        server_with(up.addr, "").replace("request_timeout = \"5s\"", "request_timeout = \"1s\"");
+    let b = TestBroker::start(&config).await;
+    let t = b.token("github:issues.comment", &[]).await;
+    let head = format!(
+        "POST /github/repos/acme/widget/issues/1/comments HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {t}\r\ntransfer-encoding: chunked\r\n\r\n"
+    );
+    let (answer, took) = stall_body(b.addr, head, b"2\r\nab\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("request_timeout"), "{answer}");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    assert_eq!(up.count(), 0, "nothing was forwarded");
+    let head = "POST /oauth2/token HTTP/1.1\r\nhost: x\r\ncontent-type: application/x-www-form-urlencoded\r\ncontent-length: 100\r\n\r\n".to_owned();
+    let (answer, took) = stall_body(b.addr, head, b"grant_type=").await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let records = b.audit();
+    let denied: Vec<_> = events(&records, "proxy")
+        .into_iter()
+        .filter(|r| r["reason"] == "request_body_timeout")
+        .collect();
+    assert_eq!(denied.len(), 1, "{records:?}");
+    assert_eq!(denied[0]["status"], 408);
+}

@@ -229,3 +229,33 @@ async fn rfc_details_of_the_token_endpoint() {
     assert_eq!(h["www-authenticate"], "Bearer realm=\"credbroker\"");
     assert_eq!(up.count(), 0);
 }
+
+/// RFC 6749 §2.3: one authentication per request. With two `Authorization` headers the first
+/// is not silently taken: the request is refused.
+#[tokio::test]
+async fn two_authorization_headers_are_refused() {
+    use base64::Engine;
+    let up = FakeUpstream::start().await;
+    let b = TestBroker::start(&standard_config(up.addr)).await;
+    let basic = |id: &str| {
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{id}:{SECRET}"))
+        )
+    };
+    let req = http::Request::post("/oauth2/token")
+        .header("authorization", basic("bot"))
+        .header("authorization", basic("nogrants"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(form_encode(&[
+            ("grant_type", "client_credentials"),
+            ("scope", "github:issues.read"),
+        ]))
+        .unwrap();
+    let (status, _, body) = send(b.addr, req).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body.contains("invalid_request") && !body.contains("access_token"),
+        "{body}"
+    );
+}
