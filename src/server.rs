@@ -27,6 +27,9 @@ use crate::proxy::respond::Refusal;
 use crate::proxy::ProxyBody;
 use crate::tls::TlsError;
 
+mod first_byte;
+use first_byte::FirstByteDeadline;
+
 /// HTTP/1 header lines per request; more is refused by hyper with 431.
 const MAX_HEADERS: usize = 100;
 
@@ -72,7 +75,11 @@ pub async fn serve(
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
-        .max_concurrent_streams(256);
+        .max_concurrent_streams(256)
+        // An idle HTTP/2 connection stays open for reuse, as clients expect; pings find the
+        // ones whose peer has vanished, so they do not hold a connection slot for ever.
+        .keep_alive_interval(Some(Duration::from_secs(20)))
+        .keep_alive_timeout(Duration::from_secs(10));
     let builder = Arc::new(builder);
     tokio::pin!(shutdown);
     loop {
@@ -174,6 +181,7 @@ async fn serve_http<I>(
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let peer = info.peer;
+    let limits_header_read_timeout = limits.header_read_timeout;
     let info = Arc::new(info);
     let service = service_fn(move |req| {
         handle(
@@ -183,6 +191,8 @@ async fn serve_http<I>(
             req,
         )
     });
+    // A silent connection is closed after `header_read_timeout`, as a slow one is.
+    let io = FirstByteDeadline::new(io, limits_header_read_timeout);
     let conn = builder.serve_connection(TokioIo::new(io), service);
     if let Err(e) = watcher.watch(conn.into_owned()).await {
         tracing::debug!(%peer, error = %e, "connection ended with an error");

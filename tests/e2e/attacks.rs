@@ -1356,3 +1356,41 @@ async fn a_stalled_request_body_ends_with_request_timeout() {
     assert_eq!(denied.len(), 1, "{records:?}");
     assert_eq!(denied[0]["status"], 408);
 }
+
+/// DESIGN §6: connections that never send a byte are closed after `header_read_timeout`, like
+/// slow ones, so they cannot hold every `max_connections` slot (hyper-util's HTTP version
+/// detection waits for the first bytes with no timeout of its own).
+#[tokio::test]
+async fn silent_connections_are_closed_after_header_read_timeout() {
+    let up = FakeUpstream::start().await;
+    let b = TestBroker::start(&server_with(
+        up.addr,
+        "max_connections = 2\nheader_read_timeout = \"1s\"",
+    ))
+    .await;
+    let t = b.token("github:issues.read", &[]).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    let mut silent = vec![
+        TcpStream::connect(b.addr).await.unwrap(),
+        TcpStream::connect(b.addr).await.unwrap(),
+    ];
+    let mut third = TcpStream::connect(b.addr).await.unwrap();
+    third.write_all(&req("GET", ALLOWED, &t, "")).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), third.read(&mut buf))
+        .await
+        .expect("served once the silent connections were closed")
+        .unwrap();
+    let out = String::from_utf8_lossy(&buf[..n]);
+    assert_eq!(raw_status(&out), Some(200), "{out}");
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(900), "{took:?}");
+    for s in &mut silent {
+        let closed = tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf)).await;
+        assert!(
+            matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+            "a silent connection is still open: {closed:?}"
+        );
+    }
+}
