@@ -20,7 +20,7 @@ use crate::config::{Config, Connector, Credential, RateLimit};
 use crate::credential::{CredentialError, DynamicCredential};
 use crate::proxy::forward::{Origin, UpstreamClient, UpstreamClients};
 use crate::proxy::inject::{Echoes, InjectError, Injection};
-use crate::server::{ListenerTls, ListenerTlsError};
+use crate::server::{ListenerTls, ListenerTlsError, PreparedTls};
 use crate::state::Revocations;
 use crate::token::{SigningKeys, TokenVerifier};
 
@@ -30,6 +30,21 @@ use crate::token::{SigningKeys, TokenVerifier};
 pub const AUTH_FAILURES_PER_MINUTE: u32 = 20;
 
 /// Everything shared by all connections.
+/// A validated config, built and ready to take over ([`Broker::prepare_config`]).
+pub struct PreparedConfig<'b> {
+    broker: &'b Broker,
+    live: Live,
+    tls: PreparedTls,
+}
+
+impl PreparedConfig<'_> {
+    /// Puts the config in force: the next request sees it. Cannot fail.
+    pub fn install(self) {
+        self.broker.live.store(Arc::new(self.live));
+        self.broker.listener_tls.install(self.tls);
+    }
+}
+
 pub struct Broker {
     live: ArcSwap<Live>,
     pub keys: Arc<SigningKeys>,
@@ -165,6 +180,13 @@ impl Broker {
     /// Listener certificates are re-read too, before anything is swapped: a bad certificate
     /// fails the whole reload and the old config and certificates stay in force.
     pub fn swap_config(&self, config: Config) -> Result<(), LoadError> {
+        self.prepare_config(config)?.install();
+        Ok(())
+    }
+
+    /// Everything of [`Broker::swap_config`] that can fail, without installing anything: the
+    /// reload is audited between the two, so a reload that cannot be audited never happens.
+    pub fn prepare_config(&self, config: Config) -> Result<PreparedConfig<'_>, LoadError> {
         let old = self.live();
         let fixed = restart_only_changes(&old.config, &config);
         if !fixed.is_empty() {
@@ -178,9 +200,11 @@ impl Broker {
             &self.metrics,
             Some(&old),
         )?;
-        self.live.store(Arc::new(live));
-        self.listener_tls.install(tls);
-        Ok(())
+        Ok(PreparedConfig {
+            broker: self,
+            live,
+            tls,
+        })
     }
 
     pub fn config_path(&self) -> PathBuf {

@@ -5,7 +5,7 @@
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::RwLock;
+use std::sync::{Mutex, RwLock};
 
 use serde::{Deserialize, Serialize};
 
@@ -44,6 +44,10 @@ struct RevocationSet {
 pub struct Revocations {
     file: PathBuf,
     set: RwLock<RevocationSet>,
+    /// Held while the file is written: concurrent admin calls would otherwise share the temp
+    /// file (one's rename failing, or publishing the other's half-written bytes), and an older
+    /// snapshot could land after a newer one.
+    writing: Mutex<()>,
 }
 
 impl Revocations {
@@ -61,6 +65,7 @@ impl Revocations {
         Ok(Self {
             file,
             set: RwLock::new(set),
+            writing: Mutex::new(()),
         })
     }
 
@@ -115,11 +120,11 @@ impl Revocations {
     /// in memory even when the disk write fails: a revocation must bite at once; the error is
     /// returned so the admin call reports that it will not survive a restart.
     fn update(&self, change: impl FnOnce(&mut RevocationSet)) -> Result<(), StateError> {
-        let snapshot = {
-            let mut set = self.set.write().unwrap_or_else(|e| e.into_inner());
-            change(&mut set);
-            set.clone()
-        };
+        change(&mut self.set.write().unwrap_or_else(|e| e.into_inner()));
+        // One writer at a time, each writing the state as it is once its turn comes: the last
+        // write holds every change, whatever order the calls finished in.
+        let _writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());
+        let snapshot = self.read().clone();
         write_atomic(&self.file, &snapshot)
     }
 }
@@ -146,6 +151,32 @@ fn write_atomic(file: &Path, set: &RevocationSet) -> Result<(), StateError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn concurrent_changes_all_persist_and_none_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = std::sync::Arc::new(Revocations::load(dir.path()).unwrap());
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let r = std::sync::Arc::clone(&r);
+                std::thread::spawn(move || {
+                    for i in 0..10 {
+                        r.revoke_jti(&format!("j{t}-{i}"), 2_000_000_000, 1_000)
+                            .expect("every write succeeds");
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let again = Revocations::load(dir.path()).unwrap();
+        for t in 0..8 {
+            for i in 0..10 {
+                assert!(again.is_revoked(&format!("j{t}-{i}"), "c", 0), "j{t}-{i}");
+            }
+        }
+    }
 
     #[test]
     fn revocations_survive_a_reload_from_disk() {

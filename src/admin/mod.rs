@@ -45,6 +45,13 @@ pub async fn handle(
         (&Method::GET | &Method::HEAD, "/healthz") => ok(serde_json::json!({"status": "ok"})),
         (&Method::GET | &Method::HEAD, "/readyz") => ok(serde_json::json!({"status": "ready"})),
         _ if !authorized(&state, &req) => {
+            if let Some(action) = action_of(req.method(), &path) {
+                // A wrong token at the kill switch is what monitoring wants to see.
+                let record = admin_record(action, None, conn, "denied", Some(request_id));
+                if let Err(e) = state.broker.audit.append(record).await {
+                    tracing::error!(error = %e, "cannot write the admin audit record of a refused call");
+                }
+            }
             let mut resp = json_response(
                 StatusCode::UNAUTHORIZED,
                 &serde_json::json!({"error": "invalid_token", "error_description": "admin bearer token required", "request_id": request_id}),
@@ -61,7 +68,11 @@ pub async fn handle(
             let actor = actor(conn);
             match reload(&state.broker, &actor, Some(request_id)).await {
                 Ok(()) => ok(serde_json::json!({"result": "reloaded"})),
-                Err(e) => bad(&e, request_id),
+                Err(ReloadError::Invalid(e)) => bad(&e, request_id),
+                Err(ReloadError::NotAudited) => audit_unavailable(
+                    "the audit log cannot be written; the configuration was not reloaded",
+                    request_id,
+                ),
             }
         }
         (&Method::POST, "/v1/revoke") => revoke(&state.broker, req, conn, request_id).await,
@@ -99,6 +110,44 @@ fn actor(conn: &ConnInfo) -> String {
     format!("admin@{}", conn.peer)
 }
 
+/// The admin action a request asks for, if it is one (the endpoints that change something).
+fn action_of(method: &Method, path: &str) -> Option<&'static str> {
+    if method != Method::POST {
+        return None;
+    }
+    match path {
+        "/v1/reload" => Some("reload"),
+        "/v1/revoke" => Some("revoke"),
+        "/v1/enable" => Some("enable"),
+        _ => None,
+    }
+}
+
+/// An `admin` record: who asked for what, and how it went.
+fn admin_record(
+    action: &str,
+    target: Option<&str>,
+    conn: &ConnInfo,
+    result: &str,
+    request_id: Option<&str>,
+) -> Record {
+    let mut record = Record::new(Event::Admin);
+    record.request_id = request_id.map(str::to_owned);
+    record.action = Some(action.to_owned());
+    record.actor = Some(actor(conn));
+    record.target = target.map(str::to_owned);
+    record.result = Some(result.to_owned());
+    record
+}
+
+/// 503 `audit_unavailable`: the action needed an audit record that could not be written.
+fn audit_unavailable(description: &str, request_id: &str) -> Response<ProxyBody> {
+    json_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        &serde_json::json!({"error": "audit_unavailable", "error_description": description, "request_id": request_id}),
+    )
+}
+
 fn ok(body: serde_json::Value) -> Response<ProxyBody> {
     json_response(StatusCode::OK, &body)
 }
@@ -110,12 +159,36 @@ fn bad(message: &str, request_id: &str) -> Response<ProxyBody> {
     )
 }
 
+/// Why a reload did not happen.
+#[derive(Debug)]
+pub enum ReloadError {
+    /// The file does not load or does not validate; the old config stays in force.
+    Invalid(String),
+    /// The reload's audit record could not be written, so it was not put in force.
+    NotAudited,
+}
+
+impl std::fmt::Display for ReloadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Invalid(e) => f.write_str(e),
+            Self::NotAudited => f.write_str("the audit log cannot be written"),
+        }
+    }
+}
+
 /// Re-reads and validates the config file; on success swaps it in, else keeps the old one.
-/// Either way the attempt is audited. Used by SIGHUP, the file watcher and `POST /v1/reload`.
-pub async fn reload(broker: &Broker, actor: &str, request_id: Option<&str>) -> Result<(), String> {
+/// Either way the attempt is audited, and a valid config goes in force only once its `ok`
+/// record is written: no reload happens unaudited. Used by SIGHUP, the file watcher and
+/// `POST /v1/reload`.
+pub async fn reload(
+    broker: &Broker,
+    actor: &str,
+    request_id: Option<&str>,
+) -> Result<(), ReloadError> {
     let path = broker.config_path();
-    let result = match Config::load(&path) {
-        Ok(config) => broker.swap_config(config).map_err(|e| e.to_string()),
+    let prepared = match Config::load(&path) {
+        Ok(config) => broker.prepare_config(config).map_err(|e| e.to_string()),
         Err(errors) => Err(errors.to_string()),
     };
     let mut record = Record::new(Event::Admin);
@@ -123,20 +196,30 @@ pub async fn reload(broker: &Broker, actor: &str, request_id: Option<&str>) -> R
     record.action = Some("reload".into());
     record.actor = Some(actor.to_owned());
     record.target = Some(path.display().to_string());
-    match &result {
-        Ok(()) => {
-            record.result = Some("ok".into());
+    record.result = Some(if prepared.is_ok() { "ok" } else { "failed" }.into());
+    if let Err(e) = &prepared {
+        record.error = Some(e.clone());
+    }
+    let audited = broker.audit.append(record).await;
+    let result = match (prepared, audited) {
+        (Ok(prepared), Ok(_)) => {
+            prepared.install();
             tracing::info!(config = %path.display(), "configuration reloaded");
+            Ok(())
         }
-        Err(e) => {
-            record.result = Some("failed".into());
-            record.error = Some(e.clone());
+        (Ok(_), Err(e)) => {
+            tracing::error!(error = %e, config = %path.display(),
+                "the audit log cannot be written; the configuration was not reloaded");
+            Err(ReloadError::NotAudited)
+        }
+        (Err(e), audited) => {
+            if let Err(audit_error) = audited {
+                tracing::error!(error = %audit_error, "cannot write the admin audit record for a failed reload");
+            }
             tracing::error!(config = %path.display(), error = %e, "reload failed; the previous configuration stays in force");
+            Err(ReloadError::Invalid(e))
         }
-    }
-    if let Err(e) = broker.audit.append(record).await {
-        tracing::error!(error = %e, "cannot write the admin audit record for a reload");
-    }
+    };
     broker.metrics.reload(result.is_ok());
     result
 }
@@ -186,37 +269,61 @@ async fn revoke(
 ) -> Response<ProxyBody> {
     let body: RevokeRequest = match read_json(req).await {
         Ok(b) => b,
-        Err(e) => return bad(&e, request_id),
+        Err(e) => return refused(broker, "revoke", None, conn, &e, request_id).await,
     };
     let now = Utc::now().timestamp();
-    let (target, result) = match (&body.jti, &body.client, &body.connector) {
-        (Some(jti), None, None) => (
-            format!("jti:{jti}"),
+    let (action, target) = match (&body.jti, &body.client, &body.connector) {
+        (Some(jti), None, None) => ("revoke", format!("jti:{jti}")),
+        (None, Some(client), None) => ("revoke", format!("client:{client}")),
+        (None, None, Some(connector)) => ("disable", format!("connector:{connector}")),
+        _ => {
+            let why = "give exactly one of jti, client, connector";
+            return refused(broker, "revoke", None, conn, why, request_id).await;
+        }
+    };
+    let named = body.jti.iter().chain(&body.client).chain(&body.connector);
+    if named.clone().any(|v| v.is_empty()) {
+        let why = "the jti, client or connector is empty";
+        return refused(broker, action, Some(&target), conn, why, request_id).await;
+    }
+    if let Some(connector) = &body.connector {
+        if broker.live().config.connector(connector).is_none() {
+            let why = "unknown connector";
+            return refused(broker, action, Some(&target), conn, why, request_id).await;
+        }
+    }
+    // A revocation or a kill switch tightens: it takes effect even when it cannot be audited
+    // (refusing it because the disk is full would keep a leaked token working), and the
+    // answer says so.
+    let result = match (&body.jti, &body.client, &body.connector) {
+        (Some(jti), ..) => {
             broker
                 .revocations
-                .revoke_jti(jti, body.exp.unwrap_or(now + longest_life(broker)), now),
-        ),
-        (None, Some(client), None) => (
-            format!("client:{client}"),
-            broker.revocations.revoke_client(client, now),
-        ),
-        (None, None, Some(connector)) => {
-            if broker.live().config.connector(connector).is_none() {
-                return bad("unknown connector", request_id);
-            }
-            (
-                format!("connector:{connector}"),
-                broker.revocations.set_disabled(connector, true),
-            )
+                .revoke_jti(jti, body.exp.unwrap_or(now + longest_life(broker)), now)
         }
-        _ => return bad("give exactly one of jti, client, connector", request_id),
+        (_, Some(client), _) => broker.revocations.revoke_client(client, now),
+        (.., Some(connector)) => broker.revocations.set_disabled(connector, true),
+        _ => unreachable!("exactly one is set, checked above"),
     };
-    let action = if body.connector.is_some() {
-        "disable"
-    } else {
-        "revoke"
-    };
-    admin_outcome(broker, action, &target, conn, result, request_id).await
+    let audited = admin_outcome(broker, action, &target, conn, &result, request_id).await;
+    answer(action, &target, result, audited, request_id)
+}
+
+/// A refused admin call: audited as `failed` with the reason, answered 400.
+async fn refused(
+    broker: &Broker,
+    action: &str,
+    target: Option<&str>,
+    conn: &ConnInfo,
+    why: &str,
+    request_id: &str,
+) -> Response<ProxyBody> {
+    let mut record = admin_record(action, target, conn, "failed", Some(request_id));
+    record.error = Some(why.to_owned());
+    if let Err(e) = broker.audit.append(record).await {
+        tracing::error!(error = %e, "cannot write the admin audit record of a refused call");
+    }
+    bad(why, request_id)
 }
 
 #[derive(Deserialize)]
@@ -233,63 +340,83 @@ async fn enable(
 ) -> Response<ProxyBody> {
     let body: EnableRequest = match read_json(req).await {
         Ok(b) => b,
-        Err(e) => return bad(&e, request_id),
+        Err(e) => return refused(broker, "enable", None, conn, &e, request_id).await,
     };
+    let target = format!("connector:{}", body.connector);
     // A connector that was removed from the config may still be listed as disabled: enabling
     // it clears the entry. Anything else unknown is a typo worth saying so.
     if broker.live().config.connector(&body.connector).is_none()
         && !broker.revocations.is_disabled(&body.connector)
     {
-        return bad("unknown connector", request_id);
+        let why = "unknown connector";
+        return refused(broker, "enable", Some(&target), conn, why, request_id).await;
     }
+    let was_disabled = broker.revocations.is_disabled(&body.connector);
     let result = broker.revocations.set_disabled(&body.connector, false);
-    admin_outcome(
-        broker,
-        "enable",
-        &format!("connector:{}", body.connector),
-        conn,
-        result,
-        request_id,
-    )
-    .await
+    let audited = admin_outcome(broker, "enable", &target, conn, &result, request_id).await;
+    if !audited && was_disabled {
+        // Enabling loosens: unaudited, it is undone. (Meanwhile no call could pass anyway:
+        // every proxied call needs its own audit record first.)
+        if let Err(e) = broker.revocations.set_disabled(&body.connector, true) {
+            tracing::error!(error = %e, "cannot persist the undone enable");
+        }
+        return audit_unavailable(
+            "the audit log cannot be written; the connector stays disabled",
+            request_id,
+        );
+    }
+    answer("enable", &target, result, audited, request_id)
 }
 
-/// Audits an admin action and answers. A state-file error still leaves the change in force
-/// in memory (a revocation must bite now) and is reported as a 500 so ops know it will not
-/// survive a restart.
+/// Audits an admin action that was applied; returns whether the record was written.
 async fn admin_outcome(
     broker: &Broker,
     action: &str,
     target: &str,
     conn: &ConnInfo,
+    result: &Result<(), crate::state::StateError>,
+    request_id: &str,
+) -> bool {
+    let outcome = if result.is_ok() {
+        "ok"
+    } else {
+        "not_persisted"
+    };
+    let record = admin_record(action, Some(target), conn, outcome, Some(request_id));
+    match broker.audit.append(record).await {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::error!(error = %e, action, target, "admin change is in force but could not be audited");
+            false
+        }
+    }
+}
+
+/// The answer to an applied admin action. A state-file error still leaves the change in force
+/// in memory (a revocation must bite now) and is reported as a 500 so ops know it will not
+/// survive a restart; a missing audit record is a 503.
+fn answer(
+    action: &str,
+    target: &str,
     result: Result<(), crate::state::StateError>,
+    audited: bool,
     request_id: &str,
 ) -> Response<ProxyBody> {
-    let mut record = Record::new(Event::Admin);
-    record.request_id = Some(request_id.to_owned());
-    record.action = Some(action.to_owned());
-    record.actor = Some(actor(conn));
-    record.target = Some(target.to_owned());
-    record.result = Some(
-        if result.is_ok() {
-            "ok"
-        } else {
-            "not_persisted"
-        }
-        .into(),
-    );
-    if let Err(e) = broker.audit.append(record).await {
-        tracing::error!(error = %e, "cannot write an admin audit record");
+    if let Err(e) = &result {
+        tracing::error!(error = %e, "admin change is in force but was not persisted");
     }
-    match result {
-        Ok(()) => ok(serde_json::json!({"result": "ok", "action": action, "target": target})),
-        Err(e) => {
-            tracing::error!(error = %e, "admin change is in force but was not persisted");
-            json_response(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                &serde_json::json!({"error": "server_error", "error_description": "in force now, but not persisted to the state directory", "request_id": request_id}),
-            )
+    match (result, audited) {
+        (Ok(()), true) => {
+            ok(serde_json::json!({"result": "ok", "action": action, "target": target}))
         }
+        (_, false) => audit_unavailable(
+            "in force now, but the audit log cannot be written",
+            request_id,
+        ),
+        (Err(_), true) => json_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &serde_json::json!({"error": "server_error", "error_description": "in force now, but not persisted to the state directory", "request_id": request_id}),
+        ),
     }
 }
 

@@ -123,8 +123,12 @@ async fn run(broker: Arc<Broker>, path: PathBuf, mut stopped: watch::Receiver<bo
             continue;
         }
         last_tried = Some(now);
-        // Failures are logged, audited and counted by `reload`; the old config stays.
-        let _ = super::reload(&broker, ACTOR, None).await;
+        // Failures are logged, audited and counted by `reload`; the old config stays. A save
+        // that could not be audited was not tried for good: look at it again next round.
+        if let Err(super::ReloadError::NotAudited) = super::reload(&broker, ACTOR, None).await {
+            last_tried = None;
+            seen = None;
+        }
     }
 }
 

@@ -180,3 +180,48 @@ async fn reload_rotates_the_admin_token_and_refuses_restart_only_changes() {
         .unwrap();
     assert_eq!(send(b.admin.unwrap(), req).await.0, 200);
 }
+
+/// DESIGN §3.5 "every admin action is audited": refused attempts too — a wrong admin token at
+/// the kill switch (`denied`), a bad request (`failed`, with why). Empty names are refused.
+#[tokio::test]
+async fn refused_admin_calls_are_audited() {
+    let up = FakeUpstream::start().await;
+    let b = TestBroker::start(&standard_config(up.addr)).await;
+    let req = http::Request::post("/v1/revoke")
+        .header("authorization", "Bearer wrong")
+        .body("{\"connector\":\"github\"}".to_owned())
+        .unwrap();
+    assert_eq!(send(b.admin.unwrap(), req).await.0, 401);
+    for body in ["{\"connector\":\"nosuch\"}", "{}", "{\"jti\":\"\"}"] {
+        let (s, _, text) = b.admin_call("POST", "/v1/revoke", body).await;
+        assert_eq!(s, 400, "{body}: {text}");
+    }
+    assert_eq!(
+        b.admin_call("POST", "/v1/enable", "{\"connector\":\"nosuch\"}")
+            .await
+            .0,
+        400
+    );
+    let records = b.audit();
+    let admin = events(&records, "admin");
+    let results: Vec<(&str, &str)> = admin
+        .iter()
+        .map(|r| (r["action"].as_str().unwrap(), r["result"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        results,
+        [
+            ("revoke", "denied"),
+            ("disable", "failed"),
+            ("revoke", "failed"),
+            ("revoke", "failed"),
+            ("enable", "failed"),
+        ]
+    );
+    assert!(admin[0]["actor"]
+        .as_str()
+        .unwrap()
+        .starts_with("admin@127.0.0.1:"));
+    assert_eq!(admin[1]["error"], "unknown connector");
+    assert_eq!(admin[1]["target"], "connector:nosuch");
+}

@@ -163,3 +163,62 @@ async fn the_python_verifier_from_the_readme_works() {
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stdout).contains("hash mismatch"));
 }
+
+/// DESIGN §3.5, §6: admin actions while the audit log cannot be written. A revocation and a
+/// kill switch tighten, so they take effect at once but answer 503 (refusing them would keep a
+/// leaked token working); enabling a connector loosens, so unaudited it is not done.
+#[tokio::test]
+async fn admin_actions_on_a_full_disk_tighten_but_never_loosen_unaudited() {
+    let Some(fs) = Tmpfs::mount("256k") else {
+        eprintln!("SKIPPED admin_actions_on_a_full_disk…: mounting a tmpfs needs root");
+        return;
+    };
+    let up = FakeUpstream::start().await;
+    let audit_path = fs.0.path().join("audit.jsonl");
+    let config = standard_config(up.addr).replace(
+        "path = \"audit.jsonl\"",
+        &format!("path = \"{}\"", audit_path.display()),
+    );
+    let b = TestBroker::start(&config).await;
+    let token = b.token("github:issues.read", &[]).await;
+    let filler = fill(fs.0.path());
+    while b
+        .token_request("bot", SECRET, "github:issues.read", &[])
+        .await
+        .0
+        != 503
+    {}
+    let (s, _, body) = b
+        .admin_call("POST", "/v1/revoke", "{\"connector\":\"github\"}")
+        .await;
+    assert_eq!(s, 503, "{body}");
+    assert!(
+        body.contains("audit_unavailable") && body.contains("in force"),
+        "{body}"
+    );
+    let (s, _, body) = b
+        .admin_call("POST", "/v1/enable", "{\"connector\":\"github\"}")
+        .await;
+    assert_eq!(s, 503, "{body}");
+    assert!(body.contains("stays disabled"), "{body}");
+    std::fs::remove_file(filler).unwrap();
+    let (s, _, body) = b
+        .call("GET", "/github/repos/acme/widget/issues", &token)
+        .await;
+    assert_eq!(
+        s, 403,
+        "the kill switch bit and the enable was undone: {body}"
+    );
+    assert_eq!(
+        b.admin_call("POST", "/v1/enable", "{\"connector\":\"github\"}")
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        b.status("GET", "/github/repos/acme/widget/issues", &token)
+            .await,
+        200
+    );
+    assert_eq!(up.count(), 1);
+}
