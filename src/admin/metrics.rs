@@ -25,6 +25,61 @@ use crate::config::{Config, Connector};
 
 /// The `Content-Type` of the exposition (OpenMetrics 1.0 text, which Prometheus accepts).
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The classic Prometheus text format, for scrapers that do not ask for OpenMetrics.
+pub const CONTENT_TYPE_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Whether an `Accept` header asks for OpenMetrics (as Prometheus itself does); anything
+/// else — none, `*/*`, `text/plain` — gets the classic text format.
+pub fn wants_openmetrics(accept: Option<&str>) -> bool {
+    accept.is_some_and(|a| {
+        a.split(',').any(|range| {
+            let mut params = range.split(';');
+            let media = params.next().unwrap_or("").trim();
+            // `q=0` means "not this one".
+            let refused = params.any(|p| {
+                p.trim()
+                    .strip_prefix("q=")
+                    .is_some_and(|q| q.trim().parse::<f32>().is_ok_and(|q| q <= 0.0))
+            });
+            media.eq_ignore_ascii_case("application/openmetrics-text") && !refused
+        })
+    })
+}
+
+/// OpenMetrics text as the classic Prometheus text format (0.0.4): a counter family is named
+/// like its `_total` samples (in OpenMetrics it is named without the suffix), and the `# UNIT`
+/// and `# EOF` lines, which 0.0.4 does not have, go. Everything else is the same.
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| line.strip_prefix(p).map(|rest| (p, rest)));
+        match meta {
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                out.push_str(prefix);
+                out.push_str(name);
+                if counters.contains(name) {
+                    out.push_str("_total");
+                }
+                out.push(' ');
+                out.push_str(tail);
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
 
 /// A label set given as (name, value) pairs; a `None` value leaves the label out, so an
 /// allowed request carries no empty `reason`.
@@ -465,6 +520,19 @@ impl Metrics {
 mod tests {
     use super::*;
 
+    #[test]
+    fn openmetrics_only_when_asked_for() {
+        assert!(wants_openmetrics(Some(
+            "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+        )));
+        assert!(!wants_openmetrics(None));
+        assert!(!wants_openmetrics(Some("*/*")));
+        assert!(!wants_openmetrics(Some("text/plain;version=0.0.4")));
+        assert!(!wants_openmetrics(Some(
+            "application/openmetrics-text;q=0, text/plain"
+        )));
+    }
+
     fn config() -> Config {
         let text = r#"
 [server]
@@ -522,6 +590,12 @@ credential = "literal:x"
         m.upstream_done("github", Duration::from_millis(3), None);
         m.upstream_done("github", Duration::from_millis(3), Some("timeout"));
         let text = encode(&m);
+        let classic = to_prometheus_text(&text);
+        assert!(classic.contains("# TYPE credbroker_tokens_issued_total counter\n"));
+        assert!(classic.contains("# HELP credbroker_tokens_issued_total "));
+        assert!(classic.contains("credbroker_tokens_issued_total{client=\"bot\"} 1\n"));
+        assert!(classic.contains("# TYPE credbroker_audit_fsync_duration_seconds histogram\n"));
+        assert!(!classic.contains("# EOF") && !classic.contains("# UNIT"));
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             assert!(line.starts_with("credbroker_"), "{line}");
         }

@@ -63,7 +63,7 @@ pub async fn handle(
             resp
         }
         (&Method::GET, "/v1/connectors") => ok(connectors_view(&state.broker)),
-        (&Method::GET, "/metrics") => metrics_response(&state.broker),
+        (&Method::GET, "/metrics") => metrics_response(&state.broker, req.headers()),
         (&Method::POST, "/v1/reload") => {
             let actor = actor(conn);
             match reload(&state.broker, &actor, Some(request_id)).await {
@@ -224,13 +224,25 @@ pub async fn reload(
     result
 }
 
-fn metrics_response(broker: &Broker) -> Response<ProxyBody> {
-    let mut resp = Response::new(crate::proxy::respond::full(Bytes::from(
-        broker.metrics.render(broker),
-    )));
+/// OpenMetrics when the scraper asks for it (Prometheus does), else the classic Prometheus
+/// text format (DESIGN §4.4).
+fn metrics_response(broker: &Broker, headers: &http::HeaderMap) -> Response<ProxyBody> {
+    let accept = headers
+        .get(http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok());
+    let openmetrics = broker.metrics.render(broker);
+    let (body, content_type) = if metrics::wants_openmetrics(accept) {
+        (openmetrics, metrics::CONTENT_TYPE)
+    } else {
+        (
+            metrics::to_prometheus_text(&openmetrics),
+            metrics::CONTENT_TYPE_TEXT,
+        )
+    };
+    let mut resp = Response::new(crate::proxy::respond::full(Bytes::from(body)));
     resp.headers_mut().insert(
         http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static(metrics::CONTENT_TYPE),
+        http::HeaderValue::from_static(content_type),
     );
     resp
 }

@@ -384,13 +384,34 @@ fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// The classic Prometheus text format (DESIGN §4.4), what a scraper gets unless it asks for
+/// OpenMetrics; checked to carry the same samples as the OpenMetrics answer.
 async fn scrape(b: &TestBroker) -> String {
     let (s, h, body) = b.admin_call("GET", "/metrics", "").await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        h["content-type"],
+        "text/plain; version=0.0.4; charset=utf-8"
+    );
+    assert!(body.contains("# TYPE credbroker_proxy_requests_total counter\n"));
+    assert!(!body.contains("# EOF"));
+    let req = Request::get("/metrics")
+        .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+        .header(
+            "accept",
+            "application/openmetrics-text;version=1.0.0,text/plain;q=0.5",
+        )
+        .body(String::new())
+        .unwrap();
+    let (s, h, om) = send(b.admin.unwrap(), req).await;
     assert_eq!(s, 200);
     assert!(h["content-type"]
         .to_str()
         .unwrap()
         .starts_with("application/openmetrics-text"));
+    assert!(om.ends_with("# EOF\n"));
+    let samples = |t: &str| t.lines().filter(|l| !l.starts_with('#')).count();
+    assert_eq!(samples(&om), samples(&body));
     body
 }
 
