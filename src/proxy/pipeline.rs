@@ -651,10 +651,22 @@ async fn forward(
     let wait = connector
         .upstream_timeout
         .min(request_deadline.saturating_duration_since(sent));
+    let declared_body = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
     let result = tokio::time::timeout(wait, runtime.client.send(&runtime.origin, req)).await;
     let took = sent.elapsed();
+    // Out of time while the client had not sent all the body it announced: the client's
+    // delay, not the upstream's (and not an upstream error in the metrics). An upstream that
+    // stops reading a large body would look the same; for bodies that fit the socket
+    // buffers, as most API calls' do, it is the client.
+    let client_stalled =
+        result.is_err() && declared_body.is_some_and(|len| bytes_in.load(Ordering::Relaxed) < len);
     match &result {
         Ok(Ok(_)) => runtime.metrics.upstream_ok(took),
+        Err(_) if client_stalled => {}
         failed => broker
             .metrics
             .upstream_result(&connector.name, took, failed),
@@ -679,10 +691,15 @@ async fn forward(
             .await;
         }
         Err(_) => {
+            let refusal = if client_stalled {
+                Refusal::RequestTimeout
+            } else {
+                Refusal::UpstreamTimeout
+            };
             return finish_failed(
                 broker,
                 result_record,
-                Refusal::UpstreamTimeout,
+                refusal,
                 &bytes_in,
                 started,
                 &request_id,

@@ -1348,6 +1348,15 @@ async fn a_stalled_request_body_ends_with_request_timeout() {
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(took < Duration::from_secs(3), "{took:?}");
     tokio::time::sleep(Duration::from_millis(100)).await;
+    // A declared body streams through: the call is forwarded, then runs out of time waiting
+    // for the client's bytes — a 408 and the client's fault, not an upstream timeout.
+    let head = format!(
+        "POST /github/repos/acme/widget/issues/1/comments HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {t}\r\ncontent-length: 20\r\n\r\n"
+    );
+    let (answer, took) = stall_body(b.addr, head, b"{\"a\":").await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    tokio::time::sleep(Duration::from_millis(100)).await;
     let records = b.audit();
     let denied: Vec<_> = events(&records, "proxy")
         .into_iter()
@@ -1355,6 +1364,10 @@ async fn a_stalled_request_body_ends_with_request_timeout() {
         .collect();
     assert_eq!(denied.len(), 1, "{records:?}");
     assert_eq!(denied[0]["status"], 408);
+    let results = events(&records, "proxy_result");
+    assert_eq!(results.len(), 1, "{records:?}");
+    assert_eq!(results[0]["status"], 408);
+    assert_eq!(results[0]["error"], "request_timeout");
 }
 
 /// DESIGN §6: connections that never send a byte are closed after `header_read_timeout`, like
