@@ -38,15 +38,23 @@ impl fmt::Display for Finding {
 
 /// Everything `check` reports for the config `text` read from `path`, errors first.
 pub fn check(text: &str, path: &Path, now: DateTime<Utc>) -> Vec<Finding> {
-    let config = match Config::parse(text, path) {
-        Ok(c) => c,
-        Err(errors) => return errors.0.into_iter().map(error).collect(),
-    };
-    let Ok(raw) = toml::from_str::<RawConfig>(text) else {
-        return Vec::new(); // cannot happen: it parsed a moment ago
-    };
+    let parsed = Config::parse(text, path);
+    let raw = toml::from_str::<RawConfig>(text).ok();
     let mut cx = Ctx::new(text, path);
-    file_errors(&mut cx, &config, &raw);
+    // Files are checked whenever the TOML is readable, so the errors of one run are all of
+    // them (warnings need a valid config: they come once the errors are fixed).
+    if let Some(raw) = &raw {
+        file_errors(&mut cx, raw);
+    }
+    let files = std::mem::take(&mut cx.errors);
+    let (config, raw) = match (parsed, raw) {
+        (Ok(config), Some(raw)) => (config, raw),
+        (Err(errors), _) => {
+            return errors.0.into_iter().chain(files).map(error).collect();
+        }
+        (Ok(_), None) => return Vec::new(), // cannot happen: it parsed
+    };
+    cx.errors = files;
     let mut findings: Vec<Finding> = std::mem::take(&mut cx.errors)
         .into_iter()
         .map(error)
@@ -67,9 +75,10 @@ fn error(location: ConfigError) -> Finding {
 }
 
 /// Files `serve` will need: report now rather than at start-up, each at its key's line.
-fn file_errors(cx: &mut Ctx<'_>, config: &Config, raw: &RawConfig) {
-    if let (Some(key), Some(rk)) = (&config.tokens.signing_key, &raw.tokens.signing_key) {
-        if let Err(e) = crate::token::SigningKeys::from_pem_file(key) {
+fn file_errors(cx: &mut Ctx<'_>, raw: &RawConfig) {
+    if let Some(rk) = &raw.tokens.signing_key {
+        let key = cx.path(rk.get_ref());
+        if let Err(e) = crate::token::SigningKeys::from_pem_file(&key) {
             cx.err(Some(rk.span()), "tokens.signing_key", e.to_string());
         }
     }

@@ -335,3 +335,28 @@ fn the_shipped_example_parses_with_its_env_vars() {
             == Some("INC-4711")
     );
 }
+
+#[test]
+fn check_reports_unreadable_files_alongside_other_errors() {
+    let text = GOOD
+        .replace("{ per_second = 5 }", "{ per_second = 0 }")
+        .replace(
+            "[audit]",
+            "[tokens]\nsigning_key = \"/nonexistent/key.pem\"\n\n[audit]",
+        );
+    let findings = check(
+        &text,
+        Path::new("/etc/credbroker/credbroker.toml"),
+        Utc::now(),
+    );
+    let all: Vec<String> = findings.iter().map(|f| f.to_string()).collect();
+    assert!(all.iter().any(|f| f.contains("rate_limit")), "{all:?}");
+    assert!(
+        all.iter().any(|f| f.contains("tokens.signing_key")),
+        "{all:?}"
+    );
+    assert!(
+        findings.iter().all(|f| f.severity == Severity::Error),
+        "{all:?}"
+    );
+}
