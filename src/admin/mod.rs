@@ -43,7 +43,7 @@ pub async fn handle(
     let path = req.uri().path().to_owned();
     match (req.method(), path.as_str()) {
         (&Method::GET | &Method::HEAD, "/healthz") => ok(serde_json::json!({"status": "ok"})),
-        (&Method::GET | &Method::HEAD, "/readyz") => ok(serde_json::json!({"status": "ready"})),
+        (&Method::GET | &Method::HEAD, "/readyz") => readiness(&state.broker),
         _ if !authorized(&state, &req) => {
             if let Some(action) = action_of(req.method(), &path) {
                 // A wrong token at the kill switch is what monitoring wants to see.
@@ -82,6 +82,23 @@ pub async fn handle(
         }
         _ => Refusal::NotFound.into_response(request_id),
     }
+}
+
+/// How long after a failed audit write `/readyz` says "not ready".
+const AUDIT_FAILURE_WINDOW: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// `/readyz`: 503 while the audit log has failed recently — every call would be refused 503
+/// anyway (DESIGN §6), so a load balancer should route around this replica. Once no write
+/// has failed for [`AUDIT_FAILURE_WINDOW`] it says ready again, and the next calls show
+/// whether the disk has recovered.
+fn readiness(broker: &Broker) -> Response<ProxyBody> {
+    if broker.audit.failed_within(AUDIT_FAILURE_WINDOW) {
+        return json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &serde_json::json!({"status": "audit_unavailable"}),
+        );
+    }
+    ok(serde_json::json!({"status": "ready"}))
 }
 
 fn authorized<B>(state: &AdminState, req: &Request<B>) -> bool {

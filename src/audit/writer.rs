@@ -138,6 +138,8 @@ struct Shared {
     write_errors: AtomicU64,
     fsyncs: AtomicU64,
     fsync_nanos: AtomicU64,
+    /// When a write or sync last failed (ms since the Unix epoch; 0: never), for readiness.
+    last_failure_ms: AtomicU64,
     rotations: AtomicU64,
     observer: ArcSwapOption<Box<dyn Fn(Duration) + Send + Sync>>,
     /// Under `always`: detached records left here by callers for the writer thread to take
@@ -203,6 +205,7 @@ impl AuditLog {
             write_errors: AtomicU64::new(0),
             fsyncs: AtomicU64::new(0),
             fsync_nanos: AtomicU64::new(0),
+            last_failure_ms: AtomicU64::new(0),
             rotations: AtomicU64::new(0),
             observer: ArcSwapOption::empty(),
             deferred: Mutex::new(Vec::new()),
@@ -379,6 +382,15 @@ impl AuditLog {
         }
     }
 
+    /// Whether a write or sync failed within the last `window`: while the log cannot be written
+    /// every call is refused, so a load balancer should send its traffic elsewhere. (A window,
+    /// not "the last write failed": with no traffic there would be no write to show recovery.)
+    pub fn failed_within(&self, window: Duration) -> bool {
+        let last = self.inner.shared.last_failure_ms.load(Ordering::Relaxed);
+        let window = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
+        last != 0 && now_ms().saturating_sub(last) < window
+    }
+
     /// Installs a hook called with every sync's duration (e.g. to feed a histogram).
     pub fn set_fsync_observer(&self, observer: FsyncObserver) {
         self.inner
@@ -514,7 +526,7 @@ fn inline_flusher(writer: &Mutex<Option<Writer>>) {
             (file, Arc::clone(&w.shared))
         };
         if let Err(e) = timed_sync(&file, &shared) {
-            shared.write_errors.fetch_add(1, Ordering::Relaxed);
+            shared.write_failed();
             tracing::error!(error = %e, "audit log sync failed");
             if let Some(w) = lock(writer).as_mut() {
                 w.dirty = true;
@@ -535,6 +547,21 @@ fn timed_sync(file: &File, shared: &Shared) -> io::Result<()> {
         observer(took);
     }
     Ok(())
+}
+
+impl Shared {
+    /// Counts a failed write or sync and remembers when it happened.
+    fn write_failed(&self) {
+        self.write_errors.fetch_add(1, Ordering::Relaxed);
+        self.last_failure_ms
+            .store(now_ms().max(1), Ordering::Relaxed);
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// The writer's state: the file and where the chain stands.
@@ -855,7 +882,7 @@ impl Writer {
                 Ok(first)
             }
             Err(e) => {
-                self.shared.write_errors.fetch_add(1, Ordering::Relaxed);
+                self.shared.write_failed();
                 tracing::error!(error = %e, path = %self.path.display(), records,
                     "audit write failed; cutting the batch back");
                 self.cut_back();
@@ -944,7 +971,7 @@ impl Writer {
     /// An `interval` sync of records already acknowledged: a failure can only be logged.
     fn background_sync(&mut self) {
         if let Err(e) = self.sync() {
-            self.shared.write_errors.fetch_add(1, Ordering::Relaxed);
+            self.shared.write_failed();
             // Keep `dirty` so the next wake-up tries again.
             self.last_sync = Instant::now();
             tracing::error!(error = %e, "audit log sync failed");

@@ -110,6 +110,10 @@ async fn full_disk_refuses_with_503_forwards_nothing_and_recovers() {
     assert_eq!(s, 503, "{body}");
     assert!(body.contains("audit_unavailable"));
     assert_eq!(up.count(), 0, "nothing forwarded unaudited");
+    // A load balancer asking the admin listener is told to route around this replica.
+    let readyz = http::Request::get("/readyz").body(String::new()).unwrap();
+    let (s, _, body) = send(b.admin.unwrap(), readyz).await;
+    assert_eq!(s, 503, "{body}");
     std::fs::remove_file(filler).unwrap();
     let (s, _, body) = b
         .call("GET", "/github/repos/acme/widget/issues", &token)
