@@ -15,6 +15,7 @@ fn claims() -> AccessClaims {
     AccessClaims {
         iss: ISS.to_owned(),
         sub: "sync-bot".to_owned(),
+        client_id: Some("sync-bot".to_owned()),
         aud: ISS.to_owned(),
         iat: NOW,
         nbf: NOW,

@@ -12,6 +12,10 @@ pub struct AccessClaims {
     pub iss: String,
     /// The client id.
     pub sub: String,
+    /// The client id again, as RFC 9068 §2.2 requires of JWT access tokens. Optional when
+    /// read, so tokens issued before it was added stay valid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
     /// The audience: the issuer itself (the broker is its own resource server).
     pub aud: String,
     /// Issued at.
@@ -82,6 +86,7 @@ pub(crate) mod tests {
         AccessClaims {
             iss: issuer.to_owned(),
             sub: "sync-bot".to_owned(),
+            client_id: Some("sync-bot".to_owned()),
             aud: issuer.to_owned(),
             iat: now,
             nbf: now,

@@ -183,6 +183,7 @@ async fn issue(
     let claims = AccessClaims {
         iss: live.config.tokens.issuer.clone(),
         sub: client.id.clone(),
+        client_id: Some(client.id.clone()),
         aud: live.config.tokens.issuer.clone(),
         iat,
         nbf: iat,

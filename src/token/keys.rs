@@ -252,6 +252,7 @@ pub(crate) mod tests {
         AccessClaims {
             iss: "i".into(),
             sub: "s".into(),
+            client_id: None,
             aud: "i".into(),
             iat: 1,
             nbf: 1,

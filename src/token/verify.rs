@@ -80,6 +80,7 @@ struct WireHeader {
 struct WireClaims {
     iss: Option<String>,
     sub: Option<String>,
+    client_id: Option<String>,
     aud: Option<String>,
     iat: Option<i64>,
     nbf: Option<i64>,
@@ -99,6 +100,7 @@ impl WireClaims {
             iss: self.iss.ok_or(TokenError::MissingClaim("iss"))?,
             aud: self.aud.ok_or(TokenError::MissingClaim("aud"))?,
             sub: self.sub.ok_or(TokenError::MissingClaim("sub"))?,
+            client_id: self.client_id,
             iat: self.iat.ok_or(TokenError::MissingClaim("iat"))?,
             nbf: self.nbf.ok_or(TokenError::MissingClaim("nbf"))?,
             jti: self.jti.ok_or(TokenError::MissingClaim("jti"))?,

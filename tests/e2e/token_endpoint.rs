@@ -28,6 +28,7 @@ async fn issues_a_scoped_token_with_capped_lifetime() {
     assert!(header["kid"].is_string());
     let claims: serde_json::Value = serde_json::from_slice(&b64.decode(parts[1]).unwrap()).unwrap();
     assert_eq!(claims["sub"], "bot");
+    assert_eq!(claims["client_id"], "bot", "RFC 9068 §2.2");
     assert_eq!(claims["iss"], "credbroker-test");
     assert_eq!(claims["aud"], "credbroker-test");
     assert!(claims["exp"].is_i64() && claims["jti"].as_str().unwrap().len() >= 22);
