@@ -73,7 +73,7 @@ pub struct Live {
 pub struct ConnectorRuntime {
     pub injection: Injection,
     /// The forms of the credential an upstream must not echo back.
-    pub echoes: Echoes,
+    pub echoes: Arc<Echoes>,
     /// A dynamic credential's source and cache (DESIGN §3.7), kept across reloads that leave
     /// it unchanged. For such a connector `injection` and `echoes` carry no credential:
     /// `injection` only names the header or parameter check 1 refuses from clients, and the
@@ -296,7 +296,7 @@ impl Live {
                 c.name.clone(),
                 ConnectorRuntime {
                     injection,
-                    echoes: Echoes::new(&c.auth, &value),
+                    echoes: Arc::new(Echoes::new(&c.auth, &value)),
                     dynamic,
                     client,
                     limiter: limiter(c.rate_limit, old_rate, old_limiter),

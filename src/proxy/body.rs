@@ -13,6 +13,8 @@ use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
 use super::forward::UpstreamBody;
+use super::headers;
+use super::inject::Echoes;
 use super::BoxError;
 
 /// A client request body forwarded as it streams in, refused past `limit` bytes.
@@ -85,16 +87,24 @@ pub struct ObservedBody {
     /// then need no timer at all.
     timer: Option<Pin<Box<Sleep>>>,
     on_done: Option<OnDone>,
+    /// The credential's forms, for trailers: they are header fields too.
+    echoes: Arc<Echoes>,
 }
 
 impl ObservedBody {
-    pub fn new(inner: UpstreamBody, deadline: Instant, on_done: OnDone) -> Self {
+    pub fn new(
+        inner: UpstreamBody,
+        deadline: Instant,
+        echoes: Arc<Echoes>,
+        on_done: OnDone,
+    ) -> Self {
         Self {
             inner,
             bytes: 0,
             deadline,
             timer: None,
             on_done: Some(on_done),
+            echoes,
         }
     }
 
@@ -126,8 +136,17 @@ impl Body for ObservedBody {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     this.bytes += data.len() as u64;
+                    return Poll::Ready(Some(Ok(frame)));
                 }
-                Poll::Ready(Some(Ok(frame)))
+                // Trailers (which reach HTTP/2 clients) get the response headers' cleaning:
+                // hop-by-hop fields and any carrying the credential go.
+                Poll::Ready(Some(Ok(match frame.into_trailers() {
+                    Ok(mut trailers) => {
+                        headers::clean_response_headers(&mut trailers, &this.echoes);
+                        Frame::trailers(trailers)
+                    }
+                    Err(other) => other,
+                })))
             }
             Poll::Ready(Some(Err(e))) => {
                 this.finish(Some("upstream body error"));

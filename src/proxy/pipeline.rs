@@ -518,7 +518,7 @@ enum CallCredential<'r> {
         source: &'r Arc<DynamicCredential>,
         minted: Arc<Minted>,
         injection: Injection,
-        echoes: Echoes,
+        echoes: Arc<Echoes>,
     },
 }
 
@@ -531,7 +531,7 @@ impl CallCredential<'_> {
     }
 
     /// The forms of the credential an upstream must not echo back.
-    fn echoes(&self) -> &Echoes {
+    fn echoes(&self) -> &Arc<Echoes> {
         match self {
             Self::Static(runtime) => &runtime.echoes,
             Self::Minted { echoes, .. } => echoes,
@@ -568,7 +568,7 @@ async fn upstream_credential<'r>(
         source.rejected(&minted);
         unavailable()
     })?;
-    let echoes = Echoes::new(&connector.auth, &minted.token);
+    let echoes = Arc::new(Echoes::new(&connector.auth, &minted.token));
     Ok(CallCredential::Minted {
         source,
         minted,
@@ -733,7 +733,8 @@ async fn forward(
         }
     });
     let deadline = tokio::time::Instant::from_std(request_deadline);
-    let body = ObservedBody::new(body, deadline, on_done).boxed_unsync();
+    let body =
+        ObservedBody::new(body, deadline, Arc::clone(credential.echoes()), on_done).boxed_unsync();
     Response::from_parts(parts, body)
 }
 

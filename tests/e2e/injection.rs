@@ -175,3 +175,80 @@ async fn echoes_of_the_encoded_credential_are_dropped_too() {
         }
     }
 }
+
+/// A raw upstream that answers every request with `response`, as bytes.
+async fn raw_upstream(response: &'static [u8]) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut seen = Vec::new();
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        return;
+                    }
+                    seen.extend_from_slice(&buf[..n]);
+                    if seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                        seen.clear();
+                        if s.write_all(response).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Sends one GET over HTTP/2 (prior knowledge) and returns status, headers, body and trailers.
+async fn h2_get(
+    addr: std::net::SocketAddr,
+    target: &str,
+    token: &str,
+) -> (u16, http::HeaderMap, bytes::Bytes, Option<http::HeaderMap>) {
+    use http_body_util::BodyExt;
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get(format!("http://{addr}{target}"))
+        .header("authorization", format!("Bearer {token}"))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    let (parts, body) = resp.into_parts();
+    let collected = body.collect().await.unwrap();
+    let trailers = collected.trailers().cloned();
+    (
+        parts.status.as_u16(),
+        parts.headers,
+        collected.to_bytes(),
+        trailers,
+    )
+}
+
+/// DESIGN §4.3: trailers are header fields too. An upstream trailer carrying the credential
+/// never reaches an HTTP/2 client (HTTP/1.1 clients get no trailers at all); others do.
+#[tokio::test]
+async fn trailers_echoing_the_credential_are_dropped() {
+    const ANSWER: &str = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Checksum\r\n\r\n4\r\nTRLR\r\n0\r\nX-Checksum: abc\r\nX-Leak: ghs_REAL_ORG_CREDENTIAL_sentinel\r\n\r\n";
+    assert!(ANSWER.contains(CREDENTIAL));
+    let up = raw_upstream(ANSWER.as_bytes()).await;
+    let b = TestBroker::start(&standard_config(up)).await;
+    let token = b.token("github:issues.read", &[]).await;
+    let (status, _, body, trailers) =
+        h2_get(b.addr, "/github/repos/acme/widget/issues", &token).await;
+    assert_eq!(status, 200);
+    assert_eq!(&body[..], b"TRLR");
+    let trailers = trailers.expect("the harmless trailer is passed on");
+    assert_eq!(trailers["x-checksum"], "abc");
+    assert!(!trailers.contains_key("x-leak"), "{trailers:?}");
+}
