@@ -99,6 +99,46 @@ pub fn clean_response_headers(headers: &mut HeaderMap, echoes: &Echoes) {
     }
 }
 
+/// Makes the response's `Content-Length` say what the client will get. hyper reads the body
+/// right — `Transfer-Encoding` over `Content-Length`, a list of equal lengths as one — but
+/// leaves the header as the upstream sent it, and forwarding that would frame the answer
+/// wrongly (RFC 9112 §6.3: an intermediary removes `Content-Length` when the message also has
+/// `Transfer-Encoding`). So: none on a 1xx or 204; left alone where it describes a body that
+/// is not sent (a HEAD request, a 304); otherwise the body's exact length, or none when the
+/// length is not known in advance. Called before the hop-by-hop headers go.
+pub fn normalize_content_length(
+    headers: &mut HeaderMap,
+    status: http::StatusCode,
+    head_request: bool,
+    exact_length: Option<u64>,
+) {
+    if status.is_informational() || status == http::StatusCode::NO_CONTENT {
+        headers.remove(header::CONTENT_LENGTH);
+        return;
+    }
+    if head_request
+        || status == http::StatusCode::NOT_MODIFIED
+        || !headers.contains_key(header::CONTENT_LENGTH)
+    {
+        return;
+    }
+    match exact_length {
+        Some(n) if !headers.contains_key(header::TRANSFER_ENCODING) => {
+            // Usually it already says so: then nothing is rebuilt (this runs on every call).
+            let says = headers
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            if says != Some(n) {
+                headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+            }
+        }
+        _ => {
+            headers.remove(header::CONTENT_LENGTH);
+        }
+    }
+}
+
 /// Adds the broker's own forwarding headers, replacing whatever the client sent.
 pub fn add_forwarding_headers(headers: &mut HeaderMap, peer_ip: &str, proto: &'static str) {
     if let Ok(v) = HeaderValue::from_str(peer_ip) {
@@ -152,6 +192,36 @@ mod tests {
         let out = upstream_request_headers(&h, None);
         let names: Vec<&str> = out.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, ["accept", "user-agent"]);
+    }
+
+    #[test]
+    fn content_length_says_what_the_client_gets() {
+        use http::StatusCode;
+        let cl = |h: &HeaderMap| {
+            h.get("content-length")
+                .map(|v| v.to_str().unwrap().to_owned())
+        };
+        // Both framings: the chunked body wins and the length goes.
+        let mut h = map(&[("content-length", "3"), ("transfer-encoding", "chunked")]);
+        normalize_content_length(&mut h, StatusCode::OK, false, None);
+        assert_eq!(cl(&h), None);
+        // A list of equal lengths becomes one.
+        let mut h = map(&[("content-length", "5, 5")]);
+        normalize_content_length(&mut h, StatusCode::OK, false, Some(5));
+        assert_eq!(cl(&h).as_deref(), Some("5"));
+        // None on a 204; untouched for HEAD and 304, where no body follows.
+        let mut h = map(&[("content-length", "5")]);
+        normalize_content_length(&mut h, StatusCode::NO_CONTENT, false, Some(0));
+        assert_eq!(cl(&h), None);
+        for (status, head) in [(StatusCode::OK, true), (StatusCode::NOT_MODIFIED, false)] {
+            let mut h = map(&[("content-length", "1000")]);
+            normalize_content_length(&mut h, status, head, Some(0));
+            assert_eq!(cl(&h).as_deref(), Some("1000"));
+        }
+        // No length is made up where there was none.
+        let mut h = map(&[]);
+        normalize_content_length(&mut h, StatusCode::OK, false, Some(7));
+        assert_eq!(cl(&h), None);
     }
 
     #[test]

@@ -651,6 +651,7 @@ async fn forward(
     let wait = connector
         .upstream_timeout
         .min(request_deadline.saturating_duration_since(sent));
+    let head_request = req.method() == Method::HEAD;
     let declared_body = req
         .headers()
         .get(CONTENT_LENGTH)
@@ -709,6 +710,27 @@ async fn forward(
     };
     let (mut parts, body) = response.into_parts();
     credential.upstream_answered(parts.status);
+    if parts.status == http::StatusCode::SWITCHING_PROTOCOLS {
+        // Never asked for (check 1 refuses `Upgrade`), and not a response to relay: the
+        // client would be left on a connection switched to who knows what.
+        let refusal =
+            Refusal::UpstreamUnavailable("the upstream switched protocols unasked".into());
+        return finish_failed(
+            broker,
+            result_record,
+            refusal,
+            &bytes_in,
+            started,
+            &request_id,
+        )
+        .await;
+    }
+    headers::normalize_content_length(
+        &mut parts.headers,
+        parts.status,
+        head_request,
+        body.size_hint().exact(),
+    );
     headers::clean_response_headers(&mut parts.headers, credential.echoes());
     result_record.status = Some(parts.status.as_u16());
     result_record.upstream_request_id = connector

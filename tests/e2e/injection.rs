@@ -252,3 +252,45 @@ async fn trailers_echoing_the_credential_are_dropped() {
     assert_eq!(trailers["x-checksum"], "abc");
     assert!(!trailers.contains_key("x-leak"), "{trailers:?}");
 }
+
+/// RFC 9112 §6.3: an upstream answer with both `Content-Length` and `Transfer-Encoding` is
+/// read as chunked, and the client must not get the stale length with it; an unasked
+/// `101 Switching Protocols` is an upstream failure, not an answer to relay.
+#[tokio::test]
+async fn contradictory_framing_and_unasked_upgrades_from_the_upstream() {
+    let both: &'static [u8] =
+        b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+    let up = raw_upstream(both).await;
+    let b = TestBroker::start(&standard_config(up)).await;
+    let token = b.token("github:issues.read", &[]).await;
+    let (s, h, body) = b
+        .call("GET", "/github/repos/acme/widget/issues", &token)
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        body, "hello",
+        "the whole decoded body, not the stale length's worth"
+    );
+    assert!(h.get("content-length").is_none_or(|v| v == "5"), "{h:?}");
+    let (s, h, body, _) = h2_get(b.addr, "/github/repos/acme/widget/issues", &token).await;
+    assert_eq!((s, &body[..]), (200, &b"hello"[..]));
+    assert!(h.get("content-length").is_none_or(|v| v == "5"), "{h:?}");
+
+    let switching: &'static [u8] =
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nRAWDATA";
+    let up = raw_upstream(switching).await;
+    let b = TestBroker::start(&standard_config(up)).await;
+    let token = b.token("github:issues.read", &[]).await;
+    let (s, _, body) = b
+        .call("GET", "/github/repos/acme/widget/issues", &token)
+        .await;
+    assert_eq!(s, 502, "{body}");
+    assert!(
+        body.contains("upstream_unavailable") && !body.contains("RAWDATA"),
+        "{body}"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let records = b.audit();
+    let results = events(&records, "proxy_result");
+    assert_eq!(results[0]["status"], 502, "{records:?}");
+}
