@@ -149,8 +149,17 @@ async fn stages(
         body_deadline,
     )
     .await?;
-    // 6½ (DESIGN §3.7). The upstream credential: static, cached, or minted now.
-    let credential = upstream_credential(broker, connector, runtime).await?;
+    // 6½ (DESIGN §3.7). The upstream credential: static, cached, or minted now — within the
+    // request's time, like everything else (the mint itself carries on for the next call).
+    let credential = tokio::time::timeout_at(
+        tokio::time::Instant::from_std(body_deadline),
+        upstream_credential(broker, connector, runtime),
+    )
+    .await
+    .map_err(|_| {
+        tracing::warn!(connector = %connector.name, "no upstream credential within request_timeout; refusing the call");
+        deny(Refusal::CredentialUnavailable, "credential_unavailable")
+    })??;
     // 7. The allow record is durable before anything leaves.
     let mut allow = facts.record.clone();
     allow.decision = Some(Decision::Allow);

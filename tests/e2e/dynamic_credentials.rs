@@ -475,3 +475,33 @@ async fn reload_keeps_an_unchanged_credential_cache() {
     let _ = b.call("GET", ISSUES, &token).await;
     assert_eq!(ts.count(), 2);
 }
+
+/// `server.request_timeout` bounds the whole call, a mint included: a token endpoint slower
+/// than that gets the call refused (502 `credential_unavailable`, a deny record, nothing
+/// forwarded) in time, never forwarded late under an allow record.
+#[tokio::test]
+async fn a_mint_slower_than_request_timeout_refuses_the_call_in_time() {
+    let ts = token_server(3600, Duration::from_secs(3)).await;
+    let up = open_upstream().await;
+    let config = oauth2_config(
+        up.addr,
+        &format!("http://{}/oauth2/token", ts.addr),
+        "basic",
+    )
+    .replace("request_timeout = \"5s\"", "request_timeout = \"1s\"");
+    assert!(config.contains("request_timeout = \"1s\""));
+    let b = TestBroker::start(&config).await;
+    let token = b.token("github:issues.read", &[]).await;
+    let started = std::time::Instant::now();
+    let (s, _, body) = b.call("GET", ISSUES, &token).await;
+    let took = started.elapsed();
+    assert_eq!(s, 502, "{body}");
+    assert!(body.contains("credential_unavailable"), "{body}");
+    assert!(took < Duration::from_millis(2500), "{took:?}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(up.count(), 0, "nothing forwarded, not even late");
+    let records = b.audit();
+    let proxy = events(&records, "proxy");
+    assert_eq!(proxy.len(), 1, "{records:?}");
+    assert_eq!(proxy[0]["reason"], "credential_unavailable");
+}
