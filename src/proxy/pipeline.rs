@@ -21,7 +21,7 @@ use super::headers;
 use super::inject::{Echoes, Injection};
 use super::respond::{full, Refusal};
 use super::ProxyBody;
-use crate::audit::{Decision, Event, Record};
+use crate::audit::{AuditLog, Decision, Event, Record};
 use crate::broker::{take, Broker, ConnectorRuntime, Live};
 use crate::config::{Client, Connector, Operation};
 use crate::credential::{DynamicCredential, Minted};
@@ -79,9 +79,59 @@ struct Target<'a> {
     query: Option<&'a str>,
 }
 
-/// Everything the `proxy` audit record says about the request, filled in as stages learn it.
+/// Everything the `proxy` audit record says about the request, filled in as stages learn it,
+/// and how far the call got in the log.
 struct AuditFacts {
     record: Record,
+    stage: Stage,
+}
+
+/// Which records a call still owes the audit log (see [`Call`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stage {
+    /// No decision recorded yet.
+    Deciding,
+    /// The allow record is written (or queued), the outcome not yet.
+    Allowed,
+    /// Every record is written or handed to something that writes it.
+    Recorded,
+}
+
+/// One call's audit facts, with the promise that a call dropped midway — its client went
+/// away while a credential was minted or the upstream was thinking — still leaves its
+/// records: a `proxy` deny (`client_closed`) if no decision was recorded, a `proxy_result`
+/// if the allow record was. An auditor never sees a call (or a spent `max_uses` use) without
+/// a trace.
+struct Call<'a> {
+    audit: &'a AuditLog,
+    facts: AuditFacts,
+    started: Instant,
+}
+
+impl Drop for Call<'_> {
+    fn drop(&mut self) {
+        let record = match self.facts.stage {
+            Stage::Recorded => return,
+            Stage::Deciding => {
+                let mut record = std::mem::take(&mut self.facts.record);
+                record.decision = Some(Decision::Deny);
+                record.reason = Some("client_closed".into());
+                record
+            }
+            Stage::Allowed => {
+                let mut record = Record::new(Event::ProxyResult);
+                record.request_id = self.facts.record.request_id.take();
+                record.client = self.facts.record.client.take();
+                record.connector = self.facts.record.connector.take();
+                record.duration_ms = Some(self.started.elapsed().as_millis() as u64);
+                record.error = Some("client went away before the upstream answered".into());
+                record
+            }
+        };
+        if let Err(e) = self.audit.append_detached(record) {
+            tracing::error!(error = %e, "cannot queue the audit record of an abandoned call");
+        }
+    }
 }
 
 /// Handles one proxied call end to end.
@@ -94,8 +144,13 @@ pub async fn proxy(
     let started = Instant::now();
     let _in_flight = broker.audit.call_in_flight();
     let live = broker.live();
-    let mut facts = AuditFacts::new(&req, conn, request_id);
-    match stages(&broker, &live, req, conn, request_id, &mut facts, started).await {
+    let mut call = Call {
+        audit: &broker.audit,
+        facts: AuditFacts::new(&req, conn, request_id),
+        started,
+    };
+    let facts = &mut call.facts;
+    match stages(&broker, &live, req, conn, request_id, facts, started).await {
         Ok(response) => response,
         Err(denial) => {
             let took = started.elapsed();
@@ -103,7 +158,9 @@ pub async fn proxy(
                 .metrics
                 .proxy_denied(&live.config, &facts.record, denial.reason, took);
             facts.deny(&denial);
-            if let Err(e) = broker.audit.append(facts.record).await {
+            facts.stage = Stage::Recorded;
+            let record = std::mem::take(&mut facts.record);
+            if let Err(e) = broker.audit.append(record).await {
                 tracing::error!(error = %e, "cannot write the audit record of a denied call");
             }
             denial.refusal.into_response(request_id)
@@ -160,15 +217,8 @@ async fn stages(
         tracing::warn!(connector = %connector.name, "no upstream credential within request_timeout; refusing the call");
         deny(Refusal::CredentialUnavailable, "credential_unavailable")
     })??;
-    // 7. The allow record is durable before anything leaves.
-    let mut allow = facts.record.clone();
-    allow.decision = Some(Decision::Allow);
-    broker.audit.append(allow).await.map_err(|e| {
-        tracing::error!(error = %e, "audit log unavailable; refusing to forward");
-        Denial::from(Refusal::AuditUnavailable)
-    })?;
-    runtime.metrics.allowed(op_index);
-    // 8. Inject the credential, forward, stream the answer back, audit the outcome.
+    // The request as it will leave, credential injected (in memory only: nothing is sent
+    // before its allow record is durable, and a request that cannot be built is a deny).
     let upstream_req = upstream_request(
         parts,
         body,
@@ -179,6 +229,18 @@ async fn stages(
         conn,
         request_id,
     )?;
+    // 7. The allow record is durable before anything leaves. Once queued it is written even
+    // if this call is dropped while waiting, so from here on the call owes its outcome.
+    let mut allow = facts.record.clone();
+    allow.decision = Some(Decision::Allow);
+    facts.stage = Stage::Allowed;
+    if let Err(e) = broker.audit.append(allow).await {
+        facts.stage = Stage::Deciding;
+        tracing::error!(error = %e, "audit log unavailable; refusing to forward");
+        return Err(Denial::from(Refusal::AuditUnavailable));
+    }
+    runtime.metrics.allowed(op_index);
+    // 8. Forward, stream the answer back, audit the outcome.
     Ok(forward(
         broker,
         live,
@@ -650,7 +712,7 @@ async fn forward(
     runtime: &ConnectorRuntime,
     credential: &CallCredential<'_>,
     req: Request<ProxyBody>,
-    facts: &AuditFacts,
+    facts: &mut AuditFacts,
     bytes_in: Arc<AtomicU64>,
     started: Instant,
 ) -> Response<ProxyBody> {
@@ -668,6 +730,8 @@ async fn forward(
         .and_then(|v| v.parse::<u64>().ok());
     let result = tokio::time::timeout(wait, runtime.client.send(&runtime.origin, req)).await;
     let took = sent.elapsed();
+    // Every path from here writes the outcome in this poll, or hands it to the response body.
+    facts.stage = Stage::Recorded;
     // Out of time while the client had not sent all the body it announced: the client's
     // delay, not the upstream's (and not an upstream error in the metrics). An upstream that
     // stops reading a large body would look the same; for bodies that fit the socket
@@ -849,7 +913,10 @@ impl AuditFacts {
             }
         }
         record.query = req.uri().query().map(redact_query);
-        Self { record }
+        Self {
+            record,
+            stage: Stage::Deciding,
+        }
     }
 
     fn target(&mut self, target: &Target<'_>) {

@@ -1407,3 +1407,36 @@ async fn silent_connections_are_closed_after_header_read_timeout() {
         );
     }
 }
+
+/// DESIGN §5: a call whose client goes away while the upstream is still thinking keeps its
+/// promise to the log: the allow record is followed by a `proxy_result` saying so.
+#[tokio::test]
+async fn a_client_leaving_before_the_upstream_answers_still_gets_its_outcome_recorded() {
+    let (addr, received) = silent_upstream().await;
+    let b = TestBroker::start(&server_with(addr, "")).await;
+    let t = b.token("github:issues.read", &[]).await;
+    let mut s = TcpStream::connect(b.addr).await.unwrap();
+    s.write_all(&req("GET", ALLOWED, &t, "")).await.unwrap();
+    // Wait until the call reached the upstream, then leave.
+    for _ in 0..50 {
+        if received.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(s);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let records = b.audit();
+    let allowed: Vec<_> = events(&records, "proxy")
+        .into_iter()
+        .filter(|r| r["decision"] == "allow")
+        .collect();
+    assert_eq!(allowed.len(), 1, "{records:?}");
+    let results = events(&records, "proxy_result");
+    assert_eq!(results.len(), 1, "{records:?}");
+    assert_eq!(results[0]["request_id"], allowed[0]["request_id"]);
+    assert_eq!(
+        results[0]["error"],
+        "client went away before the upstream answered"
+    );
+}

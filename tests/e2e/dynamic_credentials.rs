@@ -505,3 +505,33 @@ async fn a_mint_slower_than_request_timeout_refuses_the_call_in_time() {
     assert_eq!(proxy.len(), 1, "{records:?}");
     assert_eq!(proxy[0]["reason"], "credential_unavailable");
 }
+
+/// A call dropped by its client while its credential is minted has passed checks 1–6 (and
+/// spent a `max_uses` use): it is recorded as a `proxy` deny `client_closed`, not lost.
+#[tokio::test]
+async fn a_call_abandoned_during_a_mint_is_recorded() {
+    use tokio::io::AsyncWriteExt;
+    let ts = token_server(3600, Duration::from_secs(2)).await;
+    let up = open_upstream().await;
+    let b = TestBroker::start(&oauth2_config(
+        up.addr,
+        &format!("http://{}/oauth2/token", ts.addr),
+        "basic",
+    ))
+    .await;
+    let token = b.token("github:issues.read", &[("max_uses", "1")]).await;
+    let mut s = tokio::net::TcpStream::connect(b.addr).await.unwrap();
+    let head = format!("GET {ISSUES} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {token}\r\n\r\n");
+    s.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(s);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let records = b.audit();
+    let proxy = events(&records, "proxy");
+    assert_eq!(proxy.len(), 1, "{records:?}");
+    assert_eq!(proxy[0]["decision"], "deny");
+    assert_eq!(proxy[0]["reason"], "client_closed");
+    assert_eq!(proxy[0]["client"], "bot");
+    assert!(proxy[0].get("status").is_none(), "nothing was answered");
+    assert_eq!(up.count(), 0);
+}
