@@ -30,6 +30,25 @@ impl LimitedBody {
     }
 }
 
+/// Reading the client's own request body failed (it went away, or broke the framing) while
+/// the body streamed upstream: the client's fault, told apart from the upstream's by
+/// [`client_body_failed`].
+#[derive(Debug, thiserror::Error)]
+#[error("the client's request body failed: {0}")]
+pub struct ClientBodyFailed(#[source] hyper::Error);
+
+/// Whether `error` (an upstream exchange's) comes from the client's request body.
+pub fn client_body_failed(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        if e.is::<ClientBodyFailed>() {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
+}
+
 /// The request body grew past the operation's `max_body_bytes` while streaming.
 #[derive(Debug, thiserror::Error)]
 #[error("request body exceeds the operation's max_body_bytes")]
@@ -55,7 +74,7 @@ impl Body for LimitedBody {
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(ClientBodyFailed(e))))),
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => Poll::Pending,
         }

@@ -14,7 +14,7 @@ use http_body::Body as _;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
 
-use super::body::{LimitedBody, ObservedBody, Outcome};
+use super::body::{client_body_failed, LimitedBody, ObservedBody, Outcome};
 use super::canonical;
 use super::forward::UpstreamError;
 use super::headers;
@@ -738,9 +738,13 @@ async fn forward(
     // buffers, as most API calls' do, it is the client.
     let client_stalled =
         result.is_err() && declared_body.is_some_and(|len| bytes_in.load(Ordering::Relaxed) < len);
+    // The exchange failed because the client's body did (it went away mid-upload): the
+    // client's doing too, not an upstream error.
+    let client_failed = matches!(&result, Ok(Err(e)) if client_body_failed(e));
     match &result {
         Ok(Ok(_)) => runtime.metrics.upstream_ok(took),
         Err(_) if client_stalled => {}
+        Ok(Err(_)) if client_failed => {}
         failed => broker
             .metrics
             .upstream_result(&connector.name, took, failed),
@@ -751,6 +755,18 @@ async fn forward(
     result_record.connector = facts.record.connector.clone();
     let response = match result {
         Ok(Ok(r)) => r,
+        Ok(Err(_)) if client_failed => {
+            let refusal = Refusal::InvalidRequest("the client's request body broke off".into());
+            return finish_failed(
+                broker,
+                result_record,
+                refusal,
+                &bytes_in,
+                started,
+                &request_id,
+            )
+            .await;
+        }
         Ok(Err(e)) => {
             tracing::warn!(connector = %connector.name, error = %e, "upstream request failed");
             let refusal = Refusal::UpstreamUnavailable(upstream_error_text(&e));
@@ -848,7 +864,9 @@ async fn finish_failed(
     record.bytes_out = Some(0);
     // The record keeps the reason (e.g. a refused upstream certificate), not just the code.
     record.error = Some(match &refusal {
-        Refusal::UpstreamUnavailable(detail) => format!("{}: {detail}", refusal.code()),
+        Refusal::UpstreamUnavailable(detail) | Refusal::InvalidRequest(detail) => {
+            format!("{}: {detail}", refusal.code())
+        }
         other => other.code().to_owned(),
     });
     let connector = record.connector.as_deref().unwrap_or_default();

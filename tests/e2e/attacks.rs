@@ -1440,3 +1440,39 @@ async fn a_client_leaving_before_the_upstream_answers_still_gets_its_outcome_rec
         "client went away before the upstream answered"
     );
 }
+
+/// A client that breaks off its request body mid-upload is recorded as the client's doing,
+/// not as an upstream failure (and not counted as an upstream error).
+#[tokio::test]
+async fn a_request_body_broken_off_by_the_client_is_not_an_upstream_failure() {
+    let (addr, received) = silent_upstream().await;
+    let b = TestBroker::start(&server_with(addr, "")).await;
+    let t = b.token("github:issues.comment", &[]).await;
+    let mut s = TcpStream::connect(b.addr).await.unwrap();
+    let head = format!(
+        "POST /github/repos/acme/widget/issues/1/comments HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {t}\r\ncontent-length: 20\r\n\r\n{{\"a\":"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    for _ in 0..50 {
+        if received.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(s);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let records = b.audit();
+    let results = events(&records, "proxy_result");
+    assert_eq!(results.len(), 1, "{records:?}");
+    let error = results[0]["error"].as_str().unwrap();
+    assert_eq!(
+        error,
+        "invalid_request: the client's request body broke off"
+    );
+    assert_eq!(results[0]["status"], 400);
+    let (_, _, metrics) = b.admin_call("GET", "/metrics", "").await;
+    assert!(
+        !metrics.contains("credbroker_upstream_errors_total{"),
+        "{metrics}"
+    );
+}
