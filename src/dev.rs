@@ -72,7 +72,9 @@ impl Dev {
                 "{{ADMIN_TOKEN_SHA256}}",
                 &hex::encode(Sha256::digest(self.admin_token.expose())),
             );
-        Config::parse(&text, &PathBuf::from("./credbroker-dev.toml"))
+        let mut config = Config::parse(&text, &PathBuf::from("./credbroker-dev.toml"))?;
+        config.in_memory = true;
+        Ok(config)
     }
 
     /// What a newcomer needs to follow the walk-through. Dev secrets are printed on purpose:
@@ -80,6 +82,10 @@ impl Dev {
     pub fn print_welcome(&self, running: &Running) {
         let proxy = running.proxy_addr;
         let secret = String::from_utf8_lossy(self.client_secret.expose());
+        // This very binary, so step 4 works wherever the demo runs (not only in a checkout).
+        let exe = std::env::current_exe()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| "credbroker".into());
         let admin_token = String::from_utf8_lossy(self.admin_token.expose());
         let admin = running
             .admin_addr
@@ -106,7 +112,7 @@ demo client: demo-bot   secret: {secret}
 
 4. the audit trail, and its verification:
    tail -n 3 credbroker-dev-audit.jsonl
-   cargo run --release -- audit verify credbroker-dev-audit.jsonl
+   {exe} audit verify credbroker-dev-audit.jsonl
 
 Ctrl-C stops the broker."#,
             upstream = self.upstream,

@@ -204,9 +204,17 @@ pub async fn reload(
     request_id: Option<&str>,
 ) -> Result<(), ReloadError> {
     let path = broker.config_path();
-    let prepared = match Config::load(&path) {
-        Ok(config) => broker.prepare_config(config).map_err(|e| e.to_string()),
-        Err(errors) => Err(errors.to_string()),
+    // `serve --dev`: the config was built in memory; a file of that name is not it.
+    let prepared = if broker.live().config.in_memory {
+        Err(
+            "the dev config lives in memory: there is no file to reload; restart to start over"
+                .to_owned(),
+        )
+    } else {
+        match Config::load(&path) {
+            Ok(config) => broker.prepare_config(config).map_err(|e| e.to_string()),
+            Err(errors) => Err(errors.to_string()),
+        }
     };
     let mut record = Record::new(Event::Admin);
     record.request_id = request_id.map(str::to_owned);

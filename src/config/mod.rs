@@ -32,6 +32,8 @@ pub const DEFAULT_MAX_BODY_BYTES: u64 = 1 << 20;
 pub struct Config {
     /// The file it was read from (for messages and for re-reading on reload).
     pub path: PathBuf,
+    /// Built in memory (`serve --dev`): there is no file behind it, so nothing to reload.
+    pub in_memory: bool,
     /// Hex SHA-256 of the file's bytes, recorded in the `startup` audit record.
     pub sha256: String,
     pub server: ServerConfig,

@@ -222,6 +222,7 @@ fn convert(cx: &mut Ctx<'_>, raw: RawConfig, text: &str) -> Option<Config> {
     let client_index = index(clients.iter().map(|c| c.id.clone()));
     Some(Config {
         path: cx.file.to_path_buf(),
+        in_memory: false,
         sha256: hex::encode(Sha256::digest(text.as_bytes())),
         server: server?,
         admin,

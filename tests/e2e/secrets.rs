@@ -472,6 +472,37 @@ async fn dev_mode_session_leaks_no_secret_outside_the_welcome_text() {
     .await;
     assert_eq!(revoked.0, 401);
     hay.response("revoked", &revoked);
+    // The dev config lives in memory: a file of its name in the folder is not reloaded.
+    std::fs::write(
+        dir.path().join("credbroker-dev.toml"),
+        standard_config("127.0.0.1:9".parse().unwrap()),
+    )
+    .unwrap();
+    let reload = send(admin, admin_req("POST", "/v1/reload", String::new())).await;
+    assert_eq!(reload.0, 400, "{}", reload.2);
+    assert!(reload.2.contains("in memory"), "{}", reload.2);
+    let still = send(admin, admin_req("GET", "/v1/connectors", String::new())).await;
+    assert_eq!(still.0, 200, "the printed admin token still works");
+    // Step 4's verify command, as printed, works in the demo's folder.
+    let verify = welcome
+        .lines()
+        .find(|l| {
+            l.trim_end()
+                .ends_with("audit verify credbroker-dev-audit.jsonl")
+        })
+        .expect("step 4 prints a verify command")
+        .trim()
+        .to_owned();
+    let out = Command::new("sh")
+        .args(["-c", &verify])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).starts_with("intact"),
+        "{verify}: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 
     // SIGTERM (by this child's pid) and wait for the drain.
     let _ = Command::new("kill")
