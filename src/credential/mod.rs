@@ -111,7 +111,7 @@ impl fmt::Debug for Minted {
 pub enum CredentialError {
     /// The endpoint could not be reached or the connection failed.
     #[error("cannot reach the credential endpoint: {0}")]
-    Unreachable(&'static str),
+    Unreachable(String),
     /// The exchange did not finish within [`MINT_TIMEOUT`].
     #[error("the credential endpoint did not answer within {0:?}")]
     Timeout(Duration),
@@ -208,7 +208,7 @@ impl DynamicCredential {
                 async move { this.cache.get(|now| this.mint_and_audit(now, &audit)).await },
             );
         task.await
-            .map_err(|_| CredentialError::Unreachable("the mint task failed"))?
+            .map_err(|_| CredentialError::Unreachable("the mint task failed".into()))?
     }
 
     /// The upstream answered 401 to `used`: drop it so the next call mints a new one.
@@ -283,13 +283,12 @@ async fn exchange(
     req: Request<ProxyBody>,
 ) -> Result<Bytes, CredentialError> {
     let work = async {
-        let response = client.request(req).await.map_err(|e| {
-            CredentialError::Unreachable(if e.is_connect() {
-                "could not connect"
-            } else {
-                "the connection failed"
-            })
-        })?;
+        // The same words as for an upstream call: a certificate the trust roots refuse says
+        // so (set `upstream_ca`), rather than looking like a closed port.
+        let response = client
+            .request(req)
+            .await
+            .map_err(|e| CredentialError::Unreachable(e.describe()))?;
         let status = response.status();
         if !status.is_success() {
             return Err(CredentialError::Status(status.as_u16()));
@@ -302,7 +301,7 @@ async fn exchange(
                 if e.is::<http_body_util::LengthLimitError>() {
                     CredentialError::TooLarge
                 } else {
-                    CredentialError::Unreachable("the response body was cut off")
+                    CredentialError::Unreachable("the response body was cut off".into())
                 }
             })
     };

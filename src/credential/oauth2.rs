@@ -73,6 +73,8 @@ pub fn request(config: &OAuth2Credential) -> Result<Request<ProxyBody>, Credenti
 #[derive(Deserialize)]
 struct TokenResponse {
     access_token: Option<String>,
+    token_type: Option<serde_json::Value>,
+    error: Option<serde_json::Value>,
     expires_in: Option<serde_json::Value>,
 }
 
@@ -81,6 +83,19 @@ struct TokenResponse {
 pub fn parse(body: &[u8], sent_at: DateTime<Utc>) -> Result<Minted, CredentialError> {
     let response: TokenResponse = serde_json::from_slice(body)
         .map_err(|_| CredentialError::Malformed("not a JSON token response"))?;
+    if response.error.is_some() {
+        return Err(CredentialError::Malformed(
+            "the token response carries an error",
+        ));
+    }
+    // RFC 6749 §7.1: a token of a type not understood is not used. Only bearer tokens can be
+    // injected as configured; a missing `token_type` (which some servers leave out) is taken
+    // as bearer.
+    match &response.token_type {
+        None => {}
+        Some(serde_json::Value::String(t)) if t.eq_ignore_ascii_case("bearer") => {}
+        Some(_) => return Err(CredentialError::Malformed("token_type is not bearer")),
+    }
     let token = response
         .access_token
         .map(|t| Secret::new(Zeroizing::new(t).as_bytes()))
@@ -167,6 +182,9 @@ mod tests {
             br#"{"access_token":"at","expires_in":-5}"#,
             br#"{"access_token":"","expires_in":60}"#,
             br#"{"access_token":"leaky","expires_in":[1]}"#,
+            br#"{"access_token":"leaky","token_type":"mac","expires_in":60}"#,
+            br#"{"access_token":"leaky","token_type":"DPoP","expires_in":60}"#,
+            br#"{"access_token":"leaky","error":"invalid_scope","expires_in":60}"#,
         ] {
             let e = parse(body, t0).unwrap_err();
             assert!(!e.to_string().contains("leaky"));

@@ -81,6 +81,42 @@ impl UpstreamError {
     pub fn is_connect(&self) -> bool {
         matches!(self, Self::Connect(_) | Self::Tls(_))
     }
+
+    /// A short, fixed description (hyper's chain can be long). A TLS failure says so, with
+    /// rustls' reason for a refused certificate (`UnknownIssuer`, `NotValidForName`,
+    /// `Expired`…): those name a problem, never key material.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Tls(io) => match tls_error_in(io) {
+                Some(rustls::Error::InvalidCertificate(reason)) => {
+                    format!("the upstream's TLS certificate failed verification ({reason:?})")
+                }
+                _ => "the TLS handshake with the upstream failed".into(),
+            },
+            Self::Connect(_) => "could not connect to the upstream".into(),
+            Self::Uri(_) => "invalid upstream URI".into(),
+            Self::Http(_) => "the upstream connection failed".into(),
+        }
+    }
+}
+
+/// The rustls error somewhere in `e`'s source chain. tokio-rustls wraps it in an `io::Error`,
+/// whose `source` skips the wrapped error itself, so an `io::Error` is descended through
+/// `get_ref` instead.
+fn tls_error_in<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    let mut cause = Some(e);
+    while let Some(err) = cause {
+        if let Some(tls) = err.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        cause = match err.downcast_ref::<io::Error>() {
+            Some(io) => io
+                .get_ref()
+                .map(|inner| inner as &(dyn std::error::Error + 'static)),
+            None => err.source(),
+        };
+    }
+    None
 }
 
 /// Where requests go: an upstream's scheme and authority, worked out once (at config load for

@@ -16,7 +16,6 @@ use hyper::body::Incoming;
 
 use super::body::{client_body_failed, LimitedBody, ObservedBody, Outcome};
 use super::canonical;
-use super::forward::UpstreamError;
 use super::headers;
 use super::inject::{Echoes, Injection};
 use super::respond::{full, Refusal};
@@ -769,7 +768,7 @@ async fn forward(
         }
         Ok(Err(e)) => {
             tracing::warn!(connector = %connector.name, error = %e, "upstream request failed");
-            let refusal = Refusal::UpstreamUnavailable(upstream_error_text(&e));
+            let refusal = Refusal::UpstreamUnavailable(e.describe());
             return finish_failed(
                 broker,
                 result_record,
@@ -875,42 +874,6 @@ async fn finish_failed(
         tracing::error!(error = %e, "cannot write a proxy_result audit record");
     }
     refusal.into_response(request_id)
-}
-
-/// A short, fixed description of an upstream failure (hyper's chain can be long). A TLS
-/// failure says so, with rustls' reason for a refused certificate (`UnknownIssuer`,
-/// `NotValidForName`, `Expired`…): those name a problem, never key material.
-fn upstream_error_text(e: &UpstreamError) -> String {
-    match e {
-        UpstreamError::Tls(io) => match tls_error_in(io) {
-            Some(rustls::Error::InvalidCertificate(reason)) => {
-                format!("the upstream's TLS certificate failed verification ({reason:?})")
-            }
-            _ => "the TLS handshake with the upstream failed".into(),
-        },
-        UpstreamError::Connect(_) => "could not connect to the upstream".into(),
-        UpstreamError::Uri(_) => "invalid upstream URI".into(),
-        UpstreamError::Http(_) => "the upstream connection failed".into(),
-    }
-}
-
-/// The rustls error somewhere in `e`'s source chain. tokio-rustls wraps it in an `io::Error`,
-/// whose `source` skips the wrapped error itself, so an `io::Error` is descended through
-/// `get_ref` instead.
-fn tls_error_in<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
-    let mut cause = Some(e);
-    while let Some(err) = cause {
-        if let Some(tls) = err.downcast_ref::<rustls::Error>() {
-            return Some(tls);
-        }
-        cause = match err.downcast_ref::<std::io::Error>() {
-            Some(io) => io
-                .get_ref()
-                .map(|inner| inner as &(dyn std::error::Error + 'static)),
-            None => err.source(),
-        };
-    }
-    None
 }
 
 impl AuditFacts {
