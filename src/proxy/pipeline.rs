@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::header::{HeaderValue, AUTHORIZATION, CONTENT_LENGTH, UPGRADE};
+use http::header::{HeaderValue, AUTHORIZATION, CONTENT_LENGTH, HOST, UPGRADE};
 use http::{HeaderName, Method, Request, Response, Uri};
 use http_body::Body as _;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
@@ -283,6 +283,14 @@ fn canonical_target<'a>(
                 "non_canonical_query",
             )
         })?;
+    }
+    // RFC 9112 §3.2: an HTTP/1.1 request has exactly one Host (the broker sends the upstream
+    // its own, but a front proxy may have routed on one of several).
+    if version == http::Version::HTTP_11 && headers.get_all(HOST).iter().count() != 1 {
+        return Err(bad(
+            "bad_host",
+            "an HTTP/1.1 request needs exactly one Host header",
+        ));
     }
     if headers.contains_key(UPGRADE) {
         return Err(bad("upgrade_refused", "protocol upgrades are not proxied"));

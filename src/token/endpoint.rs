@@ -131,6 +131,14 @@ async fn issue(
         ));
     }
     let (parts, body) = req.into_parts();
+    // RFC 9112 §3.2, as on the proxy.
+    if parts.version == http::Version::HTTP_11
+        && parts.headers.get_all(http::header::HOST).iter().count() != 1
+    {
+        return Err(invalid_request(
+            "an HTTP/1.1 request needs exactly one Host header",
+        ));
+    }
     let form = read_form(&parts.headers, body, live.config.server.request_timeout).await?;
     let client = match authenticate(live, &parts.headers, &form, conn) {
         Ok(c) => c,

@@ -1476,3 +1476,39 @@ async fn a_request_body_broken_off_by_the_client_is_not_an_upstream_failure() {
         "{metrics}"
     );
 }
+
+/// RFC 9112 §3.2: an HTTP/1.1 request without a Host, or with two, is refused (and audited),
+/// on the proxy and at the token endpoint.
+#[tokio::test]
+async fn http11_requests_need_exactly_one_host() {
+    let up = FakeUpstream::start().await;
+    let b = TestBroker::start(&standard_config(up.addr)).await;
+    let t = b.token("github:issues.read", &[]).await;
+    let no_host =
+        format!("GET {ALLOWED} HTTP/1.1\r\nAuthorization: Bearer {t}\r\nConnection: close\r\n\r\n");
+    let two_hosts = format!(
+        "GET {ALLOWED} HTTP/1.1\r\nHost: a\r\nHost: b\r\nAuthorization: Bearer {t}\r\nConnection: close\r\n\r\n"
+    );
+    for request in [no_host, two_hosts] {
+        let out = raw(b.addr, request.as_bytes(), Duration::from_secs(2)).await;
+        assert_eq!(raw_status(&out), Some(400), "{out}");
+        assert!(out.contains("Host header"), "{out}");
+    }
+    let token_request = "POST /oauth2/token HTTP/1.1\r\ncontent-type: application/x-www-form-urlencoded\r\ncontent-length: 29\r\nConnection: close\r\n\r\ngrant_type=client_credentials";
+    let out = raw(b.addr, token_request.as_bytes(), Duration::from_secs(2)).await;
+    assert_eq!(raw_status(&out), Some(400), "{out}");
+    assert_eq!(up.count(), 0);
+    let records = b.audit();
+    let denied = events(&records, "proxy")
+        .into_iter()
+        .filter(|r| r["reason"] == "bad_host")
+        .count();
+    assert_eq!(denied, 2, "{records:?}");
+    // HTTP/1.0 needs no Host.
+    let old = format!("GET {ALLOWED} HTTP/1.0\r\nAuthorization: Bearer {t}\r\n\r\n");
+    let out = raw(b.addr, old.as_bytes(), Duration::from_secs(2)).await;
+    assert!(
+        out.starts_with("HTTP/1.0 200") || out.starts_with("HTTP/1.1 200"),
+        "{out}"
+    );
+}
