@@ -762,36 +762,18 @@ async fn forward(
     result_record.connector = facts.record.connector.clone();
     let response = match result {
         Ok(Ok(r)) => r,
-        Ok(Err(_)) if client_failed => {
-            let refusal = Refusal::InvalidRequest("the client's request body broke off".into());
-            return finish_failed(
-                broker,
-                result_record,
-                refusal,
-                &bytes_in,
-                started,
-                &request_id,
-            )
-            .await;
-        }
-        Ok(Err(e)) => {
-            tracing::warn!(connector = %connector.name, error = %e, "upstream request failed");
-            let refusal = Refusal::UpstreamUnavailable(e.describe());
-            return finish_failed(
-                broker,
-                result_record,
-                refusal,
-                &bytes_in,
-                started,
-                &request_id,
-            )
-            .await;
-        }
-        Err(_) => {
-            let refusal = if client_stalled {
-                Refusal::RequestTimeout
-            } else {
-                Refusal::UpstreamTimeout
+        failed => {
+            let refusal = match failed {
+                Ok(Err(_)) if client_failed => {
+                    Refusal::InvalidRequest("the client's request body broke off".into())
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(connector = %connector.name, error = %e, "upstream request failed");
+                    Refusal::UpstreamUnavailable(e.describe())
+                }
+                Err(_) if client_stalled => Refusal::RequestTimeout,
+                // (`Ok(Ok(_))` is the arm above.)
+                _ => Refusal::UpstreamTimeout,
             };
             return finish_failed(
                 broker,

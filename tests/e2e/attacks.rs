@@ -1408,6 +1408,16 @@ async fn silent_connections_are_closed_after_header_read_timeout() {
     }
 }
 
+/// Waits (up to a second) until the silent upstream has received something.
+async fn until_received(received: &std::sync::atomic::AtomicUsize) {
+    for _ in 0..50 {
+        if received.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// DESIGN §5: a call whose client goes away while the upstream is still thinking keeps its
 /// promise to the log: the allow record is followed by a `proxy_result` saying so.
 #[tokio::test]
@@ -1418,12 +1428,7 @@ async fn a_client_leaving_before_the_upstream_answers_still_gets_its_outcome_rec
     let mut s = TcpStream::connect(b.addr).await.unwrap();
     s.write_all(&req("GET", ALLOWED, &t, "")).await.unwrap();
     // Wait until the call reached the upstream, then leave.
-    for _ in 0..50 {
-        if received.load(std::sync::atomic::Ordering::Relaxed) > 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_received(&received).await;
     drop(s);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let records = b.audit();
@@ -1453,12 +1458,7 @@ async fn a_request_body_broken_off_by_the_client_is_not_an_upstream_failure() {
         "POST /github/repos/acme/widget/issues/1/comments HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {t}\r\ncontent-length: 20\r\n\r\n{{\"a\":"
     );
     s.write_all(head.as_bytes()).await.unwrap();
-    for _ in 0..50 {
-        if received.load(std::sync::atomic::Ordering::Relaxed) > 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_received(&received).await;
     drop(s);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let records = b.audit();

@@ -71,6 +71,32 @@ fn fill(dir: &std::path::Path) -> std::path::PathBuf {
     filler
 }
 
+/// The standard config with its audit log on `fs`.
+fn config_on(fs: &Tmpfs, upstream: std::net::SocketAddr) -> (String, std::path::PathBuf) {
+    let audit_path = fs.0.path().join("audit.jsonl");
+    let config = standard_config(upstream).replace(
+        "path = \"audit.jsonl\"",
+        &format!("path = \"{}\"", audit_path.display()),
+    );
+    (config, audit_path)
+}
+
+/// Fills `fs`, then issues tokens until the log is really full (its last page may still have
+/// had room): the token endpoint answers 503. Returns the filler file, to free the space.
+async fn fill_until_refused(b: &TestBroker, fs: &Tmpfs) -> std::path::PathBuf {
+    let filler = fill(fs.0.path());
+    for _ in 0..200 {
+        let (s, _, _) = b
+            .token_request("bot", SECRET, "github:issues.read", &[])
+            .await;
+        if s == 503 {
+            return filler;
+        }
+        assert_eq!(s, 200);
+    }
+    panic!("the token endpoint must answer 503 once the audit log cannot be written");
+}
+
 #[tokio::test]
 async fn full_disk_refuses_with_503_forwards_nothing_and_recovers() {
     let Some(fs) = Tmpfs::mount("256k") else {
@@ -80,30 +106,10 @@ async fn full_disk_refuses_with_503_forwards_nothing_and_recovers() {
         return;
     };
     let up = FakeUpstream::start().await;
-    let audit_path = fs.0.path().join("audit.jsonl");
-    let config = standard_config(up.addr).replace(
-        "path = \"audit.jsonl\"",
-        &format!("path = \"{}\"", audit_path.display()),
-    );
+    let (config, audit_path) = config_on(&fs, up.addr);
     let b = TestBroker::start(&config).await;
     let token = b.token("github:issues.read", &[]).await;
-    let filler = fill(fs.0.path());
-    // The log's last page may still have room: issue tokens until the log is really full.
-    let mut full = false;
-    for _ in 0..200 {
-        let (s, _, _) = b
-            .token_request("bot", SECRET, "github:issues.read", &[])
-            .await;
-        if s == 503 {
-            full = true;
-            break;
-        }
-        assert_eq!(s, 200);
-    }
-    assert!(
-        full,
-        "the token endpoint must answer 503 once the audit log cannot be written"
-    );
+    let filler = fill_until_refused(&b, &fs).await;
     let (s, _, body) = b
         .call("GET", "/github/repos/acme/widget/issues", &token)
         .await;
@@ -178,20 +184,10 @@ async fn admin_actions_on_a_full_disk_tighten_but_never_loosen_unaudited() {
         return;
     };
     let up = FakeUpstream::start().await;
-    let audit_path = fs.0.path().join("audit.jsonl");
-    let config = standard_config(up.addr).replace(
-        "path = \"audit.jsonl\"",
-        &format!("path = \"{}\"", audit_path.display()),
-    );
+    let (config, _) = config_on(&fs, up.addr);
     let b = TestBroker::start(&config).await;
     let token = b.token("github:issues.read", &[]).await;
-    let filler = fill(fs.0.path());
-    while b
-        .token_request("bot", SECRET, "github:issues.read", &[])
-        .await
-        .0
-        != 503
-    {}
+    let filler = fill_until_refused(&b, &fs).await;
     let (s, _, body) = b
         .admin_call("POST", "/v1/revoke", "{\"connector\":\"github\"}")
         .await;
