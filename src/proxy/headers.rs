@@ -7,12 +7,14 @@ use super::inject::Echoes;
 
 /// Request headers that never leave the broker. `Host` is the upstream's, `x-request-id` is the
 /// broker's own, credentials and cookies are the client's business with the broker only.
+/// `Expect: 100-continue` was answered by the broker's own listener when the body was read.
 const STRIPPED_REQUEST: &[HeaderName] = &[
     header::AUTHORIZATION,
     header::PROXY_AUTHORIZATION,
     header::COOKIE,
     header::HOST,
     header::FORWARDED,
+    header::EXPECT,
 ];
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) plus the legacy `Proxy-Connection`.
@@ -171,6 +173,7 @@ mod tests {
             ("authorization", "Bearer t"),
             ("proxy-authorization", "x"),
             ("cookie", "a=b"),
+            ("expect", "100-continue"),
             ("connection", "keep-alive, x-secret-hop"),
             ("x-secret-hop", "1"),
             ("keep-alive", "5"),
