@@ -185,7 +185,10 @@ fn typos_inside_auth_and_credential_tables_are_named() {
     assert!(err.contains("unknown field `scopee`"), "{err}");
     let kind = dynamic.replace("oauth2_client_credentials", "aws_sts");
     let err = parse(&kind).unwrap_err().to_string();
-    assert!(err.contains("unknown variant `aws_sts`"), "{err}");
+    assert!(
+        err.contains("unknown variant …, expected `oauth2_client_credentials` or `github_app`"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -359,4 +362,22 @@ fn check_reports_unreadable_files_alongside_other_errors() {
         findings.iter().all(|f| f.severity == Severity::Error),
         "{all:?}"
     );
+}
+
+proptest::proptest! {
+    /// Whatever secret is pasted where it does not belong, the error names the key, never it.
+    #[test]
+    fn no_error_quotes_a_pasted_value(value in "[A-Za-z0-9_+/=-]{12,40}") {
+        for line in [
+            format!("credentials = \"{value}\""),
+            format!("credential = [\"{value}\"]"),
+            format!("credential = {{ type = \"{value}\" }}"),
+            format!("credential = {{ type = \"github_app\", app_id = \"{value}\" }}"),
+        ] {
+            let text = GOOD.replace("credential = \"literal:tok\"", &line);
+            let err = parse(&text).unwrap_err().to_string();
+            proptest::prop_assert!(!err.contains(&value), "{line}: {err}");
+            proptest::prop_assert!(err.contains("credbroker.toml:"), "{err}");
+        }
+    }
 }

@@ -164,8 +164,9 @@ fn line_key(line: &str) -> &str {
 
 /// serde's message with every value it quotes hidden, for the same reason as [`line_key`]:
 /// `invalid type: string "ghp_…", expected …` becomes `invalid type: string "…", expected …`,
-/// and `integer`, `boolean` … values shown in backquotes go too. Names in backquotes (an
-/// unknown field's) stay: the key is what the reader needs.
+/// and `integer`, `boolean` … values and an unknown variant (a `type = "…"` value) shown in
+/// backquotes go too. Names in backquotes (an unknown field's, the expected variants) stay:
+/// they are what the reader needs.
 pub(super) fn without_values(message: &str) -> String {
     const VALUE_KINDS: [&str; 4] = ["integer", "floating point", "boolean", "character"];
     let mut out = String::with_capacity(message.len());
@@ -186,7 +187,9 @@ pub(super) fn without_values(message: &str) -> String {
             }
             '`' => {
                 let name: String = chars.by_ref().take_while(|&c| c != '`').collect();
-                if VALUE_KINDS.iter().any(|k| out.ends_with(&format!("{k} "))) {
+                let is_value = VALUE_KINDS.iter().any(|k| out.ends_with(&format!("{k} ")))
+                    || out.ends_with("unknown variant ");
+                if is_value {
                     out.push('…');
                 } else {
                     out.push('`');

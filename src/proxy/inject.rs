@@ -197,6 +197,33 @@ pub fn percent_encode(bytes: &[u8]) -> String {
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        /// Whatever the credential's bytes, a response header that repeats what was sent —
+        /// the whole injected header value, or the whole injected query pair — is caught.
+        #[test]
+        fn an_echo_of_what_was_sent_is_always_caught(
+            cred in proptest::collection::vec(0x20u8..0x7f, 4..40),
+            before in "[ -~]{0,8}",
+            after in "[ -~]{0,8}",
+        ) {
+            let secret = Secret::new(cred.clone());
+            for auth in [
+                AuthMethod::Bearer,
+                AuthMethod::Basic { username: "u".into() },
+                AuthMethod::Query { name: "key".into() },
+                AuthMethod::Header { name: HeaderName::from_static("x-k"), prefix: "T ".into() },
+            ] {
+                let echoes = Echoes::new(&auth, &secret);
+                let sent = match Injection::new(&auth, &secret).unwrap() {
+                    Injection::Header { value, .. } => value.as_bytes().to_vec(),
+                    Injection::Query { pair, .. } => pair.expose().to_vec(),
+                };
+                let echoed = [before.as_bytes(), &sent, after.as_bytes()].concat();
+                proptest::prop_assert!(echoes.found_in(&echoed), "{auth:?}");
+            }
+        }
+    }
+
     #[test]
     fn echoes_cover_every_form_the_credential_was_sent_in() {
         let cred = Secret::new("QRY CRED/+&=é~");
