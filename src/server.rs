@@ -27,8 +27,8 @@ use crate::proxy::respond::Refusal;
 use crate::proxy::ProxyBody;
 use crate::tls::TlsError;
 
-mod first_byte;
-use first_byte::FirstByteDeadline;
+mod deadlines;
+use deadlines::{Activity, Deadlines, Protocol};
 
 /// HTTP/1 header lines per request; more is refused by hyper with 431.
 const MAX_HEADERS: usize = 100;
@@ -149,7 +149,16 @@ async fn serve_connection(
 ) {
     let Some(acceptor) = tls else {
         let info = ConnInfo::new(peer, false, None);
-        return serve_http(stream, info, limits, role, builder, watcher).await;
+        return serve_http(
+            stream,
+            Protocol::Unknown,
+            info,
+            limits,
+            role,
+            builder,
+            watcher,
+        )
+        .await;
     };
     // The handshake is bounded like the headers: a silent client cannot hold a slot.
     let handshake = tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream)).await;
@@ -165,13 +174,18 @@ async fn serve_connection(
         }
     };
     let client_cert = crate::tls::peer_identity(stream.get_ref().1).map(Arc::new);
+    let protocol = match stream.get_ref().1.alpn_protocol() {
+        Some(b"h2") => Protocol::Http2,
+        _ => Protocol::Unknown,
+    };
     let info = ConnInfo::new(peer, true, client_cert);
-    serve_http(stream, info, limits, role, builder, watcher).await;
+    serve_http(stream, protocol, info, limits, role, builder, watcher).await;
 }
 
 /// HTTP/1.1 or HTTP/2 on an accepted (and, for TLS, handshaken) connection.
 async fn serve_http<I>(
     io: I,
+    protocol: Protocol,
     info: ConnInfo,
     limits: ListenerLimits,
     role: Role,
@@ -181,18 +195,22 @@ async fn serve_http<I>(
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let peer = info.peer;
-    let limits_header_read_timeout = limits.header_read_timeout;
+    let header_read_timeout = limits.header_read_timeout;
     let info = Arc::new(info);
+    let activity = Arc::new(Activity::default());
+    let requests = Arc::clone(&activity);
     let service = service_fn(move |req| {
-        handle(
-            role.clone(),
-            Arc::clone(&info),
-            limits.max_header_bytes,
-            req,
-        )
+        let role = role.clone();
+        let info = Arc::clone(&info);
+        let requests = Arc::clone(&requests);
+        async move {
+            let _in_flight = requests.request();
+            handle(role, info, limits.max_header_bytes, req).await
+        }
     });
-    // A silent connection is closed after `header_read_timeout`, as a slow one is.
-    let io = FirstByteDeadline::new(io, limits_header_read_timeout);
+    // A silent connection, or an HTTP/2 one with nothing in flight, is closed after
+    // `header_read_timeout`, as a slow one is.
+    let io = Deadlines::new(io, header_read_timeout, protocol, activity);
     let conn = builder.serve_connection(TokioIo::new(io), service);
     if let Err(e) = watcher.watch(conn.into_owned()).await {
         tracing::debug!(%peer, error = %e, "connection ended with an error");

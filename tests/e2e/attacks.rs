@@ -1512,3 +1512,44 @@ async fn http11_requests_need_exactly_one_host() {
         "{out}"
     );
 }
+
+/// DESIGN §6: an HTTP/2 connection that asks for nothing is closed after
+/// `header_read_timeout` (its pings are answered, so keep-alive alone would keep it), while
+/// one that is used stays open.
+#[tokio::test]
+async fn idle_http2_connections_are_closed_after_header_read_timeout() {
+    let up = FakeUpstream::start().await;
+    let b = TestBroker::start(&server_with(up.addr, "header_read_timeout = \"1s\"")).await;
+    let t = b.token("github:issues.read", &[]).await;
+    let connect = || async {
+        let stream = TcpStream::connect(b.addr).await.unwrap();
+        hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(stream),
+        )
+        .await
+        .unwrap()
+    };
+    // Idle: the connection ends by itself.
+    let (_idle_sender, idle_conn) = connect().await;
+    let started = Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(5), idle_conn).await;
+    assert!(ended.is_ok(), "an idle HTTP/2 connection was kept open");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
+    // Used: a request, a pause shorter than the deadline, another request, on one connection.
+    let (mut sender, conn) = connect().await;
+    tokio::spawn(conn);
+    for _ in 0..3 {
+        let req = http::Request::get(format!("http://{}{ALLOWED}", b.addr))
+            .header("authorization", format!("Bearer {t}"))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        tokio::time::sleep(Duration::from_millis(600)).await;
+    }
+}

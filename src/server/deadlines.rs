@@ -1,0 +1,251 @@
+//! Deadlines on a connection that is not doing anything.
+//!
+//! - **First byte.** hyper-util's `auto` builder reads the first bytes of a connection to tell
+//!   HTTP/1.1 from HTTP/2, with no timeout of its own, and hyper's `header_read_timeout` starts
+//!   only after that. So a client that connects (or finishes a TLS handshake) and then sends
+//!   nothing would hold a connection slot for ever, and `max_connections` of them would shut
+//!   everyone else out.
+//! - **Idle HTTP/2.** An HTTP/1.1 connection that sits between requests is closed by hyper
+//!   after `header_read_timeout`. An HTTP/2 connection has no such limit, and its keep-alive
+//!   pings prove only that the peer is alive: a peer that opens connections, answers pings and
+//!   never asks for anything would hold slots for ever too. So an HTTP/2 connection with no
+//!   request in flight for `header_read_timeout` is closed as well.
+//!
+//! Both work at the I/O level: when a deadline passes, the connection's next read fails with
+//! `TimedOut` and hyper closes it. The idle deadline only ever fires with no request in flight,
+//! so nothing in progress is cut.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+/// The HTTP/2 connection preface's first bytes: a plain connection starting with them speaks
+/// HTTP/2 (no HTTP/1 method is `PRI`).
+const H2_PREFACE_START: &[u8] = b"PRI ";
+
+/// What the service tells the connection's I/O: requests started and in flight.
+#[derive(Debug, Default)]
+pub struct Activity {
+    started: AtomicU64,
+    in_flight: AtomicUsize,
+}
+
+impl Activity {
+    /// Counts a request until the guard drops (its service future completes or is dropped).
+    pub fn request(&self) -> RequestGuard<'_> {
+        self.started.fetch_add(1, Ordering::Relaxed);
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        RequestGuard(self)
+    }
+}
+
+/// A request in flight on a connection ([`Activity::request`]).
+pub struct RequestGuard<'a>(&'a Activity);
+
+impl Drop for RequestGuard<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// How the connection speaks, when it is known before the first byte (TLS ALPN).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    Http2,
+    /// HTTP/1.1, or (plain connections) told by the first bytes.
+    Unknown,
+}
+
+/// `io`, whose reads fail with `TimedOut` once a deadline above passes.
+pub struct Deadlines<I> {
+    io: I,
+    within: Duration,
+    /// Armed until the first byte is read.
+    first_byte: Option<Pin<Box<Sleep>>>,
+    /// Set once the connection is known to speak HTTP/2.
+    idle: Option<Idle>,
+    activity: Arc<Activity>,
+    protocol: Protocol,
+}
+
+struct Idle {
+    timer: Pin<Box<Sleep>>,
+    /// `Activity::started` when the timer was last set.
+    seen: u64,
+}
+
+impl<I> Deadlines<I> {
+    pub fn new(io: I, within: Duration, protocol: Protocol, activity: Arc<Activity>) -> Self {
+        Self {
+            io,
+            within,
+            first_byte: Some(Box::pin(tokio::time::sleep(within))),
+            idle: None,
+            activity,
+            protocol,
+        }
+    }
+
+    /// After the first bytes: an HTTP/2 connection starts its idle watch.
+    fn first_bytes(&mut self, bytes: &[u8]) {
+        self.first_byte = None;
+        let h2 = self.protocol == Protocol::Http2
+            || bytes.starts_with(H2_PREFACE_START)
+            || H2_PREFACE_START.starts_with(bytes);
+        if h2 {
+            self.idle = Some(Idle {
+                timer: Box::pin(tokio::time::sleep(self.within)),
+                seen: self.activity.started.load(Ordering::Relaxed),
+            });
+        }
+    }
+
+    /// Whether a deadline has passed while the connection waits for bytes.
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        if let Some(first) = self.first_byte.as_mut() {
+            return first.as_mut().poll(cx).is_ready();
+        }
+        let Some(idle) = self.idle.as_mut() else {
+            return false;
+        };
+        let started = self.activity.started.load(Ordering::Relaxed);
+        let busy = self.activity.in_flight.load(Ordering::Relaxed) > 0;
+        if busy || started != idle.seen {
+            // Something happened: the idle time counts from now (and not at all while a
+            // request is in flight — its own deadline is request_timeout).
+            idle.seen = started;
+            idle.timer.as_mut().reset(Instant::now() + self.within);
+            if busy {
+                return false;
+            }
+        }
+        idle.timer.as_mut().poll(cx).is_ready()
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Deadlines<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let this = &mut *self;
+        match Pin::new(&mut this.io).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                if this.first_byte.is_some() && buf.filled().len() > before {
+                    this.first_bytes(&buf.filled()[before..]);
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending if this.expired(cx) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no request within header_read_timeout",
+            ))),
+            other => other,
+        }
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Deadlines<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        // hyper writes a response head and body in one `writev` only when this says so.
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    const WITHIN: Duration = Duration::from_millis(200);
+
+    fn wrap(
+        io: tokio::io::DuplexStream,
+        protocol: Protocol,
+    ) -> (Deadlines<tokio::io::DuplexStream>, Arc<Activity>) {
+        let activity = Arc::new(Activity::default());
+        (
+            Deadlines::new(io, WITHIN, protocol, Arc::clone(&activity)),
+            activity,
+        )
+    }
+
+    #[tokio::test]
+    async fn a_silent_peer_times_out_and_an_http1_one_is_left_to_hyper() {
+        let (client, server) = tokio::io::duplex(64);
+        let (mut silent, _) = wrap(server, Protocol::Unknown);
+        let mut buf = [0u8; 8];
+        let err = silent.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        drop(client);
+
+        let (mut client, server) = tokio::io::duplex(64);
+        let (mut http1, _) = wrap(server, Protocol::Unknown);
+        client.write_all(b"GET").await.unwrap();
+        assert_eq!(http1.read(&mut buf).await.unwrap(), 3);
+        // Past the deadline, with the first bytes in, a quiet HTTP/1 peer is hyper's business.
+        let read = tokio::time::timeout(WITHIN * 3, http1.read(&mut buf)).await;
+        assert!(read.is_err(), "still waiting: no deadline for it here");
+    }
+
+    #[tokio::test]
+    async fn an_idle_http2_connection_times_out_but_never_with_a_request_in_flight() {
+        let (mut client, server) = tokio::io::duplex(64);
+        let (mut h2, activity) = wrap(server, Protocol::Unknown);
+        let mut buf = [0u8; 64];
+        client.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+        assert!(h2.read(&mut buf).await.unwrap() > 0);
+        // A request in flight: no idle deadline, however long it takes.
+        let request = activity.request();
+        let read = tokio::time::timeout(WITHIN * 3, h2.read(&mut buf)).await;
+        assert!(read.is_err(), "still waiting while a request is in flight");
+        drop(request);
+        // Then idle: closed one deadline after the last activity.
+        let started = std::time::Instant::now();
+        let err = h2.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(started.elapsed() >= WITHIN - Duration::from_millis(20));
+
+        // ALPN h2 over TLS is known before the first byte: the same watch.
+        let (mut client, server) = tokio::io::duplex(64);
+        let (mut tls_h2, _) = wrap(server, Protocol::Http2);
+        client.write_all(b"x").await.unwrap();
+        assert_eq!(tls_h2.read(&mut buf).await.unwrap(), 1);
+        let err = tls_h2.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+    }
+}
