@@ -28,7 +28,33 @@ use crate::proxy::ProxyBody;
 use crate::tls::TlsError;
 
 mod deadlines;
-use deadlines::{Activity, Deadlines, Protocol};
+use deadlines::{Activity, Deadlines, InFlight, Protocol};
+
+/// A response body that keeps its request counted as in flight until it is sent or dropped.
+struct InFlightBody {
+    body: ProxyBody,
+    _guard: InFlight,
+}
+
+impl http_body::Body for InFlightBody {
+    type Data = bytes::Bytes;
+    type Error = crate::proxy::BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
 
 /// HTTP/1 header lines per request; more is refused by hyper with 431.
 const MAX_HEADERS: usize = 100;
@@ -202,10 +228,19 @@ async fn serve_http<I>(
     let service = service_fn(move |req| {
         let role = role.clone();
         let info = Arc::clone(&info);
-        let requests = Arc::clone(&requests);
+        // HTTP/2 only: a request counts as activity until its response body is sent.
+        let in_flight = requests.is_http2().then(|| requests.request());
         async move {
-            let _in_flight = requests.request();
-            handle(role, info, limits.max_header_bytes, req).await
+            let resp = handle(role, info, limits.max_header_bytes, req).await?;
+            Ok::<_, Infallible>(match in_flight {
+                Some(guard) => resp.map(|body| {
+                    http_body_util::BodyExt::boxed_unsync(InFlightBody {
+                        body,
+                        _guard: guard,
+                    })
+                }),
+                None => resp,
+            })
         }
     });
     // A silent connection, or an HTTP/2 one with nothing in flight, is closed after

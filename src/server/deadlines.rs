@@ -12,13 +12,13 @@
 //!   request in flight for `header_read_timeout` is closed as well.
 //!
 //! Both work at the I/O level: when a deadline passes, the connection's next read fails with
-//! `TimedOut` and hyper closes it. The idle deadline only ever fires with no request in flight,
-//! so nothing in progress is cut.
+//! `TimedOut` and hyper closes it. The idle deadline only ever fires with no request in flight
+//! — a request counts until its response body has been sent — so nothing in progress is cut.
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -30,26 +30,35 @@ use tokio::time::{Instant, Sleep};
 /// HTTP/2 (no HTTP/1 method is `PRI`).
 const H2_PREFACE_START: &[u8] = b"PRI ";
 
-/// What the service tells the connection's I/O: requests started and in flight.
+/// What the service tells the connection's I/O on an HTTP/2 connection: requests started
+/// and in flight. (On HTTP/1.1, hyper's own header timer covers idleness, so nothing is
+/// counted there.)
 #[derive(Debug, Default)]
 pub struct Activity {
     started: AtomicU64,
     in_flight: AtomicUsize,
+    http2: AtomicBool,
 }
 
 impl Activity {
-    /// Counts a request until the guard drops (its service future completes or is dropped).
-    pub fn request(&self) -> RequestGuard<'_> {
+    /// Whether the connection speaks HTTP/2 (known from ALPN or its first bytes).
+    pub fn is_http2(&self) -> bool {
+        self.http2.load(Ordering::Relaxed)
+    }
+
+    /// Counts a request as in flight until the guard drops: keep it with the response body,
+    /// so a long download is not taken for idleness.
+    pub fn request(self: &Arc<Self>) -> InFlight {
         self.started.fetch_add(1, Ordering::Relaxed);
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        RequestGuard(self)
+        InFlight(Arc::clone(self))
     }
 }
 
 /// A request in flight on a connection ([`Activity::request`]).
-pub struct RequestGuard<'a>(&'a Activity);
+pub struct InFlight(Arc<Activity>);
 
-impl Drop for RequestGuard<'_> {
+impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
@@ -83,6 +92,9 @@ struct Idle {
 
 impl<I> Deadlines<I> {
     pub fn new(io: I, within: Duration, protocol: Protocol, activity: Arc<Activity>) -> Self {
+        if protocol == Protocol::Http2 {
+            activity.http2.store(true, Ordering::Relaxed);
+        }
         Self {
             io,
             within,
@@ -100,6 +112,7 @@ impl<I> Deadlines<I> {
             || bytes.starts_with(H2_PREFACE_START)
             || H2_PREFACE_START.starts_with(bytes);
         if h2 {
+            self.activity.http2.store(true, Ordering::Relaxed);
             self.idle = Some(Idle {
                 timer: Box::pin(tokio::time::sleep(self.within)),
                 seen: self.activity.started.load(Ordering::Relaxed),

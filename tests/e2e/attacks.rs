@@ -1540,6 +1540,49 @@ async fn idle_http2_connections_are_closed_after_header_read_timeout() {
         "{:?}",
         started.elapsed()
     );
+    // A response that streams for longer than the deadline is not taken for idleness.
+    let slow = {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let _ = s.read(&mut buf).await;
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+                        .await;
+                    for _ in 0..3 {
+                        tokio::time::sleep(Duration::from_millis(800)).await;
+                        let _ = s.write_all(b"4\r\nslow\r\n").await;
+                    }
+                    let _ = s.write_all(b"0\r\n\r\n").await;
+                    let _ = s.read(&mut buf).await;
+                });
+            }
+        });
+        addr
+    };
+    let b2 = TestBroker::start(&server_with(slow, "header_read_timeout = \"1s\"")).await;
+    let t2 = b2.token("github:issues.read", &[]).await;
+    let stream = TcpStream::connect(b2.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get(format!("http://{}{ALLOWED}", b2.addr))
+        .header("authorization", format!("Bearer {t2}"))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    let body = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .expect("the whole 2.4 s response arrives")
+        .to_bytes();
+    assert_eq!(&body[..], b"slowslowslow");
     // Used: a request, a pause shorter than the deadline, another request, on one connection.
     let (mut sender, conn) = connect().await;
     tokio::spawn(conn);
