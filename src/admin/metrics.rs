@@ -458,7 +458,7 @@ impl Metrics {
             "allowed": u.allowed.load(Ordering::Relaxed),
             "denied": u.denied.load(Ordering::Relaxed),
             "last_allowed": (last > 0)
-                .then(|| chrono::DateTime::from_timestamp(last, 0).map(|t| t.to_rfc3339()))
+                .then(|| chrono::DateTime::from_timestamp(last, 0).map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)))
                 .flatten(),
         })
     }

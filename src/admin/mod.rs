@@ -474,7 +474,7 @@ fn connectors_view(broker: &Broker) -> serde_json::Value {
                     serde_json::json!({
                         "client": cl.id,
                         "operations": g.operations,
-                        "expires": g.expires.map(|e| e.to_rfc3339()),
+                        "expires": g.expires.map(|e| e.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)),
                         "reason": g.reason,
                         "live": g.is_live(now),
                     })

@@ -312,11 +312,11 @@ fn write_table(r: &Report, out: &mut dyn Write) -> io::Result<()> {
         let denials: u64 = u.denials.values().sum();
         writeln!(
             out,
-            "  {} / {}: {} calls, {} denials, first use {}, last use {}",
+            "  {} / {}: {}, {}, first use {}, last use {}",
             cell(&u.connector),
             cell(&u.client),
-            u.calls,
-            denials,
+            plural(u.calls, "call"),
+            plural(denials, "denial"),
             dash(&u.first_use),
             dash(&u.last_use)
         )?;
@@ -391,6 +391,15 @@ fn write_table(r: &Report, out: &mut dyn Write) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `1 call`, `2 calls`.
+fn plural(n: u64, noun: &str) -> String {
+    if n == 1 {
+        format!("{n} {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
 }
 
 /// What the grant sections say when no config was given.

@@ -141,6 +141,17 @@ pub fn normalize_content_length(
     }
 }
 
+/// Whether a `Transfer-Encoding` names any coding besides `chunked` (which hyper decodes):
+/// forwarding such a body after dropping the header would relabel, say, gzip bytes as
+/// plain ones (RFC 9112 §6.1: not understood → refused).
+pub fn has_other_transfer_coding(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .any(|coding| !coding.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+}
+
 /// Adds the broker's own forwarding headers, replacing whatever the client sent.
 pub fn add_forwarding_headers(headers: &mut HeaderMap, peer_ip: &str, proto: &'static str) {
     if let Ok(v) = HeaderValue::from_str(peer_ip) {
@@ -195,6 +206,23 @@ mod tests {
         let out = upstream_request_headers(&h, None);
         let names: Vec<&str> = out.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, ["accept", "user-agent"]);
+    }
+
+    #[test]
+    fn only_chunked_counts_as_an_understood_transfer_coding() {
+        assert!(!has_other_transfer_coding(&map(&[])));
+        assert!(!has_other_transfer_coding(&map(&[(
+            "transfer-encoding",
+            " Chunked "
+        )])));
+        assert!(has_other_transfer_coding(&map(&[(
+            "transfer-encoding",
+            "gzip, chunked"
+        )])));
+        assert!(has_other_transfer_coding(&map(&[(
+            "transfer-encoding",
+            "identity"
+        )])));
     }
 
     #[test]

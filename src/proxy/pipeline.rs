@@ -295,6 +295,12 @@ fn canonical_target<'a>(
     if headers.contains_key(UPGRADE) {
         return Err(bad("upgrade_refused", "protocol upgrades are not proxied"));
     }
+    if headers::has_other_transfer_coding(headers) {
+        return Err(bad(
+            "unsupported_transfer_coding",
+            "only the chunked transfer coding is accepted",
+        ));
+    }
     if headers.get_all(AUTHORIZATION).iter().nth(1).is_some() {
         return Err(bad(
             "duplicate_authorization",
@@ -788,11 +794,17 @@ async fn forward(
     };
     let (mut parts, body) = response.into_parts();
     credential.upstream_answered(parts.status);
-    if parts.status == http::StatusCode::SWITCHING_PROTOCOLS {
+    let unusable = if parts.status == http::StatusCode::SWITCHING_PROTOCOLS {
         // Never asked for (check 1 refuses `Upgrade`), and not a response to relay: the
         // client would be left on a connection switched to who knows what.
-        let refusal =
-            Refusal::UpstreamUnavailable("the upstream switched protocols unasked".into());
+        Some("the upstream switched protocols unasked")
+    } else if headers::has_other_transfer_coding(&parts.headers) {
+        Some("the upstream used a transfer coding other than chunked")
+    } else {
+        None
+    };
+    if let Some(why) = unusable {
+        let refusal = Refusal::UpstreamUnavailable(why.into());
         return finish_failed(
             broker,
             result_record,

@@ -1596,3 +1596,19 @@ async fn idle_http2_connections_are_closed_after_header_read_timeout() {
         tokio::time::sleep(Duration::from_millis(600)).await;
     }
 }
+
+/// RFC 9112 §6.1: a request body in a transfer coding the broker does not decode (anything
+/// but chunked) is refused, not forwarded with the coding's label dropped.
+#[tokio::test]
+async fn request_transfer_codings_other_than_chunked_are_refused() {
+    let up = FakeUpstream::start().await;
+    let b = TestBroker::start(&standard_config(up.addr)).await;
+    let t = b.token("github:issues.comment", &[]).await;
+    let request = format!(
+        "POST /github/repos/acme/widget/issues/1/comments HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {t}\r\nTransfer-Encoding: gzip, chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    );
+    let out = raw(b.addr, request.as_bytes(), Duration::from_secs(2)).await;
+    assert_eq!(raw_status(&out), Some(400), "{out}");
+    assert!(out.contains("transfer coding"), "{out}");
+    assert_eq!(up.count(), 0);
+}

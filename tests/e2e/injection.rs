@@ -276,6 +276,19 @@ async fn contradictory_framing_and_unasked_upgrades_from_the_upstream() {
     assert_eq!((s, &body[..]), (200, &b"hello"[..]));
     assert!(h.get("content-length").is_none_or(|v| v == "5"), "{h:?}");
 
+    let gzip: &'static [u8] =
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+    let up = raw_upstream(gzip).await;
+    let b = TestBroker::start(&standard_config(up)).await;
+    let token = b.token("github:issues.read", &[]).await;
+    let (s, _, body) = b
+        .call("GET", "/github/repos/acme/widget/issues", &token)
+        .await;
+    assert_eq!(
+        s, 502,
+        "a coding the broker does not decode is not relabelled: {body}"
+    );
+
     let switching: &'static [u8] =
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nRAWDATA";
     let up = raw_upstream(switching).await;
