@@ -57,6 +57,9 @@ pub struct Broker {
     upstream_clients: UpstreamClients,
     /// The listeners' TLS configs, re-read on every reload.
     pub listener_tls: ListenerTls,
+    /// Held by admin changes from check to audit to effect (reloads, enables): two reloads
+    /// at once could otherwise put the older file in force after the newer one.
+    pub admin_changes: tokio::sync::Mutex<()>,
 }
 
 /// The config in force and what is derived from it. Requests hold an `Arc<Live>` for their
@@ -167,6 +170,7 @@ impl Broker {
             auth_failures: DashMap::new(),
             upstream_clients,
             listener_tls,
+            admin_changes: tokio::sync::Mutex::new(()),
         })
     }
 

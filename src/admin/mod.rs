@@ -64,9 +64,17 @@ pub async fn handle(
         }
         (&Method::GET, "/v1/connectors") => ok(connectors_view(&state.broker)),
         (&Method::GET, "/metrics") => metrics_response(&state.broker, req.headers()),
+        // Changes run as their own task: a client that hangs up cannot stop one halfway
+        // (audited but not applied, or applied and not audited).
         (&Method::POST, "/v1/reload") => {
             let actor = actor(conn);
-            match reload(&state.broker, &actor, Some(request_id)).await {
+            let broker = Arc::clone(&state.broker);
+            let id = request_id.to_owned();
+            let done = tokio::spawn(async move { reload(&broker, &actor, Some(&id)).await });
+            let result = done
+                .await
+                .unwrap_or_else(|_| Err(ReloadError::Invalid("the reload task failed".into())));
+            match result {
                 Ok(()) => ok(serde_json::json!({"result": "reloaded"})),
                 Err(ReloadError::Invalid(e)) => bad(&e, request_id),
                 Err(ReloadError::NotAudited) => audit_unavailable(
@@ -75,8 +83,25 @@ pub async fn handle(
                 ),
             }
         }
-        (&Method::POST, "/v1/revoke") => revoke(&state.broker, req, conn, request_id).await,
-        (&Method::POST, "/v1/enable") => enable(&state.broker, req, conn, request_id).await,
+        (&Method::POST, "/v1/revoke" | "/v1/enable") => {
+            let broker = Arc::clone(&state.broker);
+            let conn = conn.clone();
+            let id = request_id.to_owned();
+            let enabling = path == "/v1/enable";
+            let done = tokio::spawn(async move {
+                if enabling {
+                    enable(&broker, req, &conn, &id).await
+                } else {
+                    revoke(&broker, req, &conn, &id).await
+                }
+            });
+            done.await.unwrap_or_else(|_| {
+                json_response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &serde_json::json!({"error": "server_error", "error_description": "the admin task failed", "request_id": request_id}),
+                )
+            })
+        }
         (_, "/v1/connectors" | "/v1/reload" | "/v1/revoke" | "/v1/enable" | "/metrics") => {
             Refusal::MethodNotAllowed.into_response(request_id)
         }
@@ -203,6 +228,8 @@ pub async fn reload(
     actor: &str,
     request_id: Option<&str>,
 ) -> Result<(), ReloadError> {
+    // One admin change at a time, from reading the file to putting it in force.
+    let _one_at_a_time = broker.admin_changes.lock().await;
     let path = broker.config_path();
     // `serve --dev`: the config was built in memory; a file of that name is not it.
     let prepared = if broker.live().config.in_memory {
@@ -388,21 +415,32 @@ async fn enable(
         let why = "unknown connector";
         return refused(broker, "enable", Some(&target), conn, why, request_id).await;
     }
-    let was_disabled = broker.revocations.is_disabled(&body.connector);
-    let result = broker.revocations.set_disabled(&body.connector, false);
-    let audited = admin_outcome(broker, "enable", &target, conn, &result, request_id).await;
-    if !audited && was_disabled {
-        // Enabling loosens: unaudited, it is undone. (Meanwhile no call could pass anyway:
-        // every proxied call needs its own audit record first.)
-        if let Err(e) = broker.revocations.set_disabled(&body.connector, true) {
-            tracing::error!(error = %e, "cannot persist the undone enable");
-        }
+    // Enabling loosens: its record is written first, and only then does it take effect (no
+    // call can pass under an enable the log does not show).
+    let _one_at_a_time = broker.admin_changes.lock().await;
+    let record = admin_record("enable", Some(&target), conn, "ok", Some(request_id));
+    if let Err(e) = broker.audit.append(record).await {
+        tracing::error!(error = %e, %target, "cannot audit an enable; the connector stays disabled");
         return audit_unavailable(
             "the audit log cannot be written; the connector stays disabled",
             request_id,
         );
     }
-    answer("enable", &target, result, audited, request_id)
+    let result = broker.revocations.set_disabled(&body.connector, false);
+    if result.is_err() {
+        // In force, but a restart would disable it again: the log says so too.
+        let record = admin_record(
+            "enable",
+            Some(&target),
+            conn,
+            "not_persisted",
+            Some(request_id),
+        );
+        if let Err(e) = broker.audit.append(record).await {
+            tracing::error!(error = %e, "cannot write the admin audit record of an unpersisted enable");
+        }
+    }
+    answer("enable", &target, result, true, request_id)
 }
 
 /// Audits an admin action that was applied; returns whether the record was written.

@@ -128,18 +128,40 @@ impl Echoes {
         Self { forms }
     }
 
-    /// Whether `value` carries the credential in one of its forms.
+    /// Whether `value` carries the credential in one of its forms — as it is, or after up to
+    /// two rounds of `%XX` decoding (a redirect may carry an encoded URL that itself holds the
+    /// encoded credential), with `+` read as a space or not.
     pub fn found_in(&self, value: &[u8]) -> bool {
-        if self.forms.iter().any(|f| contains(value, f.expose())) {
+        if self.any_form_in(value) {
             return true;
         }
-        match self.forms.first() {
-            Some(raw) if value.contains(&b'%') => contains(
-                &zeroize::Zeroizing::new(decode_escapes(value)),
-                raw.expose(),
-            ),
-            _ => false,
+        if self.forms.is_empty() || !value.iter().any(|&b| b == b'%' || b == b'+') {
+            return false;
         }
+        let mut current = zeroize::Zeroizing::new(value.to_vec());
+        for _ in 0..2 {
+            let spaced: Vec<u8> = current
+                .iter()
+                .map(|&b| if b == b'+' { b' ' } else { b })
+                .collect();
+            let spaced = zeroize::Zeroizing::new(decode_escapes(&spaced));
+            if self.any_form_in(&spaced) {
+                return true;
+            }
+            let decoded = zeroize::Zeroizing::new(decode_escapes(&current));
+            if self.any_form_in(&decoded) {
+                return true;
+            }
+            if !decoded.contains(&b'%') {
+                break;
+            }
+            current = decoded;
+        }
+        false
+    }
+
+    fn any_form_in(&self, value: &[u8]) -> bool {
+        self.forms.iter().any(|f| contains(value, f.expose()))
     }
 }
 
@@ -245,6 +267,20 @@ mod tests {
         assert!(basic.found_in(b"Basic eDpCQVNDUkVELXh5eg=="));
         assert!(basic.found_in(b"before eDpCQVNDUkVELXh5eg after"));
         assert!(!basic.found_in(b"Basic eDpvdGhlcg=="));
+        // A base64 API key under `query` auth, in a redirect's doubly encoded `next`.
+        let key = Secret::new("AB+cd/ef==");
+        let query = Echoes::new(&AuthMethod::Query { name: "k".into() }, &key);
+        assert!(query.found_in(b"/login?next=%2Fr%3Fk%3DAB%252Bcd%252Fef%253D%253D"));
+        // `basic`'s base64 (with `+`/`/`) arriving percent-encoded, and a `+` for a space.
+        let basic = Echoes::new(
+            &AuthMethod::Basic {
+                username: "x".into(),
+            },
+            &Secret::new("s>>?s>>?"),
+        );
+        assert!(basic.found_in(b"Basic%20eDpzPj4%2Fcz4%2BPw"));
+        let spaced = Echoes::new(&AuthMethod::Bearer, &Secret::new("two words"));
+        assert!(spaced.found_in(b"q=two+words"));
         let bearer = Echoes::new(&AuthMethod::Bearer, &Secret::new("tok-123"));
         assert!(bearer.found_in(b"Bearer tok-123"));
         assert!(

@@ -90,7 +90,10 @@ struct AuditFacts {
 enum Stage {
     /// No decision recorded yet.
     Deciding,
-    /// The allow record is written (or queued), the outcome not yet.
+    /// The allow record is queued, not yet acknowledged. A call dropped now leaves no second
+    /// record: the allow may yet fail to be written, or be sealed after anything queued now.
+    AllowQueued,
+    /// The allow record is written, the outcome not yet.
     Allowed,
     /// Every record is written or handed to something that writes it.
     Recorded,
@@ -110,7 +113,7 @@ struct Call<'a> {
 impl Drop for Call<'_> {
     fn drop(&mut self) {
         let record = match self.facts.stage {
-            Stage::Recorded => return,
+            Stage::Recorded | Stage::AllowQueued => return,
             Stage::Deciding => {
                 let mut record = std::mem::take(&mut self.facts.record);
                 record.decision = Some(Decision::Deny);
@@ -207,15 +210,19 @@ async fn stages(
     .await?;
     // 6½ (DESIGN §3.7). The upstream credential: static, cached, or minted now — within the
     // request's time, like everything else (the mint itself carries on for the next call).
-    let credential = tokio::time::timeout_at(
-        tokio::time::Instant::from_std(body_deadline),
-        upstream_credential(broker, connector, runtime),
-    )
-    .await
-    .map_err(|_| {
-        tracing::warn!(connector = %connector.name, "no upstream credential within request_timeout; refusing the call");
-        deny(Refusal::CredentialUnavailable, "credential_unavailable")
-    })??;
+    let credential = if runtime.dynamic.is_none() {
+        CallCredential::Static(runtime)
+    } else {
+        tokio::time::timeout_at(
+            tokio::time::Instant::from_std(body_deadline),
+            upstream_credential(broker, connector, runtime),
+        )
+        .await
+        .map_err(|_| {
+            tracing::warn!(connector = %connector.name, "no upstream credential within request_timeout; refusing the call");
+            deny(Refusal::CredentialUnavailable, "credential_unavailable")
+        })??
+    };
     // The request as it will leave, credential injected (in memory only: nothing is sent
     // before its allow record is durable, and a request that cannot be built is a deny).
     let upstream_req = upstream_request(
@@ -229,15 +236,16 @@ async fn stages(
         request_id,
     )?;
     // 7. The allow record is durable before anything leaves. Once queued it is written even
-    // if this call is dropped while waiting, so from here on the call owes its outcome.
+    // if this call is dropped while waiting; once acknowledged, the call owes its outcome.
     let mut allow = facts.record.clone();
     allow.decision = Some(Decision::Allow);
-    facts.stage = Stage::Allowed;
+    facts.stage = Stage::AllowQueued;
     if let Err(e) = broker.audit.append(allow).await {
         facts.stage = Stage::Deciding;
         tracing::error!(error = %e, "audit log unavailable; refusing to forward");
         return Err(Denial::from(Refusal::AuditUnavailable));
     }
+    facts.stage = Stage::Allowed;
     runtime.metrics.allowed(op_index);
     // 8. Forward, stream the answer back, audit the outcome.
     Ok(forward(
@@ -798,7 +806,10 @@ async fn forward(
         // Never asked for (check 1 refuses `Upgrade`), and not a response to relay: the
         // client would be left on a connection switched to who knows what.
         Some("the upstream switched protocols unasked")
-    } else if headers::has_other_transfer_coding(&parts.headers) {
+    } else if body.size_hint().exact() != Some(0)
+        && headers::has_other_transfer_coding(&parts.headers)
+    {
+        // (A HEAD, 204 or 304 answer may name codings: no body follows to relabel.)
         Some("the upstream used a transfer coding other than chunked")
     } else {
         None

@@ -35,7 +35,8 @@ const H2_PREFACE_START: &[u8] = b"PRI ";
 /// counted there.)
 #[derive(Debug, Default)]
 pub struct Activity {
-    started: AtomicU64,
+    /// Requests started plus requests finished: any change is activity.
+    events: AtomicU64,
     in_flight: AtomicUsize,
     http2: AtomicBool,
 }
@@ -49,7 +50,7 @@ impl Activity {
     /// Counts a request as in flight until the guard drops: keep it with the response body,
     /// so a long download is not taken for idleness.
     pub fn request(self: &Arc<Self>) -> InFlight {
-        self.started.fetch_add(1, Ordering::Relaxed);
+        self.events.fetch_add(1, Ordering::Relaxed);
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight(Arc::clone(self))
     }
@@ -60,6 +61,9 @@ pub struct InFlight(Arc<Activity>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
+        // The end of a request is activity too: the idle time counts from it, however long
+        // the request took (the timer may not have been looked at meanwhile).
+        self.0.events.fetch_add(1, Ordering::Relaxed);
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
@@ -86,7 +90,7 @@ pub struct Deadlines<I> {
 
 struct Idle {
     timer: Pin<Box<Sleep>>,
-    /// `Activity::started` when the timer was last set.
+    /// `Activity::events` when the timer was last set.
     seen: u64,
 }
 
@@ -115,7 +119,7 @@ impl<I> Deadlines<I> {
             self.activity.http2.store(true, Ordering::Relaxed);
             self.idle = Some(Idle {
                 timer: Box::pin(tokio::time::sleep(self.within)),
-                seen: self.activity.started.load(Ordering::Relaxed),
+                seen: self.activity.events.load(Ordering::Relaxed),
             });
         }
     }
@@ -128,12 +132,12 @@ impl<I> Deadlines<I> {
         let Some(idle) = self.idle.as_mut() else {
             return false;
         };
-        let started = self.activity.started.load(Ordering::Relaxed);
+        let events = self.activity.events.load(Ordering::Relaxed);
         let busy = self.activity.in_flight.load(Ordering::Relaxed) > 0;
-        if busy || started != idle.seen {
+        if busy || events != idle.seen {
             // Something happened: the idle time counts from now (and not at all while a
             // request is in flight — its own deadline is request_timeout).
-            idle.seen = started;
+            idle.seen = events;
             idle.timer.as_mut().reset(Instant::now() + self.within);
             if busy {
                 return false;
@@ -247,7 +251,8 @@ mod tests {
         let read = tokio::time::timeout(WITHIN * 3, h2.read(&mut buf)).await;
         assert!(read.is_err(), "still waiting while a request is in flight");
         drop(request);
-        // Then idle: closed one deadline after the last activity.
+        // Then idle: closed one deadline after the request ended (not at once, although the
+        // request took longer than the deadline).
         let started = std::time::Instant::now();
         let err = h2.read(&mut buf).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
