@@ -152,6 +152,22 @@ fn an_error_quotes_the_key_but_never_a_value() {
 }
 
 #[test]
+fn line_key_quotes_keys_and_table_headers_only() {
+    use super::validate::line_key;
+    assert_eq!(line_key("credential = \"ghp_x\""), "credential");
+    assert_eq!(line_key("\"quoted key\" = 1"), "\"quoted key\"");
+    assert_eq!(line_key("[admin]  # old token: abc"), "[admin]");
+    assert_eq!(line_key("[[connectors]] # x"), "[[connectors]]");
+    assert_eq!(
+        line_key("\"c2VjcmV0=\","),
+        "",
+        "a value inside a multi-line array"
+    );
+    assert_eq!(line_key("c2VjcmV0="), "");
+    assert_eq!(line_key("ghp_secret_without_equals"), "");
+}
+
+#[test]
 fn without_values_hides_what_serde_quotes_and_keeps_names() {
     use super::validate::without_values;
     assert_eq!(

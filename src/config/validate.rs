@@ -152,14 +152,36 @@ fn source_line(text: &str, offset: usize) -> &str {
 /// never a value. A value may be a secret pasted where a reference belongs (a mistyped key,
 /// a wrong type), and the message goes to `check`'s output, the log, the admin API's answer
 /// and an `admin` audit record.
-fn line_key(line: &str) -> &str {
-    if let Some((key, _)) = line.split_once('=') {
-        return key.trim();
-    }
+pub(super) fn line_key(line: &str) -> &str {
     if line.starts_with('[') {
-        return line;
+        // The header itself, not a comment after it.
+        return match line.find(']') {
+            Some(i) if line[i + 1..].starts_with(']') => &line[..i + 2],
+            Some(i) => &line[..i + 1],
+            // An unclosed header (the very error being reported): up to any comment.
+            None => line.split('#').next().unwrap_or_default().trim_end(),
+        };
     }
-    ""
+    // Only what looks like a key: a line inside a multi-line value (`  "c2VjcmV0=",`) has
+    // an `=` too, and what comes before it is a value.
+    let Some((key, rest)) = line.split_once('=') else {
+        return "";
+    };
+    // After a key's `=` comes its value; base64 padding (`c2VjcmV0==`) ends in `=`s.
+    let rest = rest.trim_start();
+    if rest.is_empty() || rest.starts_with('=') {
+        return "";
+    }
+    let key = key.trim();
+    let key_chars = key
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '"' | '\'' | ' '));
+    let balanced = key.matches('"').count() % 2 == 0 && key.matches('\'').count() % 2 == 0;
+    if !key.is_empty() && key_chars && balanced {
+        key
+    } else {
+        ""
+    }
 }
 
 /// serde's message with every value it quotes hidden, for the same reason as [`line_key`]:
