@@ -326,7 +326,7 @@ async fn read_json<T: for<'de> Deserialize<'de>>(req: Request<Incoming>) -> Resu
 }
 
 async fn revoke(
-    broker: &Broker,
+    broker: &Arc<Broker>,
     req: Request<Incoming>,
     conn: &ConnInfo,
     request_id: &str,
@@ -359,16 +359,16 @@ async fn revoke(
     // A revocation or a kill switch tightens: it takes effect even when it cannot be audited
     // (refusing it because the disk is full would keep a leaked token working), and the
     // answer says so.
-    let result = match (&body.jti, &body.client, &body.connector) {
-        (Some(jti), ..) => {
-            broker
-                .revocations
-                .revoke_jti(jti, body.exp.unwrap_or(now + longest_life(broker)), now)
+    let exp = body.exp.unwrap_or(now + longest_life(broker));
+    let result = off_worker(broker, move |state| {
+        match (body.jti, body.client, body.connector) {
+            (Some(jti), ..) => state.revoke_jti(&jti, exp, now),
+            (_, Some(client), _) => state.revoke_client(&client, now),
+            (.., Some(connector)) => state.set_disabled(&connector, true),
+            _ => unreachable!("exactly one is set, checked above"),
         }
-        (_, Some(client), _) => broker.revocations.revoke_client(client, now),
-        (.., Some(connector)) => broker.revocations.set_disabled(connector, true),
-        _ => unreachable!("exactly one is set, checked above"),
-    };
+    })
+    .await;
     let audited = admin_outcome(broker, action, &target, conn, &result, request_id).await;
     answer(action, &target, result, audited, request_id)
 }
@@ -397,7 +397,7 @@ struct EnableRequest {
 }
 
 async fn enable(
-    broker: &Broker,
+    broker: &Arc<Broker>,
     req: Request<Incoming>,
     conn: &ConnInfo,
     request_id: &str,
@@ -426,7 +426,8 @@ async fn enable(
             request_id,
         );
     }
-    let result = broker.revocations.set_disabled(&body.connector, false);
+    let connector = body.connector.clone();
+    let result = off_worker(broker, move |state| state.set_disabled(&connector, false)).await;
     if result.is_err() {
         // In force, but a restart would disable it again: the log says so too.
         let record = admin_record(
@@ -441,6 +442,26 @@ async fn enable(
         }
     }
     answer("enable", &target, result, true, request_id)
+}
+
+/// Runs a change of the revocation state on a blocking thread: it ends in an `fsync` of the
+/// state file, and the async worker this call runs on also serves proxy calls. The change is
+/// in memory (and biting) before the file is written, as before.
+async fn off_worker(
+    broker: &Arc<Broker>,
+    change: impl FnOnce(&crate::state::Revocations) -> Result<(), crate::state::StateError>
+        + Send
+        + 'static,
+) -> Result<(), crate::state::StateError> {
+    let broker = Arc::clone(broker);
+    tokio::task::spawn_blocking(move || change(&broker.revocations))
+        .await
+        .unwrap_or_else(|e| {
+            Err(crate::state::StateError::Io {
+                path: std::path::PathBuf::from("state"),
+                source: std::io::Error::other(e.to_string()),
+            })
+        })
 }
 
 /// Audits an admin action that was applied; returns whether the record was written.
