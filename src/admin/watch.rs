@@ -123,11 +123,18 @@ async fn run(broker: Arc<Broker>, path: PathBuf, mut stopped: watch::Receiver<bo
             continue;
         }
         last_tried = Some(now);
-        // Failures are logged, audited and counted by `reload`; the old config stays. A save
-        // that could not be audited was not tried for good: look at it again next round.
-        if let Err(super::ReloadError::NotAudited) = super::reload(&broker, ACTOR, None).await {
-            last_tried = None;
-            seen = None;
+        // Failures are logged, audited and counted by `reload`; the old config stays. Only a
+        // broken save is remembered (and not tried again until the file changes): a good one
+        // that was loaded may be saved again later, after another reload put other bytes in
+        // force (a `git checkout` back), and must then be loaded again. A save that could not
+        // be audited was not tried for good: look at it again next round.
+        match super::reload(&broker, ACTOR, None).await {
+            Ok(()) => last_tried = None,
+            Err(super::ReloadError::Invalid(_)) => {}
+            Err(super::ReloadError::NotAudited) => {
+                last_tried = None;
+                seen = None;
+            }
         }
     }
 }
