@@ -96,10 +96,6 @@ pub async fn serve(
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(limits.max_header_bytes.max(8192) + 1024)
         .max_headers(MAX_HEADERS)
-        // A client may shut its sending side once the request is out and wait for the answer
-        // (RFC 9112 §9.6 allows it); without this hyper would take that for the end of the
-        // connection and drop the request unanswered.
-        .half_close(true)
         .keep_alive(true);
     builder
         .http2()
