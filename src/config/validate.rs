@@ -109,19 +109,8 @@ pub(super) fn parse_for_auditor(text: &str, file: &Path) -> Result<AuditorConfig
     for client in &raw.clients {
         for (i, g) in client.grants.iter().enumerate() {
             let key = format!("clients[{}].grants[{i}]", client.id.get_ref());
-            let expires = match &g.get_ref().expires {
-                Some(t) => match DateTime::parse_from_rfc3339(t) {
-                    Ok(d) => Some(d.with_timezone(&Utc)),
-                    Err(e) => {
-                        cx.err(
-                            Some(g.span()),
-                            &format!("{key}.expires"),
-                            format!("not an RFC 3339 time: {e}"),
-                        );
-                        continue;
-                    }
-                },
-                None => None,
+            let Ok(expires) = grant_expiry(&mut cx, g.get_ref(), Some(g.span()), &key) else {
+                continue;
             };
             let g = g.get_ref();
             grants.push(AuditorGrant {
@@ -705,20 +694,7 @@ fn grant(
         },
         None => None,
     };
-    let expires = match &raw.expires {
-        Some(t) => match DateTime::parse_from_rfc3339(t) {
-            Ok(d) => Some(d.with_timezone(&Utc)),
-            Err(e) => {
-                cx.err(
-                    span,
-                    &format!("{key}.expires"),
-                    format!("not an RFC 3339 time: {e}"),
-                );
-                return None;
-            }
-        },
-        None => None,
-    };
+    let expires = grant_expiry(cx, raw, span, key).ok()?;
     Some(Grant {
         connector: raw.connector.clone(),
         operations: raw.operations.clone(),
@@ -726,6 +702,27 @@ fn grant(
         expires,
         reason: raw.reason.clone(),
     })
+}
+
+/// A grant's `expires` (RFC 3339), or an error at `key.expires` (`Err`) when it does not parse.
+fn grant_expiry(
+    cx: &mut Ctx<'_>,
+    raw: &raw::RawGrant,
+    span: Option<Range<usize>>,
+    key: &str,
+) -> Result<Option<DateTime<Utc>>, ()> {
+    let Some(text) = &raw.expires else {
+        return Ok(None);
+    };
+    DateTime::parse_from_rfc3339(text)
+        .map(|d| Some(d.with_timezone(&Utc)))
+        .map_err(|e| {
+            cx.err(
+                span,
+                &format!("{key}.expires"),
+                format!("not an RFC 3339 time: {e}"),
+            )
+        })
 }
 
 fn credential(

@@ -152,6 +152,12 @@ pub fn has_other_transfer_coding(headers: &HeaderMap) -> bool {
         .any(|coding| !coding.trim_ascii().eq_ignore_ascii_case(b"chunked"))
 }
 
+/// RFC 9112 §3.2: an HTTP/1.1 request carries exactly one `Host` (checked by the proxy and
+/// the token endpoint alike).
+pub fn host_is_unambiguous(version: http::Version, headers: &HeaderMap) -> bool {
+    version != http::Version::HTTP_11 || headers.get_all(header::HOST).iter().count() == 1
+}
+
 /// Adds the broker's own forwarding headers, replacing whatever the client sent.
 pub fn add_forwarding_headers(headers: &mut HeaderMap, peer_ip: &str, proto: &'static str) {
     if let Ok(v) = HeaderValue::from_str(peer_ip) {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::header::{HeaderValue, AUTHORIZATION, CONTENT_LENGTH, HOST, UPGRADE};
+use http::header::{HeaderValue, AUTHORIZATION, CONTENT_LENGTH, UPGRADE};
 use http::{HeaderName, Method, Request, Response, Uri};
 use http_body::Body as _;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
@@ -294,7 +294,7 @@ fn canonical_target<'a>(
     }
     // RFC 9112 §3.2: an HTTP/1.1 request has exactly one Host (the broker sends the upstream
     // its own, but a front proxy may have routed on one of several).
-    if version == http::Version::HTTP_11 && headers.get_all(HOST).iter().count() != 1 {
+    if !headers::host_is_unambiguous(version, headers) {
         return Err(bad(
             "bad_host",
             "an HTTP/1.1 request needs exactly one Host header",
@@ -774,21 +774,28 @@ async fn forward(
     result_record.request_id = facts.record.request_id.clone();
     result_record.client = facts.record.client.clone();
     result_record.connector = facts.record.connector.clone();
-    let response = match result {
-        Ok(Ok(r)) => r,
-        failed => {
-            let refusal = match failed {
-                Ok(Err(_)) if client_failed => {
-                    Refusal::InvalidRequest("the client's request body broke off".into())
-                }
-                Ok(Err(e)) => {
-                    tracing::warn!(connector = %connector.name, error = %e, "upstream request failed");
-                    Refusal::UpstreamUnavailable(e.describe())
-                }
-                Err(_) if client_stalled => Refusal::RequestTimeout,
-                // (`Ok(Ok(_))` is the arm above.)
-                _ => Refusal::UpstreamTimeout,
-            };
+    let answer = match result {
+        Ok(Ok(response)) => Ok(response),
+        Ok(Err(_)) if client_failed => Err(Refusal::InvalidRequest(
+            "the client's request body broke off".into(),
+        )),
+        Ok(Err(e)) => {
+            tracing::warn!(connector = %connector.name, error = %e, "upstream request failed");
+            Err(Refusal::UpstreamUnavailable(e.describe()))
+        }
+        Err(_) if client_stalled => Err(Refusal::RequestTimeout),
+        Err(_) => Err(Refusal::UpstreamTimeout),
+    }
+    .and_then(|response| {
+        credential.upstream_answered(response.status());
+        match unusable_answer(&response) {
+            Some(why) => Err(Refusal::UpstreamUnavailable(why.into())),
+            None => Ok(response),
+        }
+    });
+    let response = match answer {
+        Ok(response) => response,
+        Err(refusal) => {
             return finish_failed(
                 broker,
                 result_record,
@@ -801,31 +808,6 @@ async fn forward(
         }
     };
     let (mut parts, body) = response.into_parts();
-    credential.upstream_answered(parts.status);
-    let unusable = if parts.status == http::StatusCode::SWITCHING_PROTOCOLS {
-        // Never asked for (check 1 refuses `Upgrade`), and not a response to relay: the
-        // client would be left on a connection switched to who knows what.
-        Some("the upstream switched protocols unasked")
-    } else if body.size_hint().exact() != Some(0)
-        && headers::has_other_transfer_coding(&parts.headers)
-    {
-        // (A HEAD, 204 or 304 answer may name codings: no body follows to relabel.)
-        Some("the upstream used a transfer coding other than chunked")
-    } else {
-        None
-    };
-    if let Some(why) = unusable {
-        let refusal = Refusal::UpstreamUnavailable(why.into());
-        return finish_failed(
-            broker,
-            result_record,
-            refusal,
-            &bytes_in,
-            started,
-            &request_id,
-        )
-        .await;
-    }
     headers::normalize_content_length(
         &mut parts.headers,
         parts.status,
@@ -859,6 +841,19 @@ async fn forward(
     let body =
         ObservedBody::new(body, deadline, Arc::clone(credential.echoes()), on_done).boxed_unsync();
     Response::from_parts(parts, body)
+}
+
+/// Why an upstream answer cannot be relayed, if it cannot.
+fn unusable_answer<B: http_body::Body>(response: &Response<B>) -> Option<&'static str> {
+    if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+        // Never asked for (check 1 refuses `Upgrade`), and not a response to relay: the
+        // client would be left on a connection switched to who knows what.
+        return Some("the upstream switched protocols unasked");
+    }
+    // (A HEAD, 204 or 304 answer may name codings: no body follows to relabel.)
+    (response.body().size_hint().exact() != Some(0)
+        && headers::has_other_transfer_coding(response.headers()))
+    .then_some("the upstream used a transfer coding other than chunked")
 }
 
 async fn finish_failed(

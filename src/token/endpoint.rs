@@ -132,9 +132,7 @@ async fn issue(
     }
     let (parts, body) = req.into_parts();
     // RFC 9112 §3.2, as on the proxy.
-    if parts.version == http::Version::HTTP_11
-        && parts.headers.get_all(http::header::HOST).iter().count() != 1
-    {
+    if !crate::proxy::headers::host_is_unambiguous(parts.version, &parts.headers) {
         return Err(invalid_request(
             "an HTTP/1.1 request needs exactly one Host header",
         ));
