@@ -102,6 +102,7 @@ fn append(c: &mut Criterion) {
                     fsync: policy,
                     rotate_bytes: None,
                     hmac_key: None,
+                    replica: None,
                 })
                 .expect("open audit log");
                 b.iter_custom(|iters| {

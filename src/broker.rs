@@ -21,7 +21,7 @@ use crate::credential::{CredentialError, DynamicCredential};
 use crate::proxy::forward::{Origin, UpstreamClient, UpstreamClients};
 use crate::proxy::inject::{Echoes, InjectError, Injection};
 use crate::server::{ListenerTls, ListenerTlsError, PreparedTls};
-use crate::state::Revocations;
+use crate::state::StateStore;
 use crate::token::{SigningKeys, TokenVerifier};
 
 /// A failed client authentication budget: this many failures from one address within 60
@@ -49,7 +49,8 @@ pub struct Broker {
     live: ArcSwap<Live>,
     pub keys: Arc<SigningKeys>,
     pub audit: AuditLog,
-    pub revocations: Revocations,
+    /// Revocations, disabled connectors and (with Redis) counters and rate limits.
+    pub state: Arc<StateStore>,
     /// Counters and histograms served at `GET /metrics`.
     pub metrics: Arc<Metrics>,
     uses: DashMap<String, Uses>,
@@ -153,7 +154,7 @@ impl Broker {
         config: Config,
         keys: Arc<SigningKeys>,
         audit: AuditLog,
-        revocations: Revocations,
+        state: StateStore,
     ) -> Result<Self, LoadError> {
         let upstream_clients = UpstreamClients::default();
         let listener_tls = ListenerTls::load(&config)?;
@@ -164,7 +165,7 @@ impl Broker {
             live: ArcSwap::from_pointee(live),
             keys,
             audit,
-            revocations,
+            state: Arc::new(state),
             metrics,
             uses: DashMap::new(),
             auth_failures: DashMap::new(),
@@ -363,7 +364,7 @@ fn dynamic_credential(
 fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     let (o, n) = (&old.server, &new.server);
     let admin_listen = |c: &Config| c.admin.as_ref().map(|a| a.listen);
-    let checks: [(&'static str, bool); 11] = [
+    let checks: [(&'static str, bool); 13] = [
         ("server.listen", o.listen != n.listen),
         (
             "server.max_connections",
@@ -397,6 +398,11 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
                 || old.audit.hmac_key != new.audit.hmac_key,
         ),
         ("state.dir", old.state.dir != new.state.dir),
+        (
+            "state.backend / state.url",
+            old.state.backend != new.state.backend,
+        ),
+        ("state.replica", old.state.replica != new.state.replica),
     ];
     checks
         .into_iter()

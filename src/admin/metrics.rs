@@ -7,6 +7,7 @@
 //! caller could make up (an unknown connector in the path, a client id that failed to
 //! authenticate) is folded into the empty value, so a scan cannot grow the series count.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -466,7 +467,9 @@ impl Metrics {
     /// The exposition, after refreshing what is read at scrape time: the audit writer's
     /// counters and, from the config in force, each connector's expiry and enabled state
     /// (cleared first, so a connector removed by a reload disappears).
-    pub fn render(&self, broker: &Broker) -> String {
+    /// `disabled`: the connectors switched off, `None` when unknown (the shared state did not
+    /// answer); the `enabled` gauge is then left out rather than guessed.
+    pub fn render(&self, broker: &Broker, disabled: Option<&HashSet<String>>) -> String {
         let stats = broker.audit.stats();
         // The writer's counters only grow; mirroring them keeps one source of truth.
         self.audit_records
@@ -486,8 +489,10 @@ impl Metrics {
             self.connector_expiry
                 .get_or_create(&set)
                 .set(c.expires_at.timestamp());
-            let enabled = i64::from(!broker.revocations.is_disabled(&c.name));
-            self.connector_enabled.get_or_create(&set).set(enabled);
+            if let Some(disabled) = disabled {
+                let enabled = i64::from(!disabled.contains(&c.name));
+                self.connector_enabled.get_or_create(&set).set(enabled);
+            }
         }
         self.credential_mints.clear();
         self.credential_expiry.clear();

@@ -5,6 +5,7 @@
 pub mod metrics;
 pub mod watch;
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -23,6 +24,7 @@ use crate::config::Config;
 use crate::proxy::pipeline::ConnInfo;
 use crate::proxy::respond::{json_response, Refusal};
 use crate::proxy::ProxyBody;
+use crate::state::{Change, StateError};
 
 /// Admin request bodies are small JSON objects.
 const MAX_ADMIN_BODY: usize = 16 * 1024;
@@ -62,8 +64,14 @@ pub async fn handle(
             );
             resp
         }
-        (&Method::GET, "/v1/connectors") => ok(connectors_view(&state.broker)),
-        (&Method::GET, "/metrics") => metrics_response(&state.broker, req.headers()),
+        (&Method::GET, "/v1/connectors") => {
+            let disabled = disabled_connectors(&state.broker).await;
+            ok(connectors_view(&state.broker, disabled.as_ref()))
+        }
+        (&Method::GET, "/metrics") => {
+            let disabled = disabled_connectors(&state.broker).await;
+            metrics_response(&state.broker, disabled.as_ref(), req.headers())
+        }
         // Changes run as their own task: a client that hangs up cannot stop one halfway
         // (audited but not applied, or applied and not audited).
         (&Method::POST, "/v1/reload") => {
@@ -278,11 +286,15 @@ pub async fn reload(
 
 /// OpenMetrics when the scraper asks for it (Prometheus does), else the classic Prometheus
 /// text format (DESIGN §4.4).
-fn metrics_response(broker: &Broker, headers: &http::HeaderMap) -> Response<ProxyBody> {
+fn metrics_response(
+    broker: &Broker,
+    disabled: Option<&HashSet<String>>,
+    headers: &http::HeaderMap,
+) -> Response<ProxyBody> {
     let accept = headers
         .get(http::header::ACCEPT)
         .and_then(|v| v.to_str().ok());
-    let openmetrics = broker.metrics.render(broker);
+    let openmetrics = broker.metrics.render(broker, disabled);
     let (body, content_type) = if metrics::wants_openmetrics(accept) {
         (openmetrics, metrics::CONTENT_TYPE)
     } else {
@@ -297,6 +309,17 @@ fn metrics_response(broker: &Broker, headers: &http::HeaderMap) -> Response<Prox
         http::HeaderValue::from_static(content_type),
     );
     resp
+}
+
+/// The connectors switched off, for the views; `None` when the shared state cannot be
+/// reached (the views then leave `enabled` out rather than guess).
+async fn disabled_connectors(broker: &Broker) -> Option<HashSet<String>> {
+    broker
+        .state
+        .disabled_connectors()
+        .await
+        .inspect_err(|e| tracing::warn!(error = %e, "cannot read the disabled connectors"))
+        .ok()
 }
 
 /// How long any token issued now can stay acceptable: `max_ttl` plus the clock-skew leeway.
@@ -359,16 +382,19 @@ async fn revoke(
     // A revocation or a kill switch tightens: it takes effect even when it cannot be audited
     // (refusing it because the disk is full would keep a leaked token working), and the
     // answer says so.
-    let exp = body.exp.unwrap_or(now + longest_life(broker));
-    let result = off_worker(broker, move |state| {
-        match (body.jti, body.client, body.connector) {
-            (Some(jti), ..) => state.revoke_jti(&jti, exp, now),
-            (_, Some(client), _) => state.revoke_client(&client, now),
-            (.., Some(connector)) => state.set_disabled(&connector, true),
-            _ => unreachable!("exactly one is set, checked above"),
-        }
-    })
-    .await;
+    let change = match (body.jti, body.client, body.connector) {
+        (Some(jti), ..) => Change::RevokeJti {
+            jti,
+            exp: body.exp.unwrap_or(now + longest_life(broker)),
+        },
+        (_, Some(client), _) => Change::RevokeClient { client, at: now },
+        (.., Some(connector)) => Change::SetDisabled {
+            connector,
+            disabled: true,
+        },
+        _ => unreachable!("exactly one is set, checked above"),
+    };
+    let result = broker.state.apply(change).await;
     let audited = admin_outcome(broker, action, &target, conn, &result, request_id).await;
     answer(action, &target, result, audited, request_id)
 }
@@ -409,11 +435,20 @@ async fn enable(
     let target = format!("connector:{}", body.connector);
     // A connector that was removed from the config may still be listed as disabled: enabling
     // it clears the entry. Anything else unknown is a typo worth saying so.
-    if broker.live().config.connector(&body.connector).is_none()
-        && !broker.revocations.is_disabled(&body.connector)
-    {
-        let why = "unknown connector";
-        return refused(broker, "enable", Some(&target), conn, why, request_id).await;
+    if broker.live().config.connector(&body.connector).is_none() {
+        match broker.state.is_disabled(&body.connector).await {
+            Ok(true) => {}
+            Ok(false) => {
+                let why = "unknown connector";
+                return refused(broker, "enable", Some(&target), conn, why, request_id).await;
+            }
+            Err(e) => {
+                let result = Err(e);
+                let audited =
+                    admin_outcome(broker, "enable", &target, conn, &result, request_id).await;
+                return answer("enable", &target, result, audited, request_id);
+            }
+        }
     }
     // Enabling loosens: its record is written first, and only then does it take effect (no
     // call can pass under an enable the log does not show).
@@ -426,42 +461,31 @@ async fn enable(
             request_id,
         );
     }
-    let connector = body.connector.clone();
-    let result = off_worker(broker, move |state| state.set_disabled(&connector, false)).await;
-    if result.is_err() {
-        // In force, but a restart would disable it again: the log says so too.
-        let record = admin_record(
-            "enable",
-            Some(&target),
-            conn,
-            "not_persisted",
-            Some(request_id),
-        );
+    let result = broker
+        .state
+        .apply(Change::SetDisabled {
+            connector: body.connector.clone(),
+            disabled: false,
+        })
+        .await;
+    if let Err(e) = &result {
+        // Not in force (shared state unreachable), or in force but a restart would disable
+        // it again (state file): the log says which.
+        let record = admin_record("enable", Some(&target), conn, outcome(e), Some(request_id));
         if let Err(e) = broker.audit.append(record).await {
-            tracing::error!(error = %e, "cannot write the admin audit record of an unpersisted enable");
+            tracing::error!(error = %e, "cannot write the admin audit record of a failed enable");
         }
     }
     answer("enable", &target, result, true, request_id)
 }
 
-/// Runs a change of the revocation state on a blocking thread: it ends in an `fsync` of the
-/// state file, and the async worker this call runs on also serves proxy calls. The change is
-/// in memory (and biting) before the file is written, as before.
-async fn off_worker(
-    broker: &Arc<Broker>,
-    change: impl FnOnce(&crate::state::Revocations) -> Result<(), crate::state::StateError>
-        + Send
-        + 'static,
-) -> Result<(), crate::state::StateError> {
-    let broker = Arc::clone(broker);
-    tokio::task::spawn_blocking(move || change(&broker.revocations))
-        .await
-        .unwrap_or_else(|e| {
-            Err(crate::state::StateError::Io {
-                path: std::path::PathBuf::from("state"),
-                source: std::io::Error::other(e.to_string()),
-            })
-        })
+/// The audit `result` of an admin change that hit a state error.
+fn outcome(e: &StateError) -> &'static str {
+    if e.applied() {
+        "not_persisted"
+    } else {
+        "failed"
+    }
 }
 
 /// Audits an admin action that was applied; returns whether the record was written.
@@ -470,15 +494,14 @@ async fn admin_outcome(
     action: &str,
     target: &str,
     conn: &ConnInfo,
-    result: &Result<(), crate::state::StateError>,
+    result: &Result<(), StateError>,
     request_id: &str,
 ) -> bool {
-    let outcome = if result.is_ok() {
-        "ok"
-    } else {
-        "not_persisted"
-    };
-    let record = admin_record(action, Some(target), conn, outcome, Some(request_id));
+    let outcome = result.as_ref().err().map_or("ok", outcome);
+    let mut record = admin_record(action, Some(target), conn, outcome, Some(request_id));
+    if let Err(e) = result {
+        record.error = Some(e.to_string());
+    }
     match broker.audit.append(record).await {
         Ok(_) => true,
         Err(e) => {
@@ -488,23 +511,28 @@ async fn admin_outcome(
     }
 }
 
-/// The answer to an applied admin action. A state-file error still leaves the change in force
-/// in memory (a revocation must bite now) and is reported as a 500 so ops know it will not
-/// survive a restart; a missing audit record is a 503.
+/// The answer to an admin action. A state-file error still leaves the change in force in
+/// memory (a revocation must bite now) and is reported as a 500 so ops know it will not
+/// survive a restart; unreachable shared state means the change was not made (503, retry);
+/// a missing audit record is a 503.
 fn answer(
     action: &str,
     target: &str,
-    result: Result<(), crate::state::StateError>,
+    result: Result<(), StateError>,
     audited: bool,
     request_id: &str,
 ) -> Response<ProxyBody> {
     if let Err(e) = &result {
-        tracing::error!(error = %e, "admin change is in force but was not persisted");
+        tracing::error!(error = %e, action, target, "admin change failed or was not persisted");
     }
     match (result, audited) {
         (Ok(()), true) => {
             ok(serde_json::json!({"result": "ok", "action": action, "target": target}))
         }
+        (Err(e), _) if !e.applied() => json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &serde_json::json!({"error": "state_unavailable", "error_description": format!("not applied: {e}; retry"), "request_id": request_id}),
+        ),
         (_, false) => audit_unavailable(
             "in force now, but the audit log cannot be written",
             request_id,
@@ -517,7 +545,7 @@ fn answer(
 }
 
 /// The config as ops see it: owners, purposes, expiry, operations, who holds what. No secrets.
-fn connectors_view(broker: &Broker) -> serde_json::Value {
+fn connectors_view(broker: &Broker, disabled: Option<&HashSet<String>>) -> serde_json::Value {
     let live = broker.live();
     let config = &live.config;
     let now = Utc::now();
@@ -545,7 +573,7 @@ fn connectors_view(broker: &Broker) -> serde_json::Value {
                 "purpose": c.purpose,
                 "expires": c.expires_text,
                 "expired": c.is_expired(now),
-                "enabled": !broker.revocations.is_disabled(&c.name),
+                "enabled": disabled.map(|d| !d.contains(&c.name)),
                 "upstream": c.upstream.url,
                 "auth": match &c.auth {
                     crate::config::AuthMethod::Bearer => "bearer",

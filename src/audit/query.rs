@@ -230,7 +230,11 @@ fn row(rec: &StoredRecord) -> Row {
     let opt = |v: &Option<String>| v.as_deref().map_or_else(|| "-".to_owned(), cell);
     [
         cell(&rec.ts),
-        rec.seq.to_string(),
+        // Several replicas' files merge: each numbers its own chain, so SEQ names the chain.
+        match &r.replica {
+            Some(replica) => format!("{}:{}", cell(replica), rec.seq),
+            None => rec.seq.to_string(),
+        },
         r.event.as_str().to_owned(),
         opt(&r.client),
         opt(&r.connector),

@@ -75,6 +75,8 @@ pub struct AuditOptions {
     pub rotate_bytes: Option<u64>,
     /// Key for an HMAC-SHA256 chain instead of plain SHA-256.
     pub hmac_key: Option<Secret>,
+    /// This replica's name (`state.replica`), written into every record (DESIGN §7).
+    pub replica: Option<String>,
 }
 
 /// Counters for metrics.
@@ -578,6 +580,7 @@ struct Writer {
     policy: FsyncPolicy,
     rotate_bytes: Option<u64>,
     key: Option<Secret>,
+    replica: Option<String>,
     /// Written but not yet synced (under `interval`).
     dirty: bool,
     /// Detached records waiting to join the next write, and since when the oldest waits.
@@ -637,6 +640,7 @@ impl Writer {
             policy: opts.fsync,
             rotate_bytes: opts.rotate_bytes,
             key: opts.hmac_key,
+            replica: opts.replica,
             dirty: false,
             pending: Vec::new(),
             pending_since: None,
@@ -900,9 +904,21 @@ impl Writer {
         buf.reserve(records.len() * 320);
         let mut seq = self.seq;
         let mut prev = self.prev.clone();
-        for record in records {
+        for &record in records {
             seq += 1;
             let ts = format_ts(self.next_ts());
+            // A replica's records name it (a copy, paid only when a name is configured).
+            let named;
+            let record = match &self.replica {
+                Some(name) if record.replica.is_none() => {
+                    named = Record {
+                        replica: Some(name.clone()),
+                        ..record.clone()
+                    };
+                    &named
+                }
+                _ => record,
+            };
             prev = chain::seal_into(buf, seq, &ts, record, &prev, self.key.as_ref())?;
             buf.push(b'\n');
         }
@@ -1217,6 +1233,7 @@ mod tests {
             fsync,
             rotate_bytes: None,
             hmac_key: None,
+            replica: None,
         }
     }
 

@@ -102,8 +102,7 @@ pub fn explain(
     let Some(connector) = config.connector(name) else {
         return Verdict::Deny(format!("no connector named `{name}`"));
     };
-    // The kill switch lives in the state directory, beside the config.
-    if crate::state::Revocations::load(&config.state.dir).is_ok_and(|r| r.is_disabled(name)) {
+    if kill_switch_on(config, name) {
         return Verdict::Deny(format!(
             "connector {name} is disabled (kill switch); POST /v1/enable turns it back on"
         ));
@@ -146,5 +145,30 @@ pub fn explain(
             "no operation of connector {name} allows {method} {upstream_path}"
         )),
         None => Verdict::Deny(reasons.join("; ")),
+    }
+}
+
+/// Whether the connector's kill switch is on: in the state directory beside the config, or
+/// in the shared Redis state. Unreachable Redis is said on stderr and not counted.
+fn kill_switch_on(config: &Config, name: &str) -> bool {
+    match &config.state.backend {
+        crate::config::StateBackend::Memory => {
+            crate::state::Revocations::load(&config.state.dir).is_ok_and(|r| r.is_disabled(name))
+        }
+        crate::config::StateBackend::Redis { url, .. } => {
+            let asked = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| crate::state::StateError::Unavailable(e.to_string()))
+                .and_then(|rt| {
+                    rt.block_on(async {
+                        crate::state::RedisState::open(url)?.is_disabled(name).await
+                    })
+                });
+            asked.unwrap_or_else(|e| {
+                eprintln!("note: the kill switch was not checked: {e}");
+                false
+            })
+        }
     }
 }

@@ -16,7 +16,7 @@ use crate::audit::{AuditLog, AuditOptions, Event, Record};
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::server::{self, ListenerLimits, Role};
-use crate::state::Revocations;
+use crate::state::StateStore;
 use crate::token::SigningKeys;
 
 #[derive(Debug, Args)]
@@ -138,9 +138,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         fsync: config.audit.fsync,
         rotate_bytes: config.audit.rotate_bytes,
         hmac_key: config.audit.hmac_key.clone(),
+        replica: config.state.replica.clone(),
     })
     .with_context(|| format!("cannot open the audit log {}", config.audit.path.display()))?;
-    let revocations = Revocations::load(&config.state.dir)?;
+    let state = StateStore::open(&config.state)?;
     let limits = ListenerLimits {
         max_connections: config.server.max_connections,
         max_header_bytes: config.server.max_header_bytes,
@@ -152,7 +153,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let mut startup = Record::new(Event::Startup);
     startup.version = Some(env!("CARGO_PKG_VERSION").to_owned());
     startup.config_sha256 = Some(config.sha256.clone());
-    let broker = Arc::new(Broker::new(config, keys, audit, revocations)?);
+    let broker = Arc::new(Broker::new(config, keys, audit, state)?);
     broker
         .audit
         .append(startup)

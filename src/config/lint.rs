@@ -10,7 +10,7 @@ use toml::Spanned;
 
 use super::raw::{RawConfig, RawCredential};
 use super::validate::{is_loopback_host, Ctx};
-use super::{Config, ConfigError};
+use super::{Config, ConfigError, StateBackend};
 
 /// How bad a finding is: errors make `check` exit 1, warnings do not.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -140,8 +140,36 @@ fn warnings(cx: &mut Ctx<'_>, config: &Config, raw: &RawConfig, now: DateTime<Ut
     if let Some(r) = &raw.audit.hmac_key {
         literal(cx, r, "audit.hmac_key");
     }
+    state_warnings(cx, config, raw);
     connector_warnings(cx, config, raw, now);
     client_warnings(cx, config, raw, now);
+}
+
+/// A Redis URL that holds a password in the file, or crosses the network unencrypted.
+fn state_warnings(cx: &mut Ctx<'_>, config: &Config, raw: &RawConfig) {
+    let (StateBackend::Redis { url, url_ref }, Some(raw_url)) =
+        (&config.state.backend, &raw.state.url)
+    else {
+        return;
+    };
+    literal(cx, raw_url, "state.url");
+    let Some((loopback, password)) = crate::state::redis::url_facts(url.expose()) else {
+        return;
+    };
+    if password && url_ref.is_none() {
+        cx.err(
+            Some(raw_url.span()),
+            "state.url",
+            "the URL holds a password in the config file: give it as env:NAME or file:PATH",
+        );
+    }
+    if !loopback {
+        cx.err(
+            Some(raw_url.span()),
+            "state.url",
+            "plain redis:// to a non-loopback host: revocations and counters cross the network unencrypted",
+        );
+    }
 }
 
 fn literal(cx: &mut Ctx<'_>, raw: &Spanned<String>, key: &str) {

@@ -10,6 +10,8 @@ pub mod lint;
 pub mod raw;
 mod validate;
 
+pub(crate) use validate::is_loopback_host;
+
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::SocketAddr;
@@ -110,10 +112,40 @@ pub struct AuditConfig {
     pub hmac_key: Option<Secret>,
 }
 
-/// `[state]`
+/// `[state]` (DESIGN §3.5, §7).
 #[derive(Debug)]
 pub struct StateConfig {
+    /// Where the `memory` backend keeps revocations and disabled connectors.
     pub dir: PathBuf,
+    pub backend: StateBackend,
+    /// This process's name among replicas, written into every audit record as `replica`.
+    pub replica: Option<String>,
+}
+
+/// Where revocations, disabled connectors, `max_uses` counters and rate limits live.
+#[derive(Debug, Default)]
+pub enum StateBackend {
+    /// In this process (revocations and disabled connectors also in `state.dir`).
+    #[default]
+    Memory,
+    /// In a Redis server shared by every replica.
+    Redis {
+        /// `redis://[user:password@]host[:port][/db]`; a secret, since it may hold a password.
+        url: Secret,
+        /// The reference, kept so `check` can tell a URL written into the file.
+        url_ref: Option<SecretRef>,
+    },
+}
+
+impl PartialEq for StateBackend {
+    /// Compares the resolved URL bytes (in constant time; it may hold a password).
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::Memory, Self::Memory) => true,
+            (Self::Redis { url: a, .. }, Self::Redis { url: b, .. }) => a == b,
+            _ => false,
+        }
+    }
 }
 
 /// One connector: an upstream API and the org-level credential the broker holds for it.

@@ -81,6 +81,7 @@ pub struct RawState {
     pub dir: Option<S>,
     pub backend: Option<S>,
     pub url: Option<S>,
+    pub replica: Option<S>,
 }
 
 /// `{ per_second = 50, burst = 100 }`

@@ -16,8 +16,8 @@ use toml::Spanned;
 use super::raw::{self, RawConfig, S};
 use super::{
     AdminConfig, AuditConfig, AuditorConfig, AuditorGrant, AuthMethod, Client, Config, ConfigError,
-    ConfigErrors, Connector, Credential, Grant, Operation, RateLimit, ServerConfig, StateConfig,
-    TlsFiles, TokensConfig, Upstream, DEFAULT_MAX_BODY_BYTES,
+    ConfigErrors, Connector, Credential, Grant, Operation, RateLimit, ServerConfig, StateBackend,
+    StateConfig, TlsFiles, TokensConfig, Upstream, DEFAULT_MAX_BODY_BYTES,
 };
 use crate::audit::FsyncPolicy;
 use crate::policy::{OperationRouter, Pattern};
@@ -390,30 +390,88 @@ fn audit(cx: &mut Ctx<'_>, raw: &raw::RawAudit) -> Option<AuditConfig> {
 }
 
 fn state(cx: &mut Ctx<'_>, raw: &raw::RawState) -> Option<StateConfig> {
-    if let Some(backend) = &raw.backend {
-        if backend.get_ref() != "memory" {
-            cx.err(
-                Some(backend.span()),
-                "state.backend",
-                format!(
-                    "backend `{}` is not available in this build (only `memory`)",
-                    backend.get_ref()
-                ),
-            );
+    let backend = match raw.backend.as_ref().map(|b| b.get_ref().as_str()) {
+        None | Some("memory") => {
+            if let Some(url) = &raw.url {
+                cx.err(
+                    Some(url.span()),
+                    "state.url",
+                    "only used with backend = \"redis\"",
+                );
+            }
+            Some(StateBackend::Memory)
         }
-    }
-    if let Some(url) = &raw.url {
-        cx.err(
-            Some(url.span()),
-            "state.url",
-            "only used by a shared backend, which this build lacks",
-        );
-    }
+        Some("redis") => redis_backend(cx, raw),
+        Some(other) => {
+            cx.err(
+                raw.backend.as_ref().map(|b| b.span()),
+                "state.backend",
+                format!("`{other}` is not one of memory, redis"),
+            );
+            None
+        }
+    };
+    let replica = match &raw.replica {
+        Some(r) if !is_replica_name(r.get_ref()) => {
+            cx.err(
+                Some(r.span()),
+                "state.replica",
+                "must be 1 to 64 characters of A-Z a-z 0-9 . _ -",
+            );
+            None
+        }
+        Some(r) => Some(r.get_ref().clone()),
+        // Replicas sharing state need telling apart in their audit records.
+        None if matches!(backend, Some(StateBackend::Redis { .. })) => host_name(),
+        None => None,
+    };
     let dir = raw
         .dir
         .as_ref()
         .map_or_else(|| cx.path("state"), |d| cx.path(d.get_ref()));
-    Some(StateConfig { dir })
+    Some(StateConfig {
+        dir,
+        backend: backend?,
+        replica,
+    })
+}
+
+/// `backend = "redis"`: `url` is required, written as `redis://…` or as a secret reference
+/// (`env:`/`file:`) to one, since a Redis URL may carry a password.
+fn redis_backend(cx: &mut Ctx<'_>, raw: &raw::RawState) -> Option<StateBackend> {
+    let Some(url) = &raw.url else {
+        cx.err(None, "state.url", "required with backend = \"redis\"");
+        return None;
+    };
+    let (url_ref, value) = if url.get_ref().contains("://") {
+        (None, Secret::new(url.get_ref().as_bytes()))
+    } else {
+        let (r, v) = secret(cx, url, "state.url")?;
+        (Some(r), v)
+    };
+    // The value is never quoted: it may hold a password.
+    if let Err(why) = crate::state::redis::check_url(value.expose()) {
+        cx.err(Some(url.span()), "state.url", why);
+        return None;
+    }
+    Some(StateBackend::Redis {
+        url: value,
+        url_ref,
+    })
+}
+
+fn is_replica_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// The host's name (Linux), the default `replica` of a shared-state broker.
+fn host_name() -> Option<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
+    let name = name.trim();
+    is_replica_name(name).then(|| name.to_owned())
 }
 
 fn connectors(cx: &mut Ctx<'_>, raws: &[raw::RawConnector]) -> Vec<Arc<Connector>> {

@@ -24,6 +24,8 @@ use crate::audit::{AuditLog, Decision, Event, Record};
 use crate::broker::{take, Broker, ConnectorRuntime, Live};
 use crate::config::{Client, Connector, Operation};
 use crate::credential::{DynamicCredential, Minted};
+use crate::state::redis::{Admission, AdmitRequest};
+use crate::state::{RedisState, StateStore};
 use crate::tls::PeerIdentity;
 use crate::token::AccessClaims;
 
@@ -190,13 +192,25 @@ async fn stages(
     // 2. The bearer token is genuine, current, unrevoked, and bound to this connection.
     let claims = authenticate(broker, live, &parts.headers, conn, facts)?;
     // 3. An operation of the connector *as configured now* matches, is in scope, is granted.
-    let (connector, runtime, op_index) = authorize(broker, live, &claims, &parts.method, &target)?;
+    let authorized = authorize(broker, live, &claims, &parts.method, &target);
+    if let Ok((connector, _, op_index)) = &authorized {
+        facts.operation(&connector.operations[*op_index].name);
+    }
+    let (connector, runtime, op_index) = match &*broker.state {
+        StateStore::Memory(_) => {
+            let found = authorized?;
+            // 4. A `max_uses` token still has a use left.
+            spend_use(broker, &claims)?;
+            // 5. The client's and the connector's rate limits.
+            rate_limit(live, found.1, &claims.sub)?;
+            found
+        }
+        // 2–5 on the state shared by every replica, in one round trip.
+        StateStore::Redis(redis) => {
+            shared_checks(redis, live, &claims, target.connector, authorized).await?
+        }
+    };
     let operation = &connector.operations[op_index];
-    facts.operation(&operation.name);
-    // 4. A `max_uses` token still has a use left.
-    spend_use(broker, &claims)?;
-    // 5. The client's and the connector's rate limits.
-    rate_limit(live, runtime, &claims.sub)?;
     // 6. The body fits the operation's `max_body_bytes`.
     let bytes_in = Arc::new(AtomicU64::new(0));
     let body_deadline = started + live.config.server.request_timeout;
@@ -365,10 +379,12 @@ fn authenticate(
         .verify_cached(token, now)
         .map_err(|e| deny(Refusal::InvalidToken(e.to_string()), "token_invalid"))?;
     facts.token(&claims);
-    if broker
-        .revocations
-        .is_revoked(&claims.jti, &claims.sub, claims.iat)
-    {
+    // With shared state, revocation is asked of Redis together with checks 3 to 5.
+    let revoked = match &*broker.state {
+        StateStore::Memory(r) => r.is_revoked(&claims.jti, &claims.sub, claims.iat),
+        StateStore::Redis(_) => false,
+    };
+    if revoked {
         return Err(deny(
             Refusal::InvalidToken("the token has been revoked".into()),
             "token_revoked",
@@ -434,7 +450,8 @@ fn authorize<'l>(
     ) else {
         return Err(scope("unknown_connector", "no such connector".into()));
     };
-    if broker.revocations.is_disabled(&connector.name) {
+    // (With shared state, the kill switch is asked of Redis with checks 4 and 5.)
+    if matches!(&*broker.state, StateStore::Memory(r) if r.is_disabled(&connector.name)) {
         return Err(scope(
             "connector_disabled",
             format!("connector {} is disabled", connector.name),
@@ -551,6 +568,54 @@ fn rate_limit(live: &Live, runtime: &ConnectorRuntime, client: &str) -> Result<(
         })?;
     }
     Ok(())
+}
+
+/// Checks 2 to 5 against the state shared by replicas (DESIGN §7): Redis answers revocation,
+/// kill switch, `max_uses` and rate limits in one atomic script, and its verdict is combined
+/// with the local one of check 3 in §4.3's order. No answer from Redis refuses the call.
+async fn shared_checks<'l>(
+    redis: &RedisState,
+    live: &'l Live,
+    claims: &AccessClaims,
+    connector_name: &str,
+    authorized: Result<(&'l Connector, &'l ConnectorRuntime, usize), Denial>,
+) -> Result<(&'l Connector, &'l ConnectorRuntime, usize), Denial> {
+    let connector = live.config.connector(connector_name);
+    let found = authorized.as_ref().ok();
+    let call = AdmitRequest {
+        jti: &claims.jti,
+        client: &claims.sub,
+        iat: claims.iat,
+        exp: claims.exp,
+        connector: connector.map(|c| c.name.as_str()),
+        authorized: found.is_some(),
+        max_uses: claims.max_uses,
+        client_limit: live.config.client(&claims.sub).and_then(|c| c.rate_limit),
+        connector_limit: found.and_then(|(c, ..)| c.rate_limit),
+    };
+    let verdict = redis.admit(&call).await.map_err(|e| {
+        tracing::error!(error = %e, "shared state unavailable; refusing the call");
+        deny(Refusal::StateUnavailable, "state_unavailable")
+    })?;
+    let limited =
+        |retry_after_secs, reason| Err(deny(Refusal::RateLimited { retry_after_secs }, reason));
+    match verdict {
+        Admission::Revoked => Err(deny(
+            Refusal::InvalidToken("the token has been revoked".into()),
+            "token_revoked",
+        )),
+        Admission::Disabled => Err(deny(
+            Refusal::InsufficientScope(format!("connector {connector_name} is disabled")),
+            "connector_disabled",
+        )),
+        Admission::Admitted | Admission::NotAuthorized => authorized,
+        Admission::UsesSpent => Err(deny(
+            Refusal::InvalidToken("the token's max_uses are spent".into()),
+            "max_uses_exhausted",
+        )),
+        Admission::ClientLimited(secs) => limited(secs, "client_rate_limited"),
+        Admission::ConnectorLimited(secs) => limited(secs, "connector_rate_limited"),
+    }
 }
 
 /// Check 6. A declared length is checked at once and the body streams through a guard; a

@@ -36,6 +36,8 @@ pub enum Refusal {
     AuditUnavailable,
     /// A dynamic credential could not be obtained (502): nothing was forwarded.
     CredentialUnavailable,
+    /// The shared state (Redis, DESIGN §7) did not answer (503): nothing was forwarded.
+    StateUnavailable,
     /// Check 8: the upstream failed (502).
     UpstreamUnavailable(String),
     /// Check 8: the upstream did not answer in time (504).
@@ -56,7 +58,7 @@ impl Refusal {
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::RequestTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
-            Self::AuditUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::AuditUnavailable | Self::StateUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::CredentialUnavailable | Self::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::NotFound => StatusCode::NOT_FOUND,
@@ -76,6 +78,7 @@ impl Refusal {
             Self::RequestTimeout => "request_timeout",
             Self::AuditUnavailable => "audit_unavailable",
             Self::CredentialUnavailable => "credential_unavailable",
+            Self::StateUnavailable => "state_unavailable",
             Self::UpstreamUnavailable(_) => "upstream_unavailable",
             Self::UpstreamTimeout => "upstream_timeout",
             Self::NotFound => "not_found",
@@ -100,6 +103,10 @@ impl Refusal {
             }
             Self::CredentialUnavailable => {
                 "no upstream credential could be obtained; nothing was forwarded".into()
+            }
+            Self::StateUnavailable => {
+                "the shared revocation and rate-limit state cannot be reached; nothing was forwarded"
+                    .into()
             }
             Self::UpstreamUnavailable(d) => format!("upstream unavailable: {d}"),
             Self::UpstreamTimeout => "the upstream did not answer in time".into(),

@@ -5,6 +5,7 @@
 //! grant type, issuance rate limit, grants, scope, lifetime, binding, audit, sign. Every
 //! outcome is audited; a token is returned only once its `token_issued` record is written.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,6 +27,7 @@ use crate::config::Client;
 use crate::proxy::pipeline::ConnInfo;
 use crate::proxy::respond::json_response;
 use crate::proxy::ProxyBody;
+use crate::state::StateStore;
 
 /// Token request bodies larger than this are refused before parsing.
 const MAX_FORM_BYTES: usize = 64 * 1024;
@@ -66,6 +68,37 @@ fn invalid_scope(d: impl Into<String>) -> TokenError {
 
 fn invalid_client(d: impl Into<String>) -> TokenError {
     error(StatusCode::UNAUTHORIZED, "invalid_client", d)
+}
+
+/// 503: the shared state (Redis, DESIGN §7) did not answer, so nothing can be decided.
+fn state_unavailable() -> TokenError {
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "state_unavailable",
+        "the shared revocation and rate-limit state cannot be reached; no token was issued",
+    )
+}
+
+/// `tokens.issue_rate_limit` for this client: in memory, or shared by replicas in Redis.
+async fn issue_rate_limit(broker: &Broker, live: &Live, client: &str) -> Result<(), TokenError> {
+    match &*broker.state {
+        StateStore::Memory(_) => match live.issue_limits.get(client) {
+            Some(l) => take(l).map_err(rate_limited),
+            None => Ok(()),
+        },
+        StateStore::Redis(redis) => {
+            let Some(limit) = live.config.tokens.issue_rate_limit else {
+                return Ok(());
+            };
+            match redis.take_issue_cell(client, limit).await {
+                Ok(taken) => taken.map_err(rate_limited),
+                Err(e) => {
+                    tracing::error!(error = %e, "shared state unavailable; refusing to issue a token");
+                    Err(state_unavailable())
+                }
+            }
+        }
+    }
 }
 
 fn rate_limited(secs: u64) -> TokenError {
@@ -161,9 +194,9 @@ async fn issue(
             )))
         }
     }
-    if let Some(l) = live.issue_limits.get(&client.id) {
-        take(l).map_err(|s| with_client(rate_limited(s)))?;
-    }
+    issue_rate_limit(broker, live, &client.id)
+        .await
+        .map_err(with_client)?;
     // A client with no grants at all is unauthorized; one whose only grant expired gets
     // invalid_scope below (DESIGN §3.3).
     if client.grants.is_empty() {
@@ -178,7 +211,11 @@ async fn issue(
         .as_deref()
         .ok_or_else(|| with_client(invalid_request("scope is required")))?;
     record.scope = Some(requested.to_owned());
-    let scope = resolve_scope(broker, live, client, requested, now).map_err(with_client)?;
+    let disabled = broker.state.disabled_connectors().await.map_err(|e| {
+        tracing::error!(error = %e, "shared state unavailable; refusing to issue a token");
+        with_client(state_unavailable())
+    })?;
+    let scope = resolve_scope(live, &disabled, client, requested, now).map_err(with_client)?;
     let lifetime = lifetime(live, client, &form, &scope, now).map_err(with_client)?;
     let max_uses = parse_max_uses(&form).map_err(with_client)?;
     let details = match &form.authorization_details {
@@ -298,8 +335,8 @@ fn authentication_failed(claimed: Option<&std::sync::Arc<Client>>) -> TokenError
 
 /// Expands and checks `scope`: every item must be granted now, or the request fails whole.
 fn resolve_scope(
-    broker: &Broker,
     live: &Live,
+    disabled: &HashSet<String>,
     client: &Client,
     requested: &str,
     now: DateTime<Utc>,
@@ -319,7 +356,7 @@ fn resolve_scope(
         let connector = live
             .config
             .connector(connector_name)
-            .filter(|c| !c.is_expired(now) && !broker.revocations.is_disabled(&c.name))
+            .filter(|c| !c.is_expired(now) && !disabled.contains(&c.name))
             .ok_or_else(|| {
                 invalid_scope(format!(
                     "connector `{}` is unknown, expired or disabled",

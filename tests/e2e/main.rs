@@ -11,5 +11,6 @@ mod injection;
 mod ops;
 mod proxy;
 mod secrets;
+mod shared_state;
 mod tls;
 mod token_endpoint;

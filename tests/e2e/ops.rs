@@ -144,15 +144,6 @@ async fn admin_at(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u1
     (status, body)
 }
 
-fn jti_of(token: &str) -> String {
-    let claims = token.split('.').nth(1).unwrap();
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(claims)
-        .unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
-    v["jti"].as_str().unwrap().to_owned()
-}
-
 /// Polls `probe` until it returns true; real file-system events and signals have no fake
 /// clock, so the test waits for the effect (bounded) instead of for a fixed time.
 async fn eventually<F, Fut>(what: &str, mut probe: F)
@@ -185,13 +176,7 @@ fn write_config(dir: &Path, text: &str) -> PathBuf {
 
 /// Adds a persistent signing key (made by the binary) so tokens outlive a restart.
 fn with_signing_key(dir: &Path, config: &str) -> String {
-    let key = dir.join("signing.pem");
-    let ok = Command::new(BIN)
-        .args(["keygen", "signing-key", "--out", key.to_str().unwrap()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
+    keygen_signing_key(dir);
     let out = config.replace(
         "issuer = \"credbroker-test\"",
         "issuer = \"credbroker-test\"\nsigning_key = \"signing.pem\"",
@@ -949,10 +934,19 @@ async fn concurrent_calls_over_every_worker_are_each_audited_once_in_a_verifying
         let broker = ChildBroker::spawn(&path);
         // The child may run on as many cores as this test process (same affinity).
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let workers = thread_names(broker.child.id())
-            .iter()
-            .filter(|n| n.starts_with("credbroker-work"))
-            .count();
+        let count_workers = || {
+            thread_names(broker.child.id())
+                .iter()
+                .filter(|n| n.starts_with("credbroker-work"))
+                .count()
+        };
+        // The worker threads may still be starting when the listener reports its address.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut workers = count_workers();
+        while workers + 1 < cores && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+            workers = count_workers();
+        }
         assert_eq!(
             workers + 1,
             cores,

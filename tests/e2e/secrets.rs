@@ -145,16 +145,6 @@ fn access_token(body: &str) -> String {
     v["access_token"].as_str().unwrap().to_owned()
 }
 
-/// The `jti` claim of a token (read without verifying: the test issued it).
-fn jti(token: &str) -> String {
-    let payload = token.split('.').nth(1).unwrap();
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(payload)
-        .unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
-    v["jti"].as_str().unwrap().to_owned()
-}
-
 /// The in-process session over TLS; returns the haystack and the tokens it was issued.
 async fn tls_session(hay: &mut Haystack) -> (Vec<String>, String) {
     let up = FakeUpstream::start().await;
@@ -275,7 +265,7 @@ async fn tls_session(hay: &mut Haystack) -> (Vec<String>, String) {
         .admin_call(
             "POST",
             "/v1/revoke",
-            &format!("{{\"jti\":\"{}\"}}", jti(&t1)),
+            &format!("{{\"jti\":\"{}\"}}", jti_of(&t1)),
         )
         .await;
     assert_eq!(r.0, 200, "{}", r.2);
@@ -459,7 +449,7 @@ async fn dev_mode_session_leaks_no_secret_outside_the_welcome_text() {
         admin_req(
             "POST",
             "/v1/revoke",
-            format!("{{\"jti\":\"{}\"}}", jti(&token)),
+            format!("{{\"jti\":\"{}\"}}", jti_of(&token)),
         ),
     )
     .await;

@@ -345,6 +345,28 @@ impl Drop for TestBroker {
     }
 }
 
+/// Writes a signing key to `dir/signing.pem` with `credbroker keygen` (the binary under test).
+pub fn keygen_signing_key(dir: &Path) -> PathBuf {
+    let key = dir.join("signing.pem");
+    let ok = std::process::Command::new(env!("CARGO_BIN_EXE_credbroker"))
+        .args(["keygen", "signing-key", "--out", key.to_str().unwrap()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "keygen signing-key failed");
+    key
+}
+
+/// The `jti` claim of a token (read without verifying: the test issued it).
+pub fn jti_of(token: &str) -> String {
+    let payload = token.split('.').nth(1).unwrap();
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    v["jti"].as_str().unwrap().to_owned()
+}
+
 pub fn audit_records(path: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path)
         .unwrap_or_default()

@@ -1,5 +1,5 @@
-//! Revocations and disabled connectors (DESIGN §3.5): kept in memory for the hot path and in
-//! `[state] dir` so they survive reloads and restarts. Files are written atomically: a temp
+//! The `memory` backend's revocations and disabled connectors (DESIGN §3.5): kept in memory
+//! for the hot path and in `[state] dir` so they survive reloads and restarts. Files are written atomically: a temp
 //! file, fsync, rename, fsync of the folder.
 
 use std::collections::{HashMap, HashSet};
@@ -9,25 +9,9 @@ use std::sync::{Mutex, RwLock};
 
 use serde::{Deserialize, Serialize};
 
-const STATE_FILE: &str = "revocations.json";
+use super::StateError;
 
-/// Why the state could not be read or written.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum StateError {
-    /// Reading or writing the state file failed.
-    #[error("state file {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    /// The state file is not valid JSON of the expected shape.
-    #[error("state file {path} is corrupt: {source}")]
-    Corrupt {
-        path: PathBuf,
-        source: serde_json::Error,
-    },
-}
+const STATE_FILE: &str = "revocations.json";
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 struct RevocationSet {

@@ -1,0 +1,312 @@
+//! DESIGN §7: two replicas sharing one Redis — a revocation, a kill switch, a `max_uses`
+//! budget and a rate limit made or spent on one are seen by the other, and a broker whose
+//! Redis is gone refuses (503) instead of deciding on what it alone knows.
+//!
+//! Needs `redis-server` (CI installs it with apt). Without it, outside CI, these tests say so
+//! and pass without running; in CI (`CI` set) a missing `redis-server` fails them.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_credbroker");
+const TARGET: &str = "/github/repos/acme/widget/issues";
+
+/// A `redis-server` of its own on a free loopback port, killed on drop.
+struct Redis {
+    child: Child,
+    port: u16,
+}
+
+impl Redis {
+    /// `None` (after saying why) when `redis-server` is missing outside CI.
+    fn start() -> Option<Self> {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        Self::start_on(port)
+    }
+
+    fn start_on(port: u16) -> Option<Self> {
+        let spawned = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--save", "", "--appendonly", "no", "--loglevel", "warning"])
+            .stdout(Stdio::null())
+            .spawn();
+        let child = match spawned {
+            Ok(c) => c,
+            Err(e) if std::env::var_os("CI").is_none() => {
+                eprintln!("SKIPPED: redis-server not runnable ({e}); .ci/run installs it");
+                return None;
+            }
+            Err(e) => panic!("redis-server is needed in CI: {e}"),
+        };
+        let redis = Self { child, port };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Some(redis)
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The standard config as replica `name` of a group sharing `redis` and one signing key.
+fn replica_config(upstream: SocketAddr, key: &Path, redis: &Redis, name: &str) -> String {
+    let config = standard_config(upstream).replace(
+        "issuer = \"credbroker-test\"",
+        &format!(
+            "issuer = \"credbroker-test\"\nsigning_key = \"{}\"",
+            key.display()
+        ),
+    );
+    format!(
+        "{config}\n[state]\nbackend = \"redis\"\nurl = \"{}\"\nreplica = \"{name}\"\n",
+        redis.url()
+    )
+}
+
+/// Two replicas `a` and `b` over one Redis, with `edit` applied to both configs.
+async fn two_replicas(
+    redis: &Redis,
+    up: &FakeUpstream,
+    edit: impl Fn(String) -> String,
+) -> (tempfile::TempDir, TestBroker, TestBroker) {
+    let keys = tempfile::tempdir().unwrap();
+    let key = keygen_signing_key(keys.path());
+    let a = TestBroker::start(&edit(replica_config(up.addr, &key, redis, "a"))).await;
+    let b = TestBroker::start(&edit(replica_config(up.addr, &key, redis, "b"))).await;
+    (keys, a, b)
+}
+
+fn reasons(broker: &TestBroker) -> Vec<String> {
+    events(&broker.audit(), "proxy")
+        .iter()
+        .filter_map(|r| r["reason"].as_str().map(str::to_owned))
+        .collect()
+}
+
+#[tokio::test]
+async fn revocations_and_the_kill_switch_made_on_one_replica_bite_on_the_other() {
+    let Some(redis) = Redis::start() else { return };
+    let up = FakeUpstream::start().await;
+    let (_keys, a, b) = two_replicas(&redis, &up, |c| c).await;
+
+    // A token from `a` works on `b`: one signing key, one JWKS.
+    let token = a.token("github:issues.read", &[]).await;
+    assert_eq!(b.status("GET", TARGET, &token).await, 200);
+
+    // Revoked on `a`, refused by `b`.
+    let body = format!("{{\"jti\":\"{}\"}}", jti_of(&token));
+    let (status, _, answer) = a.admin_call("POST", "/v1/revoke", &body).await;
+    assert_eq!(status, 200, "{answer}");
+    let (status, headers, _) = b.call("GET", TARGET, &token).await;
+    assert_eq!(status, 401);
+    assert!(headers["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .contains("invalid_token"));
+    assert!(reasons(&b).iter().any(|r| r == "token_revoked"));
+
+    // Every token of the client, revoked on `b`, refused by `a`.
+    let other = a.token("github:issues.read", &[]).await;
+    assert_eq!(a.status("GET", TARGET, &other).await, 200);
+    let (status, _, _) = b
+        .admin_call("POST", "/v1/revoke", "{\"client\":\"bot\"}")
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(a.status("GET", TARGET, &other).await, 401);
+
+    // The kill switch thrown on `a` stops `b`, and no token is issued for it there;
+    // enabled again on `b`, `a` serves again.
+    tokio::time::sleep(Duration::from_millis(1100)).await; // past the client revocation's second
+    let fresh = a.token("github:issues.read", &[]).await;
+    let (status, _, _) = a
+        .admin_call("POST", "/v1/revoke", "{\"connector\":\"github\"}")
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(b.status("GET", TARGET, &fresh).await, 403);
+    assert!(reasons(&b).iter().any(|r| r == "connector_disabled"));
+    let (status, _, body) = b
+        .token_request("bot", SECRET, "github:issues.read", &[])
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("invalid_scope"));
+    let (_, _, view) = b.admin_call("GET", "/v1/connectors", "").await;
+    let view: serde_json::Value = serde_json::from_str(&view).unwrap();
+    assert_eq!(view["connectors"][0]["enabled"], false);
+    let (status, _, _) = b
+        .admin_call("POST", "/v1/enable", "{\"connector\":\"github\"}")
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(a.status("GET", TARGET, &fresh).await, 200);
+
+    // Each replica's records name it, and each chain stands on its own.
+    for (broker, name) in [(&a, "a"), (&b, "b")] {
+        let records = broker.audit();
+        assert!(!records.is_empty());
+        assert!(records.iter().all(|r| r["replica"] == name), "{name}");
+        verify_chain_independently(&broker.audit_path());
+    }
+    // `audit query` merges both files; SEQ says which chain a record belongs to.
+    let out = Command::new(BIN)
+        .args(["audit", "query"])
+        .arg(a.audit_path())
+        .arg(b.audit_path())
+        .args(["--event", "startup"])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{table}");
+    assert!(
+        table.contains(" a:1 ") && table.contains(" b:1 "),
+        "{table}"
+    );
+}
+
+#[tokio::test]
+async fn a_max_uses_budget_is_spent_once_across_replicas() {
+    let Some(redis) = Redis::start() else { return };
+    let up = FakeUpstream::start().await;
+    let (_keys, a, b) = two_replicas(&redis, &up, |c| c).await;
+    // Three uses, spent alternately on both replicas; the fourth is refused wherever it lands.
+    let token = a.token("github:issues.read", &[("max_uses", "3")]).await;
+    for broker in [&a, &b, &a] {
+        assert_eq!(broker.status("GET", TARGET, &token).await, 200);
+    }
+    for broker in [&b, &a] {
+        assert_eq!(broker.status("GET", TARGET, &token).await, 401);
+    }
+    assert!(reasons(&b).iter().any(|r| r == "max_uses_exhausted"));
+    assert_eq!(up.count(), 3, "the spent calls never reached the upstream");
+}
+
+#[tokio::test]
+async fn a_rate_limit_is_one_budget_across_replicas() {
+    let Some(redis) = Redis::start() else { return };
+    let up = FakeUpstream::start().await;
+    let (_keys, a, b) = two_replicas(&redis, &up, |c| {
+        c.replace(
+            "id = \"bot\"\n",
+            "id = \"bot\"\nrate_limit = { per_second = 1, burst = 5 }\n",
+        )
+    })
+    .await;
+    let token = a.token("github:issues.read", &[]).await;
+    // Two replicas with limiters of their own would pass all ten calls (five each).
+    let started = Instant::now();
+    let mut passed = 0;
+    for (i, broker) in [&a, &b].iter().cycle().take(10).enumerate() {
+        let (status, headers, body) = broker.call("GET", TARGET, &token).await;
+        match status {
+            200 => passed += 1,
+            429 => {
+                let wait: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+                assert!(wait >= 1, "{wait}");
+            }
+            other => panic!("call {i}: {other} {body}"),
+        }
+        if i < 5 {
+            assert_eq!(status, 200, "call {i} is within the burst");
+        }
+    }
+    let refill = started.elapsed().as_secs() + 1;
+    assert!(passed < 10 && passed <= 5 + refill, "{passed} passed");
+    assert!(reasons(&a)
+        .iter()
+        .chain(&reasons(&b))
+        .any(|r| r == "client_rate_limited"));
+    assert_eq!(up.count() as u64, passed);
+}
+
+#[tokio::test]
+async fn without_redis_nothing_is_decided_and_the_broker_recovers_with_it() {
+    let Some(redis) = Redis::start() else { return };
+    let up = FakeUpstream::start().await;
+    let (_keys, a, _b) = two_replicas(&redis, &up, |c| c).await;
+    let token = a.token("github:issues.read", &[]).await;
+    assert_eq!(a.status("GET", TARGET, &token).await, 200);
+
+    let port = redis.port;
+    drop(redis);
+    let started = Instant::now();
+    let (status, _, body) = a.call("GET", TARGET, &token).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("state_unavailable"), "{body}");
+    assert!(started.elapsed() < Duration::from_secs(3), "bounded wait");
+    assert_eq!(up.count(), 1, "nothing forwarded without the shared checks");
+    assert!(reasons(&a).iter().any(|r| r == "state_unavailable"));
+    let (status, _, body) = a
+        .token_request("bot", SECRET, "github:issues.read", &[])
+        .await;
+    assert_eq!(status, 503, "{body}");
+    // A revocation that cannot be stored is not "done": 503, audited as failed.
+    let body = format!("{{\"jti\":\"{}\"}}", jti_of(&token));
+    let (status, _, answer) = a.admin_call("POST", "/v1/revoke", &body).await;
+    assert_eq!(status, 503, "{answer}");
+    let admin = events(&a.audit(), "admin")
+        .last()
+        .map(|r| (*r).clone())
+        .unwrap();
+    assert_eq!(admin["result"], "failed");
+
+    // Redis back: the broker reconnects by itself.
+    let _redis = Redis::start_on(port).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while a.status("GET", TARGET, &token).await != 200 {
+        assert!(Instant::now() < deadline, "no recovery once Redis was back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[test]
+fn check_names_redis_url_problems_without_quoting_the_url() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = standard_config("127.0.0.1:9".parse().unwrap());
+    let run = |state: &str| {
+        let path = dir.path().join("credbroker.toml");
+        std::fs::write(&path, format!("{base}\n[state]\n{state}\n")).unwrap();
+        let out = Command::new(BIN)
+            .args(["check", "--config", path.to_str().unwrap()])
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, out) = run("backend = \"redis\"");
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("state.url"), "{out}");
+    let (code, out) = run("backend = \"redis\"\nurl = \"rediss://:s3cret-pw@10.1.2.3\"");
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        !out.contains("s3cret-pw") && !out.contains("10.1.2.3"),
+        "{out}"
+    );
+    let (code, out) = run("backend = \"redis\"\nurl = \"redis://:s3cret-pw@10.1.2.3:6379\"");
+    assert_eq!(code, Some(0), "warnings only: {out}");
+    assert!(out.contains("holds a password"), "{out}");
+    assert!(out.contains("unencrypted"), "{out}");
+    assert!(!out.contains("s3cret-pw"), "{out}");
+    let (code, out) = run("backend = \"etcd\"");
+    assert_eq!(code, Some(1), "{out}");
+    let (code, out) = run("url = \"redis://127.0.0.1\"");
+    assert_eq!(code, Some(1), "a url without the redis backend: {out}");
+}
