@@ -45,7 +45,7 @@ pub async fn handle(
     let path = req.uri().path().to_owned();
     match (req.method(), path.as_str()) {
         (&Method::GET | &Method::HEAD, "/healthz") => ok(serde_json::json!({"status": "ok"})),
-        (&Method::GET | &Method::HEAD, "/readyz") => readiness(&state.broker),
+        (&Method::GET | &Method::HEAD, "/readyz") => readiness(&state.broker).await,
         _ if !authorized(&state, &req) => {
             if let Some(action) = action_of(req.method(), &path) {
                 // A wrong token at the kill switch is what monitoring wants to see.
@@ -124,11 +124,18 @@ const AUDIT_FAILURE_WINDOW: std::time::Duration = std::time::Duration::from_secs
 /// anyway (DESIGN §6), so a load balancer should route around this replica. Once no write
 /// has failed for [`AUDIT_FAILURE_WINDOW`] it says ready again, and the next calls show
 /// whether the disk has recovered.
-fn readiness(broker: &Broker) -> Response<ProxyBody> {
+async fn readiness(broker: &Broker) -> Response<ProxyBody> {
     if broker.audit.failed_within(AUDIT_FAILURE_WINDOW) {
         return json_response(
             StatusCode::SERVICE_UNAVAILABLE,
             &serde_json::json!({"status": "audit_unavailable"}),
+        );
+    }
+    // With shared state, a replica that cannot reach Redis refuses every call too.
+    if broker.state.reachable().await.is_err() {
+        return json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &serde_json::json!({"status": "state_unavailable"}),
         );
     }
     ok(serde_json::json!({"status": "ready"}))

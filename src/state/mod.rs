@@ -67,6 +67,14 @@ impl StateStore {
         }
     }
 
+    /// Whether the state can be used now (the memory backend always can).
+    pub async fn reachable(&self) -> Result<(), StateError> {
+        match self {
+            Self::Memory(_) => Ok(()),
+            Self::Redis(r) => r.reachable().await,
+        }
+    }
+
     /// The connectors switched off by the kill switch.
     pub async fn disabled_connectors(&self) -> Result<HashSet<String>, StateError> {
         match self {

@@ -18,6 +18,7 @@
 
 use std::collections::HashSet;
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -155,6 +156,8 @@ pub struct AdmitRequest<'a> {
 /// The connection to Redis (multiplexed, reconnecting) and the scripts.
 pub struct RedisState {
     conn: ConnectionManager,
+    /// When Redis last answered (ms since the Unix epoch; 0: never), for `/readyz`.
+    last_answer_ms: AtomicU64,
     admit: Script,
     take: Script,
     revoke_client: Script,
@@ -183,10 +186,41 @@ impl RedisState {
             ConnectionManager::new_lazy_with_config(client, config).map_err(|e| unavailable(&e))?;
         Ok(Self {
             conn,
+            last_answer_ms: AtomicU64::new(0),
             admit: Script::new(&format!("{GCRA}{ADMIT}")),
             take: Script::new(&format!("{GCRA}{TAKE}")),
             revoke_client: Script::new(REVOKE_CLIENT),
         })
+    }
+
+    /// Whether Redis answers: at once if it answered within the last second, else a `PING`.
+    /// (`/readyz`: every call is refused while it does not, so a load balancer should route
+    /// around this replica.)
+    pub async fn reachable(&self) -> Result<(), StateError> {
+        if now_ms().saturating_sub(self.last_answer_ms.load(Ordering::Relaxed)) < 1000 {
+            return Ok(());
+        }
+        let mut conn = self.conn.clone();
+        let ping = redis::cmd("PING");
+        self.bounded(ping.query_async::<()>(&mut conn)).await
+    }
+
+    /// Awaits a Redis operation for at most [`STATE_TIMEOUT`] (a reconnect included).
+    async fn bounded<T>(
+        &self,
+        op: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, StateError> {
+        let result = match tokio::time::timeout(STATE_TIMEOUT, op).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(unavailable(&e)),
+            Err(_) => Err(StateError::Unavailable(
+                "Redis did not answer in time".into(),
+            )),
+        };
+        if result.is_ok() {
+            self.last_answer_ms.store(now_ms(), Ordering::Relaxed);
+        }
+        result
     }
 
     /// Checks 2 (revocation), 3 (kill switch), 4 (`max_uses`) and 5 (rate limits) of a proxy
@@ -216,7 +250,8 @@ impl RedisState {
             .arg(connector_rate)
             .arg(connector_burst);
         let mut conn = self.conn.clone();
-        let (verdict, wait_us): (String, f64) = bounded(invocation.invoke_async(&mut conn)).await?;
+        let (verdict, wait_us): (String, f64) =
+            self.bounded(invocation.invoke_async(&mut conn)).await?;
         Ok(match verdict.as_str() {
             "ok" => Admission::Admitted,
             "revoked" => Admission::Revoked,
@@ -247,7 +282,7 @@ impl RedisState {
             .key(format!("{PREFIX}rate:issue:{client}"))
             .arg(rate)
             .arg(burst);
-        let wait_us: f64 = bounded(invocation.invoke_async(&mut conn)).await?;
+        let wait_us: f64 = self.bounded(invocation.invoke_async(&mut conn)).await?;
         Ok(if wait_us > 0.0 {
             Err(whole_seconds(wait_us))
         } else {
@@ -257,12 +292,12 @@ impl RedisState {
 
     pub async fn disabled_connectors(&self) -> Result<HashSet<String>, StateError> {
         let mut conn = self.conn.clone();
-        bounded(conn.smembers(DISABLED)).await
+        self.bounded(conn.smembers(DISABLED)).await
     }
 
     pub async fn is_disabled(&self, connector: &str) -> Result<bool, StateError> {
         let mut conn = self.conn.clone();
-        bounded(conn.sismember(DISABLED, connector)).await
+        self.bounded(conn.sismember(DISABLED, connector)).await
     }
 
     /// Applies an admin change; an error means it was not applied.
@@ -275,25 +310,27 @@ impl RedisState {
                 // SET … EXAT: one command, so the entry never exists without its expiry.
                 let mut cmd = redis::cmd("SET");
                 cmd.arg(&key).arg(1).arg("EXAT").arg(until);
-                bounded(cmd.query_async::<()>(&mut conn)).await
+                self.bounded(cmd.query_async::<()>(&mut conn)).await
             }
             Change::RevokeClient { client, at } => {
                 let mut invocation = self.revoke_client.prepare_invoke();
                 invocation.key(REVOKED_CLIENTS).arg(client).arg(*at);
-                bounded(invocation.invoke_async::<i64>(&mut conn))
+                self.bounded(invocation.invoke_async::<i64>(&mut conn))
                     .await
                     .map(|_| ())
             }
             Change::SetDisabled {
                 connector,
                 disabled: true,
-            } => bounded(conn.sadd::<_, _, i64>(DISABLED, connector))
+            } => self
+                .bounded(conn.sadd::<_, _, i64>(DISABLED, connector))
                 .await
                 .map(|_| ()),
             Change::SetDisabled {
                 connector,
                 disabled: false,
-            } => bounded(conn.srem::<_, _, i64>(DISABLED, connector))
+            } => self
+                .bounded(conn.srem::<_, _, i64>(DISABLED, connector))
                 .await
                 .map(|_| ()),
         }
@@ -310,17 +347,10 @@ fn whole_seconds(wait_us: f64) -> u64 {
     ((wait_us / 1_000_000.0).ceil() as u64).max(1)
 }
 
-/// Awaits a Redis operation for at most [`STATE_TIMEOUT`] (a reconnect included).
-async fn bounded<T>(
-    op: impl std::future::Future<Output = redis::RedisResult<T>>,
-) -> Result<T, StateError> {
-    match tokio::time::timeout(STATE_TIMEOUT, op).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(unavailable(&e)),
-        Err(_) => Err(StateError::Unavailable(
-            "Redis did not answer in time".into(),
-        )),
-    }
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// A Redis error as a message that cannot carry the URL or its password: only its kind.

@@ -265,6 +265,13 @@ async fn without_redis_nothing_is_decided_and_the_broker_recovers_with_it() {
         .map(|r| (*r).clone())
         .unwrap();
     assert_eq!(admin["result"], "failed");
+    // A load balancer is told to route around this replica.
+    let (status, _, body) = a.admin_call("GET", "/readyz", "").await;
+    assert_eq!(
+        (status, body.contains("state_unavailable")),
+        (503, true),
+        "{body}"
+    );
 
     // Redis back: the broker reconnects by itself.
     let _redis = Redis::start_on(port).unwrap();
@@ -273,6 +280,7 @@ async fn without_redis_nothing_is_decided_and_the_broker_recovers_with_it() {
         assert!(Instant::now() < deadline, "no recovery once Redis was back");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    assert_eq!(a.admin_call("GET", "/readyz", "").await.0, 200);
 }
 
 #[test]
