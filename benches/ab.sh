@@ -4,15 +4,18 @@
 # upstream to CPU 1, the two binaries run alternately. For measuring one change: build the
 # binary before and after it, then
 #
-#   benches/ab.sh [-f never|always] [-c CONNS=32] [-d SECONDS=5] [-r ROUNDS=3] BIN_A BIN_B
+#   benches/ab.sh [-f never|always] [-c CONNS=32] [-d SECONDS=5] [-r ROUNDS=3] [-s] BIN_A BIN_B
 #
+# With -s, B runs with `[state] backend = "redis"` (a redis-server on loopback, pinned to CPU 1
+# with the servers): `benches/ab.sh -s BIN BIN` is the cost of the shared state (DESIGN §7).
 # Prints calls/s and the broker's CPU µs per call for every run, then the medians and the
 # ratio B/A. Only loopback addresses are used; every run is bounded in time.
 set -euo pipefail
-FSYNC=never CONNS=32 DURATION=5 ROUNDS=3
-while getopts "f:c:d:r:" o; do
+FSYNC=never CONNS=32 DURATION=5 ROUNDS=3 SHARED=
+while getopts "f:c:d:r:s" o; do
   case $o in
     f) FSYNC=$OPTARG ;; c) CONNS=$OPTARG ;; d) DURATION=$OPTARG ;; r) ROUNDS=$OPTARG ;;
+    s) SHARED=1 ;;
     *) sed -n 2,10p "$0"; exit 2 ;;
   esac
 done
@@ -27,6 +30,7 @@ WORK=$(mktemp -d)
 UP=127.0.0.1:18091 CB=127.0.0.1:18093 CREDENTIAL=ab-bench-credential
 cleanup() {
   [ -f "$WORK/nginx.pid" ] && kill "$(cat "$WORK/nginx.pid")" 2>/dev/null || true
+  [ -f "$WORK/redis.pid" ] && kill "$(cat "$WORK/redis.pid")" 2>/dev/null || true
   rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -34,10 +38,19 @@ nginx_conf "$WORK" "$(upstream_server "$UP" "$CREDENTIAL")"
 taskset -c 1 nginx -c "$WORK/nginx.conf" -p "$WORK"
 secret=ab-client-secret
 broker_conf "$WORK/credbroker.toml" "$CB" "$FSYNC" "$UP" "$CREDENTIAL" "$secret"
+CONFIG_B=$WORK/credbroker.toml
+if [ -n "$SHARED" ]; then
+  command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server; }
+  taskset -c 1 redis-server --bind 127.0.0.1 --port 18379 --save "" --appendonly no \
+    --loglevel warning --daemonize yes --pidfile "$WORK/redis.pid"
+  CONFIG_B=$WORK/credbroker-b.toml
+  { cat "$WORK/credbroker.toml"
+    printf '\n[state]\nbackend = "redis"\nurl = "redis://127.0.0.1:18379/0"\n'; } > "$CONFIG_B"
+fi
 
-run() { # binary -> "calls/s cpu_us_per_call"
+run() { # binary config -> "calls/s cpu_us_per_call"
   rm -f "$WORK/audit.jsonl"
-  RUST_LOG=warn taskset -c 1 "$1" serve --config "$WORK/credbroker.toml" 2>"$WORK/broker.log" &
+  RUST_LOG=warn taskset -c 1 "$1" serve --config "$2" 2>"$WORK/broker.log" &
   local pid=$!
   wait_http "$CB"
   local token
@@ -54,12 +67,13 @@ run() { # binary -> "calls/s cpu_us_per_call"
   echo "$rps $(python3 -c "print(round(($after-$before)/$(getconf CLK_TCK)*1e6/max($total,1),2))")"
 }
 
-echo "fsync=$FSYNC, $CONNS connections, ${DURATION}s per run, $ROUNDS rounds, A and B alternately" >&2
+echo "fsync=$FSYNC, $CONNS connections, ${DURATION}s per run, $ROUNDS rounds, A and B alternately${SHARED:+, B with Redis state}" >&2
 : > "$WORK/results"
 for r in $(seq "$ROUNDS"); do
   for side in A B; do
-    bin=$A; [ $side = B ] && bin=$B
-    line=$(run "$bin")
+    bin=$A config=$WORK/credbroker.toml
+    [ $side = B ] && bin=$B config=$CONFIG_B
+    line=$(run "$bin" "$config")
     echo "$side $line" | tee -a "$WORK/results" >&2
   done
 done

@@ -329,6 +329,9 @@ async fn disabled_connectors(broker: &Broker) -> Option<HashSet<String>> {
         .ok()
 }
 
+/// The longest a single-token revocation is kept (an `exp` beyond it is taken as this).
+const MAX_REVOCATION_SECS: i64 = 366 * 24 * 3600;
+
 /// How long any token issued now can stay acceptable: `max_ttl` plus the clock-skew leeway.
 /// A `jti` revoked without its `exp` is kept at least that long.
 fn longest_life(broker: &Broker) -> i64 {
@@ -390,9 +393,14 @@ async fn revoke(
     // (refusing it because the disk is full would keep a leaked token working), and the
     // answer says so.
     let change = match (body.jti, body.client, body.connector) {
+        // Kept at least as long as any token issued now could live, whatever `exp` says (a
+        // wrong one must not make the revocation go while the token still passes).
         (Some(jti), ..) => Change::RevokeJti {
             jti,
-            exp: body.exp.unwrap_or(now + longest_life(broker)),
+            exp: body
+                .exp
+                .unwrap_or(i64::MIN)
+                .clamp(now + longest_life(broker), now + MAX_REVOCATION_SECS),
         },
         (_, Some(client), _) => Change::RevokeClient { client, at: now },
         (.., Some(connector)) => Change::SetDisabled {
@@ -458,8 +466,14 @@ async fn enable(
         }
     }
     // Enabling loosens: its record is written first, and only then does it take effect (no
-    // call can pass under an enable the log does not show).
+    // call can pass under an enable the log does not show). Unreachable shared state is found
+    // before that record, so the log does not say `ok` for an enable that cannot be made.
     let _one_at_a_time = broker.admin_changes.lock().await;
+    if let Err(e) = broker.state.reachable().await {
+        let result = Err(e);
+        let audited = admin_outcome(broker, "enable", &target, conn, &result, request_id).await;
+        return answer("enable", &target, result, audited, request_id);
+    }
     let record = admin_record("enable", Some(&target), conn, "ok", Some(request_id));
     if let Err(e) = broker.audit.append(record).await {
         tracing::error!(error = %e, %target, "cannot audit an enable; the connector stays disabled");
@@ -478,7 +492,8 @@ async fn enable(
     if let Err(e) = &result {
         // Not in force (shared state unreachable), or in force but a restart would disable
         // it again (state file): the log says which.
-        let record = admin_record("enable", Some(&target), conn, outcome(e), Some(request_id));
+        let mut record = admin_record("enable", Some(&target), conn, outcome(e), Some(request_id));
+        record.error = Some(e.to_string());
         if let Err(e) = broker.audit.append(record).await {
             tracing::error!(error = %e, "cannot write the admin audit record of a failed enable");
         }
@@ -488,10 +503,10 @@ async fn enable(
 
 /// The audit `result` of an admin change that hit a state error.
 fn outcome(e: &StateError) -> &'static str {
-    if e.applied() {
-        "not_persisted"
-    } else {
-        "failed"
+    match e {
+        StateError::Unconfirmed(_) => "unconfirmed",
+        e if e.applied() => "not_persisted",
+        _ => "failed",
     }
 }
 
@@ -536,6 +551,10 @@ fn answer(
         (Ok(()), true) => {
             ok(serde_json::json!({"result": "ok", "action": action, "target": target}))
         }
+        (Err(e @ StateError::Unconfirmed(_)), _) => json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &serde_json::json!({"error": "state_unavailable", "error_description": format!("not confirmed: {e}; it may still take effect: check GET /v1/connectors and retry (the change is idempotent)"), "request_id": request_id}),
+        ),
         (Err(e), _) if !e.applied() => json_response(
             StatusCode::SERVICE_UNAVAILABLE,
             &serde_json::json!({"error": "state_unavailable", "error_description": format!("not applied: {e}; retry"), "request_id": request_id}),
@@ -574,13 +593,12 @@ fn connectors_view(broker: &Broker, disabled: Option<&HashSet<String>>) -> serde
                     })
                 })
                 .collect();
-            serde_json::json!({
+            let mut view = serde_json::json!({
                 "name": c.name,
                 "owner": c.owner,
                 "purpose": c.purpose,
                 "expires": c.expires_text,
                 "expired": c.is_expired(now),
-                "enabled": disabled.map(|d| !d.contains(&c.name)),
                 "upstream": c.upstream.url,
                 "auth": match &c.auth {
                     crate::config::AuthMethod::Bearer => "bearer",
@@ -597,7 +615,12 @@ fn connectors_view(broker: &Broker, disabled: Option<&HashSet<String>>) -> serde
                 })).collect::<Vec<_>>(),
                 "grants": grants,
                 "usage": broker.metrics.usage(&c.name),
-            })
+            });
+            // Left out, not guessed, when the shared state cannot be read.
+            if let Some(disabled) = disabled {
+                view["enabled"] = (!disabled.contains(&c.name)).into();
+            }
+            view
         })
         .collect();
     serde_json::json!({ "connectors": connectors, "config_sha256": config.sha256 })

@@ -102,10 +102,15 @@ pub fn explain(
     let Some(connector) = config.connector(name) else {
         return Verdict::Deny(format!("no connector named `{name}`"));
     };
-    if kill_switch_on(config, name) {
-        return Verdict::Deny(format!(
-            "connector {name} is disabled (kill switch); POST /v1/enable turns it back on"
-        ));
+    match kill_switch_on(config, name) {
+        Ok(false) => {}
+        Ok(true) => {
+            return Verdict::Deny(format!(
+                "connector {name} is disabled (kill switch); POST /v1/enable turns it back on"
+            ))
+        }
+        // Undecidable: the broker itself would refuse the call (503) while this holds.
+        Err(e) => return Verdict::BadInput(format!("the kill switch cannot be read: {e}")),
     }
     if connector.is_expired(now) {
         return Verdict::Deny(format!(
@@ -149,25 +154,24 @@ pub fn explain(
 }
 
 /// Whether the connector's kill switch is on: in the state directory beside the config, or
-/// in the shared Redis state. Unreachable Redis is said on stderr and not counted.
-fn kill_switch_on(config: &Config, name: &str) -> bool {
+/// in the shared Redis state.
+fn kill_switch_on(config: &Config, name: &str) -> Result<bool, crate::state::StateError> {
     match &config.state.backend {
         crate::config::StateBackend::Memory => {
-            crate::state::Revocations::load(&config.state.dir).is_ok_and(|r| r.is_disabled(name))
+            Ok(crate::state::Revocations::load(&config.state.dir)
+                .is_ok_and(|r| r.is_disabled(name)))
         }
         crate::config::StateBackend::Redis { url, .. } => {
-            let asked = tokio::runtime::Builder::new_current_thread()
+            let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
-                .map_err(|e| crate::state::StateError::Unavailable(e.to_string()))
-                .and_then(|rt| {
-                    rt.block_on(async {
-                        crate::state::RedisState::open(url)?.is_disabled(name).await
-                    })
-                });
-            asked.unwrap_or_else(|e| {
-                eprintln!("note: the kill switch was not checked: {e}");
-                false
+                .map_err(|e| crate::state::StateError::Unavailable(e.to_string()))?;
+            rt.block_on(async {
+                let dir = &config.state.dir;
+                let replica = config.state.replica.as_deref();
+                crate::state::RedisState::open(url, dir, replica)?
+                    .is_disabled(name)
+                    .await
             })
         }
     }

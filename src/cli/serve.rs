@@ -154,6 +154,14 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     startup.version = Some(env!("CARGO_PKG_VERSION").to_owned());
     startup.config_sha256 = Some(config.sha256.clone());
     let broker = Arc::new(Broker::new(config, keys, audit, state)?);
+    // Shared state: adopt (or start) its epoch and seed it from this replica's journal now,
+    // not at the first call. A Redis that is down is no reason not to start: calls are
+    // refused until it answers.
+    if let StateStore::Redis(redis) = &*broker.state {
+        if let Err(e) = redis.join().await {
+            tracing::warn!(error = %e, "shared state not reachable at start; calls are refused until it is");
+        }
+    }
     broker
         .audit
         .append(startup)
@@ -195,6 +203,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         &broker,
         stopped.clone(),
     ));
+    if matches!(&*broker.state, StateStore::Redis(_)) {
+        tasks.push(tokio::spawn(watch_shared_state(
+            Arc::clone(&broker),
+            stopped.clone(),
+        )));
+    }
     tasks.push(tokio::spawn(sweeper(Arc::clone(&broker), stopped)));
     Ok(Running {
         proxy_addr,
@@ -207,6 +221,22 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 
 async fn wait_stop(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|stopped| *stopped).await;
+}
+
+/// Shared state (DESIGN §7): notices a Redis that lost its data, and keeps this replica's
+/// journal of kill switches current (`RedisState::watch`).
+async fn watch_shared_state(broker: Arc<Broker>, mut stopped: watch::Receiver<bool>) {
+    let StateStore::Redis(redis) = &*broker.state else {
+        return;
+    };
+    let mut tick = tokio::time::interval(crate::state::redis::WATCH_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stopped.wait_for(|s| *s) => return,
+        }
+        redis.watch().await;
+    }
 }
 
 /// Drops `max_uses` counters of expired tokens and stale lockout windows once a minute.

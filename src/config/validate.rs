@@ -443,7 +443,10 @@ fn redis_backend(cx: &mut Ctx<'_>, raw: &raw::RawState) -> Option<StateBackend> 
         cx.err(None, "state.url", "required with backend = \"redis\"");
         return None;
     };
-    let (url_ref, value) = if url.get_ref().contains("://") {
+    let is_reference = ["env:", "file:", "literal:"]
+        .iter()
+        .any(|p| url.get_ref().starts_with(p));
+    let (url_ref, value) = if !is_reference {
         (None, Secret::new(url.get_ref().as_bytes()))
     } else {
         let (r, v) = secret(cx, url, "state.url")?;

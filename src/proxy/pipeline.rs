@@ -192,13 +192,10 @@ async fn stages(
     // 2. The bearer token is genuine, current, unrevoked, and bound to this connection.
     let claims = authenticate(broker, live, &parts.headers, conn, facts)?;
     // 3. An operation of the connector *as configured now* matches, is in scope, is granted.
-    let authorized = authorize(broker, live, &claims, &parts.method, &target);
-    if let Ok((connector, _, op_index)) = &authorized {
-        facts.operation(&connector.operations[*op_index].name);
-    }
     let (connector, runtime, op_index) = match &*broker.state {
         StateStore::Memory(_) => {
-            let found = authorized?;
+            let found = authorize(broker, live, &claims, &parts.method, &target)?;
+            facts.operation(&found.0.operations[found.2].name);
             // 4. A `max_uses` token still has a use left.
             spend_use(broker, &claims)?;
             // 5. The client's and the connector's rate limits.
@@ -207,7 +204,9 @@ async fn stages(
         }
         // 2–5 on the state shared by every replica, in one round trip.
         StateStore::Redis(redis) => {
-            shared_checks(redis, live, &claims, target.connector, authorized).await?
+            let local = check_binding(&claims, conn)
+                .and_then(|()| authorize(broker, live, &claims, &parts.method, &target));
+            shared_checks(redis, live, &claims, target.connector, local, facts).await?
         }
     };
     let operation = &connector.operations[op_index];
@@ -379,30 +378,40 @@ fn authenticate(
         .verify_cached(token, now)
         .map_err(|e| deny(Refusal::InvalidToken(e.to_string()), "token_invalid"))?;
     facts.token(&claims);
-    // With shared state, revocation is asked of Redis together with checks 3 to 5.
-    let revoked = match &*broker.state {
-        StateStore::Memory(r) => r.is_revoked(&claims.jti, &claims.sub, claims.iat),
-        StateStore::Redis(_) => false,
-    };
-    if revoked {
-        return Err(deny(
-            Refusal::InvalidToken("the token has been revoked".into()),
-            "token_revoked",
-        ));
-    }
-    if let Some(cnf) = &claims.cnf {
-        let presented = conn.client_cert.as_ref().map(|c| c.x5t_s256.as_str());
-        if presented != Some(cnf.x5t_s256.as_str()) {
-            return Err(deny(
-                Refusal::InvalidToken(
-                    "the token is bound to a client certificate this connection did not present"
-                        .into(),
-                ),
-                "certificate_mismatch",
-            ));
+    // With shared state, revocation is asked of Redis together with checks 3 to 5, and the
+    // certificate binding is checked after it (`stages`), in this order.
+    if let StateStore::Memory(r) = &*broker.state {
+        if r.is_revoked(&claims.jti, &claims.sub, claims.iat) {
+            return Err(revoked());
         }
+        check_binding(&claims, conn)?;
     }
     Ok(claims)
+}
+
+fn revoked() -> Denial {
+    deny(
+        Refusal::InvalidToken("the token has been revoked".into()),
+        "token_revoked",
+    )
+}
+
+/// The last part of check 2: a certificate-bound token (`cnf`) only on a connection that
+/// presented that certificate.
+fn check_binding(claims: &AccessClaims, conn: &ConnInfo) -> Result<(), Denial> {
+    let Some(cnf) = &claims.cnf else {
+        return Ok(());
+    };
+    let presented = conn.client_cert.as_ref().map(|c| c.x5t_s256.as_str());
+    if presented != Some(cnf.x5t_s256.as_str()) {
+        return Err(deny(
+            Refusal::InvalidToken(
+                "the token is bound to a client certificate this connection did not present".into(),
+            ),
+            "certificate_mismatch",
+        ));
+    }
+    Ok(())
 }
 
 /// The token from `Authorization: Bearer …` (scheme case-insensitive, RFC 6750 §2.1).
@@ -579,8 +588,14 @@ async fn shared_checks<'l>(
     claims: &AccessClaims,
     connector_name: &str,
     authorized: Result<(&'l Connector, &'l ConnectorRuntime, usize), Denial>,
+    facts: &mut AuditFacts,
 ) -> Result<(&'l Connector, &'l ConnectorRuntime, usize), Denial> {
-    let connector = live.config.connector(connector_name);
+    // A certificate mismatch is check 2: the kill switch (check 3) is not asked.
+    let binding_failed = matches!(&authorized, Err(d) if d.reason == "certificate_mismatch");
+    let connector = live
+        .config
+        .connector(connector_name)
+        .filter(|_| !binding_failed);
     let found = authorized.as_ref().ok();
     let call = AdmitRequest {
         jti: &claims.jti,
@@ -599,11 +614,14 @@ async fn shared_checks<'l>(
     })?;
     let limited =
         |retry_after_secs, reason| Err(deny(Refusal::RateLimited { retry_after_secs }, reason));
+    if verdict == Admission::Revoked {
+        return Err(revoked());
+    }
+    if let Some((c, _, i)) = found {
+        facts.operation(&c.operations[*i].name);
+    }
     match verdict {
-        Admission::Revoked => Err(deny(
-            Refusal::InvalidToken("the token has been revoked".into()),
-            "token_revoked",
-        )),
+        Admission::Revoked => Err(revoked()),
         Admission::Disabled => Err(deny(
             Refusal::InsufficientScope(format!("connector {connector_name} is disabled")),
             "connector_disabled",

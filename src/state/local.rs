@@ -23,6 +23,16 @@ struct RevocationSet {
     disabled: HashSet<String>,
 }
 
+/// What [`Revocations::entries`] lists.
+pub struct Entries {
+    /// Revoked token ids and their `exp`.
+    pub jtis: Vec<(String, i64)>,
+    /// Per client, the second up to which its tokens are revoked.
+    pub clients: Vec<(String, i64)>,
+    /// Connectors switched off.
+    pub disabled: Vec<String>,
+}
+
 /// The live revocation state, shared by every request.
 #[derive(Debug)]
 pub struct Revocations {
@@ -95,6 +105,17 @@ impl Revocations {
         })
     }
 
+    /// Everything revoked or switched off. The `redis` backend seeds Redis with it (a
+    /// `memory` deployment moving to shared state keeps its revocations).
+    pub fn entries(&self) -> Entries {
+        let set = self.read();
+        Entries {
+            jtis: set.jtis.iter().map(|(j, e)| (j.clone(), *e)).collect(),
+            clients: set.clients.iter().map(|(c, a)| (c.clone(), *a)).collect(),
+            disabled: set.disabled.iter().cloned().collect(),
+        }
+    }
+
     fn read(&self) -> std::sync::RwLockReadGuard<'_, RevocationSet> {
         // A poisoned lock only means a writer panicked between two complete states.
         self.set.read().unwrap_or_else(|e| e.into_inner())
@@ -113,7 +134,8 @@ impl Revocations {
     }
 }
 
-fn write_atomic(file: &Path, set: &RevocationSet) -> Result<(), StateError> {
+/// Writes `value` as JSON to `file` atomically: a temp file, fsync, rename, fsync of the folder.
+pub(super) fn write_atomic(file: &Path, value: &impl Serialize) -> Result<(), StateError> {
     let io = |source| StateError::Io {
         path: file.to_path_buf(),
         source,
@@ -121,7 +143,7 @@ fn write_atomic(file: &Path, set: &RevocationSet) -> Result<(), StateError> {
     let dir = file.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(io)?;
     let tmp = file.with_extension("json.tmp");
-    let bytes = serde_json::to_vec_pretty(set).map_err(|e| io(std::io::Error::other(e)))?;
+    let bytes = serde_json::to_vec_pretty(value).map_err(|e| io(std::io::Error::other(e)))?;
     let mut f = std::fs::File::create(&tmp).map_err(io)?;
     f.write_all(&bytes).map_err(io)?;
     f.sync_all().map_err(io)?;

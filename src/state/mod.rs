@@ -33,16 +33,20 @@ pub enum StateError {
         path: PathBuf,
         source: serde_json::Error,
     },
-    /// The shared state (Redis) did not answer in time or refused; nothing was changed there.
+    /// The shared state (Redis) could not be reached or refused: nothing was changed there.
     #[error("shared state unavailable: {0}")]
     Unavailable(String),
+    /// The shared state did not answer in time: a change may still be made (changes are
+    /// idempotent: retry).
+    #[error("shared state did not confirm in time: {0}")]
+    Unconfirmed(String),
 }
 
 impl StateError {
     /// Whether the change it reports was made all the same: a state-file error leaves it in
     /// force in memory (not persisted); unreachable shared state means it was not made.
     pub fn applied(&self) -> bool {
-        !matches!(self, Self::Unavailable(_))
+        !matches!(self, Self::Unavailable(_) | Self::Unconfirmed(_))
     }
 }
 
@@ -50,7 +54,7 @@ impl StateError {
 #[derive(Debug)]
 pub enum StateStore {
     Memory(Revocations),
-    Redis(RedisState),
+    Redis(Box<RedisState>),
 }
 
 impl StateStore {
@@ -62,7 +66,8 @@ impl StateStore {
                 Ok(Self::Memory(Revocations::load(&config.dir)?))
             }
             crate::config::StateBackend::Redis { url, .. } => {
-                Ok(Self::Redis(RedisState::open(url)?))
+                let redis = RedisState::open(url, &config.dir, config.replica.as_deref())?;
+                Ok(Self::Redis(Box::new(redis)))
             }
         }
     }

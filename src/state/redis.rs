@@ -5,42 +5,64 @@
 //!
 //! Every decision is made *in* Redis by a Lua script, atomically, on Redis's clock: a proxy
 //! call's checks 2 to 5 (revocation, kill switch, `max_uses`, rate limits) cost one round trip
-//! ([`RedisState::admit`]). Rate limits are GCRA (the algorithm governor uses in memory),
-//! with the theoretical arrival time kept per key in microseconds.
+//! ([`RedisState::admit`]). Rate limits are GCRA (the algorithm governor uses in memory), with
+//! the theoretical arrival time kept per key in microseconds. Client revocations and tokens'
+//! `iat` both come from Redis's clock, so replicas whose clocks differ cannot slip a token
+//! under a revocation.
 //!
 //! Failure is closed: when Redis does not answer within [`STATE_TIMEOUT`], the call is refused
 //! (503 `state_unavailable`), never let through on local knowledge.
 //!
-//! Keys (all under `credbroker:`): `revoked:jti:<jti>` (expires an hour after the token),
-//! `revoked:clients` (hash: client → the second up to which its tokens are revoked),
-//! `disabled` (set of connectors), `uses:<jti>` (counter, expires with the revocation entry),
+//! Redis losing its data (a restart without persistence, eviction, a flush, a failover to a
+//! replica that lagged) must not undo revocations. An *epoch* key (`<id>:<start second>`) is
+//! created with the state, every decision script checks it first, and each replica remembers
+//! the epoch it last saw in its journal in `state.dir`. A replica that finds another epoch (or
+//! none) than the one it knew starts or adopts the new one and revokes every token issued
+//! before it began (their revocations and use counters may be gone; tokens are short-lived
+//! and clients fetch new ones); and every replica seeds Redis again from its journal — the
+//! revocations and kill switches it made — where a newer change (by timestamp) always wins.
+//!
+//! Keys (all under `credbroker:`): `epoch`; `revoked:jti:<jti>` (expires when its token can no
+//! longer pass); `revoked:clients` (hash: client → the second up to which its tokens are
+//! revoked); `revoked:before` (every token issued up to this second, set by a new epoch);
+//! `switches` (hash: connector → `<1 disabled | 0 enabled>:<µs>`); `uses:<jti>`;
 //! `rate:client:<id>`, `rate:connector:<name>`, `rate:issue:<id>` (GCRA times).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{AsyncCommands, IntoConnectionInfo, Script};
+use redis::{IntoConnectionInfo, RedisError, Script};
+use serde::{Deserialize, Serialize};
 
-use super::{Change, StateError};
+use super::{Change, Revocations, StateError};
 use crate::config::RateLimit;
 use crate::secret::Secret;
 
 /// The longest a call waits for Redis (connecting included) before it is refused.
 pub const STATE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How often each replica looks at the shared state without being asked (see
+/// [`RedisState::watch`]).
+pub const WATCH_INTERVAL: Duration = Duration::from_secs(2);
 
 const PREFIX: &str = "credbroker:";
+const EPOCH: &str = "credbroker:epoch";
 const REVOKED_CLIENTS: &str = "credbroker:revoked:clients";
-const DISABLED: &str = "credbroker:disabled";
+const REVOKED_BEFORE: &str = "credbroker:revoked:before";
+const SWITCHES: &str = "credbroker:switches";
 /// A revoked `jti` and a `max_uses` counter are kept this long past the token's `exp`: longer
 /// than any clock-skew leeway, so neither goes while its token could still pass.
 const KEEP_PAST_EXP_SECS: i64 = 3600;
 
 /// Shared by the scripts: `gcra(key, per_second, burst, now_us)` takes one cell and returns 0,
-/// or returns the microseconds until one is free (taking nothing).
-const GCRA: &str = r"
+/// or returns the whole microseconds until one is free (taking nothing); `now_us()` is Redis's
+/// clock; `is_disabled(name)` reads the kill switch.
+const COMMON: &str = r"
 local function gcra(key, per_second, burst, now)
   per_second = tonumber(per_second)
   burst = tonumber(burst)
@@ -49,7 +71,7 @@ local function gcra(key, per_second, burst, now)
   local tat = tonumber(redis.call('GET', key) or now)
   if tat < now then tat = now end
   local wait = tat - now - interval * (burst - 1)
-  if wait > 0 then return wait end
+  if wait > 0 then return math.max(1, math.ceil(wait)) end
   local next_tat = tat + interval
   redis.call('SET', key, string.format('%.0f', next_tat), 'PX', math.ceil((next_tat - now) / 1000) + 1000)
   return 0
@@ -58,41 +80,109 @@ local function now_us()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
+local function is_disabled(name)
+  local v = redis.call('HGET', 'credbroker:switches', name)
+  return v and string.sub(v, 1, 1) == '1'
+end
 ";
 
 /// Checks 2 to 5 of one proxy call, in DESIGN §4.3's order. Returns `{verdict, wait_us}`.
-/// KEYS: revoked jti, revoked clients, disabled set, uses counter, client rate, connector rate.
-/// ARGV: client, iat, connector ('' when unknown), '1' when the call passed check 3 locally,
-/// max_uses (0: none), unix second the counter may go, client per_second/burst, connector
-/// per_second/burst (0: no limit).
+/// KEYS: epoch, revoked jti, revoked clients, revoked-before, uses counter, client rate,
+/// connector rate. ARGV: epoch, client, iat, connector ('' when unknown or not asked), '1' when
+/// the call passed checks 2–3 locally, max_uses (0: none), unix second the counter may go,
+/// client per_second/burst, connector per_second/burst (0: no limit).
 const ADMIT: &str = r"
-if redis.call('EXISTS', KEYS[1]) == 1 then return {'revoked', 0} end
-local cut = redis.call('HGET', KEYS[2], ARGV[1])
-if cut and tonumber(ARGV[2]) <= tonumber(cut) then return {'revoked', 0} end
-if ARGV[3] ~= '' and redis.call('SISMEMBER', KEYS[3], ARGV[3]) == 1 then return {'disabled', 0} end
-if ARGV[4] ~= '1' then return {'not_authorized', 0} end
-local max = tonumber(ARGV[5])
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {'epoch', 0} end
+if redis.call('EXISTS', KEYS[2]) == 1 then return {'revoked', 0} end
+local iat = tonumber(ARGV[3])
+local cut = redis.call('HGET', KEYS[3], ARGV[2])
+if cut and iat <= tonumber(cut) then return {'revoked', 0} end
+local before = redis.call('GET', KEYS[4])
+if before and iat < tonumber(before) then return {'revoked', 0} end
+if ARGV[4] ~= '' and is_disabled(ARGV[4]) then return {'disabled', 0} end
+if ARGV[5] ~= '1' then return {'not_authorized', 0} end
+local max = tonumber(ARGV[6])
 if max > 0 then
-  local used = redis.call('INCR', KEYS[4])
-  if used == 1 then redis.call('EXPIREAT', KEYS[4], ARGV[6]) end
+  local used = redis.call('INCR', KEYS[5])
+  if used == 1 then redis.call('EXPIREAT', KEYS[5], ARGV[7]) end
   if used > max then return {'uses_spent', 0} end
 end
 local now = now_us()
-local wait = gcra(KEYS[5], ARGV[7], ARGV[8], now)
+local wait = gcra(KEYS[6], ARGV[8], ARGV[9], now)
 if wait > 0 then return {'client_limited', wait} end
-wait = gcra(KEYS[6], ARGV[9], ARGV[10], now)
+wait = gcra(KEYS[7], ARGV[10], ARGV[11], now)
 if wait > 0 then return {'connector_limited', wait} end
 return {'ok', 0}
 ";
 
-/// One GCRA take. KEYS: the limit's key. ARGV: per_second, burst. Returns the wait in µs.
-const TAKE: &str = "return gcra(KEYS[1], ARGV[1], ARGV[2], now_us())";
+/// What the token endpoint needs: `{verdict, now_s, wait_us, disabled…}`. KEYS: epoch, the
+/// client's issue-rate key. ARGV: epoch, per_second, burst (0: no limit).
+const ISSUE: &str = r"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {'epoch', 0, 0} end
+local now = now_us()
+local out = {'ok', math.floor(now / 1000000), gcra(KEYS[2], ARGV[2], ARGV[3], now)}
+local switches = redis.call('HGETALL', 'credbroker:switches')
+for i = 1, #switches, 2 do
+  if string.sub(switches[i + 1], 1, 1) == '1' then table.insert(out, switches[i]) end
+end
+return out
+";
 
-/// A client revocation only ever moves forward (replicas' clocks differ by a little).
-const REVOKE_CLIENT: &str = r"
-local at = redis.call('HGET', KEYS[1], ARGV[1])
-if not at or tonumber(at) < tonumber(ARGV[2]) then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+/// Adopts the epoch in force, or starts one (`<id>:<unix second>`). A replica that knew
+/// another epoch learns that the state was lost since: nothing issued before the epoch in force
+/// began may pass (those tokens' revocations and counters may be gone). KEYS: epoch,
+/// revoked-before. ARGV: a new id, the epoch this replica knew ('' if none). Returns the epoch.
+const RESYNC: &str = r"
+local current = redis.call('GET', KEYS[1])
+if not current then
+  current = ARGV[1] .. ':' .. redis.call('TIME')[1]
+  redis.call('SET', KEYS[1], current)
+end
+if ARGV[2] ~= '' and ARGV[2] ~= current then
+  local started = tonumber(string.match(current, ':(%d+)$'))
+  local before = tonumber(redis.call('GET', KEYS[2]) or 0)
+  if started > before then redis.call('SET', KEYS[2], started) end
+end
+return current
+";
+
+/// Seeds what a replica's journal knows: ARGV[1] is JSON `{jtis: [[jti, until]], clients:
+/// [[client, at]], switches: [[connector, disabled, at_us]]}`. Nothing newer is overwritten.
+const SEED: &str = r"
+local j = cjson.decode(ARGV[1])
+local now = tonumber(redis.call('TIME')[1])
+for _, e in ipairs(j.jtis) do
+  if e[2] > now then redis.call('SET', 'credbroker:revoked:jti:' .. e[1], 1, 'EXAT', e[2]) end
+end
+for _, e in ipairs(j.clients) do
+  local at = tonumber(redis.call('HGET', 'credbroker:revoked:clients', e[1]) or -1)
+  if at < e[2] then redis.call('HSET', 'credbroker:revoked:clients', e[1], e[2]) end
+end
+for _, e in ipairs(j.switches) do
+  local cur = redis.call('HGET', 'credbroker:switches', e[1])
+  local at = cur and tonumber(string.sub(cur, 3)) or -1
+  if at < e[3] then
+    redis.call('HSET', 'credbroker:switches', e[1], (e[2] and '1' or '0') .. ':' .. string.format('%.0f', e[3]))
+  end
+end
 return 1
+";
+
+/// A client revocation, on Redis's clock; it only ever moves forward. KEYS: revoked clients.
+/// ARGV: client. Returns the second.
+const REVOKE_CLIENT: &str = r"
+local now = tonumber(redis.call('TIME')[1])
+local at = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or -1)
+if at < now then redis.call('HSET', KEYS[1], ARGV[1], now) end
+return now
+";
+
+/// The kill switch, stamped with Redis's clock. KEYS: switches. ARGV: connector, '1'/'0'.
+/// Returns the stamp (µs).
+const SWITCH: &str = r"
+local now = now_us()
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ':' .. string.format('%.0f', now))
+return string.format('%.0f', now)
 ";
 
 /// Whether a URL (the resolved `state.url`) can be used; the reason never quotes it.
@@ -124,11 +214,12 @@ pub fn url_facts(url: &[u8]) -> Option<(bool, bool)> {
 pub enum Admission {
     /// Every shared check passed: a use was counted and the rate-limit cells taken.
     Admitted,
-    /// The token's `jti` or its client was revoked.
+    /// The token's `jti` or its client was revoked (or it predates lost state).
     Revoked,
     /// The connector is switched off.
     Disabled,
-    /// The call failed check 3 locally (and was neither revoked nor disabled): nothing spent.
+    /// The call failed check 2 or 3 locally (and was neither revoked nor disabled): nothing
+    /// spent.
     NotAuthorized,
     /// A `max_uses` token has no use left.
     UsesSpent,
@@ -144,23 +235,64 @@ pub struct AdmitRequest<'a> {
     pub client: &'a str,
     pub iat: i64,
     pub exp: i64,
-    /// The connector, when it is configured (else the kill switch is not asked).
+    /// The connector whose kill switch to ask (`None`: unknown, or the call already failed
+    /// check 2 locally).
     pub connector: Option<&'a str>,
-    /// Whether the call passed the local part of check 3 (operation, scope, grant).
+    /// Whether the call passed the local parts of checks 2 and 3.
     pub authorized: bool,
     pub max_uses: Option<u64>,
     pub client_limit: Option<RateLimit>,
     pub connector_limit: Option<RateLimit>,
 }
 
+/// What the token endpoint learns from Redis in one round trip.
+pub struct IssueContext {
+    /// Redis's clock (Unix seconds): the token's `iat`, on the clock revocations use.
+    pub now: i64,
+    /// The connectors switched off.
+    pub disabled: HashSet<String>,
+    /// `Err(seconds)` when `tokens.issue_rate_limit` refuses this client now.
+    pub rate: Result<(), u64>,
+}
+
+/// What a replica changed itself, kept in `state.dir` to seed Redis again after it lost its
+/// data (see the module docs). Times are Redis's.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct Journal {
+    /// Revoked token ids and the second their entry may go.
+    jtis: HashMap<String, i64>,
+    /// Per client: every token with `iat` up to this second is revoked.
+    clients: HashMap<String, i64>,
+    /// Kill switches: `(disabled, when in µs)`.
+    switches: HashMap<String, (bool, i64)>,
+    /// The epoch this replica last saw.
+    #[serde(default)]
+    epoch: String,
+}
+
 /// The connection to Redis (multiplexed, reconnecting) and the scripts.
 pub struct RedisState {
-    conn: ConnectionManager,
+    client: redis::Client,
+    /// Replaced after an error a reconnect does not mend (a wrong password fixed in Redis, a
+    /// stuck connection), at most once a second.
+    conn: ArcSwap<ConnectionManager>,
+    rebuilt_ms: AtomicU64,
     /// When Redis last answered (ms since the Unix epoch; 0: never), for `/readyz`.
     last_answer_ms: AtomicU64,
+    /// The epoch this replica has seeded (empty: none yet).
+    epoch: ArcSwap<String>,
+    /// One resync at a time.
+    resyncing: tokio::sync::Mutex<()>,
+    journal: Mutex<Journal>,
+    journal_file: PathBuf,
+    /// The `memory` backend's file in the same folder, seeded too (a move to shared state).
+    legacy_dir: PathBuf,
     admit: Script,
-    take: Script,
+    issue: Script,
+    resync: Script,
+    seed: Script,
     revoke_client: Script,
+    switch: Script,
 }
 
 /// The connection holds the URL, which may hold a password: nothing of it is printed.
@@ -170,57 +302,63 @@ impl fmt::Debug for RedisState {
     }
 }
 
+/// Why a Redis operation failed: no answer in time (a write may still happen), or a definite
+/// failure.
+struct Failure {
+    timed_out: bool,
+    message: String,
+}
+
+impl From<Failure> for StateError {
+    fn from(f: Failure) -> Self {
+        if f.timed_out {
+            StateError::Unconfirmed(f.message)
+        } else {
+            StateError::Unavailable(f.message)
+        }
+    }
+}
+
 impl RedisState {
     /// Prepares the connection; it is made on first use and remade after a failure. Must be
-    /// called within a tokio runtime.
-    pub fn open(url: &Secret) -> Result<Self, StateError> {
+    /// called within a tokio runtime. The journal is `state_dir/shared-<replica>.json`.
+    pub fn open(url: &Secret, state_dir: &Path, replica: Option<&str>) -> Result<Self, StateError> {
         let bad = || StateError::Unavailable("state.url is not a valid redis:// URL".into());
         let text = std::str::from_utf8(url.expose()).map_err(|_| bad())?;
         let client = redis::Client::open(text).map_err(|_| bad())?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(STATE_TIMEOUT))
-            .set_response_timeout(Some(STATE_TIMEOUT))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_millis(500));
-        let conn =
-            ConnectionManager::new_lazy_with_config(client, config).map_err(|e| unavailable(&e))?;
-        Ok(Self {
-            conn,
-            last_answer_ms: AtomicU64::new(0),
-            admit: Script::new(&format!("{GCRA}{ADMIT}")),
-            take: Script::new(&format!("{GCRA}{TAKE}")),
-            revoke_client: Script::new(REVOKE_CLIENT),
-        })
-    }
-
-    /// Whether Redis answers: at once if it answered within the last second, else a `PING`.
-    /// (`/readyz`: every call is refused while it does not, so a load balancer should route
-    /// around this replica.)
-    pub async fn reachable(&self) -> Result<(), StateError> {
-        if now_ms().saturating_sub(self.last_answer_ms.load(Ordering::Relaxed)) < 1000 {
-            return Ok(());
-        }
-        let mut conn = self.conn.clone();
-        let ping = redis::cmd("PING");
-        self.bounded(ping.query_async::<()>(&mut conn)).await
-    }
-
-    /// Awaits a Redis operation for at most [`STATE_TIMEOUT`] (a reconnect included).
-    async fn bounded<T>(
-        &self,
-        op: impl std::future::Future<Output = redis::RedisResult<T>>,
-    ) -> Result<T, StateError> {
-        let result = match tokio::time::timeout(STATE_TIMEOUT, op).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(unavailable(&e)),
-            Err(_) => Err(StateError::Unavailable(
-                "Redis did not answer in time".into(),
-            )),
+        let conn = connect(&client)?;
+        let journal_file = state_dir.join(format!("shared-{}.json", replica.unwrap_or("default")));
+        let journal = match std::fs::read(&journal_file) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| StateError::Corrupt {
+                path: journal_file.clone(),
+                source,
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Journal::default(),
+            Err(source) => {
+                return Err(StateError::Io {
+                    path: journal_file,
+                    source,
+                })
+            }
         };
-        if result.is_ok() {
-            self.last_answer_ms.store(now_ms(), Ordering::Relaxed);
-        }
-        result
+        let script = |body: &str| Script::new(&format!("{COMMON}{body}"));
+        Ok(Self {
+            client,
+            conn: ArcSwap::from_pointee(conn),
+            rebuilt_ms: AtomicU64::new(0),
+            last_answer_ms: AtomicU64::new(0),
+            epoch: ArcSwap::from_pointee(String::new()),
+            resyncing: tokio::sync::Mutex::new(()),
+            journal: Mutex::new(journal),
+            journal_file,
+            legacy_dir: state_dir.to_path_buf(),
+            admit: script(ADMIT),
+            issue: script(ISSUE),
+            resync: Script::new(RESYNC),
+            seed: Script::new(SEED),
+            revoke_client: Script::new(REVOKE_CLIENT),
+            switch: script(SWITCH),
+        })
     }
 
     /// Checks 2 (revocation), 3 (kill switch), 4 (`max_uses`) and 5 (rate limits) of a proxy
@@ -228,30 +366,37 @@ impl RedisState {
     pub async fn admit(&self, call: &AdmitRequest<'_>) -> Result<Admission, StateError> {
         let (client_rate, client_burst) = quota(call.client_limit);
         let (connector_rate, connector_burst) = quota(call.connector_limit);
-        let mut invocation = self.admit.prepare_invoke();
-        invocation
-            .key(format!("{PREFIX}revoked:jti:{}", call.jti))
-            .key(REVOKED_CLIENTS)
-            .key(DISABLED)
-            .key(format!("{PREFIX}uses:{}", call.jti))
-            .key(format!("{PREFIX}rate:client:{}", call.client))
-            .key(format!(
-                "{PREFIX}rate:connector:{}",
-                call.connector.unwrap_or("")
-            ))
-            .arg(call.client)
-            .arg(call.iat)
-            .arg(call.connector.unwrap_or(""))
-            .arg(if call.authorized { "1" } else { "0" })
-            .arg(call.max_uses.unwrap_or(0))
-            .arg(call.exp.saturating_add(KEEP_PAST_EXP_SECS))
-            .arg(client_rate)
-            .arg(client_burst)
-            .arg(connector_rate)
-            .arg(connector_burst);
-        let mut conn = self.conn.clone();
-        let (verdict, wait_us): (String, f64) =
-            self.bounded(invocation.invoke_async(&mut conn)).await?;
+        let jti_key = format!("{PREFIX}revoked:jti:{}", call.jti);
+        let uses_key = format!("{PREFIX}uses:{}", call.jti);
+        let client_key = format!("{PREFIX}rate:client:{}", call.client);
+        let connector_key = format!("{PREFIX}rate:connector:{}", call.connector.unwrap_or(""));
+        let (verdict, wait_us) = self
+            .in_epoch(|epoch| {
+                let mut invocation = self.admit.prepare_invoke();
+                invocation
+                    .key(EPOCH)
+                    .key(&jti_key)
+                    .key(REVOKED_CLIENTS)
+                    .key(REVOKED_BEFORE)
+                    .key(&uses_key)
+                    .key(&client_key)
+                    .key(&connector_key)
+                    .arg(epoch)
+                    .arg(call.client)
+                    .arg(call.iat)
+                    .arg(call.connector.unwrap_or(""))
+                    .arg(if call.authorized { "1" } else { "0" })
+                    .arg(call.max_uses.unwrap_or(0))
+                    .arg(call.exp.saturating_add(KEEP_PAST_EXP_SECS))
+                    .arg(client_rate)
+                    .arg(client_burst)
+                    .arg(connector_rate)
+                    .arg(connector_burst);
+                invocation
+            })
+            .await
+            .map_err(StateError::from)?;
+        let (verdict, wait_us): (String, f64) = (verdict, wait_us);
         Ok(match verdict.as_str() {
             "ok" => Admission::Admitted,
             "revoked" => Admission::Revoked,
@@ -268,41 +413,79 @@ impl RedisState {
         })
     }
 
-    /// Takes one cell of the token endpoint's per-client limit; on refusal, the seconds to
-    /// wait.
-    pub async fn take_issue_cell(
+    /// Redis's clock, the disabled connectors and one cell of the client's issue-rate limit,
+    /// in one round trip.
+    pub async fn issue_context(
         &self,
         client: &str,
-        limit: RateLimit,
-    ) -> Result<Result<(), u64>, StateError> {
-        let (rate, burst) = quota(Some(limit));
-        let mut conn = self.conn.clone();
-        let mut invocation = self.take.prepare_invoke();
-        invocation
-            .key(format!("{PREFIX}rate:issue:{client}"))
-            .arg(rate)
-            .arg(burst);
-        let wait_us: f64 = self.bounded(invocation.invoke_async(&mut conn)).await?;
-        Ok(if wait_us > 0.0 {
-            Err(whole_seconds(wait_us))
-        } else {
-            Ok(())
+        limit: Option<RateLimit>,
+    ) -> Result<IssueContext, StateError> {
+        let (rate, burst) = quota(limit);
+        let key = format!("{PREFIX}rate:issue:{client}");
+        let reply: Vec<redis::Value> = self
+            .in_epoch(|epoch| {
+                let mut invocation = self.issue.prepare_invoke();
+                invocation
+                    .key(EPOCH)
+                    .key(&key)
+                    .arg(epoch)
+                    .arg(rate)
+                    .arg(burst);
+                invocation
+            })
+            .await
+            .map_err(StateError::from)?;
+        let text = |v: &redis::Value| redis::from_redis_value_ref::<String>(v).ok();
+        let number =
+            |v: Option<&redis::Value>| v.and_then(|v| redis::from_redis_value_ref::<i64>(v).ok());
+        let (Some(now), Some(wait_us)) = (number(reply.get(1)), number(reply.get(2))) else {
+            return Err(StateError::Unavailable(
+                "unexpected answer from the issue script".into(),
+            ));
+        };
+        Ok(IssueContext {
+            now,
+            disabled: reply.iter().skip(3).filter_map(text).collect(),
+            rate: if wait_us > 0 {
+                Err(whole_seconds(wait_us as f64))
+            } else {
+                Ok(())
+            },
         })
     }
 
     pub async fn disabled_connectors(&self) -> Result<HashSet<String>, StateError> {
-        let mut conn = self.conn.clone();
-        self.bounded(conn.smembers(DISABLED)).await
+        let switches: HashMap<String, String> = self
+            .run(redis::cmd("HGETALL").arg(SWITCHES).clone())
+            .await?;
+        Ok(switches
+            .into_iter()
+            .filter(|(_, v)| v.starts_with('1'))
+            .map(|(k, _)| k)
+            .collect())
     }
 
     pub async fn is_disabled(&self, connector: &str) -> Result<bool, StateError> {
-        let mut conn = self.conn.clone();
-        self.bounded(conn.sismember(DISABLED, connector)).await
+        let v: Option<String> = self
+            .run(redis::cmd("HGET").arg(SWITCHES).arg(connector).clone())
+            .await?;
+        Ok(v.is_some_and(|v| v.starts_with('1')))
     }
 
-    /// Applies an admin change; an error means it was not applied.
+    /// Whether Redis answers: at once if it answered within the last second, else a `PING`.
+    /// (`/readyz`: every call is refused while it does not, so a load balancer should route
+    /// around this replica.)
+    pub async fn reachable(&self) -> Result<(), StateError> {
+        if now_ms().saturating_sub(self.last_answer_ms.load(Ordering::Relaxed)) < 1000 {
+            return Ok(());
+        }
+        self.run::<()>(redis::cmd("PING")).await
+    }
+
+    /// Applies an admin change, then notes it in this replica's journal. An error means it
+    /// was not made (`Unavailable`) or may not have been (`Unconfirmed`).
     pub async fn apply(&self, change: &Change) -> Result<(), StateError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.connection();
         match change {
             Change::RevokeJti { jti, exp } => {
                 let until = exp.saturating_add(KEEP_PAST_EXP_SECS);
@@ -310,31 +493,278 @@ impl RedisState {
                 // SET … EXAT: one command, so the entry never exists without its expiry.
                 let mut cmd = redis::cmd("SET");
                 cmd.arg(&key).arg(1).arg("EXAT").arg(until);
-                self.bounded(cmd.query_async::<()>(&mut conn)).await
+                self.bounded(cmd.query_async::<()>(&mut conn)).await?;
+                self.note(|j| {
+                    j.jtis.insert(jti.clone(), until);
+                });
             }
-            Change::RevokeClient { client, at } => {
+            Change::RevokeClient { client, .. } => {
                 let mut invocation = self.revoke_client.prepare_invoke();
-                invocation.key(REVOKED_CLIENTS).arg(client).arg(*at);
-                self.bounded(invocation.invoke_async::<i64>(&mut conn))
-                    .await
-                    .map(|_| ())
+                invocation.key(REVOKED_CLIENTS).arg(client);
+                let at: i64 = self.bounded(invocation.invoke_async(&mut conn)).await?;
+                self.note(|j| {
+                    let entry = j.clients.entry(client.clone()).or_insert(at);
+                    *entry = (*entry).max(at);
+                });
             }
             Change::SetDisabled {
                 connector,
-                disabled: true,
-            } => self
-                .bounded(conn.sadd::<_, _, i64>(DISABLED, connector))
-                .await
-                .map(|_| ()),
-            Change::SetDisabled {
-                connector,
-                disabled: false,
-            } => self
-                .bounded(conn.srem::<_, _, i64>(DISABLED, connector))
-                .await
-                .map(|_| ()),
+                disabled,
+            } => {
+                let mut invocation = self.switch.prepare_invoke();
+                invocation
+                    .key(SWITCHES)
+                    .arg(connector)
+                    .arg(if *disabled { "1" } else { "0" });
+                let at: String = self.bounded(invocation.invoke_async(&mut conn)).await?;
+                let at = at.parse().unwrap_or(0);
+                self.note(|j| {
+                    j.switches.insert(connector.clone(), (*disabled, at));
+                });
+            }
+        }
+        self.save_journal().await;
+        Ok(())
+    }
+
+    /// Adopts the epoch in force (starting one if the state is new or lost) and seeds Redis
+    /// with this replica's journal. Done before this replica's first decision and whenever
+    /// the epoch changed; also at start-up, so a move from the `memory` backend is seeded at
+    /// once.
+    async fn resync(&self, seen: &str) -> Result<(), Failure> {
+        let _one = self.resyncing.lock().await;
+        if self.epoch.load().as_str() != seen {
+            return Ok(()); // another call resynced meanwhile
+        }
+        let known = match seen {
+            "" => self
+                .journal
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .epoch
+                .clone(),
+            seen => seen.to_owned(),
+        };
+        let mut conn = self.connection();
+        let mut invocation = self.resync.prepare_invoke();
+        invocation
+            .key(EPOCH)
+            .key(REVOKED_BEFORE)
+            .arg(crate::token::new_jti())
+            .arg(&known);
+        let epoch: String = self.bounded(invocation.invoke_async(&mut conn)).await?;
+        if !known.is_empty() && known != epoch {
+            tracing::error!("the shared state in Redis was lost since this replica last saw it (a restart without persistence, eviction or a flush): tokens issued before it was started again are refused, and kill switches and revocations are restored from the replicas' journals");
+        }
+        let mut invocation = self.seed.prepare_invoke();
+        invocation.arg(self.seed_json());
+        self.bounded(invocation.invoke_async::<i64>(&mut conn))
+            .await?;
+        if known != epoch {
+            self.note(|j| j.epoch.clone_from(&epoch));
+            self.save_journal().await;
+        }
+        self.epoch.store(Arc::new(epoch));
+        Ok(())
+    }
+
+    /// Every [`WATCH_INTERVAL`]: notices lost state even without calls (resyncing then), and
+    /// copies the kill switches in force into this replica's journal, so whichever replica
+    /// notices a loss first restores every switch, not only its own.
+    pub async fn watch(&self) {
+        let adopted = self.epoch.load_full();
+        let mut conn = self.connection();
+        let mut pipe = redis::pipe();
+        pipe.cmd("GET").arg(EPOCH).cmd("HGETALL").arg(SWITCHES);
+        let seen: Result<(Option<String>, HashMap<String, String>), _> =
+            self.bounded(pipe.query_async(&mut conn)).await;
+        let Ok((epoch, switches)) = seen else {
+            return; // refused calls say so; the next round tries again
+        };
+        if adopted.is_empty() || epoch.as_deref() != Some(adopted.as_str()) {
+            if let Err(f) = self.resync(&adopted).await {
+                tracing::warn!(error = %StateError::from(f), "cannot resync the shared state");
+            }
+            return;
+        }
+        let mut changed = false;
+        self.note(|j| {
+            for (connector, value) in &switches {
+                let Some((flag, at)) = value.split_once(':') else {
+                    continue;
+                };
+                let (disabled, at) = (flag == "1", at.parse::<i64>().unwrap_or(0));
+                if j.switches.get(connector).is_none_or(|&(_, mine)| mine < at) {
+                    j.switches.insert(connector.clone(), (disabled, at));
+                    changed = true;
+                }
+            }
+        });
+        if changed {
+            self.save_journal().await;
         }
     }
+
+    /// Joins the shared state at start-up (seeding it from the journal and the `memory`
+    /// backend's file), so a move to shared state is seeded at once, not at the first call.
+    pub async fn join(&self) -> Result<(), StateError> {
+        let seen = self.epoch.load_full();
+        if seen.is_empty() {
+            self.resync(&seen).await?;
+        }
+        Ok(())
+    }
+
+    /// Runs a decision script in the current epoch: after a resync first when this replica
+    /// has none or the script finds the epoch changed (once; a second change is an error).
+    async fn in_epoch<'s, T: redis::FromRedisValue>(
+        &'s self,
+        build: impl Fn(&str) -> redis::ScriptInvocation<'s>,
+    ) -> Result<T, Failure> {
+        for _ in 0..2 {
+            let epoch = self.epoch.load_full();
+            if epoch.is_empty() {
+                self.resync(&epoch).await?;
+                continue;
+            }
+            let mut conn = self.connection();
+            let reply: redis::Value = self.bounded(build(&epoch).invoke_async(&mut conn)).await?;
+            let moved = matches!(&reply, redis::Value::Array(items)
+                if items.first().is_some_and(|v| matches!(v, redis::Value::BulkString(b) if b == b"epoch")));
+            if !moved {
+                return redis::from_redis_value(reply).map_err(|e| Failure {
+                    timed_out: false,
+                    message: format!("unexpected answer from Redis: {e}"),
+                });
+            }
+            self.resync(&epoch).await?;
+        }
+        Err(Failure {
+            timed_out: false,
+            message: "the shared state changed twice during one call".into(),
+        })
+    }
+
+    fn connection(&self) -> ConnectionManager {
+        ConnectionManager::clone(&self.conn.load())
+    }
+
+    /// One command, bounded; a read.
+    async fn run<T: redis::FromRedisValue>(&self, cmd: redis::Cmd) -> Result<T, StateError> {
+        let mut conn = self.connection();
+        Ok(self.bounded(cmd.query_async(&mut conn)).await?)
+    }
+
+    /// Awaits a Redis operation for at most [`STATE_TIMEOUT`] (a reconnect included). An error
+    /// that reconnecting does not mend gets a fresh connection for the next call.
+    async fn bounded<T>(
+        &self,
+        op: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, Failure> {
+        let result = match tokio::time::timeout(STATE_TIMEOUT, op).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => {
+                if !e.is_io_error() {
+                    self.rebuild();
+                }
+                Err(fail(&e))
+            }
+            Err(_) => {
+                self.rebuild();
+                Err(Failure {
+                    timed_out: true,
+                    message: "Redis did not answer in time".into(),
+                })
+            }
+        };
+        if result.is_ok() {
+            self.last_answer_ms.store(now_ms(), Ordering::Relaxed);
+        }
+        result
+    }
+
+    /// A new connection manager (at most once a second): the client library reconnects by
+    /// itself only after I/O errors, not after a refused `AUTH` or a connection that hangs.
+    fn rebuild(&self) {
+        let now = now_ms();
+        let last = self.rebuilt_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(last) < 1000
+            || self
+                .rebuilt_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        match connect(&self.client) {
+            Ok(conn) => self.conn.store(Arc::new(conn)),
+            Err(e) => tracing::warn!(error = %e, "cannot prepare a new Redis connection"),
+        }
+    }
+
+    fn note(&self, change: impl FnOnce(&mut Journal)) {
+        change(&mut self.journal.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    /// Writes the journal (on a blocking thread: it ends in an fsync). A failure is logged:
+    /// the change is in force in Redis; only the copy that re-seeds a wiped Redis is behind.
+    async fn save_journal(&self) {
+        let now = chrono::Utc::now().timestamp();
+        let snapshot = {
+            let mut j = self.journal.lock().unwrap_or_else(|e| e.into_inner());
+            j.jtis.retain(|_, until| *until > now);
+            j.clone()
+        };
+        let file = self.journal_file.clone();
+        let written =
+            tokio::task::spawn_blocking(move || super::local::write_atomic(&file, &snapshot)).await;
+        match written {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot write the shared-state journal"),
+            Err(e) => tracing::warn!(error = %e, "cannot write the shared-state journal"),
+        }
+    }
+
+    /// The seed for Redis: this replica's journal plus the `memory` backend's file.
+    fn seed_json(&self) -> String {
+        let mut seed = self
+            .journal
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Ok(legacy) = Revocations::load(&self.legacy_dir) {
+            let legacy = legacy.entries();
+            for (jti, exp) in legacy.jtis {
+                seed.jtis
+                    .entry(jti)
+                    .or_insert(exp.saturating_add(KEEP_PAST_EXP_SECS));
+            }
+            for (client, at) in legacy.clients {
+                let entry = seed.clients.entry(client).or_insert(at);
+                *entry = (*entry).max(at);
+            }
+            for connector in legacy.disabled {
+                // Older than any change made with shared state.
+                seed.switches.entry(connector).or_insert((true, 0));
+            }
+        }
+        serde_json::json!({
+            "jtis": seed.jtis.iter().map(|(j, u)| serde_json::json!([j, u])).collect::<Vec<_>>(),
+            "clients": seed.clients.iter().map(|(c, a)| serde_json::json!([c, a])).collect::<Vec<_>>(),
+            "switches": seed.switches.iter().map(|(c, (d, a))| serde_json::json!([c, d, a])).collect::<Vec<_>>(),
+        })
+        .to_string()
+    }
+}
+
+fn connect(client: &redis::Client) -> Result<ConnectionManager, StateError> {
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(STATE_TIMEOUT))
+        .set_response_timeout(Some(STATE_TIMEOUT))
+        .set_number_of_retries(2)
+        .set_max_delay(Duration::from_millis(500));
+    ConnectionManager::new_lazy_with_config(client.clone(), config)
+        .map_err(|e| StateError::from(fail(&e)))
 }
 
 /// A limit as the scripts take it: `(per_second, burst)`, `(0, 0)` for none.
@@ -354,8 +784,8 @@ fn now_ms() -> u64 {
 }
 
 /// A Redis error as a message that cannot carry the URL or its password: only its kind.
-fn unavailable(e: &redis::RedisError) -> StateError {
-    let what = if e.is_timeout() {
+fn fail(e: &RedisError) -> Failure {
+    let message = if e.is_timeout() {
         "Redis did not answer in time".to_owned()
     } else if e.is_connection_refusal() {
         "Redis refused the connection".to_owned()
@@ -364,7 +794,10 @@ fn unavailable(e: &redis::RedisError) -> StateError {
     } else {
         format!("Redis answered with an error ({:?})", e.kind())
     };
-    StateError::Unavailable(what)
+    Failure {
+        timed_out: e.is_timeout(),
+        message,
+    }
 }
 
 #[cfg(test)]

@@ -79,24 +79,33 @@ fn state_unavailable() -> TokenError {
     )
 }
 
-/// `tokens.issue_rate_limit` for this client: in memory, or shared by replicas in Redis.
-async fn issue_rate_limit(broker: &Broker, live: &Live, client: &str) -> Result<(), TokenError> {
+/// What the token endpoint takes from the state: the time tokens are issued at, the
+/// connectors switched off, and one cell of `tokens.issue_rate_limit` for this client. In
+/// memory, or from Redis in one round trip (and on its clock, the one client revocations use).
+async fn issue_state(
+    broker: &Broker,
+    live: &Live,
+    client: &str,
+    now: DateTime<Utc>,
+) -> Result<(DateTime<Utc>, HashSet<String>), TokenError> {
     match &*broker.state {
-        StateStore::Memory(_) => match live.issue_limits.get(client) {
-            Some(l) => take(l).map_err(rate_limited),
-            None => Ok(()),
-        },
-        StateStore::Redis(redis) => {
-            let Some(limit) = live.config.tokens.issue_rate_limit else {
-                return Ok(());
-            };
-            match redis.take_issue_cell(client, limit).await {
-                Ok(taken) => taken.map_err(rate_limited),
-                Err(e) => {
-                    tracing::error!(error = %e, "shared state unavailable; refusing to issue a token");
-                    Err(state_unavailable())
-                }
+        StateStore::Memory(revocations) => {
+            if let Some(l) = live.issue_limits.get(client) {
+                take(l).map_err(rate_limited)?;
             }
+            Ok((now, revocations.disabled_connectors().into_iter().collect()))
+        }
+        StateStore::Redis(redis) => {
+            let shared = redis
+                .issue_context(client, live.config.tokens.issue_rate_limit)
+                .await
+                .map_err(|e| {
+                    tracing::error!(error = %e, "shared state unavailable; refusing to issue a token");
+                    state_unavailable()
+                })?;
+            shared.rate.map_err(rate_limited)?;
+            let now = Utc.timestamp_opt(shared.now, 0).single().unwrap_or(now);
+            Ok((now, shared.disabled))
         }
     }
 }
@@ -194,7 +203,7 @@ async fn issue(
             )))
         }
     }
-    issue_rate_limit(broker, live, &client.id)
+    let (now, disabled) = issue_state(broker, live, &client.id, now)
         .await
         .map_err(with_client)?;
     // A client with no grants at all is unauthorized; one whose only grant expired gets
@@ -211,10 +220,6 @@ async fn issue(
         .as_deref()
         .ok_or_else(|| with_client(invalid_request("scope is required")))?;
     record.scope = Some(requested.to_owned());
-    let disabled = broker.state.disabled_connectors().await.map_err(|e| {
-        tracing::error!(error = %e, "shared state unavailable; refusing to issue a token");
-        with_client(state_unavailable())
-    })?;
     let scope = resolve_scope(live, &disabled, client, requested, now).map_err(with_client)?;
     let lifetime = lifetime(live, client, &form, &scope, now).map_err(with_client)?;
     let max_uses = parse_max_uses(&form).map_err(with_client)?;

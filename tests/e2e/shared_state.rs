@@ -273,14 +273,126 @@ async fn without_redis_nothing_is_decided_and_the_broker_recovers_with_it() {
         "{body}"
     );
 
-    // Redis back: the broker reconnects by itself.
+    // Redis back, empty (it kept nothing): the broker reconnects by itself. Revocations made
+    // before may be gone with the data, so the tokens issued before are refused; new ones work.
     let _redis = Redis::start_on(port).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while a.status("GET", TARGET, &token).await != 200 {
+    loop {
+        let (status, _, body) = a
+            .token_request("bot", SECRET, "github:issues.read", &[])
+            .await;
+        if status == 200 {
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            let fresh = v["access_token"].as_str().unwrap();
+            assert_eq!(a.status("GET", TARGET, fresh).await, 200);
+            break;
+        }
         assert!(Instant::now() < deadline, "no recovery once Redis was back");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    assert_eq!(
+        a.status("GET", TARGET, &token).await,
+        401,
+        "issued before the loss"
+    );
     assert_eq!(a.admin_call("GET", "/readyz", "").await.0, 200);
+}
+
+/// Sends one command to Redis (RESP), returns the first reply line.
+fn redis_command(port: u16, args: &[&str]) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut cmd = format!("*{}\r\n", args.len());
+    for a in args {
+        cmd.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+    }
+    stream.write_all(cmd.as_bytes()).unwrap();
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line).unwrap();
+    line
+}
+
+#[tokio::test]
+async fn redis_losing_its_data_undoes_no_revocation_and_no_kill_switch() {
+    let Some(redis) = Redis::start() else { return };
+    let up = FakeUpstream::start().await;
+    let (_keys, a, b) = two_replicas(&redis, &up, |c| c).await;
+    let revoked = a.token("github:issues.read", &[]).await;
+    let body = format!("{{\"jti\":\"{}\"}}", jti_of(&revoked));
+    assert_eq!(a.admin_call("POST", "/v1/revoke", &body).await.0, 200);
+    let once = a.token("github:issues.read", &[("max_uses", "1")]).await;
+    assert_eq!(b.status("GET", TARGET, &once).await, 200);
+    let (status, _, _) = a
+        .admin_call("POST", "/v1/revoke", "{\"connector\":\"github\"}")
+        .await;
+    assert_eq!(status, 200);
+    // Each replica copies the kill switches in force into its journal every 2 s.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+
+    assert!(redis_command(redis.port, &["FLUSHALL"]).starts_with("+OK"));
+
+    // `b` notices first: what `a` switched off stays off, and nothing issued before passes.
+    let (status, _, body) = b
+        .token_request("bot", SECRET, "github:issues.read", &[])
+        .await;
+    assert_eq!(status, 400, "kill switch restored: {body}");
+    assert!(body.contains("invalid_scope"), "{body}");
+    for token in [&revoked, &once] {
+        for broker in [&a, &b] {
+            assert_eq!(broker.status("GET", TARGET, token).await, 401);
+        }
+    }
+    let (status, _, _) = b
+        .admin_call("POST", "/v1/enable", "{\"connector\":\"github\"}")
+        .await;
+    assert_eq!(status, 200);
+    let fresh = b.token("github:issues.read", &[]).await;
+    assert_eq!(a.status("GET", TARGET, &fresh).await, 200);
+    assert_eq!(up.count(), 2);
+}
+
+#[tokio::test]
+async fn a_redis_password_put_right_is_picked_up_without_a_restart() {
+    let Some(redis) = Redis::start() else { return };
+    assert!(
+        redis_command(redis.port, &["CONFIG", "SET", "requirepass", "old-pw"]).starts_with("+OK")
+    );
+    let up = FakeUpstream::start().await;
+    let (_keys, a, _b) = two_replicas(&redis, &up, |c| {
+        c.replace("url = \"redis://", "url = \"redis://:new-pw@")
+    })
+    .await;
+    let (status, _, body) = a
+        .token_request("bot", SECRET, "github:issues.read", &[])
+        .await;
+    assert_eq!(status, 503, "{body}");
+    assert!(!body.contains("new-pw"), "{body}");
+    // The password is rotated in Redis: the broker catches up by itself.
+    let rotate = {
+        use std::io::{BufRead, BufReader, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", redis.port)).unwrap();
+        s.write_all(b"AUTH old-pw\r\nCONFIG SET requirepass new-pw\r\n")
+            .unwrap();
+        let mut r = BufReader::new(s);
+        let (mut l1, mut l2) = (String::new(), String::new());
+        r.read_line(&mut l1).unwrap();
+        r.read_line(&mut l2).unwrap();
+        l1 + &l2
+    };
+    assert_eq!(rotate, "+OK\r\n+OK\r\n");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while a
+        .token_request("bot", SECRET, "github:issues.read", &[])
+        .await
+        .0
+        != 200
+    {
+        assert!(
+            Instant::now() < deadline,
+            "still refused after the password was put right"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 #[test]
