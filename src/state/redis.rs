@@ -370,7 +370,7 @@ impl RedisState {
         let uses_key = format!("{PREFIX}uses:{}", call.jti);
         let client_key = format!("{PREFIX}rate:client:{}", call.client);
         let connector_key = format!("{PREFIX}rate:connector:{}", call.connector.unwrap_or(""));
-        let (verdict, wait_us) = self
+        let (verdict, wait_us): (String, f64) = self
             .in_epoch(|epoch| {
                 let mut invocation = self.admit.prepare_invoke();
                 invocation
@@ -396,7 +396,6 @@ impl RedisState {
             })
             .await
             .map_err(StateError::from)?;
-        let (verdict, wait_us): (String, f64) = (verdict, wait_us);
         Ok(match verdict.as_str() {
             "ok" => Admission::Admitted,
             "revoked" => Admission::Revoked,
