@@ -469,7 +469,7 @@ async fn enable(
     // call can pass under an enable the log does not show). Unreachable shared state is found
     // before that record, so the log does not say `ok` for an enable that cannot be made.
     let _one_at_a_time = broker.admin_changes.lock().await;
-    if let Err(e) = broker.state.reachable().await {
+    if let Err(e) = broker.state.ping().await {
         let result = Err(e);
         let audited = admin_outcome(broker, "enable", &target, conn, &result, request_id).await;
         return answer("enable", &target, result, audited, request_id);

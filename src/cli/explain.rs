@@ -169,7 +169,7 @@ fn kill_switch_on(config: &Config, name: &str) -> Result<bool, crate::state::Sta
             rt.block_on(async {
                 let dir = &config.state.dir;
                 let replica = config.state.replica.as_deref();
-                crate::state::RedisState::open(url, dir, replica)?
+                crate::state::RedisState::open(url, dir, replica, 0)?
                     .is_disabled(name)
                     .await
             })

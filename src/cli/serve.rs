@@ -141,7 +141,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         replica: config.state.replica.clone(),
     })
     .with_context(|| format!("cannot open the audit log {}", config.audit.path.display()))?;
-    let state = StateStore::open(&config.state)?;
+    let skew = i64::try_from(config.tokens.leeway.as_secs()).unwrap_or(i64::MAX / 2);
+    let state = StateStore::open(&config.state, skew)?;
     let limits = ListenerLimits {
         max_connections: config.server.max_connections,
         max_header_bytes: config.server.max_header_bytes,

@@ -60,13 +60,15 @@ pub enum StateStore {
 impl StateStore {
     /// Opens the configured backend. Redis is connected lazily: a broker whose Redis is down
     /// starts, and refuses calls (503) until it answers.
-    pub fn open(config: &crate::config::StateConfig) -> Result<Self, StateError> {
+    /// `skew_secs`: the clock skew allowed between replicas (`tokens.leeway`).
+    pub fn open(config: &crate::config::StateConfig, skew_secs: i64) -> Result<Self, StateError> {
         match &config.backend {
             crate::config::StateBackend::Memory => {
                 Ok(Self::Memory(Revocations::load(&config.dir)?))
             }
             crate::config::StateBackend::Redis { url, .. } => {
-                let redis = RedisState::open(url, &config.dir, config.replica.as_deref())?;
+                let redis =
+                    RedisState::open(url, &config.dir, config.replica.as_deref(), skew_secs)?;
                 Ok(Self::Redis(Box::new(redis)))
             }
         }
@@ -77,6 +79,14 @@ impl StateStore {
         match self {
             Self::Memory(_) => Ok(()),
             Self::Redis(r) => r.reachable().await,
+        }
+    }
+
+    /// Whether the state answers now (no cached answer): an enable asks before it is audited.
+    pub async fn ping(&self) -> Result<(), StateError> {
+        match self {
+            Self::Memory(_) => Ok(()),
+            Self::Redis(r) => r.ping().await,
         }
     }
 

@@ -6,9 +6,9 @@
 //! Every decision is made *in* Redis by a Lua script, atomically, on Redis's clock: a proxy
 //! call's checks 2 to 5 (revocation, kill switch, `max_uses`, rate limits) cost one round trip
 //! ([`RedisState::admit`]). Rate limits are GCRA (the algorithm governor uses in memory), with
-//! the theoretical arrival time kept per key in microseconds. Client revocations and tokens'
-//! `iat` both come from Redis's clock, so replicas whose clocks differ cannot slip a token
-//! under a revocation.
+//! the theoretical arrival time kept per key in microseconds, on Redis's clock. Tokens carry
+//! their issuing replica's clock (`iat`), so the cut-off of a client revocation reaches the
+//! allowed clock skew (`tokens.leeway`) past the revoking replica's clock.
 //!
 //! Failure is closed: when Redis does not answer within [`STATE_TIMEOUT`], the call is refused
 //! (503 `state_unavailable`), never let through on local knowledge.
@@ -55,6 +55,9 @@ const EPOCH: &str = "credbroker:epoch";
 const REVOKED_CLIENTS: &str = "credbroker:revoked:clients";
 const REVOKED_BEFORE: &str = "credbroker:revoked:before";
 const SWITCHES: &str = "credbroker:switches";
+/// Counts changes that must not be lost (revocations, kill switches, spent uses): a replica
+/// that finds it lower than it saw knows Redis went back to older data.
+const GENERATION: &str = "credbroker:generation";
 /// A revoked `jti` and a `max_uses` counter are kept this long past the token's `exp`: longer
 /// than any clock-skew leeway, so neither goes while its token could still pass.
 const KEEP_PAST_EXP_SECS: i64 = 3600;
@@ -86,41 +89,44 @@ local function is_disabled(name)
 end
 ";
 
-/// Checks 2 to 5 of one proxy call, in DESIGN §4.3's order. Returns `{verdict, wait_us}`.
-/// KEYS: epoch, revoked jti, revoked clients, revoked-before, uses counter, client rate,
-/// connector rate. ARGV: epoch, client, iat, connector ('' when unknown or not asked), '1' when
-/// the call passed checks 2–3 locally, max_uses (0: none), unix second the counter may go,
-/// client per_second/burst, connector per_second/burst (0: no limit).
+/// Checks 2 to 5 of one proxy call, in DESIGN §4.3's order. Returns `{verdict, wait_us,
+/// generation}`. KEYS: epoch, revoked jti, revoked clients, revoked-before, uses counter,
+/// client rate, connector rate, generation. ARGV: epoch, client, iat, connector ('' when
+/// unknown or not asked), '1' when the call passed checks 2–3 locally, max_uses (0: none),
+/// unix second the counter may go, client per_second/burst, connector per_second/burst (0: no
+/// limit), the highest generation this replica has seen.
 const ADMIT: &str = r"
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {'epoch', 0} end
-if redis.call('EXISTS', KEYS[2]) == 1 then return {'revoked', 0} end
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {'epoch', 0, 0} end
+local gen = tonumber(redis.call('GET', KEYS[8]) or 0)
+if gen < tonumber(ARGV[12]) then return {'rollback', 0, gen} end
+if redis.call('EXISTS', KEYS[2]) == 1 then return {'revoked', 0, gen} end
 local iat = tonumber(ARGV[3])
 local cut = redis.call('HGET', KEYS[3], ARGV[2])
-if cut and iat <= tonumber(cut) then return {'revoked', 0} end
+if cut and iat <= tonumber(cut) then return {'revoked', 0, gen} end
 local before = redis.call('GET', KEYS[4])
-if before and iat < tonumber(before) then return {'revoked', 0} end
-if ARGV[4] ~= '' and is_disabled(ARGV[4]) then return {'disabled', 0} end
-if ARGV[5] ~= '1' then return {'not_authorized', 0} end
+if before and iat <= tonumber(before) then return {'revoked', 0, gen} end
+if ARGV[4] ~= '' and is_disabled(ARGV[4]) then return {'disabled', 0, gen} end
+if ARGV[5] ~= '1' then return {'not_authorized', 0, gen} end
 local max = tonumber(ARGV[6])
 if max > 0 then
   local used = redis.call('INCR', KEYS[5])
   if used == 1 then redis.call('EXPIREAT', KEYS[5], ARGV[7]) end
-  if used > max then return {'uses_spent', 0} end
+  gen = redis.call('INCR', KEYS[8])
+  if used > max then return {'uses_spent', 0, gen} end
 end
 local now = now_us()
 local wait = gcra(KEYS[6], ARGV[8], ARGV[9], now)
-if wait > 0 then return {'client_limited', wait} end
+if wait > 0 then return {'client_limited', wait, gen} end
 wait = gcra(KEYS[7], ARGV[10], ARGV[11], now)
-if wait > 0 then return {'connector_limited', wait} end
-return {'ok', 0}
+if wait > 0 then return {'connector_limited', wait, gen} end
+return {'ok', 0, gen}
 ";
 
-/// What the token endpoint needs: `{verdict, now_s, wait_us, disabled…}`. KEYS: epoch, the
-/// client's issue-rate key. ARGV: epoch, per_second, burst (0: no limit).
+/// What the token endpoint needs: `{verdict, wait_us, disabled…}`. KEYS: epoch, the client's
+/// issue-rate key. ARGV: epoch, per_second, burst (0: no limit).
 const ISSUE: &str = r"
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {'epoch', 0, 0} end
-local now = now_us()
-local out = {'ok', math.floor(now / 1000000), gcra(KEYS[2], ARGV[2], ARGV[3], now)}
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {'epoch', 0} end
+local out = {'ok', gcra(KEYS[2], ARGV[2], ARGV[3], now_us())}
 local switches = redis.call('HGETALL', 'credbroker:switches')
 for i = 1, #switches, 2 do
   if string.sub(switches[i + 1], 1, 1) == '1' then table.insert(out, switches[i]) end
@@ -128,21 +134,27 @@ end
 return out
 ";
 
-/// Adopts the epoch in force, or starts one (`<id>:<unix second>`). A replica that knew
-/// another epoch learns that the state was lost since: nothing issued before the epoch in force
-/// began may pass (those tokens' revocations and counters may be gone). KEYS: epoch,
-/// revoked-before. ARGV: a new id, the epoch this replica knew ('' if none). Returns the epoch.
+/// Adopts the epoch in force, or starts one (`<id>:<cut-off second>`): when there is none,
+/// or (ARGV[5] = '1') when the one in force is the one this replica knew but Redis went back
+/// to older data (its generation fell). A replica that knew another epoch learns that state
+/// was lost since: no token issued up to the epoch's cut-off may pass (those tokens'
+/// revocations and counters may be gone). The generation never falls below what this replica
+/// saw. KEYS: epoch, revoked-before, generation. ARGV: a new id, the epoch this replica knew
+/// ('' if none), the cut-off of a new epoch (this replica's clock plus the clock-skew
+/// allowance), the highest generation it saw, '1' to start a new epoch. Returns the epoch.
 const RESYNC: &str = r"
 local current = redis.call('GET', KEYS[1])
-if not current then
-  current = ARGV[1] .. ':' .. redis.call('TIME')[1]
+if not current or (ARGV[5] == '1' and current == ARGV[2]) then
+  current = ARGV[1] .. ':' .. ARGV[3]
   redis.call('SET', KEYS[1], current)
 end
 if ARGV[2] ~= '' and ARGV[2] ~= current then
-  local started = tonumber(string.match(current, ':(%d+)$'))
+  local cut = tonumber(string.match(current, ':(%d+)$'))
   local before = tonumber(redis.call('GET', KEYS[2]) or 0)
-  if started > before then redis.call('SET', KEYS[2], started) end
+  if cut > before then redis.call('SET', KEYS[2], cut) end
 end
+local gen = tonumber(redis.call('GET', KEYS[3]) or 0)
+if gen < tonumber(ARGV[4]) then redis.call('SET', KEYS[3], ARGV[4]) end
 return current
 ";
 
@@ -168,21 +180,28 @@ end
 return 1
 ";
 
-/// A client revocation, on Redis's clock; it only ever moves forward. KEYS: revoked clients.
-/// ARGV: client. Returns the second.
-const REVOKE_CLIENT: &str = r"
-local now = tonumber(redis.call('TIME')[1])
-local at = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or -1)
-if at < now then redis.call('HSET', KEYS[1], ARGV[1], now) end
-return now
+/// A revocation of one token. KEYS: its key, generation. ARGV: the second it may go.
+/// Returns the generation.
+const REVOKE_JTI: &str = r"
+redis.call('SET', KEYS[1], 1, 'EXAT', ARGV[1])
+return redis.call('INCR', KEYS[2])
 ";
 
-/// The kill switch, stamped with Redis's clock. KEYS: switches. ARGV: connector, '1'/'0'.
-/// Returns the stamp (µs).
+/// A client revocation; it only ever moves forward. KEYS: revoked clients, generation. ARGV:
+/// client, the cut-off second. Returns `{cut-off in force, generation}`.
+const REVOKE_CLIENT: &str = r"
+local at = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or -1)
+local cut = tonumber(ARGV[2])
+if at < cut then redis.call('HSET', KEYS[1], ARGV[1], cut) else cut = at end
+return {cut, redis.call('INCR', KEYS[2])}
+";
+
+/// The kill switch, stamped with Redis's clock. KEYS: switches, generation. ARGV: connector,
+/// '1'/'0'. Returns `{stamp (µs), generation}`.
 const SWITCH: &str = r"
 local now = now_us()
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ':' .. string.format('%.0f', now))
-return string.format('%.0f', now)
+return {string.format('%.0f', now), redis.call('INCR', KEYS[2])}
 ";
 
 /// Whether a URL (the resolved `state.url`) can be used; the reason never quotes it.
@@ -247,8 +266,6 @@ pub struct AdmitRequest<'a> {
 
 /// What the token endpoint learns from Redis in one round trip.
 pub struct IssueContext {
-    /// Redis's clock (Unix seconds): the token's `iat`, on the clock revocations use.
-    pub now: i64,
     /// The connectors switched off.
     pub disabled: HashSet<String>,
     /// `Err(seconds)` when `tokens.issue_rate_limit` refuses this client now.
@@ -268,10 +285,15 @@ struct Journal {
     /// The epoch this replica last saw.
     #[serde(default)]
     epoch: String,
+    /// The highest generation this replica saw (see [`GENERATION`]).
+    #[serde(default)]
+    generation: u64,
 }
 
 /// The connection to Redis (multiplexed, reconnecting) and the scripts.
 pub struct RedisState {
+    /// The clock skew allowed between replicas, in seconds (`tokens.leeway` at start).
+    skew_secs: i64,
     client: redis::Client,
     /// Replaced after an error a reconnect does not mend (a wrong password fixed in Redis, a
     /// stuck connection), at most once a second.
@@ -285,14 +307,21 @@ pub struct RedisState {
     resyncing: tokio::sync::Mutex<()>,
     journal: Mutex<Journal>,
     journal_file: PathBuf,
+    journal_writing: tokio::sync::Mutex<()>,
     /// The `memory` backend's file in the same folder, seeded too (a move to shared state).
     legacy_dir: PathBuf,
     admit: Script,
     issue: Script,
     resync: Script,
     seed: Script,
+    revoke_jti: Script,
     revoke_client: Script,
     switch: Script,
+    /// The highest generation seen: Redis showing a lower one went back to older data.
+    seen_generation: AtomicU64,
+    /// Why Redis cannot be trusted to keep what it is told (it may evict keys), if so: every
+    /// decision is refused until that changes.
+    unsafe_store: Mutex<Option<String>>,
 }
 
 /// The connection holds the URL, which may hold a password: nothing of it is printed.
@@ -322,40 +351,40 @@ impl From<Failure> for StateError {
 impl RedisState {
     /// Prepares the connection; it is made on first use and remade after a failure. Must be
     /// called within a tokio runtime. The journal is `state_dir/shared-<replica>.json`.
-    pub fn open(url: &Secret, state_dir: &Path, replica: Option<&str>) -> Result<Self, StateError> {
+    /// `skew_secs` is the clock skew allowed between replicas (`tokens.leeway`): cut-offs
+    /// reach that far past the local clock.
+    pub fn open(
+        url: &Secret,
+        state_dir: &Path,
+        replica: Option<&str>,
+        skew_secs: i64,
+    ) -> Result<Self, StateError> {
         let bad = || StateError::Unavailable("state.url is not a valid redis:// URL".into());
         let text = std::str::from_utf8(url.expose()).map_err(|_| bad())?;
         let client = redis::Client::open(text).map_err(|_| bad())?;
         let conn = connect(&client)?;
         let journal_file = state_dir.join(format!("shared-{}.json", replica.unwrap_or("default")));
-        let journal = match std::fs::read(&journal_file) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| StateError::Corrupt {
-                path: journal_file.clone(),
-                source,
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Journal::default(),
-            Err(source) => {
-                return Err(StateError::Io {
-                    path: journal_file,
-                    source,
-                })
-            }
-        };
+        let journal = load_journal(&journal_file)?;
         let script = |body: &str| Script::new(&format!("{COMMON}{body}"));
         Ok(Self {
+            skew_secs,
             client,
             conn: ArcSwap::from_pointee(conn),
             rebuilt_ms: AtomicU64::new(0),
             last_answer_ms: AtomicU64::new(0),
             epoch: ArcSwap::from_pointee(String::new()),
             resyncing: tokio::sync::Mutex::new(()),
-            journal: Mutex::new(journal),
+            journal: Mutex::new(journal.clone()),
             journal_file,
+            journal_writing: tokio::sync::Mutex::new(()),
             legacy_dir: state_dir.to_path_buf(),
             admit: script(ADMIT),
             issue: script(ISSUE),
             resync: Script::new(RESYNC),
             seed: Script::new(SEED),
+            seen_generation: AtomicU64::new(journal.generation),
+            unsafe_store: Mutex::new(None),
+            revoke_jti: Script::new(REVOKE_JTI),
             revoke_client: Script::new(REVOKE_CLIENT),
             switch: script(SWITCH),
         })
@@ -370,7 +399,8 @@ impl RedisState {
         let uses_key = format!("{PREFIX}uses:{}", call.jti);
         let client_key = format!("{PREFIX}rate:client:{}", call.client);
         let connector_key = format!("{PREFIX}rate:connector:{}", call.connector.unwrap_or(""));
-        let (verdict, wait_us): (String, f64) = self
+        let seen_generation = self.seen_generation.load(Ordering::Relaxed);
+        let (verdict, wait_us, generation): (String, f64, u64) = self
             .in_epoch(|epoch| {
                 let mut invocation = self.admit.prepare_invoke();
                 invocation
@@ -381,6 +411,7 @@ impl RedisState {
                     .key(&uses_key)
                     .key(&client_key)
                     .key(&connector_key)
+                    .key(GENERATION)
                     .arg(epoch)
                     .arg(call.client)
                     .arg(call.iat)
@@ -391,11 +422,13 @@ impl RedisState {
                     .arg(client_rate)
                     .arg(client_burst)
                     .arg(connector_rate)
-                    .arg(connector_burst);
+                    .arg(connector_burst)
+                    .arg(seen_generation);
                 invocation
             })
             .await
             .map_err(StateError::from)?;
+        self.saw_generation(generation);
         Ok(match verdict.as_str() {
             "ok" => Admission::Admitted,
             "revoked" => Admission::Revoked,
@@ -412,8 +445,8 @@ impl RedisState {
         })
     }
 
-    /// Redis's clock, the disabled connectors and one cell of the client's issue-rate limit,
-    /// in one round trip.
+    /// The disabled connectors and one cell of the client's issue-rate limit, in one round
+    /// trip.
     pub async fn issue_context(
         &self,
         client: &str,
@@ -437,14 +470,13 @@ impl RedisState {
         let text = |v: &redis::Value| redis::from_redis_value_ref::<String>(v).ok();
         let number =
             |v: Option<&redis::Value>| v.and_then(|v| redis::from_redis_value_ref::<i64>(v).ok());
-        let (Some(now), Some(wait_us)) = (number(reply.get(1)), number(reply.get(2))) else {
+        let Some(wait_us) = number(reply.get(1)) else {
             return Err(StateError::Unavailable(
                 "unexpected answer from the issue script".into(),
             ));
         };
         Ok(IssueContext {
-            now,
-            disabled: reply.iter().skip(3).filter_map(text).collect(),
+            disabled: reply.iter().skip(2).filter_map(text).collect(),
             rate: if wait_us > 0 {
                 Err(whole_seconds(wait_us as f64))
             } else {
@@ -475,9 +507,22 @@ impl RedisState {
     /// (`/readyz`: every call is refused while it does not, so a load balancer should route
     /// around this replica.)
     pub async fn reachable(&self) -> Result<(), StateError> {
+        if let Some(why) = self
+            .unsafe_store
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        {
+            return Err(StateError::Unavailable(why));
+        }
         if now_ms().saturating_sub(self.last_answer_ms.load(Ordering::Relaxed)) < 1000 {
             return Ok(());
         }
+        self.ping().await
+    }
+
+    /// Whether Redis answers now.
+    pub async fn ping(&self) -> Result<(), StateError> {
         self.run::<()>(redis::cmd("PING")).await
     }
 
@@ -488,19 +533,30 @@ impl RedisState {
         match change {
             Change::RevokeJti { jti, exp } => {
                 let until = exp.saturating_add(KEEP_PAST_EXP_SECS);
-                let key = format!("{PREFIX}revoked:jti:{jti}");
-                // SET … EXAT: one command, so the entry never exists without its expiry.
-                let mut cmd = redis::cmd("SET");
-                cmd.arg(&key).arg(1).arg("EXAT").arg(until);
-                self.bounded(cmd.query_async::<()>(&mut conn)).await?;
+                let mut invocation = self.revoke_jti.prepare_invoke();
+                invocation
+                    .key(format!("{PREFIX}revoked:jti:{jti}"))
+                    .key(GENERATION)
+                    .arg(until);
+                let generation: u64 = self.bounded(invocation.invoke_async(&mut conn)).await?;
+                self.saw_generation(generation);
                 self.note(|j| {
                     j.jtis.insert(jti.clone(), until);
                 });
             }
-            Change::RevokeClient { client, .. } => {
+            // Tokens carry their issuing replica's clock: the cut-off reaches `skew` seconds
+            // past this one's, so a replica whose clock is ahead cannot slip a token under it
+            // (tokens of the client issued in those seconds are refused too).
+            Change::RevokeClient { client, at } => {
                 let mut invocation = self.revoke_client.prepare_invoke();
-                invocation.key(REVOKED_CLIENTS).arg(client);
-                let at: i64 = self.bounded(invocation.invoke_async(&mut conn)).await?;
+                invocation
+                    .key(REVOKED_CLIENTS)
+                    .key(GENERATION)
+                    .arg(client)
+                    .arg(at.saturating_add(self.skew_secs));
+                let (at, generation): (i64, u64) =
+                    self.bounded(invocation.invoke_async(&mut conn)).await?;
+                self.saw_generation(generation);
                 self.note(|j| {
                     let entry = j.clients.entry(client.clone()).or_insert(at);
                     *entry = (*entry).max(at);
@@ -513,9 +569,12 @@ impl RedisState {
                 let mut invocation = self.switch.prepare_invoke();
                 invocation
                     .key(SWITCHES)
+                    .key(GENERATION)
                     .arg(connector)
                     .arg(if *disabled { "1" } else { "0" });
-                let at: String = self.bounded(invocation.invoke_async(&mut conn)).await?;
+                let (at, generation): (String, u64) =
+                    self.bounded(invocation.invoke_async(&mut conn)).await?;
+                self.saw_generation(generation);
                 let at = at.parse().unwrap_or(0);
                 self.note(|j| {
                     j.switches.insert(connector.clone(), (*disabled, at));
@@ -530,7 +589,7 @@ impl RedisState {
     /// with this replica's journal. Done before this replica's first decision and whenever
     /// the epoch changed; also at start-up, so a move from the `memory` backend is seeded at
     /// once.
-    async fn resync(&self, seen: &str) -> Result<(), Failure> {
+    async fn resync(&self, seen: &str, rolled_back: bool) -> Result<(), Failure> {
         let _one = self.resyncing.lock().await;
         if self.epoch.load().as_str() != seen {
             return Ok(()); // another call resynced meanwhile
@@ -546,14 +605,19 @@ impl RedisState {
         };
         let mut conn = self.connection();
         let mut invocation = self.resync.prepare_invoke();
+        let cut_off = chrono::Utc::now().timestamp() + self.skew_secs;
         invocation
             .key(EPOCH)
             .key(REVOKED_BEFORE)
+            .key(GENERATION)
             .arg(crate::token::new_jti())
-            .arg(&known);
+            .arg(&known)
+            .arg(cut_off)
+            .arg(self.seen_generation.load(Ordering::Relaxed))
+            .arg(if rolled_back { "1" } else { "0" });
         let epoch: String = self.bounded(invocation.invoke_async(&mut conn)).await?;
         if !known.is_empty() && known != epoch {
-            tracing::error!("the shared state in Redis was lost since this replica last saw it (a restart without persistence, eviction or a flush): tokens issued before it was started again are refused, and kill switches and revocations are restored from the replicas' journals");
+            tracing::error!(rolled_back, "the shared state in Redis was lost or went back to older data since this replica last saw it (a restart without persistence, a restore, a failover, a flush): tokens issued until now are refused, and kill switches and revocations are restored from the replicas' journals");
         }
         let mut invocation = self.seed.prepare_invoke();
         invocation.arg(self.seed_json());
@@ -574,18 +638,22 @@ impl RedisState {
         let adopted = self.epoch.load_full();
         let mut conn = self.connection();
         let mut pipe = redis::pipe();
-        pipe.cmd("GET").arg(EPOCH).cmd("HGETALL").arg(SWITCHES);
-        let seen: Result<(Option<String>, HashMap<String, String>), _> =
-            self.bounded(pipe.query_async(&mut conn)).await;
-        let Ok((epoch, switches)) = seen else {
+        pipe.cmd("GET").arg(EPOCH).cmd("GET").arg(GENERATION);
+        pipe.cmd("HGETALL").arg(SWITCHES);
+        type Seen = (Option<String>, Option<u64>, HashMap<String, String>);
+        let seen: Result<Seen, _> = self.bounded(pipe.query_async(&mut conn)).await;
+        let Ok((epoch, generation, switches)) = seen else {
             return; // refused calls say so; the next round tries again
         };
-        if adopted.is_empty() || epoch.as_deref() != Some(adopted.as_str()) {
-            if let Err(f) = self.resync(&adopted).await {
+        self.check_eviction().await;
+        let rolled_back = generation.unwrap_or(0) < self.seen_generation.load(Ordering::Relaxed);
+        if adopted.is_empty() || epoch.as_deref() != Some(adopted.as_str()) || rolled_back {
+            if let Err(f) = self.resync(&adopted, rolled_back).await {
                 tracing::warn!(error = %StateError::from(f), "cannot resync the shared state");
             }
             return;
         }
+        let generation = self.seen_generation.load(Ordering::Relaxed);
         let mut changed = false;
         self.note(|j| {
             for (connector, value) in &switches {
@@ -598,18 +666,40 @@ impl RedisState {
                     changed = true;
                 }
             }
+            if j.generation < generation {
+                j.generation = generation;
+                changed = true;
+            }
         });
         if changed {
             self.save_journal().await;
         }
     }
 
+    /// Reads `INFO memory`: a Redis that may evict keys cannot keep revocations, so decisions
+    /// are refused while it may (an error in the log says how to fix it). A Redis that does
+    /// not answer `INFO` is trusted.
+    async fn check_eviction(&self) {
+        let info: Result<String, _> = self.run(redis::cmd("INFO").arg("memory").clone()).await;
+        let Ok(info) = info else { return };
+        let risk = eviction_risk(&info);
+        let mut current = self.unsafe_store.lock().unwrap_or_else(|e| e.into_inner());
+        if risk != *current {
+            match &risk {
+                Some(why) => tracing::error!("{why}; refusing every call until it is"),
+                None => tracing::info!("Redis no longer evicts keys; deciding calls again"),
+            }
+            current.clone_from(&risk);
+        }
+    }
+
     /// Joins the shared state at start-up (seeding it from the journal and the `memory`
     /// backend's file), so a move to shared state is seeded at once, not at the first call.
     pub async fn join(&self) -> Result<(), StateError> {
+        self.check_eviction().await;
         let seen = self.epoch.load_full();
         if seen.is_empty() {
-            self.resync(&seen).await?;
+            self.resync(&seen, false).await?;
         }
         Ok(())
     }
@@ -621,27 +711,44 @@ impl RedisState {
         build: impl Fn(&str) -> redis::ScriptInvocation<'s>,
     ) -> Result<T, Failure> {
         for _ in 0..2 {
+            if let Some(why) = self
+                .unsafe_store
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+            {
+                return Err(Failure {
+                    timed_out: false,
+                    message: why,
+                });
+            }
             let epoch = self.epoch.load_full();
             if epoch.is_empty() {
-                self.resync(&epoch).await?;
+                self.resync(&epoch, false).await?;
                 continue;
             }
             let mut conn = self.connection();
             let reply: redis::Value = self.bounded(build(&epoch).invoke_async(&mut conn)).await?;
-            let moved = matches!(&reply, redis::Value::Array(items)
-                if items.first().is_some_and(|v| matches!(v, redis::Value::BulkString(b) if b == b"epoch")));
-            if !moved {
-                return redis::from_redis_value(reply).map_err(|e| Failure {
-                    timed_out: false,
-                    message: format!("unexpected answer from Redis: {e}"),
-                });
+            match first_word(&reply) {
+                Some(b"epoch") => self.resync(&epoch, false).await?,
+                Some(b"rollback") => self.resync(&epoch, true).await?,
+                _ => {
+                    return redis::from_redis_value(reply).map_err(|e| Failure {
+                        timed_out: false,
+                        message: format!("unexpected answer from Redis: {e}"),
+                    })
+                }
             }
-            self.resync(&epoch).await?;
         }
         Err(Failure {
             timed_out: false,
             message: "the shared state changed twice during one call".into(),
         })
+    }
+
+    fn saw_generation(&self, generation: u64) {
+        self.seen_generation
+            .fetch_max(generation, Ordering::Relaxed);
     }
 
     fn connection(&self) -> ConnectionManager {
@@ -708,10 +815,16 @@ impl RedisState {
     /// Writes the journal (on a blocking thread: it ends in an fsync). A failure is logged:
     /// the change is in force in Redis; only the copy that re-seeds a wiped Redis is behind.
     async fn save_journal(&self) {
+        // One writer at a time (they share the temp file), each writing the journal as it is
+        // once its turn comes: the last write holds every change.
+        let _one = self.journal_writing.lock().await;
         let now = chrono::Utc::now().timestamp();
         let snapshot = {
             let mut j = self.journal.lock().unwrap_or_else(|e| e.into_inner());
             j.jtis.retain(|_, until| *until > now);
+            j.generation = j
+                .generation
+                .max(self.seen_generation.load(Ordering::Relaxed));
             j.clone()
         };
         let file = self.journal_file.clone();
@@ -756,6 +869,29 @@ impl RedisState {
     }
 }
 
+/// The journal, if any. A corrupt one is set aside (`.corrupt`) with an error in the log: it
+/// is a safety net for a Redis that lost its data, not the store, so it does not keep the
+/// broker from starting.
+fn load_journal(file: &Path) -> Result<Journal, StateError> {
+    match std::fs::read(file) {
+        Ok(bytes) => match serde_json::from_slice(&bytes) {
+            Ok(journal) => Ok(journal),
+            Err(e) => {
+                let aside = file.with_extension("json.corrupt");
+                tracing::error!(file = %file.display(), aside = %aside.display(), error = %e,
+                    "the shared-state journal is corrupt; set aside, starting an empty one");
+                let _ = std::fs::rename(file, &aside);
+                Ok(Journal::default())
+            }
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Journal::default()),
+        Err(source) => Err(StateError::Io {
+            path: file.to_path_buf(),
+            source,
+        }),
+    }
+}
+
 fn connect(client: &redis::Client) -> Result<ConnectionManager, StateError> {
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(STATE_TIMEOUT))
@@ -774,6 +910,32 @@ fn quota(limit: Option<RateLimit>) -> (u32, u32) {
 /// Whole seconds to wait, at least 1 (a `Retry-After` of 0 invites an immediate retry).
 fn whole_seconds(wait_us: f64) -> u64 {
     ((wait_us / 1_000_000.0).ceil() as u64).max(1)
+}
+
+/// The first element of an array reply, as bytes (a script's verdict).
+fn first_word(reply: &redis::Value) -> Option<&[u8]> {
+    match reply {
+        redis::Value::Array(items) => match items.first() {
+            Some(redis::Value::BulkString(b)) => Some(b.as_slice()),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// Why a Redis configured this way may drop what it is told (`INFO memory`), if it may: with a
+/// memory limit, any policy but `noeviction` can evict a revocation.
+fn eviction_risk(info: &str) -> Option<String> {
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .map(str::trim)
+    };
+    let limit: u64 = field("maxmemory")?.parse().ok()?;
+    let policy = field("maxmemory_policy")?;
+    (limit > 0 && policy != "noeviction").then(|| {
+        format!("Redis may evict keys (maxmemory {limit}, maxmemory-policy {policy}): a revocation could vanish; set maxmemory-policy noeviction")
+    })
 }
 
 fn now_ms() -> u64 {
@@ -823,6 +985,25 @@ mod tests {
         assert_eq!(url_facts(b"redis://127.0.0.1:6379"), Some((true, false)));
         assert_eq!(url_facts(b"redis://localhost"), Some((true, false)));
         assert_eq!(url_facts(b"redis://:pw@10.0.0.5"), Some((false, true)));
+    }
+
+    #[test]
+    fn only_a_redis_that_cannot_evict_is_trusted() {
+        let info = |limit: u64, policy: &str| {
+            format!("# Memory\r\nused_memory:1000\r\nmaxmemory:{limit}\r\nmaxmemory_human:0B\r\nmaxmemory_policy:{policy}\r\n")
+        };
+        assert_eq!(eviction_risk(&info(0, "allkeys-lru")), None, "no limit");
+        assert_eq!(eviction_risk(&info(1 << 30, "noeviction")), None);
+        for policy in [
+            "allkeys-lru",
+            "volatile-lru",
+            "volatile-ttl",
+            "allkeys-random",
+        ] {
+            let why = eviction_risk(&info(1 << 30, policy)).expect(policy);
+            assert!(why.contains(policy) && why.contains("noeviction"), "{why}");
+        }
+        assert_eq!(eviction_risk("garbage"), None, "unreadable: trusted");
     }
 
     #[test]

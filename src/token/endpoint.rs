@@ -79,21 +79,19 @@ fn state_unavailable() -> TokenError {
     )
 }
 
-/// What the token endpoint takes from the state: the time tokens are issued at, the
-/// connectors switched off, and one cell of `tokens.issue_rate_limit` for this client. In
-/// memory, or from Redis in one round trip (and on its clock, the one client revocations use).
+/// What the token endpoint takes from the state: the connectors switched off, and one cell of
+/// `tokens.issue_rate_limit` for this client. In memory, or from Redis in one round trip.
 async fn issue_state(
     broker: &Broker,
     live: &Live,
     client: &str,
-    now: DateTime<Utc>,
-) -> Result<(DateTime<Utc>, HashSet<String>), TokenError> {
+) -> Result<HashSet<String>, TokenError> {
     match &*broker.state {
         StateStore::Memory(revocations) => {
             if let Some(l) = live.issue_limits.get(client) {
                 take(l).map_err(rate_limited)?;
             }
-            Ok((now, revocations.disabled_connectors().into_iter().collect()))
+            Ok(revocations.disabled_connectors().into_iter().collect())
         }
         StateStore::Redis(redis) => {
             let shared = redis
@@ -104,8 +102,7 @@ async fn issue_state(
                     state_unavailable()
                 })?;
             shared.rate.map_err(rate_limited)?;
-            let now = Utc.timestamp_opt(shared.now, 0).single().unwrap_or(now);
-            Ok((now, shared.disabled))
+            Ok(shared.disabled)
         }
     }
 }
@@ -203,7 +200,7 @@ async fn issue(
             )))
         }
     }
-    let (now, disabled) = issue_state(broker, live, &client.id, now)
+    let disabled = issue_state(broker, live, &client.id)
         .await
         .map_err(with_client)?;
     // A client with no grants at all is unauthorized; one whose only grant expired gets

@@ -72,7 +72,8 @@ fn replica_config(upstream: SocketAddr, key: &Path, redis: &Redis, name: &str) -
     let config = standard_config(upstream).replace(
         "issuer = \"credbroker-test\"",
         &format!(
-            "issuer = \"credbroker-test\"\nsigning_key = \"{}\"",
+            // The clock skew allowed between replicas: revocation cut-offs reach this far ahead.
+            "issuer = \"credbroker-test\"\nleeway = \"1s\"\nsigning_key = \"{}\"",
             key.display()
         ),
     );
@@ -135,7 +136,8 @@ async fn revocations_and_the_kill_switch_made_on_one_replica_bite_on_the_other()
 
     // The kill switch thrown on `a` stops `b`, and no token is issued for it there;
     // enabled again on `b`, `a` serves again.
-    tokio::time::sleep(Duration::from_millis(1100)).await; // past the client revocation's second
+    // Past the client revocation's cut-off: its second plus the 1 s clock-skew allowance.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
     let fresh = a.token("github:issues.read", &[]).await;
     let (status, _, _) = a
         .admin_call("POST", "/v1/revoke", "{\"connector\":\"github\"}")
@@ -284,8 +286,11 @@ async fn without_redis_nothing_is_decided_and_the_broker_recovers_with_it() {
         if status == 200 {
             let v: serde_json::Value = serde_json::from_str(&body).unwrap();
             let fresh = v["access_token"].as_str().unwrap();
-            assert_eq!(a.status("GET", TARGET, fresh).await, 200);
-            break;
+            // Tokens issued up to the loss's cut-off (its second + the skew allowance) are
+            // refused too.
+            if a.status("GET", TARGET, fresh).await == 200 {
+                break;
+            }
         }
         assert!(Instant::now() < deadline, "no recovery once Redis was back");
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -346,6 +351,8 @@ async fn redis_losing_its_data_undoes_no_revocation_and_no_kill_switch() {
         .admin_call("POST", "/v1/enable", "{\"connector\":\"github\"}")
         .await;
     assert_eq!(status, 200);
+    // Past the loss's cut-off (its second + the 1 s skew allowance), new tokens work.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
     let fresh = b.token("github:issues.read", &[]).await;
     assert_eq!(a.status("GET", TARGET, &fresh).await, 200);
     assert_eq!(up.count(), 2);
@@ -429,4 +436,76 @@ fn check_names_redis_url_problems_without_quoting_the_url() {
     assert_eq!(code, Some(1), "{out}");
     let (code, out) = run("url = \"redis://127.0.0.1\"");
     assert_eq!(code, Some(1), "a url without the redis backend: {out}");
+}
+
+#[tokio::test]
+async fn redis_going_back_to_older_data_undoes_nothing_either() {
+    let Some(redis) = Redis::start() else { return };
+    let up = FakeUpstream::start().await;
+    let (_keys, a, b) = two_replicas(&redis, &up, |c| c).await;
+    let revoked = a.token("github:issues.read", &[]).await;
+    let jti = jti_of(&revoked);
+    let body = format!("{{\"jti\":\"{jti}\"}}");
+    assert_eq!(a.admin_call("POST", "/v1/revoke", &body).await.0, 200);
+    let (status, _, _) = a
+        .admin_call("POST", "/v1/revoke", "{\"connector\":\"github\"}")
+        .await;
+    assert_eq!(status, 200);
+    // A restore from an older snapshot, or a failover to a replica that lagged: the epoch is
+    // still there, the latest changes are not, and the change counter is back where it was.
+    let port = redis.port;
+    let key = format!("credbroker:revoked:jti:{jti}");
+    assert!(redis_command(port, &["DEL", &key]).starts_with(":1"));
+    assert!(redis_command(port, &["HDEL", "credbroker:switches", "github"]).starts_with(":1"));
+    assert!(redis_command(port, &["SET", "credbroker:generation", "0"]).starts_with("+OK"));
+
+    // `a` saw the newer state: it notices (at its next call or watch round), refuses what was
+    // issued before, and restores the kill switch from its journal.
+    assert_eq!(a.status("GET", TARGET, &revoked).await, 401);
+    let (status, _, body) = b
+        .token_request("bot", SECRET, "github:issues.read", &[])
+        .await;
+    assert_eq!(status, 400, "kill switch restored: {body}");
+    assert_eq!(b.status("GET", TARGET, &revoked).await, 401);
+    assert_eq!(up.count(), 0);
+}
+
+#[tokio::test]
+async fn a_redis_that_may_evict_keys_is_not_trusted() {
+    let Some(redis) = Redis::start() else { return };
+    let up = FakeUpstream::start().await;
+    let (_keys, a, _b) = two_replicas(&redis, &up, |c| c).await;
+    let token = a.token("github:issues.read", &[]).await;
+    assert_eq!(a.status("GET", TARGET, &token).await, 200);
+    let port = redis.port;
+    for (k, v) in [("maxmemory", "100mb"), ("maxmemory-policy", "allkeys-lru")] {
+        assert!(redis_command(port, &["CONFIG", "SET", k, v]).starts_with("+OK"));
+    }
+    // Noticed within a watch round (2 s): every call is refused, and /readyz says so.
+    let deadline = Instant::now() + Duration::from_secs(6);
+    loop {
+        let (status, _, body) = a.call("GET", TARGET, &token).await;
+        if status == 503 {
+            assert!(body.contains("state_unavailable"), "{body}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "an evicting Redis is still trusted"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(a.admin_call("GET", "/readyz", "").await.0, 503);
+    assert!(
+        redis_command(port, &["CONFIG", "SET", "maxmemory-policy", "noeviction"])
+            .starts_with("+OK")
+    );
+    let deadline = Instant::now() + Duration::from_secs(6);
+    while a.status("GET", TARGET, &token).await != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "not trusted again once it cannot evict"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
