@@ -141,7 +141,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         replica: config.state.replica.clone(),
     })
     .with_context(|| format!("cannot open the audit log {}", config.audit.path.display()))?;
-    let skew = i64::try_from(config.tokens.leeway.as_secs()).unwrap_or(i64::MAX / 2);
+    // The clock skew allowed between replicas' cut-offs: `tokens.leeway`, at most 5 s (each
+    // second of it is a second after a revocation or a loss in which new tokens are refused).
+    let skew = i64::try_from(config.tokens.leeway.as_secs().min(5)).unwrap_or(5);
     let state = StateStore::open(&config.state, skew)?;
     let limits = ListenerLimits {
         max_connections: config.server.max_connections,

@@ -83,6 +83,14 @@ local function now_us()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
+-- For scripts taking ARGV[1] = the epoch this replica is in and ARGV[2] = the highest
+-- generation it saw: 'epoch' if the epoch moved, 'rollback' if Redis went back to older data.
+local function guard()
+  if redis.call('GET', 'credbroker:epoch') ~= ARGV[1] then return 'epoch' end
+  if tonumber(redis.call('GET', 'credbroker:generation') or 0) < tonumber(ARGV[2]) then
+    return 'rollback'
+  end
+end
 local function is_disabled(name)
   local v = redis.call('HGET', 'credbroker:switches', name)
   return v and string.sub(v, 1, 1) == '1'
@@ -122,11 +130,16 @@ if wait > 0 then return {'connector_limited', wait, gen} end
 return {'ok', 0, gen}
 ";
 
-/// What the token endpoint needs: `{verdict, wait_us, disabled…}`. KEYS: epoch, the client's
-/// issue-rate key. ARGV: epoch, per_second, burst (0: no limit).
+/// What the token endpoint needs: `{verdict, wait_us, cut-off, disabled…}`, the cut-off being
+/// the latest second up to which this client's tokens are refused (its revocation, or a lost
+/// state's). KEYS: the client's issue-rate key. ARGV: epoch, generation seen, per_second,
+/// burst (0: no limit), client.
 const ISSUE: &str = r"
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {'epoch', 0} end
-local out = {'ok', gcra(KEYS[2], ARGV[2], ARGV[3], now_us())}
+local g = guard()
+if g then return {g, 0, 0} end
+local cut = tonumber(redis.call('HGET', 'credbroker:revoked:clients', ARGV[5]) or 0)
+cut = math.max(cut, tonumber(redis.call('GET', 'credbroker:revoked:before') or 0))
+local out = {'ok', gcra(KEYS[1], ARGV[3], ARGV[4], now_us()), cut}
 local switches = redis.call('HGETALL', 'credbroker:switches')
 for i = 1, #switches, 2 do
   if string.sub(switches[i + 1], 1, 1) == '1' then table.insert(out, switches[i]) end
@@ -135,8 +148,8 @@ return out
 ";
 
 /// Adopts the epoch in force, or starts one (`<id>:<cut-off second>`): when there is none,
-/// or (ARGV[5] = '1') when the one in force is the one this replica knew but Redis went back
-/// to older data (its generation fell). A replica that knew another epoch learns that state
+/// or when the one in force is the one this replica knew but Redis went back to older data
+/// (its generation is below what this replica saw, or ARGV[5] = '1': the caller found so). A replica that knew another epoch learns that state
 /// was lost since: no token issued up to the epoch's cut-off may pass (those tokens'
 /// revocations and counters may be gone). The generation never falls below what this replica
 /// saw. KEYS: epoch, revoked-before, generation. ARGV: a new id, the epoch this replica knew
@@ -144,7 +157,9 @@ return out
 /// allowance), the highest generation it saw, '1' to start a new epoch. Returns the epoch.
 const RESYNC: &str = r"
 local current = redis.call('GET', KEYS[1])
-if not current or (ARGV[5] == '1' and current == ARGV[2]) then
+local gen = tonumber(redis.call('GET', KEYS[3]) or 0)
+local rolled_back = ARGV[5] == '1' or gen < tonumber(ARGV[4])
+if not current or (rolled_back and current == ARGV[2]) then
   current = ARGV[1] .. ':' .. ARGV[3]
   redis.call('SET', KEYS[1], current)
 end
@@ -153,7 +168,6 @@ if ARGV[2] ~= '' and ARGV[2] ~= current then
   local before = tonumber(redis.call('GET', KEYS[2]) or 0)
   if cut > before then redis.call('SET', KEYS[2], cut) end
 end
-local gen = tonumber(redis.call('GET', KEYS[3]) or 0)
 if gen < tonumber(ARGV[4]) then redis.call('SET', KEYS[3], ARGV[4]) end
 return current
 ";
@@ -180,28 +194,35 @@ end
 return 1
 ";
 
-/// A revocation of one token. KEYS: its key, generation. ARGV: the second it may go.
-/// Returns the generation.
+/// The admin changes. Each first checks the epoch and the generation (`guard`), then raises
+/// the generation. Returns `{verdict, generation, value}`.
+///
+/// One token. KEYS: its key. ARGV: epoch, generation seen, the second the entry may go.
 const REVOKE_JTI: &str = r"
-redis.call('SET', KEYS[1], 1, 'EXAT', ARGV[1])
-return redis.call('INCR', KEYS[2])
+local g = guard()
+if g then return {g, 0, 0} end
+redis.call('SET', KEYS[1], 1, 'EXAT', ARGV[3])
+return {'ok', redis.call('INCR', 'credbroker:generation'), 0}
 ";
 
-/// A client revocation; it only ever moves forward. KEYS: revoked clients, generation. ARGV:
-/// client, the cut-off second. Returns `{cut-off in force, generation}`.
+/// A client; its cut-off only ever moves forward. KEYS: revoked clients. ARGV: epoch,
+/// generation seen, client, cut-off second. The value is the cut-off in force.
 const REVOKE_CLIENT: &str = r"
-local at = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or -1)
-local cut = tonumber(ARGV[2])
-if at < cut then redis.call('HSET', KEYS[1], ARGV[1], cut) else cut = at end
-return {cut, redis.call('INCR', KEYS[2])}
+local g = guard()
+if g then return {g, 0, 0} end
+local at = tonumber(redis.call('HGET', KEYS[1], ARGV[3]) or -1)
+local cut = tonumber(ARGV[4])
+if at < cut then redis.call('HSET', KEYS[1], ARGV[3], cut) else cut = at end
+return {'ok', redis.call('INCR', 'credbroker:generation'), cut}
 ";
 
-/// The kill switch, stamped with Redis's clock. KEYS: switches, generation. ARGV: connector,
-/// '1'/'0'. Returns `{stamp (µs), generation}`.
+/// The kill switch. KEYS: switches. ARGV: epoch, generation seen, connector, '1'/'0', the
+/// stamp (µs on the replica's clock, the clock every cut-off uses).
 const SWITCH: &str = r"
-local now = now_us()
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ':' .. string.format('%.0f', now))
-return {string.format('%.0f', now), redis.call('INCR', KEYS[2])}
+local g = guard()
+if g then return {g, 0, 0} end
+redis.call('HSET', KEYS[1], ARGV[3], ARGV[4] .. ':' .. ARGV[5])
+return {'ok', redis.call('INCR', 'credbroker:generation'), 0}
 ";
 
 /// Whether a URL (the resolved `state.url`) can be used; the reason never quotes it.
@@ -266,6 +287,9 @@ pub struct AdmitRequest<'a> {
 
 /// What the token endpoint learns from Redis in one round trip.
 pub struct IssueContext {
+    /// The latest second up to which tokens of this client are refused (a client revocation
+    /// or a lost state's cut-off): a token issued before it passes would not work.
+    pub cut_off: i64,
     /// The connectors switched off.
     pub disabled: HashSet<String>,
     /// `Err(seconds)` when `tokens.issue_rate_limit` refuses this client now.
@@ -322,6 +346,8 @@ pub struct RedisState {
     /// Why Redis cannot be trusted to keep what it is told (it may evict keys), if so: every
     /// decision is refused until that changes.
     unsafe_store: Mutex<Option<String>>,
+    /// `INFO` was refused once (said once in the log).
+    info_refused: std::sync::atomic::AtomicBool,
 }
 
 /// The connection holds the URL, which may hold a password: nothing of it is printed.
@@ -384,8 +410,9 @@ impl RedisState {
             seed: Script::new(SEED),
             seen_generation: AtomicU64::new(journal.generation),
             unsafe_store: Mutex::new(None),
-            revoke_jti: Script::new(REVOKE_JTI),
-            revoke_client: Script::new(REVOKE_CLIENT),
+            info_refused: std::sync::atomic::AtomicBool::new(false),
+            revoke_jti: script(REVOKE_JTI),
+            revoke_client: script(REVOKE_CLIENT),
             switch: script(SWITCH),
         })
     }
@@ -458,11 +485,12 @@ impl RedisState {
             .in_epoch(|epoch| {
                 let mut invocation = self.issue.prepare_invoke();
                 invocation
-                    .key(EPOCH)
                     .key(&key)
                     .arg(epoch)
+                    .arg(self.seen_generation.load(Ordering::Relaxed))
                     .arg(rate)
-                    .arg(burst);
+                    .arg(burst)
+                    .arg(client);
                 invocation
             })
             .await
@@ -470,13 +498,14 @@ impl RedisState {
         let text = |v: &redis::Value| redis::from_redis_value_ref::<String>(v).ok();
         let number =
             |v: Option<&redis::Value>| v.and_then(|v| redis::from_redis_value_ref::<i64>(v).ok());
-        let Some(wait_us) = number(reply.get(1)) else {
+        let (Some(wait_us), Some(cut_off)) = (number(reply.get(1)), number(reply.get(2))) else {
             return Err(StateError::Unavailable(
                 "unexpected answer from the issue script".into(),
             ));
         };
         Ok(IssueContext {
-            disabled: reply.iter().skip(2).filter_map(text).collect(),
+            cut_off,
+            disabled: reply.iter().skip(3).filter_map(text).collect(),
             rate: if wait_us > 0 {
                 Err(whole_seconds(wait_us as f64))
             } else {
@@ -523,64 +552,91 @@ impl RedisState {
 
     /// Whether Redis answers now.
     pub async fn ping(&self) -> Result<(), StateError> {
-        self.run::<()>(redis::cmd("PING")).await
+        // A PING changes nothing: no answer means unavailable, not "may still take effect".
+        self.run::<()>(redis::cmd("PING"))
+            .await
+            .map_err(|e| match e {
+                StateError::Unconfirmed(m) => StateError::Unavailable(m),
+                e => e,
+            })
     }
 
     /// Applies an admin change, then notes it in this replica's journal. An error means it
     /// was not made (`Unavailable`) or may not have been (`Unconfirmed`).
     pub async fn apply(&self, change: &Change) -> Result<(), StateError> {
-        let mut conn = self.connection();
-        match change {
+        let seen = || self.seen_generation.load(Ordering::Relaxed);
+        let (verdict, generation, value): (String, u64, i64) = match change {
             Change::RevokeJti { jti, exp } => {
                 let until = exp.saturating_add(KEEP_PAST_EXP_SECS);
-                let mut invocation = self.revoke_jti.prepare_invoke();
-                invocation
-                    .key(format!("{PREFIX}revoked:jti:{jti}"))
-                    .key(GENERATION)
-                    .arg(until);
-                let generation: u64 = self.bounded(invocation.invoke_async(&mut conn)).await?;
-                self.saw_generation(generation);
-                self.note(|j| {
-                    j.jtis.insert(jti.clone(), until);
-                });
+                let key = format!("{PREFIX}revoked:jti:{jti}");
+                self.in_epoch(|epoch| {
+                    let mut invocation = self.revoke_jti.prepare_invoke();
+                    invocation.key(&key).arg(epoch).arg(seen()).arg(until);
+                    invocation
+                })
+                .await?
             }
             // Tokens carry their issuing replica's clock: the cut-off reaches `skew` seconds
             // past this one's, so a replica whose clock is ahead cannot slip a token under it
             // (tokens of the client issued in those seconds are refused too).
             Change::RevokeClient { client, at } => {
-                let mut invocation = self.revoke_client.prepare_invoke();
-                invocation
-                    .key(REVOKED_CLIENTS)
-                    .key(GENERATION)
-                    .arg(client)
-                    .arg(at.saturating_add(self.skew_secs));
-                let (at, generation): (i64, u64) =
-                    self.bounded(invocation.invoke_async(&mut conn)).await?;
-                self.saw_generation(generation);
-                self.note(|j| {
-                    let entry = j.clients.entry(client.clone()).or_insert(at);
-                    *entry = (*entry).max(at);
-                });
+                let cut = at.saturating_add(self.skew_secs);
+                self.in_epoch(|epoch| {
+                    let mut invocation = self.revoke_client.prepare_invoke();
+                    invocation
+                        .key(REVOKED_CLIENTS)
+                        .arg(epoch)
+                        .arg(seen())
+                        .arg(client)
+                        .arg(cut);
+                    invocation
+                })
+                .await?
             }
             Change::SetDisabled {
                 connector,
                 disabled,
             } => {
-                let mut invocation = self.switch.prepare_invoke();
-                invocation
-                    .key(SWITCHES)
-                    .key(GENERATION)
-                    .arg(connector)
-                    .arg(if *disabled { "1" } else { "0" });
-                let (at, generation): (String, u64) =
-                    self.bounded(invocation.invoke_async(&mut conn)).await?;
-                self.saw_generation(generation);
-                let at = at.parse().unwrap_or(0);
-                self.note(|j| {
-                    j.switches.insert(connector.clone(), (*disabled, at));
-                });
+                let stamp = i64::try_from(now_ms()).unwrap_or(i64::MAX / 1000) * 1000;
+                let flag = if *disabled { "1" } else { "0" };
+                let (verdict, generation, _): (String, u64, i64) = self
+                    .in_epoch(|epoch| {
+                        let mut invocation = self.switch.prepare_invoke();
+                        invocation
+                            .key(SWITCHES)
+                            .arg(epoch)
+                            .arg(seen())
+                            .arg(connector)
+                            .arg(flag)
+                            .arg(stamp);
+                        invocation
+                    })
+                    .await?;
+                (verdict, generation, stamp)
             }
+        };
+        if verdict != "ok" {
+            return Err(StateError::Unavailable(format!(
+                "unexpected answer from Redis: {verdict}"
+            )));
         }
+        self.saw_generation(generation);
+        self.note(|j| match change {
+            Change::RevokeJti { jti, exp } => {
+                j.jtis
+                    .insert(jti.clone(), exp.saturating_add(KEEP_PAST_EXP_SECS));
+            }
+            Change::RevokeClient { client, .. } => {
+                let entry = j.clients.entry(client.clone()).or_insert(value);
+                *entry = (*entry).max(value);
+            }
+            Change::SetDisabled {
+                connector,
+                disabled,
+            } => {
+                j.switches.insert(connector.clone(), (*disabled, value));
+            }
+        });
         self.save_journal().await;
         Ok(())
     }
@@ -636,6 +692,9 @@ impl RedisState {
     /// notices a loss first restores every switch, not only its own.
     pub async fn watch(&self) {
         let adopted = self.epoch.load_full();
+        // Read before asking: this replica's own calls may raise it meanwhile, and only a
+        // counter below what was seen *before* the question is a step back.
+        let seen_before = self.seen_generation.load(Ordering::Relaxed);
         let mut conn = self.connection();
         let mut pipe = redis::pipe();
         pipe.cmd("GET").arg(EPOCH).cmd("GET").arg(GENERATION);
@@ -645,14 +704,15 @@ impl RedisState {
         let Ok((epoch, generation, switches)) = seen else {
             return; // refused calls say so; the next round tries again
         };
-        self.check_eviction().await;
-        let rolled_back = generation.unwrap_or(0) < self.seen_generation.load(Ordering::Relaxed);
+        let evicted_maybe = self.check_eviction().await;
+        let rolled_back = generation.unwrap_or(0) < seen_before || evicted_maybe;
         if adopted.is_empty() || epoch.as_deref() != Some(adopted.as_str()) || rolled_back {
             if let Err(f) = self.resync(&adopted, rolled_back).await {
                 tracing::warn!(error = %StateError::from(f), "cannot resync the shared state");
             }
             return;
         }
+        self.saw_generation(generation.unwrap_or(0));
         let generation = self.seen_generation.load(Ordering::Relaxed);
         let mut changed = false;
         self.note(|j| {
@@ -679,24 +739,37 @@ impl RedisState {
     /// Reads `INFO memory`: a Redis that may evict keys cannot keep revocations, so decisions
     /// are refused while it may (an error in the log says how to fix it). A Redis that does
     /// not answer `INFO` is trusted.
-    async fn check_eviction(&self) {
+    /// Returns true when Redis stopped being able to evict: keys may have gone meanwhile, so
+    /// the caller starts a new epoch (as after a loss) and the journals re-seed.
+    async fn check_eviction(&self) -> bool {
         let info: Result<String, _> = self.run(redis::cmd("INFO").arg("memory").clone()).await;
-        let Ok(info) = info else { return };
+        let info = match info {
+            Ok(info) => info,
+            Err(e) => {
+                if !self.info_refused.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(error = %e, "cannot read INFO memory from Redis: its eviction policy is not checked; it must be maxmemory-policy noeviction");
+                }
+                return false;
+            }
+        };
         let risk = eviction_risk(&info);
         let mut current = self.unsafe_store.lock().unwrap_or_else(|e| e.into_inner());
-        if risk != *current {
-            match &risk {
-                Some(why) => tracing::error!("{why}; refusing every call until it is"),
-                None => tracing::info!("Redis no longer evicts keys; deciding calls again"),
-            }
-            current.clone_from(&risk);
+        if risk == *current {
+            return false;
         }
+        let recovered = current.is_some();
+        match &risk {
+            Some(why) => tracing::error!("{why}; refusing every call until it is"),
+            None => tracing::warn!("Redis no longer evicts keys: starting a new epoch (keys may have gone meanwhile), then deciding calls again"),
+        }
+        current.clone_from(&risk);
+        recovered
     }
 
     /// Joins the shared state at start-up (seeding it from the journal and the `memory`
     /// backend's file), so a move to shared state is seeded at once, not at the first call.
     pub async fn join(&self) -> Result<(), StateError> {
-        self.check_eviction().await;
+        let _ = self.check_eviction().await;
         let seen = self.epoch.load_full();
         if seen.is_empty() {
             self.resync(&seen, false).await?;
@@ -869,18 +942,16 @@ impl RedisState {
     }
 }
 
-/// The journal, if any. A corrupt one is set aside (`.corrupt`) with an error in the log: it
-/// is a safety net for a Redis that lost its data, not the store, so it does not keep the
-/// broker from starting.
+/// The journal, if any. A corrupt one is logged and replaced by the next write: it is a safety
+/// net for a Redis that lost its data, not the store, so it does not keep the broker from
+/// starting (nor does `explain`, which only reads, touch it).
 fn load_journal(file: &Path) -> Result<Journal, StateError> {
     match std::fs::read(file) {
         Ok(bytes) => match serde_json::from_slice(&bytes) {
             Ok(journal) => Ok(journal),
             Err(e) => {
-                let aside = file.with_extension("json.corrupt");
-                tracing::error!(file = %file.display(), aside = %aside.display(), error = %e,
-                    "the shared-state journal is corrupt; set aside, starting an empty one");
-                let _ = std::fs::rename(file, &aside);
+                tracing::error!(file = %file.display(), error = %e,
+                    "the shared-state journal is corrupt; starting an empty one (the next change replaces the file)");
                 Ok(Journal::default())
             }
         },

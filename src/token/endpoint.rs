@@ -102,6 +102,19 @@ async fn issue_state(
                     state_unavailable()
                 })?;
             shared.rate.map_err(rate_limited)?;
+            // A token issued now would be refused (a client revocation's or a lost state's
+            // cut-off reaches the allowed clock skew ahead): say when to come back instead.
+            let now = Utc::now().timestamp();
+            if now <= shared.cut_off {
+                return Err(TokenError {
+                    retry_after: Some(u64::try_from(shared.cut_off - now + 1).unwrap_or(1)),
+                    ..error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "temporarily_unavailable",
+                        "tokens issued now would fall under a revocation's cut-off; retry after the given seconds",
+                    )
+                });
+            }
             Ok(shared.disabled)
         }
     }

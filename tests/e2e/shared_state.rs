@@ -336,7 +336,17 @@ async fn redis_losing_its_data_undoes_no_revocation_and_no_kill_switch() {
 
     assert!(redis_command(redis.port, &["FLUSHALL"]).starts_with("+OK"));
 
-    // `b` notices first: what `a` switched off stays off, and nothing issued before passes.
+    // `b` notices first: nothing issued up to the new epoch's cut-off (its second plus the 1 s
+    // skew allowance) passes, so no token is issued until then — the client is told when to
+    // come back; and what `a` switched off stays off.
+    let (status, headers, body) = b
+        .token_request("bot", SECRET, "github:issues.read", &[])
+        .await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("temporarily_unavailable"), "{body}");
+    let wait: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=3).contains(&wait), "{wait}");
+    tokio::time::sleep(Duration::from_secs(wait)).await;
     let (status, _, body) = b
         .token_request("bot", SECRET, "github:issues.read", &[])
         .await;
@@ -351,8 +361,6 @@ async fn redis_losing_its_data_undoes_no_revocation_and_no_kill_switch() {
         .admin_call("POST", "/v1/enable", "{\"connector\":\"github\"}")
         .await;
     assert_eq!(status, 200);
-    // Past the loss's cut-off (its second + the 1 s skew allowance), new tokens work.
-    tokio::time::sleep(Duration::from_millis(2100)).await;
     let fresh = b.token("github:issues.read", &[]).await;
     assert_eq!(a.status("GET", TARGET, &fresh).await, 200);
     assert_eq!(up.count(), 2);
@@ -451,6 +459,8 @@ async fn redis_going_back_to_older_data_undoes_nothing_either() {
         .admin_call("POST", "/v1/revoke", "{\"connector\":\"github\"}")
         .await;
     assert_eq!(status, 200);
+    // Both replicas have looked at the counter (the watch, every 2 s).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     // A restore from an older snapshot, or a failover to a replica that lagged: the epoch is
     // still there, the latest changes are not, and the change counter is back where it was.
     let port = redis.port;
@@ -458,10 +468,16 @@ async fn redis_going_back_to_older_data_undoes_nothing_either() {
     assert!(redis_command(port, &["DEL", &key]).starts_with(":1"));
     assert!(redis_command(port, &["HDEL", "credbroker:switches", "github"]).starts_with(":1"));
     assert!(redis_command(port, &["SET", "credbroker:generation", "0"]).starts_with("+OK"));
+    // New changes do not paper over it (they would bring the counter back up).
+    for other in ["x1", "x2", "x3"] {
+        let body = format!("{{\"jti\":\"{other}\"}}");
+        assert_eq!(b.admin_call("POST", "/v1/revoke", &body).await.0, 200);
+    }
 
     // `a` saw the newer state: it notices (at its next call or watch round), refuses what was
     // issued before, and restores the kill switch from its journal.
     assert_eq!(a.status("GET", TARGET, &revoked).await, 401);
+    tokio::time::sleep(Duration::from_millis(2100)).await; // past the new epoch's cut-off
     let (status, _, body) = b
         .token_request("bot", SECRET, "github:issues.read", &[])
         .await;
@@ -500,12 +516,81 @@ async fn a_redis_that_may_evict_keys_is_not_trusted() {
         redis_command(port, &["CONFIG", "SET", "maxmemory-policy", "noeviction"])
             .starts_with("+OK")
     );
-    let deadline = Instant::now() + Duration::from_secs(6);
-    while a.status("GET", TARGET, &token).await != 200 {
+    // Trusted again, in a new epoch: keys may have been evicted meanwhile, so what was issued
+    // before is refused, and new tokens (past the cut-off) work.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, _, body) = a
+            .token_request("bot", SECRET, "github:issues.read", &[])
+            .await;
+        if status == 200 {
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            if a.status("GET", TARGET, v["access_token"].as_str().unwrap())
+                .await
+                == 200
+            {
+                break;
+            }
+        }
         assert!(
             Instant::now() < deadline,
             "not trusted again once it cannot evict"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    assert_eq!(a.status("GET", TARGET, &token).await, 401);
+}
+
+#[tokio::test]
+async fn a_replica_started_after_redis_went_back_notices() {
+    let Some(redis) = Redis::start() else { return };
+    let up = FakeUpstream::start().await;
+    let (_keys, mut a, _b) = two_replicas(&redis, &up, |c| c).await;
+    let revoked = a.token("github:issues.read", &[]).await;
+    let jti = jti_of(&revoked);
+    let body = format!("{{\"jti\":\"{jti}\"}}");
+    assert_eq!(a.admin_call("POST", "/v1/revoke", &body).await.0, 200);
+    // `a` stops; meanwhile Redis goes back to data from before the revocation.
+    a.stop().await;
+    let dir = std::mem::replace(&mut a.dir, tempfile::tempdir().unwrap());
+    let key = format!("credbroker:revoked:jti:{jti}");
+    assert!(redis_command(redis.port, &["DEL", &key]).starts_with(":1"));
+    assert!(redis_command(redis.port, &["SET", "credbroker:generation", "0"]).starts_with("+OK"));
+    // `a` starts again with its journal, which remembers the higher counter.
+    let text = std::fs::read_to_string(dir.path().join("credbroker.toml")).unwrap();
+    let again = TestBroker::start_in(&text, dir).await;
+    assert_eq!(again.status("GET", TARGET, &revoked).await, 401);
+    assert_eq!(up.count(), 0);
+}
+
+#[tokio::test]
+async fn busy_healthy_replicas_never_think_redis_went_back() {
+    let Some(redis) = Redis::start() else { return };
+    let up = FakeUpstream::start().await;
+    let (_keys, a, b) = two_replicas(&redis, &up, |c| c).await;
+    let early = a.token("github:issues.read", &[]).await;
+    // Every call with a max_uses token raises the change counter, on both replicas at once,
+    // across several watch rounds (2 s each).
+    let (a, b) = (std::sync::Arc::new(a), std::sync::Arc::new(b));
+    let until = Instant::now() + Duration::from_millis(5500);
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let broker = std::sync::Arc::clone(if i % 2 == 0 { &a } else { &b });
+        tasks.push(tokio::spawn(async move {
+            while Instant::now() < until {
+                let token = broker
+                    .token("github:issues.read", &[("max_uses", "5")])
+                    .await;
+                for _ in 0..5 {
+                    assert_eq!(broker.status("GET", TARGET, &token).await, 200);
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // No false alarm started a new epoch: a token from before still passes on both.
+    assert_eq!(a.status("GET", TARGET, &early).await, 200);
+    assert_eq!(b.status("GET", TARGET, &early).await, 200);
 }
