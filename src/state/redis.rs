@@ -8,23 +8,27 @@
 //! ([`RedisState::admit`]). Rate limits are GCRA (the algorithm governor uses in memory), with
 //! the theoretical arrival time kept per key in microseconds, on Redis's clock. Tokens carry
 //! their issuing replica's clock (`iat`), so the cut-off of a client revocation reaches the
-//! allowed clock skew (`tokens.leeway`) past the revoking replica's clock.
+//! allowed clock skew (`tokens.leeway`, at most 5 s) past the revoking replica's clock.
 //!
 //! Failure is closed: when Redis does not answer within [`STATE_TIMEOUT`], the call is refused
 //! (503 `state_unavailable`), never let through on local knowledge.
 //!
-//! Redis losing its data (a restart without persistence, eviction, a flush, a failover to a
-//! replica that lagged) must not undo revocations. An *epoch* key (`<id>:<start second>`) is
-//! created with the state, every decision script checks it first, and each replica remembers
-//! the epoch it last saw in its journal in `state.dir`. A replica that finds another epoch (or
-//! none) than the one it knew starts or adopts the new one and revokes every token issued
-//! before it began (their revocations and use counters may be gone; tokens are short-lived
-//! and clients fetch new ones); and every replica seeds Redis again from its journal — the
-//! revocations and kill switches it made — where a newer change (by timestamp) always wins.
+//! Redis losing data (a restart without persistence, a flush, a restore of an older snapshot,
+//! a failover to a replica that lagged, eviction) must not undo revocations. The state carries
+//! an *epoch* (`<id>:<cut-off second>`) and a change counter (`generation`, raised by every
+//! revocation, kill switch and spent use); every script checks both before it decides or
+//! changes anything, and each replica remembers the epoch and the highest counter it saw (in
+//! memory and in its journal in `state.dir`). A replica that finds another epoch, or a lower
+//! counter, starts or adopts a new epoch, whose cut-off refuses every token issued up to it
+//! (their revocations and use counters may be gone; tokens are short-lived and clients fetch
+//! new ones), and every replica seeds Redis again from its journal — the revocations it made
+//! and the kill switches in force — where a newer change (by timestamp) always wins. A Redis
+//! that may evict keys is not trusted at all ([`RedisState::watch`]).
 //!
 //! Keys (all under `credbroker:`): `epoch`; `revoked:jti:<jti>` (expires when its token can no
 //! longer pass); `revoked:clients` (hash: client → the second up to which its tokens are
 //! revoked); `revoked:before` (every token issued up to this second, set by a new epoch);
+//! `generation`;
 //! `switches` (hash: connector → `<1 disabled | 0 enabled>:<µs>`); `uses:<jti>`;
 //! `rate:client:<id>`, `rate:connector:<name>`, `rate:issue:<id>` (GCRA times).
 
@@ -40,9 +44,12 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{IntoConnectionInfo, RedisError, Script};
 use serde::{Deserialize, Serialize};
 
+mod scripts;
+
 use super::{Change, Revocations, StateError};
 use crate::config::RateLimit;
 use crate::secret::Secret;
+use scripts::{ADMIT, COMMON, ISSUE, RESYNC, REVOKE_CLIENT, REVOKE_JTI, SEED, SWITCH};
 
 /// The longest a call waits for Redis (connecting included) before it is refused.
 pub const STATE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -61,169 +68,6 @@ const GENERATION: &str = "credbroker:generation";
 /// A revoked `jti` and a `max_uses` counter are kept this long past the token's `exp`: longer
 /// than any clock-skew leeway, so neither goes while its token could still pass.
 const KEEP_PAST_EXP_SECS: i64 = 3600;
-
-/// Shared by the scripts: `gcra(key, per_second, burst, now_us)` takes one cell and returns 0,
-/// or returns the whole microseconds until one is free (taking nothing); `now_us()` is Redis's
-/// clock; `is_disabled(name)` reads the kill switch.
-const COMMON: &str = r"
-local function gcra(key, per_second, burst, now)
-  per_second = tonumber(per_second)
-  burst = tonumber(burst)
-  if per_second <= 0 then return 0 end
-  local interval = 1000000 / per_second
-  local tat = tonumber(redis.call('GET', key) or now)
-  if tat < now then tat = now end
-  local wait = tat - now - interval * (burst - 1)
-  if wait > 0 then return math.max(1, math.ceil(wait)) end
-  local next_tat = tat + interval
-  redis.call('SET', key, string.format('%.0f', next_tat), 'PX', math.ceil((next_tat - now) / 1000) + 1000)
-  return 0
-end
-local function now_us()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
--- For scripts taking ARGV[1] = the epoch this replica is in and ARGV[2] = the highest
--- generation it saw: 'epoch' if the epoch moved, 'rollback' if Redis went back to older data.
-local function guard()
-  if redis.call('GET', 'credbroker:epoch') ~= ARGV[1] then return 'epoch' end
-  if tonumber(redis.call('GET', 'credbroker:generation') or 0) < tonumber(ARGV[2]) then
-    return 'rollback'
-  end
-end
-local function is_disabled(name)
-  local v = redis.call('HGET', 'credbroker:switches', name)
-  return v and string.sub(v, 1, 1) == '1'
-end
-";
-
-/// Checks 2 to 5 of one proxy call, in DESIGN §4.3's order. Returns `{verdict, wait_us,
-/// generation}`. KEYS: epoch, revoked jti, revoked clients, revoked-before, uses counter,
-/// client rate, connector rate, generation. ARGV: epoch, client, iat, connector ('' when
-/// unknown or not asked), '1' when the call passed checks 2–3 locally, max_uses (0: none),
-/// unix second the counter may go, client per_second/burst, connector per_second/burst (0: no
-/// limit), the highest generation this replica has seen.
-const ADMIT: &str = r"
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {'epoch', 0, 0} end
-local gen = tonumber(redis.call('GET', KEYS[8]) or 0)
-if gen < tonumber(ARGV[12]) then return {'rollback', 0, gen} end
-if redis.call('EXISTS', KEYS[2]) == 1 then return {'revoked', 0, gen} end
-local iat = tonumber(ARGV[3])
-local cut = redis.call('HGET', KEYS[3], ARGV[2])
-if cut and iat <= tonumber(cut) then return {'revoked', 0, gen} end
-local before = redis.call('GET', KEYS[4])
-if before and iat <= tonumber(before) then return {'revoked', 0, gen} end
-if ARGV[4] ~= '' and is_disabled(ARGV[4]) then return {'disabled', 0, gen} end
-if ARGV[5] ~= '1' then return {'not_authorized', 0, gen} end
-local max = tonumber(ARGV[6])
-if max > 0 then
-  local used = redis.call('INCR', KEYS[5])
-  if used == 1 then redis.call('EXPIREAT', KEYS[5], ARGV[7]) end
-  gen = redis.call('INCR', KEYS[8])
-  if used > max then return {'uses_spent', 0, gen} end
-end
-local now = now_us()
-local wait = gcra(KEYS[6], ARGV[8], ARGV[9], now)
-if wait > 0 then return {'client_limited', wait, gen} end
-wait = gcra(KEYS[7], ARGV[10], ARGV[11], now)
-if wait > 0 then return {'connector_limited', wait, gen} end
-return {'ok', 0, gen}
-";
-
-/// What the token endpoint needs: `{verdict, wait_us, cut-off, disabled…}`, the cut-off being
-/// the latest second up to which this client's tokens are refused (its revocation, or a lost
-/// state's). KEYS: the client's issue-rate key. ARGV: epoch, generation seen, per_second,
-/// burst (0: no limit), client.
-const ISSUE: &str = r"
-local g = guard()
-if g then return {g, 0, 0} end
-local cut = tonumber(redis.call('HGET', 'credbroker:revoked:clients', ARGV[5]) or 0)
-cut = math.max(cut, tonumber(redis.call('GET', 'credbroker:revoked:before') or 0))
-local out = {'ok', gcra(KEYS[1], ARGV[3], ARGV[4], now_us()), cut}
-local switches = redis.call('HGETALL', 'credbroker:switches')
-for i = 1, #switches, 2 do
-  if string.sub(switches[i + 1], 1, 1) == '1' then table.insert(out, switches[i]) end
-end
-return out
-";
-
-/// Adopts the epoch in force, or starts one (`<id>:<cut-off second>`): when there is none,
-/// or when the one in force is the one this replica knew but Redis went back to older data
-/// (its generation is below what this replica saw, or ARGV[5] = '1': the caller found so). A replica that knew another epoch learns that state
-/// was lost since: no token issued up to the epoch's cut-off may pass (those tokens'
-/// revocations and counters may be gone). The generation never falls below what this replica
-/// saw. KEYS: epoch, revoked-before, generation. ARGV: a new id, the epoch this replica knew
-/// ('' if none), the cut-off of a new epoch (this replica's clock plus the clock-skew
-/// allowance), the highest generation it saw, '1' to start a new epoch. Returns the epoch.
-const RESYNC: &str = r"
-local current = redis.call('GET', KEYS[1])
-local gen = tonumber(redis.call('GET', KEYS[3]) or 0)
-local rolled_back = ARGV[5] == '1' or gen < tonumber(ARGV[4])
-if not current or (rolled_back and current == ARGV[2]) then
-  current = ARGV[1] .. ':' .. ARGV[3]
-  redis.call('SET', KEYS[1], current)
-end
-if ARGV[2] ~= '' and ARGV[2] ~= current then
-  local cut = tonumber(string.match(current, ':(%d+)$'))
-  local before = tonumber(redis.call('GET', KEYS[2]) or 0)
-  if cut > before then redis.call('SET', KEYS[2], cut) end
-end
-if gen < tonumber(ARGV[4]) then redis.call('SET', KEYS[3], ARGV[4]) end
-return current
-";
-
-/// Seeds what a replica's journal knows: ARGV[1] is JSON `{jtis: [[jti, until]], clients:
-/// [[client, at]], switches: [[connector, disabled, at_us]]}`. Nothing newer is overwritten.
-const SEED: &str = r"
-local j = cjson.decode(ARGV[1])
-local now = tonumber(redis.call('TIME')[1])
-for _, e in ipairs(j.jtis) do
-  if e[2] > now then redis.call('SET', 'credbroker:revoked:jti:' .. e[1], 1, 'EXAT', e[2]) end
-end
-for _, e in ipairs(j.clients) do
-  local at = tonumber(redis.call('HGET', 'credbroker:revoked:clients', e[1]) or -1)
-  if at < e[2] then redis.call('HSET', 'credbroker:revoked:clients', e[1], e[2]) end
-end
-for _, e in ipairs(j.switches) do
-  local cur = redis.call('HGET', 'credbroker:switches', e[1])
-  local at = cur and tonumber(string.sub(cur, 3)) or -1
-  if at < e[3] then
-    redis.call('HSET', 'credbroker:switches', e[1], (e[2] and '1' or '0') .. ':' .. string.format('%.0f', e[3]))
-  end
-end
-return 1
-";
-
-/// The admin changes. Each first checks the epoch and the generation (`guard`), then raises
-/// the generation. Returns `{verdict, generation, value}`.
-///
-/// One token. KEYS: its key. ARGV: epoch, generation seen, the second the entry may go.
-const REVOKE_JTI: &str = r"
-local g = guard()
-if g then return {g, 0, 0} end
-redis.call('SET', KEYS[1], 1, 'EXAT', ARGV[3])
-return {'ok', redis.call('INCR', 'credbroker:generation'), 0}
-";
-
-/// A client; its cut-off only ever moves forward. KEYS: revoked clients. ARGV: epoch,
-/// generation seen, client, cut-off second. The value is the cut-off in force.
-const REVOKE_CLIENT: &str = r"
-local g = guard()
-if g then return {g, 0, 0} end
-local at = tonumber(redis.call('HGET', KEYS[1], ARGV[3]) or -1)
-local cut = tonumber(ARGV[4])
-if at < cut then redis.call('HSET', KEYS[1], ARGV[3], cut) else cut = at end
-return {'ok', redis.call('INCR', 'credbroker:generation'), cut}
-";
-
-/// The kill switch. KEYS: switches. ARGV: epoch, generation seen, connector, '1'/'0', the
-/// stamp (µs on the replica's clock, the clock every cut-off uses).
-const SWITCH: &str = r"
-local g = guard()
-if g then return {g, 0, 0} end
-redis.call('HSET', KEYS[1], ARGV[3], ARGV[4] .. ':' .. ARGV[5])
-return {'ok', redis.call('INCR', 'credbroker:generation'), 0}
-";
 
 /// Whether a URL (the resolved `state.url`) can be used; the reason never quotes it.
 pub fn check_url(url: &[u8]) -> Result<(), &'static str> {
