@@ -148,7 +148,7 @@ struct Journal {
     jtis: HashMap<String, i64>,
     /// Per client: every token with `iat` up to this second is revoked.
     clients: HashMap<String, i64>,
-    /// Kill switches: `(disabled, when in µs)`.
+    /// Kill switches: `(disabled, stamp)`, the stamp being the generation the change raised.
     switches: HashMap<String, (bool, i64)>,
     /// The epoch this replica last saw.
     #[serde(default)]
@@ -441,22 +441,18 @@ impl RedisState {
                 connector,
                 disabled,
             } => {
-                let stamp = i64::try_from(now_ms()).unwrap_or(i64::MAX / 1000) * 1000;
                 let flag = if *disabled { "1" } else { "0" };
-                let (verdict, generation, _): (String, u64, i64) = self
-                    .in_epoch(|epoch| {
-                        let mut invocation = self.switch.prepare_invoke();
-                        invocation
-                            .key(SWITCHES)
-                            .arg(epoch)
-                            .arg(seen())
-                            .arg(connector)
-                            .arg(flag)
-                            .arg(stamp);
-                        invocation
-                    })
-                    .await?;
-                (verdict, generation, stamp)
+                self.in_epoch(|epoch| {
+                    let mut invocation = self.switch.prepare_invoke();
+                    invocation
+                        .key(SWITCHES)
+                        .arg(epoch)
+                        .arg(seen())
+                        .arg(connector)
+                        .arg(flag);
+                    invocation
+                })
+                .await?
             }
         };
         if verdict != "ok" {
@@ -531,9 +527,12 @@ impl RedisState {
         Ok(())
     }
 
-    /// Every [`WATCH_INTERVAL`]: notices lost state even without calls (resyncing then), and
+    /// Every [`WATCH_INTERVAL`]: notices lost state even without calls (resyncing then);
     /// copies the kill switches in force into this replica's journal, so whichever replica
-    /// notices a loss first restores every switch, not only its own.
+    /// notices a loss first restores every switch, not only its own; and seeds Redis with the
+    /// journal again, so a change lost in a way no counter shows (a shallow rollback that other
+    /// replicas' changes then covered) comes back within a round. Seeding is idempotent: only
+    /// an entry Redis lacks, or has older, is written.
     pub async fn watch(&self) {
         let adopted = self.epoch.load_full();
         // Read before asking: this replica's own calls may raise it meanwhile, and only a
@@ -577,6 +576,14 @@ impl RedisState {
         });
         if changed {
             self.save_journal().await;
+        }
+        let mut invocation = self.seed.prepare_invoke();
+        invocation.arg(self.seed_json());
+        if let Err(f) = self
+            .bounded(invocation.invoke_async::<i64>(&mut conn))
+            .await
+        {
+            tracing::warn!(error = %StateError::from(f), "cannot seed the shared state from the journal");
         }
     }
 

@@ -594,3 +594,43 @@ async fn busy_healthy_replicas_never_think_redis_went_back() {
     assert_eq!(a.status("GET", TARGET, &early).await, 200);
     assert_eq!(b.status("GET", TARGET, &early).await, 200);
 }
+
+#[tokio::test]
+async fn a_revocation_lost_without_a_trace_comes_back_from_the_journal() {
+    let Some(redis) = Redis::start() else { return };
+    let up = FakeUpstream::start().await;
+    let (_keys, a, b) = two_replicas(&redis, &up, |c| c).await;
+    let revoked = a.token("github:issues.read", &[]).await;
+    let jti = jti_of(&revoked);
+    let body = format!("{{\"jti\":\"{jti}\"}}");
+    assert_eq!(a.admin_call("POST", "/v1/revoke", &body).await.0, 200);
+    // Gone from Redis with no counter falling (a shallow rollback that other replicas' changes
+    // have covered since): `a`'s journal puts it back within a watch round.
+    let key = format!("credbroker:revoked:jti:{jti}");
+    assert!(redis_command(redis.port, &["DEL", &key]).starts_with(":1"));
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    for broker in [&a, &b] {
+        assert_eq!(broker.status("GET", TARGET, &revoked).await, 401);
+    }
+    assert_eq!(up.count(), 0);
+}
+
+#[tokio::test]
+async fn the_latest_kill_switch_stays_in_force_across_watch_rounds() {
+    let Some(redis) = Redis::start() else { return };
+    let up = FakeUpstream::start().await;
+    let (_keys, a, b) = two_replicas(&redis, &up, |c| c).await;
+    let github = "{\"connector\":\"github\"}";
+    assert_eq!(a.admin_call("POST", "/v1/revoke", github).await.0, 200);
+    assert_eq!(b.admin_call("POST", "/v1/enable", github).await.0, 200);
+    assert_eq!(a.admin_call("POST", "/v1/revoke", github).await.0, 200);
+    // Both replicas copy and re-seed their journals meanwhile: `b`'s enable is older than
+    // `a`'s last switch-off (their order is Redis's, not the replicas' clocks).
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    for broker in [&a, &b] {
+        let (status, _, body) = broker
+            .token_request("bot", SECRET, "github:issues.read", &[])
+            .await;
+        assert_eq!(status, 400, "still switched off: {body}");
+    }
+}

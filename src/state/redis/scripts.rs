@@ -156,11 +156,12 @@ if at < cut then redis.call('HSET', KEYS[1], ARGV[3], cut) else cut = at end
 return {'ok', redis.call('INCR', 'credbroker:generation'), cut}
 ";
 
-/// The kill switch. KEYS: switches. ARGV: epoch, generation seen, connector, '1'/'0', the
-/// stamp (µs on the replica's clock, the clock every cut-off uses).
+/// The kill switch. KEYS: switches. ARGV: epoch, generation seen, connector, '1'/'0'. The
+/// stamp is the generation it raises: one order for every replica, whatever their clocks.
 pub(super) const SWITCH: &str = r"
 local g = guard()
 if g then return {g, 0, 0} end
-redis.call('HSET', KEYS[1], ARGV[3], ARGV[4] .. ':' .. ARGV[5])
-return {'ok', redis.call('INCR', 'credbroker:generation'), 0}
+local gen = redis.call('INCR', 'credbroker:generation')
+redis.call('HSET', KEYS[1], ARGV[3], ARGV[4] .. ':' .. gen)
+return {'ok', gen, gen}
 ";
