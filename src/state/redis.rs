@@ -46,6 +46,7 @@ use serde::{Deserialize, Serialize};
 
 mod scripts;
 
+use super::local::Entries;
 use super::{Change, Revocations, StateError};
 use crate::config::RateLimit;
 use crate::secret::Secret;
@@ -176,8 +177,6 @@ pub struct RedisState {
     journal: Mutex<Journal>,
     journal_file: PathBuf,
     journal_writing: tokio::sync::Mutex<()>,
-    /// The `memory` backend's file in the same folder, seeded too (a move to shared state).
-    legacy_dir: PathBuf,
     admit: Script,
     issue: Script,
     resync: Script,
@@ -234,7 +233,12 @@ impl RedisState {
         let client = redis::Client::open(text).map_err(|_| bad())?;
         let conn = connect(&client)?;
         let journal_file = state_dir.join(format!("shared-{}.json", replica.unwrap_or("default")));
-        let journal = load_journal(&journal_file)?;
+        let mut journal = load_journal(&journal_file)?;
+        // The `memory` backend's file in the same folder is seeded too (a move to shared
+        // state keeps its revocations); it no longer changes, so it is read once, here.
+        if let Ok(legacy) = Revocations::load(state_dir) {
+            journal.adopt(legacy.entries());
+        }
         let script = |body: &str| Script::new(&format!("{COMMON}{body}"));
         Ok(Self {
             skew_secs,
@@ -247,7 +251,6 @@ impl RedisState {
             journal: Mutex::new(journal.clone()),
             journal_file,
             journal_writing: tokio::sync::Mutex::new(()),
-            legacy_dir: state_dir.to_path_buf(),
             admit: script(ADMIT),
             issue: script(ISSUE),
             resync: Script::new(RESYNC),
@@ -761,35 +764,35 @@ impl RedisState {
         }
     }
 
-    /// The seed for Redis: this replica's journal plus the `memory` backend's file.
+    /// The seed for Redis: this replica's journal.
     fn seed_json(&self) -> String {
-        let mut seed = self
-            .journal
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        if let Ok(legacy) = Revocations::load(&self.legacy_dir) {
-            let legacy = legacy.entries();
-            for (jti, exp) in legacy.jtis {
-                seed.jtis
-                    .entry(jti)
-                    .or_insert(exp.saturating_add(KEEP_PAST_EXP_SECS));
-            }
-            for (client, at) in legacy.clients {
-                let entry = seed.clients.entry(client).or_insert(at);
-                *entry = (*entry).max(at);
-            }
-            for connector in legacy.disabled {
-                // Older than any change made with shared state.
-                seed.switches.entry(connector).or_insert((true, 0));
-            }
-        }
+        let seed = self.journal.lock().unwrap_or_else(|e| e.into_inner());
         serde_json::json!({
             "jtis": seed.jtis.iter().map(|(j, u)| serde_json::json!([j, u])).collect::<Vec<_>>(),
             "clients": seed.clients.iter().map(|(c, a)| serde_json::json!([c, a])).collect::<Vec<_>>(),
             "switches": seed.switches.iter().map(|(c, (d, a))| serde_json::json!([c, d, a])).collect::<Vec<_>>(),
         })
         .to_string()
+    }
+}
+
+impl Journal {
+    /// Takes in the `memory` backend's revocations and kill switches; what the journal holds
+    /// already stays (it is newer).
+    fn adopt(&mut self, legacy: Entries) {
+        for (jti, exp) in legacy.jtis {
+            self.jtis
+                .entry(jti)
+                .or_insert(exp.saturating_add(KEEP_PAST_EXP_SECS));
+        }
+        for (client, at) in legacy.clients {
+            let entry = self.clients.entry(client).or_insert(at);
+            *entry = (*entry).max(at);
+        }
+        for connector in legacy.disabled {
+            // Older than any change made with shared state.
+            self.switches.entry(connector).or_insert((true, 0));
+        }
     }
 }
 

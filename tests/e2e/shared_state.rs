@@ -14,6 +14,13 @@ use crate::support::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_credbroker");
 const TARGET: &str = "/github/repos/acme/widget/issues";
+/// The body naming connector `github` at `/v1/revoke` (kill switch) and `/v1/enable`.
+const GITHUB: &str = "{\"connector\":\"github\"}";
+
+/// The `/v1/revoke` body for one token.
+fn jti_body(jti: &str) -> String {
+    format!("{{\"jti\":\"{jti}\"}}")
+}
 
 /// A `redis-server` of its own on a free loopback port, killed on drop.
 struct Redis {
@@ -114,7 +121,7 @@ async fn revocations_and_the_kill_switch_made_on_one_replica_bite_on_the_other()
     assert_eq!(b.status("GET", TARGET, &token).await, 200);
 
     // Revoked on `a`, refused by `b`.
-    let body = format!("{{\"jti\":\"{}\"}}", jti_of(&token));
+    let body = jti_body(&jti_of(&token));
     let (status, _, answer) = a.admin_call("POST", "/v1/revoke", &body).await;
     assert_eq!(status, 200, "{answer}");
     let (status, headers, _) = b.call("GET", TARGET, &token).await;
@@ -139,9 +146,7 @@ async fn revocations_and_the_kill_switch_made_on_one_replica_bite_on_the_other()
     // Past the client revocation's cut-off: its second plus the 1 s clock-skew allowance.
     tokio::time::sleep(Duration::from_millis(2100)).await;
     let fresh = a.token("github:issues.read", &[]).await;
-    let (status, _, _) = a
-        .admin_call("POST", "/v1/revoke", "{\"connector\":\"github\"}")
-        .await;
+    let (status, _, _) = a.admin_call("POST", "/v1/revoke", GITHUB).await;
     assert_eq!(status, 200);
     assert_eq!(b.status("GET", TARGET, &fresh).await, 403);
     assert!(reasons(&b).iter().any(|r| r == "connector_disabled"));
@@ -153,9 +158,7 @@ async fn revocations_and_the_kill_switch_made_on_one_replica_bite_on_the_other()
     let (_, _, view) = b.admin_call("GET", "/v1/connectors", "").await;
     let view: serde_json::Value = serde_json::from_str(&view).unwrap();
     assert_eq!(view["connectors"][0]["enabled"], false);
-    let (status, _, _) = b
-        .admin_call("POST", "/v1/enable", "{\"connector\":\"github\"}")
-        .await;
+    let (status, _, _) = b.admin_call("POST", "/v1/enable", GITHUB).await;
     assert_eq!(status, 200);
     assert_eq!(a.status("GET", TARGET, &fresh).await, 200);
 
@@ -259,7 +262,7 @@ async fn without_redis_nothing_is_decided_and_the_broker_recovers_with_it() {
         .await;
     assert_eq!(status, 503, "{body}");
     // A revocation that cannot be stored is not "done": 503, audited as failed.
-    let body = format!("{{\"jti\":\"{}\"}}", jti_of(&token));
+    let body = jti_body(&jti_of(&token));
     let (status, _, answer) = a.admin_call("POST", "/v1/revoke", &body).await;
     assert_eq!(status, 503, "{answer}");
     let admin = events(&a.audit(), "admin")
@@ -323,13 +326,11 @@ async fn redis_losing_its_data_undoes_no_revocation_and_no_kill_switch() {
     let up = FakeUpstream::start().await;
     let (_keys, a, b) = two_replicas(&redis, &up, |c| c).await;
     let revoked = a.token("github:issues.read", &[]).await;
-    let body = format!("{{\"jti\":\"{}\"}}", jti_of(&revoked));
+    let body = jti_body(&jti_of(&revoked));
     assert_eq!(a.admin_call("POST", "/v1/revoke", &body).await.0, 200);
     let once = a.token("github:issues.read", &[("max_uses", "1")]).await;
     assert_eq!(b.status("GET", TARGET, &once).await, 200);
-    let (status, _, _) = a
-        .admin_call("POST", "/v1/revoke", "{\"connector\":\"github\"}")
-        .await;
+    let (status, _, _) = a.admin_call("POST", "/v1/revoke", GITHUB).await;
     assert_eq!(status, 200);
     // Each replica copies the kill switches in force into its journal every 2 s.
     tokio::time::sleep(Duration::from_millis(2500)).await;
@@ -357,9 +358,7 @@ async fn redis_losing_its_data_undoes_no_revocation_and_no_kill_switch() {
             assert_eq!(broker.status("GET", TARGET, token).await, 401);
         }
     }
-    let (status, _, _) = b
-        .admin_call("POST", "/v1/enable", "{\"connector\":\"github\"}")
-        .await;
+    let (status, _, _) = b.admin_call("POST", "/v1/enable", GITHUB).await;
     assert_eq!(status, 200);
     let fresh = b.token("github:issues.read", &[]).await;
     assert_eq!(a.status("GET", TARGET, &fresh).await, 200);
@@ -453,11 +452,9 @@ async fn redis_going_back_to_older_data_undoes_nothing_either() {
     let (_keys, a, b) = two_replicas(&redis, &up, |c| c).await;
     let revoked = a.token("github:issues.read", &[]).await;
     let jti = jti_of(&revoked);
-    let body = format!("{{\"jti\":\"{jti}\"}}");
+    let body = jti_body(&jti);
     assert_eq!(a.admin_call("POST", "/v1/revoke", &body).await.0, 200);
-    let (status, _, _) = a
-        .admin_call("POST", "/v1/revoke", "{\"connector\":\"github\"}")
-        .await;
+    let (status, _, _) = a.admin_call("POST", "/v1/revoke", GITHUB).await;
     assert_eq!(status, 200);
     // Both replicas have looked at the counter (the watch, every 2 s).
     tokio::time::sleep(Duration::from_millis(2500)).await;
@@ -470,7 +467,7 @@ async fn redis_going_back_to_older_data_undoes_nothing_either() {
     assert!(redis_command(port, &["SET", "credbroker:generation", "0"]).starts_with("+OK"));
     // New changes do not paper over it (they would bring the counter back up).
     for other in ["x1", "x2", "x3"] {
-        let body = format!("{{\"jti\":\"{other}\"}}");
+        let body = jti_body(other);
         assert_eq!(b.admin_call("POST", "/v1/revoke", &body).await.0, 200);
     }
 
@@ -548,7 +545,7 @@ async fn a_replica_started_after_redis_went_back_notices() {
     let (_keys, mut a, _b) = two_replicas(&redis, &up, |c| c).await;
     let revoked = a.token("github:issues.read", &[]).await;
     let jti = jti_of(&revoked);
-    let body = format!("{{\"jti\":\"{jti}\"}}");
+    let body = jti_body(&jti);
     assert_eq!(a.admin_call("POST", "/v1/revoke", &body).await.0, 200);
     // `a` stops; meanwhile Redis goes back to data from before the revocation.
     a.stop().await;
@@ -602,7 +599,7 @@ async fn a_revocation_lost_without_a_trace_comes_back_from_the_journal() {
     let (_keys, a, b) = two_replicas(&redis, &up, |c| c).await;
     let revoked = a.token("github:issues.read", &[]).await;
     let jti = jti_of(&revoked);
-    let body = format!("{{\"jti\":\"{jti}\"}}");
+    let body = jti_body(&jti);
     assert_eq!(a.admin_call("POST", "/v1/revoke", &body).await.0, 200);
     // Gone from Redis with no counter falling (a shallow rollback that other replicas' changes
     // have covered since): `a`'s journal puts it back within a watch round.
@@ -620,10 +617,9 @@ async fn the_latest_kill_switch_stays_in_force_across_watch_rounds() {
     let Some(redis) = Redis::start() else { return };
     let up = FakeUpstream::start().await;
     let (_keys, a, b) = two_replicas(&redis, &up, |c| c).await;
-    let github = "{\"connector\":\"github\"}";
-    assert_eq!(a.admin_call("POST", "/v1/revoke", github).await.0, 200);
-    assert_eq!(b.admin_call("POST", "/v1/enable", github).await.0, 200);
-    assert_eq!(a.admin_call("POST", "/v1/revoke", github).await.0, 200);
+    assert_eq!(a.admin_call("POST", "/v1/revoke", GITHUB).await.0, 200);
+    assert_eq!(b.admin_call("POST", "/v1/enable", GITHUB).await.0, 200);
+    assert_eq!(a.admin_call("POST", "/v1/revoke", GITHUB).await.0, 200);
     // Both replicas copy and re-seed their journals meanwhile: `b`'s enable is older than
     // `a`'s last switch-off (their order is Redis's, not the replicas' clocks).
     tokio::time::sleep(Duration::from_millis(4500)).await;
