@@ -5,8 +5,11 @@
 //! with one `write`, and under `fsync = "always"` syncs it with one `fdatasync` before answering
 //! every waiter. If the write or sync fails, the file is cut back to its length before the batch
 //! and seq/prev stay where they were, so the next batch simply tries again: the broker refuses
-//! calls while the disk is full and serves again once it is not. Async callers get their
-//! answers through their worker's relay (`audit::relay`): one cross-thread wake a batch.
+//! calls while the disk is full and serves again once it is not. Async callers on a worker
+//! hand their records over together (`audit::gather`: one send for all the calls a runtime had
+//! ready, so the writer is not woken by the first of them while the worker makes the rest)
+//! and get their answers through their worker's relay (`audit::relay`): one cross-thread wake
+//! a batch each way.
 //!
 //! Under `never` and `interval` nobody waits for a sync, and handing each record to another
 //! thread would cost two context switches per call for nothing: there the callers seal and
@@ -164,6 +167,8 @@ struct Shared {
 
 enum Msg {
     Append(Box<Record>, Reply),
+    /// A worker's gathered records (`audit::gather`), in the order they came.
+    Batch(Vec<(Box<Record>, Reply)>),
     /// Close the log, after writing this last record if there is one; the answer is that
     /// record's outcome.
     Close(mpsc::SyncSender<Option<Answer>>, Option<Box<Record>>),
@@ -269,29 +274,43 @@ impl AuditLog {
             return match self.inner.gathers.join(slot, record) {
                 Joined::Joiner(answer) => answer.await.map_err(|_| AuditError::Closed)?,
                 Joined::Leader(slot) => {
-                    let lead = Lead {
-                        log: self,
-                        slot,
-                        done: false,
-                    };
+                    let lead = self.lead(slot, None);
                     // Let this runtime's other ready calls reach their audit step and join.
                     tokio::task::yield_now().await;
                     lead.write()
                 }
             };
         }
-        let (tx, rx) = tokio::sync::oneshot::channel();
         // Under `always` the writer thread answers; through a relay, its wake-ups stay few.
+        // Callers on a worker also hand their records over together (`audit::gather`): one
+        // send per gathering, so the writer is woken once for what a runtime had ready, not
+        // by the first record of it, preempting the worker that is still making the rest.
         let relay = match self.inner.tx {
             Some(_) => self.inner.shared.relays.for_caller(),
             None => None,
         };
-        let reply = match relay {
-            Some(worker) => Reply::Relayed(tx, worker),
-            None => Reply::Async(tx),
-        };
-        self.send(record, reply)?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        match relay.zip(self.inner.gathers.slot_for_caller()) {
+            Some((worker, slot)) => match self.inner.gathers.join(slot, record) {
+                Joined::Joiner(answer) => return answer.await.map_err(|_| AuditError::Closed)?,
+                Joined::Leader(slot) => {
+                    let lead = self.lead(slot, Some((tx, worker)));
+                    tokio::task::yield_now().await;
+                    lead.hand_over()?;
+                }
+            },
+            None => self.send(record, Reply::Async(tx))?,
+        }
         rx.await.map_err(|_| AuditError::Closed)?
+    }
+
+    fn lead(&self, slot: usize, relayed: Option<(AnswerTx, usize)>) -> Lead<'_> {
+        Lead {
+            log: self,
+            slot,
+            relayed,
+            done: false,
+        }
     }
 
     /// Queues a record without waiting for it to be written. It is in the writer's queue when
@@ -437,11 +456,15 @@ impl AuditLog {
     }
 }
 
-/// A gathering's leader (`audit::gather`): writes what was gathered, also when dropped
-/// before it got to (its call cancelled), so no joiner is left waiting.
+/// A gathering's leader (`audit::gather`): writes what was gathered (or, under `always`, hands
+/// it to the writer thread), also when dropped before it got to (its call cancelled), so no
+/// joiner is left waiting.
 struct Lead<'a> {
     log: &'a AuditLog,
     slot: usize,
+    /// Under `always`: where the writer answers the leader's own record, and the worker whose
+    /// relay hands out the answers.
+    relayed: Option<(AnswerTx, usize)>,
     done: bool,
 }
 
@@ -450,6 +473,13 @@ impl Lead<'_> {
     fn write(mut self) -> Result<u64, AuditError> {
         self.done = true;
         self.write_gathered()
+    }
+
+    /// Under `always`: sends the gathering to the writer thread in one message; the writer
+    /// answers every record, the leader's included, through the worker's relay.
+    fn hand_over(mut self) -> Result<(), AuditError> {
+        self.done = true;
+        self.send_gathered()
     }
 
     fn write_gathered(&self) -> Result<u64, AuditError> {
@@ -473,12 +503,35 @@ impl Lead<'_> {
         }
         result
     }
+
+    fn send_gathered(&mut self) -> Result<(), AuditError> {
+        let (records, joiners) = self.log.inner.gathers.take(self.slot);
+        let Some((leader, worker)) = self.relayed.take() else {
+            return Err(AuditError::Closed);
+        };
+        let replies = std::iter::once(leader).chain(joiners);
+        let batch: Vec<_> = records
+            .into_iter()
+            .zip(replies)
+            .map(|(record, tx)| (Box::new(record), Reply::Relayed(tx, worker)))
+            .collect();
+        let queue = self.log.inner.tx.as_ref().ok_or(AuditError::Closed)?;
+        // A refused send drops the batch, and with it every answer sender: the waiters see
+        // the log closed.
+        queue
+            .send(Msg::Batch(batch))
+            .map_err(|_| AuditError::Closed)
+    }
 }
 
 impl Drop for Lead<'_> {
     fn drop(&mut self) {
         if !self.done {
-            let _ = self.write_gathered();
+            if self.relayed.is_some() {
+                let _ = self.send_gathered();
+            } else {
+                let _ = self.write_gathered();
+            }
         }
     }
 }
@@ -674,6 +727,7 @@ impl Writer {
             while let Some(msg) = next.take() {
                 match msg {
                     Msg::Append(rec, reply) => appends.push((rec, reply)),
+                    Msg::Batch(batch) => appends.extend(batch),
                     Msg::Close(ack, last) => {
                         closing = Some((ack, last));
                         break;
@@ -1553,22 +1607,39 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn under_always_a_workers_callers_get_their_answers_through_its_relay() {
+    async fn under_always_a_workers_callers_hand_over_together_and_get_their_answers_through_its_relay(
+    ) {
         let (_dir, o, log) = open_on_worker_0(FsyncPolicy::Always);
         let mut seqs = append_concurrently(&log, 20).await;
-        seqs.sort_unstable();
-        assert_eq!(seqs, (1..=20).collect::<Vec<u64>>());
         assert!(
             log.inner.shared.relays.running(0),
             "the answers went through worker 0's relay"
         );
+        assert_eq!(
+            log.inner.shared.batches.load(Ordering::Relaxed),
+            1,
+            "the 20 records ready together reached the writer in one message: one write"
+        );
         log.close();
+        let lines = read_lines(&o.path);
+        for (i, seq) in seqs.iter().enumerate() {
+            let line = &lines[usize::try_from(*seq).unwrap() - 1];
+            assert!(line.contains(&format!("\"c{i}\"")), "{line}");
+        }
+        seqs.sort_unstable();
+        assert_eq!(seqs, (1..=20).collect::<Vec<u64>>());
         assert_intact(&o.path);
     }
 
     #[tokio::test]
     async fn a_leader_dropped_while_gathering_still_writes_for_those_who_joined() {
-        let (_dir, o, log) = open_on_worker_0(FsyncPolicy::Never);
+        for policy in [FsyncPolicy::Never, FsyncPolicy::Always] {
+            leader_dropped_while_gathering(policy).await;
+        }
+    }
+
+    async fn leader_dropped_while_gathering(policy: FsyncPolicy) {
+        let (_dir, o, log) = open_on_worker_0(policy);
         let mut leader = Box::pin(log.append(proxy("leader")));
         // First poll: the leader opens the gathering and yields.
         let waker = futures_util::task::noop_waker();
