@@ -5,7 +5,6 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::Subcommand;
 
 #[derive(Debug, Subcommand)]
@@ -27,6 +26,20 @@ pub enum KeygenCommand {
     },
 }
 
+/// Why a key file could not be created, in the words that tell the user what to change.
+fn cannot_create(path: &std::path::Path, e: &std::io::Error) -> String {
+    let path = path.display();
+    match e.kind() {
+        std::io::ErrorKind::AlreadyExists => {
+            format!("{path} already exists: keygen never overwrites a key (remove it first)")
+        }
+        std::io::ErrorKind::NotFound => {
+            format!("cannot create {path}: its folder does not exist")
+        }
+        _ => format!("cannot create {path}: {e}"),
+    }
+}
+
 pub fn run(cmd: KeygenCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         KeygenCommand::SigningKey { out } => {
@@ -38,9 +51,7 @@ pub fn run(cmd: KeygenCommand) -> anyhow::Result<ExitCode> {
                         .create_new(true)
                         .mode(0o600)
                         .open(&path)
-                        .with_context(|| {
-                            format!("cannot create {} (it must not exist yet)", path.display())
-                        })?;
+                        .map_err(|e| anyhow::anyhow!("{}", cannot_create(&path, &e)))?;
                     f.write_all(pem.expose())?;
                     eprintln!("wrote {}", path.display());
                 }

@@ -78,8 +78,8 @@ struct TokenResponse {
     expires_in: Option<serde_json::Value>,
 }
 
-/// Reads `access_token` and `expires_in` (a number, or a numeric string as some servers
-/// send; absent means [`DEFAULT_EXPIRES_IN`]) from a token response sent at `sent_at`.
+/// Reads `access_token` and `expires_in` (a number, its fraction dropped, or a numeric string
+/// as some servers send; absent means [`DEFAULT_EXPIRES_IN`]) from a token response sent at `sent_at`.
 pub fn parse(body: &[u8], sent_at: DateTime<Utc>) -> Result<Minted, CredentialError> {
     let response: TokenResponse = serde_json::from_slice(body)
         .map_err(|_| CredentialError::Malformed("not a JSON token response"))?;
@@ -102,9 +102,12 @@ pub fn parse(body: &[u8], sent_at: DateTime<Utc>) -> Result<Minted, CredentialEr
         .ok_or(CredentialError::Malformed("no access_token"))?;
     let expires_in = match response.expires_in {
         None | Some(serde_json::Value::Null) => DEFAULT_EXPIRES_IN,
-        Some(serde_json::Value::Number(n)) => n.as_i64().ok_or(CredentialError::Malformed(
-            "expires_in is not a whole number",
-        ))?,
+        // Whole seconds per RFC 6749, but a server sending `3600.0` means an hour: a fraction
+        // is dropped (the credential is refreshed a moment early, never late).
+        Some(serde_json::Value::Number(n)) => n
+            .as_i64()
+            .or_else(|| n.as_f64().map(|f| f.floor() as i64))
+            .ok_or(CredentialError::Malformed("expires_in is not a number"))?,
         Some(serde_json::Value::String(s)) => s
             .parse()
             .map_err(|_| CredentialError::Malformed("expires_in is not a number"))?,
@@ -163,13 +166,21 @@ mod tests {
     }
 
     #[test]
-    fn expires_in_absent_counts_as_300s_and_strings_are_read() {
+    fn expires_in_absent_counts_as_300s_and_strings_and_fractions_are_read() {
         let t0 = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
         let m = parse(br#"{"access_token":"at","token_type":"Bearer"}"#, t0).unwrap();
         assert_eq!(m.expires_at, t0 + chrono::Duration::seconds(300));
         let m = parse(br#"{"access_token":"at","expires_in":"120"}"#, t0).unwrap();
         assert_eq!(m.expires_at, t0 + chrono::Duration::seconds(120));
         assert_eq!(m.token.expose(), b"at");
+        let m = parse(br#"{"access_token":"at","expires_in":3600.0}"#, t0).unwrap();
+        assert_eq!(m.expires_at, t0 + chrono::Duration::seconds(3600));
+        let m = parse(br#"{"access_token":"at","expires_in":59.9}"#, t0).unwrap();
+        assert_eq!(
+            m.expires_at,
+            t0 + chrono::Duration::seconds(59),
+            "never late"
+        );
     }
 
     #[test]
@@ -180,6 +191,7 @@ mod tests {
             br#"{"token_type":"Bearer"}"#,
             br#"{"access_token":"at","expires_in":0}"#,
             br#"{"access_token":"at","expires_in":-5}"#,
+            br#"{"access_token":"at","expires_in":0.5}"#,
             br#"{"access_token":"","expires_in":60}"#,
             br#"{"access_token":"leaky","expires_in":[1]}"#,
             br#"{"access_token":"leaky","token_type":"mac","expires_in":60}"#,

@@ -50,12 +50,20 @@ pub enum PatternError {
     },
     /// A character that a canonical request path can never contain (see
     /// `crate::proxy::canonical::check_path`): a control byte, space, non-ASCII, `\`, `;`,
-    /// `%`, `#` or `?`. A pattern containing one could never match, so it is refused.
+    /// `#` or `?`. A pattern containing one could never match, so it is refused.
     #[error("pattern contains {ch:?}, which a canonical path never contains")]
     ForbiddenChar {
         /// The offending character.
         ch: char,
     },
+    /// A `%` that does not start a `%XX` escape a canonical path may hold: malformed, or the
+    /// encoding of `/`, `\`, `.`, `%`, a control byte or a byte >= 0x80. Such a pattern could
+    /// never match.
+    #[error(
+        "pattern has a '%' that is not an escape a canonical path may hold \
+         (%XX, and not the encoding of '/', '\\', '.', '%', a control byte or non-ASCII)"
+    )]
+    ForbiddenEscape,
 }
 
 /// One segment of a compiled pattern.
@@ -105,6 +113,11 @@ impl Pattern {
         }
         check_catch_all_last(&segments)?;
         check_unique_names(&segments)?;
+        // A literal may hold an escape (`my%20repo`), matched as written, byte for byte; only
+        // the escapes the canonical check lets through can ever match.
+        if source.contains('%') && crate::proxy::canonical::check_path(source).is_err() {
+            return Err(PatternError::ForbiddenEscape);
+        }
         Ok(Pattern {
             source: source.into(),
             segments,
@@ -179,9 +192,10 @@ pub(crate) fn is_bindable(seg: &str) -> bool {
     !seg.is_empty() && seg != "." && seg != ".."
 }
 
-/// Characters `check_path` refuses anywhere in a path, plus `?` which ends a path.
+/// Characters `check_path` refuses anywhere in a path, plus `?` which ends a path. (`%` is
+/// checked with the escape that follows it.)
 fn is_forbidden_char(c: char) -> bool {
-    !c.is_ascii() || c.is_ascii_control() || matches!(c, ' ' | '\\' | ';' | '%' | '#' | '?')
+    !c.is_ascii() || c.is_ascii_control() || matches!(c, ' ' | '\\' | ';' | '#' | '?')
 }
 
 fn parse_segment(raw: &str) -> Result<Segment, PatternError> {
@@ -327,7 +341,13 @@ mod tests {
             ("/{a}/{*a}", DuplicateParam { name: "a".into() }),
             ("/a\\b", ForbiddenChar { ch: '\\' }),
             ("/a;b", ForbiddenChar { ch: ';' }),
-            ("/a%2fb", ForbiddenChar { ch: '%' }),
+            ("/a%2fb", ForbiddenEscape),
+            ("/a%2Eb", ForbiddenEscape),
+            ("/a%25", ForbiddenEscape),
+            ("/a%c3%a9", ForbiddenEscape),
+            ("/a%0a", ForbiddenEscape),
+            ("/a%2", ForbiddenEscape),
+            ("/a%zz/{b}", ForbiddenEscape),
             ("/caf\u{e9}", ForbiddenChar { ch: '\u{e9}' }),
             ("/a\tb", ForbiddenChar { ch: '\t' }),
             ("/a b", ForbiddenChar { ch: ' ' }),
@@ -337,6 +357,21 @@ mod tests {
         for (src, want) in cases {
             assert_eq!(Pattern::parse(src).as_ref(), Err(want), "pattern {src:?}");
         }
+    }
+
+    #[test]
+    fn a_literal_escape_matches_as_written_and_nothing_else() {
+        let pat = p("/repos/my%20repo/{n}");
+        assert!(pat.matches("/repos/my%20repo/1"));
+        for other in [
+            "/repos/my repo/1",
+            "/repos/my%2520repo/1",
+            "/repos/my+repo/1",
+        ] {
+            assert!(!pat.matches(other), "{other}");
+        }
+        // Byte for byte, no decoding: the other hex case is another path.
+        assert!(!p("/a%7e").matches("/a%7E"));
     }
 
     #[test]

@@ -223,6 +223,22 @@ mod tests {
     }
 
     #[test]
+    fn a_literal_escape_is_matched_byte_for_byte() {
+        let r = router(&[(Method::GET, "/repos/my%20repo/{n}")]);
+        assert_eq!(
+            r.find(&Method::GET, "/repos/my%20repo/1", |_| true),
+            Some(0)
+        );
+        for path in [
+            "/repos/my repo/1",
+            "/repos/my%2520repo/1",
+            "/repos/my%20Repo/1",
+        ] {
+            assert_eq!(r.find(&Method::GET, path, |_| true), None, "{path:?}");
+        }
+    }
+
+    #[test]
     fn refuses_non_canonical_shapes() {
         let r = router(&[
             (Method::GET, "/"),

@@ -187,14 +187,25 @@ pub fn percent_decode(s: &str) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// True if the query has a parameter whose percent-decoded name equals `name` (ASCII case-insensitive).
-///
-/// A name that does not decode is compared as it is.
+/// True if the query has a parameter that names `name` (see [`names_param`]).
 pub fn query_has_param(query: &str, name: &str) -> bool {
-    query_names(query).any(|raw| match percent_decode(raw) {
-        Some(decoded) => decoded.eq_ignore_ascii_case(name.as_bytes()),
-        None => raw.eq_ignore_ascii_case(name),
-    })
+    query_names(query).any(|raw| names_param(raw, name))
+}
+
+/// Whether a raw query parameter name stands for `name`: its percent-decoded bytes are `name`
+/// (ASCII case-insensitive), or `name` followed by a byte that cannot continue a name — the
+/// array and map forms `name[]`, `name[0]`, `name.x` that PHP, Rails and others bind to
+/// `name`, and `name%3D…`, a whole `name=value` encoded into a name. Longer names such as
+/// `api_keys` or `access_token_hint` do not. A name that does not decode is compared as it is.
+pub fn names_param(raw: &str, name: &str) -> bool {
+    let decoded = percent_decode(raw);
+    let bytes = decoded.as_deref().unwrap_or(raw.as_bytes());
+    match bytes.get(..name.len()) {
+        Some(head) if head.eq_ignore_ascii_case(name.as_bytes()) => bytes
+            .get(name.len())
+            .is_none_or(|&next| !(next.is_ascii_alphanumeric() || next == b'_' || next == b'-')),
+        _ => false,
+    }
 }
 
 /// The byte rules of the path, in one pass.
@@ -378,6 +389,17 @@ mod tests {
         // Only the name counts: a value that looks like the name is fine.
         assert_eq!(check_query("x=access_token"), Ok(()));
         assert_eq!(check_query("access_token_hint=1"), Ok(()));
+        for hidden in [
+            "access_token[]=t",
+            "x=1&access_token%3Dt",
+            "Access_Token.0=t",
+        ] {
+            assert_eq!(
+                check_query(hidden),
+                Err(CanonicalError::AccessTokenInQuery),
+                "{hidden}"
+            );
+        }
     }
 
     #[test]
@@ -390,6 +412,22 @@ mod tests {
         assert!(query_has_param("a=1&api_key", "api_key"));
         assert!(!query_has_param("x=api_key", "api_key"));
         assert!(!query_has_param("api_keys=1", "api_key"));
+        assert!(!query_has_param("api_key-id=1", "api_key"));
+        for framework_form in [
+            "api_key[]=2",
+            "api_key[0]=2",
+            "api_key.x=2",
+            "API_KEY%5B%5D=2",
+        ] {
+            assert!(
+                query_has_param(framework_form, "api_key"),
+                "{framework_form}"
+            );
+        }
+        assert!(
+            query_has_param("api_key%3D2", "api_key"),
+            "name=value encoded as a name"
+        );
         assert!(query_has_param("a%zz=1", "a%zz"));
     }
 

@@ -1013,8 +1013,10 @@ impl AuditFacts {
 }
 
 /// The query as recorded: an `access_token` value (a token sent where it must not be) is
-/// replaced by `REDACTED`. Pieces are split on `&` and `;` and names compared after
-/// percent-decoding, case-insensitively — the same way [`canonical::check_query`] finds it.
+/// replaced by `REDACTED`. Pieces are split on `&` and `;` and names compared the way
+/// [`canonical::check_query`] finds them ([`canonical::names_param`]); a piece whose name is
+/// only a form of `access_token` (`access_token[]`, or `access_token%3D<token>`, where the
+/// token is in the name itself) is replaced whole.
 pub fn redact_query(query: &str) -> String {
     let mut out = String::with_capacity(query.len());
     let mut start = 0;
@@ -1027,12 +1029,16 @@ pub fn redact_query(query: &str) -> String {
         }
         let piece = &query[start..i];
         let name = piece.split_once('=').map_or(piece, |(n, _)| n);
-        let decoded = canonical::percent_decode(name).unwrap_or_else(|| name.as_bytes().to_vec());
-        if decoded.eq_ignore_ascii_case(b"access_token") && piece.contains('=') {
+        let exact = || {
+            canonical::percent_decode(name).is_some_and(|d| d.eq_ignore_ascii_case(b"access_token"))
+        };
+        if !canonical::names_param(name, "access_token") || piece == name && exact() {
+            out.push_str(piece);
+        } else if exact() {
             out.push_str(name);
             out.push_str("=REDACTED");
         } else {
-            out.push_str(piece);
+            out.push_str("REDACTED");
         }
         if i < query.len() {
             out.push(c);
@@ -1061,5 +1067,13 @@ mod tests {
             "access%5Ftoken=REDACTED"
         );
         assert_eq!(redact_query("state=open&page=2"), "state=open&page=2");
+        assert_eq!(redact_query("a=1&access_token[]=SECRET"), "a=1&REDACTED");
+        assert_eq!(redact_query("access_token&b"), "access_token&b", "no value");
+        assert_eq!(redact_query("access_token%3DSECRET;b=2"), "REDACTED;b=2");
+        assert_eq!(
+            redact_query("access_token_hint=x"),
+            "access_token_hint=x",
+            "another parameter"
+        );
     }
 }

@@ -691,6 +691,16 @@ fn jwt_cases(key: &TestKey, t: &str) -> Vec<Case> {
             s(400),
         ),
         (
+            "token-in-query-as-array",
+            req("GET", &format!("{ALLOWED}?access_token[]={t}"), t, ""),
+            s(400),
+        ),
+        (
+            "token-in-query-as-encoded-name",
+            req("GET", &format!("{ALLOWED}?access_token%3D{t}"), t, ""),
+            s(400),
+        ),
+        (
             "two-authorization",
             req("GET", ALLOWED, t, &format!("Authorization: Bearer {t}\r\n")),
             s(400),

@@ -128,15 +128,18 @@ fn keygen_commands() {
         0o600
     );
     credbroker::token::SigningKeys::from_pem_file(&key).unwrap();
-    assert_ne!(
-        code(&credbroker(&[
-            "keygen",
-            "signing-key",
-            "--out",
-            key.to_str().unwrap()
-        ])),
-        0,
-        "never overwrites"
+    let again = credbroker(&["keygen", "signing-key", "--out", key.to_str().unwrap()]);
+    assert_ne!(code(&again), 0, "never overwrites");
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("already exists"),
+        "{again:?}"
+    );
+    let nowhere = dir.path().join("missing/signing.pem");
+    let o = credbroker(&["keygen", "signing-key", "--out", nowhere.to_str().unwrap()]);
+    assert_ne!(code(&o), 0);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("folder does not exist"),
+        "the message names the real problem: {o:?}"
     );
     // Every command takes --config (DESIGN §2), even where it does not need one.
     assert_eq!(

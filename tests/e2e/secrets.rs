@@ -234,6 +234,24 @@ async fn tls_session(hay: &mut Haystack) -> (Vec<String>, String) {
             ),
         ),
         (
+            "token in query as an array",
+            bearer(
+                "GET",
+                &format!("/github/repos/acme/widget/issues?access_token[]={t1}"),
+                &t1,
+                "",
+            ),
+        ),
+        (
+            "token in query as an encoded name",
+            bearer(
+                "GET",
+                &format!("/github/repos/acme/widget/issues?a=1&access_token%3D{t1}"),
+                &t1,
+                "",
+            ),
+        ),
+        (
             "client secret as token",
             bearer("GET", "/github/repos/acme/widget/issues", SECRET, ""),
         ),
