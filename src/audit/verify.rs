@@ -36,6 +36,8 @@ pub struct VerifyOptions {
 pub struct VerifyReport {
     /// Records that verified (all of them when intact; those before the break otherwise).
     pub records: u64,
+    /// The first verified record's seq (above 1 only with `allow_later_start`).
+    pub first_seq: Option<u64>,
     /// The last verified record's seq and hash: worth noting down, since a plain chain cannot
     /// itself show that records after it were cut off.
     pub last: Option<(u64, String)>,
@@ -56,6 +58,12 @@ impl fmt::Display for VerifyReport {
         match &self.failure {
             None => {
                 write!(f, "intact: {} records", self.records)?;
+                if let Some(seq) = self.first_seq.filter(|&seq| seq > 1) {
+                    write!(
+                        f,
+                        " from seq {seq} (what came before it is not in these files)"
+                    )?;
+                }
                 if let Some((seq, hash)) = &self.last {
                     write!(f, "; last record seq {seq}, hash {hash}")?;
                 }
@@ -133,7 +141,11 @@ impl fmt::Display for FailureReason {
             Self::HashNotLast => f.write_str("`hash` is not the last member or is malformed"),
             Self::TornLine => f.write_str("torn line: the file ends without a newline"),
             Self::FirstPrevNotZero => f.write_str("the record with seq 1 has a non-zero prev"),
-            Self::StartsLate { seq } => write!(f, "the chain starts at seq {seq}, not 1"),
+            Self::StartsLate { seq } => write!(
+                f,
+                "the chain starts at seq {seq}, not 1 (if older files were deleted on purpose, \
+                 --pruned verifies from the first record given)"
+            ),
         }
     }
 }
@@ -166,6 +178,7 @@ pub fn verify_files_with(
         key,
         opts,
         records: 0,
+        first_seq: None,
         last: None,
     };
     for path in paths {
@@ -185,6 +198,7 @@ struct ChainState<'k> {
     key: Option<&'k Secret>,
     opts: VerifyOptions,
     records: u64,
+    first_seq: Option<u64>,
     last: Option<Checked>,
 }
 
@@ -236,6 +250,7 @@ impl ChainState<'_> {
             None => {}
         }
         self.records += 1;
+        self.first_seq.get_or_insert(checked.seq);
         self.last = Some(checked);
         Ok(())
     }
@@ -243,6 +258,7 @@ impl ChainState<'_> {
     fn into_report(self, failure: Option<VerifyFailure>) -> VerifyReport {
         VerifyReport {
             records: self.records,
+            first_seq: self.first_seq,
             last: self.last.map(|c| (c.seq, c.hash)),
             failure,
         }

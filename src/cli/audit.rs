@@ -22,6 +22,10 @@ pub enum AuditCommand {
         /// The HMAC key as a secret reference (env:NAME, file:PATH, literal:VALUE).
         #[arg(long)]
         hmac_key: Option<String>,
+        /// The oldest files were deleted (retention): accept a chain whose first record has a
+        /// seq above 1. Whatever came before that record is not checked.
+        #[arg(long)]
+        pruned: bool,
     },
     /// Filter records: a table by default, JSON lines with --json.
     Query {
@@ -54,7 +58,11 @@ pub enum AuditCommand {
 
 pub fn run(cmd: AuditCommand, config: &ConfigPath) -> anyhow::Result<ExitCode> {
     match cmd {
-        AuditCommand::Verify { files, hmac_key } => verify(&files, config, hmac_key.as_deref()),
+        AuditCommand::Verify {
+            files,
+            hmac_key,
+            pruned,
+        } => verify(&files, config, hmac_key.as_deref(), pruned),
         AuditCommand::Query {
             files,
             client,
@@ -148,6 +156,7 @@ fn verify(
     files: &[PathBuf],
     config: &ConfigPath,
     hmac_key: Option<&str>,
+    pruned: bool,
 ) -> anyhow::Result<ExitCode> {
     let key: Option<Secret> = match hmac_key {
         Some(_) if config.explicit => {
@@ -163,25 +172,14 @@ fn verify(
             auditor_config(config, "verifying as a plain SHA-256 chain")?.and_then(|c| c.hmac_key)
         }
     };
-    match audit::verify_files(files, key.as_ref()) {
-        Ok(report) => match &report.failure {
-            None => {
-                let last = report
-                    .last
-                    .as_ref()
-                    .map(|(seq, hash)| format!("; last record seq {seq}, hash {hash}"))
-                    .unwrap_or_default();
-                println!("intact: {} records{last}", report.records);
-                Ok(ExitCode::SUCCESS)
-            }
-            Some(failure) => {
-                println!(
-                    "broken: {failure} ({} records verified before it)",
-                    report.records
-                );
-                Ok(ExitCode::from(1))
-            }
-        },
+    let opts = audit::VerifyOptions {
+        allow_later_start: pruned,
+    };
+    match audit::verify_files_with(files, key.as_ref(), opts) {
+        Ok(report) => {
+            println!("{report}");
+            Ok(ExitCode::from(u8::from(!report.is_intact())))
+        }
         Err(e) => {
             println!("cannot verify: {e}");
             Ok(ExitCode::from(1))

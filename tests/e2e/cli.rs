@@ -161,6 +161,34 @@ fn keygen_commands() {
     assert!(line.contains(&sha256_hex(secret)), "{out}");
 }
 
+/// Records before the file's start deleted (retention removed `audit.jsonl.1`): refused by
+/// default, verified from the first record given with `--pruned`, which still sees tampering.
+fn verify_after_pruning(
+    credbroker: &dyn Fn(&[&str]) -> std::process::Output,
+    log: &std::path::Path,
+    dir: &std::path::Path,
+) {
+    let text = std::fs::read_to_string(log).unwrap();
+    let rest: String = text.split_inclusive('\n').skip(2).collect();
+    let pruned = dir.join("pruned.jsonl");
+    std::fs::write(&pruned, &rest).unwrap();
+    let file = pruned.to_str().unwrap();
+    let o = credbroker(&["audit", "verify", file]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(code(&o), 1, "{out}");
+    assert!(
+        out.contains("starts at seq 3") && out.contains("--pruned"),
+        "{out}"
+    );
+    let o = credbroker(&["audit", "verify", "--pruned", file]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(code(&o), 0, "{out}");
+    assert!(out.contains("from seq 3"), "{out}");
+    std::fs::write(&pruned, rest.replacen("\"seq\":4", "\"seq\":40", 1)).unwrap();
+    let o = credbroker(&["audit", "verify", "--pruned", file]);
+    assert_eq!(code(&o), 1, "{}", String::from_utf8_lossy(&o.stdout));
+}
+
 #[tokio::test]
 async fn audit_verify_detects_tampering() {
     let up = FakeUpstream::start().await;
@@ -175,6 +203,7 @@ async fn audit_verify_detects_tampering() {
     let credbroker = |args: &[&str]| credbroker_in(elsewhere.path(), args);
     let o = credbroker(&["audit", "verify", path.to_str().unwrap()]);
     assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stdout));
+    verify_after_pruning(&credbroker, &path, elsewhere.path());
     let text = std::fs::read_to_string(&path).unwrap().replacen(
         "\"decision\":\"allow\"",
         "\"decision\":\"deny\"",
