@@ -283,22 +283,24 @@ async fn route(
 ) -> Response<ProxyBody> {
     match req.uri().path() {
         "/oauth2/token" => crate::token::endpoint::token(broker, req, conn, request_id).await,
-        "/.well-known/jwks.json" if req.method() == Method::GET => {
-            crate::token::endpoint::jwks(&broker)
+        // GET and HEAD (hyper sends a HEAD answer's headers only); nothing else.
+        "/.well-known/jwks.json" | "/.well-known/oauth-authorization-server"
+            if !matches!(*req.method(), Method::GET | Method::HEAD) =>
+        {
+            let mut resp = Refusal::MethodNotAllowed.into_response(request_id);
+            resp.headers_mut()
+                .insert(http::header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+            resp
         }
-        "/.well-known/oauth-authorization-server" if req.method() == Method::GET => {
-            crate::token::endpoint::metadata(
-                &broker.live(),
-                req.uri().authority().map(|a| a.as_str()).or_else(|| {
-                    req.headers()
-                        .get(http::header::HOST)
-                        .and_then(|h| h.to_str().ok())
-                }),
-            )
-        }
-        "/.well-known/jwks.json" | "/.well-known/oauth-authorization-server" => {
-            Refusal::MethodNotAllowed.into_response(request_id)
-        }
+        "/.well-known/jwks.json" => crate::token::endpoint::jwks(&broker),
+        "/.well-known/oauth-authorization-server" => crate::token::endpoint::metadata(
+            &broker.live(),
+            req.uri().authority().map(|a| a.as_str()).or_else(|| {
+                req.headers()
+                    .get(http::header::HOST)
+                    .and_then(|h| h.to_str().ok())
+            }),
+        ),
         _ => pipeline::proxy(broker, req, conn, request_id).await,
     }
 }

@@ -64,11 +64,11 @@ pub async fn handle(
             );
             resp
         }
-        (&Method::GET, "/v1/connectors") => {
+        (&Method::GET | &Method::HEAD, "/v1/connectors") => {
             let disabled = disabled_connectors(&state.broker).await;
             ok(connectors_view(&state.broker, disabled.as_ref()))
         }
-        (&Method::GET, "/metrics") => {
+        (&Method::GET | &Method::HEAD, "/metrics") => {
             let disabled = disabled_connectors(&state.broker).await;
             metrics_response(&state.broker, disabled.as_ref(), req.headers())
         }
@@ -111,7 +111,14 @@ pub async fn handle(
             })
         }
         (_, "/v1/connectors" | "/v1/reload" | "/v1/revoke" | "/v1/enable" | "/metrics") => {
-            Refusal::MethodNotAllowed.into_response(request_id)
+            let allow = match path.as_str() {
+                "/v1/connectors" | "/metrics" => "GET, HEAD",
+                _ => "POST",
+            };
+            let mut resp = Refusal::MethodNotAllowed.into_response(request_id);
+            resp.headers_mut()
+                .insert(http::header::ALLOW, http::HeaderValue::from_static(allow));
+            resp
         }
         _ => Refusal::NotFound.into_response(request_id),
     }

@@ -397,3 +397,30 @@ proptest::proptest! {
         }
     }
 }
+
+#[test]
+fn a_header_credential_may_be_a_cookie_but_not_a_header_the_broker_sets_or_frames_with() {
+    let with_header = |name: &str| {
+        GOOD.replace(
+            "rate_limit = { per_second = 5 }",
+            &format!(
+                "rate_limit = {{ per_second = 5 }}\nauth = {{ type = \"header\", name = \"{name}\", prefix = \"session=\" }}"
+            ),
+        )
+    };
+    let c = parse(&with_header("Cookie")).unwrap();
+    assert!(matches!(
+        &c.connector("github").unwrap().auth,
+        AuthMethod::Header { name, .. } if name == "cookie"
+    ));
+    for reserved in [
+        "Host",
+        "Connection",
+        "Content-Length",
+        "X-Request-Id",
+        "X-Forwarded-For",
+    ] {
+        let err = parse(&with_header(reserved)).unwrap_err().to_string();
+        assert!(err.contains("cannot inject into"), "{reserved}: {err}");
+    }
+}

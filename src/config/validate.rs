@@ -817,7 +817,8 @@ fn auth(cx: &mut Ctx<'_>, raw: Option<&Spanned<raw::RawAuth>>, key: &str) -> Opt
                 cx.err(
                     span,
                     &format!("{key}.name"),
-                    "cannot inject into a hop-by-hop or routing header",
+                    "cannot inject into a hop-by-hop or framing header, or one the broker \
+                     sets itself (Host, X-Request-Id, X-Forwarded-For, X-Forwarded-Proto)",
                 );
                 return None;
             }
@@ -866,8 +867,9 @@ fn is_reserved_header(name: &HeaderName) -> bool {
             | "upgrade"
             | "proxy-connection"
             | "content-length"
-            | "cookie"
             | "x-request-id"
+            | "x-forwarded-for"
+            | "x-forwarded-proto"
     )
 }
 

@@ -77,8 +77,8 @@ pub fn upstream_request_headers(client: &HeaderMap, injected: Option<&HeaderName
 }
 
 /// Cleans an upstream response's headers in place: hop-by-hop headers go, and so does any
-/// header whose value carries the injected credential in any form it was sent in (an echo
-/// would hand it to the client).
+/// header whose value (or, however contrived, name) carries the injected credential in any
+/// form it was sent in (an echo would hand it to the client).
 pub fn clean_response_headers(headers: &mut HeaderMap, echoes: &Echoes) {
     let listed = connection_listed(headers);
     for name in HOP_BY_HOP.iter().copied() {
@@ -87,10 +87,12 @@ pub fn clean_response_headers(headers: &mut HeaderMap, echoes: &Echoes) {
     for name in listed {
         headers.remove(name);
     }
-    if headers.iter().any(|(_, v)| echoes.found_in(v.as_bytes())) {
+    let echoed =
+        |n: &HeaderName, v: &HeaderValue| echoes.found_in(v.as_bytes()) || echoes.found_in_name(n);
+    if headers.iter().any(|(n, v)| echoed(n, v)) {
         let names: Vec<HeaderName> = headers
             .iter()
-            .filter(|(_, v)| echoes.found_in(v.as_bytes()))
+            .filter(|(n, v)| echoed(n, v))
             .map(|(n, _)| n.clone())
             .collect();
         for name in names {
@@ -275,6 +277,15 @@ mod tests {
         clean_response_headers(&mut h, &echoes);
         assert!(h.get("x-echo").is_none());
         assert!(h.get("connection").is_none());
+        assert_eq!(h["etag"], "abc");
+        // In a name too (parsed names are lower case): the whole header goes.
+        let mut h = map(&[("x-real-credential-123-seen", "1"), ("etag", "abc")]);
+        let echoes = Echoes::new(
+            &crate::config::AuthMethod::Bearer,
+            &crate::secret::Secret::new("Real-Credential-123"),
+        );
+        clean_response_headers(&mut h, &echoes);
+        assert_eq!(h.len(), 1, "{h:?}");
         assert_eq!(h["etag"], "abc");
     }
 }

@@ -163,6 +163,19 @@ impl Echoes {
     fn any_form_in(&self, value: &[u8]) -> bool {
         self.forms.iter().any(|f| contains(value, f.expose()))
     }
+
+    /// Whether a header name (lower case, as parsed) carries the credential in one of its
+    /// forms, compared ignoring ASCII case: the name lost the credential's capitals.
+    pub fn found_in_name(&self, name: &http::HeaderName) -> bool {
+        let name = name.as_str().as_bytes();
+        self.forms.iter().any(|f| {
+            let form = f.expose();
+            name.len() >= form.len()
+                && name
+                    .windows(form.len())
+                    .any(|w| w.eq_ignore_ascii_case(form))
+        })
+    }
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {

@@ -898,6 +898,9 @@ async fn forward(
         body.size_hint().exact(),
     );
     headers::clean_response_headers(&mut parts.headers, credential.echoes());
+    // The upstream's own reason phrase (`404 Whatever`) is not passed on: it carries no
+    // meaning (RFC 9112 §4) and could echo the credential. The client gets the standard one.
+    parts.extensions.remove::<hyper::ext::ReasonPhrase>();
     result_record.status = Some(parts.status.as_u16());
     result_record.upstream_request_id = connector
         .upstream_request_id_header

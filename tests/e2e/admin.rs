@@ -31,6 +31,19 @@ async fn admin_needs_its_token_but_health_does_not() {
     assert_eq!(s, 200);
     assert!(body.contains("\"owner\":\"platform@acme.example\"") && body.contains("issues.read"));
     assert!(!body.contains(CREDENTIAL), "never a secret");
+    // A wrong method is a 405 that names the right ones (RFC 9110 §15.5.6).
+    for (method, path, allow) in [
+        ("GET", "/v1/reload", "POST"),
+        ("DELETE", "/v1/revoke", "POST"),
+        ("POST", "/metrics", "GET, HEAD"),
+        ("PUT", "/v1/connectors", "GET, HEAD"),
+    ] {
+        let (s, h, _) = b.admin_call(method, path, "").await;
+        assert_eq!(s, 405, "{method} {path}");
+        assert_eq!(h["allow"], allow, "{method} {path}");
+    }
+    let (s, _, body) = b.admin_call("HEAD", "/metrics", "").await;
+    assert_eq!((s, body.as_str()), (200, ""));
 }
 
 #[tokio::test]

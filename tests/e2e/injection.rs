@@ -253,6 +253,30 @@ async fn trailers_echoing_the_credential_are_dropped() {
     assert!(!trailers.contains_key("x-leak"), "{trailers:?}");
 }
 
+/// The status line's reason phrase is the upstream's own text: one that echoes the credential
+/// must not reach the client. The broker sends the standard phrase for the status instead.
+#[tokio::test]
+async fn the_upstream_reason_phrase_is_not_passed_on() {
+    const ANSWER: &str =
+        "HTTP/1.1 404 Bearer ghs_REAL_ORG_CREDENTIAL_sentinel\r\nContent-Length: 2\r\n\r\nno";
+    assert!(ANSWER.contains(CREDENTIAL));
+    let up = raw_upstream(ANSWER.as_bytes()).await;
+    let b = TestBroker::start(&standard_config(up)).await;
+    let token = b.token("github:issues.read", &[]).await;
+    let request = format!(
+        "GET /github/repos/acme/widget/issues HTTP/1.1\r\nHost: x\r\n\
+         Authorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    );
+    let out = raw(
+        b.addr,
+        request.as_bytes(),
+        std::time::Duration::from_secs(5),
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 404 Not Found\r\n"), "{out}");
+    assert!(!out.contains(CREDENTIAL), "{out}");
+}
+
 /// RFC 9112 §6.3: an upstream answer with both `Content-Length` and `Transfer-Encoding` is
 /// read as chunked, and the client must not get the stale length with it; an unasked
 /// `101 Switching Protocols` is an upstream failure, not an answer to relay.

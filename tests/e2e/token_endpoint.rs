@@ -207,6 +207,20 @@ async fn rfc_details_of_the_token_endpoint() {
     .await;
     assert_eq!(s, 405);
     assert_eq!(h["allow"], "POST");
+    // The metadata documents: GET and HEAD (headers only), a 405 naming them otherwise.
+    for doc in [
+        "/.well-known/jwks.json",
+        "/.well-known/oauth-authorization-server",
+    ] {
+        let head = http::Request::head(doc).body(String::new()).unwrap();
+        let (s, h, body) = send(b.addr, head).await;
+        assert_eq!((s, body.as_str()), (200, ""), "{doc}");
+        assert_eq!(h["content-type"], "application/json", "{doc}");
+        let post = http::Request::post(doc).body(String::new()).unwrap();
+        let (s, h, _) = send(b.addr, post).await;
+        assert_eq!(s, 405, "{doc}");
+        assert_eq!(h["allow"], "GET, HEAD", "{doc}");
+    }
     // client_secret_post is an unsupported authentication method: invalid_client.
     let req = http::Request::post("/oauth2/token")
         .header("content-type", "application/x-www-form-urlencoded")
