@@ -328,6 +328,12 @@ fn canonical_target<'a>(
             "more than one Authorization header",
         ));
     }
+    if presented_token(headers).is_some_and(|token| token_copied_elsewhere(uri, headers, token)) {
+        return Err(bad(
+            "token_outside_authorization",
+            "the access token must be sent in the Authorization header only",
+        ));
+    }
     let (connector, path) = canonical::split_target(path);
     if let Some(runtime) = live.connectors.get(connector) {
         refuse_injected_copy(&runtime.injection, headers, uri.query())?;
@@ -337,6 +343,43 @@ fn canonical_target<'a>(
         path,
         query: uri.query(),
     })
+}
+
+/// Shorter "tokens" are not looked for elsewhere in the request: a real one is hundreds of
+/// bytes, and a few characters would turn up anywhere (such a token fails check 2 anyway).
+const MIN_TOKEN_SEARCHED: usize = 32;
+
+/// The bearer token the request presents, as sent, if it is long enough to look for.
+fn presented_token(headers: &http::HeaderMap) -> Option<&str> {
+    let value = headers.get(AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && token.len() >= MIN_TOKEN_SEARCHED).then_some(token)
+}
+
+/// Check 1, "the token only in that header": a copy of it in the path, the query (also
+/// percent-encoded) or another header would reach the upstream, and the target the audit
+/// record. Only headers and a target at least as long as the token are searched, so a usual
+/// call costs a few length comparisons.
+fn token_copied_elsewhere(uri: &Uri, headers: &http::HeaderMap, token: &str) -> bool {
+    let target = uri.path_and_query().map_or("", |pq| pq.as_str());
+    let in_target = target.len() >= token.len()
+        && (target.contains(token)
+            || uri.query().is_some_and(|q| {
+                q.contains('%')
+                    && canonical::percent_decode(q)
+                        .is_some_and(|d| contains_bytes(&d, token.as_bytes()))
+            }));
+    in_target
+        || headers.iter().any(|(name, value)| {
+            name != AUTHORIZATION
+                && value.len() >= token.len()
+                && contains_bytes(value.as_bytes(), token.as_bytes())
+        })
+}
+
+fn contains_bytes(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 /// DESIGN §3.8: the upstream must never receive two values for the credential.
@@ -988,6 +1031,18 @@ impl AuditFacts {
             }
         }
         record.query = req.uri().query().map(redact_query);
+        // A copy of the token in the target (refused by check 1) is not recorded either.
+        if let Some(token) = presented_token(req.headers()) {
+            redact_token(&mut record.path, token);
+            redact_token(&mut record.query, token);
+            if record.query.as_deref().is_some_and(|q| {
+                q.contains('%')
+                    && canonical::percent_decode(q)
+                        .is_some_and(|d| contains_bytes(&d, token.as_bytes()))
+            }) {
+                record.query = Some("REDACTED".to_owned());
+            }
+        }
         Self {
             record,
             stage: Stage::Deciding,
@@ -1012,6 +1067,16 @@ impl AuditFacts {
         self.record.decision = Some(Decision::Deny);
         self.record.reason = Some(denial.reason.to_owned());
         self.record.status = Some(denial.refusal.status().as_u16());
+    }
+}
+
+/// Replaces every copy of `token` in a recorded field by `REDACTED`.
+fn redact_token(field: &mut Option<String>, token: &str) {
+    if let Some(text) = field
+        .as_mut()
+        .filter(|t| t.len() >= token.len() && t.contains(token))
+    {
+        *text = text.replace(token, "REDACTED");
     }
 }
 

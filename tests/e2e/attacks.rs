@@ -701,6 +701,21 @@ fn jwt_cases(key: &TestKey, t: &str) -> Vec<Case> {
             s(400),
         ),
         (
+            "token-also-in-another-query-parameter",
+            req("GET", &format!("{ALLOWED}?state={t}"), t, ""),
+            s(400),
+        ),
+        (
+            "token-also-in-the-path",
+            req("GET", &format!("/github/repos/acme/{t}/issues"), t, ""),
+            s(400),
+        ),
+        (
+            "token-also-in-another-header",
+            req("GET", ALLOWED, t, &format!("X-Token: {t}\r\n")),
+            s(400),
+        ),
+        (
             "two-authorization",
             req("GET", ALLOWED, t, &format!("Authorization: Bearer {t}\r\n")),
             s(400),

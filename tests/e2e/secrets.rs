@@ -252,6 +252,31 @@ async fn tls_session(hay: &mut Haystack) -> (Vec<String>, String) {
             ),
         ),
         (
+            "token in another query parameter",
+            bearer(
+                "GET",
+                &format!("/github/repos/acme/widget/issues?state={t1}"),
+                &t1,
+                "",
+            ),
+        ),
+        (
+            "token percent-encoded in the query",
+            bearer(
+                "GET",
+                &format!(
+                    "/github/repos/acme/widget/issues?state={}",
+                    t1.replace('.', "%2E")
+                ),
+                &t1,
+                "",
+            ),
+        ),
+        (
+            "token in the path",
+            bearer("GET", &format!("/github/repos/acme/{t1}/issues"), &t1, ""),
+        ),
+        (
             "client secret as token",
             bearer("GET", "/github/repos/acme/widget/issues", SECRET, ""),
         ),
