@@ -16,7 +16,7 @@ fn main() -> ExitCode {
     match credbroker::cli::run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("credbroker: {e:#}");
+            eprintln!("credbroker: {}", credbroker::cli::describe(&e));
             ExitCode::from(2)
         }
     }

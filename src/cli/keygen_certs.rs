@@ -142,6 +142,24 @@ mod tests {
     }
 
     #[test]
+    fn a_client_san_that_is_neither_uri_nor_host_name_is_refused_before_anything_is_written() {
+        for bad in [
+            "DNS:not a uri",
+            "not a host",
+            "-bad.example",
+            "a..b",
+            "1nvalid scheme:x",
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let err = write_dev_certs(dir.path(), Some(bad)).unwrap_err();
+            assert!(matches!(err, TlsError::InvalidSan(_)), "{bad}: {err}");
+            assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "{bad}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        write_dev_certs(dir.path(), Some("bot.acme.example")).unwrap();
+    }
+
+    #[test]
     fn refuses_to_overwrite_and_writes_nothing() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("client-key.pem"), b"keep me").unwrap();

@@ -80,3 +80,53 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Keygen(cmd) => keygen::run(cmd),
     }
 }
+
+/// An error and its causes on one line, each cause once: most of our errors already quote
+/// their cause (`cannot use certificate …: KeyMismatch`), and anyhow's `{:#}` would repeat it.
+pub fn describe(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
+}
+
+#[cfg(test)]
+mod describe_tests {
+    /// An error that quotes its source in its own message, as most of ours do.
+    #[derive(Debug)]
+    struct Quoting(std::io::Error);
+
+    impl std::fmt::Display for Quoting {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "cannot write x: {}", self.0)
+        }
+    }
+
+    impl std::error::Error for Quoting {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn each_cause_is_told_once() {
+        let quoted = anyhow::Error::new(Quoting(std::io::Error::other("disk on fire")))
+            .context("saving state");
+        assert_eq!(
+            format!("{quoted:#}"),
+            "saving state: cannot write x: disk on fire: disk on fire",
+            "what anyhow alone prints"
+        );
+        assert_eq!(
+            super::describe(&quoted),
+            "saving state: cannot write x: disk on fire"
+        );
+        let plain = anyhow::anyhow!("root cause").context("outer");
+        assert_eq!(super::describe(&plain), "outer: root cause");
+    }
+}

@@ -100,14 +100,65 @@ fn file_errors(cx: &mut Ctx<'_>, raw: &RawConfig) {
         let key = format!("connectors[{}].upstream_ca", c.name.get_ref());
         files.push((key, c.upstream_ca.as_ref()));
     }
+    let mut unreadable = false;
     for (key, value) in files.into_iter().filter_map(|(k, v)| Some((k, v?))) {
         let file = cx.path(value.get_ref());
         if let Err(e) = std::fs::metadata(&file) {
+            unreadable = true;
             cx.err(
                 Some(value.span()),
                 &key,
                 format!("cannot read {}: {e}", file.display()),
             );
+        }
+    }
+    if !unreadable {
+        tls_material_errors(cx, raw);
+    }
+}
+
+/// The TLS files as `serve` loads them: a key that does not match its certificate, a file
+/// without a certificate, a CA file that is not PEM are errors here, not only at start-up.
+fn tls_material_errors(cx: &mut Ctx<'_>, raw: &RawConfig) {
+    let server = &raw.server;
+    let admin = raw.admin.as_ref();
+    let listeners = [
+        (
+            "server",
+            server.tls_cert.as_ref(),
+            server.tls_key.as_ref(),
+            server.client_ca.as_ref(),
+        ),
+        (
+            "admin",
+            admin.and_then(|a| a.tls_cert.as_ref()),
+            admin.and_then(|a| a.tls_key.as_ref()),
+            None,
+        ),
+    ];
+    for (table, cert, key, ca) in listeners {
+        let (Some(cert), Some(key)) = (cert, key) else {
+            continue;
+        };
+        let ca_path = ca.map(|c| cx.path(c.get_ref()));
+        let built = crate::tls::server_config(
+            &cx.path(cert.get_ref()),
+            &cx.path(key.get_ref()),
+            ca_path.as_deref(),
+        );
+        if let Err(e) = built {
+            cx.err(
+                Some(cert.span()),
+                &format!("{table}.tls_cert"),
+                e.to_string(),
+            );
+        }
+    }
+    for c in &raw.connectors {
+        let Some(ca) = &c.upstream_ca else { continue };
+        if let Err(e) = crate::tls::upstream_client_config(Some(&cx.path(ca.get_ref()))) {
+            let key = format!("connectors[{}].upstream_ca", c.name.get_ref());
+            cx.err(Some(ca.span()), &key, e.to_string());
         }
     }
 }
@@ -249,6 +300,15 @@ fn client_warnings(cx: &mut Ctx<'_>, config: &Config, raw: &RawConfig, now: Date
         let key = format!("clients[{}]", client.id);
         if client.grants.is_empty() {
             cx.err(Some(rc.id.span()), &key, "has no grants");
+        }
+        let mtls = config.server.tls.is_some() && config.server.client_ca.is_some();
+        if client.secret_sha256.is_none() && client.cert_san.is_some() && !mtls {
+            cx.err(
+                Some(rc.id.span()),
+                &key,
+                "authenticates only by certificate (cert_san), but the proxy listener has no \
+                 TLS with client_ca: it can never get a token",
+            );
         }
         for (i, (grant, rg)) in client.grants.iter().zip(&rc.grants).enumerate() {
             if !grant.is_live(now) {

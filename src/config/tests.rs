@@ -424,3 +424,82 @@ fn a_header_credential_may_be_a_cookie_but_not_a_header_the_broker_sets_or_frame
         assert!(err.contains("cannot inject into"), "{reserved}: {err}");
     }
 }
+
+#[test]
+fn check_loads_tls_material_as_serve_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = crate::tls::generate_dev_pki(&["spiffe://acme.example/bot"]).unwrap();
+    let client = pki.client("spiffe://acme.example/bot").unwrap();
+    let write = |name: &str, bytes: &[u8]| std::fs::write(dir.path().join(name), bytes).unwrap();
+    write("server.pem", pki.server().cert_pem.as_bytes());
+    write("server-key.pem", pki.server().key_pem.expose());
+    write("other-key.pem", client.key_pem.expose());
+    write("empty.pem", b"not a certificate\n");
+    write("ca.pem", pki.ca_cert_pem.as_bytes());
+    let with_tls = |cert: &str, key: &str, ca: &str| {
+        GOOD.replace(
+            "listen = \"127.0.0.1:8443\"",
+            &format!(
+                "listen = \"127.0.0.1:8443\"\ntls_cert = \"{cert}\"\ntls_key = \"{key}\"\nclient_ca = \"{ca}\""
+            ),
+        )
+        .replace(
+            "credential = \"literal:tok\"",
+            &format!("credential = \"literal:tok\"\nupstream_ca = \"{ca}\""),
+        )
+    };
+    let errors = |text: &str| {
+        check(text, &dir.path().join("c.toml"), Utc::now())
+            .into_iter()
+            .filter(|f| f.severity == Severity::Error)
+            .map(|f| f.to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        errors(&with_tls("server.pem", "server-key.pem", "ca.pem")),
+        Vec::<String>::new()
+    );
+    let mismatch = errors(&with_tls("server.pem", "other-key.pem", "ca.pem"));
+    assert!(
+        mismatch.len() == 1 && mismatch[0].contains("server.tls_cert"),
+        "{mismatch:?}"
+    );
+    let no_cert = errors(&with_tls("empty.pem", "server-key.pem", "ca.pem"));
+    assert!(
+        no_cert.len() == 1 && no_cert[0].contains("no valid PEM certificate"),
+        "{no_cert:?}"
+    );
+    let bad_ca = errors(&with_tls("server.pem", "server-key.pem", "empty.pem"));
+    assert!(
+        bad_ca.iter().any(|e| e.contains("server.tls_cert"))
+            && bad_ca
+                .iter()
+                .any(|e| e.contains("connectors[github].upstream_ca")),
+        "{bad_ca:?}"
+    );
+    for e in mismatch.iter().chain(&no_cert).chain(&bad_ca) {
+        assert!(
+            !e.contains("PRIVATE KEY"),
+            "no key material in a message: {e}"
+        );
+    }
+}
+
+#[test]
+fn a_certificate_only_client_without_mtls_is_warned_about() {
+    let cert_only = GOOD.replace(
+        "secret_sha256 = \"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\"",
+        "cert_san = \"spiffe://acme.example/bot\"",
+    );
+    let findings = check(&cert_only, Path::new("c.toml"), Utc::now());
+    assert!(
+        findings.iter().any(|f| f.severity == Severity::Warning
+            && f.to_string().contains("clients[bot]")
+            && f.to_string().contains("can never get a token")),
+        "{findings:?}"
+    );
+    let findings = check(GOOD, Path::new("c.toml"), Utc::now());
+    assert!(!findings
+        .iter()
+        .any(|f| f.to_string().contains("can never get a token")));
+}

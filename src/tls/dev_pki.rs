@@ -72,7 +72,9 @@ impl DevPki {
         self.issue(params)
     }
 
-    /// A client certificate for mTLS: a URI SAN when `san` contains `:`, else a DNS SAN.
+    /// A client certificate for mTLS: a URI SAN when `san` contains `:`, else a DNS SAN. A
+    /// value that is neither a well-formed URI nor a host name is refused: a certificate
+    /// whose SAN no `cert_san` could sensibly name would only puzzle later.
     fn issue_client_cert(&self, san: &str) -> Result<IssuedCert, TlsError> {
         let ia5 = || {
             san.try_into()
@@ -80,8 +82,14 @@ impl DevPki {
         };
         let mut params = CertificateParams::default();
         params.subject_alt_names = vec![if san.contains(':') {
+            if !is_uri(san) {
+                return Err(TlsError::InvalidSan(san.to_owned()));
+            }
             SanType::URI(ia5()?)
         } else {
+            if !is_dns_name(san) {
+                return Err(TlsError::InvalidSan(san.to_owned()));
+            }
             SanType::DnsName(ia5()?)
         }];
         params.distinguished_name = rcgen::DistinguishedName::new();
@@ -99,6 +107,32 @@ impl DevPki {
         let cert = params.signed_by(&key, &self.ca_cert, &self.ca_key)?;
         Ok(issued(&cert, &key))
     }
+}
+
+/// An absolute URI as a SAN holds one (RFC 3986 §3: `scheme:` and a non-empty rest, printable
+/// ASCII without spaces).
+fn is_uri(s: &str) -> bool {
+    let Some((scheme, rest)) = s.split_once(':') else {
+        return false;
+    };
+    let mut scheme_chars = scheme.chars();
+    scheme_chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && scheme_chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+        && !rest.is_empty()
+        && rest.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// A host name: dot-separated labels of letters, digits and inner hyphens, 1–63 bytes each.
+fn is_dns_name(s: &str) -> bool {
+    s.len() <= 253
+        && s.split('.').all(|label| {
+            (1..=63).contains(&label.len())
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
 }
 
 impl fmt::Debug for DevPki {
