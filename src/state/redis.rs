@@ -22,14 +22,16 @@
 //! counter, starts or adopts a new epoch, whose cut-off refuses every token issued up to it
 //! (their revocations and use counters may be gone; tokens are short-lived and clients fetch
 //! new ones), and every replica seeds Redis again from its journal — the revocations it made
-//! and the kill switches in force — where a newer change (by timestamp) always wins. A Redis
-//! that may evict keys is not trusted at all ([`RedisState::watch`]).
+//! and the kill switches in force — where a newer change always wins (a later revocation
+//! cut-off; for kill switches, see [`switch_replaces`]). A Redis that may evict keys is not
+//! trusted at all ([`RedisState::watch`]).
 //!
 //! Keys (all under `credbroker:`): `epoch`; `revoked:jti:<jti>` (expires when its token can no
 //! longer pass); `revoked:clients` (hash: client → the second up to which its tokens are
 //! revoked); `revoked:before` (every token issued up to this second, set by a new epoch);
 //! `generation`;
-//! `switches` (hash: connector → `<1 disabled | 0 enabled>:<µs>`); `uses:<jti>`;
+//! `switches` (hash: connector → `<1 disabled | 0 enabled>:<generation>:<epoch made in>`);
+//! `uses:<jti>`;
 //! `rate:client:<id>`, `rate:connector:<name>`, `rate:issue:<id>` (GCRA times).
 
 use std::collections::{HashMap, HashSet};
@@ -50,7 +52,9 @@ use super::local::Entries;
 use super::{Change, Revocations, StateError};
 use crate::config::RateLimit;
 use crate::secret::Secret;
-use scripts::{ADMIT, COMMON, ISSUE, RESYNC, REVOKE_CLIENT, REVOKE_JTI, SEED, SWITCH};
+use scripts::{
+    ADMIT, COMMON, ISSUE, RESYNC, REVOKE_CLIENT, REVOKE_JTI, SEED, SWITCH, SWITCH_ORDER,
+};
 
 /// The longest a call waits for Redis (connecting included) before it is refused.
 pub const STATE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -149,14 +153,81 @@ struct Journal {
     jtis: HashMap<String, i64>,
     /// Per client: every token with `iat` up to this second is revoked.
     clients: HashMap<String, i64>,
-    /// Kill switches: `(disabled, stamp)`, the stamp being the generation the change raised.
-    switches: HashMap<String, (bool, i64)>,
+    /// Kill switches in force, as this replica last knew them.
+    switches: HashMap<String, SwitchEntry>,
     /// The epoch this replica last saw.
     #[serde(default)]
     epoch: String,
     /// The highest generation this replica saw (see [`GENERATION`]).
     #[serde(default)]
     generation: u64,
+}
+
+/// One connector's kill switch: on or off, the generation the change raised, and the epoch it
+/// was made in (empty: unknown, e.g. taken in from the `memory` backend). Kept in the journal
+/// as `[disabled, generation, epoch]` (journals written before the epoch was kept have
+/// `[disabled, generation]`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "SwitchRepr", into = "SwitchRepr")]
+struct SwitchEntry {
+    disabled: bool,
+    generation: i64,
+    epoch: String,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum SwitchRepr {
+    Tagged(bool, i64, String),
+    Untagged(bool, i64),
+}
+
+impl From<SwitchRepr> for SwitchEntry {
+    fn from(r: SwitchRepr) -> Self {
+        let (disabled, generation, epoch) = match r {
+            SwitchRepr::Tagged(d, g, e) => (d, g, e),
+            SwitchRepr::Untagged(d, g) => (d, g, String::new()),
+        };
+        Self {
+            disabled,
+            generation,
+            epoch,
+        }
+    }
+}
+
+impl From<SwitchEntry> for SwitchRepr {
+    fn from(e: SwitchEntry) -> Self {
+        SwitchRepr::Tagged(e.disabled, e.generation, e.epoch)
+    }
+}
+
+impl SwitchEntry {
+    /// Reads Redis's `<1|0>:<generation>[:<epoch>]`.
+    fn parse(value: &str) -> Option<Self> {
+        let (flag, rest) = value.split_once(':')?;
+        let (generation, epoch) = rest.split_once(':').unwrap_or((rest, ""));
+        Some(Self {
+            disabled: flag == "1",
+            generation: generation.parse().ok()?,
+            epoch: epoch.to_owned(),
+        })
+    }
+}
+
+/// Whether kill-switch entry `a` replaces `b` while `current` is the epoch in force: the same
+/// order as the seed script's (`scripts::SWITCH_ORDER`, where the reasons are). A change of the
+/// current epoch beats one made before it; two of the current epoch go by generation; of two
+/// made before the last loss, a switch-off wins (their order may be lost), else the generation.
+fn switch_replaces(a: &SwitchEntry, b: &SwitchEntry, current: &str) -> bool {
+    let (a_now, b_now) = (a.epoch == current, b.epoch == current);
+    if a_now != b_now {
+        return a_now;
+    }
+    if !a_now && a.disabled != b.disabled {
+        return a.disabled;
+    }
+    a.generation > b.generation
 }
 
 /// The connection to Redis (multiplexed, reconnecting) and the scripts.
@@ -254,7 +325,7 @@ impl RedisState {
             admit: script(ADMIT),
             issue: script(ISSUE),
             resync: Script::new(RESYNC),
-            seed: Script::new(SEED),
+            seed: Script::new(&format!("{SWITCH_ORDER}{SEED}")),
             seen_generation: AtomicU64::new(journal.generation),
             unsafe_store: Mutex::new(None),
             info_refused: std::sync::atomic::AtomicBool::new(false),
@@ -477,7 +548,12 @@ impl RedisState {
                 connector,
                 disabled,
             } => {
-                j.switches.insert(connector.clone(), (*disabled, value));
+                let entry = SwitchEntry {
+                    disabled: *disabled,
+                    generation: value,
+                    epoch: self.epoch.load().as_str().to_owned(),
+                };
+                j.switches.insert(connector.clone(), entry);
             }
         });
         self.save_journal().await;
@@ -563,12 +639,12 @@ impl RedisState {
         let mut changed = false;
         self.note(|j| {
             for (connector, value) in &switches {
-                let Some((flag, at)) = value.split_once(':') else {
+                let Some(theirs) = SwitchEntry::parse(value) else {
                     continue;
                 };
-                let (disabled, at) = (flag == "1", at.parse::<i64>().unwrap_or(0));
-                if j.switches.get(connector).is_none_or(|&(_, mine)| mine < at) {
-                    j.switches.insert(connector.clone(), (disabled, at));
+                let mine = j.switches.get(connector);
+                if mine.is_none_or(|mine| switch_replaces(&theirs, mine, &adopted)) {
+                    j.switches.insert(connector.clone(), theirs);
                     changed = true;
                 }
             }
@@ -770,7 +846,7 @@ impl RedisState {
         serde_json::json!({
             "jtis": seed.jtis.iter().map(|(j, u)| serde_json::json!([j, u])).collect::<Vec<_>>(),
             "clients": seed.clients.iter().map(|(c, a)| serde_json::json!([c, a])).collect::<Vec<_>>(),
-            "switches": seed.switches.iter().map(|(c, (d, a))| serde_json::json!([c, d, a])).collect::<Vec<_>>(),
+            "switches": seed.switches.iter().map(|(c, e)| serde_json::json!([c, e.disabled, e.generation, e.epoch])).collect::<Vec<_>>(),
         })
         .to_string()
     }
@@ -791,7 +867,11 @@ impl Journal {
         }
         for connector in legacy.disabled {
             // Older than any change made with shared state.
-            self.switches.entry(connector).or_insert((true, 0));
+            self.switches.entry(connector).or_insert(SwitchEntry {
+                disabled: true,
+                generation: 0,
+                epoch: String::new(),
+            });
         }
     }
 }
@@ -929,6 +1009,65 @@ mod tests {
             assert!(why.contains(policy) && why.contains("noeviction"), "{why}");
         }
         assert_eq!(eviction_risk("garbage"), None, "unreadable: trusted");
+    }
+
+    fn switch(disabled: bool, generation: i64, epoch: &str) -> SwitchEntry {
+        SwitchEntry {
+            disabled,
+            generation,
+            epoch: epoch.into(),
+        }
+    }
+
+    #[test]
+    fn a_kill_switch_made_since_the_last_loss_beats_any_made_before_it() {
+        let now = "e2:100";
+        // A change of the current epoch wins, whatever the counters (which a loss resets).
+        let kill_now = switch(true, 8, now);
+        let stale_enable = switch(false, 18, "e1:50");
+        assert!(switch_replaces(&kill_now, &stale_enable, now));
+        assert!(!switch_replaces(&stale_enable, &kill_now, now));
+        let enable_now = switch(false, 9, now);
+        let stale_kill = switch(true, 40, "e1:50");
+        assert!(
+            switch_replaces(&enable_now, &stale_kill, now),
+            "an enable can win too"
+        );
+        // Within the current epoch: by generation.
+        assert!(switch_replaces(&switch(false, 9, now), &kill_now, now));
+        assert!(!switch_replaces(&kill_now, &switch(false, 9, now), now));
+        // Both from before the loss: their order may be lost, so the kill wins.
+        let lost_enable = switch(false, 5, "e1:50");
+        let kill_after_rollback = switch(true, 4, "e1:50");
+        assert!(switch_replaces(&kill_after_rollback, &lost_enable, now));
+        assert!(!switch_replaces(&lost_enable, &kill_after_rollback, now));
+        assert!(switch_replaces(
+            &switch(true, 7, "e0:1"),
+            &switch(true, 6, "e1:50"),
+            now
+        ));
+    }
+
+    #[test]
+    fn switch_entries_read_both_formats() {
+        assert_eq!(
+            SwitchEntry::parse("1:12:abc:1700000000"),
+            Some(switch(true, 12, "abc:1700000000"))
+        );
+        assert_eq!(SwitchEntry::parse("0:7"), Some(switch(false, 7, "")));
+        assert_eq!(SwitchEntry::parse("garbage"), None);
+        let old: Journal =
+            serde_json::from_str(r#"{"jtis":{},"clients":{},"switches":{"gh":[true,3]}}"#).unwrap();
+        assert_eq!(old.switches["gh"], switch(true, 3, ""));
+        let again: Journal = serde_json::from_str(
+            &serde_json::to_string(&Journal {
+                switches: HashMap::from([("gh".into(), switch(false, 4, "e:1"))]),
+                ..Journal::default()
+            })
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(again.switches["gh"], switch(false, 4, "e:1"));
     }
 
     #[test]

@@ -315,8 +315,13 @@ fn redis_command(port: u16, args: &[&str]) -> String {
         cmd.push_str(&format!("${}\r\n{a}\r\n", a.len()));
     }
     stream.write_all(cmd.as_bytes()).unwrap();
+    let mut reader = BufReader::new(stream);
     let mut line = String::new();
-    BufReader::new(stream).read_line(&mut line).unwrap();
+    reader.read_line(&mut line).unwrap();
+    // A bulk string (`$<len>`): its value is the next line.
+    if line.starts_with('$') && !line.starts_with("$-1") {
+        reader.read_line(&mut line).unwrap();
+    }
     line
 }
 
@@ -623,6 +628,84 @@ async fn the_latest_kill_switch_stays_in_force_across_watch_rounds() {
     // Both replicas copy and re-seed their journals meanwhile: `b`'s enable is older than
     // `a`'s last switch-off (their order is Redis's, not the replicas' clocks).
     tokio::time::sleep(Duration::from_millis(4500)).await;
+    for broker in [&a, &b] {
+        let (status, _, body) = broker
+            .token_request("bot", SECRET, "github:issues.read", &[])
+            .await;
+        assert_eq!(status, 400, "still switched off: {body}");
+    }
+}
+
+/// A replica that was down while Redis lost its data comes back with a journal from before
+/// the loss, whose counters can be higher than the new ones: its old "switched on" must not
+/// undo a switch-off made since the loss.
+#[tokio::test]
+async fn a_stale_journal_does_not_undo_a_kill_switch_made_since_the_loss() {
+    let Some(redis) = Redis::start() else { return };
+    let up = FakeUpstream::start().await;
+    let (_keys, a, mut b) = two_replicas(&redis, &up, |c| c).await;
+    // `b` raises the counter well past anything `a` has seen, ending with github on.
+    for _ in 0..6 {
+        let token = b.token("github:issues.read", &[]).await;
+        let body = jti_body(&jti_of(&token));
+        assert_eq!(b.admin_call("POST", "/v1/revoke", &body).await.0, 200);
+    }
+    assert_eq!(b.admin_call("POST", "/v1/revoke", GITHUB).await.0, 200);
+    assert_eq!(b.admin_call("POST", "/v1/enable", GITHUB).await.0, 200);
+    b.stop().await;
+    let b_dir = std::mem::replace(&mut b.dir, tempfile::tempdir().unwrap());
+
+    assert!(redis_command(redis.port, &["FLUSHALL"]).starts_with("+OK"));
+    // `a` carries on after the loss and switches github off.
+    tokio::time::sleep(Duration::from_millis(2500)).await; // its watch adopts a new epoch
+    assert_eq!(a.admin_call("POST", "/v1/revoke", GITHUB).await.0, 200);
+
+    // `b` comes back with its journal (github on, at a higher counter) and seeds Redis.
+    let text = std::fs::read_to_string(b_dir.path().join("credbroker.toml")).unwrap();
+    let b = TestBroker::start_in(&text, b_dir).await;
+    tokio::time::sleep(Duration::from_millis(4500)).await; // two watch rounds of both
+    for broker in [&a, &b] {
+        let (status, _, body) = broker
+            .token_request("bot", SECRET, "github:issues.read", &[])
+            .await;
+        assert_eq!(status, 400, "still switched off: {body}");
+    }
+    let switch = redis_command(redis.port, &["HGET", "credbroker:switches", "github"]);
+    assert!(switch.contains("\r\n1:"), "off in Redis: {switch:?}");
+}
+
+/// Redis goes back to older data, losing `a`'s last switch-on; before anyone notices, `b`
+/// switches the connector off, at a counter below the lost change's (the rollback hands the
+/// lost counters out again). Once the rollback is noticed the journals re-seed Redis: the two
+/// changes' order is lost with it, and the switch-off must win.
+#[tokio::test]
+async fn a_switch_off_made_after_a_rollback_survives_the_re_seeding() {
+    let Some(redis) = Redis::start() else { return };
+    let up = FakeUpstream::start().await;
+    let (_keys, a, b) = two_replicas(&redis, &up, |c| c).await;
+    assert_eq!(a.admin_call("POST", "/v1/revoke", GITHUB).await.0, 200);
+    tokio::time::sleep(Duration::from_millis(2500)).await; // both replicas see that counter
+    let generation = redis_command(redis.port, &["GET", "credbroker:generation"]);
+    let generation = generation.lines().nth(1).unwrap().to_owned();
+    let switched_off = redis_command(redis.port, &["HGET", "credbroker:switches", "github"]);
+    let switched_off = switched_off.lines().nth(1).unwrap().to_owned();
+    // `a` switches on, off and on again: its journal holds the last "on", at counter + 3.
+    for path in ["/v1/enable", "/v1/revoke", "/v1/enable"] {
+        assert_eq!(a.admin_call("POST", path, GITHUB).await.0, 200);
+    }
+    // The rollback: back to the switch-off and its counter.
+    let port = redis.port;
+    assert!(redis_command(
+        port,
+        &["HSET", "credbroker:switches", "github", &switched_off]
+    )
+    .starts_with(':'));
+    assert!(redis_command(port, &["SET", "credbroker:generation", &generation]).starts_with("+OK"));
+    // `b` has not seen `a`'s changes: its switch-off is accepted, at counter + 1.
+    assert_eq!(b.admin_call("POST", "/v1/revoke", GITHUB).await.0, 200);
+
+    tokio::time::sleep(Duration::from_millis(4500)).await; // noticed, re-seeded, copied
+    tokio::time::sleep(Duration::from_millis(2100)).await; // past the new epoch's cut-off
     for broker in [&a, &b] {
         let (status, _, body) = broker
             .token_request("bot", SECRET, "github:issues.read", &[])

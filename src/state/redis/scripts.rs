@@ -113,7 +113,8 @@ return current
 ";
 
 /// Seeds what a replica's journal knows: ARGV[1] is JSON `{jtis: [[jti, until]], clients:
-/// [[client, at]], switches: [[connector, disabled, at_us]]}`. Nothing newer is overwritten.
+/// [[client, at]], switches: [[connector, disabled, generation, epoch]]}`. Nothing newer is
+/// overwritten; for kill switches, "newer" is [`SWITCH_ORDER`]'s.
 pub(super) const SEED: &str = r"
 local j = cjson.decode(ARGV[1])
 local now = tonumber(redis.call('TIME')[1])
@@ -124,14 +125,41 @@ for _, e in ipairs(j.clients) do
   local at = tonumber(redis.call('HGET', 'credbroker:revoked:clients', e[1]) or -1)
   if at < e[2] then redis.call('HSET', 'credbroker:revoked:clients', e[1], e[2]) end
 end
+local current = redis.call('GET', 'credbroker:epoch') or ''
 for _, e in ipairs(j.switches) do
+  local epoch = e[4] or ''
   local cur = redis.call('HGET', 'credbroker:switches', e[1])
-  local at = cur and tonumber(string.sub(cur, 3)) or -1
-  if at < e[3] then
-    redis.call('HSET', 'credbroker:switches', e[1], (e[2] and '1' or '0') .. ':' .. string.format('%.0f', e[3]))
+  local write = not cur
+  if cur then
+    local flag, gen, cur_epoch = string.match(cur, '^(%d):(%d+):?(.*)$')
+    write = not flag
+      or replaces(e[2], e[3], epoch, flag == '1', tonumber(gen), cur_epoch, current)
+  end
+  if write then
+    redis.call('HSET', 'credbroker:switches', e[1],
+      (e[2] and '1' or '0') .. ':' .. string.format('%.0f', e[3]) .. ':' .. epoch)
   end
 end
 return 1
+";
+
+/// Whether kill-switch entry `a` replaces entry `b` (each: disabled, generation, the epoch it
+/// was made in) while `current` is the epoch in force. Generations order the changes of one
+/// history only: a loss or a rollback starts a new epoch and may wind the counter back, so
+/// - a change made in the current epoch replaces any made before it;
+/// - between two changes of the current epoch, the higher generation wins;
+/// - between two changes made before the last loss, whose order the loss may have scrambled
+///   (a rollback hands out lost generations again), a switch-off wins over a switch-on (fail
+///   closed: an operator enables again), and otherwise the higher generation.
+///
+/// The Rust side ([`super::switch_replaces`]) orders the journal the same way.
+pub(super) const SWITCH_ORDER: &str = r"
+local function replaces(a_off, a_gen, a_epoch, b_off, b_gen, b_epoch, current)
+  local a_now, b_now = a_epoch == current, b_epoch == current
+  if a_now ~= b_now then return a_now end
+  if not a_now and a_off ~= b_off then return a_off end
+  return a_gen > b_gen
+end
 ";
 
 /// The admin changes. Each first checks the epoch and the generation (`guard`), then raises
@@ -157,11 +185,12 @@ return {'ok', redis.call('INCR', 'credbroker:generation'), cut}
 ";
 
 /// The kill switch. KEYS: switches. ARGV: epoch, generation seen, connector, '1'/'0'. The
-/// stamp is the generation it raises: one order for every replica, whatever their clocks.
+/// entry is `<1|0>:<generation>:<epoch>`: the generation it raises orders it among the
+/// changes of this epoch for every replica, whatever their clocks ([`SWITCH_ORDER`]).
 pub(super) const SWITCH: &str = r"
 local g = guard()
 if g then return {g, 0, 0} end
 local gen = redis.call('INCR', 'credbroker:generation')
-redis.call('HSET', KEYS[1], ARGV[3], ARGV[4] .. ':' .. gen)
+redis.call('HSET', KEYS[1], ARGV[3], ARGV[4] .. ':' .. gen .. ':' .. ARGV[1])
 return {'ok', gen, gen}
 ";
