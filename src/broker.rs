@@ -364,7 +364,8 @@ fn dynamic_credential(
 fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     let (o, n) = (&old.server, &new.server);
     let admin_listen = |c: &Config| c.admin.as_ref().map(|a| a.listen);
-    let checks: [(&'static str, bool); 13] = [
+    let admin_connections = |c: &Config| c.admin.as_ref().map(|a| a.max_connections);
+    let checks: [(&'static str, bool); 14] = [
         ("server.listen", o.listen != n.listen),
         (
             "server.max_connections",
@@ -385,6 +386,10 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         (
             "[admin] listen (or adding/removing [admin])",
             admin_listen(old) != admin_listen(new),
+        ),
+        (
+            "admin.max_connections",
+            admin_connections(old).is_some_and(|o| admin_connections(new).is_some_and(|n| o != n)),
         ),
         (
             "tokens.signing_key",

@@ -228,8 +228,11 @@ async fn serve_http<I>(
     let service = service_fn(move |req| {
         let role = role.clone();
         let info = Arc::clone(&info);
-        // HTTP/2 only: a request counts as activity until its response body is sent.
-        let in_flight = requests.is_http2().then(|| requests.request());
+        // HTTP/2 only: a request counts as activity until its response body is sent, and
+        // must be done by its deadline (see `deadlines`).
+        let in_flight = requests
+            .is_http2()
+            .then(|| requests.request(tokio::time::Instant::now() + limits.request_timeout));
         async move {
             let resp = handle(role, info, limits.max_header_bytes, req).await?;
             Ok::<_, Infallible>(match in_flight {
@@ -245,7 +248,13 @@ async fn serve_http<I>(
     });
     // A silent connection, or an HTTP/2 one with nothing in flight, is closed after
     // `header_read_timeout`, as a slow one is.
-    let io = Deadlines::new(io, header_read_timeout, protocol, activity);
+    let io = Deadlines::new(
+        io,
+        header_read_timeout,
+        limits.request_timeout,
+        protocol,
+        activity,
+    );
     let conn = builder.serve_connection(TokioIo::new(io), service);
     if let Err(e) = watcher.watch(conn.into_owned()).await {
         tracing::debug!(%peer, error = %e, "connection ended with an error");

@@ -151,7 +151,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         header_read_timeout: config.server.header_read_timeout,
         request_timeout: config.server.request_timeout,
     };
-    let admin_cfg = config.admin.as_ref().map(|a| (a.listen, a.token_sha256));
+    let admin_cfg = config
+        .admin
+        .as_ref()
+        .map(|a| (a.listen, a.token_sha256, a.max_connections));
     let proxy_listener = server::bind(config.server.listen).await?;
     let mut startup = Record::new(Event::Startup);
     startup.version = Some(env!("CARGO_PKG_VERSION").to_owned());
@@ -182,7 +185,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         wait_stop(stopped.clone()),
     )));
     let mut admin_addr = None;
-    if let Some((listen, token_sha256)) = admin_cfg {
+    if let Some((listen, token_sha256, max_connections)) = admin_cfg {
         let tls = broker.listener_tls.admin.clone().flatten();
         let listener = server::bind(listen).await?;
         admin_addr = Some(listener.local_addr()?);
@@ -191,7 +194,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             token_sha256,
         });
         let admin_limits = ListenerLimits {
-            max_connections: 64,
+            max_connections,
             ..limits
         };
         tasks.push(tokio::spawn(server::serve(

@@ -80,6 +80,9 @@ pub struct AdminConfig {
     /// SHA-256 of the admin bearer token.
     pub token_sha256: [u8; 32],
     pub tls: Option<TlsFiles>,
+    /// Connections the admin listener serves at once (default 256); newcomers wait in the
+    /// kernel's backlog meanwhile.
+    pub max_connections: usize,
 }
 
 /// A GCRA rate: `per_second` sustained, `burst` at once.

@@ -50,6 +50,7 @@ pub struct RawAdmin {
     pub token_sha256: S,
     pub tls_cert: Option<S>,
     pub tls_key: Option<S>,
+    pub max_connections: Option<Spanned<u64>>,
 }
 
 /// `[tokens]`: issuing and verifying access tokens.

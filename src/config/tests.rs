@@ -503,3 +503,18 @@ fn a_certificate_only_client_without_mtls_is_warned_about() {
         .iter()
         .any(|f| f.to_string().contains("can never get a token")));
 }
+
+#[test]
+fn the_admin_listener_has_its_own_connection_limit() {
+    let admin = |extra: &str| {
+        format!(
+            "{GOOD}\n[admin]\nlisten = \"127.0.0.1:9443\"\ntoken_sha256 = \"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\"\n{extra}"
+        )
+    };
+    let c = parse(&admin("")).unwrap();
+    assert_eq!(c.admin.unwrap().max_connections, 256);
+    let c = parse(&admin("max_connections = 1000\n")).unwrap();
+    assert_eq!(c.admin.unwrap().max_connections, 1000);
+    let err = parse(&admin("max_connections = 0\n")).unwrap_err().to_string();
+    assert!(err.contains("admin.max_connections"), "{err}");
+}

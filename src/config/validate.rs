@@ -295,10 +295,12 @@ fn admin(cx: &mut Ctx<'_>, raw: &raw::RawAdmin) -> Option<AdminConfig> {
     let listen = socket_addr(cx, &raw.listen, "admin.listen");
     let tls = tls_files(cx, &raw.tls_cert, &raw.tls_key, "admin");
     let token_sha256 = sha256_hex(cx, &raw.token_sha256, "admin.token_sha256");
+    let max_connections = positive(cx, &raw.max_connections, "admin.max_connections", 256);
     Some(AdminConfig {
         listen: listen?,
         token_sha256: token_sha256?,
         tls,
+        max_connections: usize::try_from(max_connections).unwrap_or(usize::MAX),
     })
 }
 

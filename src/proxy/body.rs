@@ -202,6 +202,12 @@ impl Drop for ObservedBody {
     fn drop(&mut self) {
         if self.inner.is_end_stream() {
             self.finish(None);
+        } else if Instant::now() >= self.deadline {
+            // The connection was closed for it (`server::deadlines`): hyper had stopped
+            // asking for more, so this body's own timer never ran.
+            self.finish(Some(
+                "request_timeout while streaming the response (the client stopped taking it)",
+            ));
         } else {
             self.finish(Some("client went away before the response ended"));
         }

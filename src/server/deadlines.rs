@@ -11,15 +11,25 @@
 //!   never asks for anything would hold slots for ever too. So an HTTP/2 connection with no
 //!   request in flight for `header_read_timeout` is closed as well.
 //!
-//! Both work at the I/O level: when a deadline passes, the connection's next read fails with
-//! `TimedOut` and hyper closes it. The idle deadline only ever fires with no request in flight
-//! — a request counts until its response body has been sent — so nothing in progress is cut.
+//! - **A client that stops reading.** The response body's own `request_timeout` timer runs
+//!   only while hyper polls the body, and hyper stops polling it when the client does not take
+//!   what was sent: an HTTP/1.1 socket whose send buffer stays full, an HTTP/2 stream whose
+//!   window stays at 0. Such a client would hold its connection, an upstream connection and
+//!   the buffered response for ever, and its call would never get a `proxy_result`. So a write
+//!   that makes no progress for `request_timeout` fails, and an HTTP/2 connection with a
+//!   request still in flight [`OVERDUE_GRACE`] past that request's deadline is closed (the
+//!   broker's own handling of a request's deadline, a 504 or a cut body, has happened by then).
+//!
+//! All work at the I/O level: when a deadline passes, the connection's next read or write
+//! fails with `TimedOut` and hyper closes it. The idle deadline only ever fires with no request
+//! in flight — a request counts until its response body has been sent — so nothing in progress
+//! is cut.
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -30,6 +40,9 @@ use tokio::time::{Instant, Sleep};
 /// HTTP/2 (no HTTP/1 method is `PRI`).
 const H2_PREFACE_START: &[u8] = b"PRI ";
 
+/// How long past its deadline a request still in flight on an HTTP/2 connection closes it.
+pub const OVERDUE_GRACE: Duration = Duration::from_secs(1);
+
 /// What the service tells the connection's I/O on an HTTP/2 connection: requests started
 /// and in flight. (On HTTP/1.1, hyper's own header timer covers idleness, so nothing is
 /// counted there.)
@@ -39,6 +52,8 @@ pub struct Activity {
     events: AtomicU64,
     in_flight: AtomicUsize,
     http2: AtomicBool,
+    /// The deadlines of the requests in flight (HTTP/2 has several at once).
+    deadlines: Mutex<Vec<Instant>>,
 }
 
 impl Activity {
@@ -48,23 +63,45 @@ impl Activity {
     }
 
     /// Counts a request as in flight until the guard drops: keep it with the response body,
-    /// so a long download is not taken for idleness.
-    pub fn request(self: &Arc<Self>) -> InFlight {
+    /// so a long download is not taken for idleness. `deadline` is when it must be done.
+    pub fn request(self: &Arc<Self>, deadline: Instant) -> InFlight {
         self.events.fetch_add(1, Ordering::Relaxed);
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(Arc::clone(self))
+        self.lock_deadlines().push(deadline);
+        InFlight {
+            activity: Arc::clone(self),
+            deadline,
+        }
+    }
+
+    /// The earliest deadline of the requests in flight.
+    fn earliest_deadline(&self) -> Option<Instant> {
+        self.lock_deadlines().iter().min().copied()
+    }
+
+    fn lock_deadlines(&self) -> std::sync::MutexGuard<'_, Vec<Instant>> {
+        // A push or a removal cannot be left half done.
+        self.deadlines.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
 /// A request in flight on a connection ([`Activity::request`]).
-pub struct InFlight(Arc<Activity>);
+pub struct InFlight {
+    activity: Arc<Activity>,
+    deadline: Instant,
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
+        let activity = &self.activity;
         // The end of a request is activity too: the idle time counts from it, however long
         // the request took (the timer may not have been looked at meanwhile).
-        self.0.events.fetch_add(1, Ordering::Relaxed);
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        activity.events.fetch_add(1, Ordering::Relaxed);
+        activity.in_flight.fetch_sub(1, Ordering::Relaxed);
+        let mut deadlines = activity.lock_deadlines();
+        if let Some(i) = deadlines.iter().position(|d| *d == self.deadline) {
+            deadlines.swap_remove(i);
+        }
     }
 }
 
@@ -86,6 +123,12 @@ pub struct Deadlines<I> {
     idle: Option<Idle>,
     activity: Arc<Activity>,
     protocol: Protocol,
+    /// The longest a write may wait without progress (`request_timeout`).
+    write_within: Duration,
+    /// Armed while a write waits for the peer to take bytes.
+    write_stalled: Option<Pin<Box<Sleep>>>,
+    /// HTTP/2: armed at the earliest in-flight request's deadline plus [`OVERDUE_GRACE`].
+    overdue: Option<Pin<Box<Sleep>>>,
 }
 
 struct Idle {
@@ -95,7 +138,15 @@ struct Idle {
 }
 
 impl<I> Deadlines<I> {
-    pub fn new(io: I, within: Duration, protocol: Protocol, activity: Arc<Activity>) -> Self {
+    /// `within`: the first-byte and idle deadline (`header_read_timeout`); `write_within`: the
+    /// longest a write may make no progress (`request_timeout`).
+    pub fn new(
+        io: I,
+        within: Duration,
+        write_within: Duration,
+        protocol: Protocol,
+        activity: Arc<Activity>,
+    ) -> Self {
         if protocol == Protocol::Http2 {
             activity.http2.store(true, Ordering::Relaxed);
         }
@@ -106,7 +157,53 @@ impl<I> Deadlines<I> {
             idle: None,
             activity,
             protocol,
+            write_within,
+            write_stalled: None,
+            overdue: None,
         }
+    }
+
+    /// Whether an HTTP/2 request in flight is [`OVERDUE_GRACE`] past its deadline.
+    fn request_overdue(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(deadline) = self.activity.earliest_deadline() else {
+            self.overdue = None;
+            return false;
+        };
+        let at = deadline + OVERDUE_GRACE;
+        let timer = self
+            .overdue
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+        if timer.deadline() != at {
+            timer.as_mut().reset(at);
+        }
+        timer.as_mut().poll(cx).is_ready()
+    }
+
+    /// After a write: progress clears the stall timer; waiting arms it (once) and says whether
+    /// it has run out.
+    fn write_outcome<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        poll: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if poll.is_ready() {
+            self.write_stalled = None;
+            return poll;
+        }
+        let within = self.write_within;
+        let stalled = self
+            .write_stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(within)))
+            .as_mut()
+            .poll(cx)
+            .is_ready();
+        if stalled || self.request_overdue(cx) {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client took nothing of the response within request_timeout",
+            )));
+        }
+        Poll::Pending
     }
 
     /// After the first bytes: an HTTP/2 connection starts its idle watch.
@@ -166,6 +263,12 @@ impl<I: AsyncRead + Unpin> AsyncRead for Deadlines<I> {
                 io::ErrorKind::TimedOut,
                 "no request within header_read_timeout",
             ))),
+            Poll::Pending if this.activity.is_http2() && this.request_overdue(cx) => {
+                Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "a response was not taken within request_timeout",
+                )))
+            }
             other => other,
         }
     }
@@ -177,7 +280,8 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Deadlines<I> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        let poll = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.write_outcome(cx, poll)
     }
 
     fn poll_write_vectored(
@@ -185,7 +289,8 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Deadlines<I> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        let poll = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.write_outcome(cx, poll)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -194,7 +299,8 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Deadlines<I> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+        let poll = Pin::new(&mut self.io).poll_flush(cx);
+        self.write_outcome(cx, poll)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -216,7 +322,7 @@ mod tests {
     ) -> (Deadlines<tokio::io::DuplexStream>, Arc<Activity>) {
         let activity = Arc::new(Activity::default());
         (
-            Deadlines::new(io, WITHIN, protocol, Arc::clone(&activity)),
+            Deadlines::new(io, WITHIN, WITHIN * 2, protocol, Arc::clone(&activity)),
             activity,
         )
     }
@@ -240,6 +346,48 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_write_the_peer_never_takes_fails_but_a_slow_reader_keeps_going() {
+        let (client, server) = tokio::io::duplex(64);
+        let (mut conn, _) = wrap(server, Protocol::Unknown);
+        let started = std::time::Instant::now();
+        let err = conn.write_all(&[b'x'; 4096]).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(started.elapsed() >= WITHIN * 2 - Duration::from_millis(20));
+
+        drop((client, conn));
+        // Progress resets the stall timer: a reader taking a little at a time is not cut.
+        let (mut slow, server) = tokio::io::duplex(64);
+        let (mut conn, _) = wrap(server, Protocol::Unknown);
+        let taking = tokio::spawn(async move {
+            let mut buf = [0u8; 64];
+            let mut total = 0;
+            while total < 1024 {
+                tokio::time::sleep(WITHIN / 2).await;
+                total += slow.read(&mut buf).await.unwrap();
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(30), conn.write_all(&[b'x'; 1024]))
+            .await
+            .unwrap()
+            .unwrap();
+        taking.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_http2_request_overdue_closes_the_connection_after_the_grace() {
+        let (mut client, server) = tokio::io::duplex(64);
+        let (mut h2, activity) = wrap(server, Protocol::Http2);
+        let mut buf = [0u8; 8];
+        client.write_all(b"x").await.unwrap();
+        assert_eq!(h2.read(&mut buf).await.unwrap(), 1);
+        let _request = activity.request(Instant::now());
+        let started = std::time::Instant::now();
+        let err = h2.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(started.elapsed() >= OVERDUE_GRACE - Duration::from_millis(20));
+    }
+
+    #[tokio::test]
     async fn an_idle_http2_connection_times_out_but_never_with_a_request_in_flight() {
         let (mut client, server) = tokio::io::duplex(64);
         let (mut h2, activity) = wrap(server, Protocol::Unknown);
@@ -247,7 +395,7 @@ mod tests {
         client.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
         assert!(h2.read(&mut buf).await.unwrap() > 0);
         // A request in flight: no idle deadline, however long it takes.
-        let request = activity.request();
+        let request = activity.request(Instant::now() + WITHIN * 10);
         let read = tokio::time::timeout(WITHIN * 3, h2.read(&mut buf)).await;
         assert!(read.is_err(), "still waiting while a request is in flight");
         drop(request);

@@ -1167,6 +1167,108 @@ async fn request_timeout_cuts_off_a_response_body_that_stalls_and_audits_why() {
     );
 }
 
+/// An upstream that answers with a large body at once (more than the sockets buffer).
+async fn large_body_upstream(len: usize) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {len}\r\n\r\n");
+                let _ = s.write_all(head.as_bytes()).await;
+                let _ = s.write_all(&vec![b'x'; len]).await;
+                let _ = s.read(&mut buf).await;
+            });
+        }
+    });
+    addr
+}
+
+/// A client that asks and then takes nothing of the answer: hyper stops polling the body, so
+/// its own timer cannot fire; the connection's stalled write ends the call at
+/// `request_timeout`, and the call gets its `proxy_result`.
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_off_at_request_timeout() {
+    let addr = large_body_upstream(64 << 20).await;
+    let config =
+        server_with(addr, "").replace("request_timeout = \"5s\"", "request_timeout = \"1s\"");
+    let b = TestBroker::start(&config).await;
+    let t = b.token("github:issues.read", &[]).await;
+    let mut client = tokio::net::TcpStream::connect(b.addr).await.unwrap();
+    let request = format!("GET {ALLOWED} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {t}\r\n\r\n");
+    client.write_all(request.as_bytes()).await.unwrap();
+    // Read nothing for a while: the broker's writes stall.
+    let deadline = Instant::now() + Duration::from_secs(8);
+    let result = loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let records = b.audit();
+        if let Some(r) = events(&records, "proxy_result").first() {
+            break Some((*r).clone());
+        }
+        if Instant::now() > deadline {
+            break None;
+        }
+    };
+    let result = result.expect("the stalled call was ended and audited");
+    assert_eq!(result["status"], 200);
+    assert_eq!(
+        result["error"],
+        "request_timeout while streaming the response (the client stopped taking it)"
+    );
+    // The connection is closed: what is left to read ends (well short of 64 MiB).
+    let mut sink = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut sink)).await;
+    assert!(read.is_ok(), "the connection was closed");
+    assert!(sink.len() < 64 << 20, "{} bytes", sink.len());
+}
+
+/// The same over HTTP/2, where the client holds the stream's window at 0: the socket never
+/// stalls, so the connection is closed once the request is overdue.
+#[tokio::test]
+async fn an_http2_client_that_opens_no_window_is_cut_off_after_request_timeout() {
+    let addr = large_body_upstream(1 << 20).await;
+    let config =
+        server_with(addr, "").replace("request_timeout = \"5s\"", "request_timeout = \"1s\"");
+    let b = TestBroker::start(&config).await;
+    let t = b.token("github:issues.read", &[]).await;
+    let stream = tokio::net::TcpStream::connect(b.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_stream_window_size(0)
+            .handshake::<_, http_body_util::Empty<bytes::Bytes>>(hyper_util::rt::TokioIo::new(
+                stream,
+            ))
+            .await
+            .unwrap();
+    let connection = tokio::spawn(conn);
+    let req = http::Request::get(format!("http://{}{ALLOWED}", b.addr))
+        .header("authorization", format!("Bearer {t}"))
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let started = Instant::now();
+    // The body is never read; the connection ends once the broker closes it.
+    let ended = tokio::time::timeout(Duration::from_secs(8), connection).await;
+    assert!(ended.is_ok(), "the broker closed the connection");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let records = b.audit();
+    let results = events(&records, "proxy_result");
+    assert_eq!(results.len(), 1, "{records:?}");
+    assert_eq!(
+        results[0]["error"],
+        "request_timeout while streaming the response (the client stopped taking it)"
+    );
+    drop(resp);
+}
+
 /// Path segments an attacker would try: the allowlisted literals, case and dot variants,
 /// empty segments, percent-encodings (of separators, dots, `%`, controls, overlong and
 /// full-width look-alikes, and of harmless letters), `;`, `\` and random words.
