@@ -392,15 +392,13 @@ impl Metrics {
     }
 
     /// The wait for the upstream's response headers ended: an answer, a failure (`connect`
-    /// or `failed`) or a `timeout`. Only called for connectors of the config in force.
+    /// or `failed`) or a `timeout` (`Err(())`). Only called for connectors of the config in
+    /// force.
     pub fn upstream_result<T>(
         &self,
         connector: &str,
         took: Duration,
-        result: &Result<
-            Result<T, crate::proxy::forward::UpstreamError>,
-            tokio::time::error::Elapsed,
-        >,
+        result: &Result<Result<T, crate::proxy::forward::UpstreamError>, ()>,
     ) {
         let kind = match result {
             Ok(Ok(_)) => None,

@@ -515,6 +515,8 @@ fn the_admin_listener_has_its_own_connection_limit() {
     assert_eq!(c.admin.unwrap().max_connections, 256);
     let c = parse(&admin("max_connections = 1000\n")).unwrap();
     assert_eq!(c.admin.unwrap().max_connections, 1000);
-    let err = parse(&admin("max_connections = 0\n")).unwrap_err().to_string();
+    let err = parse(&admin("max_connections = 0\n"))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("admin.max_connections"), "{err}");
 }

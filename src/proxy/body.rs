@@ -17,16 +17,31 @@ use super::headers;
 use super::inject::Echoes;
 use super::BoxError;
 
-/// A client request body forwarded as it streams in, refused past `limit` bytes.
+/// A client request body forwarded as it streams in, refused past `limit` bytes; `uploaded`
+/// is told once the `expected` bytes have all come (the upstream's own time starts then).
 pub struct LimitedBody {
     inner: Incoming,
     limit: u64,
     seen: Arc<AtomicU64>,
+    expected: u64,
+    uploaded: Arc<tokio::sync::Notify>,
 }
 
 impl LimitedBody {
-    pub fn new(inner: Incoming, limit: u64, seen: Arc<AtomicU64>) -> Self {
-        Self { inner, limit, seen }
+    pub fn new(
+        inner: Incoming,
+        limit: u64,
+        seen: Arc<AtomicU64>,
+        expected: u64,
+        uploaded: Arc<tokio::sync::Notify>,
+    ) -> Self {
+        Self {
+            inner,
+            limit,
+            seen,
+            expected,
+            uploaded,
+        }
     }
 }
 
@@ -71,11 +86,18 @@ impl Body for LimitedBody {
                     if total > this.limit {
                         return Poll::Ready(Some(Err(Box::new(BodyTooLarge))));
                     }
+                    if total >= this.expected {
+                        // A permit is kept if nobody waits yet.
+                        this.uploaded.notify_one();
+                    }
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(ClientBodyFailed(e))))),
-            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Ready(None) => {
+                this.uploaded.notify_one();
+                Poll::Ready(None)
+            }
             Poll::Pending => Poll::Pending,
         }
     }

@@ -213,7 +213,7 @@ async fn stages(
     // 6. The body fits the operation's `max_body_bytes`.
     let bytes_in = Arc::new(AtomicU64::new(0));
     let body_deadline = started + live.config.server.request_timeout;
-    let body = bounded_body(
+    let (body, uploaded) = bounded_body(
         body,
         &parts.headers,
         operation.max_body_bytes,
@@ -269,7 +269,7 @@ async fn stages(
         &credential,
         upstream_req,
         facts,
-        bytes_in,
+        Upload { bytes_in, uploaded },
         started,
     )
     .await)
@@ -687,10 +687,10 @@ async fn bounded_body(
     max: u64,
     seen: &Arc<AtomicU64>,
     deadline: Instant,
-) -> Result<ProxyBody, Denial> {
+) -> Result<(ProxyBody, Option<Arc<tokio::sync::Notify>>), Denial> {
     let too_large = || Denial::from(Refusal::RequestTooLarge(max));
     if body.is_end_stream() {
-        return Ok(full(Bytes::new()));
+        return Ok((full(Bytes::new()), None));
     }
     let declared = headers
         .get(CONTENT_LENGTH)
@@ -698,7 +698,12 @@ async fn bounded_body(
         .and_then(|v| v.parse::<u64>().ok());
     match declared {
         Some(len) if len > max => Err(too_large()),
-        Some(_) => Ok(LimitedBody::new(body, max, Arc::clone(seen)).boxed_unsync()),
+        Some(len) => {
+            // Streamed as it comes: the upstream's time starts once it has all come.
+            let uploaded = Arc::new(tokio::sync::Notify::new());
+            let body = LimitedBody::new(body, max, Arc::clone(seen), len, Arc::clone(&uploaded));
+            Ok((body.boxed_unsync(), Some(uploaded)))
+        }
         None => {
             // A chunked body is read whole here (to know its size before anything is
             // forwarded), so a client that stops sending must not hold the call open: the
@@ -724,9 +729,16 @@ async fn bounded_body(
                 })?
                 .to_bytes();
             seen.store(bytes.len() as u64, Ordering::Relaxed);
-            Ok(full(bytes))
+            Ok((full(bytes), None))
         }
     }
+}
+
+/// A call's request body on its way up: bytes taken from the client so far, and (for a body
+/// streamed as it comes) the signal that it has all come.
+struct Upload {
+    bytes_in: Arc<AtomicU64>,
+    uploaded: Option<Arc<tokio::sync::Notify>>,
 }
 
 /// The credential one call injects: the connector's static one, or a minted one.
@@ -860,9 +872,10 @@ async fn forward(
     credential: &CallCredential<'_>,
     req: Request<ProxyBody>,
     facts: &mut AuditFacts,
-    bytes_in: Arc<AtomicU64>,
+    upload: Upload,
     started: Instant,
 ) -> Response<ProxyBody> {
+    let Upload { bytes_in, uploaded } = upload;
     let request_id = facts.record.request_id.clone().unwrap_or_default();
     let request_deadline = started + live.config.server.request_timeout;
     let sent = Instant::now();
@@ -875,7 +888,29 @@ async fn forward(
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    let result = tokio::time::timeout(wait, runtime.client.send(&runtime.origin, req)).await;
+    let exchange = runtime.client.send(&runtime.origin, req);
+    let result = match uploaded {
+        // Nothing left to upload: the upstream has `upstream_timeout` from now.
+        None => tokio::time::timeout(wait, exchange).await.map_err(|_| ()),
+        // A body still coming from the client: `upstream_timeout` counts from its end, and
+        // the whole within the request's deadline (a slow upload is the client's time).
+        Some(uploaded) => {
+            let upstream_clock = async {
+                uploaded.notified().await;
+                tokio::time::sleep(connector.upstream_timeout).await;
+            };
+            let deadline = tokio::time::Instant::from_std(request_deadline);
+            tokio::time::timeout_at(deadline, async {
+                tokio::select! {
+                    answer = exchange => Ok(answer),
+                    () = upstream_clock => Err(()),
+                }
+            })
+            .await
+            .map_err(|_| ())
+            .and_then(|r| r)
+        }
+    };
     let took = sent.elapsed();
     // Every path from here writes the outcome in this poll, or hands it to the response body.
     facts.stage = Stage::Recorded;

@@ -1269,6 +1269,39 @@ async fn an_http2_client_that_opens_no_window_is_cut_off_after_request_timeout()
     drop(resp);
 }
 
+/// An upload slower than `upstream_timeout` (but within `request_timeout`) is the client's
+/// time, not the upstream's: the upstream's clock starts once the body has all come.
+#[tokio::test]
+async fn a_slow_upload_is_not_held_against_the_upstream() {
+    let up = FakeUpstream::start().await;
+    let config =
+        server_with(up.addr, "").replace("upstream_timeout = \"2s\"", "upstream_timeout = \"1s\"");
+    assert!(config.contains("upstream_timeout = \"1s\""));
+    let b = TestBroker::start(&config).await;
+    let t = b.token("github:issues.comment", &[]).await;
+    let body = b"{\"body\":\"slow hello\"}";
+    let mut client = TcpStream::connect(b.addr).await.unwrap();
+    let head = format!(
+        "{COMMENT_POST} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {t}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    client.write_all(head.as_bytes()).await.unwrap();
+    // ~2.2 s for the body: more than upstream_timeout, well within request_timeout (5 s).
+    for byte in body {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        client.write_all(&[*byte]).await.unwrap();
+    }
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let out = String::from_utf8_lossy(&out);
+    assert_eq!(raw_status(&out), Some(200), "{out}");
+    assert_eq!(up.count(), 1);
+}
+
 /// Path segments an attacker would try: the allowlisted literals, case and dot variants,
 /// empty segments, percent-encodings (of separators, dots, `%`, controls, overlong and
 /// full-width look-alikes, and of harmless letters), `;`, `\` and random words.
