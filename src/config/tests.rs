@@ -515,8 +515,19 @@ fn the_admin_listener_has_its_own_connection_limit() {
     assert_eq!(c.admin.unwrap().max_connections, 256);
     let c = parse(&admin("max_connections = 1000\n")).unwrap();
     assert_eq!(c.admin.unwrap().max_connections, 1000);
-    let err = parse(&admin("max_connections = 0\n"))
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("admin.max_connections"), "{err}");
+    for bad in ["0", "9000000000000"] {
+        let err = parse(&admin(&format!("max_connections = {bad}\n")))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("admin.max_connections"), "{bad}: {err}");
+    }
+    let huge = GOOD.replace(
+        "listen = \"127.0.0.1:8443\"",
+        "listen = \"127.0.0.1:8443\"\nmax_connections = 4000000000",
+    );
+    let err = parse(&huge).unwrap_err().to_string();
+    assert!(
+        err.contains("server.max_connections") && err.contains("at most"),
+        "{err}"
+    );
 }

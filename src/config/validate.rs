@@ -274,7 +274,8 @@ fn server(cx: &mut Ctx<'_>, raw: &raw::RawServer) -> Option<ServerConfig> {
         );
     }
     let max_header_bytes = positive(cx, &raw.max_header_bytes, "server.max_header_bytes", 16384);
-    let max_connections = positive(cx, &raw.max_connections, "server.max_connections", 10000);
+    let max_connections =
+        connection_limit(cx, &raw.max_connections, "server.max_connections", 10000);
     Some(ServerConfig {
         listen: listen?,
         tls,
@@ -295,7 +296,7 @@ fn admin(cx: &mut Ctx<'_>, raw: &raw::RawAdmin) -> Option<AdminConfig> {
     let listen = socket_addr(cx, &raw.listen, "admin.listen");
     let tls = tls_files(cx, &raw.tls_cert, &raw.tls_key, "admin");
     let token_sha256 = sha256_hex(cx, &raw.token_sha256, "admin.token_sha256");
-    let max_connections = positive(cx, &raw.max_connections, "admin.max_connections", 256);
+    let max_connections = connection_limit(cx, &raw.max_connections, "admin.max_connections", 256);
     Some(AdminConfig {
         listen: listen?,
         token_sha256: token_sha256?,
@@ -997,6 +998,25 @@ fn positive(cx: &mut Ctx<'_>, raw: &Option<Spanned<u64>>, key: &str, default: u6
         Some(v) => *v.get_ref(),
         None => default,
     }
+}
+
+/// The most connections a listener may be told to hold at once: far above what one process
+/// can serve, and below what its connection counter can count.
+const MAX_CONNECTIONS_LIMIT: u64 = 1_000_000;
+
+/// `positive`, and at most [`MAX_CONNECTIONS_LIMIT`].
+fn connection_limit(cx: &mut Ctx<'_>, raw: &Option<Spanned<u64>>, key: &str, default: u64) -> u64 {
+    let value = positive(cx, raw, key, default);
+    if value > MAX_CONNECTIONS_LIMIT {
+        let span = raw.as_ref().map(|v| v.span());
+        cx.err(
+            span,
+            key,
+            format!("must be at most {MAX_CONNECTIONS_LIMIT}"),
+        );
+        return default;
+    }
+    value
 }
 
 fn duration(cx: &mut Ctx<'_>, raw: &Option<S>, key: &str, default_secs: u64) -> Option<Duration> {

@@ -193,17 +193,29 @@ pub fn query_has_param(query: &str, name: &str) -> bool {
 }
 
 /// Whether a raw query parameter name stands for `name`: its percent-decoded bytes are `name`
-/// (ASCII case-insensitive), or `name` followed by a byte that cannot continue a name — the
-/// array and map forms `name[]`, `name[0]`, `name.x` that PHP, Rails and others bind to
-/// `name`, and `name%3D…`, a whole `name=value` encoded into a name. Longer names such as
-/// `api_keys` or `access_token_hint` do not. A name that does not decode is compared as it is.
+/// (ASCII case-insensitive, and with `.`, space and `[` read as `_`, as PHP rewrites them), or
+/// `name` followed by a byte that cannot continue a name — the array and map forms `name[]`,
+/// `name[0]`, `name.x` that PHP, Rails and others bind to `name`, and `name%3D…`, a whole
+/// `name=value` encoded into a name. Longer names such as `api_keys` or `access_token_hint` do
+/// not. A name that does not decode is compared as it is.
 pub fn names_param(raw: &str, name: &str) -> bool {
     let decoded = percent_decode(raw);
     let bytes = decoded.as_deref().unwrap_or(raw.as_bytes());
+    let php = |b: u8| match b {
+        b'.' | b' ' | b'[' => b'_',
+        b => b.to_ascii_lowercase(),
+    };
     match bytes.get(..name.len()) {
-        Some(head) if head.eq_ignore_ascii_case(name.as_bytes()) => bytes
-            .get(name.len())
-            .is_none_or(|&next| !(next.is_ascii_alphanumeric() || next == b'_' || next == b'-')),
+        Some(head)
+            if head
+                .iter()
+                .zip(name.as_bytes())
+                .all(|(&h, &n)| php(h) == php(n)) =>
+        {
+            bytes
+                .get(name.len())
+                .is_none_or(|&next| !(next.is_ascii_alphanumeric() || next == b'_' || next == b'-'))
+        }
         _ => false,
     }
 }
@@ -428,6 +440,10 @@ mod tests {
             query_has_param("api_key%3D2", "api_key"),
             "name=value encoded as a name"
         );
+        for php_rewrites in ["api.key=2", "api%20key=2", "api[key=2", "API.KEY[]=2"] {
+            assert!(query_has_param(php_rewrites, "api_key"), "{php_rewrites}");
+        }
+        assert!(!query_has_param("apixkey=2", "api_key"));
         assert!(query_has_param("a%zz=1", "a%zz"));
     }
 

@@ -328,7 +328,7 @@ fn canonical_target<'a>(
             "more than one Authorization header",
         ));
     }
-    if presented_token(headers).is_some_and(|token| token_copied_elsewhere(uri, headers, token)) {
+    if presented_tokens(headers).any(|token| token_copied_elsewhere(uri, headers, token)) {
         return Err(bad(
             "token_outside_authorization",
             "the access token must be sent in the Authorization header only",
@@ -349,33 +349,38 @@ fn canonical_target<'a>(
 /// bytes, and a few characters would turn up anywhere (such a token fails check 2 anyway).
 const MIN_TOKEN_SEARCHED: usize = 32;
 
-/// The bearer token the request presents, as sent, if it is long enough to look for.
-fn presented_token(headers: &http::HeaderMap) -> Option<&str> {
-    let value = headers.get(AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = value.split_once(' ')?;
-    let token = token.trim();
-    (scheme.eq_ignore_ascii_case("bearer") && token.len() >= MIN_TOKEN_SEARCHED).then_some(token)
+/// The bearer tokens the request presents (normally one; a second `Authorization` is refused
+/// by check 1, but its token must not reach the record either), each as sent, if long enough
+/// to look for.
+fn presented_tokens(headers: &http::HeaderMap) -> impl Iterator<Item = &str> {
+    headers.get_all(AUTHORIZATION).iter().filter_map(|value| {
+        let (scheme, token) = value.to_str().ok()?.split_once(' ')?;
+        let token = token.trim();
+        (scheme.eq_ignore_ascii_case("bearer") && token.len() >= MIN_TOKEN_SEARCHED)
+            .then_some(token)
+    })
 }
 
-/// Check 1, "the token only in that header": a copy of it in the path, the query (also
-/// percent-encoded) or another header would reach the upstream, and the target the audit
-/// record. Only headers and a target at least as long as the token are searched, so a usual
-/// call costs a few length comparisons.
+/// Check 1, "the token only in that header": a copy of it in the path or the query (as sent
+/// or percent-decoded, as an upstream would read them) or in another header would reach the
+/// upstream, and the target the audit record. Only headers and a target at least as long as
+/// the token are searched, so a usual call costs a few length comparisons.
 fn token_copied_elsewhere(uri: &Uri, headers: &http::HeaderMap, token: &str) -> bool {
     let target = uri.path_and_query().map_or("", |pq| pq.as_str());
-    let in_target = target.len() >= token.len()
-        && (target.contains(token)
-            || uri.query().is_some_and(|q| {
-                q.contains('%')
-                    && canonical::percent_decode(q)
-                        .is_some_and(|d| contains_bytes(&d, token.as_bytes()))
-            }));
-    in_target
+    (target.len() >= token.len() && holds_token(target, token))
         || headers.iter().any(|(name, value)| {
             name != AUTHORIZATION
                 && value.len() >= token.len()
                 && contains_bytes(value.as_bytes(), token.as_bytes())
         })
+}
+
+/// Whether `text` holds `token`, as it is or once its `%XX` escapes are decoded.
+fn holds_token(text: &str, token: &str) -> bool {
+    text.contains(token)
+        || (text.contains('%')
+            && canonical::percent_decode(text)
+                .is_some_and(|d| contains_bytes(&d, token.as_bytes())))
 }
 
 fn contains_bytes(haystack: &[u8], needle: &[u8]) -> bool {
@@ -1067,15 +1072,9 @@ impl AuditFacts {
         }
         record.query = req.uri().query().map(redact_query);
         // A copy of the token in the target (refused by check 1) is not recorded either.
-        if let Some(token) = presented_token(req.headers()) {
-            redact_token(&mut record.path, token);
-            redact_token(&mut record.query, token);
-            if record.query.as_deref().is_some_and(|q| {
-                q.contains('%')
-                    && canonical::percent_decode(q)
-                        .is_some_and(|d| contains_bytes(&d, token.as_bytes()))
-            }) {
-                record.query = Some("REDACTED".to_owned());
+        for token in presented_tokens(req.headers()) {
+            for field in [&mut record.connector, &mut record.path, &mut record.query] {
+                redact_token(field, token);
             }
         }
         Self {
@@ -1105,13 +1104,16 @@ impl AuditFacts {
     }
 }
 
-/// Replaces every copy of `token` in a recorded field by `REDACTED`.
+/// Replaces every copy of `token` in a recorded field by `REDACTED`; a field that holds it
+/// only percent-encoded is replaced whole.
 fn redact_token(field: &mut Option<String>, token: &str) {
-    if let Some(text) = field
-        .as_mut()
-        .filter(|t| t.len() >= token.len() && t.contains(token))
-    {
+    let Some(text) = field.as_mut().filter(|t| t.len() >= token.len()) else {
+        return;
+    };
+    if text.contains(token) {
         *text = text.replace(token, "REDACTED");
+    } else if holds_token(text, token) {
+        *text = "REDACTED".to_owned();
     }
 }
 

@@ -17,8 +17,9 @@
 //!   window stays at 0. Such a client would hold its connection, an upstream connection and
 //!   the buffered response for ever, and its call would never get a `proxy_result`. So a write
 //!   that makes no progress for `request_timeout` fails, and an HTTP/2 connection with a
-//!   request still in flight [`OVERDUE_GRACE`] past that request's deadline is closed (the
-//!   broker's own handling of a request's deadline, a 504 or a cut body, has happened by then).
+//!   response still being sent [`OVERDUE_GRACE`] past its request's deadline (or past the
+//!   moment the response was ready, if later) is closed: the broker's own handling of a
+//!   deadline, a 504 or a cut body, has happened by then.
 //!
 //! All work at the I/O level: when a deadline passes, the connection's next read or write
 //! fails with `TimedOut` and hyper closes it. The idle deadline only ever fires with no request
@@ -63,14 +64,13 @@ impl Activity {
     }
 
     /// Counts a request as in flight until the guard drops: keep it with the response body,
-    /// so a long download is not taken for idleness. `deadline` is when it must be done.
-    pub fn request(self: &Arc<Self>, deadline: Instant) -> InFlight {
+    /// so a long download is not taken for idleness.
+    pub fn request(self: &Arc<Self>) -> InFlight {
         self.events.fetch_add(1, Ordering::Relaxed);
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        self.lock_deadlines().push(deadline);
         InFlight {
             activity: Arc::clone(self),
-            deadline,
+            deadline: None,
         }
     }
 
@@ -88,7 +88,18 @@ impl Activity {
 /// A request in flight on a connection ([`Activity::request`]).
 pub struct InFlight {
     activity: Arc<Activity>,
-    deadline: Instant,
+    deadline: Option<Instant>,
+}
+
+impl InFlight {
+    /// The response is on its way and must be sent by `deadline`: an HTTP/2 connection still
+    /// sending it [`OVERDUE_GRACE`] later is closed. Set once the response head is ready, so
+    /// the handler's own time (its timeouts, its audit writes) never closes a connection.
+    pub fn due_by(&mut self, deadline: Instant) {
+        if self.deadline.replace(deadline).is_none() {
+            self.activity.lock_deadlines().push(deadline);
+        }
+    }
 }
 
 impl Drop for InFlight {
@@ -98,9 +109,11 @@ impl Drop for InFlight {
         // the request took (the timer may not have been looked at meanwhile).
         activity.events.fetch_add(1, Ordering::Relaxed);
         activity.in_flight.fetch_sub(1, Ordering::Relaxed);
-        let mut deadlines = activity.lock_deadlines();
-        if let Some(i) = deadlines.iter().position(|d| *d == self.deadline) {
-            deadlines.swap_remove(i);
+        if let Some(deadline) = self.deadline {
+            let mut deadlines = activity.lock_deadlines();
+            if let Some(i) = deadlines.iter().position(|d| *d == deadline) {
+                deadlines.swap_remove(i);
+            }
         }
     }
 }
@@ -380,7 +393,8 @@ mod tests {
         let mut buf = [0u8; 8];
         client.write_all(b"x").await.unwrap();
         assert_eq!(h2.read(&mut buf).await.unwrap(), 1);
-        let _request = activity.request(Instant::now());
+        let mut request = activity.request();
+        request.due_by(Instant::now());
         let started = std::time::Instant::now();
         let err = h2.read(&mut buf).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
@@ -395,7 +409,7 @@ mod tests {
         client.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
         assert!(h2.read(&mut buf).await.unwrap() > 0);
         // A request in flight: no idle deadline, however long it takes.
-        let request = activity.request(Instant::now() + WITHIN * 10);
+        let request = activity.request();
         let read = tokio::time::timeout(WITHIN * 3, h2.read(&mut buf)).await;
         assert!(read.is_err(), "still waiting while a request is in flight");
         drop(request);

@@ -711,6 +711,20 @@ fn jwt_cases(key: &TestKey, t: &str) -> Vec<Case> {
             s(400),
         ),
         (
+            "token-also-percent-encoded-in-the-path",
+            req(
+                "GET",
+                &format!(
+                    "/github/repos/acme/%{:02X}{}/issues",
+                    t.as_bytes()[0],
+                    &t[1..]
+                ),
+                t,
+                "",
+            ),
+            s(400),
+        ),
+        (
             "token-also-in-another-header",
             req("GET", ALLOWED, t, &format!("X-Token: {t}\r\n")),
             s(400),

@@ -277,6 +277,33 @@ async fn tls_session(hay: &mut Haystack) -> (Vec<String>, String) {
             bearer("GET", &format!("/github/repos/acme/{t1}/issues"), &t1, ""),
         ),
         (
+            "token as the connector segment",
+            bearer("GET", &format!("/{t1}/repos"), &t1, ""),
+        ),
+        (
+            "token percent-encoded in the path",
+            bearer(
+                "GET",
+                &format!(
+                    "/github/repos/acme/%{:02X}{}/issues",
+                    t1.as_bytes()[0],
+                    &t1[1..]
+                ),
+                &t1,
+                "",
+            ),
+        ),
+        (
+            "token in the path, behind a Basic Authorization first",
+            Request::builder()
+                .method("GET")
+                .uri(format!("/github/repos/acme/{t1}/issues"))
+                .header("authorization", "Basic Ym90OnNlY3JldA==")
+                .header("authorization", format!("Bearer {t1}"))
+                .body(String::new())
+                .unwrap(),
+        ),
+        (
             "client secret as token",
             bearer("GET", "/github/repos/acme/widget/issues", SECRET, ""),
         ),
