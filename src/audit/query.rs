@@ -471,45 +471,25 @@ pub(crate) mod tests {
     #[test]
     fn several_files_merge_into_one_timeline() {
         let dir = tempfile::tempdir().unwrap();
-        let log = |name: &str, records: &[(&str, Record)]| {
+        // Allow records of `client`s at the given seconds, in one replica's own file.
+        let log = |name: &str, entries: &[(u32, &str)]| {
+            let stamped: Vec<(String, Record)> = entries
+                .iter()
+                .map(|(sec, client)| {
+                    let ts = format!("2026-01-01T00:00:{sec:02}.000000Z");
+                    (ts, proxy(client, "gh", Decision::Allow))
+                })
+                .collect();
+            let records: Vec<(&str, Record)> = stamped
+                .iter()
+                .map(|(ts, r)| (ts.as_str(), r.clone()))
+                .collect();
             let sub = dir.path().join(name);
             std::fs::create_dir(&sub).unwrap();
-            write_log(&sub, records)
+            write_log(&sub, &records)
         };
-        let a = log(
-            "a",
-            &[
-                (
-                    "2026-01-01T00:00:01.000000Z",
-                    proxy("a1", "gh", Decision::Allow),
-                ),
-                (
-                    "2026-01-01T00:00:03.000000Z",
-                    proxy("a2", "gh", Decision::Allow),
-                ),
-                (
-                    "2026-01-01T00:00:05.000000Z",
-                    proxy("a3", "gh", Decision::Allow),
-                ),
-            ],
-        );
-        let b = log(
-            "b",
-            &[
-                (
-                    "2026-01-01T00:00:02.000000Z",
-                    proxy("b1", "gh", Decision::Allow),
-                ),
-                (
-                    "2026-01-01T00:00:03.000000Z",
-                    proxy("b2", "gh", Decision::Allow),
-                ),
-                (
-                    "2026-01-01T00:00:04.000000Z",
-                    proxy("b3", "gh", Decision::Allow),
-                ),
-            ],
-        );
+        let a = log("a", &[(1, "a1"), (3, "a2"), (5, "a3")]);
+        let b = log("b", &[(2, "b1"), (3, "b2"), (4, "b3")]);
         let clients = |paths: &[PathBuf]| {
             let (_, out) = query(paths, &QueryFilter::default(), true);
             out.lines()
