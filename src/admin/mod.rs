@@ -356,10 +356,15 @@ struct RevokeRequest {
     exp: Option<i64>,
 }
 
+/// The longest an admin change waits for its (small) JSON body.
+const ADMIN_BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 async fn read_json<T: for<'de> Deserialize<'de>>(req: Request<Incoming>) -> Result<T, String> {
-    let bytes: Bytes = Limited::new(req.into_body(), MAX_ADMIN_BODY)
-        .collect()
+    // A few hundred bytes at most: a client that does not send them in time is not waited for.
+    let collect = Limited::new(req.into_body(), MAX_ADMIN_BODY).collect();
+    let bytes: Bytes = tokio::time::timeout(ADMIN_BODY_TIMEOUT, collect)
         .await
+        .map_err(|_| "the body did not arrive in time".to_owned())?
         .map_err(|_| "body too large or cut off".to_owned())?
         .to_bytes();
     serde_json::from_slice(&bytes).map_err(|e| format!("invalid JSON body: {e}"))

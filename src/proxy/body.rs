@@ -175,6 +175,12 @@ impl Body for ObservedBody {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
+                // Data ready at every poll must not outrun the deadline either: a client
+                // reading slowly keeps the body busy, and is cut here, not by its connection.
+                if Instant::now() >= this.deadline {
+                    this.finish(Some("request_timeout while streaming the response"));
+                    return Poll::Ready(Some(Err(Box::new(BodyTimeout))));
+                }
                 if let Some(data) = frame.data_ref() {
                     this.bytes += data.len() as u64;
                     return Poll::Ready(Some(Ok(frame)));

@@ -168,6 +168,27 @@ pub fn query_names(query: &str) -> impl Iterator<Item = &str> {
         .map(|piece| piece.split_once('=').map_or(piece, |(name, _)| name))
 }
 
+/// Percent-decodes into bytes, keeping a malformed escape as it is (for searching text as a
+/// lenient upstream would read it).
+pub fn percent_decode_lossy(s: &str) -> Vec<u8> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match (bytes[i], decode_escape(bytes, i)) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
 /// Percent-decodes into bytes (for comparing names); invalid sequences → None.
 ///
 /// `+` is left as is (this is URI decoding, not form decoding).
@@ -201,8 +222,14 @@ pub fn query_has_param(query: &str, name: &str) -> bool {
 pub fn names_param(raw: &str, name: &str) -> bool {
     let decoded = percent_decode(raw);
     let bytes = decoded.as_deref().unwrap_or(raw.as_bytes());
+    // PHP drops leading spaces (`+` is a space in a form) and reads `.`, space and `[` as `_`.
+    let start = bytes
+        .iter()
+        .take_while(|&&b| b == b' ' || b == b'+')
+        .count();
+    let bytes = &bytes[start..];
     let php = |b: u8| match b {
-        b'.' | b' ' | b'[' => b'_',
+        b'.' | b' ' | b'+' | b'[' => b'_',
         b => b.to_ascii_lowercase(),
     };
     match bytes.get(..name.len()) {
@@ -440,7 +467,15 @@ mod tests {
             query_has_param("api_key%3D2", "api_key"),
             "name=value encoded as a name"
         );
-        for php_rewrites in ["api.key=2", "api%20key=2", "api[key=2", "API.KEY[]=2"] {
+        for php_rewrites in [
+            "api.key=2",
+            "api%20key=2",
+            "api[key=2",
+            "API.KEY[]=2",
+            "api+key=2",
+            "+api_key=2",
+            "%20api_key=2",
+        ] {
             assert!(query_has_param(php_rewrites, "api_key"), "{php_rewrites}");
         }
         assert!(!query_has_param("apixkey=2", "api_key"));

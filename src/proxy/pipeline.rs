@@ -187,7 +187,7 @@ async fn stages(
     // can move into the upstream request later.
     let uri = parts.uri.clone();
     // 1. The target is canonical and unambiguous; every later decision is on these bytes.
-    let target = canonical_target(live, &uri, parts.version, &parts.headers)?;
+    let target = canonical_target(live, &parts.method, &uri, parts.version, &parts.headers)?;
     facts.target(&target);
     // 2. The bearer token is genuine, current, unrevoked, and bound to this connection.
     let claims = authenticate(broker, live, &parts.headers, conn, facts)?;
@@ -279,6 +279,7 @@ async fn stages(
 /// `Authorization`, no client copy of the injected header or query parameter.
 fn canonical_target<'a>(
     live: &Live,
+    method: &Method,
     uri: &'a Uri,
     version: http::Version,
     headers: &http::HeaderMap,
@@ -328,7 +329,9 @@ fn canonical_target<'a>(
             "more than one Authorization header",
         ));
     }
-    if presented_tokens(headers).any(|token| token_copied_elsewhere(uri, headers, token)) {
+    if presented_tokens(headers)
+        .any(|token| method.as_str().contains(token) || token_copied_elsewhere(uri, headers, token))
+    {
         return Err(bad(
             "token_outside_authorization",
             "the access token must be sent in the Authorization header only",
@@ -349,15 +352,16 @@ fn canonical_target<'a>(
 /// bytes, and a few characters would turn up anywhere (such a token fails check 2 anyway).
 const MIN_TOKEN_SEARCHED: usize = 32;
 
-/// The bearer tokens the request presents (normally one; a second `Authorization` is refused
-/// by check 1, but its token must not reach the record either), each as sent, if long enough
-/// to look for.
+/// The tokens the request presents, to look for elsewhere in it: every piece of every
+/// `Authorization` value long enough to be one, whatever the scheme or spacing (a malformed
+/// header is refused by check 2, but the copy must not reach its record either).
 fn presented_tokens(headers: &http::HeaderMap) -> impl Iterator<Item = &str> {
-    headers.get_all(AUTHORIZATION).iter().filter_map(|value| {
-        let (scheme, token) = value.to_str().ok()?.split_once(' ')?;
-        let token = token.trim();
-        (scheme.eq_ignore_ascii_case("bearer") && token.len() >= MIN_TOKEN_SEARCHED)
-            .then_some(token)
+    headers.get_all(AUTHORIZATION).iter().flat_map(|value| {
+        value
+            .to_str()
+            .unwrap_or_default()
+            .split(|c: char| c.is_ascii_whitespace() || c == ':' || c == ',')
+            .filter(|piece| piece.len() >= MIN_TOKEN_SEARCHED)
     })
 }
 
@@ -375,16 +379,17 @@ fn token_copied_elsewhere(uri: &Uri, headers: &http::HeaderMap, token: &str) -> 
         })
 }
 
-/// Whether `text` holds `token`, as it is or once its `%XX` escapes are decoded.
+/// Whether `text` holds `token`, as it is or once its `%XX` escapes are decoded (a malformed
+/// escape kept as it is).
 fn holds_token(text: &str, token: &str) -> bool {
     text.contains(token)
         || (text.contains('%')
-            && canonical::percent_decode(text)
-                .is_some_and(|d| contains_bytes(&d, token.as_bytes())))
+            && contains_bytes(&canonical::percent_decode_lossy(text), token.as_bytes()))
 }
 
+/// A linear-time search (a crafted header of near-copies cannot make it quadratic).
 fn contains_bytes(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
+    memchr::memmem::find(haystack, needle).is_some()
 }
 
 /// DESIGN §3.8: the upstream must never receive two values for the credential.
@@ -1073,7 +1078,13 @@ impl AuditFacts {
         record.query = req.uri().query().map(redact_query);
         // A copy of the token in the target (refused by check 1) is not recorded either.
         for token in presented_tokens(req.headers()) {
-            for field in [&mut record.connector, &mut record.path, &mut record.query] {
+            let fields = [
+                &mut record.method,
+                &mut record.connector,
+                &mut record.path,
+                &mut record.query,
+            ];
+            for field in fields {
                 redact_token(field, token);
             }
         }

@@ -317,7 +317,9 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Deadlines<I> {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
+        // Closing writes too (TLS `close_notify`): it must not wait for ever either.
+        let poll = Pin::new(&mut self.io).poll_shutdown(cx);
+        self.write_outcome(cx, poll)
     }
 }
 

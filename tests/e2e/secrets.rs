@@ -294,6 +294,32 @@ async fn tls_session(hay: &mut Haystack) -> (Vec<String>, String) {
             ),
         ),
         (
+            "token as the method",
+            bearer(&t1, "/github/repos/acme/widget/issues", &t1, ""),
+        ),
+        (
+            "token in the path, with a tab in the Authorization header",
+            Request::builder()
+                .method("GET")
+                .uri(format!("/github/repos/acme/{t1}/issues"))
+                .header("authorization", format!("Bearer\t{t1}"))
+                .body(String::new())
+                .unwrap(),
+        ),
+        (
+            "token percent-encoded in the query, beside a malformed escape",
+            bearer(
+                "GET",
+                &format!(
+                    "/github/repos/acme/widget/issues?x=%zz&state=%{:02x}{}",
+                    t1.as_bytes()[0],
+                    &t1[1..]
+                ),
+                &t1,
+                "",
+            ),
+        ),
+        (
             "token in the path, behind a Basic Authorization first",
             Request::builder()
                 .method("GET")
