@@ -329,9 +329,11 @@ fn canonical_target<'a>(
             "more than one Authorization header",
         ));
     }
-    if presented_tokens(headers)
-        .any(|token| method.as_str().contains(token) || token_copied_elsewhere(uri, headers, token))
-    {
+    if presented_tokens(headers).any(|token| {
+        // Lengths first: a searcher for a long token is not free to build.
+        let in_method = method.as_str().len() >= token.len() && method.as_str().contains(token);
+        in_method || token_copied_elsewhere(uri, headers, token)
+    }) {
         return Err(bad(
             "token_outside_authorization",
             "the access token must be sent in the Authorization header only",
@@ -357,12 +359,36 @@ const MIN_TOKEN_SEARCHED: usize = 32;
 /// header is refused by check 2, but the copy must not reach its record either).
 fn presented_tokens(headers: &http::HeaderMap) -> impl Iterator<Item = &str> {
     headers.get_all(AUTHORIZATION).iter().flat_map(|value| {
-        value
-            .to_str()
-            .unwrap_or_default()
-            .split(|c: char| c.is_ascii_whitespace() || c == ':' || c == ',')
+        let bytes = value.as_bytes();
+        // This runs twice on every call, over a token of hundreds of bytes: the usual
+        // `Bearer <token>` is told by a vectorised search for the separators; anything else
+        // is split piece by piece.
+        let usual = usual_bearer(bytes);
+        let other = usual
+            .is_none()
+            .then(|| bytes.split(is_separator))
+            .into_iter()
+            .flatten();
+        usual
+            .into_iter()
+            .chain(other)
             .filter(|piece| piece.len() >= MIN_TOKEN_SEARCHED)
+            .filter_map(|piece| std::str::from_utf8(piece).ok())
     })
+}
+
+/// What separates the pieces of an `Authorization` value for [`presented_tokens`].
+fn is_separator(b: &u8) -> bool {
+    matches!(b, b' ' | b'\t' | b':' | b',')
+}
+
+/// The token of `Bearer <token>` with one space and no other separator.
+fn usual_bearer(value: &[u8]) -> Option<&[u8]> {
+    let (scheme, token) = value.split_at_checked(7)?;
+    let clean = scheme.eq_ignore_ascii_case(b"bearer ")
+        && memchr::memchr3(b' ', b'\t', b',', token).is_none()
+        && memchr::memchr(b':', token).is_none();
+    clean.then_some(token)
 }
 
 /// Check 1, "the token only in that header": a copy of it in the path or the query (as sent
@@ -1166,7 +1192,35 @@ pub fn redact_query(query: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::redact_query;
+    use super::{presented_tokens, redact_query};
+
+    #[test]
+    fn every_long_piece_of_an_authorization_value_is_a_token_to_look_for() {
+        let token = "t".repeat(40);
+        for value in [
+            format!("Bearer {token}"),
+            format!("bearer {token}"),
+            format!("Bearer\t{token}"),
+            format!("Bearer  {token} "),
+            format!("Bearer:{token}"),
+            format!("DPoP {token}"),
+        ] {
+            let mut headers = http::HeaderMap::new();
+            headers.insert(http::header::AUTHORIZATION, value.parse().unwrap());
+            assert_eq!(
+                presented_tokens(&headers).collect::<Vec<_>>(),
+                [token.as_str()],
+                "{value:?}"
+            );
+        }
+        let mut headers = http::HeaderMap::new();
+        headers.insert(http::header::AUTHORIZATION, "Bearer short".parse().unwrap());
+        assert_eq!(
+            presented_tokens(&headers).count(),
+            0,
+            "too short to look for"
+        );
+    }
 
     #[test]
     fn access_token_values_never_reach_the_record() {
