@@ -230,12 +230,14 @@ async fn serve_http<I>(
         let info = Arc::clone(&info);
         // HTTP/2 only: a request counts as activity until its response body is sent, and
         // the response must be sent by the request's deadline (see `deadlines`).
-        let in_flight = requests.is_http2().then(|| requests.request());
-        let deadline = tokio::time::Instant::now() + limits.request_timeout;
+        let in_flight = requests.is_http2().then(|| {
+            let deadline = tokio::time::Instant::now() + limits.request_timeout;
+            (requests.request(), deadline)
+        });
         async move {
             let resp = handle(role, info, limits.max_header_bytes, req).await?;
             Ok::<_, Infallible>(match in_flight {
-                Some(mut guard) => resp.map(|body| {
+                Some((mut guard, deadline)) => resp.map(|body| {
                     guard.due_by(deadline.max(tokio::time::Instant::now()));
                     http_body_util::BodyExt::boxed_unsync(InFlightBody {
                         body,

@@ -169,9 +169,8 @@ pub fn query_names(query: &str) -> impl Iterator<Item = &str> {
 }
 
 /// Percent-decodes into bytes, keeping a malformed escape as it is (for searching text as a
-/// lenient upstream would read it).
-pub fn percent_decode_lossy(s: &str) -> Vec<u8> {
-    let bytes = s.as_bytes();
+/// lenient upstream or client would read it).
+pub fn percent_decode_lossy(bytes: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {

@@ -6,6 +6,7 @@ use std::fmt;
 use base64::Engine;
 use http::header::{HeaderName, HeaderValue, AUTHORIZATION};
 
+use super::canonical;
 use crate::config::AuthMethod;
 use crate::secret::Secret;
 
@@ -144,11 +145,11 @@ impl Echoes {
                 .iter()
                 .map(|&b| if b == b'+' { b' ' } else { b })
                 .collect();
-            let spaced = zeroize::Zeroizing::new(decode_escapes(&spaced));
+            let spaced = zeroize::Zeroizing::new(canonical::percent_decode_lossy(&spaced));
             if self.any_form_in(&spaced) {
                 return true;
             }
-            let decoded = zeroize::Zeroizing::new(decode_escapes(&current));
+            let decoded = zeroize::Zeroizing::new(canonical::percent_decode_lossy(&current));
             if self.any_form_in(&decoded) {
                 return true;
             }
@@ -180,29 +181,6 @@ impl Echoes {
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.len() >= needle.len() && haystack.windows(needle.len()).any(|w| w == needle)
-}
-
-/// `%XX` escapes decoded (either case); anything else, malformed escapes included, kept.
-fn decode_escapes(value: &[u8]) -> Vec<u8> {
-    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
-    let mut out = Vec::with_capacity(value.len());
-    let mut i = 0;
-    while i < value.len() {
-        let escape = (value[i] == b'%')
-            .then(|| Some(hex(*value.get(i + 1)?)? << 4 | hex(*value.get(i + 2)?)?))
-            .flatten();
-        match escape {
-            Some(b) => {
-                out.push(b);
-                i += 3;
-            }
-            None => {
-                out.push(value[i]);
-                i += 1;
-            }
-        }
-    }
-    out
 }
 
 fn sensitive(bytes: Vec<u8>) -> Result<HeaderValue, InjectError> {

@@ -329,11 +329,7 @@ fn canonical_target<'a>(
             "more than one Authorization header",
         ));
     }
-    if presented_tokens(headers).any(|token| {
-        // Lengths first: a searcher for a long token is not free to build.
-        let in_method = method.as_str().len() >= token.len() && method.as_str().contains(token);
-        in_method || token_copied_elsewhere(uri, headers, token)
-    }) {
+    if presented_tokens(headers).any(|token| token_copied_elsewhere(method, uri, headers, token)) {
         return Err(bad(
             "token_outside_authorization",
             "the access token must be sent in the Authorization header only",
@@ -391,13 +387,21 @@ fn usual_bearer(value: &[u8]) -> Option<&[u8]> {
     clean.then_some(token)
 }
 
-/// Check 1, "the token only in that header": a copy of it in the path or the query (as sent
-/// or percent-decoded, as an upstream would read them) or in another header would reach the
-/// upstream, and the target the audit record. Only headers and a target at least as long as
-/// the token are searched, so a usual call costs a few length comparisons.
-fn token_copied_elsewhere(uri: &Uri, headers: &http::HeaderMap, token: &str) -> bool {
+/// Check 1, "the token only in that header": a copy of it in the method, the path or the query
+/// (as sent or percent-decoded, as an upstream would read them) or in another header would
+/// reach the upstream, and the audit record. Only text at least as long as the token is
+/// searched (lengths first: a searcher for a long token is not free to build), so a usual
+/// call costs a few length comparisons.
+fn token_copied_elsewhere(
+    method: &Method,
+    uri: &Uri,
+    headers: &http::HeaderMap,
+    token: &str,
+) -> bool {
     let target = uri.path_and_query().map_or("", |pq| pq.as_str());
-    (target.len() >= token.len() && holds_token(target, token))
+    let method = method.as_str();
+    (method.len() >= token.len() && method.contains(token))
+        || (target.len() >= token.len() && holds_token(target, token))
         || headers.iter().any(|(name, value)| {
             name != AUTHORIZATION
                 && value.len() >= token.len()
@@ -405,12 +409,19 @@ fn token_copied_elsewhere(uri: &Uri, headers: &http::HeaderMap, token: &str) -> 
         })
 }
 
-/// Whether `text` holds `token`, as it is or once its `%XX` escapes are decoded (a malformed
-/// escape kept as it is).
+/// Whether `text` holds `token`, as it is or once its `%XX` escapes are decoded.
 fn holds_token(text: &str, token: &str) -> bool {
-    text.contains(token)
-        || (text.contains('%')
-            && contains_bytes(&canonical::percent_decode_lossy(text), token.as_bytes()))
+    text.contains(token) || holds_encoded_token(text, token)
+}
+
+/// Whether `text` holds `token` once its `%XX` escapes are decoded (a malformed escape kept as
+/// it is).
+fn holds_encoded_token(text: &str, token: &str) -> bool {
+    text.contains('%')
+        && contains_bytes(
+            &canonical::percent_decode_lossy(text.as_bytes()),
+            token.as_bytes(),
+        )
 }
 
 /// A linear-time search (a crafted header of near-copies cannot make it quadratic).
@@ -1149,7 +1160,7 @@ fn redact_token(field: &mut Option<String>, token: &str) {
     };
     if text.contains(token) {
         *text = text.replace(token, "REDACTED");
-    } else if holds_token(text, token) {
+    } else if holds_encoded_token(text, token) {
         *text = "REDACTED".to_owned();
     }
 }
