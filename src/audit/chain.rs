@@ -74,11 +74,68 @@ struct Links<'a> {
     hash: std::borrow::Cow<'a, str>,
 }
 
-/// Formats a writer timestamp: RFC 3339, UTC, microseconds, `Z`.
-pub fn format_ts(t: DateTime<Utc>) -> String {
-    // `to_rfc3339_opts` writes directly; a strftime pattern is parsed on every call, and
-    // this runs for every record.
-    t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+/// A record's `ts` text: RFC 3339, UTC, microseconds, `Z` (`2026-11-26T05:03:25.123456Z`),
+/// built on the stack: the writer makes one per record.
+pub struct Ts {
+    buf: [u8; 40],
+    len: usize,
+}
+
+impl Ts {
+    pub fn new(t: DateTime<Utc>) -> Self {
+        use chrono::{Datelike, Timelike};
+        let mut ts = Self {
+            buf: [0; 40],
+            len: 0,
+        };
+        let year = t.year();
+        // A leap second (nanoseconds past 1e9) or a year outside four digits: chrono's own
+        // formatting, which handles both (neither comes from a system clock in practice).
+        if !(0..=9999).contains(&year) || t.nanosecond() >= 1_000_000_000 {
+            let text = t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+            let n = text.len().min(ts.buf.len());
+            ts.buf[..n].copy_from_slice(&text.as_bytes()[..n]);
+            ts.len = n;
+            return ts;
+        }
+        let fields: [(u32, usize, u8); 7] = [
+            (year as u32, 4, b'-'),
+            (t.month(), 2, b'-'),
+            (t.day(), 2, b'T'),
+            (t.hour(), 2, b':'),
+            (t.minute(), 2, b':'),
+            (t.second(), 2, b'.'),
+            (t.nanosecond() / 1_000, 6, b'Z'),
+        ];
+        let mut at = 0;
+        for (value, width, after) in fields {
+            let mut v = value;
+            for i in (0..width).rev() {
+                ts.buf[at + i] = b'0' + (v % 10) as u8;
+                v /= 10;
+            }
+            ts.buf[at + width] = after;
+            at += width + 1;
+        }
+        ts.len = at;
+        ts
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Digits and ASCII separators, or chrono's (UTF-8) text.
+        std::str::from_utf8(&self.buf[..self.len]).unwrap_or_default()
+    }
+}
+
+/// A hash as 64 lower-case hex digits, on the stack.
+#[derive(Clone, Copy)]
+pub struct HashHex([u8; HASH_HEX_LEN]);
+
+impl HashHex {
+    pub fn as_str(&self) -> &str {
+        // Hex digits are ASCII.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
 }
 
 /// Seals a record: returns its line (without `\n`) and its hash.
@@ -93,7 +150,7 @@ pub fn seal(
     let hash = seal_into(&mut buf, seq, ts, record, prev, key)?;
     // The line is built from JSON serialisation and hex digits only, so it is UTF-8.
     let line = String::from_utf8(buf).map_err(|e| ChainError::Unparsable(e.to_string()))?;
-    Ok((line, hash))
+    Ok((line, hash.as_str().to_owned()))
 }
 
 /// Appends the sealed line (without `\n`) to `buf` and returns its hash. The writer uses this
@@ -105,18 +162,19 @@ pub fn seal_into(
     record: &Record,
     prev: &str,
     key: Option<&Secret>,
-) -> Result<String, ChainError> {
+) -> Result<HashHex, ChainError> {
     let start = buf.len();
     buf.extend_from_slice(b"{\"seq\":");
     // Into the buffer directly: no String per record.
     let _ = write!(buf, "{seq}");
     buf.extend_from_slice(b",\"ts\":\"");
     buf.extend_from_slice(ts.as_bytes());
-    buf.extend_from_slice(b"\",");
+    buf.push(b'"');
     let fields_at = buf.len();
     serde_json::to_writer(&mut *buf, record)?;
-    // Drop the record object's own braces: `{"event":…}` becomes `"event":…`.
-    buf.remove(fields_at);
+    // The record object's opening brace becomes the comma after `ts` (`{"event":…}` becomes
+    // `,"event":…}`: a record always has `event`), and its closing one goes.
+    buf[fields_at] = b',';
     buf.pop();
     buf.extend_from_slice(b",\"prev\":\"");
     buf.extend_from_slice(prev.as_bytes());
@@ -124,7 +182,7 @@ pub fn seal_into(
     let hash = digest(key, &buf[start..]);
     buf.pop();
     buf.extend_from_slice(HASH_MEMBER);
-    buf.extend_from_slice(hash.as_bytes());
+    buf.extend_from_slice(&hash.0);
     buf.extend_from_slice(b"\"}");
     Ok(hash)
 }
@@ -140,7 +198,7 @@ pub fn check_line(
         serde_json::from_slice(line).map_err(|e| ChainError::Unparsable(e.to_string()))?;
     let body = hashed_bytes(line, &links.hash)?;
     let computed = digest_parts(key, body, b"}");
-    if !bool::from(computed.as_bytes().ct_eq(links.hash.as_bytes())) {
+    if !bool::from(computed.0[..].ct_eq(links.hash.as_bytes())) {
         return Err(ChainError::HashMismatch);
     }
     if let Some(expected) = expected_prev {
@@ -176,12 +234,12 @@ fn hashed_bytes<'l>(line: &'l [u8], hash: &str) -> Result<&'l [u8], ChainError> 
 }
 
 /// `hex(SHA-256(b))` or `hex(HMAC-SHA256(key, b))`.
-fn digest(key: Option<&Secret>, b: &[u8]) -> String {
+fn digest(key: Option<&Secret>, b: &[u8]) -> HashHex {
     digest_parts(key, b, b"")
 }
 
 /// The digest of `a ‖ b`, so B need not be copied to replace the hash member by `}`.
-fn digest_parts(key: Option<&Secret>, a: &[u8], b: &[u8]) -> String {
+fn digest_parts(key: Option<&Secret>, a: &[u8], b: &[u8]) -> HashHex {
     match key {
         None => {
             let mut h = Sha256::new();
@@ -200,16 +258,13 @@ fn digest_parts(key: Option<&Secret>, a: &[u8], b: &[u8]) -> String {
     }
 }
 
-/// Lower-case hex of a 32-byte digest, through a stack buffer: `hex::encode` goes char by
-/// char through an iterator, and this runs twice per proxied call.
-fn hex_lower(digest: &[u8]) -> String {
+/// Lower-case hex of a 32-byte digest, on the stack: `hex::encode` goes char by char through
+/// an iterator into a String, and this runs twice per proxied call.
+fn hex_lower(digest: &[u8]) -> HashHex {
     let mut buf = [0u8; HASH_HEX_LEN];
     // A 32-byte digest always fits the 64-byte buffer.
     hex::encode_to_slice(digest, &mut buf).unwrap_or_else(|_| unreachable!("32-byte digest"));
-    // Hex digits are ASCII.
-    std::str::from_utf8(&buf)
-        .map(str::to_owned)
-        .unwrap_or_default()
+    HashHex(buf)
 }
 
 #[cfg(test)]
@@ -286,6 +341,18 @@ mod tests {
         let t = DateTime::parse_from_rfc3339("2026-11-26T05:03:25.123456789Z")
             .unwrap()
             .with_timezone(&Utc);
-        assert_eq!(format_ts(t), "2026-11-26T05:03:25.123456Z");
+        assert_eq!(Ts::new(t).as_str(), "2026-11-26T05:03:25.123456Z");
+    }
+
+    proptest::proptest! {
+        /// The stack-built `ts` is chrono's RFC 3339 text with microseconds, for any instant
+        /// from year 0 to 9999 and beyond (where chrono's own formatting takes over).
+        #[test]
+        fn ts_text_is_chronos(secs in -62_200_000_000i64..260_000_000_000i64, nanos in 0u32..1_000_000_000) {
+            let t = DateTime::from_timestamp(secs, nanos).unwrap();
+            let expected = t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+            let ts = Ts::new(t);
+            proptest::prop_assert_eq!(ts.as_str(), expected.as_str());
+        }
     }
 }

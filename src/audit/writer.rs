@@ -29,7 +29,7 @@ use arc_swap::ArcSwapOption;
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 
-use crate::audit::chain::{self, format_ts, ChainError, ZERO_HASH};
+use crate::audit::chain::{self, ChainError, ZERO_HASH};
 use crate::audit::gather::{Gathers, Joined};
 use crate::audit::record::{Event, Record};
 use crate::audit::relay::{Answer, AnswerTx, Relays};
@@ -957,10 +957,10 @@ impl Writer {
     ) -> Result<(u64, String), ChainError> {
         buf.reserve(records.len() * 320);
         let mut seq = self.seq;
-        let mut prev = self.prev.clone();
+        let mut last: Option<chain::HashHex> = None;
         for &record in records {
             seq += 1;
-            let ts = format_ts(self.next_ts());
+            let ts = chain::Ts::new(self.next_ts());
             // A replica's records name it (a copy, paid only when a name is configured).
             let named;
             let record = match &self.replica {
@@ -973,9 +973,20 @@ impl Writer {
                 }
                 _ => record,
             };
-            prev = chain::seal_into(buf, seq, &ts, record, &prev, self.key.as_ref())?;
+            let prev = last
+                .as_ref()
+                .map_or(self.prev.as_str(), chain::HashHex::as_str);
+            last = Some(chain::seal_into(
+                buf,
+                seq,
+                ts.as_str(),
+                record,
+                prev,
+                self.key.as_ref(),
+            )?);
             buf.push(b'\n');
         }
+        let prev = last.map_or_else(|| self.prev.clone(), |h| h.as_str().to_owned());
         Ok((seq, prev))
     }
 

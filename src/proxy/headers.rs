@@ -80,6 +80,15 @@ pub fn upstream_request_headers(client: &HeaderMap, injected: Option<&HeaderName
 /// header whose value (or, however contrived, name) carries the injected credential in any
 /// form it was sent in (an echo would hand it to the client).
 pub fn clean_response_headers(headers: &mut HeaderMap, echoes: &Echoes) {
+    // This runs on every response, and usually the only header to go is `Connection:
+    // keep-alive`: one pass finds that out without building names, and only a response with
+    // something else to drop takes the general path.
+    if let Some(connection) = only_connection_to_drop(headers, echoes) {
+        if connection {
+            headers.remove(header::CONNECTION);
+        }
+        return;
+    }
     let listed = connection_listed(headers);
     for name in HOP_BY_HOP.iter().copied() {
         headers.remove(name);
@@ -101,6 +110,32 @@ pub fn clean_response_headers(headers: &mut HeaderMap, echoes: &Echoes) {
             tracing::warn!(header = %name, "upstream response header echoed the credential; dropped");
         }
     }
+}
+
+/// `Some(whether Connection is present)` when nothing but `Connection` itself needs to go:
+/// no other hop-by-hop header, none that `Connection` lists, no echo. `None` otherwise.
+fn only_connection_to_drop(headers: &HeaderMap, echoes: &Echoes) -> Option<bool> {
+    let connection = headers.get_all(header::CONNECTION);
+    let listed = |name: &HeaderName| {
+        connection
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|token| token.trim().eq_ignore_ascii_case(name.as_str()))
+    };
+    let mut has_connection = false;
+    for (name, value) in headers {
+        if name == header::CONNECTION {
+            has_connection = true;
+        } else if is_hop_by_hop(name)
+            || listed(name)
+            || echoes.found_in(value.as_bytes())
+            || echoes.found_in_name(name)
+        {
+            return None;
+        }
+    }
+    Some(has_connection)
 }
 
 /// Makes the response's `Content-Length` say what the client will get. hyper reads the body
@@ -261,6 +296,45 @@ mod tests {
         let mut h = map(&[]);
         normalize_content_length(&mut h, StatusCode::OK, false, Some(7));
         assert_eq!(cl(&h), None);
+    }
+
+    #[test]
+    fn hop_by_hop_response_headers_go_on_either_path() {
+        let echoes = Echoes::new(
+            &crate::config::AuthMethod::Bearer,
+            &crate::secret::Secret::new("real-credential-123"),
+        );
+        let names = |h: &HeaderMap| {
+            let mut n: Vec<String> = h.keys().map(|k| k.to_string()).collect();
+            n.sort();
+            n
+        };
+        // The usual answer: only Connection goes (the fast path).
+        let mut h = map(&[
+            ("connection", "keep-alive"),
+            ("content-type", "application/json"),
+            ("date", "Thu, 26 Nov 2026 18:00:00 GMT"),
+        ]);
+        clean_response_headers(&mut h, &echoes);
+        assert_eq!(names(&h), ["content-type", "date"]);
+        // Nothing to drop: nothing changes.
+        clean_response_headers(&mut h, &echoes);
+        assert_eq!(names(&h), ["content-type", "date"]);
+        // A header Connection names, and the fixed hop-by-hop set, go as well.
+        let mut h = map(&[
+            ("connection", "Keep-Alive, X-Private"),
+            ("keep-alive", "timeout=5"),
+            ("x-private", "1"),
+            ("trailer", "x-sum"),
+            ("proxy-connection", "keep-alive"),
+            ("etag", "abc"),
+        ]);
+        clean_response_headers(&mut h, &echoes);
+        assert_eq!(names(&h), ["etag"]);
+        // Without Connection, a hop-by-hop header alone still goes.
+        let mut h = map(&[("upgrade", "h2c"), ("etag", "abc")]);
+        clean_response_headers(&mut h, &echoes);
+        assert_eq!(names(&h), ["etag"]);
     }
 
     #[test]

@@ -923,7 +923,6 @@ async fn forward(
     started: Instant,
 ) -> Response<ProxyBody> {
     let Upload { bytes_in, uploaded } = upload;
-    let request_id = facts.record.request_id.clone().unwrap_or_default();
     let request_deadline = started + live.config.server.request_timeout;
     let sent = Instant::now();
     let wait = connector
@@ -979,9 +978,10 @@ async fn forward(
             .upstream_result(&connector.name, took, failed),
     }
     let mut result_record = Record::new(Event::ProxyResult);
-    result_record.request_id = facts.record.request_id.clone();
-    result_record.client = facts.record.client.clone();
-    result_record.connector = facts.record.connector.clone();
+    // The call's facts are spent from here (its stage is `Recorded`): the outcome takes them.
+    result_record.request_id = facts.record.request_id.take();
+    result_record.client = facts.record.client.take();
+    result_record.connector = facts.record.connector.take();
     let answer = match result {
         Ok(Ok(response)) => Ok(response),
         Ok(Err(_)) if client_failed => Err(Refusal::InvalidRequest(
@@ -1004,15 +1004,7 @@ async fn forward(
     let response = match answer {
         Ok(response) => response,
         Err(refusal) => {
-            return finish_failed(
-                broker,
-                result_record,
-                refusal,
-                &bytes_in,
-                started,
-                &request_id,
-            )
-            .await;
+            return finish_failed(broker, result_record, refusal, &bytes_in, started).await;
         }
     };
     let (mut parts, body) = response.into_parts();
@@ -1073,8 +1065,8 @@ async fn finish_failed(
     refusal: Refusal,
     bytes_in: &AtomicU64,
     started: Instant,
-    request_id: &str,
 ) -> Response<ProxyBody> {
+    let request_id = record.request_id.clone().unwrap_or_default();
     record.status = Some(refusal.status().as_u16());
     let elapsed = started.elapsed();
     record.duration_ms = Some(elapsed.as_millis() as u64);
@@ -1092,7 +1084,7 @@ async fn finish_failed(
     if let Err(e) = broker.audit.append(record).await {
         tracing::error!(error = %e, "cannot write a proxy_result audit record");
     }
-    refusal.into_response(request_id)
+    refusal.into_response(&request_id)
 }
 
 impl AuditFacts {
@@ -1132,8 +1124,9 @@ impl AuditFacts {
     }
 
     fn target(&mut self, target: &Target<'_>) {
-        self.record.connector = Some(target.connector.to_owned());
-        self.record.path = Some(target.path.to_owned());
+        // Usually what `new` already split off: then nothing is copied again.
+        set_text(&mut self.record.connector, target.connector);
+        set_text(&mut self.record.path, target.path);
     }
 
     fn token(&mut self, claims: &AccessClaims) {
@@ -1149,6 +1142,13 @@ impl AuditFacts {
         self.record.decision = Some(Decision::Deny);
         self.record.reason = Some(denial.reason.to_owned());
         self.record.status = Some(denial.refusal.status().as_u16());
+    }
+}
+
+/// Sets a recorded field to `text`, reusing what it holds when that is the same.
+fn set_text(field: &mut Option<String>, text: &str) {
+    if field.as_deref() != Some(text) {
+        *field = Some(text.to_owned());
     }
 }
 
