@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Load comparison (issue 7): direct upstream vs nginx proxy_pass with an injected
 # Authorization header vs credbroker (fsync=never and fsync=always), interleaved, each
-# configuration repeated, wrk pinned to CPU 0 and the servers to CPU 1.
+# configuration repeated, wrk pinned to CPU 0 and the servers to CPU 1. Also the floor of
+# credbroker's own stack: examples/bare_proxy.rs, hyper + tokio injecting the header and
+# doing nothing else ("bare hyper proxy").
 #
 # usage: benches/load.sh [SECONDS_PER_RUN=10] [REPEATS=3]
 # Prints a table and writes JSON to target/load.json. Installs wrk and nginx with apt when
@@ -16,6 +18,8 @@ source benches/common.sh
 need_wrk_and_nginx
 BIN=target/release/credbroker
 [ -x "$BIN" ] || cargo build --release
+BARE=target/release/examples/bare_proxy
+[ -x "$BARE" ] || cargo build --release --example bare_proxy
 
 WORK=$(mktemp -d)
 PIDS=()
@@ -28,6 +32,7 @@ cleanup() {
 trap cleanup EXIT
 
 UP=127.0.0.1:18081; NGX=127.0.0.1:18082; CB_NEVER=127.0.0.1:18083; CB_ALWAYS=127.0.0.1:18084
+BARE_AT=127.0.0.1:18085
 CREDENTIAL="bench-credential-$(head -c 8 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 
 nginx_conf "$WORK/up" "$(upstream_server "$UP" "$CREDENTIAL")"
@@ -44,7 +49,8 @@ broker_conf "$WORK/never/credbroker.toml" "$CB_NEVER" never "$UP" "$CREDENTIAL" 
 broker_conf "$WORK/always/credbroker.toml" "$CB_ALWAYS" always "$UP" "$CREDENTIAL" "$secret"
 RUST_LOG=warn taskset -c 1 "$BIN" serve --config "$WORK/never/credbroker.toml" 2>"$WORK/never.log" & PIDS+=($!); PID_NEVER=$!
 RUST_LOG=warn taskset -c 1 "$BIN" serve --config "$WORK/always/credbroker.toml" 2>"$WORK/always.log" & PIDS+=($!); PID_ALWAYS=$!
-for a in $UP $NGX $CB_NEVER $CB_ALWAYS; do wait_http "$a"; done
+taskset -c 1 "$BARE" "$BARE_AT" "$UP" "$CREDENTIAL" 2>"$WORK/bare.log" & PIDS+=($!); PID_BARE=$!
+for a in $UP $NGX $CB_NEVER $CB_ALWAYS $BARE_AT; do wait_http "$a"; done
 TOK_NEVER=$(broker_token "$CB_NEVER" "$secret"); TOK_ALWAYS=$(broker_token "$CB_ALWAYS" "$secret")
 PATH_Q=/repos/acme/widget/issues
 
@@ -52,6 +58,7 @@ pids_of() { # config name -> pids whose CPU counts as "the proxy"
   case "$1" in
     direct) cat "$WORK/up/nginx.pid"; pgrep -P "$(cat "$WORK/up/nginx.pid")" ;;
     nginx) cat "$WORK/px/nginx.pid"; pgrep -P "$(cat "$WORK/px/nginx.pid")" ;;
+    bare) echo "$PID_BARE" ;;
     never) echo "$PID_NEVER" ;;
     always) echo "$PID_ALWAYS" ;;
   esac
@@ -65,6 +72,7 @@ run() { # name conns -> "rps p50_ms p99_ms cpu_us_per_req"
   case $name in
     direct) url="http://$UP$PATH_Q"; hdr=(-H "Authorization: Bearer $CREDENTIAL") ;;
     nginx) url="http://$NGX$PATH_Q" ;;
+    bare) url="http://$BARE_AT$PATH_Q" ;;
     never) url="http://$CB_NEVER/github$PATH_Q"; hdr=(-H "Authorization: Bearer $TOK_NEVER") ;;
     always) url="http://$CB_ALWAYS/github$PATH_Q"; hdr=(-H "Authorization: Bearer $TOK_ALWAYS") ;;
   esac
@@ -92,13 +100,13 @@ echo "load comparison: ${DURATION}s per run, ${REPEATS} repeats, interleaved; wr
 RESULTS="$WORK/results.txt"; : > "$RESULTS"
 for c in "${CONNS[@]}"; do
   for r in $(seq "$REPEATS"); do
-    for name in direct nginx never always; do
+    for name in direct nginx bare never always; do
       line=$(run "$name" "$c")
       echo "$c $name $r $line" | tee -a "$RESULTS" >&2
     done
   done
 done
-for name in direct nginx never always; do echo "rss $name $(peak_rss_kb "$name")" >> "$RESULTS"; done
+for name in direct nginx bare never always; do echo "rss $name $(peak_rss_kb "$name")" >> "$RESULTS"; done
 
 python3 - "$RESULTS" <<'PY'
 import json, statistics, sys
@@ -110,7 +118,7 @@ for r in rows:
     c, name = int(r[0]), r[1]
     data.setdefault((c, name), []).append(tuple(map(float, r[3:8])))
 out = {"runs": {}, "ratios": {}, "peak_rss_kb": rss}
-names = {"direct": "direct upstream", "nginx": "nginx proxy_pass", "never": "credbroker fsync=never", "always": "credbroker fsync=always"}
+names = {"direct": "direct upstream", "nginx": "nginx proxy_pass", "bare": "bare hyper proxy", "never": "credbroker fsync=never", "always": "credbroker fsync=always"}
 print(f"{'conns':>5}  {'configuration':<24} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'CPU us/req':>10} {'non-2xx':>8}")
 for (c, name), vals in sorted(data.items(), key=lambda kv: (kv[0][0], list(names).index(kv[0][1]))):
     med = [statistics.median(v[i] for v in vals) for i in range(5)]
@@ -118,16 +126,21 @@ for (c, name), vals in sorted(data.items(), key=lambda kv: (kv[0][0], list(names
     print(f"{c:>5}  {names[name]:<24} {med[0]:>9.0f} {med[1]:>8.3f} {med[2]:>8.3f} {med[3]:>10.1f} {med[4]:>8.0f}")
 for c in sorted({k[0] for k in data}):
     g = lambda n, k: out["runs"][f"{c}/{n}"][k]
-    for n in ("never", "always"):
+    for n in ("bare", "never", "always"):
         out["ratios"][f"{c}/{n}"] = {
             "rps_vs_nginx": g(n, "rps") / g("nginx", "rps"),
             "rps_vs_direct": g(n, "rps") / g("direct", "rps"),
             "cpu_vs_nginx": g(n, "cpu_us_per_req") / g("nginx", "cpu_us_per_req"),
             "p99_added_over_direct_ms": g(n, "p99_ms") - g("direct", "p99_ms"),
         }
+        if n != "bare":
+            # What credbroker's own work costs over the stack it is built on.
+            out["ratios"][f"{c}/{n}"]["rps_vs_bare"] = g(n, "rps") / g("bare", "rps")
+            out["ratios"][f"{c}/{n}"]["cpu_vs_bare"] = g(n, "cpu_us_per_req") / g("bare", "cpu_us_per_req")
 print()
 for k, v in out["ratios"].items():
-    print(f"{k:<12} req/s vs nginx {v['rps_vs_nginx']:.2f}x, vs direct {v['rps_vs_direct']:.2f}x; CPU/req vs nginx {v['cpu_vs_nginx']:.2f}x; p99 added over direct {v['p99_added_over_direct_ms']:.3f} ms")
+    bare = f"; vs bare hyper: req/s {v['rps_vs_bare']:.2f}x, CPU/req {v['cpu_vs_bare']:.2f}x" if "rps_vs_bare" in v else ""
+    print(f"{k:<12} req/s vs nginx {v['rps_vs_nginx']:.2f}x, vs direct {v['rps_vs_direct']:.2f}x; CPU/req vs nginx {v['cpu_vs_nginx']:.2f}x; p99 added over direct {v['p99_added_over_direct_ms']:.3f} ms{bare}")
 print("peak RSS (KiB):", rss)
 json.dump(out, open("target/load.json", "w"), indent=2)
 print("JSON: target/load.json")
