@@ -331,7 +331,10 @@ fn header_bytes<B>(req: &Request<B>) -> usize {
 
 /// A random 128-bit id, hex.
 pub fn new_request_id() -> String {
-    format!("{:032x}", rand::random::<u128>())
+    let mut hex = [0u8; 32];
+    // 16 random bytes are 32 hex digits: this cannot fail (nor `from_utf8` below).
+    let _ = hex::encode_to_slice(rand::random::<u128>().to_be_bytes(), &mut hex);
+    String::from_utf8(hex.to_vec()).unwrap_or_default()
 }
 
 /// Binds a listener, naming the address on failure.
@@ -475,4 +478,21 @@ fn same_mode(
         });
     }
     Ok(new)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn request_ids_are_32_lower_hex_digits_and_differ() {
+        let ids: Vec<String> = (0..64).map(|_| super::new_request_id()).collect();
+        for id in &ids {
+            assert_eq!(id.len(), 32, "{id}");
+            assert!(
+                id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')),
+                "{id}"
+            );
+        }
+        let distinct: std::collections::HashSet<&String> = ids.iter().collect();
+        assert_eq!(distinct.len(), ids.len());
+    }
 }

@@ -58,7 +58,8 @@ pub fn upstream_request_headers(client: &HeaderMap, injected: Option<&HeaderName
     } else {
         Vec::new()
     };
-    let mut out = HeaderMap::with_capacity(client.len());
+    // Room for what the caller adds (request id, X-Forwarded-*, credential): no regrowth.
+    let mut out = HeaderMap::with_capacity(client.len() + 4);
     for (name, value) in client {
         let n = name.as_str();
         if STRIPPED_REQUEST.contains(name)
@@ -196,9 +197,13 @@ pub fn host_is_unambiguous(version: http::Version, headers: &HeaderMap) -> bool 
 }
 
 /// Adds the broker's own forwarding headers, replacing whatever the client sent.
-pub fn add_forwarding_headers(headers: &mut HeaderMap, peer_ip: &str, proto: &'static str) {
-    if let Ok(v) = HeaderValue::from_str(peer_ip) {
-        headers.insert(HeaderName::from_static("x-forwarded-for"), v);
+pub fn add_forwarding_headers(
+    headers: &mut HeaderMap,
+    peer_ip: Option<&HeaderValue>,
+    proto: &'static str,
+) {
+    if let Some(v) = peer_ip {
+        headers.insert(HeaderName::from_static("x-forwarded-for"), v.clone());
     }
     headers.insert(
         HeaderName::from_static("x-forwarded-proto"),

@@ -36,10 +36,10 @@ pub struct ConnInfo {
     pub tls: bool,
     /// The verified client certificate, on an mTLS connection that presented one.
     pub client_cert: Option<Arc<PeerIdentity>>,
-    /// `peer` and its IP as text, formatted once per connection for audit records and
-    /// `X-Forwarded-For`.
+    /// `peer` as text and its IP as a header value, made once per connection for audit
+    /// records and `X-Forwarded-For`.
     pub peer_text: String,
-    pub peer_ip_text: String,
+    pub peer_ip_value: Option<HeaderValue>,
 }
 
 impl ConnInfo {
@@ -49,7 +49,7 @@ impl ConnInfo {
             tls,
             client_cert,
             peer_text: peer.to_string(),
-            peer_ip_text: peer.ip().to_string(),
+            peer_ip_value: HeaderValue::try_from(peer.ip().to_string()).ok(),
         }
     }
 }
@@ -885,7 +885,8 @@ fn upstream_request(
         // The pair is ASCII by construction (percent-encoded).
         uri.push_str(std::str::from_utf8(pair.expose()).unwrap_or_default());
     }
-    let uri: Uri = uri.parse().map_err(|_| {
+    // From the String itself: no copy.
+    let uri = Uri::try_from(uri).map_err(|_| {
         tracing::error!(connector = %connector.name, "could not build the upstream URI");
         Denial::from(Refusal::UpstreamUnavailable("invalid upstream URI".into()))
     })?;
@@ -895,7 +896,7 @@ fn upstream_request(
     }
     headers::add_forwarding_headers(
         &mut hdrs,
-        &conn.peer_ip_text,
+        conn.peer_ip_value.as_ref(),
         if conn.tls { "https" } else { "http" },
     );
     if let Injection::Header { name, value } = injection {
