@@ -293,7 +293,11 @@ async fn route(
     request_id: &str,
 ) -> Response<ProxyBody> {
     match req.uri().path() {
-        "/oauth2/token" => crate::token::endpoint::token(broker, req, conn, request_id).await,
+        // Boxed: token issuance is rare next to proxied calls, and its future would set the
+        // size of every call's.
+        "/oauth2/token" => {
+            Box::pin(crate::token::endpoint::token(broker, req, conn, request_id)).await
+        }
         // GET and HEAD (hyper sends a HEAD answer's headers only); nothing else.
         "/.well-known/jwks.json" | "/.well-known/oauth-authorization-server"
             if !matches!(*req.method(), Method::GET | Method::HEAD) =>

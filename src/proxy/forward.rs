@@ -252,7 +252,9 @@ impl UpstreamClient {
         loop {
             let (conn, reused) = match self.0.checkout(worker, origin, skip_h2) {
                 Some(conn) => (conn, true),
-                None => (self.connect(worker, origin).await?, false),
+                // Boxed: a connect (TCP, TLS, handshake) is a large future that most calls,
+                // on a pooled connection, never run; inline it would size every call's.
+                None => (Box::pin(self.connect(worker, origin)).await?, false),
             };
             let mut unsent = match conn {
                 Conn::H1(mut sender) => {

@@ -206,7 +206,17 @@ async fn stages(
         StateStore::Redis(redis) => {
             let local = check_binding(&claims, conn)
                 .and_then(|()| authorize(broker, live, &claims, &parts.method, &target));
-            shared_checks(redis, live, &claims, target.connector, local, facts).await?
+            // Boxed, as every rare path with a large future is here: a call's future is
+            // as large as its largest await, and it is moved and held for every call.
+            Box::pin(shared_checks(
+                redis,
+                live,
+                &claims,
+                target.connector,
+                local,
+                facts,
+            ))
+            .await?
         }
     };
     let operation = &connector.operations[op_index];
@@ -947,12 +957,13 @@ async fn forward(
                 tokio::time::sleep(connector.upstream_timeout).await;
             };
             let deadline = tokio::time::Instant::from_std(request_deadline);
-            tokio::time::timeout_at(deadline, async {
+            // Boxed (a streamed upload is the rare case): see `stages`.
+            Box::pin(tokio::time::timeout_at(deadline, async {
                 tokio::select! {
                     answer = exchange => Ok(answer),
                     () = upstream_clock => Err(()),
                 }
-            })
+            }))
             .await
             .map_err(|_| ())
             .and_then(|r| r)
@@ -1005,7 +1016,15 @@ async fn forward(
     let response = match answer {
         Ok(response) => response,
         Err(refusal) => {
-            return finish_failed(broker, result_record, refusal, &bytes_in, started).await;
+            // Boxed (the failure path): see `stages`.
+            return Box::pin(finish_failed(
+                broker,
+                result_record,
+                refusal,
+                &bytes_in,
+                started,
+            ))
+            .await;
         }
     };
     let (mut parts, body) = response.into_parts();
