@@ -36,7 +36,13 @@ struct Gathering {
     records: Vec<Record>,
     /// The joiners' answers, for `records[1..]`.
     joiners: Vec<AnswerTx>,
+    /// The lists of the last gathering written, emptied, for the next one: no regrowth
+    /// (and copying of records) per gathering.
+    spare: Option<(Vec<Record>, Vec<AnswerTx>)>,
 }
+
+/// Lists longer than this are not kept for reuse (a burst should not pin its memory).
+const SPARE_KEEP: usize = 256;
 
 /// What [`Gathers::join`] made of the caller.
 pub(super) enum Joined {
@@ -77,10 +83,22 @@ impl Gathers {
     pub(super) fn take(&self, slot: usize) -> (Vec<Record>, Vec<AnswerTx>) {
         let mut gathering = self.lock(slot);
         gathering.open = false;
+        let (records, joiners) = gathering.spare.take().unwrap_or_default();
         (
-            std::mem::take(&mut gathering.records),
-            std::mem::take(&mut gathering.joiners),
+            std::mem::replace(&mut gathering.records, records),
+            std::mem::replace(&mut gathering.joiners, joiners),
         )
+    }
+
+    /// Gives back the (emptied) lists [`Gathers::take`] returned, for a later gathering.
+    pub(super) fn recycle(&self, slot: usize, records: Vec<Record>, joiners: Vec<AnswerTx>) {
+        if records.is_empty()
+            && joiners.is_empty()
+            && records.capacity() <= SPARE_KEEP
+            && joiners.capacity() <= SPARE_KEEP
+        {
+            self.lock(slot).spare.get_or_insert((records, joiners));
+        }
     }
 
     /// Records gathered in `slot` so far.
@@ -123,5 +141,33 @@ mod tests {
             tx.send(Ok(2)).unwrap();
         }
         assert_eq!(rx.try_recv().unwrap().unwrap(), 2);
+    }
+
+    #[test]
+    fn recycled_lists_serve_the_next_gathering() {
+        let gathers = Gathers::new(1);
+        for _ in 0..3 {
+            gathers.join(0, Record::new(Event::Proxy));
+        }
+        let (mut records, mut joiners) = gathers.take(0);
+        let capacity = records.capacity();
+        assert!(capacity >= 3);
+        records.clear();
+        joiners.clear();
+        gathers.recycle(0, records, joiners);
+        // The next gathering starts on the kept list; what it gathered is handed out whole.
+        let Joined::Leader(slot) = gathers.join(0, Record::new(Event::Admin)) else {
+            panic!("a new gathering is led");
+        };
+        let (records, _) = gathers.take(slot);
+        assert_eq!(records.len(), 1);
+        assert_eq!(records[0].event, Event::Admin);
+        assert_eq!(records.capacity(), capacity);
+        // A list that still holds something is not kept: the gathering after next does not
+        // start on it.
+        gathers.recycle(0, vec![Record::new(Event::Proxy)], Vec::new());
+        gathers.take(0);
+        let (records, _) = gathers.take(0);
+        assert_eq!((records.len(), records.capacity()), (0, 0));
     }
 }

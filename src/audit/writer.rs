@@ -269,7 +269,7 @@ impl AuditLog {
                 return lock(inline)
                     .as_mut()
                     .ok_or(AuditError::Closed)?
-                    .commit_after_pending(&[&record]);
+                    .commit_after_pending([&record]);
             };
             return match self.inner.gathers.join(slot, record) {
                 Joined::Joiner(answer) => answer.await.map_err(|_| AuditError::Closed)?,
@@ -425,7 +425,7 @@ impl AuditLog {
             let mut guard = lock(inline);
             let writer = guard.as_mut().ok_or(AuditError::Closed)?;
             match reply {
-                Reply::Detached => writer.defer(Box::new(record)),
+                Reply::Detached => writer.defer(record),
                 reply => writer.commit_and_answer(vec![(Box::new(record), reply)]),
             }
             return Ok(());
@@ -483,17 +483,15 @@ impl Lead<'_> {
     }
 
     fn write_gathered(&self) -> Result<u64, AuditError> {
-        let (records, joiners) = self.log.inner.gathers.take(self.slot);
+        let (mut records, mut joiners) = self.log.inner.gathers.take(self.slot);
         let result = match &self.log.inner.inline {
             Some(inline) => lock(inline)
                 .as_mut()
                 .ok_or(AuditError::Closed)
-                .and_then(|writer| {
-                    writer.commit_after_pending(&records.iter().collect::<Vec<_>>())
-                }),
+                .and_then(|writer| writer.commit_after_pending(records.iter())),
             None => Err(AuditError::Closed),
         };
-        for (i, joiner) in joiners.into_iter().enumerate() {
+        for (i, joiner) in joiners.drain(..).enumerate() {
             // A joiner that went away (request cancelled) no longer needs the answer.
             let answer = match &result {
                 Ok(first) => Ok(first + 1 + i as u64),
@@ -501,20 +499,23 @@ impl Lead<'_> {
             };
             let _ = joiner.send(answer);
         }
+        records.clear();
+        self.log.inner.gathers.recycle(self.slot, records, joiners);
         result
     }
 
     fn send_gathered(&mut self) -> Result<(), AuditError> {
-        let (records, joiners) = self.log.inner.gathers.take(self.slot);
+        let (mut records, mut joiners) = self.log.inner.gathers.take(self.slot);
         let Some((leader, worker)) = self.relayed.take() else {
             return Err(AuditError::Closed);
         };
-        let replies = std::iter::once(leader).chain(joiners);
+        let replies = std::iter::once(leader).chain(joiners.drain(..));
         let batch: Vec<_> = records
-            .into_iter()
+            .drain(..)
             .zip(replies)
             .map(|(record, tx)| (Box::new(record), Reply::Relayed(tx, worker)))
             .collect();
+        self.log.inner.gathers.recycle(self.slot, records, joiners);
         let queue = self.log.inner.tx.as_ref().ok_or(AuditError::Closed)?;
         // A refused send drops the batch, and with it every answer sender: the waiters see
         // the log closed.
@@ -544,6 +545,32 @@ impl Drop for RelaysClose<'_> {
         self.0.close();
     }
 }
+
+/// The deferred records, then the records being committed: one sized iterator over both
+/// (`Chain` does not know its length).
+struct Batch<'b, I> {
+    pending: std::slice::Iter<'b, Record>,
+    records: I,
+}
+
+impl<'b, 'r: 'b, I: Iterator<Item = &'r Record>> Iterator for Batch<'b, I> {
+    type Item = &'b Record;
+
+    fn next(&mut self) -> Option<&'b Record> {
+        match self.pending.next() {
+            Some(record) => Some(record),
+            None => self.records.next(),
+        }
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let (low, high) = self.records.size_hint();
+        let pending = self.pending.len();
+        (low + pending, high.map(|h| h + pending))
+    }
+}
+
+impl<'b, 'r: 'b, I: ExactSizeIterator<Item = &'r Record>> ExactSizeIterator for Batch<'b, I> {}
 
 /// The deferred-record queue; poisoning cannot leave it half-updated (a push or a drain).
 #[allow(clippy::vec_box)]
@@ -639,7 +666,7 @@ struct Writer {
     /// Detached records waiting to join the next write, and since when the oldest waits.
     /// (Boxed as they arrive in messages; moving them out of the box would be a copy.)
     #[allow(clippy::vec_box)]
-    pending: Vec<Box<Record>>,
+    pending: Vec<Record>,
     pending_since: Option<Instant>,
     last_sync: Instant,
     shared: Arc<Shared>,
@@ -706,7 +733,7 @@ impl Writer {
             let mut rec = Record::new(Event::Recovered);
             rec.truncated_bytes = Some(cut);
             writer
-                .commit(&[&rec])
+                .commit([&rec])
                 .and_then(|_| writer.sync())
                 .map_err(io("writing the `recovered` record".into()))?;
         }
@@ -752,7 +779,7 @@ impl Writer {
             // A batch of detached records only waits for company (or its deadline).
             if closing.is_none() && appends.iter().all(|(_, r)| matches!(r, Reply::Detached)) {
                 for (rec, _) in appends {
-                    self.defer(rec);
+                    self.defer(*rec);
                 }
                 continue;
             }
@@ -809,12 +836,13 @@ impl Writer {
         let mut deferred = lock_deferred(&self.shared);
         if !deferred.is_empty() {
             self.pending_since.get_or_insert_with(Instant::now);
-            self.pending.append(&mut deferred);
+            self.pending
+                .extend(deferred.drain(..).map(|record| *record));
         }
     }
 
     /// Keeps a detached record for the next write; a full queue is written now.
-    fn defer(&mut self, record: Box<Record>) {
+    fn defer(&mut self, record: Record) {
         self.pending.push(record);
         self.pending_since.get_or_insert_with(Instant::now);
         if self.pending.len() >= MAX_BATCH {
@@ -825,7 +853,7 @@ impl Writer {
     /// Writes deferred records on their own (their deadline passed, or the log is closing).
     fn flush_pending(&mut self) {
         // A failure is counted and logged by `commit`, and the records kept for the next try.
-        let _ = self.commit_after_pending(&[]);
+        let _ = self.commit_after_pending([]);
     }
 
     /// Commits the deferred records, then `appends`, as one batch (seq in that order), and
@@ -835,12 +863,12 @@ impl Writer {
         let mut waiting = Vec::with_capacity(appends.len());
         for (record, reply) in appends {
             match reply {
-                Reply::Detached => self.pending.push(record),
+                Reply::Detached => self.pending.push(*record),
                 reply => waiting.push((record, reply)),
             }
         }
         let records: Vec<&Record> = waiting.iter().map(|(r, _)| r.as_ref()).collect();
-        let result = self.commit_after_pending(&records);
+        let result = self.commit_after_pending(records.iter().copied());
         drop(records);
         let relays = Arc::clone(&self.shared.relays);
         let mut wake = Vec::new();
@@ -858,21 +886,29 @@ impl Writer {
 
     /// Records committed now, after the deferred ones, in one write. Returns the seq of
     /// `records[0]`. On failure the deferred records are kept for the next write.
-    fn commit_after_pending(&mut self, records: &[&Record]) -> Result<u64, AuditError> {
+    fn commit_after_pending<'r, I>(&mut self, records: I) -> Result<u64, AuditError>
+    where
+        I: IntoIterator<Item = &'r Record>,
+        I::IntoIter: ExactSizeIterator,
+    {
+        let records = records.into_iter();
         let pending = std::mem::take(&mut self.pending);
         self.pending_since = None;
-        if pending.is_empty() && records.is_empty() {
+        if pending.is_empty() && records.len() == 0 {
             return Ok(self.seq + 1);
         }
-        let mut batch: Vec<&Record> = Vec::with_capacity(pending.len() + records.len());
-        batch.extend(pending.iter().map(|r| r.as_ref()));
-        batch.extend_from_slice(records);
-        let result = self.commit(&batch);
-        drop(batch);
+        // One pass over both, without collecting them into a list first.
+        let batch = Batch {
+            pending: pending.iter(),
+            records,
+        };
+        let result = self.commit(batch);
         match result {
             Ok(first) => {
                 self.after_commit();
-                Ok(first + pending.len() as u64)
+                let written = pending.len() as u64;
+                self.reuse_pending_list(pending);
+                Ok(first + written)
             }
             Err(e) => {
                 self.restore_pending(pending);
@@ -881,10 +917,19 @@ impl Writer {
         }
     }
 
+    /// Keeps a written batch's deferred-record list (emptied) for the next records: no
+    /// regrowth per batch.
+    fn reuse_pending_list(&mut self, mut list: Vec<Record>) {
+        // (A burst's long list is let go: it should not pin its memory.)
+        if self.pending.is_empty() && list.capacity() <= 256 {
+            list.clear();
+            self.pending = list;
+        }
+    }
+
     /// Deferred records whose batch failed: kept for the next write (nobody else will write
     /// them), at most [`MAX_BATCH`] of them, so a long outage cannot grow memory without bound.
-    #[allow(clippy::vec_box)]
-    fn restore_pending(&mut self, mut records: Vec<Box<Record>>) {
+    fn restore_pending(&mut self, mut records: Vec<Record>) {
         if records.is_empty() {
             return;
         }
@@ -908,12 +953,17 @@ impl Writer {
 
     /// Seals and writes `records` as one batch (synced under `always`). On success the chain
     /// advances and the first record's seq is returned; on failure nothing changed.
-    fn commit(&mut self, records: &[&Record]) -> io::Result<u64> {
+    fn commit<'r, I>(&mut self, records: I) -> io::Result<u64>
+    where
+        I: IntoIterator<Item = &'r Record>,
+        I::IntoIter: ExactSizeIterator,
+    {
+        let records = records.into_iter();
+        let count = records.len();
         let mut buf = std::mem::take(&mut self.scratch);
         buf.clear();
         let sealed = self.seal_batch(&mut buf, records).map_err(io::Error::other);
-        let result =
-            sealed.and_then(|(seq, prev)| self.write_sealed(&buf, records.len(), seq, prev));
+        let result = sealed.and_then(|(seq, prev)| self.write_sealed(&buf, count, seq, prev));
         if buf.capacity() <= SCRATCH_KEEP {
             self.scratch = buf;
         }
@@ -950,15 +1000,15 @@ impl Writer {
     }
 
     /// Seals the batch into `buf`; returns the last seq and hash.
-    fn seal_batch(
+    fn seal_batch<'r>(
         &mut self,
         buf: &mut Vec<u8>,
-        records: &[&Record],
+        records: impl ExactSizeIterator<Item = &'r Record>,
     ) -> Result<(u64, String), ChainError> {
         buf.reserve(records.len() * 320);
         let mut seq = self.seq;
         let mut last: Option<chain::HashHex> = None;
-        for &record in records {
+        for record in records {
             seq += 1;
             let ts = chain::Ts::new(self.next_ts());
             // A replica's records name it (a copy, paid only when a name is configured).
@@ -1094,7 +1144,7 @@ impl Writer {
     fn finish(&mut self, last: Option<&Record>) -> Option<Answer> {
         self.absorb_deferred();
         let written = match last {
-            Some(record) => Some(self.commit_after_pending(&[record])),
+            Some(record) => Some(self.commit_after_pending([record])),
             None => {
                 self.flush_pending();
                 None
