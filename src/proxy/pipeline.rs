@@ -27,6 +27,7 @@ use crate::credential::{DynamicCredential, Minted};
 use crate::state::redis::{Admission, AdmitRequest};
 use crate::state::{RedisState, StateStore};
 use crate::tls::PeerIdentity;
+use crate::token::verify::TokenMemo;
 use crate::token::AccessClaims;
 
 /// What the listener knows about the connection a request came on.
@@ -40,6 +41,8 @@ pub struct ConnInfo {
     /// records and `X-Forwarded-For`.
     pub peer_text: String,
     pub peer_ip_value: Option<HeaderValue>,
+    /// The token verified last on this connection.
+    pub token_memo: TokenMemo,
 }
 
 impl ConnInfo {
@@ -50,6 +53,7 @@ impl ConnInfo {
             client_cert,
             peer_text: peer.to_string(),
             peer_ip_value: HeaderValue::try_from(peer.ip().to_string()).ok(),
+            token_memo: TokenMemo::default(),
         }
     }
 }
@@ -473,9 +477,10 @@ fn authenticate(
     let now = chrono::Utc::now().timestamp();
     let claims = live
         .verifier
-        // Verified tokens are cached by a hash of the token (exp/nbf re-checked on every hit);
-        // revocation, binding and max_uses below are checked on every call regardless.
-        .verify_cached(token, now)
+        // Verified tokens are cached by a hash of the token, and the last one on each
+        // connection as it is (exp/nbf re-checked on every hit); revocation, binding and
+        // max_uses below are checked on every call regardless.
+        .verify_remembered(token, now, &conn.token_memo)
         .map_err(|e| deny(Refusal::InvalidToken(e.to_string()), "token_invalid"))?;
     facts.token(&claims);
     // With shared state, revocation is asked of Redis together with checks 3 to 5, and the
