@@ -139,15 +139,14 @@ pub struct ConnectorMetrics {
 }
 
 impl ConnectorMetrics {
-    /// An allowed call of the connector's operation number `operation` (about to be forwarded).
-    pub fn allowed(&self, operation: usize) {
+    /// An allowed call of the connector's operation number `operation` (about to be forwarded)
+    /// at `now` (Unix seconds).
+    pub fn allowed(&self, operation: usize, now: i64) {
         if let Some(c) = self.allowed.get(operation) {
             c.inc();
         }
         self.usage.allowed.fetch_add(1, Ordering::Relaxed);
-        self.usage
-            .last_allowed
-            .store(chrono::Utc::now().timestamp(), Ordering::Relaxed);
+        self.usage.last_allowed.store(now, Ordering::Relaxed);
     }
 
     /// The whole request is over (its response body ended, or it failed).

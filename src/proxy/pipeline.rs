@@ -194,11 +194,14 @@ async fn stages(
     let target = canonical_target(live, &parts.method, &uri, parts.version, &parts.headers)?;
     facts.target(&target);
     // 2. The bearer token is genuine, current, unrevoked, and bound to this connection.
-    let claims = authenticate(broker, live, &parts.headers, conn, facts)?;
+    // The wall clock, read once for the call's checks (a read and its calendar arithmetic
+    // cost more than passing it along).
+    let wall = chrono::Utc::now();
+    let claims = authenticate(broker, live, &parts.headers, conn, facts, wall.timestamp())?;
     // 3. An operation of the connector *as configured now* matches, is in scope, is granted.
     let (connector, runtime, op_index) = match &*broker.state {
         StateStore::Memory(_) => {
-            let found = authorize(broker, live, &claims, &parts.method, &target)?;
+            let found = authorize(broker, live, &claims, &parts.method, &target, wall)?;
             facts.operation(&found.0.operations[found.2].name);
             // 4. A `max_uses` token still has a use left.
             spend_use(broker, &claims)?;
@@ -209,7 +212,7 @@ async fn stages(
         // 2–5 on the state shared by every replica, in one round trip.
         StateStore::Redis(redis) => {
             let local = check_binding(&claims, conn)
-                .and_then(|()| authorize(broker, live, &claims, &parts.method, &target));
+                .and_then(|()| authorize(broker, live, &claims, &parts.method, &target, wall));
             // Boxed, as every rare path with a large future is here: a call's future is
             // as large as its largest await, and it is moved and held for every call.
             Box::pin(shared_checks(
@@ -273,7 +276,7 @@ async fn stages(
         return Err(Denial::from(Refusal::AuditUnavailable));
     }
     facts.stage = Stage::Allowed;
-    runtime.metrics.allowed(op_index);
+    runtime.metrics.allowed(op_index, wall.timestamp());
     // 8. Forward, stream the answer back, audit the outcome.
     Ok(forward(
         broker,
@@ -472,9 +475,9 @@ fn authenticate(
     headers: &http::HeaderMap,
     conn: &ConnInfo,
     facts: &mut AuditFacts,
+    now: i64,
 ) -> Result<Arc<AccessClaims>, Denial> {
     let token = bearer_token(headers)?;
-    let now = chrono::Utc::now().timestamp();
     let claims = live
         .verifier
         // Verified tokens are cached by a hash of the token, and the last one on each
@@ -555,6 +558,7 @@ fn authorize<'l>(
     claims: &AccessClaims,
     method: &Method,
     target: &Target<'_>,
+    now: chrono::DateTime<chrono::Utc>,
 ) -> Result<(&'l Connector, &'l ConnectorRuntime, usize), Denial> {
     let scope = |reason, text: String| deny(Refusal::InsufficientScope(text), reason);
     let config = &live.config;
@@ -571,7 +575,6 @@ fn authorize<'l>(
             format!("connector {} is disabled", connector.name),
         ));
     }
-    let now = chrono::Utc::now();
     if connector.is_expired(now) {
         return Err(scope(
             "connector_expired",
