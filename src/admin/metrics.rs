@@ -139,14 +139,19 @@ pub struct ConnectorMetrics {
 }
 
 impl ConnectorMetrics {
-    /// An allowed call of the connector's operation number `operation` (about to be forwarded)
-    /// at `now` (Unix seconds).
-    pub fn allowed(&self, operation: usize, now: i64) {
+    /// An allowed call of the connector's operation number `operation` (its allow record is
+    /// written; it is about to be forwarded).
+    pub fn allowed(&self, operation: usize) {
         if let Some(c) = self.allowed.get(operation) {
             c.inc();
         }
         self.usage.allowed.fetch_add(1, Ordering::Relaxed);
-        self.usage.last_allowed.store(now, Ordering::Relaxed);
+        // Unix seconds straight from the system clock (no calendar arithmetic); the latest
+        // wins, whichever call stores last.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        self.usage.last_allowed.fetch_max(now, Ordering::Relaxed);
     }
 
     /// The whole request is over (its response body ended, or it failed).

@@ -174,6 +174,11 @@ pub fn seal_into(
     serde_json::to_writer(&mut *buf, record)?;
     // The record object's opening brace becomes the comma after `ts` (`{"event":…}` becomes
     // `,"event":…}`: a record always has `event`), and its closing one goes.
+    debug_assert_eq!(
+        buf.get(fields_at),
+        Some(&b'{'),
+        "a record serialises as an object"
+    );
     buf[fields_at] = b',';
     buf.pop();
     buf.extend_from_slice(b",\"prev\":\"");

@@ -664,8 +664,8 @@ struct Writer {
     /// Written but not yet synced (under `interval`).
     dirty: bool,
     /// Detached records waiting to join the next write, and since when the oldest waits.
-    /// (Boxed as they arrive in messages; moving them out of the box would be a copy.)
-    #[allow(clippy::vec_box)]
+    /// Held inline: the inline writer takes them unboxed; under the writer thread they come
+    /// boxed in messages and are moved out once.
     pending: Vec<Record>,
     pending_since: Option<Instant>,
     last_sync: Instant,

@@ -276,7 +276,7 @@ async fn stages(
         return Err(Denial::from(Refusal::AuditUnavailable));
     }
     facts.stage = Stage::Allowed;
-    runtime.metrics.allowed(op_index, wall.timestamp());
+    runtime.metrics.allowed(op_index);
     // 8. Forward, stream the answer back, audit the outcome.
     Ok(forward(
         broker,
@@ -965,7 +965,8 @@ async fn forward(
                 tokio::time::sleep(connector.upstream_timeout).await;
             };
             let deadline = tokio::time::Instant::from_std(request_deadline);
-            // Boxed (a streamed upload is the rare case): see `stages`.
+            // Boxed (a body still on its way is the less common case: GETs have none): see
+            // `stages`.
             Box::pin(tokio::time::timeout_at(deadline, async {
                 tokio::select! {
                     answer = exchange => Ok(answer),

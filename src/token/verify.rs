@@ -15,6 +15,8 @@ use serde::de::IgnoredAny;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
+use subtle::ConstantTimeEq;
+
 use crate::secret::Secret;
 use crate::token::claims::{AccessClaims, AuthorizationDetail, Confirmation};
 use crate::token::keys::{SigningKeys, TOKEN_TYP};
@@ -160,10 +162,11 @@ impl TokenMemo {
     fn get(&self, verifier: u64, token: &str) -> Option<Arc<AccessClaims>> {
         let memo = self.lock();
         let last = memo.as_ref()?;
-        // The stored token came from this same connection: comparing with it leaks nothing
-        // the peer did not send itself.
-        (last.verifier == verifier && last.token.expose() == token.as_bytes())
-            .then(|| Arc::clone(&last.claims))
+        // In constant time: a front proxy that reuses its connections to the broker sends
+        // several clients' tokens down one connection, so the remembered token may be
+        // another client's.
+        let same = bool::from(last.token.expose().ct_eq(token.as_bytes()));
+        (last.verifier == verifier && same).then(|| Arc::clone(&last.claims))
     }
 
     fn set(&self, verifier: u64, token: &str, claims: Arc<AccessClaims>) {
