@@ -270,19 +270,21 @@ async fn handle(
     max_header_bytes: usize,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
-    let request_id = new_request_id();
+    let request_id = RequestId::new();
     let mut resp = if header_bytes(&req) > max_header_bytes {
-        Refusal::HeadersTooLarge.into_response(&request_id)
+        Refusal::HeadersTooLarge.into_response(request_id.as_str())
     } else {
         match role {
             Role::Proxy(broker) => route(broker, req, &conn, &request_id).await,
-            Role::Admin(admin) => crate::admin::handle(admin, req, &conn, &request_id).await,
+            Role::Admin(admin) => {
+                crate::admin::handle(admin, req, &conn, request_id.as_str()).await
+            }
         }
     };
-    if let Ok(v) = HeaderValue::from_str(&request_id) {
-        resp.headers_mut()
-            .insert(HeaderName::from_static("x-request-id"), v);
-    }
+    resp.headers_mut().insert(
+        HeaderName::from_static("x-request-id"),
+        request_id.header().clone(),
+    );
     Ok(resp)
 }
 
@@ -290,8 +292,9 @@ async fn route(
     broker: Arc<Broker>,
     req: Request<Incoming>,
     conn: &ConnInfo,
-    request_id: &str,
+    id: &RequestId,
 ) -> Response<ProxyBody> {
+    let request_id = id.as_str();
     match req.uri().path() {
         // Boxed: token issuance is rare next to proxied calls, and its future would set the
         // size of every call's.
@@ -316,7 +319,7 @@ async fn route(
                     .and_then(|h| h.to_str().ok())
             }),
         ),
-        _ => pipeline::proxy(broker, req, conn, request_id).await,
+        _ => pipeline::proxy(broker, req, conn, id).await,
     }
 }
 
@@ -333,14 +336,35 @@ fn header_bytes<B>(req: &Request<B>) -> usize {
         + line
 }
 
-/// A random 128-bit id, hex.
-pub fn new_request_id() -> String {
-    let mut hex = [0u8; 32];
-    // 16 random bytes are 32 hex digits: this cannot fail (nor `from_utf8` below).
-    let _ = hex::encode_to_slice(rand::random::<u128>().to_be_bytes(), &mut hex);
-    String::from_utf8(hex.to_vec()).unwrap_or_default()
+/// A request's id (32 lower-case hex digits), made once as a header value: the response's
+/// and the upstream request's `x-request-id` share its bytes.
+pub struct RequestId(HeaderValue);
+
+impl RequestId {
+    pub fn new() -> Self {
+        let mut hex = [0u8; 32];
+        // 16 random bytes are 32 hex digits: this cannot fail, and they make a valid value.
+        let _ = hex::encode_to_slice(rand::random::<u128>().to_be_bytes(), &mut hex);
+        let value = HeaderValue::from_maybe_shared(bytes::Bytes::copy_from_slice(&hex))
+            .unwrap_or_else(|_| HeaderValue::from_static("00000000000000000000000000000000"));
+        Self(value)
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Hex digits are visible ASCII.
+        self.0.to_str().unwrap_or_default()
+    }
+
+    pub fn header(&self) -> &HeaderValue {
+        &self.0
+    }
 }
 
+impl Default for RequestId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 /// Binds a listener, naming the address on failure.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr)
@@ -488,7 +512,13 @@ fn same_mode(
 mod tests {
     #[test]
     fn request_ids_are_32_lower_hex_digits_and_differ() {
-        let ids: Vec<String> = (0..64).map(|_| super::new_request_id()).collect();
+        let ids: Vec<String> = (0..64)
+            .map(|_| {
+                let id = super::RequestId::new();
+                assert_eq!(id.header().as_bytes(), id.as_str().as_bytes());
+                id.as_str().to_owned()
+            })
+            .collect();
         for id in &ids {
             assert_eq!(id.len(), 32, "{id}");
             assert!(

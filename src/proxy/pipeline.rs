@@ -24,6 +24,7 @@ use crate::audit::{AuditLog, Decision, Event, Record};
 use crate::broker::{take, Broker, ConnectorRuntime, Live};
 use crate::config::{Client, Connector, Operation};
 use crate::credential::{DynamicCredential, Minted};
+use crate::server::RequestId;
 use crate::state::redis::{Admission, AdmitRequest};
 use crate::state::{RedisState, StateStore};
 use crate::tls::PeerIdentity;
@@ -147,8 +148,9 @@ pub async fn proxy(
     broker: Arc<Broker>,
     req: Request<Incoming>,
     conn: &ConnInfo,
-    request_id: &str,
+    id: &RequestId,
 ) -> Response<ProxyBody> {
+    let request_id = id.as_str();
     let started = Instant::now();
     let _in_flight = broker.audit.call_in_flight();
     let live = broker.live();
@@ -158,7 +160,7 @@ pub async fn proxy(
         started,
     };
     let facts = &mut call.facts;
-    match stages(&broker, &live, req, conn, request_id, facts, started).await {
+    match stages(&broker, &live, req, conn, id, facts, started).await {
         Ok(response) => response,
         Err(denial) => {
             let took = started.elapsed();
@@ -182,7 +184,7 @@ async fn stages(
     live: &Arc<Live>,
     req: Request<Incoming>,
     conn: &ConnInfo,
-    request_id: &str,
+    request_id: &RequestId,
     facts: &mut AuditFacts,
     started: Instant,
 ) -> Result<Response<ProxyBody>, Denial> {
@@ -263,7 +265,7 @@ async fn stages(
         runtime,
         credential.injection(),
         conn,
-        request_id,
+        request_id.header(),
     )?;
     // 7. The allow record is durable before anything leaves. Once queued it is written even
     // if this call is dropped while waiting; once acknowledged, the call owes its outcome.
@@ -883,7 +885,7 @@ fn upstream_request(
     runtime: &ConnectorRuntime,
     injection: &Injection,
     conn: &ConnInfo,
-    request_id: &str,
+    request_id: &HeaderValue,
 ) -> Result<Request<ProxyBody>, Denial> {
     // Origin form: the client picks the connection (and, for HTTP/2, the authority) from
     // the connector's origin.
@@ -909,9 +911,8 @@ fn upstream_request(
         Denial::from(Refusal::UpstreamUnavailable("invalid upstream URI".into()))
     })?;
     let mut hdrs = headers::upstream_request_headers(&parts.headers, injection.header_name());
-    if let Ok(v) = HeaderValue::from_str(request_id) {
-        hdrs.insert(HeaderName::from_static("x-request-id"), v);
-    }
+    // The response's value too: shared bytes, not a copy.
+    hdrs.insert(HeaderName::from_static("x-request-id"), request_id.clone());
     headers::add_forwarding_headers(
         &mut hdrs,
         conn.peer_ip_value.as_ref(),
