@@ -269,10 +269,17 @@ async fn stages(
     )?;
     // 7. The allow record is durable before anything leaves. Once queued it is written even
     // if this call is dropped while waiting; once acknowledged, the call owes its outcome.
-    let mut allow = facts.record.clone();
-    allow.decision = Some(Decision::Allow);
+    let allow = facts.take_for_allow();
     facts.stage = Stage::AllowQueued;
     if let Err(e) = broker.audit.append(allow).await {
+        // The deny record says all the allow record would have.
+        facts.refill(
+            upstream_req.method(),
+            &target,
+            &claims,
+            &operation.name,
+            conn,
+        );
         facts.stage = Stage::Deciding;
         tracing::error!(error = %e, "audit log unavailable; refusing to forward");
         return Err(Denial::from(Refusal::AuditUnavailable));
@@ -1118,7 +1125,7 @@ async fn finish_failed(
 }
 
 impl AuditFacts {
-    fn new(req: &Request<Incoming>, conn: &ConnInfo, request_id: &str) -> Self {
+    fn new<B>(req: &Request<B>, conn: &ConnInfo, request_id: &str) -> Self {
         let mut record = Record::new(Event::Proxy);
         record.request_id = Some(request_id.to_owned());
         record.method = Some(req.method().as_str().to_owned());
@@ -1151,6 +1158,39 @@ impl AuditFacts {
             record,
             stage: Stage::Deciding,
         }
+    }
+
+    /// The allow record, made of the facts themselves (not a copy: that would be a string
+    /// allocation per field on every call). The facts keep what the outcome record needs
+    /// (request id, client, connector); should the allow not be written, [`Self::refill`]
+    /// makes the rest again for the deny record.
+    fn take_for_allow(&mut self) -> Record {
+        let mut allow = std::mem::replace(&mut self.record, Record::new(Event::Proxy));
+        allow.decision = Some(Decision::Allow);
+        self.record.request_id = allow.request_id.clone();
+        self.record.client = allow.client.clone();
+        self.record.connector = allow.connector.clone();
+        allow
+    }
+
+    /// The facts [`Self::take_for_allow`] gave away, made again from where they came from
+    /// (`new`, `target`, `token`, `operation`). By then check 1 has refused any copy of the
+    /// token in the method, path or query, so there is nothing to redact but the query's
+    /// `access_token` values, as `new` does.
+    fn refill(
+        &mut self,
+        method: &Method,
+        target: &Target<'_>,
+        claims: &AccessClaims,
+        operation: &str,
+        conn: &ConnInfo,
+    ) {
+        self.record.method = Some(method.as_str().to_owned());
+        self.record.peer = Some(conn.peer_text.clone());
+        self.target(target);
+        self.record.query = target.query.map(redact_query);
+        self.token(claims);
+        self.operation(operation);
     }
 
     fn target(&mut self, target: &Target<'_>) {
@@ -1234,6 +1274,49 @@ pub fn redact_query(query: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::{presented_tokens, redact_query};
+
+    #[test]
+    fn the_allow_record_takes_the_facts_and_a_failed_write_gets_them_back() {
+        use super::{AuditFacts, ConnInfo, Target};
+        use crate::audit::record::{Decision, Event, Record};
+        let conn = ConnInfo::new("192.0.2.7:40000".parse().unwrap(), false, None);
+        let req = http::Request::get("/github/repos/acme/widget/issues?state=open&access_token=x")
+            .body(())
+            .unwrap();
+        let target = Target {
+            connector: "github",
+            path: "/repos/acme/widget/issues",
+            query: Some("state=open&access_token=x"),
+        };
+        let claims = crate::token::claims::tests::sample("https://broker.test", 1_800_000_000);
+        // The facts as the stages gather them up to the allow record.
+        let mut facts = AuditFacts::new(&req, &conn, "0123456789abcdef0123456789abcdef");
+        facts.target(&target);
+        facts.token(&claims);
+        facts.operation("issues.read");
+        let gathered = facts.record.clone();
+        assert_eq!(
+            gathered.query.as_deref(),
+            Some("state=open&access_token=REDACTED")
+        );
+        let allow = facts.take_for_allow();
+        assert_eq!(
+            allow,
+            Record {
+                decision: Some(Decision::Allow),
+                ..gathered.clone()
+            }
+        );
+        // What the outcome record needs stays with the facts, nothing else.
+        let mut kept = Record::new(Event::Proxy);
+        kept.request_id = gathered.request_id.clone();
+        kept.client = gathered.client.clone();
+        kept.connector = gathered.connector.clone();
+        assert_eq!(facts.record, kept);
+        // The write failed: the deny record will say everything the allow would have.
+        facts.refill(&http::Method::GET, &target, &claims, "issues.read", &conn);
+        assert_eq!(facts.record, gathered);
+    }
 
     #[test]
     fn every_long_piece_of_an_authorization_value_is_a_token_to_look_for() {
