@@ -32,6 +32,19 @@ upstream_server() {
     default_type application/json; return 200 '{\"ok\":true,\"issues\":[]}'; } }"
 }
 
+# upstream_and_nginx_proxy DIR UPSTREAM NGINX_PROXY CREDENTIAL: starts, on CPU 1, the fast
+# upstream (in DIR/up) and the bar — nginx proxy_pass injecting the credential, no checks
+# (in DIR/px).
+upstream_and_nginx_proxy() {
+  nginx_conf "$1/up" "$(upstream_server "$2" "$4")"
+  nginx_conf "$1/px" "upstream backend { server $2; keepalive 512; }
+  server { listen $3; location / {
+    proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection '';
+    proxy_set_header Authorization 'Bearer $4'; } }"
+  taskset -c 1 nginx -c "$1/up/nginx.conf" -p "$1/up"
+  taskset -c 1 nginx -c "$1/px/nginx.conf" -p "$1/px"
+}
+
 # broker_conf FILE LISTEN FSYNC UPSTREAM CREDENTIAL CLIENT_SECRET: one connector `github`
 # with one operation, one client `bench` granted it; the audit log next to FILE.
 broker_conf() {

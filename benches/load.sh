@@ -35,14 +35,7 @@ UP=127.0.0.1:18081; NGX=127.0.0.1:18082; CB_NEVER=127.0.0.1:18083; CB_ALWAYS=127
 BARE_AT=127.0.0.1:18085
 CREDENTIAL="bench-credential-$(head -c 8 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 
-nginx_conf "$WORK/up" "$(upstream_server "$UP" "$CREDENTIAL")"
-# The bar: nginx proxy_pass injecting the credential, no checks.
-nginx_conf "$WORK/px" "upstream backend { server $UP; keepalive 512; }
-  server { listen $NGX; location / {
-    proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection '';
-    proxy_set_header Authorization 'Bearer $CREDENTIAL'; } }"
-taskset -c 1 nginx -c "$WORK/up/nginx.conf" -p "$WORK/up"
-taskset -c 1 nginx -c "$WORK/px/nginx.conf" -p "$WORK/px"
+upstream_and_nginx_proxy "$WORK" "$UP" "$NGX" "$CREDENTIAL"
 
 secret=bench-client-secret
 broker_conf "$WORK/never/credbroker.toml" "$CB_NEVER" never "$UP" "$CREDENTIAL" "$secret"

@@ -39,13 +39,7 @@ cleanup() {
   rm -rf "$WORK"
 }
 trap cleanup EXIT
-nginx_conf "$WORK/up" "$(upstream_server "$UP" "$CREDENTIAL")"
-nginx_conf "$WORK/px" "upstream backend { server $UP; keepalive 512; }
-  server { listen $NGX; location / {
-    proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection '';
-    proxy_set_header Authorization 'Bearer $CREDENTIAL'; } }"
-taskset -c 1 nginx -c "$WORK/up/nginx.conf" -p "$WORK/up"
-taskset -c 1 nginx -c "$WORK/px/nginx.conf" -p "$WORK/px"
+upstream_and_nginx_proxy "$WORK" "$UP" "$NGX" "$CREDENTIAL"
 secret=split-client-secret
 broker_conf "$WORK/cb/credbroker.toml" "$CB" never "$UP" "$CREDENTIAL" "$secret"
 RUST_LOG=warn taskset -c 1 "$BIN" serve --config "$WORK/cb/credbroker.toml" 2>"$WORK/cb.log" &
