@@ -81,41 +81,8 @@ pub fn upstream_request_headers(client: &HeaderMap, injected: Option<&HeaderName
 /// header whose value (or, however contrived, name) carries the injected credential in any
 /// form it was sent in (an echo would hand it to the client).
 pub fn clean_response_headers(headers: &mut HeaderMap, echoes: &Echoes) {
-    // This runs on every response, and usually the only header to go is `Connection:
-    // keep-alive`: one pass finds that out without building names, and only a response with
-    // something else to drop takes the general path.
-    if let Some(connection) = only_connection_to_drop(headers, echoes) {
-        if connection {
-            headers.remove(header::CONNECTION);
-        }
-        return;
-    }
-    let listed = connection_listed(headers);
-    for name in HOP_BY_HOP.iter().copied() {
-        headers.remove(name);
-    }
-    for name in listed {
-        headers.remove(name);
-    }
-    let echoed =
-        |n: &HeaderName, v: &HeaderValue| echoes.found_in(v.as_bytes()) || echoes.found_in_name(n);
-    if headers.iter().any(|(n, v)| echoed(n, v)) {
-        let names: Vec<HeaderName> = headers
-            .iter()
-            .filter(|(n, v)| echoed(n, v))
-            .map(|(n, _)| n.clone())
-            .collect();
-        for name in names {
-            // Removing drops every value of the name; an echo taints the whole header.
-            headers.remove(&name);
-            tracing::warn!(header = %name, "upstream response header echoed the credential; dropped");
-        }
-    }
-}
-
-/// `Some(whether Connection is present)` when nothing but `Connection` itself needs to go:
-/// no other hop-by-hop header, none that `Connection` lists, no echo. `None` otherwise.
-fn only_connection_to_drop(headers: &HeaderMap, echoes: &Echoes) -> Option<bool> {
+    // One pass over the headers, which names no list: this runs on every response, and the
+    // usual one has nothing to drop but `Connection: keep-alive`.
     let connection = headers.get_all(header::CONNECTION);
     let listed = |name: &HeaderName| {
         connection
@@ -125,18 +92,29 @@ fn only_connection_to_drop(headers: &HeaderMap, echoes: &Echoes) -> Option<bool>
             .any(|token| token.trim().eq_ignore_ascii_case(name.as_str()))
     };
     let mut has_connection = false;
-    for (name, value) in headers {
+    let mut doomed: Vec<HeaderName> = Vec::new();
+    for (name, value) in headers.iter() {
         if name == header::CONNECTION {
             has_connection = true;
-        } else if is_hop_by_hop(name)
-            || listed(name)
-            || echoes.found_in(value.as_bytes())
-            || echoes.found_in_name(name)
-        {
-            return None;
+            continue;
+        }
+        if doomed.contains(name) {
+            continue;
+        }
+        if is_hop_by_hop(name) || listed(name) {
+            doomed.push(name.clone());
+        } else if echoes.found_in(value.as_bytes()) || echoes.found_in_name(name) {
+            // Removing drops every value of the name; an echo taints the whole header.
+            tracing::warn!(header = %name, "upstream response header echoed the credential; dropped");
+            doomed.push(name.clone());
         }
     }
-    Some(has_connection)
+    if has_connection {
+        headers.remove(header::CONNECTION);
+    }
+    for name in doomed {
+        headers.remove(&name);
+    }
 }
 
 /// Makes the response's `Content-Length` say what the client will get. hyper reads the body
@@ -314,7 +292,7 @@ mod tests {
             n.sort();
             n
         };
-        // The usual answer: only Connection goes (the fast path).
+        // The usual answer: only Connection goes.
         let mut h = map(&[
             ("connection", "keep-alive"),
             ("content-type", "application/json"),
