@@ -1131,23 +1131,29 @@ async fn request_timeout_answers_504_for_a_silent_upstream_and_keeps_serving() {
     assert_eq!(results[0]["error"], "upstream_timeout");
 }
 
-/// An upstream that answers the head and the start of a long body, then stalls.
-async fn stalling_upstream() -> SocketAddr {
+/// An upstream that answers each request with `response`, then holds the connection open
+/// until the broker closes it.
+async fn holding_upstream(response: Vec<u8>) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let response = std::sync::Arc::new(response);
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
+            let response = std::sync::Arc::clone(&response);
             tokio::spawn(async move {
                 let mut buf = [0u8; 4096];
                 let _ = s.read(&mut buf).await;
-                let head = b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n{\"partial\":";
-                let _ = s.write_all(head).await;
-                // Hold the connection open without finishing the body.
+                let _ = s.write_all(&response).await;
                 let _ = s.read(&mut buf).await;
             });
         }
     });
     addr
+}
+
+/// An upstream that answers the head and the start of a long body, then stalls.
+async fn stalling_upstream() -> SocketAddr {
+    holding_upstream(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n{\"partial\":".to_vec()).await
 }
 
 #[tokio::test]
@@ -1183,21 +1189,9 @@ async fn request_timeout_cuts_off_a_response_body_that_stalls_and_audits_why() {
 
 /// An upstream that answers with a large body at once (more than the sockets buffer).
 async fn large_body_upstream(len: usize) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                let _ = s.read(&mut buf).await;
-                let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {len}\r\n\r\n");
-                let _ = s.write_all(head.as_bytes()).await;
-                let _ = s.write_all(&vec![b'x'; len]).await;
-                let _ = s.read(&mut buf).await;
-            });
-        }
-    });
-    addr
+    let mut response = format!("HTTP/1.1 200 OK\r\ncontent-length: {len}\r\n\r\n").into_bytes();
+    response.resize(response.len() + len, b'x');
+    holding_upstream(response).await
 }
 
 /// A client that asks and then takes nothing of the answer: hyper stops polling the body, so

@@ -617,6 +617,16 @@ async fn a_revocation_lost_without_a_trace_comes_back_from_the_journal() {
     assert_eq!(up.count(), 0);
 }
 
+/// Every replica given refuses a token for the switched-off `github`.
+async fn assert_github_switched_off(replicas: &[&TestBroker]) {
+    for broker in replicas {
+        let (status, _, body) = broker
+            .token_request("bot", SECRET, "github:issues.read", &[])
+            .await;
+        assert_eq!(status, 400, "still switched off: {body}");
+    }
+}
+
 #[tokio::test]
 async fn the_latest_kill_switch_stays_in_force_across_watch_rounds() {
     let Some(redis) = Redis::start() else { return };
@@ -628,12 +638,7 @@ async fn the_latest_kill_switch_stays_in_force_across_watch_rounds() {
     // Both replicas copy and re-seed their journals meanwhile: `b`'s enable is older than
     // `a`'s last switch-off (their order is Redis's, not the replicas' clocks).
     tokio::time::sleep(Duration::from_millis(4500)).await;
-    for broker in [&a, &b] {
-        let (status, _, body) = broker
-            .token_request("bot", SECRET, "github:issues.read", &[])
-            .await;
-        assert_eq!(status, 400, "still switched off: {body}");
-    }
+    assert_github_switched_off(&[&a, &b]).await;
 }
 
 /// A replica that was down while Redis lost its data comes back with a journal from before
@@ -664,12 +669,7 @@ async fn a_stale_journal_does_not_undo_a_kill_switch_made_since_the_loss() {
     let text = std::fs::read_to_string(b_dir.path().join("credbroker.toml")).unwrap();
     let b = TestBroker::start_in(&text, b_dir).await;
     tokio::time::sleep(Duration::from_millis(4500)).await; // two watch rounds of both
-    for broker in [&a, &b] {
-        let (status, _, body) = broker
-            .token_request("bot", SECRET, "github:issues.read", &[])
-            .await;
-        assert_eq!(status, 400, "still switched off: {body}");
-    }
+    assert_github_switched_off(&[&a, &b]).await;
     let switch = redis_command(redis.port, &["HGET", "credbroker:switches", "github"]);
     assert!(switch.contains("\r\n1:"), "off in Redis: {switch:?}");
 }
@@ -706,10 +706,5 @@ async fn a_switch_off_made_after_a_rollback_survives_the_re_seeding() {
 
     tokio::time::sleep(Duration::from_millis(4500)).await; // noticed, re-seeded, copied
     tokio::time::sleep(Duration::from_millis(2100)).await; // past the new epoch's cut-off
-    for broker in [&a, &b] {
-        let (status, _, body) = broker
-            .token_request("bot", SECRET, "github:issues.read", &[])
-            .await;
-        assert_eq!(status, 400, "still switched off: {body}");
-    }
+    assert_github_switched_off(&[&a, &b]).await;
 }
