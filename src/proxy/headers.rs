@@ -1,7 +1,7 @@
 //! Header hygiene (DESIGN §4.3 "Forwarding"): what the upstream never sees from the client,
 //! and what the client never sees from the upstream.
 
-use http::header::{self, GetAll, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 use super::inject::Echoes;
 
@@ -35,14 +35,15 @@ const METHOD_OVERRIDES: &[&str] = &[
     "x-method-override",
 ];
 
-/// Whether `name` is listed in the `Connection` headers: hop-by-hop by declaration. Compared
-/// as text, so nothing is built per header.
-fn listed_in(connection: &GetAll<'_, HeaderValue>, name: &HeaderName) -> bool {
-    connection
+/// Names listed in `Connection` headers: hop-by-hop by declaration.
+fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
+    headers
+        .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .any(|token| token.trim().eq_ignore_ascii_case(name.as_str()))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect()
 }
 
 fn is_hop_by_hop(name: &HeaderName) -> bool {
@@ -52,7 +53,11 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 /// The headers to send upstream: the client's, minus everything §4.3 removes. The caller adds
 /// `x-request-id`, `X-Forwarded-*` and the credential afterwards.
 pub fn upstream_request_headers(client: &HeaderMap, injected: Option<&HeaderName>) -> HeaderMap {
-    let connection = client.get_all(header::CONNECTION);
+    let listed = if client.contains_key(header::CONNECTION) {
+        connection_listed(client)
+    } else {
+        Vec::new()
+    };
     // Room for what the caller adds (request id, X-Forwarded-*, credential): no regrowth.
     let mut out = HeaderMap::with_capacity(client.len() + 4);
     for (name, value) in client {
@@ -62,8 +67,8 @@ pub fn upstream_request_headers(client: &HeaderMap, injected: Option<&HeaderName
             || METHOD_OVERRIDES.contains(&n)
             || n.starts_with("x-forwarded-")
             || n == "x-request-id"
+            || listed.contains(name)
             || injected == Some(name)
-            || listed_in(&connection, name)
         {
             continue;
         }
@@ -79,6 +84,13 @@ pub fn clean_response_headers(headers: &mut HeaderMap, echoes: &Echoes) {
     // One pass over the headers, which names no list: this runs on every response, and the
     // usual one has nothing to drop but `Connection: keep-alive`.
     let connection = headers.get_all(header::CONNECTION);
+    let listed = |name: &HeaderName| {
+        connection
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|token| token.trim().eq_ignore_ascii_case(name.as_str()))
+    };
     let mut has_connection = false;
     let mut doomed: Vec<HeaderName> = Vec::new();
     for (name, value) in headers.iter() {
@@ -89,7 +101,7 @@ pub fn clean_response_headers(headers: &mut HeaderMap, echoes: &Echoes) {
         if doomed.contains(name) {
             continue;
         }
-        if is_hop_by_hop(name) || listed_in(&connection, name) {
+        if is_hop_by_hop(name) || listed(name) {
             doomed.push(name.clone());
         } else if echoes.found_in(value.as_bytes()) || echoes.found_in_name(name) {
             // Removing drops every value of the name; an echo taints the whole header.
