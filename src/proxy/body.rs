@@ -78,27 +78,34 @@ impl Body for LimitedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    let total = this.seen.fetch_add(data.len() as u64, Ordering::Relaxed)
-                        + data.len() as u64;
-                    if total > this.limit {
-                        return Poll::Ready(Some(Err(Box::new(BodyTooLarge))));
+        loop {
+            return match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => {
+                        let total = this.seen.fetch_add(data.len() as u64, Ordering::Relaxed)
+                            + data.len() as u64;
+                        if total > this.limit {
+                            return Poll::Ready(Some(Err(Box::new(BodyTooLarge))));
+                        }
+                        if total >= this.expected {
+                            // A permit is kept if nobody waits yet.
+                            this.uploaded.notify_one();
+                        }
+                        Poll::Ready(Some(Ok(Frame::data(data))))
                     }
-                    if total >= this.expected {
-                        // A permit is kept if nobody waits yet.
-                        this.uploaded.notify_one();
-                    }
+                    // Request trailers (HTTP/2, or chunked HTTP/1) are never forwarded: they
+                    // are header fields that none of the checks of DESIGN §4.3 saw — a second
+                    // credential, the broker's token, a method override — and an HTTP/2
+                    // upstream connection would send them on as they came.
+                    Err(_trailers) => continue,
+                },
+                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(ClientBodyFailed(e))))),
+                Poll::Ready(None) => {
+                    this.uploaded.notify_one();
+                    Poll::Ready(None)
                 }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(ClientBodyFailed(e))))),
-            Poll::Ready(None) => {
-                this.uploaded.notify_one();
-                Poll::Ready(None)
-            }
-            Poll::Pending => Poll::Pending,
+                Poll::Pending => Poll::Pending,
+            };
         }
     }
 

@@ -474,10 +474,12 @@ async fn bound_token_refused_without_its_certificate() {
 }
 
 /// A fake upstream over TLS: answers 200 when it sees the injected credential; records the
-/// HTTP version and `x-forwarded-proto` of every request.
+/// HTTP version and `x-forwarded-proto` of every request, and the trailers of any request
+/// body that had some.
 struct TlsUpstream {
     addr: SocketAddr,
     seen: Arc<Mutex<Vec<(Version, String)>>>,
+    trailers: Arc<Mutex<Vec<HeaderMap>>>,
 }
 
 impl TlsUpstream {
@@ -492,18 +494,27 @@ impl TlsUpstream {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let seen: Arc<Mutex<Vec<(Version, String)>>> = Arc::default();
-        let rec = Arc::clone(&seen);
+        let trailers: Arc<Mutex<Vec<HeaderMap>>> = Arc::default();
+        let (rec, rec_trailers) = (Arc::clone(&seen), Arc::clone(&trailers));
         tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
                 let (acceptor, rec) = (acceptor.clone(), Arc::clone(&rec));
+                let rec_trailers = Arc::clone(&rec_trailers);
                 tokio::spawn(async move {
                     // A refused handshake (the broker distrusting us) simply ends here.
                     let Ok(tls) = acceptor.accept(tcp).await else {
                         return;
                     };
                     let svc = service_fn(move |req: Request<Incoming>| {
-                        let rec = Arc::clone(&rec);
-                        async move { Ok::<_, std::convert::Infallible>(answer(&rec, &req)) }
+                        let (rec, rec_trailers) = (Arc::clone(&rec), Arc::clone(&rec_trailers));
+                        async move {
+                            let resp = answer(&rec, &req);
+                            let body = req.into_body().collect().await;
+                            if let Some(t) = body.ok().and_then(|b| b.trailers().cloned()) {
+                                rec_trailers.lock().unwrap().push(t);
+                            }
+                            Ok::<_, std::convert::Infallible>(resp)
+                        }
                     });
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(tls), svc)
@@ -511,7 +522,11 @@ impl TlsUpstream {
                 });
             }
         });
-        Self { addr, seen }
+        Self {
+            addr,
+            seen,
+            trailers,
+        }
     }
 
     fn seen(&self) -> Vec<(Version, String)> {
@@ -580,6 +595,60 @@ async fn upstream_over_tls_with_a_private_ca() {
     assert!(results
         .iter()
         .all(|r| r["status"] == 200 && r["error"].is_null()));
+}
+
+#[tokio::test]
+async fn request_trailers_never_reach_an_http2_upstream() {
+    let unused = FakeUpstream::start().await;
+    let pki = generate_dev_pki(&[]).unwrap();
+    let up = TlsUpstream::start(&pki.issue_server_cert(&["localhost"]).unwrap()).await;
+    let dir = tempfile::tempdir().unwrap();
+    write_pem(dir.path(), "ca.pem", &pki.ca_cert_pem);
+    let text = standard_config(unused.addr).replacen(
+        &format!("upstream = \"http://{}\"\n", unused.addr),
+        &https_connector(up.addr.port()),
+        1,
+    );
+    let b = TestBroker::start_in(&text, dir).await;
+    let token = b.token("github:issues.comment", &[]).await;
+
+    // HTTP/2 to the broker (prior knowledge, its listener is plain here): a checked body,
+    // then trailers the checks of DESIGN §4.3 never saw — a second credential, the token, a
+    // method override.
+    let tcp = TcpStream::connect(b.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let mut trailers = HeaderMap::new();
+    trailers.insert("authorization", "Bearer smuggled".parse().unwrap());
+    trailers.insert("x-http-method-override", "DELETE".parse().unwrap());
+    trailers.insert("x-checksum", "abc".parse().unwrap());
+    let frames = vec![
+        Ok::<_, std::convert::Infallible>(http_body::Frame::data(Bytes::from_static(b"{}"))),
+        Ok(http_body::Frame::trailers(trailers)),
+    ];
+    let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+    let req = Request::post(format!(
+        "http://127.0.0.1:{}/github/repos/acme/widget/issues/7/comments",
+        b.addr.port()
+    ))
+    .header("authorization", format!("Bearer {token}"))
+    .header("content-length", "2")
+    .body(body)
+    .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    let (status, _, body) = read_reply(resp).await;
+    assert_eq!(status, 200, "{body}");
+    let seen = up.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].0, Version::HTTP_2, "the upstream speaks HTTP/2");
+    assert!(
+        up.trailers.lock().unwrap().is_empty(),
+        "no request trailers forwarded: {:?}",
+        up.trailers.lock().unwrap()
+    );
 }
 
 #[tokio::test]
