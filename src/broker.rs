@@ -21,7 +21,7 @@ use crate::credential::{CredentialError, DynamicCredential};
 use crate::proxy::forward::{Origin, UpstreamClient, UpstreamClients};
 use crate::proxy::inject::{Echoes, InjectError, Injection};
 use crate::server::{ListenerTls, ListenerTlsError, PreparedTls};
-use crate::state::StateStore;
+use crate::state::{StateStore, KEEP_PAST_EXP_SECS};
 use crate::token::{SigningKeys, TokenVerifier};
 
 /// A failed client authentication budget: this many failures from one address within 60
@@ -53,7 +53,7 @@ pub struct Broker {
     pub state: Arc<StateStore>,
     /// Counters and histograms served at `GET /metrics`.
     pub metrics: Arc<Metrics>,
-    uses: DashMap<String, Uses>,
+    uses: UseCounters,
     auth_failures: DashMap<IpAddr, FailureWindow>,
     upstream_clients: UpstreamClients,
     /// The listeners' TLS configs, re-read on every reload.
@@ -93,9 +93,35 @@ pub struct ConnectorRuntime {
     pub metrics: Arc<crate::admin::metrics::ConnectorMetrics>,
 }
 
+/// The `max_uses` counters of the `memory` backend (check 4), by `jti`.
+#[derive(Default)]
+struct UseCounters(DashMap<String, Uses>);
+
 struct Uses {
     count: u64,
     exp: i64,
+}
+
+impl UseCounters {
+    /// Counts one use of a `max_uses` token; false once the budget is spent.
+    fn consume(&self, jti: &str, max_uses: u64, exp: i64) -> bool {
+        let mut entry = self
+            .0
+            .entry(jti.to_owned())
+            .or_insert(Uses { count: 0, exp });
+        if entry.count >= max_uses {
+            return false;
+        }
+        entry.count += 1;
+        true
+    }
+
+    /// Forgets the counters of expired tokens — not at `exp`: check 2 accepts a token up to
+    /// `tokens.leeway` past it, and a counter forgotten then would start again at zero.
+    fn sweep(&self, now: i64) {
+        self.0
+            .retain(|_, u| u.exp.saturating_add(KEEP_PAST_EXP_SECS) >= now);
+    }
 }
 
 /// The times (Unix seconds) of a source address's latest failed client authentications,
@@ -167,7 +193,7 @@ impl Broker {
             audit,
             state: Arc::new(state),
             metrics,
-            uses: DashMap::new(),
+            uses: UseCounters::default(),
             auth_failures: DashMap::new(),
             upstream_clients,
             listener_tls,
@@ -218,20 +244,12 @@ impl Broker {
 
     /// Counts one use of a `max_uses` token; false once the budget is spent.
     pub fn consume_use(&self, jti: &str, max_uses: u64, exp: i64) -> bool {
-        let mut entry = self
-            .uses
-            .entry(jti.to_owned())
-            .or_insert(Uses { count: 0, exp });
-        if entry.count >= max_uses {
-            return false;
-        }
-        entry.count += 1;
-        true
+        self.uses.consume(jti, max_uses, exp)
     }
 
-    /// Forgets counters of tokens that have expired (they are refused by `exp` anyway).
+    /// Forgets what expired tokens and old authentication failures left behind.
     pub fn sweep_expired(&self, now: i64) {
-        self.uses.retain(|_, u| u.exp >= now);
+        self.uses.sweep(now);
         self.auth_failures
             .retain(|_, w| w.0.back().is_some_and(|&last| last + 60 > now));
     }
@@ -446,6 +464,21 @@ pub fn take(limiter: &DefaultDirectRateLimiter) -> Result<(), u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_spent_token_stays_spent_while_the_leeway_still_accepts_it() {
+        let uses = UseCounters::default();
+        let exp = 1_000;
+        assert!(uses.consume("j", 1, exp));
+        assert!(!uses.consume("j", 1, exp));
+        // Past `exp`, within any leeway (at most 300 s), a sweep keeps the counter.
+        uses.sweep(exp + 1);
+        uses.sweep(exp + 300);
+        assert!(!uses.consume("j", 1, exp), "spent, not counted afresh");
+        // Long after, when no leeway accepts the token any more, the counter goes.
+        uses.sweep(exp + KEEP_PAST_EXP_SECS + 1);
+        assert!(uses.0.is_empty());
+    }
 
     #[test]
     fn failures_across_a_minute_boundary_still_lock_out() {

@@ -9,7 +9,7 @@ use std::sync::{Mutex, RwLock};
 
 use serde::{Deserialize, Serialize};
 
-use super::StateError;
+use super::{StateError, KEEP_PAST_EXP_SECS};
 
 const STATE_FILE: &str = "revocations.json";
 
@@ -81,9 +81,9 @@ impl Revocations {
 
     pub fn revoke_jti(&self, jti: &str, exp: i64, now: i64) -> Result<(), StateError> {
         self.update(|s| {
-            // Expired tokens are refused anyway; an hour of slack covers any clock-skew leeway
-            // (at most 5 minutes) so an entry never goes while its token could still pass.
-            s.jtis.retain(|_, e| *e + 3600 >= now);
+            // Expired tokens are refused anyway, once past the leeway (see the constant).
+            s.jtis
+                .retain(|_, e| e.saturating_add(KEEP_PAST_EXP_SECS) >= now);
             s.jtis.insert(jti.to_owned(), exp);
         })
     }

@@ -17,6 +17,11 @@ use std::sync::Arc;
 pub use local::Revocations;
 pub use redis::RedisState;
 
+/// A revoked `jti` and a `max_uses` counter are kept this long past the token's `exp`: longer
+/// than any clock-skew leeway (`tokens.leeway`, at most 5 minutes), so neither goes while its
+/// token could still pass check 2.
+pub const KEEP_PAST_EXP_SECS: i64 = 3600;
+
 /// Why the state could not be read or written.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

@@ -52,6 +52,7 @@ use super::local::Entries;
 use super::{Change, Revocations, StateError};
 use crate::config::RateLimit;
 use crate::secret::Secret;
+use crate::state::KEEP_PAST_EXP_SECS;
 use scripts::{
     ADMIT, COMMON, ISSUE, RESYNC, REVOKE_CLIENT, REVOKE_JTI, SEED, SWITCH, SWITCH_ORDER,
 };
@@ -70,9 +71,6 @@ const SWITCHES: &str = "credbroker:switches";
 /// Counts changes that must not be lost (revocations, kill switches, spent uses): a replica
 /// that finds it lower than it saw knows Redis went back to older data.
 const GENERATION: &str = "credbroker:generation";
-/// A revoked `jti` and a `max_uses` counter are kept this long past the token's `exp`: longer
-/// than any clock-skew leeway, so neither goes while its token could still pass.
-const KEEP_PAST_EXP_SECS: i64 = 3600;
 
 /// Whether a URL (the resolved `state.url`) can be used; the reason never quotes it.
 pub fn check_url(url: &[u8]) -> Result<(), &'static str> {
