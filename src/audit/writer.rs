@@ -1121,8 +1121,7 @@ impl Writer {
                 return;
             }
         }
-        let target = rotated_path(&self.path, highest_rotation(&self.path) + 1);
-        if let Err(e) = std::fs::rename(&self.path, &target) {
+        if let Err(e) = rotate_file(&self.path) {
             tracing::error!(error = %e, "audit log rotation failed; continuing in the same file");
             return;
         }
@@ -1194,34 +1193,44 @@ pub(crate) fn rotated_path(path: &Path, n: u64) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// The highest N of the existing `PATH.N` files, 0 when there are none.
-pub(crate) fn highest_rotation(path: &Path) -> u64 {
+/// Renames `path` to the next free `PATH.N`, never over an existing file: a rename replaces
+/// its target silently, and a wrong N (say, a folder that could not be listed) would put the
+/// newest records over the oldest ones.
+fn rotate_file(path: &Path) -> io::Result<()> {
+    let target = rotated_path(path, highest_rotation(path)? + 1);
+    match std::fs::symlink_metadata(&target) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => std::fs::rename(path, &target),
+        Ok(_) => Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("{} exists", target.display()),
+        )),
+        Err(e) => Err(e),
+    }
+}
+
+/// The highest N of the existing `PATH.N` files, 0 when there are none; an error when the
+/// folder cannot be listed in full (the answer would be a guess).
+pub(crate) fn highest_rotation(path: &Path) -> io::Result<u64> {
     let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
-        return 0;
+        return Ok(0);
     };
     let dir = match path.parent().filter(|d| !d.as_os_str().is_empty()) {
         Some(d) => d.to_owned(),
         None => PathBuf::from("."),
     };
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    entries
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let file = e.file_name();
-            let n = file
-                .to_str()?
-                .strip_prefix(name)?
-                .strip_prefix('.')?
-                .to_owned();
+    let mut highest = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let file = entry?.file_name();
+        let n = file
+            .to_str()
+            .and_then(|f| f.strip_prefix(name))
+            .and_then(|f| f.strip_prefix('.'))
             // Only plain decimal suffixes: `audit.jsonl.1`, not `audit.jsonl.1.gz`.
-            n.bytes()
-                .all(|b| b.is_ascii_digit())
-                .then(|| n.parse::<u64>().ok())?
-        })
-        .max()
-        .unwrap_or(0)
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|n| n.parse::<u64>().ok());
+        highest = highest.max(n.unwrap_or(0));
+    }
+    Ok(highest)
 }
 
 /// The last intact record of a file.
@@ -1318,7 +1327,11 @@ fn last_intact_line(
 
 /// When the current file holds no record: the last record of the newest rotated file.
 fn last_rotated_record(path: &Path, key: Option<&Secret>) -> Result<Option<Tail>, AuditError> {
-    let n = highest_rotation(path);
+    // Not knowing whether there are rotated files would restart the chain at seq 1.
+    let n = highest_rotation(path).map_err(|source| AuditError::Io {
+        context: format!("listing the rotated files beside {}", path.display()),
+        source,
+    })?;
     if n == 0 {
         return Ok(None);
     }
@@ -1484,7 +1497,7 @@ mod tests {
             log.append_blocking(proxy(&format!("client-{i}"))).unwrap();
         }
         log.close();
-        let n = highest_rotation(&o.path);
+        let n = highest_rotation(&o.path).unwrap();
         assert!(n >= 2, "expected several rotations, got {n}");
         assert_eq!(log.stats().rotations, n);
         let mut files: Vec<PathBuf> = (1..=n).map(|i| rotated_path(&o.path, i)).collect();
@@ -1858,7 +1871,7 @@ mod tests {
     fn rotation_numbers() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("a.jsonl");
-        assert_eq!(highest_rotation(&p), 0);
+        assert_eq!(highest_rotation(&p).unwrap(), 0);
         for name in [
             "a.jsonl.1",
             "a.jsonl.3",
@@ -1868,7 +1881,27 @@ mod tests {
         ] {
             std::fs::write(dir.path().join(name), b"").unwrap();
         }
-        assert_eq!(highest_rotation(&p), 3);
+        assert_eq!(highest_rotation(&p).unwrap(), 3);
         assert_eq!(rotated_path(&p, 4), dir.path().join("a.jsonl.4"));
+        // A folder that cannot be listed is an error, not "no rotated files".
+        assert!(highest_rotation(&dir.path().join("missing/a.jsonl")).is_err());
+    }
+
+    #[test]
+    fn rotation_never_replaces_a_rotated_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.jsonl");
+        std::fs::write(&p, b"newest\n").unwrap();
+        std::fs::write(dir.path().join("a.jsonl.1"), b"oldest\n").unwrap();
+        rotate_file(&p).unwrap();
+        assert_eq!(
+            std::fs::read(dir.path().join("a.jsonl.1")).unwrap(),
+            b"oldest\n"
+        );
+        assert_eq!(
+            std::fs::read(dir.path().join("a.jsonl.2")).unwrap(),
+            b"newest\n"
+        );
+        assert!(!p.exists());
     }
 }
