@@ -21,7 +21,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -117,6 +117,18 @@ struct Inner {
     shared: Arc<Shared>,
     /// The writer thread (`always`) or the interval syncer.
     thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// The last handle gone without `close`: an inline writer writes what it still holds and
+/// closes the file (the writer thread does the same when its queue closes).
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(inline) = &self.inline {
+            if let Some(mut writer) = lock(inline).take() {
+                writer.finish(None);
+            }
+        }
+    }
 }
 
 /// Whether enough calls are in flight besides the `batch` waiting on a sync that holding it
@@ -239,7 +251,7 @@ impl AuditLog {
             (Some(tx), None, Some(thread))
         } else {
             let inline = Arc::new(Mutex::new(Some(writer)));
-            let flusher = Arc::clone(&inline);
+            let flusher = Arc::downgrade(&inline);
             let thread = Some(
                 std::thread::Builder::new()
                     .name("audit-flush".into())
@@ -585,16 +597,20 @@ fn lock(m: &Mutex<Option<Writer>>) -> std::sync::MutexGuard<'_, Option<Writer>> 
 }
 
 /// With inline writes: every [`SYNC_INTERVAL`], write deferred records and (under `interval`)
-/// sync a dirty file, until the log is closed.
+/// sync a dirty file, until the log is closed or its last handle dropped (the thread holds
+/// the writer only while it works, so dropping the handles closes the file).
 ///
 /// The `fdatasync` runs on a duplicate of the file descriptor, outside the writer lock: callers
 /// (request handlers on the worker runtimes) keep writing while the disk syncs, instead of
 /// stalling a whole worker for the length of a sync.
-fn inline_flusher(writer: &Mutex<Option<Writer>>) {
+fn inline_flusher(writer: &Weak<Mutex<Option<Writer>>>) {
     loop {
         std::thread::sleep(SYNC_INTERVAL);
+        let Some(writer) = writer.upgrade() else {
+            return;
+        };
         let (file, shared) = {
-            let mut guard = lock(writer);
+            let mut guard = lock(&writer);
             let Some(w) = guard.as_mut() else { return };
             w.flush_pending();
             if !(w.dirty && w.policy == FsyncPolicy::Interval) {
@@ -610,7 +626,7 @@ fn inline_flusher(writer: &Mutex<Option<Writer>>) {
         if let Err(e) = timed_sync(&file, &shared) {
             shared.write_failed();
             tracing::error!(error = %e, "audit log sync failed");
-            if let Some(w) = lock(writer).as_mut() {
+            if let Some(w) = lock(&writer).as_mut() {
                 w.dirty = true;
             }
         }
@@ -1169,12 +1185,26 @@ fn inject_failure(shared: &Shared, file: &mut File, buf: &[u8]) -> io::Result<()
     Ok(())
 }
 
+/// Opens (or creates) the log for appending, locked for this process (`flock`, released when
+/// the file is closed): a second broker started on the same file — a double start, an
+/// overlapping restart — would otherwise take the record this one is writing for a torn tail,
+/// cut it, and fork the chain.
 fn open_log(path: &Path) -> io::Result<File> {
-    OpenOptions::new()
+    let file = OpenOptions::new()
         .read(true)
         .append(true)
         .create(true)
-        .open(path)
+        .open(path)?;
+    file.try_lock().map_err(|e| match e {
+        std::fs::TryLockError::WouldBlock => io::Error::new(
+            io::ErrorKind::WouldBlock,
+            "another process is writing this audit log",
+        ),
+        std::fs::TryLockError::Error(e) => e,
+    })?;
+    // A file just created is durable only once its folder entry is (rare: start, rotation).
+    sync_dir(path);
+    Ok(file)
 }
 
 /// Makes a rename durable. Best effort: not every platform can sync a directory.
@@ -1885,6 +1915,26 @@ mod tests {
         assert_eq!(rotated_path(&p, 4), dir.path().join("a.jsonl.4"));
         // A folder that cannot be listed is an error, not "no rotated files".
         assert!(highest_rotation(&dir.path().join("missing/a.jsonl")).is_err());
+    }
+
+    #[test]
+    fn a_second_writer_on_the_same_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = opts(dir.path(), FsyncPolicy::Always);
+        let first = AuditLog::open(o.clone()).unwrap();
+        first.append_blocking(proxy("a")).unwrap();
+        let second = AuditLog::open(o.clone()).err().expect("the file is in use");
+        assert!(second.to_string().contains("another process"), "{second}");
+        first.append_blocking(proxy("b")).unwrap();
+        first.close();
+        drop(first);
+        // Released with the first writer: a restart continues the chain.
+        let again = AuditLog::open(o.clone()).unwrap();
+        again.append_blocking(proxy("c")).unwrap();
+        again.close();
+        let report = verify_files(std::slice::from_ref(&o.path), None).unwrap();
+        assert!(report.is_intact(), "{report:?}");
+        assert_eq!(report.records, 3, "a, b and c: {report:?}");
     }
 
     #[test]
