@@ -103,7 +103,11 @@ pub fn clean_response_headers(headers: &mut HeaderMap, echoes: &Echoes) {
         }
         if is_hop_by_hop(name) || listed(name) {
             doomed.push(name.clone());
-        } else if echoes.found_in(value.as_bytes()) || echoes.found_in_name(name) {
+        } else if echoes.found_in_name(name) {
+            // The name itself carries the credential: it is not logged either.
+            tracing::warn!("upstream response header named with the credential; dropped");
+            doomed.push(name.clone());
+        } else if echoes.found_in(value.as_bytes()) {
             // Removing drops every value of the name; an echo taints the whole header.
             tracing::warn!(header = %name, "upstream response header echoed the credential; dropped");
             doomed.push(name.clone());

@@ -17,7 +17,7 @@ use credbroker::config::{AuthMethod, Config};
 use credbroker::proxy::inject::Injection;
 use credbroker::secret::Secret;
 use credbroker::token::SigningKeys;
-use http::{HeaderMap, Request};
+use http::{HeaderMap, Request, Response};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 
@@ -146,8 +146,26 @@ fn access_token(body: &str) -> String {
 }
 
 /// The in-process session over TLS; returns the haystack and the tokens it was issued.
+/// An upstream that, asked for `?state=echo-name`, answers with a header named after the
+/// credential (header names are lower case on the wire).
+fn echo_in_header_name(seen: &Seen) -> Option<Response<Full<Bytes>>> {
+    seen.target.ends_with("state=echo-name").then(|| {
+        let mut r = Response::new(Full::new(Bytes::from_static(b"{}")));
+        let name = format!("x-{}", CREDENTIAL.to_ascii_lowercase());
+        r.headers_mut().insert(
+            http::HeaderName::try_from(name).unwrap(),
+            "1".parse().unwrap(),
+        );
+        r
+    })
+}
+
 async fn tls_session(hay: &mut Haystack) -> (Vec<String>, String) {
-    let up = FakeUpstream::start().await;
+    let up = FakeUpstream::start_with(
+        Expect::Header("authorization", format!("Bearer {CREDENTIAL}")),
+        echo_in_header_name,
+    )
+    .await;
     let pki = credbroker::tls::generate_dev_pki(&[]).unwrap();
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("server.pem"), &pki.server().cert_pem).unwrap();
@@ -210,6 +228,15 @@ async fn tls_session(hay: &mut Haystack) -> (Vec<String>, String) {
         (
             "denied",
             bearer("DELETE", "/github/repos/acme/widget", &t1, ""),
+        ),
+        (
+            "credential echoed in a response header's name",
+            bearer(
+                "GET",
+                "/github/repos/acme/widget/issues?state=echo-name",
+                &t1,
+                "",
+            ),
         ),
         (
             "garbage token",
@@ -405,6 +432,7 @@ fn tls_session_leaks_no_secret_into_logs_audit_or_responses() {
     let (s1, s2) = (sig(&tokens[0]), sig(&tokens[1]));
     hay.assert_free_of(&[
         ("credential", CREDENTIAL),
+        ("credential in lower case", &CREDENTIAL.to_ascii_lowercase()),
         ("client secret", SECRET),
         ("admin token", ADMIN_TOKEN),
         ("token 1", &tokens[0]),
