@@ -18,6 +18,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
 use crate::broker::Broker;
@@ -107,8 +108,13 @@ pub async fn serve(
         .keep_alive_interval(Some(Duration::from_secs(20)))
         .keep_alive_timeout(Duration::from_secs(10));
     let builder = Arc::new(builder);
+    // The connections' tasks, whichever worker runs them: what is left of them when the drain
+    // ends is stopped here, while the audit log is still open.
+    let mut connections = JoinSet::new();
     tokio::pin!(shutdown);
     loop {
+        // Finished connections leave the set (it holds at most `max_connections` running).
+        while connections.try_join_next().is_some() {}
         // Take a connection slot first: when all are in use, stop accepting (the kernel's
         // backlog holds newcomers) instead of accepting and dropping.
         let permit = tokio::select! {
@@ -143,7 +149,7 @@ pub async fn serve(
         let limits = limits.clone();
         let watcher = graceful.watcher();
         // The connection lives on one worker runtime from here on.
-        crate::workers::spawn(async move {
+        crate::workers::spawn_into(&mut connections, async move {
             let _permit = permit;
             let stream = match TcpStream::from_std(stream) {
                 Ok(s) => s,
@@ -161,6 +167,9 @@ pub async fn serve(
         .is_err()
     {
         tracing::warn!("shutdown: connections still open after request_timeout; closing them");
+        // Dropped now, not with their runtimes after the `shutdown` record: a call cut short
+        // writes its `proxy_result` (client gone) as it goes, and the log is still open.
+        connections.shutdown().await;
     }
 }
 

@@ -24,6 +24,7 @@ use std::thread::JoinHandle;
 
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
+use tokio::task::JoinSet;
 
 thread_local! {
     /// The worker this thread runs, if it is one.
@@ -56,17 +57,20 @@ pub(crate) fn act_as_worker(index: usize) {
     INDEX.with(|i| i.set(Some(index)));
 }
 
-/// Runs `task` on the next worker, round robin; without a pool, on the caller's runtime.
-pub fn spawn<F>(task: F)
+/// Runs `task` on the next worker, round robin (without a pool, on the caller's runtime), as a
+/// member of `set`, so that the caller can stop what is left of its tasks.
+pub fn spawn_into<F>(set: &mut JoinSet<()>, task: F)
 where
     F: Future<Output = ()> + Send + 'static,
 {
     match POOL.get() {
         Some(pool) if pool.handles.len() > 1 => {
             let i = pool.next.fetch_add(1, Ordering::Relaxed) % pool.handles.len();
-            drop(pool.handles[i].spawn(task));
+            set.spawn_on(task, &pool.handles[i]);
         }
-        _ => drop(tokio::spawn(task)),
+        _ => {
+            set.spawn(task);
+        }
     }
 }
 
@@ -137,9 +141,9 @@ fn stop(threads: Vec<WorkerThread>) {
     }
 }
 
-/// Stops the extra workers; the connections still open on them are dropped (their
-/// `proxy_result` records say the client went away). Call after the listeners have drained
-/// and before the `shutdown` record, so that it is the log's last.
+/// Stops the extra workers, with what still runs on them (idle upstream connections: the
+/// listeners have stopped their client connections by then, see `server::serve`). Call after
+/// the listeners have drained and before the `shutdown` record, so that it is the log's last.
 pub fn shutdown() {
     let Some(pool) = POOL.get() else { return };
     stop(std::mem::take(

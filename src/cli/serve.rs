@@ -43,8 +43,9 @@ impl Running {
         for t in self.tasks {
             let _ = t.await;
         }
-        // Connections still open past the drain budget go with their worker runtimes (their
-        // `proxy_result` records are written now); `shutdown` is then the log's last record.
+        // Connections still open past the drain budget were stopped by the listeners, their
+        // `proxy_result` records written; the extra workers stop now, and `shutdown` is then
+        // the log's last record.
         crate::workers::shutdown();
         if let Err(e) = self.broker.audit.close_with(Record::new(Event::Shutdown)) {
             tracing::error!(error = %e, "cannot write the shutdown audit record");
