@@ -35,14 +35,14 @@ const METHOD_OVERRIDES: &[&str] = &[
     "x-method-override",
 ];
 
-/// Names listed in `Connection` headers: hop-by-hop by declaration.
+/// Names listed in `Connection` headers: hop-by-hop by declaration. Read as bytes: a value
+/// that is not all visible ASCII (obs-text) must not hide the names it lists.
 fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
     headers
         .get_all(header::CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim_ascii()).ok())
         .collect()
 }
 
@@ -87,9 +87,12 @@ pub fn clean_response_headers(headers: &mut HeaderMap, echoes: &Echoes) {
     let listed = |name: &HeaderName| {
         connection
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|token| token.trim().eq_ignore_ascii_case(name.as_str()))
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .any(|token| {
+                token
+                    .trim_ascii()
+                    .eq_ignore_ascii_case(name.as_str().as_bytes())
+            })
     };
     let mut has_connection = false;
     let mut doomed: Vec<HeaderName> = Vec::new();
@@ -236,6 +239,27 @@ mod tests {
         let out = upstream_request_headers(&h, None);
         let names: Vec<&str> = out.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, ["accept", "user-agent"]);
+    }
+
+    #[test]
+    fn a_connection_value_with_obs_text_still_names_its_headers() {
+        let obs = HeaderValue::from_bytes(b"x-hop, \xff, keep-alive").unwrap();
+        assert!(obs.to_str().is_err(), "not visible ASCII");
+        let mut h = map(&[("x-hop", "1"), ("accept", "*/*")]);
+        h.insert(header::CONNECTION, obs.clone());
+        let out = upstream_request_headers(&h, None);
+        let names: Vec<&str> = out.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["accept"]);
+        // And on the way back.
+        let echoes = Echoes::new(
+            &crate::config::AuthMethod::Bearer,
+            &crate::secret::Secret::new("real-credential-123"),
+        );
+        let mut h = map(&[("x-hop", "1"), ("content-type", "text/plain")]);
+        h.insert(header::CONNECTION, obs);
+        clean_response_headers(&mut h, &echoes);
+        let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["content-type"]);
     }
 
     #[test]
