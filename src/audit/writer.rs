@@ -165,6 +165,9 @@ struct Shared {
     deferred: Mutex<Vec<Box<Record>>>,
     /// Set by `close`: later records are refused.
     closed: std::sync::atomic::AtomicBool,
+    /// The last `fdatasync` failed: under `interval`, no batch is written (its calls get 503)
+    /// until a later one succeeds — records acknowledged meanwhile would not be on disk.
+    sync_failing: std::sync::atomic::AtomicBool,
     /// Under `always`: hands answers to async callers on their own runtime.
     relays: Arc<Relays>,
     /// Proxied calls in progress ([`AuditLog::call_in_flight`]).
@@ -172,6 +175,9 @@ struct Shared {
     /// Test hook: this many coming writes fail after writing half their bytes.
     #[cfg(test)]
     inject_failures: std::sync::atomic::AtomicU32,
+    /// Test hook: this many coming syncs fail.
+    #[cfg(test)]
+    inject_sync_failures: std::sync::atomic::AtomicU32,
     /// Test counter: batch writes attempted.
     #[cfg(test)]
     batches: AtomicU64,
@@ -229,10 +235,13 @@ impl AuditLog {
             observer: ArcSwapOption::empty(),
             deferred: Mutex::new(Vec::new()),
             closed: std::sync::atomic::AtomicBool::new(false),
+            sync_failing: std::sync::atomic::AtomicBool::new(false),
             relays: Arc::new(Relays::new(crate::workers::count())),
             calls_in_flight: AtomicUsize::new(0),
             #[cfg(test)]
             inject_failures: std::sync::atomic::AtomicU32::new(0),
+            #[cfg(test)]
+            inject_sync_failures: std::sync::atomic::AtomicU32::new(0),
             #[cfg(test)]
             batches: AtomicU64::new(0),
         });
@@ -466,6 +475,15 @@ impl AuditLog {
     fn inject_write_failures(&self, n: u32) {
         self.inner.shared.inject_failures.store(n, Ordering::SeqCst);
     }
+
+    /// Test hook: make the next `n` syncs fail.
+    #[cfg(test)]
+    fn inject_sync_failures(&self, n: u32) {
+        self.inner
+            .shared
+            .inject_sync_failures
+            .store(n, Ordering::SeqCst);
+    }
 }
 
 /// A gathering's leader (`audit::gather`): writes what was gathered (or, under `always`, hands
@@ -636,7 +654,20 @@ fn inline_flusher(writer: &Weak<Mutex<Option<Writer>>>) {
 /// `fdatasync`, timed and counted.
 fn timed_sync(file: &File, shared: &Shared) -> io::Result<()> {
     let started = Instant::now();
-    file.sync_data()?;
+    #[cfg(test)]
+    if shared
+        .inject_sync_failures
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+    {
+        shared.sync_failing.store(true, Ordering::Release);
+        return Err(io::Error::other("injected sync failure"));
+    }
+    let synced = file.sync_data();
+    shared
+        .sync_failing
+        .store(synced.is_err(), Ordering::Release);
+    synced?;
     let took = started.elapsed();
     let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
     shared.fsyncs.fetch_add(1, Ordering::Relaxed);
@@ -1069,6 +1100,13 @@ impl Writer {
         }
         if self.needs_cut {
             self.cut_to_len()?;
+        }
+        if self.policy == FsyncPolicy::Interval && self.shared.sync_failing.load(Ordering::Acquire)
+        {
+            // The background sync keeps trying; this batch waits for it to succeed.
+            return Err(io::Error::other(
+                "the audit log's last sync failed; writing again once one succeeds",
+            ));
         }
         let file = self
             .file
@@ -1656,6 +1694,41 @@ mod tests {
         assert_eq!(count(), 1);
         drop(b);
         assert_eq!(count(), 0);
+    }
+
+    #[test]
+    fn under_interval_a_failing_sync_stops_acknowledgements_until_one_succeeds() {
+        let (_dir, o, log) = open_fresh(FsyncPolicy::Interval);
+        log.append_blocking(proxy("a")).unwrap();
+        log.inject_sync_failures(u32::MAX);
+        // The background sync of `a` fails (and keeps failing).
+        let waited = Instant::now();
+        while log.stats().write_errors == 0 {
+            assert!(
+                waited.elapsed() < Duration::from_secs(5),
+                "no sync attempted"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(
+            log.append_blocking(proxy("b")).is_err(),
+            "acknowledged while the disk does not sync"
+        );
+        // The disk recovers: the background sync retries on its own, writes resume.
+        log.inject_sync_failures(0);
+        let waited = Instant::now();
+        let c = loop {
+            match log.append_blocking(proxy("c")) {
+                Ok(seq) => break seq,
+                Err(_) => {
+                    assert!(waited.elapsed() < Duration::from_secs(5), "never recovered");
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        };
+        assert_eq!(c, 2, "b was never written");
+        log.close();
+        assert_intact(&o.path);
     }
 
     fn open_fresh(policy: FsyncPolicy) -> (tempfile::TempDir, AuditOptions, AuditLog) {
