@@ -75,6 +75,7 @@ pub fn run(args: ServeArgs, config_path: &std::path::Path) -> anyhow::Result<Exi
         } else {
             (Config::load(config_path)?, None)
         };
+        raise_open_file_limit(&config);
         let running = start(config).await?;
         if let Some(dev) = &dev {
             dev.print_welcome(&running);
@@ -89,6 +90,34 @@ pub fn run(args: ServeArgs, config_path: &std::path::Path) -> anyhow::Result<Exi
         running.shutdown().await;
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// Raises the soft open-file limit (often 1024) toward what `max_connections` needs, up to
+/// the hard limit, as nginx's `worker_rlimit_nofile` does. Below it, accepting fails with
+/// `EMFILE` long before `max_connections`, and so does anything else that opens a file — the
+/// audit log's rotation among them.
+fn raise_open_file_limit(config: &Config) {
+    let count = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+    // A client connection may hold an upstream one too; then the admin listener's, and room
+    // for listeners, files and Redis.
+    let admin = config
+        .admin
+        .as_ref()
+        .map_or(0, |a| count(a.max_connections));
+    let wanted = count(config.server.max_connections)
+        .saturating_mul(2)
+        .saturating_add(admin)
+        .saturating_add(256);
+    match rlimit::increase_nofile_limit(wanted) {
+        Ok(have) if have < wanted => tracing::warn!(
+            have,
+            wanted,
+            "the open-file limit (its hard limit) is below what server.max_connections needs: \
+             connections beyond it are refused"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
 }
 
 fn init_tracing() {

@@ -38,8 +38,26 @@ struct ChildBroker {
 impl ChildBroker {
     /// Starts the binary and waits for the two "listening on" lines it prints.
     fn spawn(config: &Path) -> Self {
-        let mut child = Command::new(BIN)
-            .args(["serve", "--config", config.to_str().unwrap()])
+        let mut serve = Command::new(BIN);
+        serve.args(["serve", "--config", config.to_str().unwrap()]);
+        Self::spawn_command(serve)
+    }
+
+    /// Like `spawn`, with the soft open-file limit lowered to `limit` first (as a service
+    /// manager's default of 1024 would be).
+    fn spawn_with_soft_open_files(config: &Path, limit: u64) -> Self {
+        let mut sh = Command::new("sh");
+        sh.args([
+            "-c",
+            &format!("ulimit -Sn {limit} && exec \"$0\" serve --config \"$1\""),
+            BIN,
+            config.to_str().unwrap(),
+        ]);
+        Self::spawn_command(sh)
+    }
+
+    fn spawn_command(mut command: Command) -> Self {
+        let mut child = command
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -852,6 +870,39 @@ async fn sigterm_during_a_slow_call_completes_it_and_exits_0() {
     assert_eq!(result.len(), 1);
     assert_eq!(result[0]["status"], 200);
     verify_chain_independently(&dir.path().join("audit.jsonl"));
+}
+
+/// The soft and hard "Max open files" of a process.
+fn open_file_limits(pid: u32) -> (u64, u64) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let n: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    (n[0], n[1])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_raises_the_open_file_limit_for_max_connections() {
+    let up = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config =
+        standard_config(up.addr).replacen("[server]\n", "[server]\nmax_connections = 1000\n", 1);
+    let path = write_config(dir.path(), &config);
+    let broker = ChildBroker::spawn_with_soft_open_files(&path, 256);
+    let (soft, hard) = open_file_limits(broker.child.id());
+    // A client and an upstream connection each, the admin listener's (256 by default), and
+    // some room: up to the hard limit.
+    assert_eq!(
+        soft,
+        hard.min(2 * 1000 + 256 + 256),
+        "soft {soft}, hard {hard}"
+    );
+    broker.stop().await;
 }
 
 // ---------------------------------------------------------------------------------------
