@@ -559,22 +559,27 @@ fn https_connector(port: u16) -> String {
     format!("upstream = \"https://localhost:{port}\"\nupstream_ca = \"ca.pem\"\n")
 }
 
-#[tokio::test]
-async fn upstream_over_tls_with_a_private_ca() {
+/// A broker (plain listener) whose `github` connector calls a TLS upstream on `localhost`:
+/// the connector's `upstream_ca` is a dev CA, and the upstream's certificate is signed by it.
+/// The plain upstream the standard config named first is returned to keep it alive.
+async fn broker_with_tls_upstream() -> (FakeUpstream, TlsUpstream, TestBroker) {
     let unused = FakeUpstream::start().await;
-    // The broker's CA is the connector's upstream_ca; the upstream's certificate is signed by it.
     let pki = generate_dev_pki(&[]).unwrap();
     let up = TlsUpstream::start(&pki.issue_server_cert(&["localhost"]).unwrap()).await;
     let dir = tempfile::tempdir().unwrap();
     write_pem(dir.path(), "ca.pem", &pki.ca_cert_pem);
-    write_cert(dir.path(), "server", pki.server());
-    let connector = https_connector(up.addr.port());
     let text = standard_config(unused.addr).replacen(
         &format!("upstream = \"http://{}\"\n", unused.addr),
-        &connector,
+        &https_connector(up.addr.port()),
         1,
     );
     let b = TestBroker::start_in(&text, dir).await;
+    (unused, up, b)
+}
+
+#[tokio::test]
+async fn upstream_over_tls_with_a_private_ca() {
+    let (_unused, up, b) = broker_with_tls_upstream().await;
     let token = b.token("github:issues.read", &[]).await;
     for _ in 0..2 {
         let (status, _, body) = b
@@ -599,17 +604,7 @@ async fn upstream_over_tls_with_a_private_ca() {
 
 #[tokio::test]
 async fn request_trailers_never_reach_an_http2_upstream() {
-    let unused = FakeUpstream::start().await;
-    let pki = generate_dev_pki(&[]).unwrap();
-    let up = TlsUpstream::start(&pki.issue_server_cert(&["localhost"]).unwrap()).await;
-    let dir = tempfile::tempdir().unwrap();
-    write_pem(dir.path(), "ca.pem", &pki.ca_cert_pem);
-    let text = standard_config(unused.addr).replacen(
-        &format!("upstream = \"http://{}\"\n", unused.addr),
-        &https_connector(up.addr.port()),
-        1,
-    );
-    let b = TestBroker::start_in(&text, dir).await;
+    let (_unused, up, b) = broker_with_tls_upstream().await;
     let token = b.token("github:issues.comment", &[]).await;
 
     // HTTP/2 to the broker (prior knowledge, its listener is plain here): a checked body,
