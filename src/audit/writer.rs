@@ -1323,6 +1323,23 @@ fn scan_tail(
     key: Option<&Secret>,
     path: &Path,
 ) -> Result<TailScan, AuditError> {
+    let scan = find_last_intact(file, len, key, path)?;
+    // The search reads ever larger windows, the last past MAX_CUT: what it found may lie
+    // further back than start-up may cut.
+    if len - scan.end > MAX_CUT {
+        return Err(AuditError::TailTooDamaged {
+            path: path.to_owned(),
+        });
+    }
+    Ok(scan)
+}
+
+fn find_last_intact(
+    file: &mut File,
+    len: u64,
+    key: Option<&Secret>,
+    path: &Path,
+) -> Result<TailScan, AuditError> {
     let io = |source| AuditError::Io {
         context: format!("reading the tail of {}", path.display()),
         source,
@@ -1529,6 +1546,32 @@ mod tests {
         assert_eq!(recovered["seq"], 3);
         assert_eq!(recovered["truncated_bytes"], torn.len() as u64);
         assert_intact(&o.path);
+    }
+
+    #[test]
+    fn a_damaged_tail_longer_than_max_cut_is_not_cut() {
+        let (_dir, o, log) = open_fresh(FsyncPolicy::Never);
+        log.append_blocking(proxy("a")).unwrap();
+        log.close();
+        drop(log);
+        let intact = std::fs::metadata(&o.path).unwrap().len();
+        let garbage = vec![b'x'; usize::try_from(MAX_CUT).unwrap() + 1024];
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&o.path)
+            .unwrap()
+            .write_all(&garbage)
+            .unwrap();
+        let refused = AuditLog::open(o.clone()).err().expect("too much to cut");
+        assert!(
+            matches!(refused, AuditError::TailTooDamaged { .. }),
+            "{refused}"
+        );
+        assert_eq!(
+            std::fs::metadata(&o.path).unwrap().len(),
+            intact + garbage.len() as u64,
+            "nothing cut"
+        );
     }
 
     #[test]
