@@ -260,13 +260,38 @@ impl Broker {
         self.auth_failures.get(&ip)?.lockout_left(now)
     }
 
-    pub fn record_auth_failure(&self, ip: IpAddr, now: i64) {
+    /// Runs a token request's client `authenticate` unless `ip` is locked out, counting a
+    /// failure at `now` — in one step under the address's entry, so requests from one address
+    /// that were all let in before any of them failed (say, each holding back its body) still
+    /// get no more than the budget of attempts between them, and none after it, right secret
+    /// or not.
+    pub fn authenticate_from<T, E>(
+        &self,
+        ip: IpAddr,
+        now: i64,
+        authenticate: impl FnOnce() -> Result<T, E>,
+    ) -> Result<T, AuthAttempt<E>> {
         let mut w = self.auth_failures.entry(ip).or_default();
-        w.0.push_back(now);
-        while w.0.len() > AUTH_FAILURES_PER_MINUTE as usize {
-            w.0.pop_front();
+        if let Some(left) = w.lockout_left(now) {
+            return Err(AuthAttempt::LockedOut(left));
         }
+        authenticate().map_err(|e| {
+            w.0.push_back(now);
+            while w.0.len() > AUTH_FAILURES_PER_MINUTE as usize {
+                w.0.pop_front();
+            }
+            AuthAttempt::Failed(e)
+        })
     }
+}
+
+/// Why [`Broker::authenticate_from`] let no client in.
+#[derive(Debug, PartialEq, Eq)]
+pub enum AuthAttempt<E> {
+    /// The address is locked out for this many more seconds; nothing was tried.
+    LockedOut(u64),
+    /// Authentication failed (and was counted).
+    Failed(E),
 }
 
 impl Live {

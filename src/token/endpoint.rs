@@ -22,7 +22,7 @@ use super::client_auth::{parse_basic, secret_matches};
 use super::form::{parse_authorization_details, parse_token_form, TokenForm};
 use super::{new_jti, AccessClaims, AuthorizationDetail, Confirmation};
 use crate::audit::{Event, Record};
-use crate::broker::{take, Broker, Live};
+use crate::broker::{take, AuthAttempt, Broker, Live};
 use crate::config::Client;
 use crate::proxy::pipeline::ConnInfo;
 use crate::proxy::respond::json_response;
@@ -190,13 +190,16 @@ async fn issue(
         ));
     }
     let form = read_form(&parts.headers, body, live.config.server.request_timeout).await?;
-    let client = match authenticate(live, &parts.headers, &form, conn) {
-        Ok(c) => c,
-        Err(e) => {
-            broker.record_auth_failure(ip, now.timestamp());
-            return Err(e);
-        }
-    };
+    // Asked again now that the body is in (reading it may have taken a while), and counted
+    // at this time, in one step with the attempt.
+    let client = broker
+        .authenticate_from(ip, Utc::now().timestamp(), || {
+            authenticate(live, &parts.headers, &form, conn)
+        })
+        .map_err(|attempt| match attempt {
+            AuthAttempt::LockedOut(left) => rate_limited(left),
+            AuthAttempt::Failed(e) => e,
+        })?;
     record.client = Some(client.id.clone());
     let with_client = |mut e: TokenError| {
         e.client = Some(client.id.clone());

@@ -146,6 +146,58 @@ async fn repeated_auth_failures_lock_out_the_source() {
 }
 
 #[tokio::test]
+async fn held_back_bodies_get_no_more_guesses_than_the_lockout_allows() {
+    use base64::Engine;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = FakeUpstream::start().await;
+    let b = TestBroker::start(&standard_config(up.addr)).await;
+    let body = "grant_type=client_credentials&scope=github%3Aissues.read";
+    let head = |secret: &str| {
+        let basic = base64::engine::general_purpose::STANDARD.encode(format!("bot:{secret}"));
+        format!(
+            "POST /oauth2/token HTTP/1.1\r\nHost: b\r\nAuthorization: Basic {basic}\r\n\
+             Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\
+             Connection: close\r\n\r\n",
+            body.len()
+        )
+    };
+    // 24 wrong guesses and the right secret, all past the early lockout check (no failure
+    // yet) with their bodies held back; then every body at once.
+    let mut conns = Vec::new();
+    for i in 0..25 {
+        let secret = if i == 24 {
+            SECRET.to_owned()
+        } else {
+            format!("wrong-{i}")
+        };
+        let mut c = tokio::net::TcpStream::connect(b.addr).await.unwrap();
+        c.write_all(head(&secret).as_bytes()).await.unwrap();
+        conns.push(c);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    for c in &mut conns[..24] {
+        c.write_all(body.as_bytes()).await.unwrap();
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    conns[24].write_all(body.as_bytes()).await.unwrap();
+    let mut statuses = Vec::new();
+    for mut c in conns {
+        let mut out = String::new();
+        c.read_to_string(&mut out).await.unwrap();
+        statuses.push(raw_status(&out).unwrap());
+    }
+    let tried = statuses.iter().filter(|&&s| s == 401).count();
+    assert_eq!(tried, 20, "{statuses:?}");
+    // The right secret came last, when the budget was spent: refused too.
+    assert_eq!(statuses[24], 429, "{statuses:?}");
+    assert_eq!(
+        statuses.iter().filter(|&&s| s == 429).count(),
+        5,
+        "{statuses:?}"
+    );
+}
+
+#[tokio::test]
 async fn well_known_documents() {
     let up = FakeUpstream::start().await;
     let b = TestBroker::start(&standard_config(up.addr)).await;
