@@ -336,6 +336,14 @@ async fn disabled_connectors(broker: &Broker) -> Option<HashSet<String>> {
         .ok()
 }
 
+/// Whether `jti` has the form of the ids the broker issues (`token::claims::new_jti`).
+fn is_jti(jti: &str) -> bool {
+    jti.len() == 22
+        && jti
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
 /// The longest a single-token revocation is kept (an `exp` beyond it is taken as this).
 const MAX_REVOCATION_SECS: i64 = 366 * 24 * 3600;
 
@@ -395,6 +403,12 @@ async fn revoke(
         let why = "the jti, client or connector is empty";
         return refused(broker, action, Some(&target), conn, why, request_id).await;
     }
+    // Anything else would be revoked to no effect — and a whole token pasted in its place
+    // would be written to the audit log and echoed back: refused without naming it.
+    if body.jti.as_deref().is_some_and(|jti| !is_jti(jti)) {
+        let why = "a jti is the token's 22-character `jti` claim (base64url), not the token";
+        return refused(broker, action, None, conn, why, request_id).await;
+    }
     if let Some(connector) = &body.connector {
         if broker.live().config.connector(connector).is_none() {
             let why = "unknown connector";
@@ -407,13 +421,16 @@ async fn revoke(
     let change = match (body.jti, body.client, body.connector) {
         // Kept at least as long as any token issued now could live, whatever `exp` says (a
         // wrong one must not make the revocation go while the token still passes).
-        (Some(jti), ..) => Change::RevokeJti {
-            jti,
-            exp: body
-                .exp
-                .unwrap_or(i64::MIN)
-                .clamp(now + longest_life(broker), now + MAX_REVOCATION_SECS),
-        },
+        (Some(jti), ..) => {
+            // Never shorter than the longest life, even when that exceeds the usual cap (a
+            // `max_ttl` over a year): `clamp` with its bounds crossed would panic.
+            let at_least = now.saturating_add(longest_life(broker));
+            let at_most = now.saturating_add(MAX_REVOCATION_SECS).max(at_least);
+            Change::RevokeJti {
+                jti,
+                exp: body.exp.unwrap_or(i64::MIN).clamp(at_least, at_most),
+            }
+        }
         (_, Some(client), _) => Change::RevokeClient { client, at: now },
         (.., Some(connector)) => Change::SetDisabled {
             connector,
@@ -421,6 +438,9 @@ async fn revoke(
         },
         _ => unreachable!("exactly one is set, checked above"),
     };
+    // One admin change at a time, as `enable` does: a kill switch applied between an
+    // enable's record and its taking effect would be undone while the log ends on it.
+    let _one_at_a_time = broker.admin_changes.lock().await;
     let result = broker.state.apply(change).await;
     let audited = admin_outcome(broker, action, &target, conn, &result, request_id).await;
     answer(action, &target, result, audited, request_id)

@@ -88,10 +88,13 @@ impl Revocations {
         })
     }
 
-    /// Revokes every token of `client` issued at or before the second `now`.
+    /// Revokes every token of `client` issued at or before the second `now`. A later
+    /// revocation never moves the cut-off back (a wall clock stepped back between two would
+    /// otherwise make the tokens issued between them valid again).
     pub fn revoke_client(&self, client: &str, now: i64) -> Result<(), StateError> {
         self.update(|s| {
-            s.clients.insert(client.to_owned(), now);
+            let cut_off = s.clients.entry(client.to_owned()).or_insert(now);
+            *cut_off = (*cut_off).max(now);
         })
     }
 
@@ -157,6 +160,22 @@ pub(super) fn write_atomic(file: &Path, value: &impl Serialize) -> Result<(), St
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_later_client_revocation_never_moves_the_cut_off_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Revocations::load(dir.path()).unwrap();
+        r.revoke_client("bot", 2_000).unwrap();
+        // The wall clock stepped back before the second revocation.
+        r.revoke_client("bot", 1_000).unwrap();
+        assert!(
+            r.is_revoked("j", "bot", 1_500),
+            "issued before the first cut-off"
+        );
+        let reloaded = Revocations::load(dir.path()).unwrap();
+        assert!(reloaded.is_revoked("j", "bot", 2_000));
+        assert!(!reloaded.is_revoked("j", "bot", 2_001));
+    }
 
     #[test]
     fn concurrent_changes_all_persist_and_none_fails() {

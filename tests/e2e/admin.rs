@@ -88,6 +88,40 @@ async fn reload_narrows_an_issued_token_at_once_and_bad_config_keeps_the_old() {
 }
 
 #[tokio::test]
+async fn a_token_pasted_as_a_jti_is_refused_and_never_written() {
+    let up = FakeUpstream::start().await;
+    // A max_ttl over a year: a jti revocation used to panic on its crossed bounds.
+    let config =
+        standard_config(up.addr).replacen("[tokens]\n", "[tokens]\nmax_ttl = \"400d\"\n", 1);
+    let b = TestBroker::start(&config).await;
+    let token = b.token("github:issues.read", &[]).await;
+    let (status, _, body) = b
+        .admin_call("POST", "/v1/revoke", &format!("{{\"jti\":\"{token}\"}}"))
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("not the token"), "{body}");
+    assert!(!body.contains(&token), "the token is not echoed");
+    let log = std::fs::read_to_string(b.audit_path()).unwrap();
+    assert!(!log.contains(&token), "nor written to the audit log");
+    assert_eq!(
+        b.status("GET", "/github/repos/acme/widget/issues", &token)
+            .await,
+        200
+    );
+    // The token's own jti revokes it.
+    let jti = jti_of(&token);
+    let (status, _, body) = b
+        .admin_call("POST", "/v1/revoke", &format!("{{\"jti\":\"{jti}\"}}"))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        b.status("GET", "/github/repos/acme/widget/issues", &token)
+            .await,
+        401
+    );
+}
+
+#[tokio::test]
 async fn revocation_by_jti_client_and_kill_switch() {
     let up = FakeUpstream::start().await;
     let b = TestBroker::start(&standard_config(up.addr)).await;
