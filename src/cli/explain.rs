@@ -82,6 +82,14 @@ pub fn explain(
         Ok(m) if method.bytes().all(|b| b.is_ascii_uppercase()) => m,
         _ => return Verdict::BadInput(format!("`{method}` is not an upper-case HTTP method")),
     };
+    // Check 1's size bound: the request line alone must fit (the proxy answers 431).
+    let request_line = method.as_str().len() + full_path.len() + " HTTP/1.1\r\n".len() + 1;
+    if request_line > config.server.max_header_bytes {
+        return Verdict::BadInput(format!(
+            "the request line alone ({request_line} bytes) exceeds server.max_header_bytes ({})",
+            config.server.max_header_bytes
+        ));
+    }
     // A fragment never reaches the proxy's checks (the HTTP layer drops it): drop it here too.
     let full_path = full_path
         .split_once('#')
@@ -102,6 +110,14 @@ pub fn explain(
     let Some(connector) = config.connector(name) else {
         return Verdict::Deny(format!("no connector named `{name}`"));
     };
+    // Check 1 too: a client copy of the parameter the broker injects (the proxy answers 400).
+    if let (crate::config::AuthMethod::Query { name: param }, Some(q)) = (&connector.auth, query) {
+        if crate::proxy::canonical::query_has_param(q, param) {
+            return Verdict::BadInput(format!(
+                "the query carries `{param}`, the parameter the broker injects for connector {name}"
+            ));
+        }
+    }
     match kill_switch_on(config, name) {
         Ok(false) => {}
         Ok(true) => {

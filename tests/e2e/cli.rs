@@ -100,6 +100,27 @@ fn explain_exit_codes() {
     assert_eq!(code(&run("nobody", "GET", "/github/x")), 2);
     assert_eq!(code(&run("bot", "get", "/github/x")), 2);
     assert_eq!(code(&run("bot", "GET", "/github/../x")), 2);
+    // Check 1's other refusals: a request line over max_header_bytes (8192 here: 431) ...
+    let long = format!("/github/repos/acme/{}/issues", "w".repeat(9000));
+    assert_eq!(code(&run("bot", "GET", &long)), 2);
+    // ... and a client copy of a `query` credential's parameter (400), in any encoding.
+    let query_auth = std::fs::read_to_string(&path).unwrap().replacen(
+        "upstream_timeout = \"2s\"\n",
+        "upstream_timeout = \"2s\"\nauth = { type = \"query\", name = \"api_key\" }\n",
+        1,
+    );
+    std::fs::write(&path, query_auth).unwrap();
+    assert_eq!(
+        code(&run("bot", "GET", "/github/repos/acme/widget/issues")),
+        0
+    );
+    for target in [
+        "/github/repos/acme/widget/issues?api_key=mine",
+        "/github/repos/acme/widget/issues?state=open&api%5Fkey=mine",
+    ] {
+        let o = run("bot", "GET", target);
+        assert_eq!(code(&o), 2, "{target}: {o:?}");
+    }
     assert_eq!(
         code(&credbroker(&[
             "explain",
