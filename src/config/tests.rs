@@ -399,6 +399,26 @@ proptest::proptest! {
 }
 
 #[test]
+fn a_static_credential_that_cannot_be_sent_is_an_error() {
+    // A CRLF secret file, or an env value with a newline: `serve` could not inject it.
+    for bad in ["tok\\r", "tok\\nmore", "a\\u0000b"] {
+        let text = GOOD.replace("literal:tok", &format!("literal:{bad}"));
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(
+            err.contains("connectors[github].credential"),
+            "{bad}: {err}"
+        );
+        assert!(err.contains("cannot be sent"), "{bad}: {err}");
+    }
+    // The same bytes are fine in a query parameter, which is percent-encoded.
+    let query = GOOD.replace("literal:tok", "literal:tok\\r").replace(
+        "rate_limit = { per_second = 5 }",
+        "rate_limit = { per_second = 5 }\nauth = { type = \"query\", name = \"key\" }",
+    );
+    parse(&query).unwrap();
+}
+
+#[test]
 fn a_header_credential_may_be_a_cookie_but_not_a_header_the_broker_sets_or_frames_with() {
     let with_header = |name: &str| {
         GOOD.replace(

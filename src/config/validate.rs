@@ -523,6 +523,19 @@ fn connector(cx: &mut Ctx<'_>, raw: &raw::RawConnector, key: &str) -> Option<Con
     );
     let credential = credential(cx, &raw.credential, &format!("{key}.credential"));
     let auth = auth(cx, raw.auth.as_ref(), &format!("{key}.auth"));
+    // What `serve` will do with a static credential, done now: one it cannot send as `auth`
+    // says (a control byte in a header value, say a CRLF file or an env value with a
+    // newline) is a config error, not a start-up failure after `check` said yes.
+    if let (Some(Credential::Static { value, .. }), Some(auth)) = (&credential, &auth) {
+        if crate::proxy::inject::Injection::new(auth, value).is_err() {
+            cx.err(
+                Some(raw.credential.span()),
+                &format!("{key}.credential"),
+                "the credential cannot be sent as `auth` says: it holds a byte a header value \
+                 may not carry (a control character such as CR or LF)",
+            );
+        }
+    }
     let rate_limit = raw
         .rate_limit
         .as_ref()
