@@ -130,6 +130,10 @@ pub enum CredentialError {
     /// The mint request could not be built (a configured value is not valid in a request).
     #[error("cannot build the mint request: {0}")]
     Request(&'static str),
+    /// The credential was minted but its `credential_refreshed` record could not be written:
+    /// it is dropped, not used.
+    #[error("the minted credential could not be audited; it is not used")]
+    Unaudited,
 }
 
 /// How one connector mints: the validated config it was built from.
@@ -253,10 +257,12 @@ impl DynamicCredential {
         record.connector = Some(self.connector.clone());
         record.kind = Some(self.kind().as_str().to_owned());
         record.expires_at = Some(rfc3339(minted.expires_at));
-        // Not fatal here: if the log is down, the call's own allow record fails next and the
-        // call is refused with 503 before anything is forwarded.
+        // Every mint is audited (DESIGN §3.7): a credential whose record cannot be written is
+        // dropped (zeroized) rather than cached — kept, it would serve call after call once
+        // the log recovered, with no record of where it came from.
         if let Err(e) = audit.append(record).await {
-            tracing::error!(error = %e, "cannot write the credential_refreshed audit record");
+            tracing::error!(error = %e, "cannot write the credential_refreshed audit record; the credential is not used");
+            return Err(CredentialError::Unaudited);
         }
         tracing::info!(connector = %self.connector, kind = self.kind().as_str(), expires_at = %minted.expires_at, "minted an upstream credential");
         Ok(minted)

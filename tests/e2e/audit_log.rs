@@ -36,10 +36,10 @@ async fn the_chain_verifies_independently() {
 }
 
 /// A small tmpfs, mounted for the test (needs root, as CI runs); unmounted on drop.
-struct Tmpfs(tempfile::TempDir);
+pub(crate) struct Tmpfs(pub(crate) tempfile::TempDir);
 
 impl Tmpfs {
-    fn mount(size: &str) -> Option<Self> {
+    pub(crate) fn mount(size: &str) -> Option<Self> {
         let dir = tempfile::tempdir().unwrap();
         let ok = std::process::Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
@@ -83,7 +83,7 @@ fn config_on(fs: &Tmpfs, upstream: std::net::SocketAddr) -> (String, std::path::
 
 /// Fills `fs`, then issues tokens until the log is really full (its last page may still have
 /// had room): the token endpoint answers 503. Returns the filler file, to free the space.
-async fn fill_until_refused(b: &TestBroker, fs: &Tmpfs) -> std::path::PathBuf {
+pub(crate) async fn fill_until_refused(b: &TestBroker, fs: &Tmpfs) -> std::path::PathBuf {
     let filler = fill(fs.0.path());
     for _ in 0..200 {
         let (s, _, _) = b

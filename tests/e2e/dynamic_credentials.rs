@@ -158,6 +158,41 @@ fn bearer(seen: &Seen) -> String {
 const ISSUES: &str = "/github/repos/acme/widget/issues";
 
 #[tokio::test]
+async fn a_mint_that_cannot_be_audited_is_not_used() {
+    use crate::audit_log::{fill_until_refused, Tmpfs};
+    let Some(fs) = Tmpfs::mount("256k") else {
+        eprintln!("SKIPPED a_mint_that_cannot_be_audited…: mounting a tmpfs needs root");
+        return;
+    };
+    let ts = token_server(3600, Duration::ZERO).await;
+    let up = open_upstream().await;
+    let token_url = format!("http://{}/oauth2/token", ts.addr);
+    let audit_path = fs.0.path().join("audit.jsonl");
+    let config = oauth2_config(up.addr, &token_url, "basic").replace(
+        "path = \"audit.jsonl\"",
+        &format!("path = \"{}\"", audit_path.display()),
+    );
+    let b = TestBroker::start(&config).await;
+    let token = b.token("github:issues.read", &[]).await;
+    let filler = fill_until_refused(&b, &fs).await;
+    // The first call mints; its credential_refreshed record cannot be written.
+    let (s, _, body) = b.call("GET", ISSUES, &token).await;
+    assert_ne!(s, 200, "{body}");
+    assert_eq!(ts.count(), 1);
+    assert_eq!(up.count(), 0, "nothing forwarded");
+    // Once the log can be written again, that credential is not used: a new one is minted,
+    // and audited.
+    std::fs::remove_file(filler).unwrap();
+    let (s, _, body) = b.call("GET", ISSUES, &token).await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(ts.count(), 2, "minted again");
+    assert_eq!(bearer(&up.requests()[0]), "Bearer at-1");
+    let records = audit_records(&audit_path);
+    let refreshed = events(&records, "credential_refreshed");
+    assert_eq!(refreshed.len(), 1, "the credential used has its record");
+}
+
+#[tokio::test]
 async fn oauth2_basic_mints_once_for_many_calls_and_audits_the_mint() {
     let ts = token_server(3600, Duration::ZERO).await;
     let up = open_upstream().await;
