@@ -399,6 +399,22 @@ proptest::proptest! {
 }
 
 #[test]
+fn two_clients_with_one_certificate_identity_are_an_error() {
+    let text = GOOD.replace(
+        "secret_sha256 = \"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\"",
+        "cert_san = \"spiffe://acme/bot\"",
+    ) + r#"
+[[clients]]
+id = "other"
+owner = "platform@acme.example"
+cert_san = "spiffe://acme/bot"
+"#;
+    let err = parse(&text).unwrap_err().to_string();
+    assert!(err.contains("clients[other].cert_san"), "{err}");
+    assert!(err.contains("same cert_san"), "{err}");
+}
+
+#[test]
 fn a_static_credential_that_cannot_be_sent_is_an_error() {
     // A CRLF secret file, or an env value with a newline: `serve` could not inject it.
     for bad in ["tok\\r", "tok\\nmore", "a\\u0000b"] {

@@ -674,9 +674,21 @@ fn clients(
             .extend(c.operations.iter().map(|o| o.name.get_ref().as_str()));
     }
     let mut seen = HashSet::new();
+    let mut sans = HashSet::new();
     let mut out = Vec::new();
     for raw in raws {
         let key = format!("clients[{}]", raw.id.get_ref());
+        // One certificate identity, one client: otherwise the holder of the certificate
+        // could pick either client with `client_id`.
+        if let Some(san) = &raw.cert_san {
+            if !sans.insert(san.get_ref().as_str()) {
+                cx.err(
+                    Some(san.span()),
+                    &format!("{key}.cert_san"),
+                    "another client has the same cert_san",
+                );
+            }
+        }
         if raw.id.get_ref().is_empty() || raw.id.get_ref().contains(':') {
             cx.err(
                 Some(raw.id.span()),

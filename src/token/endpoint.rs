@@ -324,9 +324,11 @@ fn authenticate<'l>(
             ));
         }
         let client = live.config.client(&id);
-        let ok = client
-            .and_then(|c| c.secret_sha256.as_ref())
-            .is_some_and(|expected| secret_matches(&secret, expected));
+        let expected = client.and_then(|c| c.secret_sha256.as_ref());
+        // Hashed whether or not the client exists and has a secret, so the answer's timing
+        // does not tell which client ids do (no secret has an all-zero SHA-256).
+        let matches = secret_matches(&secret, expected.unwrap_or(&[0; 32]));
+        let ok = expected.is_some() && matches;
         return match (ok, client) {
             (true, Some(c)) => Ok(c),
             _ => Err(authentication_failed(client)),
