@@ -104,7 +104,7 @@ pub fn run(cmd: AuditCommand, config: &ConfigPath) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         AuditCommand::Report { files, json } => {
-            let grants = auditor_config(config, "the report has no grant findings")?
+            let grants = auditor_config(config, false, "the report has no grant findings")?
                 .map(|c| grants_of(&c, chrono::Utc::now()));
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
@@ -141,7 +141,11 @@ fn ok_on_broken_pipe(result: anyhow::Result<()>) -> anyhow::Result<()> {
 /// when it exists, must load: falling back to no config would verify a keyed chain as a plain
 /// one, which anyone can forge. Only a missing default file means no config, said on stderr
 /// with what that leaves out (`without`).
-fn auditor_config(config: &ConfigPath, without: &str) -> anyhow::Result<Option<AuditorConfig>> {
+fn auditor_config(
+    config: &ConfigPath,
+    with_key: bool,
+    without: &str,
+) -> anyhow::Result<Option<AuditorConfig>> {
     if !config.explicit && !config.path.exists() {
         eprintln!(
             "note: no config at {} ({without}); pass --config to use one",
@@ -149,7 +153,7 @@ fn auditor_config(config: &ConfigPath, without: &str) -> anyhow::Result<Option<A
         );
         return Ok(None);
     }
-    Ok(Some(AuditorConfig::load(&config.path)?))
+    Ok(Some(AuditorConfig::load(&config.path, with_key)?))
 }
 
 fn verify(
@@ -168,9 +172,8 @@ fn verify(
             anyhow::ensure!(!key.is_empty(), "--hmac-key: the key is empty");
             Some(key)
         }
-        None => {
-            auditor_config(config, "verifying as a plain SHA-256 chain")?.and_then(|c| c.hmac_key)
-        }
+        None => auditor_config(config, true, "verifying as a plain SHA-256 chain")?
+            .and_then(|c| c.hmac_key),
     };
     let opts = audit::VerifyOptions {
         allow_later_start: pruned,

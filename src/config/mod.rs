@@ -297,9 +297,11 @@ pub struct AuditorGrant {
 }
 
 impl AuditorConfig {
-    /// Reads the file at `path`: TOML syntax, known keys, `audit.hmac_key` and the grants.
-    pub fn load(path: &Path) -> Result<Self, ConfigErrors> {
-        validate::parse_for_auditor(&read_config(path)?, path)
+    /// Reads the file at `path`: TOML syntax, known keys, the grants, and — `with_key` —
+    /// `audit.hmac_key` resolved (a report needs no key: an auditor without it, as §5
+    /// advises keeping it off the host, still gets the least-privilege report).
+    pub fn load(path: &Path, with_key: bool) -> Result<Self, ConfigErrors> {
+        validate::parse_for_auditor(&read_config(path)?, path, with_key)
     }
 }
 

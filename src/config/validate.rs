@@ -98,13 +98,21 @@ fn parse_toml(cx: &mut Ctx<'_>, text: &str) -> Option<RawConfig> {
 }
 
 /// The auditor's part of the file ([`AuditorConfig`]): the same syntax and key checks, then
-/// only `audit.hmac_key` resolved and the grants read.
-pub(super) fn parse_for_auditor(text: &str, file: &Path) -> Result<AuditorConfig, ConfigErrors> {
+/// only the grants read and, `with_key`, `audit.hmac_key` resolved.
+pub(super) fn parse_for_auditor(
+    text: &str,
+    file: &Path,
+    with_key: bool,
+) -> Result<AuditorConfig, ConfigErrors> {
     let mut cx = Ctx::new(text, file);
     let Some(raw) = parse_toml(&mut cx, text) else {
         return Err(ConfigErrors(cx.errors));
     };
-    let hmac_key = audit(&mut cx, &raw.audit).and_then(|a| a.hmac_key);
+    let hmac_key = if with_key {
+        audit(&mut cx, &raw.audit).and_then(|a| a.hmac_key)
+    } else {
+        None
+    };
     let mut grants = Vec::new();
     for client in &raw.clients {
         for (i, g) in client.grants.iter().enumerate() {

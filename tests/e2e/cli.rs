@@ -355,4 +355,16 @@ fn audit_verify_and_report_need_no_upstream_credentials() {
     // The full config does not load here, which is what `serve` and `check` need.
     let o = credbroker(&["check", "--config", config]);
     assert_eq!(code(&o), 1);
+    // Nor does the report need the chain key: an auditor without it (kept off the host, as
+    // DESIGN §5 advises) still gets the least-privilege report; verify says what is missing.
+    let keyless = std::fs::read_to_string(config).unwrap().replace(
+        "hmac_key = \"literal:auditor-key\"",
+        "hmac_key = \"env:CREDBROKER_TEST_UNSET_KEY\"",
+    );
+    std::fs::write(config, keyless).unwrap();
+    let o = credbroker(&["audit", "report", log, "--config", config, "--json"]);
+    assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stderr));
+    let o = credbroker(&["audit", "verify", log, "--config", config]);
+    assert_ne!(code(&o), 0);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("CREDBROKER_TEST_UNSET_KEY"));
 }
