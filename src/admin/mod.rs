@@ -336,12 +336,35 @@ async fn disabled_connectors(broker: &Broker) -> Option<HashSet<String>> {
         .ok()
 }
 
-/// Whether `jti` has the form of the ids the broker issues (`token::claims::new_jti`).
-fn is_jti(jti: &str) -> bool {
-    jti.len() == 22
-        && jti
+/// What a `jti` given to `/v1/revoke` turned out to be.
+enum GivenJti {
+    /// A jti (or anything else that is not a token): revoked as given.
+    Jti(String),
+    /// A whole token pasted in its place: the jti it names.
+    FromToken(String),
+    /// A token whose `jti` claim cannot be read.
+    UnreadableToken,
+}
+
+/// Tells a jti from a whole JWT pasted in its place (three base64url parts), whose `jti`
+/// claim is then read — without verifying it: revoking a jti is harmless whoever names it.
+fn given_jti(value: String) -> GivenJti {
+    use base64::Engine;
+    let parts: Vec<&str> = value.split('.').collect();
+    let token_shaped = parts.len() == 3
+        && value
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if !token_shaped {
+        return GivenJti::Jti(value);
+    }
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(parts[1])
+        .ok()
+        .and_then(|claims| serde_json::from_slice::<serde_json::Value>(&claims).ok())
+        .and_then(|claims| claims.get("jti")?.as_str().map(str::to_owned))
+        .filter(|jti| !jti.is_empty())
+        .map_or(GivenJti::UnreadableToken, GivenJti::FromToken)
 }
 
 /// The longest a single-token revocation is kept (an `exp` beyond it is taken as this).
@@ -384,10 +407,21 @@ async fn revoke(
     conn: &ConnInfo,
     request_id: &str,
 ) -> Response<ProxyBody> {
-    let body: RevokeRequest = match read_json(req).await {
+    let mut body: RevokeRequest = match read_json(req).await {
         Ok(b) => b,
         Err(e) => return refused(broker, "revoke", None, conn, &e, request_id).await,
     };
+    // A whole token pasted for its jti is revoked by the jti it names; the token itself is
+    // never written to the audit log nor echoed back.
+    if let Some(given) = body.jti.take() {
+        match given_jti(given) {
+            GivenJti::Jti(jti) | GivenJti::FromToken(jti) => body.jti = Some(jti),
+            GivenJti::UnreadableToken => {
+                let why = "a token was given as the jti, and its jti claim cannot be read";
+                return refused(broker, "revoke", None, conn, why, request_id).await;
+            }
+        }
+    }
     let now = Utc::now().timestamp();
     let (action, target) = match (&body.jti, &body.client, &body.connector) {
         (Some(jti), None, None) => ("revoke", format!("jti:{jti}")),
@@ -402,12 +436,6 @@ async fn revoke(
     if named.clone().any(|v| v.is_empty()) {
         let why = "the jti, client or connector is empty";
         return refused(broker, action, Some(&target), conn, why, request_id).await;
-    }
-    // Anything else would be revoked to no effect — and a whole token pasted in its place
-    // would be written to the audit log and echoed back: refused without naming it.
-    if body.jti.as_deref().is_some_and(|jti| !is_jti(jti)) {
-        let why = "a jti is the token's 22-character `jti` claim (base64url), not the token";
-        return refused(broker, action, None, conn, why, request_id).await;
     }
     if let Some(connector) = &body.connector {
         if broker.live().config.connector(connector).is_none() {
