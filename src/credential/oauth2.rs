@@ -113,7 +113,9 @@ pub fn parse(body: &[u8], sent_at: DateTime<Utc>) -> Result<Minted, CredentialEr
             .map_err(|_| CredentialError::Malformed("expires_in is not a number"))?,
         Some(_) => return Err(CredentialError::Malformed("expires_in is not a number")),
     };
-    let lifetime = chrono::Duration::seconds(expires_in.min(MAX_EXPIRES_IN));
+    // Clamped below too: `Duration::seconds` panics far out of range (a huge negative
+    // value), and a lifetime of zero or less is refused as malformed by `Minted::new`.
+    let lifetime = chrono::Duration::seconds(expires_in.clamp(-1, MAX_EXPIRES_IN));
     Minted::new(token, sent_at, sent_at + lifetime)
 }
 
@@ -191,6 +193,8 @@ mod tests {
             br#"{"token_type":"Bearer"}"#,
             br#"{"access_token":"at","expires_in":0}"#,
             br#"{"access_token":"at","expires_in":-5}"#,
+            br#"{"access_token":"at","expires_in":-9223372036854775807}"#,
+            br#"{"access_token":"at","expires_in":"-9000000000000000000"}"#,
             br#"{"access_token":"at","expires_in":0.5}"#,
             br#"{"access_token":"","expires_in":60}"#,
             br#"{"access_token":"leaky","expires_in":[1]}"#,

@@ -151,8 +151,10 @@ pub(super) fn write_atomic(file: &Path, value: &impl Serialize) -> Result<(), St
     f.write_all(&bytes).map_err(io)?;
     f.sync_all().map_err(io)?;
     std::fs::rename(&tmp, file).map_err(io)?;
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all(); // best effort: not every filesystem syncs directories
+    // Best effort (not every filesystem syncs folders), but said when it fails: until the
+    // folder is synced, a power cut can undo the rename.
+    if let Err(e) = std::fs::File::open(dir).and_then(|d| d.sync_all()) {
+        tracing::warn!(path = %dir.display(), error = %e, "cannot sync the state folder");
     }
     Ok(())
 }
