@@ -383,7 +383,9 @@ struct RevokeRequest {
     jti: Option<String>,
     client: Option<String>,
     connector: Option<String>,
-    /// With `jti`: the token's expiry, so the entry can be dropped later (default: 1 day).
+    /// With `jti`: the token's expiry, so the entry can be dropped later. Without it the entry
+    /// is kept the longest (a year, or a token's longest life if that is longer): the `max_ttl`
+    /// in force now says nothing of tokens issued before a reload that shortened it.
     exp: Option<i64>,
 }
 
@@ -456,7 +458,7 @@ async fn revoke(
             let at_most = now.saturating_add(MAX_REVOCATION_SECS).max(at_least);
             Change::RevokeJti {
                 jti,
-                exp: body.exp.unwrap_or(i64::MIN).clamp(at_least, at_most),
+                exp: body.exp.unwrap_or(i64::MAX).clamp(at_least, at_most),
             }
         }
         (_, Some(client), _) => Change::RevokeClient { client, at: now },

@@ -113,6 +113,7 @@ async fn a_token_pasted_as_a_jti_revokes_it_and_is_never_written() {
     let log = std::fs::read_to_string(b.audit_path()).unwrap();
     assert!(!log.contains(&token), "nor written to the audit log");
     assert!(log.contains(&format!("jti:{}", jti_of(&token))));
+
     // A token-shaped value whose jti cannot be read is refused, without naming it.
     let garbled = "eyJhbGciOiJFZERTQSJ9.bm90LWpzb24.c2ln";
     let (status, _, body) = b
@@ -148,6 +149,16 @@ async fn revocation_by_jti_client_and_kill_switch() {
         200
     );
     assert_only_first_refused(&b, &t1, &t2).await;
+    // Given without its `exp`, the revocation is kept the longest, a year, not the max_ttl in
+    // force now (a reload may have shortened it since older tokens were issued).
+    let state = std::fs::read_to_string(b.dir.path().join("state/revocations.json")).unwrap();
+    let state: serde_json::Value = serde_json::from_str(&state).unwrap();
+    let kept_until = state["jtis"][&jti].as_i64().unwrap();
+    let year = 366 * 24 * 3600;
+    assert!(
+        kept_until >= chrono::Utc::now().timestamp() + year - 60,
+        "{state}"
+    );
     // kill switch
     assert_eq!(
         b.admin_call("POST", "/v1/revoke", "{\"connector\":\"github\"}")
