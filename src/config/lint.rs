@@ -234,10 +234,13 @@ fn literal(cx: &mut Ctx<'_>, raw: &Spanned<String>, key: &str) {
 }
 
 fn connector_warnings(cx: &mut Ctx<'_>, config: &Config, raw: &RawConfig, now: DateTime<Utc>) {
+    // Only grants in force count: an operation granted only by an elevation that has
+    // expired is granted to no one.
     let granted: HashSet<(&str, &str)> = config
         .clients
         .iter()
         .flat_map(|c| c.grants.iter())
+        .filter(|g| g.is_live(now))
         .flat_map(|g| {
             g.operations
                 .iter()
@@ -298,7 +301,12 @@ fn connector_warnings(cx: &mut Ctx<'_>, config: &Config, raw: &RawConfig, now: D
 fn client_warnings(cx: &mut Ctx<'_>, config: &Config, raw: &RawConfig, now: DateTime<Utc>) {
     for (client, rc) in config.clients.iter().zip(&raw.clients) {
         let key = format!("clients[{}]", client.id);
-        if client.grants.is_empty() {
+        // Expired elevations and grants of no operation give the client nothing.
+        let grants_anything = client
+            .grants
+            .iter()
+            .any(|g| g.is_live(now) && !g.operations.is_empty());
+        if !grants_anything {
             cx.err(Some(rc.id.span()), &key, "has no grants");
         }
         let mtls = config.server.tls.is_some() && config.server.client_ca.is_some();

@@ -338,6 +338,36 @@ fn lint_finds_ungranted_operations_and_grantless_clients() {
 }
 
 #[test]
+fn expired_elevations_grant_nothing_to_lint() {
+    // The client's only grant is an elevation that has expired: the operation is granted to
+    // no one, and the client has no grants in force.
+    let text = GOOD.replace(
+        "max_ttl = \"60s\" }",
+        "max_ttl = \"60s\", expires = \"2020-01-01T00:00:00Z\", reason = \"INC-1\" }",
+    );
+    let findings = check(&text, Path::new("c.toml"), Utc::now());
+    let all = findings
+        .iter()
+        .map(|f| f.to_string())
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(all.contains("clients[bot]: has no grants"), "{all}");
+    assert!(
+        all.contains("operations[issues.read]: granted to no client"),
+        "{all}"
+    );
+    // A grant of no operation gives nothing either.
+    let text = GOOD.replace("operations = [\"issues.read\"]", "operations = []");
+    let findings = check(&text, Path::new("c.toml"), Utc::now());
+    assert!(
+        findings
+            .iter()
+            .any(|f| f.to_string().contains("clients[bot]: has no grants")),
+        "{findings:?}"
+    );
+}
+
+#[test]
 fn the_shipped_example_parses_with_its_env_vars() {
     let text = include_str!("../../config/credbroker.toml");
     // Resolve the env: references without touching the process environment.
