@@ -173,9 +173,10 @@ pub fn explain(
 /// in the shared Redis state.
 fn kill_switch_on(config: &Config, name: &str) -> Result<bool, crate::state::StateError> {
     match &config.state.backend {
+        // A missing state file is "nothing revoked"; one that cannot be read or parsed is
+        // undecidable (`serve` refuses to start on it), not "no kill switch".
         crate::config::StateBackend::Memory => {
-            Ok(crate::state::Revocations::load(&config.state.dir)
-                .is_ok_and(|r| r.is_disabled(name)))
+            Ok(crate::state::Revocations::load(&config.state.dir)?.is_disabled(name))
         }
         crate::config::StateBackend::Redis { url, .. } => {
             let rt = tokio::runtime::Builder::new_current_thread()

@@ -121,6 +121,14 @@ fn explain_exit_codes() {
         let o = run("bot", "GET", target);
         assert_eq!(code(&o), 2, "{target}: {o:?}");
     }
+    // A state file that cannot be read leaves the kill switch unknown: bad input, not allow.
+    let issues = "/github/repos/acme/widget/issues";
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::write(state.join("revocations.json"), "not json").unwrap();
+    assert_eq!(code(&run("bot", "GET", issues)), 2);
+    std::fs::remove_file(state.join("revocations.json")).unwrap();
+    assert_eq!(code(&run("bot", "GET", issues)), 0);
     assert_eq!(
         code(&credbroker(&[
             "explain",
