@@ -349,21 +349,14 @@ enum GivenJti {
 /// Tells a jti from a whole JWT pasted in its place (three base64url parts), whose `jti`
 /// claim is then read — without verifying it: revoking a jti is harmless whoever names it.
 fn given_jti(value: String) -> GivenJti {
-    use base64::Engine;
-    let parts: Vec<&str> = value.split('.').collect();
-    let token_shaped = parts.len() == 3
+    let token_shaped = value.split('.').count() == 3
         && value
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
     if !token_shaped {
         return GivenJti::Jti(value);
     }
-    base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(parts[1])
-        .ok()
-        .and_then(|claims| serde_json::from_slice::<serde_json::Value>(&claims).ok())
-        .and_then(|claims| claims.get("jti")?.as_str().map(str::to_owned))
-        .filter(|jti| !jti.is_empty())
+    crate::token::verify::unverified_jti(&value)
         .map_or(GivenJti::UnreadableToken, GivenJti::FromToken)
 }
 

@@ -1183,12 +1183,16 @@ impl Writer {
         // The next batch opens the fresh file (and retries if that fails now).
         self.file = None;
         self.len = 0;
+        // A fresh file's `open_log` syncs the folder, the rename with it; only when there is
+        // none is the rename synced here.
         match open_log(&self.path) {
             Ok(f) => self.file = Some(f),
-            Err(e) => tracing::error!(error = %e, "cannot open a fresh audit log after rotation"),
-        }
-        if self.policy != FsyncPolicy::Never {
-            sync_dir(&self.path);
+            Err(e) => {
+                tracing::error!(error = %e, "cannot open a fresh audit log after rotation");
+                if self.policy != FsyncPolicy::Never {
+                    sync_dir(&self.path);
+                }
+            }
         }
     }
 
