@@ -47,6 +47,14 @@ pub enum AuditError {
     /// The writer was closed.
     #[error("audit log is closed")]
     Closed,
+    /// The record was queued but not acknowledged by its deadline (a write or `fdatasync`
+    /// that does not return): it may still be written later. Answer 503.
+    #[error("audit log: the record was not acknowledged in time (the disk is not answering)")]
+    TimedOut,
+    /// Too many records already wait for the writer (its disk stopped answering): this one
+    /// was refused rather than queued without bound. Answer 503.
+    #[error("audit log: too many records are waiting for the disk")]
+    Backlog,
     /// The last parsable record does not verify (wrong `hmac_key`, or the file was altered):
     /// the log is left untouched rather than cut.
     #[error("audit log {path}: the last record does not verify ({reason}); wrong hmac_key or an altered file")]
@@ -70,6 +78,7 @@ impl AuditError {
         match self {
             Self::Write(e) => Self::Write(Arc::clone(e)),
             Self::Closed => Self::Closed,
+            Self::Backlog => Self::Backlog,
             other => Self::Write(Arc::new(std::io::Error::other(other.to_string()))),
         }
     }

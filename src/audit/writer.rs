@@ -50,6 +50,10 @@ const MAX_COMMIT_DELAY: Duration = Duration::from_micros(800);
 const SIBLINGS_PER_RECORD: usize = 4;
 /// Under `interval`, the longest a written record waits for its sync.
 const SYNC_INTERVAL: Duration = Duration::from_millis(10);
+/// Under `always`, the most records waiting for the writer thread (queued, not yet answered).
+/// Only a disk that stopped answering fills it — a healthy one takes a batch per sync —, and
+/// past it records are refused (503) instead of piling up in memory while calls time out.
+const MAX_QUEUED: usize = 64 * MAX_BATCH;
 /// Start-up reads this much of the file's end first when looking for the last intact record.
 const TAIL_WINDOW: u64 = 64 * 1024;
 /// Start-up never cuts more than this: a longer damaged tail is left for a human to inspect.
@@ -172,6 +176,9 @@ struct Shared {
     relays: Arc<Relays>,
     /// Proxied calls in progress ([`AuditLog::call_in_flight`]).
     calls_in_flight: AtomicUsize,
+    /// Under `always`: records sent to the writer thread with someone waiting on them, not yet
+    /// answered (bounded by [`MAX_QUEUED`]).
+    queued: AtomicUsize,
     /// Test hook: this many coming writes fail after writing half their bytes.
     #[cfg(test)]
     inject_failures: std::sync::atomic::AtomicU32,
@@ -238,6 +245,7 @@ impl AuditLog {
             sync_failing: std::sync::atomic::AtomicBool::new(false),
             relays: Arc::new(Relays::new(crate::workers::count())),
             calls_in_flight: AtomicUsize::new(0),
+            queued: AtomicUsize::new(0),
             #[cfg(test)]
             inject_failures: std::sync::atomic::AtomicU32::new(0),
             #[cfg(test)]
@@ -323,6 +331,19 @@ impl AuditLog {
             None => self.send(record, Reply::Async(tx))?,
         }
         rx.await.map_err(|_| AuditError::Closed)?
+    }
+
+    /// [`Self::append`], waiting at most until `deadline` for the answer (DESIGN §6: per-request
+    /// time is bounded, also when the disk stops answering). Only the writer thread's answer
+    /// can be late; inline writes (`never`, `interval`) happen on the caller's thread.
+    /// [`AuditError::TimedOut`] means the record may still be written later.
+    pub async fn append_by(&self, record: Record, deadline: Instant) -> Result<u64, AuditError> {
+        if self.inner.inline.is_some() {
+            return self.append(record).await;
+        }
+        tokio::time::timeout_at(deadline.into(), self.append(record))
+            .await
+            .unwrap_or(Err(AuditError::TimedOut))
     }
 
     fn lead(&self, slot: usize, relayed: Option<(AnswerTx, usize)>) -> Lead<'_> {
@@ -462,10 +483,10 @@ impl AuditLog {
             }
             // A full queue goes to the thread like any record, taking the others along.
         }
-        self.inner
-            .tx
-            .as_ref()
-            .ok_or(AuditError::Closed)?
+        let queue = self.inner.tx.as_ref().ok_or(AuditError::Closed)?;
+        let waited_on = usize::from(!matches!(reply, Reply::Detached));
+        self.inner.shared.enqueue(waited_on)?;
+        queue
             .send(Msg::Append(Box::new(record), reply))
             .map_err(|_| AuditError::Closed)
     }
@@ -539,6 +560,16 @@ impl Lead<'_> {
         let Some((leader, worker)) = self.relayed.take() else {
             return Err(AuditError::Closed);
         };
+        if let Err(refused) = self.log.inner.shared.enqueue(records.len()) {
+            // Every caller of the gathering hears why, the leader through its return value.
+            for joiner in joiners.drain(..) {
+                let _ = joiner.send(Err(refused.for_another_record()));
+            }
+            drop(leader);
+            records.clear();
+            self.log.inner.gathers.recycle(self.slot, records, joiners);
+            return Err(refused);
+        }
         let replies = std::iter::once(leader).chain(joiners.drain(..));
         let batch: Vec<_> = records
             .drain(..)
@@ -679,6 +710,15 @@ fn timed_sync(file: &File, shared: &Shared) -> io::Result<()> {
 }
 
 impl Shared {
+    /// Counts `n` more records for the writer thread, or refuses them past [`MAX_QUEUED`].
+    fn enqueue(&self, n: usize) -> Result<(), AuditError> {
+        if self.queued.fetch_add(n, Ordering::Relaxed) + n > MAX_QUEUED {
+            self.queued.fetch_sub(n, Ordering::Relaxed);
+            return Err(AuditError::Backlog);
+        }
+        Ok(())
+    }
+
     /// Counts a failed write or sync and remembers when it happened.
     fn write_failed(&self) {
         self.write_errors.fetch_add(1, Ordering::Relaxed);
@@ -917,6 +957,13 @@ impl Writer {
         let records: Vec<&Record> = waiting.iter().map(|(r, _)| r.as_ref()).collect();
         let result = self.commit_after_pending(records.iter().copied());
         drop(records);
+        let answered = waiting.len();
+        let _ = self
+            .shared
+            .queued
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |q| {
+                Some(q.saturating_sub(answered))
+            });
         let relays = Arc::clone(&self.shared.relays);
         let mut wake = Vec::new();
         for (i, (_, reply)) in waiting.into_iter().enumerate() {
@@ -1992,6 +2039,67 @@ mod tests {
             assert!(text.contains("\"detached\""), "{policy:?}: {text}");
             assert_intact(&o.path);
         }
+    }
+
+    /// Holds the writer thread in its next sync until the returned flag is cleared (a disk
+    /// whose `fdatasync` does not return), at most 10 s.
+    fn stall_syncs(log: &AuditLog) -> Arc<std::sync::atomic::AtomicBool> {
+        let stalled = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let hold = Arc::clone(&stalled);
+        log.set_fsync_observer(Arc::new(move |_| {
+            let until = Instant::now() + Duration::from_secs(10);
+            while hold.load(Ordering::Relaxed) && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }));
+        stalled
+    }
+
+    #[tokio::test]
+    async fn an_unacknowledged_record_times_out_and_is_still_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = opts(dir.path(), FsyncPolicy::Always);
+        let log = AuditLog::open(o.clone()).unwrap();
+        let stalled = stall_syncs(&log);
+        let by = Instant::now() + Duration::from_millis(200);
+        let answer = log.append_by(proxy("late"), by).await;
+        assert!(matches!(answer, Err(AuditError::TimedOut)), "{answer:?}");
+        assert!(Instant::now() < by + Duration::from_secs(2));
+        stalled.store(false, Ordering::Relaxed);
+        // A healthy disk answers well within the deadline.
+        let by = Instant::now() + Duration::from_secs(5);
+        assert!(log.append_by(proxy("next"), by).await.is_ok());
+        log.close();
+        let lines = read_lines(&o.path);
+        assert!(lines[lines.len() - 2].contains("\"late\""), "{lines:?}");
+        assert_intact(&o.path);
+    }
+
+    #[tokio::test]
+    async fn records_waiting_for_a_stalled_disk_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = opts(dir.path(), FsyncPolicy::Always);
+        let log = AuditLog::open(o).unwrap();
+        let stalled = stall_syncs(&log);
+        let mut answers = Vec::with_capacity(MAX_QUEUED);
+        for _ in 0..MAX_QUEUED {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            log.send(proxy("queued"), Reply::Async(tx)).unwrap();
+            answers.push(rx);
+        }
+        // One more is refused, not queued; a detached record (bounded on its own) still is.
+        let (tx, _rx) = tokio::sync::oneshot::channel();
+        let refused = log.send(proxy("one too many"), Reply::Async(tx));
+        assert!(matches!(refused, Err(AuditError::Backlog)), "{refused:?}");
+        log.append_detached(proxy("detached")).unwrap();
+        stalled.store(false, Ordering::Relaxed);
+        for rx in answers {
+            assert!(rx.await.unwrap().is_ok());
+        }
+        assert_eq!(log.inner.shared.queued.load(Ordering::Relaxed), 0);
+        let by = Instant::now() + Duration::from_secs(5);
+        assert!(log.append_by(proxy("after"), by).await.is_ok());
+        log.close();
     }
 
     #[test]

@@ -20,7 +20,7 @@ use super::headers;
 use super::inject::{Echoes, Injection};
 use super::respond::{full, Refusal};
 use super::ProxyBody;
-use crate::audit::{AuditLog, Decision, Event, Record};
+use crate::audit::{AuditError, AuditLog, Decision, Event, Record};
 use crate::broker::{take, Broker, ConnectorRuntime, Live};
 use crate::config::{Client, Connector, Operation};
 use crate::credential::{DynamicCredential, Minted};
@@ -170,7 +170,10 @@ pub async fn proxy(
             facts.deny(&denial);
             facts.stage = Stage::Recorded;
             let record = std::mem::take(&mut facts.record);
-            if let Err(e) = broker.audit.append(record).await {
+            // Nothing waits on a deny record but the answer's order after it: bounded all
+            // the same, so a disk that stopped answering cannot hold the call forever.
+            let by = Instant::now() + live.config.server.request_timeout;
+            if let Err(e) = broker.audit.append_by(record, by).await {
                 tracing::error!(error = %e, "cannot write the audit record of a denied call");
             }
             denial.refusal.into_response(request_id)
@@ -267,11 +270,17 @@ async fn stages(
         conn,
         request_id.header(),
     )?;
-    // 7. The allow record is durable before anything leaves. Once queued it is written even
-    // if this call is dropped while waiting; once acknowledged, the call owes its outcome.
+    // 7. The allow record is durable before anything leaves, within the request's time. Once
+    // queued it is written even if this call is dropped while waiting; once acknowledged, the
+    // call owes its outcome.
     let allow = facts.take_for_allow();
     facts.stage = Stage::AllowQueued;
-    if let Err(e) = broker.audit.append(allow).await {
+    let written = broker.audit.append_by(allow, body_deadline).await;
+    if let Err(AuditError::TimedOut) = written {
+        // Still queued: it may yet be written, so its outcome follows it — not forwarded.
+        return Ok(not_forwarded(broker, live, facts, started));
+    }
+    if let Err(e) = written {
         // The deny record says all the allow record would have.
         facts.refill(
             upstream_req.method(),
@@ -1096,6 +1105,41 @@ fn unusable_answer<B: http_body::Body>(response: &Response<B>) -> Option<&'stati
     .then_some("the upstream used a transfer coding other than chunked")
 }
 
+/// The answer to a call whose allow record was queued but not acknowledged within the
+/// request's time (a write or `fdatasync` that does not return): 503, and a `proxy_result`
+/// queued behind the allow record saying nothing was forwarded, for when the disk answers.
+fn not_forwarded(
+    broker: &Broker,
+    live: &Live,
+    facts: &mut AuditFacts,
+    started: Instant,
+) -> Response<ProxyBody> {
+    let refusal = Refusal::AuditUnavailable;
+    tracing::error!("the audit log did not acknowledge the allow record within request_timeout; refusing to forward");
+    let took = started.elapsed();
+    broker
+        .metrics
+        .proxy_denied(&live.config, &facts.record, refusal.code(), took);
+    let mut record = Record::new(Event::ProxyResult);
+    record.request_id = facts.record.request_id.take();
+    record.client = facts.record.client.take();
+    record.connector = facts.record.connector.take();
+    record.status = Some(refusal.status().as_u16());
+    record.duration_ms = Some(took.as_millis() as u64);
+    record.bytes_in = Some(0);
+    record.bytes_out = Some(0);
+    record.error = Some(
+        "not forwarded: the audit log did not acknowledge the allow record within request_timeout"
+            .into(),
+    );
+    facts.stage = Stage::Recorded;
+    let request_id = record.request_id.clone().unwrap_or_default();
+    if let Err(e) = broker.audit.append_detached(record) {
+        tracing::error!(error = %e, "cannot queue the proxy_result of a call not forwarded");
+    }
+    refusal.into_response(&request_id)
+}
+
 async fn finish_failed(
     broker: &Broker,
     mut record: Record,
@@ -1118,7 +1162,9 @@ async fn finish_failed(
     });
     let connector = record.connector.as_deref().unwrap_or_default();
     broker.metrics.request_done(connector, elapsed);
-    if let Err(e) = broker.audit.append(record).await {
+    // Bounded: the call is over, and a disk that stopped answering must not hold its answer.
+    let by = Instant::now() + broker.live().config.server.request_timeout;
+    if let Err(e) = broker.audit.append_by(record, by).await {
         tracing::error!(error = %e, "cannot write a proxy_result audit record");
     }
     refusal.into_response(&request_id)

@@ -145,17 +145,20 @@ pub async fn token(
     request_id: &str,
 ) -> Response<ProxyBody> {
     let live = broker.live();
+    // However long the request took, its record waits for the disk at most `request_timeout`:
+    // a disk that stopped answering gets 503 (issued) or an unwritten record (denied) in time.
+    let audit_by = || std::time::Instant::now() + live.config.server.request_timeout;
     let mut record = Record::new(Event::TokenDenied);
     record.request_id = Some(request_id.to_owned());
     record.peer = Some(conn.peer_text.clone());
     match issue(&broker, &live, req, conn, &mut record).await {
-        Ok(issued) => respond_issued(&broker, issued, record, request_id).await,
+        Ok(issued) => respond_issued(&broker, issued, record, request_id, audit_by()).await,
         Err(e) => {
             record.client = record.client.take().or(e.client.clone());
             record.reason = Some(e.code.to_owned());
             broker.metrics.token(record.client.as_deref(), Some(e.code));
             record.client = record.client.take().or(e.claimed.clone());
-            if let Err(audit_error) = broker.audit.append(record).await {
+            if let Err(audit_error) = broker.audit.append_by(record, audit_by()).await {
                 tracing::error!(error = %audit_error, "cannot write a token_denied audit record");
             }
             error_response(e, request_id)
@@ -514,6 +517,7 @@ async fn respond_issued(
     issued: Issued,
     mut record: Record,
     request_id: &str,
+    audit_by: std::time::Instant,
 ) -> Response<ProxyBody> {
     let Issued { claims, lifetime } = issued;
     let token = match broker.keys.sign(&claims) {
@@ -538,7 +542,9 @@ async fn respond_issued(
         .single()
         .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
     let client = record.client.clone();
-    if let Err(e) = broker.audit.append(record).await {
+    // A record not acknowledged in time may still be written later: a `token_issued` for a
+    // token nobody received (its jti appears in no call), never a token without its record.
+    if let Err(e) = broker.audit.append_by(record, audit_by).await {
         broker
             .metrics
             .token(client.as_deref(), Some("audit_unavailable"));

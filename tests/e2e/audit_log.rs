@@ -222,3 +222,71 @@ async fn admin_actions_on_a_full_disk_tighten_but_never_loosen_unaudited() {
     );
     assert_eq!(up.count(), 1);
 }
+
+/// DESIGN §6, "bounded everything: per-request time": under `always`, a disk whose
+/// `fdatasync` stops returning holds no call past `request_timeout`. The call is answered 503
+/// and not forwarded; its allow record, still queued, lands once the disk answers, followed by
+/// a `proxy_result` saying nothing was forwarded. A token is refused the same way.
+#[tokio::test]
+async fn a_disk_that_stops_answering_holds_no_call_past_request_timeout() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let up = FakeUpstream::start().await;
+    let config =
+        standard_config(up.addr).replace("request_timeout = \"5s\"", "request_timeout = \"1s\"");
+    let mut b = TestBroker::start(&config).await;
+    let token = b.token("github:issues.read", &[]).await;
+    // The writer thread sits in its "sync" while `stalled` holds (at most 10 s): a hung disk.
+    let stalled = Arc::new(AtomicBool::new(true));
+    let hold = Arc::clone(&stalled);
+    b.running
+        .as_ref()
+        .unwrap()
+        .broker
+        .audit
+        .set_fsync_observer(Arc::new(move |_| {
+            let until = std::time::Instant::now() + Duration::from_secs(10);
+            while hold.load(Ordering::Relaxed) && std::time::Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }));
+    // The first record after this point enters the stall; the call whose allow follows it
+    // waits behind it.
+    let started = std::time::Instant::now();
+    let (s, headers, body) = b
+        .call("GET", "/github/repos/acme/widget/issues", &token)
+        .await;
+    let took = started.elapsed();
+    assert_eq!(s, 503, "{body}");
+    assert!(body.contains("audit_unavailable"), "{body}");
+    assert!(took < Duration::from_secs(3), "answered after {took:?}");
+    assert_eq!(up.count(), 0, "nothing forwarded unaudited");
+    let request_id = headers["x-request-id"].to_str().unwrap().to_owned();
+    let (s, _, body) = b
+        .token_request("bot", SECRET, "github:issues.read", &[])
+        .await;
+    assert_eq!(s, 503, "no token while its record is not on disk: {body}");
+    assert!(!body.contains("access_token"), "{body}");
+    stalled.store(false, Ordering::Relaxed);
+    // The disk answers again: calls go through, and the stalled call's records are there.
+    let (s, _, body) = b
+        .call("GET", "/github/repos/acme/widget/issues", &token)
+        .await;
+    assert_eq!(s, 200, "{body}");
+    b.stop().await;
+    let records = b.audit();
+    let of_call: Vec<_> = records
+        .iter()
+        .filter(|r| r["request_id"] == request_id.as_str())
+        .collect();
+    assert_eq!(of_call.len(), 2, "{of_call:?}");
+    assert_eq!(of_call[0]["event"], "proxy");
+    assert_eq!(of_call[0]["decision"], "allow");
+    assert_eq!(of_call[1]["event"], "proxy_result");
+    assert_eq!(of_call[1]["status"], 503);
+    assert!(of_call[1]["error"]
+        .as_str()
+        .unwrap()
+        .starts_with("not forwarded"));
+    assert_eq!(verify_chain_independently(&b.audit_path()), records.len());
+}
