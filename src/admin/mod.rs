@@ -344,20 +344,40 @@ enum GivenJti {
     FromToken(String),
     /// A token whose `jti` claim cannot be read.
     UnreadableToken,
+    /// Neither a jti nor a token: whitespace, a control byte or a `.` inside, or too long —
+    /// likely a piece of a token or a header line, which must not be written anywhere.
+    NotAJti,
 }
 
-/// Tells a jti from a whole JWT pasted in its place (three base64url parts), whose `jti`
-/// claim is then read — without verifying it: revoking a jti is harmless whoever names it.
+/// The longest jti taken as given (the broker's own are 22 characters).
+const MAX_JTI_LEN: usize = 128;
+
+/// Tells a jti from a whole JWT pasted in its place (three base64url parts, also as a
+/// `Bearer …` header value or with whitespace around it, as copied from a header dump or a
+/// file), whose `jti` claim is then read — without verifying it: revoking a jti is harmless
+/// whoever names it.
 fn given_jti(value: String) -> GivenJti {
-    let token_shaped = value.split('.').count() == 3
-        && value
+    let trimmed = value.trim_ascii();
+    let unprefixed = trimmed
+        .get(..7)
+        .filter(|p| p.eq_ignore_ascii_case("bearer "))
+        .map_or(trimmed, |_| trimmed[7..].trim_ascii_start());
+    let token_shaped = unprefixed.split('.').count() == 3
+        && unprefixed
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-    if !token_shaped {
-        return GivenJti::Jti(value);
+    if token_shaped {
+        return crate::token::verify::unverified_jti(unprefixed)
+            .map_or(GivenJti::UnreadableToken, GivenJti::FromToken);
     }
-    crate::token::verify::unverified_jti(&value)
-        .map_or(GivenJti::UnreadableToken, GivenJti::FromToken)
+    let plain = !value.is_empty()
+        && value.len() <= MAX_JTI_LEN
+        && value.bytes().all(|b| b.is_ascii_graphic() && b != b'.');
+    if plain {
+        GivenJti::Jti(value)
+    } else {
+        GivenJti::NotAJti
+    }
 }
 
 /// The longest a single-token revocation is kept (an `exp` beyond it is taken as this).
@@ -413,6 +433,11 @@ async fn revoke(
             GivenJti::Jti(jti) | GivenJti::FromToken(jti) => body.jti = Some(jti),
             GivenJti::UnreadableToken => {
                 let why = "a token was given as the jti, and its jti claim cannot be read";
+                return refused(broker, "revoke", None, conn, why, request_id).await;
+            }
+            GivenJti::NotAJti => {
+                let why = "the jti is not one: it is empty, longer than 128 bytes, or holds \
+                           whitespace, a control byte, a non-ASCII byte or a '.'";
                 return refused(broker, "revoke", None, conn, why, request_id).await;
             }
         }

@@ -123,6 +123,41 @@ async fn a_token_pasted_as_a_jti_revokes_it_and_is_never_written() {
     assert!(!body.contains(garbled), "{body}");
     let log = std::fs::read_to_string(b.audit_path()).unwrap();
     assert!(!log.contains(garbled));
+
+    // Pasted as a header value or with whitespace around it (a header dump, a file read with
+    // its newline): still the token, revoked by its jti, never written.
+    for paste in ["Bearer {t}", "bearer  {t}", " {t}", "{t}\n", "\t{t} "] {
+        let token = b.token("github:issues.read", &[]).await;
+        let other = b.token("github:issues.read", &[]).await;
+        let jti = serde_json::to_string(&paste.replace("{t}", &token)).unwrap();
+        let (status, _, body) = b
+            .admin_call("POST", "/v1/revoke", &format!("{{\"jti\":{jti}}}"))
+            .await;
+        assert_eq!(status, 200, "{paste:?}: {body}");
+        assert!(!body.contains(&token), "{paste:?}: {body}");
+        assert_only_first_refused(&b, &token, &other).await;
+    }
+    // Neither a jti nor a token (a piece of one, a header line): refused, not written.
+    for junk in [
+        "Authorization: Bearer abc",
+        "eyJhbGciOiJFZERTQSJ9.bm90",
+        "",
+        "x\u{1}y",
+    ] {
+        let jti = serde_json::to_string(junk).unwrap();
+        let (status, _, body) = b
+            .admin_call("POST", "/v1/revoke", &format!("{{\"jti\":{jti}}}"))
+            .await;
+        assert_eq!(status, 400, "{junk:?}: {body}");
+    }
+    let log = std::fs::read_to_string(b.audit_path()).unwrap();
+    assert!(!log.contains("Authorization: Bearer abc"));
+    assert!(!log.contains("bm90\""));
+    let state = std::fs::read_to_string(b.dir.path().join("state/revocations.json")).unwrap();
+    assert!(
+        !state.contains("eyJ"),
+        "no token or piece of one kept: {state}"
+    );
 }
 
 #[tokio::test]
