@@ -94,33 +94,75 @@ pub struct ConnectorRuntime {
 }
 
 /// The `max_uses` counters of the `memory` backend (check 4), by `jti`.
-#[derive(Default)]
-struct UseCounters(DashMap<String, Uses>);
+///
+/// They live in this process only, so a token issued before it started has a count nobody
+/// knows any more (a restart must not give a spent single-use token its uses back): such a
+/// token is refused. `iat` has whole seconds, so for the start's own second the counters also
+/// remember which `max_uses` tokens this process issued in it.
+struct UseCounters {
+    counts: DashMap<String, Uses>,
+    /// The Unix second this process started in.
+    booted: i64,
+    /// `max_uses` tokens issued by this process with `iat <= booted`, by `jti`, with `exp`.
+    issued_at_boot: DashMap<String, i64>,
+}
 
 struct Uses {
     count: u64,
     exp: i64,
 }
 
+/// Check 4's verdict on one use of a `max_uses` token.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Spend {
+    /// A use was left, and is now spent.
+    Spent,
+    /// Every use was spent.
+    Exhausted,
+    /// Issued before this process started: its uses are unknown.
+    Unknown,
+}
+
 impl UseCounters {
-    /// Counts one use of a `max_uses` token; false once the budget is spent.
-    fn consume(&self, jti: &str, max_uses: u64, exp: i64) -> bool {
+    fn new(booted: i64) -> Self {
+        Self {
+            counts: DashMap::new(),
+            booted,
+            issued_at_boot: DashMap::new(),
+        }
+    }
+
+    /// Notes a `max_uses` token this process issues (only one issued in its start's second
+    /// needs telling apart from an older process's).
+    fn issued(&self, jti: &str, iat: i64, exp: i64) {
+        if iat <= self.booted {
+            self.issued_at_boot.insert(jti.to_owned(), exp);
+        }
+    }
+
+    /// Counts one use of a `max_uses` token.
+    fn consume(&self, jti: &str, max_uses: u64, iat: i64, exp: i64) -> Spend {
+        if iat <= self.booted && !self.issued_at_boot.contains_key(jti) {
+            return Spend::Unknown;
+        }
         let mut entry = self
-            .0
+            .counts
             .entry(jti.to_owned())
             .or_insert(Uses { count: 0, exp });
         if entry.count >= max_uses {
-            return false;
+            return Spend::Exhausted;
         }
         entry.count += 1;
-        true
+        Spend::Spent
     }
 
     /// Forgets the counters of expired tokens — not at `exp`: check 2 accepts a token up to
     /// `tokens.leeway` past it, and a counter forgotten then would start again at zero.
     fn sweep(&self, now: i64) {
-        self.0
+        self.counts
             .retain(|_, u| u.exp.saturating_add(KEEP_PAST_EXP_SECS) >= now);
+        self.issued_at_boot
+            .retain(|_, exp| exp.saturating_add(KEEP_PAST_EXP_SECS) >= now);
     }
 }
 
@@ -193,7 +235,7 @@ impl Broker {
             audit,
             state: Arc::new(state),
             metrics,
-            uses: UseCounters::default(),
+            uses: UseCounters::new(chrono::Utc::now().timestamp()),
             auth_failures: DashMap::new(),
             upstream_clients,
             listener_tls,
@@ -242,9 +284,17 @@ impl Broker {
         self.live().config.path.clone()
     }
 
-    /// Counts one use of a `max_uses` token; false once the budget is spent.
-    pub fn consume_use(&self, jti: &str, max_uses: u64, exp: i64) -> bool {
-        self.uses.consume(jti, max_uses, exp)
+    /// Counts one use of a `max_uses` token (memory backend).
+    pub fn consume_use(&self, claims: &crate::token::AccessClaims, max_uses: u64) -> Spend {
+        self.uses
+            .consume(&claims.jti, max_uses, claims.iat, claims.exp)
+    }
+
+    /// Notes a `max_uses` token just issued (memory backend), so that its uses are known.
+    pub fn issued_max_uses(&self, claims: &crate::token::AccessClaims) {
+        if claims.max_uses.is_some() {
+            self.uses.issued(&claims.jti, claims.iat, claims.exp);
+        }
     }
 
     /// Forgets what expired tokens and old authentication failures left behind.
@@ -492,17 +542,45 @@ mod tests {
 
     #[test]
     fn a_spent_token_stays_spent_while_the_leeway_still_accepts_it() {
-        let uses = UseCounters::default();
-        let exp = 1_000;
-        assert!(uses.consume("j", 1, exp));
-        assert!(!uses.consume("j", 1, exp));
+        let uses = UseCounters::new(0);
+        let (iat, exp) = (500, 1_000);
+        assert_eq!(uses.consume("j", 1, iat, exp), Spend::Spent);
+        assert_eq!(uses.consume("j", 1, iat, exp), Spend::Exhausted);
         // Past `exp`, within any leeway (at most 300 s), a sweep keeps the counter.
         uses.sweep(exp + 1);
         uses.sweep(exp + 300);
-        assert!(!uses.consume("j", 1, exp), "spent, not counted afresh");
+        assert_eq!(
+            uses.consume("j", 1, iat, exp),
+            Spend::Exhausted,
+            "spent, not counted afresh"
+        );
         // Long after, when no leeway accepts the token any more, the counter goes.
         uses.sweep(exp + KEEP_PAST_EXP_SECS + 1);
-        assert!(uses.0.is_empty());
+        assert!(uses.counts.is_empty());
+    }
+
+    #[test]
+    fn uses_of_a_token_issued_before_the_process_started_are_unknown() {
+        let booted = 1_000;
+        let uses = UseCounters::new(booted);
+        // Issued by an earlier process: before this one's second, or within it.
+        assert_eq!(uses.consume("old", 5, booted - 1, 2_000), Spend::Unknown);
+        assert_eq!(
+            uses.consume("same-second", 5, booted, 2_000),
+            Spend::Unknown
+        );
+        // Issued by this process in its first second, and after it.
+        uses.issued("mine", booted, 2_000);
+        assert_eq!(uses.consume("mine", 1, booted, 2_000), Spend::Spent);
+        assert_eq!(uses.consume("mine", 1, booted, 2_000), Spend::Exhausted);
+        uses.issued("later", booted + 1, 2_000);
+        assert!(
+            uses.issued_at_boot.len() == 1,
+            "only the first second is remembered"
+        );
+        assert_eq!(uses.consume("later", 1, booted + 1, 2_000), Spend::Spent);
+        uses.sweep(2_000 + KEEP_PAST_EXP_SECS + 1);
+        assert!(uses.issued_at_boot.is_empty() && uses.counts.is_empty());
     }
 
     #[test]

@@ -21,7 +21,7 @@ use super::inject::{Echoes, Injection};
 use super::respond::{full, Refusal};
 use super::ProxyBody;
 use crate::audit::{AuditError, AuditLog, Decision, Event, Record};
-use crate::broker::{take, Broker, ConnectorRuntime, Live};
+use crate::broker::{take, Broker, ConnectorRuntime, Live, Spend};
 use crate::config::{Client, Connector, Operation};
 use crate::credential::{DynamicCredential, Minted};
 use crate::server::RequestId;
@@ -671,12 +671,22 @@ fn judge(
 
 /// Check 4: single-use and `max_uses` tokens.
 fn spend_use(broker: &Broker, claims: &AccessClaims) -> Result<(), Denial> {
-    match claims.max_uses {
-        Some(max) if !broker.consume_use(&claims.jti, max, claims.exp) => Err(deny(
+    let Some(max) = claims.max_uses else {
+        return Ok(());
+    };
+    match broker.consume_use(claims, max) {
+        Spend::Spent => Ok(()),
+        Spend::Exhausted => Err(deny(
             Refusal::InvalidToken("the token's max_uses are spent".into()),
             "max_uses_exhausted",
         )),
-        _ => Ok(()),
+        // A restart must not give a spent token its uses back.
+        Spend::Unknown => Err(deny(
+            Refusal::InvalidToken(
+                "the token's max_uses were counted by an earlier run of the broker".into(),
+            ),
+            "max_uses_unknown",
+        )),
     }
 }
 

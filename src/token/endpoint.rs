@@ -559,6 +559,9 @@ async fn respond_issued(
         );
     }
     broker.metrics.token(client.as_deref(), None);
+    if let StateStore::Memory(_) = &*broker.state {
+        broker.issued_max_uses(&claims);
+    }
     let mut body = serde_json::json!({
         "access_token": token,
         "token_type": "Bearer",

@@ -127,14 +127,17 @@ impl Drop for ChildBroker {
 }
 
 async fn token_at(addr: SocketAddr, scope: &str) -> String {
+    token_with_at(addr, scope, &[]).await
+}
+
+async fn token_with_at(addr: SocketAddr, scope: &str, extra: &[(&str, &str)]) -> String {
     let basic = base64::engine::general_purpose::STANDARD.encode(format!("bot:{SECRET}"));
+    let mut form = vec![("grant_type", "client_credentials"), ("scope", scope)];
+    form.extend_from_slice(extra);
     let req = Request::post("/oauth2/token")
         .header("authorization", format!("Basic {basic}"))
         .header("content-type", "application/x-www-form-urlencoded")
-        .body(form_encode(&[
-            ("grant_type", "client_credentials"),
-            ("scope", scope),
-        ]))
+        .body(form_encode(&form))
         .unwrap();
     let (status, _, body) = send(addr, req).await;
     assert_eq!(status, 200, "{body}");
@@ -954,6 +957,52 @@ async fn revocations_and_the_kill_switch_survive_a_restart() {
     assert_eq!(events(&records, "startup").len(), 3);
     assert_eq!(up.count(), 2);
     verify_chain_independently(&dir.path().join("audit.jsonl"));
+}
+
+/// DESIGN §4.1: a `max_uses` token is accepted that many times, then refused — also across a
+/// restart of the `memory` backend, whose counters die with the process: a token issued
+/// before the restart is refused (its count is unknown), one issued after it counts afresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_gives_a_spent_max_uses_token_no_uses_back() {
+    let up = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = with_signing_key(dir.path(), &standard_config(up.addr));
+    let path = write_config(dir.path(), &config);
+    let broker = ChildBroker::spawn(&path);
+    let once = token_with_at(broker.proxy, "github:issues.read", &[("max_uses", "1")]).await;
+    let unused = token_with_at(broker.proxy, "github:issues.read", &[("max_uses", "1")]).await;
+    assert_eq!(get_at(broker.proxy, ISSUES, &once).await.0, 200);
+    assert_eq!(get_at(broker.proxy, ISSUES, &once).await.0, 401);
+    broker.stop().await;
+
+    let broker = ChildBroker::spawn(&path);
+    // Issued by this run, likely in its first second: counted, not refused.
+    let fresh = token_with_at(broker.proxy, "github:issues.read", &[("max_uses", "1")]).await;
+    let (status, body) = get_at(broker.proxy, ISSUES, &once).await;
+    assert_eq!(status, 401, "spent before the restart: {body}");
+    assert_eq!(get_at(broker.proxy, ISSUES, &unused).await.0, 401);
+    assert_eq!(get_at(broker.proxy, ISSUES, &fresh).await.0, 200);
+    assert_eq!(get_at(broker.proxy, ISSUES, &fresh).await.0, 401);
+    // A token without max_uses outlives the restart as before.
+    let plain = token_at(broker.proxy, "github:issues.read").await;
+    assert_eq!(get_at(broker.proxy, ISSUES, &plain).await.0, 200);
+    broker.stop().await;
+    assert_eq!(up.count(), 3);
+    let records = audit_records(&dir.path().join("audit.jsonl"));
+    let reasons: Vec<_> = events(&records, "proxy")
+        .iter()
+        .filter(|r| r["decision"] == "deny")
+        .map(|r| r["reason"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            "max_uses_exhausted",
+            "max_uses_unknown",
+            "max_uses_unknown",
+            "max_uses_exhausted"
+        ]
+    );
 }
 
 // ---------------------------------------------------------------------------------------
