@@ -516,7 +516,7 @@ mod h2 {
         ca_pem: String,
     }
 
-    /// Answers "hello", except on `/fail`, whose stream it resets.
+    /// Answers "hello", except on `/fail`, whose stream it resets, and `/big` (4 MiB).
     async fn h2_upstream() -> H2Upstream {
         let pki = crate::tls::generate_dev_pki(&[]).unwrap();
         let cert = pki.issue_server_cert(&["localhost"]).unwrap();
@@ -550,7 +550,11 @@ mod h2 {
                             if req.uri().path() == "/fail" {
                                 return Err("reset this stream");
                             }
-                            let body = http_body_util::Full::new(Bytes::from_static(b"hello"));
+                            let body = match req.uri().path() {
+                                "/big" => Bytes::from(vec![b'x'; 4 << 20]),
+                                _ => Bytes::from_static(b"hello"),
+                            };
+                            let body = http_body_util::Full::new(body);
                             Ok(Response::new(body))
                         }
                     });
@@ -614,6 +618,32 @@ mod h2 {
         assert!(matches!(err, UpstreamError::Http(_)), "{err}");
         read_all(client.send(&origin, get("/x")).await.unwrap()).await;
         assert_eq!(up.connections.load(Ordering::SeqCst), 1);
+    }
+
+    /// The worker's one HTTP/2 connection is shared by every caller: responses a caller does
+    /// not read (its client stopped reading) must not use up the connection's flow-control
+    /// window and stall everyone else's calls to the upstream.
+    #[tokio::test]
+    async fn unread_responses_do_not_stall_the_shared_connection() {
+        let up = h2_upstream().await;
+        let (client, origin) = (tls_client(&up.ca_pem, LIMITS), origin(up.port));
+        let mut unread = Vec::new();
+        for _ in 0..8 {
+            unread.push(client.send(&origin, get("/big")).await.unwrap());
+        }
+        // Give the upstream time to fill whatever windows it was given.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let answer = tokio::time::timeout(Duration::from_secs(2), async {
+            read_all(client.send(&origin, get("/x")).await.unwrap()).await
+        })
+        .await;
+        assert_eq!(
+            answer.ok().as_deref(),
+            Some(&b"hello"[..]),
+            "a call behind unread ones"
+        );
+        assert_eq!(up.connections.load(Ordering::SeqCst), 1);
+        drop(unread);
     }
 
     /// A TCP relay to `to` whose connections open so far can be made to swallow every byte
