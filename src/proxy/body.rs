@@ -2,6 +2,7 @@
 //! response bodies are counted, bounded by the request deadline, and report how they ended
 //! so the `proxy_result` record can be written — also when the client goes away mid-stream.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -19,12 +20,18 @@ use super::BoxError;
 
 /// A client request body forwarded as it streams in, refused past `limit` bytes; `uploaded`
 /// is told once the `expected` bytes have all come (the upstream's own time starts then).
+/// It fails at the request's `deadline`: an upstream may answer before it has read the whole
+/// body and go on reading, and a client trickling the rest must not hold both connections
+/// past the request's time.
 pub struct LimitedBody {
     inner: Incoming,
     limit: u64,
     seen: Arc<AtomicU64>,
     expected: u64,
     uploaded: Arc<tokio::sync::Notify>,
+    deadline: Instant,
+    /// Armed the first time the client keeps the body waiting (most bodies never do).
+    timer: Option<Pin<Box<Sleep>>>,
 }
 
 impl LimitedBody {
@@ -34,6 +41,7 @@ impl LimitedBody {
         seen: Arc<AtomicU64>,
         expected: u64,
         uploaded: Arc<tokio::sync::Notify>,
+        deadline: Instant,
     ) -> Self {
         Self {
             inner,
@@ -41,6 +49,8 @@ impl LimitedBody {
             seen,
             expected,
             uploaded,
+            deadline,
+            timer: None,
         }
     }
 }
@@ -57,6 +67,23 @@ pub fn client_body_failed(error: &(dyn std::error::Error + 'static)) -> bool {
     let mut cause = Some(error);
     while let Some(e) = cause {
         if e.is::<ClientBodyFailed>() {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
+}
+
+/// The client had not sent its whole request body by the request's deadline.
+#[derive(Debug, thiserror::Error)]
+#[error("the client's request body did not arrive within request_timeout")]
+pub struct RequestBodyTimeout;
+
+/// Whether `error` (an upstream exchange's) is the request body's deadline.
+pub fn request_body_timed_out(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        if e.is::<RequestBodyTimeout>() {
             return true;
         }
         cause = e.source();
@@ -104,7 +131,16 @@ impl Body for LimitedBody {
                     this.uploaded.notify_one();
                     Poll::Ready(None)
                 }
-                Poll::Pending => Poll::Pending,
+                Poll::Pending => {
+                    let deadline = this.deadline;
+                    let timer = this
+                        .timer
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                    match timer.as_mut().poll(cx) {
+                        Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(RequestBodyTimeout)))),
+                        Poll::Pending => Poll::Pending,
+                    }
+                }
             };
         }
     }
@@ -248,5 +284,3 @@ impl Drop for ObservedBody {
         }
     }
 }
-
-use std::future::Future as _;

@@ -14,7 +14,7 @@ use http_body::Body as _;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
 
-use super::body::{client_body_failed, LimitedBody, ObservedBody, Outcome};
+use super::body::{self, client_body_failed, LimitedBody, ObservedBody, Outcome};
 use super::canonical;
 use super::headers;
 use super::inject::{Echoes, Injection};
@@ -794,7 +794,14 @@ async fn bounded_body(
         Some(len) => {
             // Streamed as it comes: the upstream's time starts once it has all come.
             let uploaded = Arc::new(tokio::sync::Notify::new());
-            let body = LimitedBody::new(body, max, Arc::clone(seen), len, Arc::clone(&uploaded));
+            let body = LimitedBody::new(
+                body,
+                max,
+                Arc::clone(seen),
+                len,
+                Arc::clone(&uploaded),
+                tokio::time::Instant::from_std(deadline),
+            );
             Ok((body.boxed_unsync(), Some(uploaded)))
         }
         None => {
@@ -1017,10 +1024,13 @@ async fn forward(
     // The exchange failed because the client's body did (it went away mid-upload): the
     // client's doing too, not an upstream error.
     let client_failed = matches!(&result, Ok(Err(e)) if client_body_failed(e));
+    // … or it did not come within the request's time.
+    let client_stalled =
+        client_stalled || matches!(&result, Ok(Err(e)) if body::request_body_timed_out(e));
     match &result {
         Ok(Ok(_)) => runtime.metrics.upstream_ok(took),
         Err(_) if client_stalled => {}
-        Ok(Err(_)) if client_failed => {}
+        Ok(Err(_)) if client_failed || client_stalled => {}
         failed => broker
             .metrics
             .upstream_result(&connector.name, took, failed),
@@ -1035,6 +1045,7 @@ async fn forward(
         Ok(Err(_)) if client_failed => Err(Refusal::InvalidRequest(
             "the client's request body broke off".into(),
         )),
+        Ok(Err(_)) if client_stalled => Err(Refusal::RequestTimeout),
         Ok(Err(e)) => {
             tracing::warn!(connector = %connector.name, error = %e, "upstream request failed");
             Err(Refusal::UpstreamUnavailable(e.describe()))

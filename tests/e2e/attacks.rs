@@ -1780,3 +1780,71 @@ async fn request_transfer_codings_other_than_chunked_are_refused() {
     assert!(out.contains("transfer coding"), "{out}");
     assert_eq!(up.count(), 0);
 }
+
+/// DESIGN §6, bounded per-request time: an upstream that answers on the head alone and goes
+/// on reading the body (Go's net/http does) must not let a client trickling the rest hold
+/// its connection and an upstream connection past `request_timeout`.
+#[tokio::test]
+async fn a_body_trickled_after_the_upstream_answered_ends_with_request_timeout() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    let upstream_saw_end = Arc::new(AtomicBool::new(false));
+    let saw_end = Arc::clone(&upstream_saw_end);
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = [0u8; 4096];
+        let _ = s.read(&mut buf).await;
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            .await;
+        // Reads on, as long as bytes come.
+        while let Ok(n) = s.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+        saw_end.store(true, Ordering::SeqCst);
+    });
+    let config =
+        server_with(upstream, "").replace("request_timeout = \"5s\"", "request_timeout = \"1s\"");
+    let b = TestBroker::start(&config).await;
+    let t = b.token("github:issues.comment", &[]).await;
+    let mut client = TcpStream::connect(b.addr).await.unwrap();
+    let head = format!(
+        "{COMMENT_POST} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {t}\r\n\
+         Content-Type: application/json\r\nContent-Length: 60\r\n\r\n{{\"a\":"
+    );
+    let started = Instant::now();
+    client.write_all(head.as_bytes()).await.unwrap();
+    let mut buf = [0u8; 4096];
+    let n = client.read(&mut buf).await.unwrap();
+    let answer = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // Then one byte every 200 ms: 11 s for the rest, were nobody to stop it.
+    let closed = loop {
+        if started.elapsed() > Duration::from_secs(6) {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if client.write_all(b" ").await.is_err() {
+            break true;
+        }
+        match tokio::time::timeout(Duration::from_millis(1), client.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break true,
+            _ => {}
+        }
+    };
+    let took = started.elapsed();
+    assert!(
+        closed,
+        "the client's connection is still open after {took:?}"
+    );
+    assert!(took < Duration::from_secs(3), "closed after {took:?}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        upstream_saw_end.load(Ordering::SeqCst),
+        "the upstream connection was ended too"
+    );
+}
