@@ -35,6 +35,8 @@ use deadlines::{Activity, Deadlines, InFlight, Protocol};
 struct InFlightBody {
     body: ProxyBody,
     _guard: InFlight,
+    /// The request's place among the listener's HTTP/2 requests in flight.
+    _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl http_body::Body for InFlightBody {
@@ -59,6 +61,8 @@ impl http_body::Body for InFlightBody {
 
 /// HTTP/1 header lines per request; more is refused by hyper with 431.
 const MAX_HEADERS: usize = 100;
+/// HTTP/2 requests in flight on one connection (nginx allows 128, Envoy 100).
+const MAX_STREAMS_PER_CONNECTION: u32 = 100;
 
 /// The limits a listener applies to every connection, from `[server]`.
 #[derive(Clone, Debug)]
@@ -89,6 +93,11 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
+    // An HTTP/1 connection has one request in flight at a time; HTTP/2 ones up to
+    // `MAX_STREAMS_PER_CONNECTION` each. What every request may hold (a 64 KiB token form, a
+    // chunked body up to `max_body_bytes`, an upstream connection) is bounded per request, so
+    // the listener's HTTP/2 requests in flight are bounded as its connections are.
+    let h2_requests = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -102,12 +111,15 @@ pub async fn serve(
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
-        .max_concurrent_streams(256)
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
         // An idle HTTP/2 connection stays open for reuse, as clients expect; pings find the
         // ones whose peer has vanished, so they do not hold a connection slot for ever.
         .keep_alive_interval(Some(Duration::from_secs(20)))
         .keep_alive_timeout(Duration::from_secs(10));
-    let builder = Arc::new(builder);
+    let builder = Arc::new(ConnectionBuilder {
+        http: builder,
+        h2_requests,
+    });
     // The connections' tasks, whichever worker runs them: what is left of them when the drain
     // ends is stopped here, while the audit log is still open.
     let mut connections = JoinSet::new();
@@ -179,7 +191,7 @@ async fn serve_connection(
     tls: Option<TlsAcceptor>,
     limits: ListenerLimits,
     role: Role,
-    builder: &auto::Builder<TokioExecutor>,
+    builder: &ConnectionBuilder,
     watcher: hyper_util::server::graceful::Watcher,
 ) {
     let Some(acceptor) = tls else {
@@ -224,7 +236,7 @@ async fn serve_http<I>(
     info: ConnInfo,
     limits: ListenerLimits,
     role: Role,
-    builder: &auto::Builder<TokioExecutor>,
+    builder: &ConnectionBuilder,
     watcher: hyper_util::server::graceful::Watcher,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -234,27 +246,34 @@ async fn serve_http<I>(
     let info = Arc::new(info);
     let activity = Arc::new(Activity::default());
     let requests = Arc::clone(&activity);
+    let h2_requests = Arc::clone(&builder.h2_requests);
     let service = service_fn(move |req| {
         let role = role.clone();
         let info = Arc::clone(&info);
         // HTTP/2 only: a request counts as activity until its response body is sent, and
-        // the response must be sent by the request's deadline (see `deadlines`).
+        // the response must be sent by the request's deadline (see `deadlines`); it takes a
+        // place among the listener's HTTP/2 requests in flight, or is refused at once.
         let in_flight = requests.is_http2().then(|| {
             let deadline = tokio::time::Instant::now() + limits.request_timeout;
-            (requests.request(), deadline)
+            let place = Arc::clone(&h2_requests).try_acquire_owned().ok();
+            (requests.request(), deadline, place)
         });
         async move {
+            let (guard, deadline, permit) = match in_flight {
+                None => return handle(role, info, limits.max_header_bytes, req).await,
+                Some((_, _, None)) => return Ok(overloaded()),
+                Some((guard, deadline, Some(permit))) => (guard, deadline, permit),
+            };
             let resp = handle(role, info, limits.max_header_bytes, req).await?;
-            Ok::<_, Infallible>(match in_flight {
-                Some((mut guard, deadline)) => resp.map(|body| {
-                    guard.due_by(deadline.max(tokio::time::Instant::now()));
-                    http_body_util::BodyExt::boxed_unsync(InFlightBody {
-                        body,
-                        _guard: guard,
-                    })
-                }),
-                None => resp,
-            })
+            let mut guard = guard;
+            Ok::<_, Infallible>(resp.map(|body| {
+                guard.due_by(deadline.max(tokio::time::Instant::now()));
+                http_body_util::BodyExt::boxed_unsync(InFlightBody {
+                    body,
+                    _guard: guard,
+                    _permit: permit,
+                })
+            }))
         }
     });
     // A silent connection, or an HTTP/2 one with nothing in flight, is closed after
@@ -266,10 +285,29 @@ async fn serve_http<I>(
         protocol,
         activity,
     );
-    let conn = builder.serve_connection(TokioIo::new(io), service);
+    let conn = builder.http.serve_connection(TokioIo::new(io), service);
     if let Err(e) = watcher.watch(conn.into_owned()).await {
         tracing::debug!(%peer, error = %e, "connection ended with an error");
     }
+}
+
+/// The listener's connection settings, and what its connections share.
+struct ConnectionBuilder {
+    http: auto::Builder<TokioExecutor>,
+    /// Places for HTTP/2 requests in flight, across the listener's connections.
+    h2_requests: Arc<Semaphore>,
+}
+
+/// The answer to an HTTP/2 request beyond the listener's places (before any check: it is
+/// neither read nor audited, as a connection beyond `max_connections` is not accepted).
+fn overloaded() -> Response<ProxyBody> {
+    let request_id = RequestId::new();
+    let mut resp = Refusal::Overloaded.into_response(request_id.as_str());
+    resp.headers_mut().insert(
+        HeaderName::from_static("x-request-id"),
+        request_id.header().clone(),
+    );
+    resp
 }
 
 /// One request: a fresh request id, the route, and the id on the response.

@@ -42,6 +42,9 @@ pub enum Refusal {
     UpstreamUnavailable(String),
     /// Check 8: the upstream did not answer in time (504).
     UpstreamTimeout,
+    /// The listener has as many HTTP/2 requests in flight as it takes (`max_connections`),
+    /// and refuses more at once (503, `Retry-After: 1`) rather than buffer without bound.
+    Overloaded,
     /// A route that does not exist on this listener (404).
     NotFound,
     /// A known route with the wrong method (405).
@@ -58,7 +61,9 @@ impl Refusal {
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::RequestTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
-            Self::AuditUnavailable | Self::StateUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::AuditUnavailable | Self::StateUnavailable | Self::Overloaded => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::CredentialUnavailable | Self::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::NotFound => StatusCode::NOT_FOUND,
@@ -79,6 +84,7 @@ impl Refusal {
             Self::AuditUnavailable => "audit_unavailable",
             Self::CredentialUnavailable => "credential_unavailable",
             Self::StateUnavailable => "state_unavailable",
+            Self::Overloaded => "overloaded",
             Self::UpstreamUnavailable(_) => "upstream_unavailable",
             Self::UpstreamTimeout => "upstream_timeout",
             Self::NotFound => "not_found",
@@ -110,6 +116,7 @@ impl Refusal {
             }
             Self::UpstreamUnavailable(d) => format!("upstream unavailable: {d}"),
             Self::UpstreamTimeout => "the upstream did not answer in time".into(),
+            Self::Overloaded => "too many requests in flight; retry shortly".into(),
             Self::NotFound => "no such endpoint".into(),
             Self::MethodNotAllowed => "method not allowed on this endpoint".into(),
         }
@@ -151,6 +158,9 @@ impl Refusal {
             }
             Self::RateLimited { retry_after_secs } => {
                 headers.insert(RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+            }
+            Self::Overloaded => {
+                headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
             }
             _ => {}
         }

@@ -1848,3 +1848,57 @@ async fn a_body_trickled_after_the_upstream_answered_ends_with_request_timeout()
         "the upstream connection was ended too"
     );
 }
+
+/// DESIGN §6, bounded connections: HTTP/2 multiplies each connection by its streams, so the
+/// listener bounds its HTTP/2 requests in flight as it bounds connections (`max_connections`):
+/// token requests holding back their bodies on one connection take at most that many places,
+/// the rest are refused at once (503 `overloaded`, `Retry-After: 1`).
+#[tokio::test]
+async fn http2_requests_in_flight_are_bounded_like_connections() {
+    let up = FakeUpstream::start().await;
+    let b = TestBroker::start(&server_with(up.addr, "max_connections = 4")).await;
+    let stream = TcpStream::connect(b.addr).await.unwrap();
+    let (sender, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .handshake::<_, http_body_util::StreamBody<
+                futures_util::stream::Pending<
+                    Result<http_body::Frame<bytes::Bytes>, std::convert::Infallible>,
+                >,
+            >>(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    // Sixteen token requests announcing a form they never send.
+    let calls = (0..16).map(|_| {
+        let mut sender = sender.clone();
+        let addr = b.addr;
+        async move {
+            let req = http::Request::post(format!("http://{addr}/oauth2/token"))
+                .header("content-type", "application/x-www-form-urlencoded")
+                .header("content-length", "100")
+                .body(http_body_util::StreamBody::new(
+                    futures_util::stream::pending(),
+                ))
+                .unwrap();
+            let answer = tokio::time::timeout(Duration::from_millis(800), sender.send_request(req));
+            match answer.await {
+                Ok(Ok(resp)) => Some((
+                    resp.status().as_u16(),
+                    resp.headers().get("retry-after").cloned(),
+                )),
+                _ => None,
+            }
+        }
+    });
+    let answers = futures_util::future::join_all(calls).await;
+    let refused: Vec<_> = answers.iter().flatten().collect();
+    assert_eq!(
+        refused.len(),
+        12,
+        "four held, the rest refused at once: {answers:?}"
+    );
+    for (status, retry_after) in refused {
+        assert_eq!(*status, 503);
+        assert_eq!(retry_after.as_ref().unwrap(), "1");
+    }
+}
