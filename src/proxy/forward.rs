@@ -89,13 +89,15 @@ impl UpstreamError {
     }
 
     /// A short, fixed description (hyper's chain can be long). A TLS failure says so, with
-    /// rustls' reason for a refused certificate (`UnknownIssuer`, `NotValidForName`,
-    /// `Expired`…): those name a problem, never key material.
+    /// the kind of rustls' reason for a refused certificate (`UnknownIssuer`,
+    /// `NotValidForName`, `Expired`…) — only its kind: its details (the certificate's names,
+    /// the name expected, times) are for the broker's log, not the client's answer.
     pub fn describe(&self) -> String {
         match self {
             Self::Tls(io) => match tls_error_in(io) {
                 Some(rustls::Error::InvalidCertificate(reason)) => {
-                    format!("the upstream's TLS certificate failed verification ({reason:?})")
+                    let kind = certificate_error_kind(reason);
+                    format!("the upstream's TLS certificate failed verification ({kind})")
                 }
                 _ => "the TLS handshake with the upstream failed".into(),
             },
@@ -104,6 +106,17 @@ impl UpstreamError {
             Self::Http(_) => "the upstream connection failed".into(),
         }
     }
+}
+
+/// The variant name of a rustls certificate error, without its details: `NotValidForName`
+/// for `NotValidForNameContext { expected, presented }`, `Other` for `Other(…)`.
+fn certificate_error_kind(reason: &rustls::CertificateError) -> String {
+    let debug = format!("{reason:?}");
+    let name = debug
+        .split(|c: char| !c.is_ascii_alphanumeric())
+        .next()
+        .unwrap_or_default();
+    name.strip_suffix("Context").unwrap_or(name).to_owned()
 }
 
 /// The rustls error somewhere in `e`'s source chain. tokio-rustls wraps it in an `io::Error`,

@@ -689,6 +689,14 @@ async fn upstream_certificate_for_another_name_is_refused() {
     let mut c = b.h1(Some(b.client(MTLS_SAN))).await;
     let (status, _, body) = c.get("/github/repos/acme/widget/issues", &token).await;
     assert_eq!(status, 502, "{body}");
+    assert!(
+        body.contains("(NotValidForName)"),
+        "the kind of failure: {body}"
+    );
+    assert!(
+        !body.contains("other.test") && !body.contains("localhost"),
+        "not the certificate's names nor the one expected: {body}"
+    );
     assert!(up.seen().is_empty());
     let records = b.broker.audit();
     let error = events(&records, "proxy_result")[0]["error"]
