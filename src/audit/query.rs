@@ -3,12 +3,12 @@
 //! Also the shared line reader for `report` and the `--since`/`--until` time parser.
 
 use std::fs::File;
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, BufReader, Write};
 use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, NaiveDate, Utc};
 
-use crate::audit::record::{Decision, Event, StoredRecord};
+use crate::audit::record::{read_line, Decision, Event, LineRead, StoredRecord, MAX_LINE_BYTES};
 
 /// Why a query could not run.
 #[derive(Debug, thiserror::Error)]
@@ -233,15 +233,19 @@ impl<'p> LineSource<'p> {
 
     /// Reads the next complete line; at the end (or a torn last line) there is none.
     fn advance(&mut self) -> Result<(), QueryError> {
-        self.buf.clear();
-        let read = self
-            .reader
-            .read_until(b'\n', &mut self.buf)
-            .map_err(|cause| QueryError::Io {
+        let read = read_line(&mut self.reader, &mut self.buf).map_err(|cause| QueryError::Io {
+            path: self.path.to_owned(),
+            cause,
+        })?;
+        self.has_line = read == LineRead::Line;
+        if read == LineRead::TooLong {
+            // Not a torn write (those are short): not a record, even at the end.
+            return Err(QueryError::BadLine {
                 path: self.path.to_owned(),
-                cause,
-            })?;
-        self.has_line = read > 0 && self.buf.pop() == Some(b'\n');
+                line: self.line_no + 1,
+                reason: format!("longer than {} MiB", MAX_LINE_BYTES >> 20),
+            });
+        }
         if !self.has_line {
             return Ok(());
         }
@@ -330,18 +334,33 @@ fn row(rec: &StoredRecord) -> Row {
 /// A value made safe for a terminal: control characters (escape sequences in a path an
 /// attacker chose) are shown escaped, never sent raw.
 pub(crate) fn cell(v: &str) -> String {
-    if !v.chars().any(char::is_control) {
+    if !v.chars().any(misleads_a_terminal) {
         return v.to_owned();
     }
     v.chars()
         .map(|c| {
-            if c.is_control() {
+            if misleads_a_terminal(c) {
                 c.escape_default().to_string()
             } else {
                 c.to_string()
             }
         })
         .collect()
+}
+
+/// Characters a table cell shows escaped: controls (escape sequences, line breaks), and the
+/// invisible ones that reorder or hide text on a terminal with bidi support (U+202E shows the
+/// rest of a row reversed): bidi marks, embeddings, overrides and isolates, zero-width
+/// characters, line and paragraph separators, the byte order mark.
+fn misleads_a_terminal(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{200B}'..='\u{200F}'
+                | '\u{2028}'..='\u{202E}'
+                | '\u{2060}'..='\u{206F}'
+                | '\u{FEFF}'
+        )
 }
 
 /// An aligned table that streams: widths come from the first rows, later rows reuse them.
@@ -503,6 +522,21 @@ pub(crate) mod tests {
             ["a1", "b1", "a2", "b2", "b3", "a3"]
         );
         assert_eq!(clients(&[b, a]), ["a1", "b1", "b2", "a2", "b3", "a3"]);
+    }
+
+    #[test]
+    fn an_overlong_last_line_is_an_error_not_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = sample(dir.path());
+        let file = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+        let len = file.metadata().unwrap().len();
+        file.set_len(len + MAX_LINE_BYTES + 2).unwrap();
+        let mut out = Vec::new();
+        let r = run_query(&[p], &QueryFilter::default(), true, &mut out);
+        assert!(
+            matches!(r, Err(QueryError::BadLine { line: 5, .. })),
+            "{r:?}"
+        );
     }
 
     fn query(paths: &[PathBuf], filter: &QueryFilter, json: bool) -> (u64, String) {

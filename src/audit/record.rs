@@ -225,3 +225,66 @@ mod tests {
         assert!(StoredRecord::parse(r#"{"seq":1}"#).is_err());
     }
 }
+
+/// The longest line the auditor tools read as a record (32 MiB, the most the writer ever cuts
+/// at start-up). Real records are a few hundred bytes; a longer "line" (a sparse file, bytes
+/// appended with no newline) is refused without being read whole.
+pub const MAX_LINE_BYTES: u64 = 32 * 1024 * 1024;
+
+/// One line of a log file, as the auditor tools read it.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum LineRead {
+    /// A complete line (in the buffer, without its `\n`).
+    Line,
+    /// The end of the file.
+    End,
+    /// The file ends without `\n` (in the buffer: the torn bytes).
+    Torn,
+    /// More than [`MAX_LINE_BYTES`] without a `\n`: not a record, and not read further.
+    TooLong,
+}
+
+/// Reads the next line into `buf` (cleared first), reading at most [`MAX_LINE_BYTES`] + 1
+/// bytes of it.
+pub(crate) fn read_line(
+    reader: &mut impl std::io::BufRead,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<LineRead> {
+    use std::io::{BufRead as _, Read as _};
+    buf.clear();
+    let read = reader.take(MAX_LINE_BYTES + 1).read_until(b'\n', buf)?;
+    Ok(match buf.last() {
+        _ if read == 0 => LineRead::End,
+        Some(b'\n') => {
+            buf.pop();
+            LineRead::Line
+        }
+        _ if read as u64 > MAX_LINE_BYTES => LineRead::TooLong,
+        _ => LineRead::Torn,
+    })
+}
+
+#[cfg(test)]
+mod line_tests {
+    use super::*;
+
+    #[test]
+    fn lines_are_read_up_to_the_limit() {
+        let mut input = std::io::Cursor::new(b"one\ntwo\nthr".to_vec());
+        let mut buf = Vec::new();
+        assert_eq!(read_line(&mut input, &mut buf).unwrap(), LineRead::Line);
+        assert_eq!(buf, b"one");
+        assert_eq!(read_line(&mut input, &mut buf).unwrap(), LineRead::Line);
+        assert_eq!(read_line(&mut input, &mut buf).unwrap(), LineRead::Torn);
+        assert_eq!(buf, b"thr");
+        assert_eq!(read_line(&mut input, &mut buf).unwrap(), LineRead::End);
+        // A line as long as the limit is a line; one byte more, not a record.
+        let mut long = vec![b'x'; MAX_LINE_BYTES as usize];
+        long.push(b'\n');
+        long.extend_from_slice(b"y".repeat(MAX_LINE_BYTES as usize + 1).as_slice());
+        let mut input = std::io::Cursor::new(long);
+        assert_eq!(read_line(&mut input, &mut buf).unwrap(), LineRead::Line);
+        assert_eq!(read_line(&mut input, &mut buf).unwrap(), LineRead::TooLong);
+        assert!(buf.len() as u64 <= MAX_LINE_BYTES + 1);
+    }
+}

@@ -229,7 +229,10 @@ impl Accumulator {
                 })
                 .collect()
         });
-        let usage = self.usage.into_values().map(with_top_operations).collect();
+        let usage = fold_unknown_connectors(self.usage, grants)
+            .into_values()
+            .map(with_top_operations)
+            .collect();
         let beyond_scope = self
             .beyond
             .into_iter()
@@ -295,8 +298,49 @@ fn is_beyond_scope(reason: &str) -> bool {
     .any(|k| r.contains(k))
 }
 
+/// The row that takes the client-less records of connectors the report does not know.
+const UNKNOWN_CONNECTOR: &str = "(unknown connector)";
+
+/// Records without a client (refused before the token was read) name as connector whatever
+/// the request's first path segment was — a scanner's `wp-admin` as much as `github`. Such a
+/// record keeps its own row only for a connector the report knows (one a client's record
+/// names, or a grant of the config); the others share one `(unknown connector)` row.
+fn fold_unknown_connectors(
+    mut usage: BTreeMap<(String, String), Usage>,
+    grants: Option<&[GrantInfo]>,
+) -> BTreeMap<(String, String), Usage> {
+    let known: BTreeSet<String> = usage
+        .values()
+        .filter(|u| u.client != "-")
+        .map(|u| u.connector.clone())
+        .chain(grants.into_iter().flatten().map(|g| g.connector.clone()))
+        .collect();
+    let strangers: Vec<(String, String)> = usage
+        .keys()
+        .filter(|(connector, client)| client == "-" && !known.contains(connector))
+        .cloned()
+        .collect();
+    for key in strangers {
+        let Some(stray) = usage.remove(&key) else {
+            continue;
+        };
+        let unknown_key = (UNKNOWN_CONNECTOR.to_owned(), "-".to_owned());
+        let row = usage.entry(unknown_key).or_insert_with(|| Usage {
+            connector: UNKNOWN_CONNECTOR.into(),
+            client: "-".into(),
+            ..Usage::default()
+        });
+        for (reason, n) in stray.denials {
+            *row.denials.entry(reason).or_default() += n;
+        }
+    }
+    usage
+}
+
 fn write_table(r: &Report, out: &mut dyn Write) -> io::Result<()> {
-    let dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+    // Every value read from the file goes through `cell`, times included: `report` does not
+    // verify the chain, so a `ts` may hold anything.
+    let dash = |v: &Option<String>| v.as_deref().map_or_else(|| "-".into(), cell);
     writeln!(
         out,
         "Period: {} .. {} ({} records)\n",
@@ -495,6 +539,74 @@ mod tests {
         assert_eq!(beyond.len(), 1, "rate limiting is not beyond scope");
         assert_eq!(beyond[0]["path"], "/delete_repo");
         assert_eq!(v["time_bound_grants"][0]["reason"], "incident 42");
+    }
+
+    #[test]
+    fn client_less_records_of_unknown_connectors_share_one_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let scan = |connector: &str| {
+            let mut r = proxy("-", "x", Decision::Deny, Some("token_missing"));
+            r.client = None;
+            r.connector = Some(connector.into());
+            r
+        };
+        let path = write_log(
+            dir.path(),
+            &[
+                proxy("bot", "read_issues", Decision::Allow, None),
+                scan("wp-admin"),
+                scan(".env"),
+                scan("phpmyadmin"),
+                scan("github"),
+            ],
+        );
+        let mut out = Vec::new();
+        run_report(&[path], None, true, &mut out).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        let rows: Vec<(String, String, u64)> = v["usage"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|u| {
+                (
+                    u["connector"].as_str().unwrap().to_owned(),
+                    u["client"].as_str().unwrap().to_owned(),
+                    u["denials"]["token_missing"].as_u64().unwrap_or(0),
+                )
+            })
+            .collect();
+        let row = |c: &str, cl: &str, n| (c.to_owned(), cl.to_owned(), n);
+        assert_eq!(
+            rows,
+            [
+                row("(unknown connector)", "-", 3),
+                row("github", "-", 1),
+                row("github", "bot", 0)
+            ]
+        );
+    }
+
+    #[test]
+    fn times_and_names_are_escaped_in_the_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut evil = proxy("bot", "read_issues", Decision::Allow, None);
+        evil.client = Some("b\u{202e}ot".into());
+        let path = write_log(dir.path(), &[evil]);
+        // A `ts` holding an escape sequence (report does not verify the chain).
+        let text = std::fs::read_to_string(&path).unwrap().replacen(
+            "10:00:00.000000Z",
+            "10:00:00.000000Z\\u001b[2J",
+            1,
+        );
+        std::fs::write(&path, text).unwrap();
+        let mut out = Vec::new();
+        run_report(&[path], None, false, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            !text.contains('\u{1b}') && !text.contains('\u{202e}'),
+            "{text}"
+        );
+        assert!(text.contains("\\u{202e}"), "{text}");
     }
 
     #[test]

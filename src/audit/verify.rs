@@ -3,10 +3,11 @@
 
 use std::fmt;
 use std::fs::File;
-use std::io::{BufRead, BufReader};
+use std::io::BufReader;
 use std::path::{Path, PathBuf};
 
 use crate::audit::chain::{check_line, ChainError, Checked, ZERO_HASH};
+use crate::audit::record::{read_line, LineRead, MAX_LINE_BYTES};
 use crate::secret::Secret;
 
 /// Why a file could not be verified at all (as opposed to a chain that is broken).
@@ -116,6 +117,8 @@ pub enum FailureReason {
     HashNotLast,
     /// The file ends without `\n`: a torn line.
     TornLine,
+    /// A line longer than [`MAX_LINE_BYTES`]: not a record (and not read whole).
+    LineTooLong,
     /// The record with seq 1 has a `prev` other than 64 zeros.
     FirstPrevNotZero,
     /// The chain does not start at seq 1 (see [`VerifyOptions::allow_later_start`]).
@@ -140,6 +143,11 @@ impl fmt::Display for FailureReason {
             Self::Unparsable(why) => write!(f, "unparsable line: {why}"),
             Self::HashNotLast => f.write_str("`hash` is not the last member or is malformed"),
             Self::TornLine => f.write_str("torn line: the file ends without a newline"),
+            Self::LineTooLong => write!(
+                f,
+                "a line longer than {} MiB: not a record",
+                MAX_LINE_BYTES >> 20
+            ),
             Self::FirstPrevNotZero => f.write_str("the record with seq 1 has a non-zero prev"),
             Self::StartsLate { seq } => write!(
                 f,
@@ -213,13 +221,15 @@ impl ChainState<'_> {
         let mut buf = Vec::with_capacity(1024);
         let mut line_no = 0;
         loop {
-            buf.clear();
-            if reader.read_until(b'\n', &mut buf).map_err(io_err)? == 0 {
+            let read = read_line(&mut reader, &mut buf).map_err(io_err)?;
+            if read == LineRead::End {
                 return Ok(None);
             }
             line_no += 1;
-            if buf.pop() != Some(b'\n') {
-                return Ok(Some((line_no, FailureReason::TornLine)));
+            match read {
+                LineRead::Torn => return Ok(Some((line_no, FailureReason::TornLine))),
+                LineRead::TooLong => return Ok(Some((line_no, FailureReason::LineTooLong))),
+                LineRead::Line | LineRead::End => {}
             }
             if let Err(reason) = self.verify_line(&buf) {
                 return Ok(Some((line_no, reason)));
@@ -369,6 +379,27 @@ mod tests {
         assert_eq!((failure.line, failure.reason), (3, FailureReason::TornLine));
         let missing = verify_files(&[PathBuf::from("/nonexistent/credbroker/x")], None);
         assert!(matches!(missing, Err(VerifyError::Io { .. })));
+    }
+
+    #[test]
+    fn an_overlong_line_is_refused_without_being_read_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write_file(
+            dir.path(),
+            "a",
+            chain(2, 1, ZERO_HASH, None).concat().as_bytes(),
+        );
+        // Bytes appended with no newline, more than a record could be (sparse: no disk).
+        let file = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+        let len = file.metadata().unwrap().len();
+        file.set_len(len + MAX_LINE_BYTES + 2).unwrap();
+        let report = verify_files(&[p], None).unwrap();
+        assert_eq!(report.records, 2);
+        let failure = report.failure.unwrap();
+        assert_eq!(
+            (failure.line, failure.reason),
+            (3, FailureReason::LineTooLong)
+        );
     }
 
     #[test]

@@ -1344,8 +1344,10 @@ pub(crate) fn highest_rotation(path: &Path) -> io::Result<u64> {
             .to_str()
             .and_then(|f| f.strip_prefix(name))
             .and_then(|f| f.strip_prefix('.'))
-            // Only plain decimal suffixes: `audit.jsonl.1`, not `audit.jsonl.1.gz`.
-            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+            // `audit.jsonl.3`, and also `audit.jsonl.3.gz`: a rotated file compressed since
+            // still holds its number, which the next rotation must not take again.
+            .map(|n| n.split_once('.').map_or(n, |(number, _)| number))
+            .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
             .and_then(|n| n.parse::<u64>().ok());
         highest = highest.max(n.unwrap_or(0));
     }
@@ -1472,8 +1474,14 @@ fn last_rotated_record(path: &Path, key: Option<&Secret>) -> Result<Option<Tail>
         return Ok(None);
     }
     let rotated = rotated_path(path, n);
+    // Missing when the newest rotated file was compressed (`.N.gz`): the chain cannot be
+    // continued from it, and restarting it would fork it — a human decompresses it.
     let mut file = File::open(&rotated).map_err(|source| AuditError::Io {
-        context: format!("opening {}", rotated.display()),
+        context: format!(
+            "opening {}, the newest rotated file, to continue the chain from its last record \
+             (if it was compressed, decompress it)",
+            rotated.display()
+        ),
         source,
     })?;
     let len = file
@@ -1675,6 +1683,17 @@ mod tests {
         assert_eq!(log.append_blocking(proxy("after")).unwrap(), next);
         log.close();
         assert!(verify_files(&files, None).unwrap().is_intact());
+        drop(log);
+        // The newest rotated file compressed: its number stays taken, and a restart that
+        // would continue from it refuses rather than fork the chain.
+        let newest = rotated_path(&o.path, n);
+        std::fs::rename(&newest, newest.with_extension(format!("{n}.gz"))).unwrap();
+        std::fs::write(&o.path, b"").unwrap();
+        let refused = AuditLog::open(o.clone())
+            .err()
+            .expect("cannot continue the chain");
+        assert!(refused.to_string().contains("decompress"), "{refused}");
+        assert_eq!(highest_rotation(&o.path).unwrap(), n);
     }
 
     #[test]
@@ -2137,6 +2156,15 @@ mod tests {
             "b.jsonl.7",
             "a.jsonl.x",
         ] {
+            std::fs::write(dir.path().join(name), b"").unwrap();
+        }
+        assert_eq!(
+            highest_rotation(&p).unwrap(),
+            9,
+            "a compressed file keeps its number"
+        );
+        std::fs::remove_file(dir.path().join("a.jsonl.9.gz")).unwrap();
+        for name in ["a.jsonl.", "a.jsonl..gz", "a.jsonl.7x.gz"] {
             std::fs::write(dir.path().join(name), b"").unwrap();
         }
         assert_eq!(highest_rotation(&p).unwrap(), 3);
