@@ -69,6 +69,11 @@ impl Revocations {
         set.jtis.contains_key(jti) || set.clients.get(client).is_some_and(|&at| iat <= at)
     }
 
+    /// The second up to which `client`'s tokens are revoked, if it was revoked.
+    pub fn client_cut_off(&self, client: &str) -> Option<i64> {
+        self.read().clients.get(client).copied()
+    }
+
     pub fn is_disabled(&self, connector: &str) -> bool {
         self.read().disabled.contains(connector)
     }

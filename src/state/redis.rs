@@ -305,9 +305,9 @@ impl RedisState {
         let mut journal = load_journal(&journal_file)?;
         // The `memory` backend's file in the same folder is seeded too (a move to shared
         // state keeps its revocations); it no longer changes, so it is read once, here.
-        if let Ok(legacy) = Revocations::load(state_dir) {
-            journal.adopt(legacy.entries());
-        }
+        // A file that cannot be read or parsed stops the start, as it stops the `memory`
+        // backend's: taken as empty, its kill switches would be lifted unseen.
+        journal.adopt(Revocations::load(state_dir)?.entries());
         let script = |body: &str| Script::new(&format!("{COMMON}{body}"));
         Ok(Self {
             skew_secs,
@@ -685,7 +685,8 @@ impl RedisState {
         if risk == *current {
             return false;
         }
-        let recovered = current.is_some();
+        // Recovered only when the risk is gone, not when its wording changed.
+        let recovered = current.is_some() && risk.is_none();
         match &risk {
             Some(why) => tracing::error!("{why}; refusing every call until it is"),
             None => tracing::warn!("Redis no longer evicts keys: starting a new epoch (keys may have gone meanwhile), then deciding calls again"),
@@ -967,6 +968,26 @@ fn fail(e: &RedisError) -> Failure {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn an_unreadable_memory_backend_file_stops_the_start() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("revocations.json"), b"{").unwrap();
+        // Connected lazily: nothing listens there, and nothing needs to.
+        let url = Secret::new("redis://127.0.0.1:9/0");
+        let opened = RedisState::open(&url, dir.path(), Some("a"), 5);
+        assert!(
+            matches!(opened, Err(StateError::Corrupt { .. })),
+            "{:?}",
+            opened.err()
+        );
+    }
+
+    #[test]
+    fn expiries_set_in_scripts_keep_counters_as_long_as_the_broker_does() {
+        // `keep_until` floors an expiry at Redis's clock + KEEP_PAST_EXP_SECS.
+        assert!(COMMON.contains(&format!("+ {KEEP_PAST_EXP_SECS})")));
+    }
 
     #[test]
     fn urls_are_checked_without_quoting_them() {

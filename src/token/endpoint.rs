@@ -81,15 +81,21 @@ fn state_unavailable() -> TokenError {
 
 /// What the token endpoint takes from the state: the connectors switched off, and one cell of
 /// `tokens.issue_rate_limit` for this client. In memory, or from Redis in one round trip.
+/// A token issued at `iat` that the client's revocation cut-off would refuse is not issued.
 async fn issue_state(
     broker: &Broker,
     live: &Live,
     client: &str,
+    iat: i64,
 ) -> Result<HashSet<String>, TokenError> {
     match &*broker.state {
         StateStore::Memory(revocations) => {
             if let Some(l) = live.issue_limits.get(client) {
                 take(l).map_err(rate_limited)?;
+            }
+            // A revocation of this client in this very second refuses tokens with this `iat`.
+            if let Some(cut_off) = revocations.client_cut_off(client) {
+                refuse_under_cut_off(iat, cut_off)?;
             }
             Ok(revocations.disabled_connectors().into_iter().collect())
         }
@@ -104,20 +110,27 @@ async fn issue_state(
             shared.rate.map_err(rate_limited)?;
             // A token issued now would be refused (a client revocation's or a lost state's
             // cut-off reaches the allowed clock skew ahead): say when to come back instead.
-            let now = Utc::now().timestamp();
-            if now <= shared.cut_off {
-                return Err(TokenError {
-                    retry_after: Some(u64::try_from(shared.cut_off - now + 1).unwrap_or(1)),
-                    ..error(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "temporarily_unavailable",
-                        "tokens issued now would fall under a revocation's cut-off; retry after the given seconds",
-                    )
-                });
-            }
+            refuse_under_cut_off(iat, shared.cut_off)?;
             Ok(shared.disabled)
         }
     }
+}
+
+/// A token with this `iat` would be refused by a revocation cut-off (`iat <= cut_off`): 503
+/// with the seconds until tokens issued then pass, instead of a token that never works.
+fn refuse_under_cut_off(iat: i64, cut_off: i64) -> Result<(), TokenError> {
+    if iat > cut_off {
+        return Ok(());
+    }
+    let now = Utc::now().timestamp();
+    Err(TokenError {
+        retry_after: Some(u64::try_from(cut_off - now + 1).unwrap_or(1).max(1)),
+        ..error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "temporarily_unavailable",
+            "tokens issued now would fall under a revocation's cut-off; retry after the given seconds",
+        )
+    })
 }
 
 fn rate_limited(secs: u64) -> TokenError {
@@ -219,7 +232,7 @@ async fn issue(
             )))
         }
     }
-    let disabled = issue_state(broker, live, &client.id)
+    let disabled = issue_state(broker, live, &client.id, now.timestamp())
         .await
         .map_err(with_client)?;
     // A client with no grants at all is unauthorized; one whose only grant expired gets

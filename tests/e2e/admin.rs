@@ -312,3 +312,39 @@ async fn refused_admin_calls_are_audited() {
     assert_eq!(admin[1]["error"], "unknown connector");
     assert_eq!(admin[1]["target"], "connector:nosuch");
 }
+
+/// A client revoked in this second: a token issued to it now would be refused on every use
+/// (`iat` at or before the cut-off), so the token endpoint answers 503 with `Retry-After`
+/// instead, and a token asked for after it works.
+#[tokio::test]
+async fn no_dead_token_is_issued_in_a_client_revocations_second() {
+    let up = FakeUpstream::start().await;
+    let b = TestBroker::start(&standard_config(up.addr)).await;
+    // Just past a second's start, so the revocation and the request share that second.
+    let into_second = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_millis();
+    tokio::time::sleep(std::time::Duration::from_millis(u64::from(
+        1010 - into_second,
+    )))
+    .await;
+    let revoke = b
+        .admin_call("POST", "/v1/revoke", "{\"client\":\"bot\"}")
+        .await;
+    assert_eq!(revoke.0, 200);
+    let (status, headers, body) = b
+        .token_request("bot", SECRET, "github:issues.read", &[])
+        .await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("temporarily_unavailable"), "{body}");
+    let wait: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=2).contains(&wait), "{wait}");
+    tokio::time::sleep(std::time::Duration::from_secs(wait)).await;
+    let token = b.token("github:issues.read", &[]).await;
+    assert_eq!(
+        b.status("GET", "/github/repos/acme/widget/issues", &token)
+            .await,
+        200
+    );
+}

@@ -23,6 +23,12 @@ local function now_us()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
+-- An expiry second computed on a replica's clock, never less than an hour
+-- (KEEP_PAST_EXP_SECS) past Redis's own: with Redis's clock far ahead, an EXAT in its past
+-- would delete a use counter at every use (max_uses unlimited) or a revocation at once.
+local function keep_until(second)
+  return math.max(tonumber(second), tonumber(redis.call('TIME')[1]) + 3600)
+end
 -- For scripts taking ARGV[1] = the epoch this replica is in and ARGV[2] = the highest
 -- generation it saw: 'epoch' if the epoch moved, 'rollback' if Redis went back to older data.
 local function guard()
@@ -58,7 +64,7 @@ if ARGV[5] ~= '1' then return {'not_authorized', 0, gen} end
 local max = tonumber(ARGV[6])
 if max > 0 then
   local used = redis.call('INCR', KEYS[5])
-  if used == 1 then redis.call('EXPIREAT', KEYS[5], ARGV[7]) end
+  if used == 1 then redis.call('EXPIREAT', KEYS[5], keep_until(ARGV[7])) end
   gen = redis.call('INCR', KEYS[8])
   if used > max then return {'uses_spent', 0, gen} end
 end
@@ -119,7 +125,8 @@ pub(super) const SEED: &str = r"
 local j = cjson.decode(ARGV[1])
 local now = tonumber(redis.call('TIME')[1])
 for _, e in ipairs(j.jtis) do
-  if e[2] > now then redis.call('SET', 'credbroker:revoked:jti:' .. e[1], 1, 'EXAT', e[2]) end
+  -- NX: a revocation Redis still holds is not written again every round.
+  if e[2] > now then redis.call('SET', 'credbroker:revoked:jti:' .. e[1], 1, 'EXAT', e[2], 'NX') end
 end
 for _, e in ipairs(j.clients) do
   local at = tonumber(redis.call('HGET', 'credbroker:revoked:clients', e[1]) or -1)
@@ -169,7 +176,7 @@ end
 pub(super) const REVOKE_JTI: &str = r"
 local g = guard()
 if g then return {g, 0, 0} end
-redis.call('SET', KEYS[1], 1, 'EXAT', ARGV[3])
+redis.call('SET', KEYS[1], 1, 'EXAT', keep_until(ARGV[3]))
 return {'ok', redis.call('INCR', 'credbroker:generation'), 0}
 ";
 
