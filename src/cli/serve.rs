@@ -1,6 +1,7 @@
 //! `credbroker serve [--dev]`: start the listeners, reload on SIGHUP, drain on SIGTERM/SIGINT.
 //! [`start`] is the library entry the tests use: it binds everything and returns handles.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -85,8 +86,17 @@ pub fn run(args: ServeArgs, config_path: &std::path::Path) -> anyhow::Result<Exi
                 eprintln!("admin listening on {a}");
             }
         }
-        wait_for_signals(&running).await;
+        let again = wait_for_signals(&running).await;
         tracing::info!("shutting down: draining in-flight requests");
+        if let Some(again) = again {
+            // A drain that does not end (a hung disk, a request that outlives its timeout)
+            // can still be cut short from the terminal or the supervisor.
+            tokio::spawn(async move {
+                again.await;
+                tracing::error!("a second stop signal: exiting without finishing the drain");
+                std::process::exit(1);
+            });
+        }
         running.shutdown().await;
         Ok(ExitCode::SUCCESS)
     })
@@ -132,8 +142,9 @@ fn init_tracing() {
         .try_init();
 }
 
-/// SIGHUP reloads; SIGTERM or SIGINT return (to shut down).
-async fn wait_for_signals(running: &Running) {
+/// SIGHUP reloads (in its own task, so that a reload waiting on the audit log never holds
+/// up a stop); SIGTERM or SIGINT return, with what resolves at the next one of them.
+async fn wait_for_signals(running: &Running) -> Option<impl Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut hup), Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::hangup()),
@@ -142,17 +153,26 @@ async fn wait_for_signals(running: &Running) {
     ) else {
         tracing::error!("cannot install signal handlers; waiting for Ctrl-C only");
         let _ = tokio::signal::ctrl_c().await;
-        return;
+        return None;
     };
     loop {
         tokio::select! {
             _ = hup.recv() => {
-                let _ = crate::admin::reload(&running.broker, "signal:SIGHUP", None).await;
+                let broker = Arc::clone(&running.broker);
+                tokio::spawn(async move {
+                    let _ = crate::admin::reload(&broker, "signal:SIGHUP", None).await;
+                });
             }
-            _ = term.recv() => return,
-            _ = int.recv() => return,
+            _ = term.recv() => break,
+            _ = int.recv() => break,
         }
     }
+    Some(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
 }
 
 /// Opens the audit log and state, binds the listeners and serves until [`Running::shutdown`].
@@ -186,7 +206,13 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .admin
         .as_ref()
         .map(|a| (a.listen, a.token_sha256, a.max_connections));
+    // Both listeners are bound before anything is recorded or served: a port in use stops
+    // the start with no `startup` record and no listener left serving.
     let proxy_listener = server::bind(config.server.listen).await?;
+    let admin_listener = match &admin_cfg {
+        Some((listen, ..)) => Some(server::bind(*listen).await?),
+        None => None,
+    };
     let mut startup = Record::new(Event::Startup);
     startup.version = Some(env!("CARGO_PKG_VERSION").to_owned());
     startup.config_sha256 = Some(config.sha256.clone());
@@ -216,9 +242,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         wait_stop(stopped.clone()),
     )));
     let mut admin_addr = None;
-    if let Some((listen, token_sha256, max_connections)) = admin_cfg {
+    if let Some(((_, token_sha256, max_connections), listener)) = admin_cfg.zip(admin_listener) {
         let tls = broker.listener_tls.admin.clone().flatten();
-        let listener = server::bind(listen).await?;
         admin_addr = Some(listener.local_addr()?);
         let state = Arc::new(AdminState {
             broker: Arc::clone(&broker),

@@ -875,6 +875,61 @@ async fn sigterm_during_a_slow_call_completes_it_and_exits_0() {
     verify_chain_independently(&dir.path().join("audit.jsonl"));
 }
 
+/// A drain that would take long (here a 30 s upstream within a 60 s request_timeout) is cut
+/// short by a second stop signal: the process exits at once, with 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_stop_signal_cuts_the_drain_short() {
+    let (upstream, arrived) = slow_upstream(Duration::from_secs(30)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = standard_config(upstream)
+        .replace("request_timeout = \"5s\"", "request_timeout = \"60s\"")
+        .replace("upstream_timeout = \"2s\"", "upstream_timeout = \"40s\"");
+    let path = write_config(dir.path(), &config);
+    let mut broker = ChildBroker::spawn(&path);
+    let token = token_at(broker.proxy, "github:issues.read").await;
+    let proxy = broker.proxy;
+    let _call = tokio::spawn(async move { get_at(proxy, ISSUES, &token).await });
+    tokio::time::timeout(Duration::from_secs(10), arrived.notified())
+        .await
+        .expect("the call reached the upstream");
+    broker.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(broker.child.try_wait().unwrap().is_none(), "still draining");
+    let second = Instant::now();
+    broker.signal("INT");
+    assert_eq!(broker.exit().await.code(), Some(1));
+    assert!(
+        second.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        second.elapsed()
+    );
+}
+
+/// Both listeners are bound before anything is recorded or served: an admin port in use
+/// fails the start with no `startup` record (and no proxy listener left serving).
+#[tokio::test]
+async fn an_admin_port_in_use_fails_the_start_before_anything_is_recorded() {
+    let up = FakeUpstream::start().await;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let config = standard_config(up.addr).replacen(
+        "[admin]\nlisten = \"127.0.0.1:0\"",
+        &format!("[admin]\nlisten = \"127.0.0.1:{port}\""),
+        1,
+    );
+    let path = write_config(dir.path(), &config);
+    let config = credbroker::config::Config::load(&path).unwrap();
+    assert!(credbroker::cli::serve::start(config).await.is_err());
+    let audit = dir.path().join("audit.jsonl");
+    let records = if audit.exists() {
+        audit_records(&audit)
+    } else {
+        Vec::new()
+    };
+    assert!(events(&records, "startup").is_empty(), "{records:?}");
+}
+
 /// The soft and hard "Max open files" of a process.
 fn open_file_limits(pid: u32) -> (u64, u64) {
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
