@@ -34,20 +34,15 @@ pub enum WatchError {
     NotAFile(PathBuf),
 }
 
-/// Whether `config_path` is a real file holding exactly the config in force — false for
-/// `serve --dev`, whose config is built in memory under a name that is not on disk.
-pub fn is_backed_by_file(config_path: &Path, sha256: &str) -> bool {
-    file_sha256(config_path).is_some_and(|s| s == sha256)
-}
-
-/// Starts the watcher when the config in force came from a real file; a watch that cannot be
-/// set up is logged (the other two reload triggers still work) rather than fatal.
+/// Starts the watcher when the config in force came from a file (not `serve --dev`'s, built
+/// in memory) — also when the file has changed since it was read: its first look then
+/// reloads. A watch that cannot be set up is logged (the other two reload triggers still
+/// work) rather than fatal.
 pub fn start_if_file_backed(
     broker: &Arc<Broker>,
     stopped: watch::Receiver<bool>,
 ) -> Option<tokio::task::JoinHandle<()>> {
-    let live = broker.live();
-    if !is_backed_by_file(&live.config.path, &live.config.sha256) {
+    if broker.live().config.in_memory {
         return None;
     }
     match spawn(Arc::clone(broker), stopped) {
@@ -94,7 +89,9 @@ async fn run(broker: Arc<Broker>, path: PathBuf, mut stopped: watch::Receiver<bo
     // The content last tried: a broken save is reported once, not on every later poll.
     // (`Some(None)`: an unreadable file was tried.)
     let mut last_tried: Option<Option<String>> = None;
-    let mut seen = stamp(&path);
+    // Nothing seen yet: the first look compares the file with the config in force, which may
+    // have been read from an earlier version of it while the broker started.
+    let mut seen = None;
     let mut tick = tokio::time::interval(POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -161,17 +158,5 @@ mod tests {
         std::fs::write(&tmp, "b").unwrap();
         std::fs::rename(&tmp, &path).unwrap();
         assert_ne!(stamp(&path), before, "an editor's atomic save is seen");
-    }
-
-    #[test]
-    fn a_file_that_differs_from_the_config_in_force_is_not_backing_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("c.toml");
-        std::fs::write(&path, "a").unwrap();
-        let sha = hex::encode(Sha256::digest(b"a"));
-        assert!(is_backed_by_file(&path, &sha));
-        std::fs::write(&path, "b").unwrap();
-        assert!(!is_backed_by_file(&path, &sha));
-        assert!(!is_backed_by_file(&dir.path().join("missing.toml"), &sha));
     }
 }

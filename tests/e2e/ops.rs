@@ -905,6 +905,30 @@ async fn a_second_stop_signal_cuts_the_drain_short() {
     );
 }
 
+/// A config file changed while the broker started (after it was read) is still watched: the
+/// watcher's first look finds it differs from the config in force and reloads it.
+#[tokio::test]
+async fn a_config_changed_during_the_start_is_reloaded() {
+    let up = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let first = standard_config(up.addr);
+    let path = write_config(dir.path(), &first);
+    let config = credbroker::config::Config::load(&path).unwrap();
+    let changed = narrowed(&first);
+    std::fs::write(&path, &changed).unwrap();
+    let running = credbroker::cli::serve::start(config).await.unwrap();
+    let wanted = sha256_hex(&changed);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while running.broker.live().config.sha256 != wanted {
+        assert!(
+            Instant::now() < deadline,
+            "the changed file was never loaded"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    running.shutdown().await;
+}
+
 /// Both listeners are bound before anything is recorded or served: an admin port in use
 /// fails the start with no `startup` record (and no proxy listener left serving).
 #[tokio::test]
