@@ -29,7 +29,7 @@ use crate::proxy::ProxyBody;
 use crate::tls::TlsError;
 
 mod deadlines;
-use deadlines::{Activity, Deadlines, InFlight, Protocol};
+use deadlines::{Activity, Deadlines, InFlight, Opening, Protocol};
 
 /// A response body that keeps its request counted as in flight until it is sent or dropped.
 struct InFlightBody {
@@ -194,21 +194,19 @@ async fn serve_connection(
     builder: &ConnectionBuilder,
     watcher: hyper_util::server::graceful::Watcher,
 ) {
+    // The handshake, the first byte and the first request's head, all within
+    // `header_read_timeout` of the accept: a silent or slow client cannot hold a slot longer.
+    let first_request_by = tokio::time::Instant::now() + limits.header_read_timeout;
+    let opening = |protocol| Opening {
+        protocol,
+        first_request_by,
+    };
     let Some(acceptor) = tls else {
         let info = ConnInfo::new(peer, false, None);
-        return serve_http(
-            stream,
-            Protocol::Unknown,
-            info,
-            limits,
-            role,
-            builder,
-            watcher,
-        )
-        .await;
+        let opening = opening(Protocol::Unknown);
+        return serve_http(stream, opening, info, limits, role, builder, watcher).await;
     };
-    // The handshake is bounded like the headers: a silent client cannot hold a slot.
-    let handshake = tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream)).await;
+    let handshake = tokio::time::timeout_at(first_request_by, acceptor.accept(stream)).await;
     let stream = match handshake {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
@@ -226,13 +224,22 @@ async fn serve_connection(
         _ => Protocol::Unknown,
     };
     let info = ConnInfo::new(peer, true, client_cert);
-    serve_http(stream, protocol, info, limits, role, builder, watcher).await;
+    serve_http(
+        stream,
+        opening(protocol),
+        info,
+        limits,
+        role,
+        builder,
+        watcher,
+    )
+    .await;
 }
 
 /// HTTP/1.1 or HTTP/2 on an accepted (and, for TLS, handshaken) connection.
 async fn serve_http<I>(
     io: I,
-    protocol: Protocol,
+    opening: Opening,
     info: ConnInfo,
     limits: ListenerLimits,
     role: Role,
@@ -253,11 +260,16 @@ async fn serve_http<I>(
         // HTTP/2 only: a request counts as activity until its response body is sent, and
         // the response must be sent by the request's deadline (see `deadlines`); it takes a
         // place among the listener's HTTP/2 requests in flight, or is refused at once.
-        let in_flight = requests.is_http2().then(|| {
+        let in_flight = if requests.is_http2() {
             let deadline = tokio::time::Instant::now() + limits.request_timeout;
             let place = Arc::clone(&h2_requests).try_acquire_owned().ok();
-            (requests.request(), deadline, place)
-        });
+            Some((requests.request(), deadline, place))
+        } else {
+            // HTTP/1.1: hyper's header timer covers idleness; the first request's coming
+            // only ends the connection's first deadline.
+            requests.request_started();
+            None
+        };
         async move {
             let (guard, deadline, permit) = match in_flight {
                 None => return handle(role, info, limits.max_header_bytes, req).await,
@@ -280,9 +292,9 @@ async fn serve_http<I>(
     // `header_read_timeout`, as a slow one is.
     let io = Deadlines::new(
         io,
+        opening,
         header_read_timeout,
         limits.request_timeout,
-        protocol,
         activity,
     );
     let conn = builder.http.serve_connection(TokioIo::new(io), service);

@@ -1,10 +1,12 @@
 //! Deadlines on a connection that is not doing anything.
 //!
-//! - **First byte.** hyper-util's `auto` builder reads the first bytes of a connection to tell
-//!   HTTP/1.1 from HTTP/2, with no timeout of its own, and hyper's `header_read_timeout` starts
-//!   only after that. So a client that connects (or finishes a TLS handshake) and then sends
-//!   nothing would hold a connection slot for ever, and `max_connections` of them would shut
-//!   everyone else out.
+//! - **First request.** hyper-util's `auto` builder reads the first bytes of a connection to
+//!   tell HTTP/1.1 from HTTP/2, with no timeout of its own, and hyper's `header_read_timeout`
+//!   starts only after that. So a client that connects (or finishes a TLS handshake) and then
+//!   sends nothing would hold a connection slot for ever, and `max_connections` of them would
+//!   shut everyone else out. One deadline, `header_read_timeout` from the accept, covers the
+//!   TLS handshake, the first byte and the first request's head together: taken one after the
+//!   other, each with its own timeout, they let a slow client hold a slot three times as long.
 //! - **Idle HTTP/2.** An HTTP/1.1 connection that sits between requests is closed by hyper
 //!   after `header_read_timeout`. An HTTP/2 connection has no such limit, and its keep-alive
 //!   pings prove only that the peer is alive: a peer that opens connections, answers pings and
@@ -63,6 +65,12 @@ impl Activity {
         self.http2.load(Ordering::Relaxed)
     }
 
+    /// Counts an HTTP/1.1 request's start (its head has been read): the connection's first
+    /// request has come.
+    pub fn request_started(&self) {
+        self.events.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Counts a request as in flight until the guard drops: keep it with the response body,
     /// so a long download is not taken for idleness.
     pub fn request(self: &Arc<Self>) -> InFlight {
@@ -118,6 +126,14 @@ impl Drop for InFlight {
     }
 }
 
+/// How a connection starts: its protocol if known, and by when its first request must have
+/// come (its head read), counted from the accept.
+#[derive(Clone, Copy, Debug)]
+pub struct Opening {
+    pub protocol: Protocol,
+    pub first_request_by: Instant,
+}
+
 /// How the connection speaks, when it is known before the first byte (TLS ALPN).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Protocol {
@@ -130,8 +146,10 @@ pub enum Protocol {
 pub struct Deadlines<I> {
     io: I,
     within: Duration,
-    /// Armed until the first byte is read.
-    first_byte: Option<Pin<Box<Sleep>>>,
+    /// Armed until the first request has started.
+    first_request: Option<Pin<Box<Sleep>>>,
+    /// Whether the first bytes have been seen (the protocol is known from them).
+    sniffed: bool,
     /// Set once the connection is known to speak HTTP/2.
     idle: Option<Idle>,
     activity: Arc<Activity>,
@@ -151,25 +169,26 @@ struct Idle {
 }
 
 impl<I> Deadlines<I> {
-    /// `within`: the first-byte and idle deadline (`header_read_timeout`); `write_within`: the
-    /// longest a write may make no progress (`request_timeout`).
+    /// `within`: the idle deadline (`header_read_timeout`); `write_within`: the longest a
+    /// write may make no progress (`request_timeout`).
     pub fn new(
         io: I,
+        opening: Opening,
         within: Duration,
         write_within: Duration,
-        protocol: Protocol,
         activity: Arc<Activity>,
     ) -> Self {
-        if protocol == Protocol::Http2 {
+        if opening.protocol == Protocol::Http2 {
             activity.http2.store(true, Ordering::Relaxed);
         }
         Self {
             io,
             within,
-            first_byte: Some(Box::pin(tokio::time::sleep(within))),
+            first_request: Some(Box::pin(tokio::time::sleep_until(opening.first_request_by))),
+            sniffed: false,
             idle: None,
             activity,
-            protocol,
+            protocol: opening.protocol,
             write_within,
             write_stalled: None,
             overdue: None,
@@ -221,7 +240,7 @@ impl<I> Deadlines<I> {
 
     /// After the first bytes: an HTTP/2 connection starts its idle watch.
     fn first_bytes(&mut self, bytes: &[u8]) {
-        self.first_byte = None;
+        self.sniffed = true;
         let h2 = self.protocol == Protocol::Http2
             || bytes.starts_with(H2_PREFACE_START)
             || H2_PREFACE_START.starts_with(bytes);
@@ -236,8 +255,11 @@ impl<I> Deadlines<I> {
 
     /// Whether a deadline has passed while the connection waits for bytes.
     fn expired(&mut self, cx: &mut Context<'_>) -> bool {
-        if let Some(first) = self.first_byte.as_mut() {
-            return first.as_mut().poll(cx).is_ready();
+        if let Some(first) = self.first_request.as_mut() {
+            if self.activity.events.load(Ordering::Relaxed) == 0 {
+                return first.as_mut().poll(cx).is_ready();
+            }
+            self.first_request = None;
         }
         let Some(idle) = self.idle.as_mut() else {
             return false;
@@ -267,7 +289,7 @@ impl<I: AsyncRead + Unpin> AsyncRead for Deadlines<I> {
         let this = &mut *self;
         match Pin::new(&mut this.io).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
-                if this.first_byte.is_some() && buf.filled().len() > before {
+                if !this.sniffed && buf.filled().len() > before {
                     this.first_bytes(&buf.filled()[before..]);
                 }
                 Poll::Ready(Ok(()))
@@ -336,8 +358,12 @@ mod tests {
         protocol: Protocol,
     ) -> (Deadlines<tokio::io::DuplexStream>, Arc<Activity>) {
         let activity = Arc::new(Activity::default());
+        let opening = Opening {
+            protocol,
+            first_request_by: Instant::now() + WITHIN,
+        };
         (
-            Deadlines::new(io, WITHIN, WITHIN * 2, protocol, Arc::clone(&activity)),
+            Deadlines::new(io, opening, WITHIN, WITHIN * 2, Arc::clone(&activity)),
             activity,
         )
     }
@@ -351,11 +377,24 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
         drop(client);
 
+        // The first bytes, then nothing: the first request's head must still come in time
+        // (a byte now and then does not hold the slot).
         let (mut client, server) = tokio::io::duplex(64);
         let (mut http1, _) = wrap(server, Protocol::Unknown);
+        let started = std::time::Instant::now();
         client.write_all(b"GET").await.unwrap();
         assert_eq!(http1.read(&mut buf).await.unwrap(), 3);
-        // Past the deadline, with the first bytes in, a quiet HTTP/1 peer is hyper's business.
+        let err = http1.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(started.elapsed() < WITHIN * 2, "{:?}", started.elapsed());
+        drop(client);
+
+        let (mut client, server) = tokio::io::duplex(64);
+        let (mut http1, activity) = wrap(server, Protocol::Unknown);
+        client.write_all(b"GET").await.unwrap();
+        assert_eq!(http1.read(&mut buf).await.unwrap(), 3);
+        activity.request_started();
+        // Past the deadline, after its first request, a quiet HTTP/1 peer is hyper's business.
         let read = tokio::time::timeout(WITHIN * 3, http1.read(&mut buf)).await;
         assert!(read.is_err(), "still waiting: no deadline for it here");
     }

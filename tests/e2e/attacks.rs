@@ -1902,3 +1902,35 @@ async fn http2_requests_in_flight_are_bounded_like_connections() {
         assert_eq!(retry_after.as_ref().unwrap(), "1");
     }
 }
+
+/// One deadline from the accept covers the first byte and the first request's head: a
+/// client that waits almost `header_read_timeout` before its first byte, then trickles the
+/// head, is cut off at `header_read_timeout` — not a second one counted from that byte.
+#[tokio::test]
+async fn a_late_first_byte_gets_no_second_header_read_timeout() {
+    let up = FakeUpstream::start().await;
+    let b = TestBroker::start(&server_with(up.addr, "header_read_timeout = \"1s\"")).await;
+    let mut slow = TcpStream::connect(b.addr).await.unwrap();
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let mut closed_after = None;
+    for byte in b"GET /github/repos/acme/widget/issues HTTP/1.1\r\n".iter() {
+        if slow.write_all(&[*byte]).await.is_err() {
+            closed_after = Some(started.elapsed());
+            break;
+        }
+        let mut buf = [0u8; 64];
+        match tokio::time::timeout(Duration::from_millis(100), slow.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                closed_after = Some(started.elapsed());
+                break;
+            }
+            _ => {}
+        }
+    }
+    let closed_after = closed_after.expect("the broker never closed the slow connection");
+    assert!(
+        closed_after < Duration::from_millis(1500),
+        "closed after {closed_after:?}"
+    );
+}
