@@ -303,6 +303,13 @@ impl RedisState {
         let conn = connect(&client)?;
         let journal_file = state_dir.join(format!("shared-{}.json", replica.unwrap_or("default")));
         let mut journal = load_journal(&journal_file)?;
+        // Journals other replica names left in this folder (the name defaults to the host
+        // name, new with every container): what they knew is taken in, so a renamed replica
+        // still knows the epoch — and sets its cut-off when Redis lost its data — and keeps
+        // the kill switches in force.
+        for other in sibling_journals(state_dir, &journal_file)? {
+            journal.take_in(other);
+        }
         // The `memory` backend's file in the same folder is seeded too (a move to shared
         // state keeps its revocations); it no longer changes, so it is read once, here.
         // A file that cannot be read or parsed stops the start, as it stops the `memory`
@@ -852,6 +859,34 @@ impl RedisState {
 }
 
 impl Journal {
+    /// Takes in what another replica's journal in the same folder knew; on a kill switch both
+    /// know, this one's stands unless the other's replaces it by [`switch_replaces`]'s rule.
+    fn take_in(&mut self, other: Journal) {
+        for (jti, until) in other.jtis {
+            let entry = self.jtis.entry(jti).or_insert(until);
+            *entry = (*entry).max(until);
+        }
+        for (client, at) in other.clients {
+            let entry = self.clients.entry(client).or_insert(at);
+            *entry = (*entry).max(at);
+        }
+        let current = self.epoch.clone();
+        for (connector, theirs) in other.switches {
+            match self.switches.get(&connector) {
+                Some(ours) if !switch_replaces(&theirs, ours, &current) => {}
+                _ => {
+                    self.switches.insert(connector, theirs);
+                }
+            }
+        }
+        // An epoch known to any replica here beats none: only a replica that knew one can
+        // tell a loss of Redis's data from a first start.
+        if self.epoch.is_empty() && other.generation >= self.generation {
+            self.epoch = other.epoch;
+        }
+        self.generation = self.generation.max(other.generation);
+    }
+
     /// Takes in the `memory` backend's revocations and kill switches; what the journal holds
     /// already stays (it is newer).
     fn adopt(&mut self, legacy: Entries) {
@@ -873,6 +908,37 @@ impl Journal {
             });
         }
     }
+}
+
+/// The journals of other replica names in `state_dir` (`shared-*.json` but `own`).
+fn sibling_journals(state_dir: &Path, own: &Path) -> Result<Vec<Journal>, StateError> {
+    let entries = match std::fs::read_dir(state_dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(StateError::Io {
+                path: state_dir.to_path_buf(),
+                source,
+            })
+        }
+    };
+    let mut journals = Vec::new();
+    for entry in entries {
+        let path = entry
+            .map_err(|source| StateError::Io {
+                path: state_dir.to_path_buf(),
+                source,
+            })?
+            .path();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        if name.starts_with("shared-") && name.ends_with(".json") && path != own {
+            journals.push(load_journal(&path)?);
+        }
+    }
+    Ok(journals)
 }
 
 /// The journal, if any. A corrupt one is logged and replaced by the next write: it is a safety

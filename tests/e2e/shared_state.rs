@@ -708,3 +708,33 @@ async fn a_switch_off_made_after_a_rollback_survives_the_re_seeding() {
     tokio::time::sleep(Duration::from_millis(2100)).await; // past the new epoch's cut-off
     assert_github_switched_off(&[&a, &b]).await;
 }
+
+/// A replica restarted under another name (its host name, new with each container) over the
+/// same state folder, after Redis lost its data: the old name's journal still counts, so the
+/// loss is not taken for a first start — the kill switch stays on and the revoked token
+/// stays refused.
+#[tokio::test]
+async fn a_renamed_replica_keeps_what_its_old_journal_knew_across_a_redis_loss() {
+    let Some(redis) = Redis::start() else { return };
+    let up = FakeUpstream::start().await;
+    let keys = tempfile::tempdir().unwrap();
+    let key = keygen_signing_key(keys.path());
+    let mut a = TestBroker::start(&replica_config(up.addr, &key, &redis, "a")).await;
+    let revoked = a.token("github:issues.read", &[]).await;
+    let body = jti_body(&jti_of(&revoked));
+    assert_eq!(a.admin_call("POST", "/v1/revoke", &body).await.0, 200);
+    assert_eq!(a.admin_call("POST", "/v1/revoke", GITHUB).await.0, 200);
+    // The journal copies the kill switches in force every 2 s.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    a.stop().await;
+    let dir = std::mem::replace(&mut a.dir, tempfile::tempdir().unwrap());
+    assert!(redis_command(redis.port, &["FLUSHALL"]).starts_with("+OK"));
+
+    let renamed = replica_config(up.addr, &key, &redis, "a2");
+    let again = TestBroker::start_in(&renamed, dir).await;
+    // Past the new epoch's cut-off (its second plus the 1 s skew allowance).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_github_switched_off(&[&again]).await;
+    assert_eq!(again.status("GET", TARGET, &revoked).await, 401);
+    assert_eq!(up.count(), 0);
+}
