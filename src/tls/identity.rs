@@ -37,8 +37,13 @@ impl PeerIdentity {
                 ext.value
                     .general_names
                     .iter()
+                    // A URI has a scheme, so a `:`; a DNS name never has one. A name of the
+                    // other shape is malformed and left out, so that a `cert_san` matches only
+                    // the kind of name it is: a CA that lets holders pick DNS names must not
+                    // hand out a client's `spiffe://…` identity that way.
                     .filter_map(|name| match name {
-                        GeneralName::URI(s) | GeneralName::DNSName(s) => Some((*s).to_owned()),
+                        GeneralName::URI(s) if s.contains(':') => Some((*s).to_owned()),
+                        GeneralName::DNSName(s) if !s.contains(':') => Some((*s).to_owned()),
                         _ => None,
                     })
                     .collect()
@@ -109,6 +114,22 @@ mod tests {
         assert!(dns_id.has_san("bot.acme.example"));
         assert_eq!(dns_id.x5t_s256, x5t_s256(&dns.cert_der));
         assert_ne!(dns_id.x5t_s256, uri.x5t_s256);
+    }
+
+    #[test]
+    fn a_dns_name_shaped_like_a_uri_is_no_uri_identity() {
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = vec![
+            rcgen::SanType::DnsName("spiffe://acme.example/bot".try_into().unwrap()),
+            rcgen::SanType::URI("bot.acme.example".try_into().unwrap()),
+            rcgen::SanType::DnsName("ok.acme.example".try_into().unwrap()),
+        ];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let id = PeerIdentity::from_der(cert.der()).unwrap();
+        assert!(!id.has_san("spiffe://acme.example/bot"));
+        assert!(!id.has_san("bot.acme.example"));
+        assert_eq!(id.sans, vec!["ok.acme.example".to_owned()]);
     }
 
     #[test]
