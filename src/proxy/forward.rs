@@ -667,20 +667,39 @@ impl Drop for UpstreamBody {
 /// One client per distinct trust configuration, shared across reloads so pools survive them.
 #[derive(Default)]
 pub struct UpstreamClients {
-    by_ca: Mutex<HashMap<Option<PathBuf>, UpstreamClient>>,
+    /// By `upstream_ca` path and the SHA-256 of the file's bytes when it was read.
+    by_ca: Mutex<HashMap<Option<(PathBuf, [u8; 32])>, UpstreamClient>>,
 }
 
 impl UpstreamClients {
-    /// The client for connectors trusting webpki roots plus `extra_ca`.
+    /// The client for connectors trusting webpki roots plus `extra_ca`. The file is read
+    /// each time (each load or reload): an unchanged file keeps its client and pooled
+    /// connections, a changed one — a trust root removed or rotated — gets a new client (and
+    /// a broken one fails the reload, as it would fail the next start).
     pub fn get(&self, extra_ca: Option<&Path>) -> Result<UpstreamClient, String> {
-        let key = extra_ca.map(Path::to_path_buf);
+        use sha2::{Digest, Sha256};
+        let pem = extra_ca
+            .map(|path| {
+                std::fs::read(path)
+                    .map(|pem| (path, pem))
+                    .map_err(|e| format!("cannot read {}: {e}", path.display()))
+            })
+            .transpose()?;
+        let key = pem
+            .as_ref()
+            .map(|(path, pem)| (path.to_path_buf(), Sha256::digest(pem).into()));
         let mut map = self.by_ca.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = map.get(&key) {
-            // A changed CA file is picked up by a reload only when the path changes; rebuild
-            // every time instead would drop every pooled connection on each reload.
             return Ok(c.clone());
         }
-        let client = UpstreamClient::new(extra_ca)?;
+        let extra = pem.as_ref().map(|(path, pem)| (*path, pem.as_slice()));
+        let tls =
+            crate::tls::upstream_client_config_from_pem(extra, true).map_err(|e| e.to_string())?;
+        let client = UpstreamClient::with(tls, LIMITS);
+        // The same file's older contents are no longer trusted by anything loaded from now.
+        if let Some((path, _)) = &key {
+            map.retain(|k, _| k.as_ref().is_none_or(|(p, _)| p != path));
+        }
         map.insert(key, client.clone());
         Ok(client)
     }

@@ -577,6 +577,29 @@ async fn broker_with_tls_upstream() -> (FakeUpstream, TlsUpstream, TestBroker) {
     (unused, up, b)
 }
 
+/// `upstream_ca` is read again by a reload: a trust root removed from the file (rotated to
+/// another CA) is no longer trusted by new connections, and an unchanged file keeps its pool.
+#[tokio::test]
+async fn a_reload_reads_a_changed_upstream_ca_file() {
+    let (_unused, up, b) = broker_with_tls_upstream().await;
+    let token = b.token("github:issues.read", &[]).await;
+    let target = "/github/repos/acme/widget/issues";
+    assert_eq!(b.call("GET", target, &token).await.0, 200);
+    // Reloading the unchanged file keeps the client: the call goes on the pooled connection.
+    assert_eq!(b.admin_call("POST", "/v1/reload", "").await.0, 200);
+    assert_eq!(b.call("GET", target, &token).await.0, 200);
+    let other = generate_dev_pki(&[]).unwrap();
+    write_pem(b.dir.path(), "ca.pem", &other.ca_cert_pem);
+    assert_eq!(b.admin_call("POST", "/v1/reload", "").await.0, 200);
+    let (status, _, body) = b.call("GET", target, &token).await;
+    assert_eq!(status, 502, "the old CA is no longer trusted: {body}");
+    assert!(body.contains("UnknownIssuer"), "{body}");
+    assert_eq!(up.seen().len(), 2);
+    // A file that is no CA fails the reload; the config in force stays.
+    std::fs::write(b.dir.path().join("ca.pem"), "not a certificate").unwrap();
+    assert_eq!(b.admin_call("POST", "/v1/reload", "").await.0, 400);
+}
+
 #[tokio::test]
 async fn upstream_over_tls_with_a_private_ca() {
     let (_unused, up, b) = broker_with_tls_upstream().await;
