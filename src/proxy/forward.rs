@@ -667,9 +667,11 @@ impl Drop for UpstreamBody {
 /// One client per distinct trust configuration, shared across reloads so pools survive them.
 #[derive(Default)]
 pub struct UpstreamClients {
-    /// By `upstream_ca` path and the SHA-256 of the file's bytes when it was read.
-    by_ca: Mutex<HashMap<Option<(PathBuf, [u8; 32])>, UpstreamClient>>,
+    by_ca: Mutex<HashMap<Option<CaFile>, UpstreamClient>>,
 }
+
+/// An `upstream_ca` file: its path and the SHA-256 of its bytes when it was read.
+type CaFile = (PathBuf, [u8; 32]);
 
 impl UpstreamClients {
     /// The client for connectors trusting webpki roots plus `extra_ca`. The file is read
