@@ -23,6 +23,30 @@ struct RevocationSet {
     disabled: HashSet<String>,
 }
 
+impl RevocationSet {
+    fn revoke_jti(&mut self, jti: &str, exp: i64, now: i64) {
+        // Expired tokens are refused anyway, once past the leeway (see the constant).
+        self.jtis
+            .retain(|_, e| e.saturating_add(KEEP_PAST_EXP_SECS) >= now);
+        self.jtis.insert(jti.to_owned(), exp);
+    }
+
+    /// A later revocation never moves the cut-off back (a wall clock stepped back between two
+    /// would otherwise make the tokens issued between them valid again).
+    fn revoke_client(&mut self, client: &str, now: i64) {
+        let cut_off = self.clients.entry(client.to_owned()).or_insert(now);
+        *cut_off = (*cut_off).max(now);
+    }
+
+    fn set_disabled(&mut self, connector: &str, disabled: bool) {
+        if disabled {
+            self.disabled.insert(connector.to_owned());
+        } else {
+            self.disabled.remove(connector);
+        }
+    }
+}
+
 /// What [`Revocations::entries`] lists.
 pub struct Entries {
     /// Revoked token ids and their `exp`.
@@ -42,6 +66,9 @@ pub struct Revocations {
     /// file (one's rename failing, or publishing the other's half-written bytes), and an older
     /// snapshot could land after a newer one.
     writing: Mutex<()>,
+    /// Test hook: writes wait while this holds (a disk that stopped answering), 5 s at most.
+    #[cfg(test)]
+    pub(super) stall_writes: std::sync::atomic::AtomicBool,
 }
 
 impl Revocations {
@@ -60,6 +87,8 @@ impl Revocations {
             file,
             set: RwLock::new(set),
             writing: Mutex::new(()),
+            #[cfg(test)]
+            stall_writes: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -85,32 +114,31 @@ impl Revocations {
     }
 
     pub fn revoke_jti(&self, jti: &str, exp: i64, now: i64) -> Result<(), StateError> {
-        self.update(|s| {
-            // Expired tokens are refused anyway, once past the leeway (see the constant).
-            s.jtis
-                .retain(|_, e| e.saturating_add(KEEP_PAST_EXP_SECS) >= now);
-            s.jtis.insert(jti.to_owned(), exp);
-        })
+        self.update(|s| s.revoke_jti(jti, exp, now))
     }
 
-    /// Revokes every token of `client` issued at or before the second `now`. A later
-    /// revocation never moves the cut-off back (a wall clock stepped back between two would
-    /// otherwise make the tokens issued between them valid again).
+    /// Revokes every token of `client` issued at or before the second `now`.
     pub fn revoke_client(&self, client: &str, now: i64) -> Result<(), StateError> {
-        self.update(|s| {
-            let cut_off = s.clients.entry(client.to_owned()).or_insert(now);
-            *cut_off = (*cut_off).max(now);
-        })
+        self.update(|s| s.revoke_client(client, now))
     }
 
     pub fn set_disabled(&self, connector: &str, disabled: bool) -> Result<(), StateError> {
-        self.update(|s| {
-            if disabled {
-                s.disabled.insert(connector.to_owned());
-            } else {
-                s.disabled.remove(connector);
+        self.update(|s| s.set_disabled(connector, disabled))
+    }
+
+    /// Puts `change` in force in memory only; [`Self::persist`] writes the state file.
+    pub(super) fn apply_in_memory(&self, change: &super::Change) {
+        let mut set = self.set.write().unwrap_or_else(|e| e.into_inner());
+        match change {
+            super::Change::RevokeJti { jti, exp } => {
+                set.revoke_jti(jti, *exp, chrono::Utc::now().timestamp());
             }
-        })
+            super::Change::RevokeClient { client, at } => set.revoke_client(client, *at),
+            super::Change::SetDisabled {
+                connector,
+                disabled,
+            } => set.set_disabled(connector, *disabled),
+        }
     }
 
     /// Everything revoked or switched off. The `redis` backend seeds Redis with it (a
@@ -134,6 +162,18 @@ impl Revocations {
     /// returned so the admin call reports that it will not survive a restart.
     fn update(&self, change: impl FnOnce(&mut RevocationSet)) -> Result<(), StateError> {
         change(&mut self.set.write().unwrap_or_else(|e| e.into_inner()));
+        self.persist()
+    }
+
+    /// Writes the state as it is now to the state file.
+    pub(super) fn persist(&self) -> Result<(), StateError> {
+        #[cfg(test)]
+        for _ in 0..500 {
+            if !self.stall_writes.load(std::sync::atomic::Ordering::Relaxed) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         // One writer at a time, each writing the state as it is once its turn comes: the last
         // write holds every change, whatever order the calls finished in.
         let _writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());

@@ -112,28 +112,42 @@ impl StateStore {
 
     /// Applies an admin change. On `memory` it is in force at once and then written to the
     /// state file on a blocking thread (it ends in an `fsync`; the async worker also serves
-    /// proxy calls): an error means "in force, not persisted". On `redis` an error means it
-    /// was not applied.
+    /// proxy calls), waited for at most [`PERSIST_WAIT`]: an error means "in force, not
+    /// persisted" — also when the disk does not answer, so that an admin change held by a
+    /// hung write (and the admin lock with it) never keeps a later kill switch waiting. On
+    /// `redis` an error means it was not applied.
     pub async fn apply(self: &Arc<Self>, change: Change) -> Result<(), StateError> {
         match &**self {
-            Self::Memory(_) => {
+            Self::Memory(r) => {
+                r.apply_in_memory(&change);
                 let this = Arc::clone(self);
-                tokio::task::spawn_blocking(move || match &*this {
-                    Self::Memory(r) => change.apply_to(r),
+                let write = tokio::task::spawn_blocking(move || match &*this {
+                    Self::Memory(r) => r.persist(),
                     Self::Redis(_) => unreachable!("matched Memory above"),
-                })
-                .await
-                .unwrap_or_else(|e| {
-                    Err(StateError::Io {
-                        path: PathBuf::from("state"),
-                        source: std::io::Error::other(e.to_string()),
-                    })
-                })
+                });
+                let not_written = |why: String| StateError::Io {
+                    path: PathBuf::from("state"),
+                    source: std::io::Error::other(why),
+                };
+                match tokio::time::timeout(PERSIST_WAIT, write).await {
+                    Ok(Ok(written)) => written,
+                    Ok(Err(e)) => Err(not_written(e.to_string())),
+                    Err(_) => Err(not_written(format!(
+                        "the state file was not written within {} s (the write goes on)",
+                        PERSIST_WAIT.as_secs()
+                    ))),
+                }
             }
             Self::Redis(r) => r.apply(&change).await,
         }
     }
 }
+
+/// The longest an admin change waits for the state file to be written (`memory` backend).
+#[cfg(not(test))]
+pub const PERSIST_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+#[cfg(test)]
+pub const PERSIST_WAIT: std::time::Duration = std::time::Duration::from_millis(300);
 
 /// An admin change of the revocation state.
 #[derive(Clone, Debug)]
@@ -146,15 +160,50 @@ pub enum Change {
     SetDisabled { connector: String, disabled: bool },
 }
 
-impl Change {
-    fn apply_to(&self, r: &Revocations) -> Result<(), StateError> {
-        match self {
-            Self::RevokeJti { jti, exp } => r.revoke_jti(jti, *exp, chrono::Utc::now().timestamp()),
-            Self::RevokeClient { client, at } => r.revoke_client(client, *at),
-            Self::SetDisabled {
-                connector,
-                disabled,
-            } => r.set_disabled(connector, *disabled),
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_state_file_write_that_hangs_holds_no_change_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let revocations = Revocations::load(dir.path()).unwrap();
+        let state = Arc::new(StateStore::Memory(revocations));
+        let StateStore::Memory(r) = &*state else {
+            unreachable!()
+        };
+        r.stall_writes
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let started = std::time::Instant::now();
+        let revoke = Change::RevokeClient {
+            client: "bot".into(),
+            at: 1_000,
+        };
+        let first = state.apply(revoke).await;
+        assert!(first.as_ref().is_err_and(StateError::applied), "{first:?}");
+        // The next change (a kill switch) is in force at once, though its write queues behind.
+        let kill = Change::SetDisabled {
+            connector: "github".into(),
+            disabled: true,
+        };
+        assert!(state.apply(kill).await.is_err());
+        assert!(
+            started.elapsed() < PERSIST_WAIT * 4,
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(r.is_disabled("github") && r.is_revoked("j", "bot", 1_000));
+        // Once the disk answers, the file holds both.
+        r.stall_writes
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let again = Revocations::load(dir.path()).unwrap();
+            if again.is_disabled("github") && again.is_revoked("j", "bot", 1_000) {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "never written");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
     }
 }
