@@ -38,6 +38,10 @@ pub struct Cache {
     generation: AtomicU64,
 }
 
+/// How long before its expiry a credential past its refresh point stops being served while the
+/// refresh runs (callers then wait for the new one).
+const SERVE_MARGIN: chrono::TimeDelta = chrono::TimeDelta::seconds(5);
+
 /// The outcome of the latest mint, kept so callers that waited for it share a failure too.
 #[derive(Default)]
 struct Attempt {
@@ -103,6 +107,23 @@ impl Cache {
                 self.unexpired().ok_or(e)
             }
         }
+    }
+
+    /// The cached credential past its refresh point that may still be served while a refresh
+    /// runs: one not within [`SERVE_MARGIN`] (or half its refresh window, if shorter) of its
+    /// expiry — a call forwarded with it arrives before it expires.
+    pub fn usable(&self) -> Option<Arc<Minted>> {
+        let now = self.clock.now();
+        self.current.load_full().filter(|m| {
+            let window = (m.expires_at - m.refresh_at) / 2;
+            let margin = window.min(SERVE_MARGIN);
+            now < m.expires_at - margin
+        })
+    }
+
+    /// Whether a mint is running now.
+    pub fn refreshing(&self) -> bool {
+        self.refresh.try_lock().is_err()
     }
 
     /// Drops `used` if it is still the cached credential (the upstream refused it); a newer
@@ -214,10 +235,10 @@ mod tests {
         let (clock, cache) = setup();
         let n = AtomicUsize::new(0);
         cache.get(minter(&n, 300)).await.unwrap();
-        clock.advance(250); // past the refresh point (240 s), before expiry
+        clock.advance(280); // past the refresh point (270 s), before expiry
         let m = cache.get(failing).await.unwrap();
         assert_eq!(m.token.expose(), b"tok-0");
-        clock.advance(50); // exactly at expiry
+        clock.advance(20); // exactly at expiry
         assert!(matches!(
             cache.get(failing).await,
             Err(CredentialError::Status(500))

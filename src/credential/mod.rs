@@ -201,17 +201,29 @@ impl DynamicCredential {
 
     /// A fresh credential: the cached one, or one minted now (lazily, on first use). The mint
     /// runs as its own task so a caller that goes away does not cancel it for the others.
+    /// Past its refresh point a cached credential still well before its expiry is served at
+    /// once while one refresh runs in the background: the point of refreshing early is that
+    /// no call waits for it (a slow or failing token endpoint costs nothing until the
+    /// credential is about to expire).
     pub async fn get(self: &Arc<Self>, audit: &AuditLog) -> Result<Arc<Minted>, CredentialError> {
         if let Some(m) = self.cache.fresh() {
             return Ok(m);
         }
         let this = Arc::clone(self);
         let audit = audit.clone();
-        let task =
+        let mint = move || {
             tokio::spawn(
                 async move { this.cache.get(|now| this.mint_and_audit(now, &audit)).await },
-            );
-        task.await
+            )
+        };
+        if let Some(m) = self.cache.usable() {
+            if !self.cache.refreshing() {
+                drop(mint());
+            }
+            return Ok(m);
+        }
+        mint()
+            .await
             .map_err(|_| CredentialError::Unreachable("the mint task failed".into()))?
     }
 
@@ -260,7 +272,11 @@ impl DynamicCredential {
         // Every mint is audited (DESIGN §3.7): a credential whose record cannot be written is
         // dropped (zeroized) rather than cached — kept, it would serve call after call once
         // the log recovered, with no record of where it came from.
-        if let Err(e) = audit.append(record).await {
+        // Bounded like the exchange: a disk that stopped answering must not hold the refresh
+        // (and every call queued behind it) for ever. A record that lands later names a
+        // credential that was never used.
+        let by = std::time::Instant::now() + MINT_TIMEOUT;
+        if let Err(e) = audit.append_by(record, by).await {
             tracing::error!(error = %e, "cannot write the credential_refreshed audit record; the credential is not used");
             return Err(CredentialError::Unaudited);
         }
@@ -344,5 +360,106 @@ mod tests {
         )
         .unwrap();
         assert!(!format!("{m:?}").contains("sentinel"));
+    }
+}
+
+#[cfg(test)]
+mod refresh_tests {
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Mutex;
+
+    use chrono::TimeZone;
+    use hyper::service::service_fn;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    use super::*;
+    use crate::audit::{AuditOptions, FsyncPolicy};
+    use crate::config::OAuth2AuthMethod;
+
+    struct FakeClock(Mutex<DateTime<Utc>>);
+
+    impl Clock for FakeClock {
+        fn now(&self) -> DateTime<Utc> {
+            *self.0.lock().unwrap()
+        }
+    }
+
+    /// A token endpoint that answers its first request at once (`at-0`, 300 s) and never
+    /// answers any later one; returns its address and the requests it saw.
+    async fn first_answer_only() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(AtomicUsize::new(0));
+        let count = Arc::clone(&seen);
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let count = Arc::clone(&count);
+                tokio::spawn(async move {
+                    let svc = service_fn(move |_req| {
+                        let n = count.fetch_add(1, Ordering::SeqCst);
+                        async move {
+                            if n > 0 {
+                                std::future::pending::<()>().await;
+                            }
+                            let body =
+                                r#"{"access_token":"at-0","token_type":"Bearer","expires_in":300}"#;
+                            Ok::<_, std::convert::Infallible>(http::Response::new(
+                                http_body_util::Full::new(Bytes::from_static(body.as_bytes())),
+                            ))
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        (addr, seen)
+    }
+
+    #[tokio::test]
+    async fn past_its_refresh_point_a_valid_credential_is_served_while_the_refresh_runs() {
+        let (addr, seen) = first_answer_only().await;
+        let t0 = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
+        let clock = Arc::new(FakeClock(Mutex::new(t0)));
+        let credential = Credential::OAuth2(OAuth2Credential {
+            token_url: format!("http://{addr}/token").parse().unwrap(),
+            client_id: "app".into(),
+            client_secret: Secret::new("s3cret"),
+            scope: None,
+            auth_method: OAuth2AuthMethod::Post,
+        });
+        let client = UpstreamClient::new(None).unwrap();
+        let source = DynamicCredential::with_clock("gh", &credential, client, clock.clone())
+            .unwrap()
+            .unwrap();
+        let source = Arc::new(source);
+        let dir = tempfile::tempdir().unwrap();
+        let audit = AuditLog::open(AuditOptions {
+            path: dir.path().join("audit.jsonl"),
+            fsync: FsyncPolicy::Never,
+            rotate_bytes: None,
+            hmac_key: None,
+            replica: None,
+        })
+        .unwrap();
+        let first = source.get(&audit).await.unwrap();
+        assert_eq!(first.token.expose(), b"at-0");
+        // Past the refresh point (270 s), 20 s before expiry: served at once, refresh started.
+        *clock.0.lock().unwrap() = t0 + chrono::Duration::seconds(280);
+        let served = tokio::time::timeout(Duration::from_secs(1), source.get(&audit))
+            .await
+            .expect("not held up by the refresh");
+        assert!(Arc::ptr_eq(&served.unwrap(), &first));
+        let started = std::time::Instant::now();
+        while seen.load(Ordering::SeqCst) < 2 {
+            assert!(started.elapsed() < Duration::from_secs(5), "no refresh");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Within 5 s of expiry the cached one is no longer served: callers wait for the mint.
+        *clock.0.lock().unwrap() = t0 + chrono::Duration::seconds(296);
+        let waited = tokio::time::timeout(Duration::from_millis(300), source.get(&audit)).await;
+        assert!(waited.is_err(), "a credential about to expire was served");
+        audit.close();
     }
 }

@@ -891,7 +891,13 @@ async fn upstream_credential<'r>(
     let unavailable = || deny(Refusal::CredentialUnavailable, "credential_unavailable");
     let minted = source.get(&broker.audit).await.map_err(|e| {
         tracing::warn!(connector = %connector.name, error = %e, "no upstream credential; refusing the call");
-        unavailable()
+        // A credential minted but not audited is the audit log's failure (check 7's answer).
+        match e {
+            crate::credential::CredentialError::Unaudited => {
+                deny(Refusal::AuditUnavailable, "audit_unavailable")
+            }
+            _ => unavailable(),
+        }
     })?;
     let injection = Injection::new(&connector.auth, &minted.token).map_err(|_| {
         tracing::error!(connector = %connector.name, "the minted credential cannot be injected as configured");
