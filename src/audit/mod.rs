@@ -26,7 +26,9 @@ pub use verify::{
     verify_files, verify_files_with, FailureReason, VerifyError, VerifyFailure, VerifyOptions,
     VerifyReport,
 };
-pub use writer::{AuditLog, AuditOptions, AuditStats, FsyncObserver, FsyncPolicy};
+pub use writer::{
+    AppendLate, AuditLog, AuditOptions, AuditStats, FsyncObserver, FsyncPolicy, PendingAppend,
+};
 
 /// Why the audit log could not be opened or a record not be appended.
 #[derive(Debug, thiserror::Error)]

@@ -18,8 +18,10 @@
 //! 10 ms. Batching and fail-closed behaviour are the same code either way.
 
 use std::fs::{File, OpenOptions};
+use std::future::Future;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex, Weak};
 use std::thread::JoinHandle;
@@ -199,6 +201,37 @@ enum Msg {
     Close(mpsc::SyncSender<Option<Answer>>, Option<Box<Record>>),
 }
 
+/// A write still waiting for its answer, with the log it goes to.
+type PendingWrite = dyn Future<Output = (AuditLog, Result<u64, AuditError>)> + Send;
+
+/// Why [`AuditLog::append_within`] returned without the record's seq.
+pub enum AppendLate {
+    /// The record is not in the log (see [`AuditLog::append`]).
+    Failed(AuditError),
+    /// Not acknowledged by the deadline: the write goes on.
+    Pending(PendingAppend),
+}
+
+/// A write [`AuditLog::append_within`] stopped waiting for.
+pub struct PendingAppend {
+    write: Pin<Box<PendingWrite>>,
+}
+
+impl PendingAppend {
+    /// Queues `next` (detached) once the pending record is written; drops it if that record
+    /// is not written (then neither is in the log).
+    pub fn then_queue(self, next: Record) {
+        tokio::spawn(async move {
+            let (log, written) = self.write.await;
+            if written.is_ok() {
+                if let Err(e) = log.append_detached(next) {
+                    tracing::error!(error = %e, "cannot queue the audit record that follows a late one");
+                }
+            }
+        });
+    }
+}
+
 /// Where the writer sends one record's outcome.
 enum Reply {
     Async(AnswerTx),
@@ -344,6 +377,29 @@ impl AuditLog {
         tokio::time::timeout_at(deadline.into(), self.append(record))
             .await
             .unwrap_or(Err(AuditError::TimedOut))
+    }
+
+    /// [`Self::append_by`] for a record whose caller owes a second one if the first is late
+    /// (a call refused because its allow record was not acknowledged in time): when the
+    /// deadline passes, the write goes on, and [`PendingAppend::then_queue`] queues the second
+    /// record once — and only if — the first is written, so it never precedes it.
+    pub async fn append_within(
+        &self,
+        record: Record,
+        deadline: Instant,
+    ) -> Result<u64, AppendLate> {
+        if self.inner.inline.is_some() {
+            return self.append(record).await.map_err(AppendLate::Failed);
+        }
+        let log = self.clone();
+        let mut write: Pin<Box<PendingWrite>> = Box::pin(async move {
+            let written = log.append(record).await;
+            (log, written)
+        });
+        match tokio::time::timeout_at(deadline.into(), write.as_mut()).await {
+            Ok((_, written)) => written.map_err(AppendLate::Failed),
+            Err(_) => Err(AppendLate::Pending(PendingAppend { write })),
+        }
     }
 
     fn lead(&self, slot: usize, relayed: Option<(AnswerTx, usize)>) -> Lead<'_> {

@@ -20,7 +20,7 @@ use super::headers;
 use super::inject::{Echoes, Injection};
 use super::respond::{full, Refusal};
 use super::ProxyBody;
-use crate::audit::{AuditError, AuditLog, Decision, Event, Record};
+use crate::audit::{AppendLate, AuditLog, Decision, Event, PendingAppend, Record};
 use crate::broker::{take, Broker, ConnectorRuntime, Live, Spend};
 use crate::config::{Client, Connector, Operation};
 use crate::credential::{DynamicCredential, Minted};
@@ -76,6 +76,9 @@ impl From<Refusal> for Denial {
 fn deny(refusal: Refusal, reason: &'static str) -> Denial {
     Denial { refusal, reason }
 }
+
+/// The least time the allow record's write is given, whatever is left of the request's.
+const AUDIT_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The request target split at the connector: `/github/repos/x` → (`github`, `/repos/x`).
 struct Target<'a> {
@@ -275,11 +278,17 @@ async fn stages(
     // call owes its outcome.
     let allow = facts.take_for_allow();
     facts.stage = Stage::AllowQueued;
-    let written = broker.audit.append_by(allow, body_deadline).await;
-    if let Err(AuditError::TimedOut) = written {
+    // The request's time, but never less than a healthy disk needs (a call that spent its
+    // budget uploading is not refused for a sync of a few milliseconds).
+    let by = body_deadline.max(Instant::now() + AUDIT_GRACE);
+    let written = match broker.audit.append_within(allow, by).await {
+        Ok(_) => Ok(()),
         // Still queued: it may yet be written, so its outcome follows it — not forwarded.
-        return Ok(not_forwarded(broker, live, facts, started));
-    }
+        Err(AppendLate::Pending(pending)) => {
+            return Ok(not_forwarded(broker, live, facts, started, pending));
+        }
+        Err(AppendLate::Failed(e)) => Err(e),
+    };
     if let Err(e) = written {
         // The deny record says all the allow record would have.
         facts.refill(
@@ -1140,6 +1149,7 @@ fn not_forwarded(
     live: &Live,
     facts: &mut AuditFacts,
     started: Instant,
+    allow: PendingAppend,
 ) -> Response<ProxyBody> {
     let refusal = Refusal::AuditUnavailable;
     tracing::error!("the audit log did not acknowledge the allow record within request_timeout; refusing to forward");
@@ -1161,9 +1171,7 @@ fn not_forwarded(
     );
     facts.stage = Stage::Recorded;
     let request_id = record.request_id.clone().unwrap_or_default();
-    if let Err(e) = broker.audit.append_detached(record) {
-        tracing::error!(error = %e, "cannot queue the proxy_result of a call not forwarded");
-    }
+    allow.then_queue(record);
     refusal.into_response(&request_id)
 }
 

@@ -250,18 +250,20 @@ async fn a_disk_that_stops_answering_holds_no_call_past_request_timeout() {
                 std::thread::sleep(Duration::from_millis(10));
             }
         }));
-    // The first record after this point enters the stall; the call whose allow follows it
-    // waits behind it.
+    // The first record after this point enters the stall; the calls whose allows follow it
+    // wait behind it.
     let started = std::time::Instant::now();
-    let (s, headers, body) = b
-        .call("GET", "/github/repos/acme/widget/issues", &token)
-        .await;
+    let calls = (0..3).map(|_| b.call("GET", "/github/repos/acme/widget/issues", &token));
+    let answers = futures_util::future::join_all(calls).await;
     let took = started.elapsed();
-    assert_eq!(s, 503, "{body}");
-    assert!(body.contains("audit_unavailable"), "{body}");
+    let mut request_ids = Vec::new();
+    for (s, headers, body) in answers {
+        assert_eq!(s, 503, "{body}");
+        assert!(body.contains("audit_unavailable"), "{body}");
+        request_ids.push(headers["x-request-id"].to_str().unwrap().to_owned());
+    }
     assert!(took < Duration::from_secs(3), "answered after {took:?}");
     assert_eq!(up.count(), 0, "nothing forwarded unaudited");
-    let request_id = headers["x-request-id"].to_str().unwrap().to_owned();
     let (s, _, body) = b
         .token_request("bot", SECRET, "github:issues.read", &[])
         .await;
@@ -275,18 +277,21 @@ async fn a_disk_that_stops_answering_holds_no_call_past_request_timeout() {
     assert_eq!(s, 200, "{body}");
     b.stop().await;
     let records = b.audit();
-    let of_call: Vec<_> = records
-        .iter()
-        .filter(|r| r["request_id"] == request_id.as_str())
-        .collect();
-    assert_eq!(of_call.len(), 2, "{of_call:?}");
-    assert_eq!(of_call[0]["event"], "proxy");
-    assert_eq!(of_call[0]["decision"], "allow");
-    assert_eq!(of_call[1]["event"], "proxy_result");
-    assert_eq!(of_call[1]["status"], 503);
-    assert!(of_call[1]["error"]
-        .as_str()
-        .unwrap()
-        .starts_with("not forwarded"));
+    // Each refused call: its allow, then (after it, never before) its outcome.
+    for request_id in &request_ids {
+        let of_call: Vec<_> = records
+            .iter()
+            .filter(|r| r["request_id"] == request_id.as_str())
+            .collect();
+        assert_eq!(of_call.len(), 2, "{of_call:?}");
+        assert_eq!(of_call[0]["event"], "proxy");
+        assert_eq!(of_call[0]["decision"], "allow");
+        assert_eq!(of_call[1]["event"], "proxy_result");
+        assert_eq!(of_call[1]["status"], 503);
+        assert!(of_call[1]["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("not forwarded"));
+    }
     assert_eq!(verify_chain_independently(&b.audit_path()), records.len());
 }
