@@ -5,6 +5,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,7 +37,7 @@ struct InFlightBody {
     body: ProxyBody,
     _guard: InFlight,
     /// The request's place among the listener's HTTP/2 requests in flight.
-    _permit: tokio::sync::OwnedSemaphorePermit,
+    _place: Place,
 }
 
 impl http_body::Body for InFlightBody {
@@ -97,7 +98,7 @@ pub async fn serve(
     // `MAX_STREAMS_PER_CONNECTION` each. What every request may hold (a 64 KiB token form, a
     // chunked body up to `max_body_bytes`, an upstream connection) is bounded per request, so
     // the listener's HTTP/2 requests in flight are bounded as its connections are.
-    let h2_requests = Arc::new(Semaphore::new(limits.max_connections));
+    let h2_requests = Arc::new(Places::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -259,10 +260,16 @@ async fn serve_http<I>(
         let info = Arc::clone(&info);
         // HTTP/2 only: a request counts as activity until its response body is sent, and
         // the response must be sent by the request's deadline (see `deadlines`); it takes a
-        // place among the listener's HTTP/2 requests in flight, or is refused at once.
+        // place among the listener's HTTP/2 requests in flight, or is refused at once — but a
+        // connection's only request in flight needs none: whoever holds every place cannot
+        // keep a connection from being served at all.
         let in_flight = if requests.is_http2() {
             let deadline = tokio::time::Instant::now() + limits.request_timeout;
-            let place = Arc::clone(&h2_requests).try_acquire_owned().ok();
+            let place = if requests.in_flight() == 0 {
+                Some(Place(None))
+            } else {
+                h2_requests.take()
+            };
             Some((requests.request(), deadline, place))
         } else {
             // HTTP/1.1: hyper's header timer covers idleness; the first request's coming
@@ -271,10 +278,10 @@ async fn serve_http<I>(
             None
         };
         async move {
-            let (guard, deadline, permit) = match in_flight {
+            let (guard, deadline, place) = match in_flight {
                 None => return handle(role, info, limits.max_header_bytes, req).await,
                 Some((_, _, None)) => return Ok(overloaded()),
-                Some((guard, deadline, Some(permit))) => (guard, deadline, permit),
+                Some((guard, deadline, Some(place))) => (guard, deadline, place),
             };
             let resp = handle(role, info, limits.max_header_bytes, req).await?;
             let mut guard = guard;
@@ -283,7 +290,7 @@ async fn serve_http<I>(
                 http_body_util::BodyExt::boxed_unsync(InFlightBody {
                     body,
                     _guard: guard,
-                    _permit: permit,
+                    _place: place,
                 })
             }))
         }
@@ -307,7 +314,44 @@ async fn serve_http<I>(
 struct ConnectionBuilder {
     http: auto::Builder<TokioExecutor>,
     /// Places for HTTP/2 requests in flight, across the listener's connections.
-    h2_requests: Arc<Semaphore>,
+    h2_requests: Arc<Places>,
+}
+
+/// Places for HTTP/2 requests in flight across a listener's connections: a count, taken and
+/// given back by every request (an atomic each way, no lock).
+struct Places {
+    taken: AtomicUsize,
+    max: usize,
+}
+
+/// A request's place, given back when dropped; `Place(None)`: a connection's only request,
+/// which needs none.
+struct Place(Option<Arc<Places>>);
+
+impl Places {
+    fn new(max: usize) -> Self {
+        Self {
+            taken: AtomicUsize::new(0),
+            max,
+        }
+    }
+
+    /// A place, if one is free.
+    fn take(self: &Arc<Self>) -> Option<Place> {
+        if self.taken.fetch_add(1, Ordering::Relaxed) >= self.max {
+            self.taken.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(Place(Some(Arc::clone(self))))
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        if let Some(places) = &self.0 {
+            places.taken.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// The answer to an HTTP/2 request beyond the listener's places (before any check: it is

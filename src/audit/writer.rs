@@ -52,9 +52,11 @@ const MAX_COMMIT_DELAY: Duration = Duration::from_micros(800);
 const SIBLINGS_PER_RECORD: usize = 4;
 /// Under `interval`, the longest a written record waits for its sync.
 const SYNC_INTERVAL: Duration = Duration::from_millis(10);
-/// Under `always`, the most records waiting for the writer thread (queued, not yet answered).
-/// Only a disk that stopped answering fills it — a healthy one takes a batch per sync —, and
-/// past it records are refused (503) instead of piling up in memory while calls time out.
+/// Under `always`, the most records waiting for the writer thread (queued, not yet answered),
+/// at least: [`AuditLog::expect_in_flight`] raises it to what the listeners let be in flight
+/// (each call waits on one record at a time). Only a disk that stopped answering fills it —
+/// a healthy one takes a batch per sync —, and past it records are refused (503) instead of
+/// piling up in memory while calls time out.
 const MAX_QUEUED: usize = 64 * MAX_BATCH;
 /// Start-up reads this much of the file's end first when looking for the last intact record.
 const TAIL_WINDOW: u64 = 64 * 1024;
@@ -179,8 +181,10 @@ struct Shared {
     /// Proxied calls in progress ([`AuditLog::call_in_flight`]).
     calls_in_flight: AtomicUsize,
     /// Under `always`: records sent to the writer thread with someone waiting on them, not yet
-    /// answered (bounded by [`MAX_QUEUED`]).
+    /// answered (bounded by `max_queued`).
     queued: AtomicUsize,
+    /// [`MAX_QUEUED`], or more ([`AuditLog::expect_in_flight`]).
+    max_queued: AtomicUsize,
     /// Test hook: this many coming writes fail after writing half their bytes.
     #[cfg(test)]
     inject_failures: std::sync::atomic::AtomicU32,
@@ -279,6 +283,7 @@ impl AuditLog {
             relays: Arc::new(Relays::new(crate::workers::count())),
             calls_in_flight: AtomicUsize::new(0),
             queued: AtomicUsize::new(0),
+            max_queued: AtomicUsize::new(MAX_QUEUED),
             #[cfg(test)]
             inject_failures: std::sync::atomic::AtomicU32::new(0),
             #[cfg(test)]
@@ -364,6 +369,16 @@ impl AuditLog {
             None => self.send(record, Reply::Async(tx))?,
         }
         rx.await.map_err(|_| AuditError::Closed)?
+    }
+
+    /// Up to `calls` calls may wait on a record at once (the listeners' bound): records waiting
+    /// for the writer are refused only past that many (and never below [`MAX_QUEUED`]), so a
+    /// healthy burst is never taken for a stalled disk.
+    pub fn expect_in_flight(&self, calls: usize) {
+        self.inner
+            .shared
+            .max_queued
+            .store(calls.max(MAX_QUEUED), Ordering::Relaxed);
     }
 
     /// [`Self::append`], waiting at most until `deadline` for the answer (DESIGN §6: per-request
@@ -766,9 +781,10 @@ fn timed_sync(file: &File, shared: &Shared) -> io::Result<()> {
 }
 
 impl Shared {
-    /// Counts `n` more records for the writer thread, or refuses them past [`MAX_QUEUED`].
+    /// Counts `n` more records for the writer thread, or refuses them past `max_queued`.
     fn enqueue(&self, n: usize) -> Result<(), AuditError> {
-        if self.queued.fetch_add(n, Ordering::Relaxed) + n > MAX_QUEUED {
+        let max = self.max_queued.load(Ordering::Relaxed);
+        if self.queued.fetch_add(n, Ordering::Relaxed) + n > max {
             self.queued.fetch_sub(n, Ordering::Relaxed);
             return Err(AuditError::Backlog);
         }

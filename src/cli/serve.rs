@@ -47,9 +47,17 @@ impl Running {
         // Connections still open past the drain budget were stopped by the listeners, their
         // `proxy_result` records written; the extra workers stop now, and `shutdown` is then
         // the log's last record.
-        crate::workers::shutdown();
-        if let Err(e) = self.broker.audit.close_with(Record::new(Event::Shutdown)) {
-            tracing::error!(error = %e, "cannot write the shutdown audit record");
+        // Both block (joining worker threads, waiting for the last write): off this runtime's
+        // thread, which must stay free to act on a second stop signal if they never end.
+        let broker = self.broker;
+        let tail = tokio::task::spawn_blocking(move || {
+            crate::workers::shutdown();
+            if let Err(e) = broker.audit.close_with(Record::new(Event::Shutdown)) {
+                tracing::error!(error = %e, "cannot write the shutdown audit record");
+            }
+        });
+        if tail.await.is_err() {
+            tracing::error!("the end of the shutdown failed");
         }
     }
 
@@ -192,6 +200,17 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         replica: config.state.replica.clone(),
     })
     .with_context(|| format!("cannot open the audit log {}", config.audit.path.display()))?;
+    // Each call waits on one record at a time: HTTP/1.1 connections carry one call, HTTP/2
+    // ones one of their own plus the listener's places (`server::serve`), as many again.
+    let admin_connections = config.admin.as_ref().map_or(0, |a| a.max_connections);
+    audit.expect_in_flight(
+        config
+            .server
+            .max_connections
+            .saturating_mul(3)
+            .saturating_add(admin_connections.saturating_mul(3))
+            .saturating_add(1024),
+    );
     // The clock skew allowed between replicas' cut-offs: `tokens.leeway`, at most 5 s (each
     // second of it is a second after a revocation or a loss in which new tokens are refused).
     let skew = i64::try_from(config.tokens.leeway.as_secs().min(5)).unwrap_or(5);

@@ -1880,7 +1880,7 @@ async fn http2_requests_in_flight_are_bounded_like_connections() {
                     futures_util::stream::pending(),
                 ))
                 .unwrap();
-            let answer = tokio::time::timeout(Duration::from_millis(800), sender.send_request(req));
+            let answer = tokio::time::timeout(Duration::from_secs(2), sender.send_request(req));
             match answer.await {
                 Ok(Ok(resp)) => Some((
                     resp.status().as_u16(),
@@ -1890,12 +1890,28 @@ async fn http2_requests_in_flight_are_bounded_like_connections() {
             }
         }
     });
-    let answers = futures_util::future::join_all(calls).await;
+    let answers = tokio::spawn(futures_util::future::join_all(calls));
+    // Meanwhile, with every place taken, another connection's only request is still served.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let other = TcpStream::connect(b.addr).await.unwrap();
+    let (mut other, conn) = hyper::client::conn::http2::handshake::<_, _, String>(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(other),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let jwks = http::Request::get(format!("http://{}/.well-known/jwks.json", b.addr))
+        .body(String::new())
+        .unwrap();
+    let served = other.send_request(jwks).await.unwrap();
+    assert_eq!(served.status(), 200);
+    let answers = answers.await.unwrap();
     let refused: Vec<_> = answers.iter().flatten().collect();
     assert_eq!(
         refused.len(),
-        12,
-        "four held, the rest refused at once: {answers:?}"
+        11,
+        "the connection's own request and four places held, the rest refused at once: {answers:?}"
     );
     for (status, retry_after) in refused {
         assert_eq!(*status, 503);

@@ -125,8 +125,11 @@ pub(super) const SEED: &str = r"
 local j = cjson.decode(ARGV[1])
 local now = tonumber(redis.call('TIME')[1])
 for _, e in ipairs(j.jtis) do
-  -- NX: a revocation Redis still holds is not written again every round.
-  if e[2] > now then redis.call('SET', 'credbroker:revoked:jti:' .. e[1], 1, 'EXAT', e[2], 'NX') end
+  -- NX: a revocation Redis still holds is not written again every round. Its second is on
+  -- the replica's clock: kept at least an hour past Redis's own (as `keep_until` does), so a
+  -- Redis clock far ahead neither skips it nor sets it already expired.
+  local keep = math.max(tonumber(e[2]), now + 3600)
+  redis.call('SET', 'credbroker:revoked:jti:' .. e[1], 1, 'EXAT', keep, 'NX')
 end
 for _, e in ipairs(j.clients) do
   local at = tonumber(redis.call('HGET', 'credbroker:revoked:clients', e[1]) or -1)
