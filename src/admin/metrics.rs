@@ -89,13 +89,26 @@ pub struct Labels(Vec<(&'static str, Option<String>)>);
 
 impl EncodeLabelSet for Labels {
     fn encode(&self, encoder: LabelSetEncoder) -> Result<(), std::fmt::Error> {
-        let present: Vec<(&str, &str)> = self
+        let present: Vec<(&str, String)> = self
             .0
             .iter()
-            .filter_map(|(k, v)| v.as_deref().map(|v| (*k, v)))
+            .filter_map(|(k, v)| v.as_deref().map(|v| (*k, escape_label_value(v))))
             .collect();
+        let present: Vec<(&str, &str)> = present.iter().map(|(k, v)| (*k, v.as_str())).collect();
         EncodeLabelSet::encode(&present.as_slice(), encoder)
     }
+}
+
+/// A label value as the text format wants it (`\`, `\"` and `\n` escaped). prometheus-client
+/// 0.23 writes values as they are, and operation names and client ids come from the config:
+/// one `"` or newline in them would make every scrape unparsable.
+fn escape_label_value(v: &str) -> String {
+    if !v.contains(['\\', '"', '\n']) {
+        return v.to_owned();
+    }
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 fn labels(pairs: &[(&'static str, &str)]) -> Labels {
@@ -586,6 +599,15 @@ credential = "literal:x"
         assert!(!text.contains("attacker-chosen"));
         assert_eq!(m.usage("github")["allowed"], 1);
         assert!(m.usage("attacker-chosen")["allowed"] == 0);
+    }
+
+    #[test]
+    fn label_values_from_the_config_are_escaped() {
+        let m = Metrics::new();
+        m.token(Some("a\"b\\c\nd"), None);
+        let text = encode(&m);
+        assert!(text.contains(r#"client="a\"b\\c\nd""#), "{text}");
+        assert!(!text.contains("a\"b"), "{text}");
     }
 
     #[test]

@@ -591,3 +591,22 @@ fn the_admin_listener_has_its_own_connection_limit() {
         "{err}"
     );
 }
+
+#[test]
+fn operation_names_hold_no_whitespace_at_all() {
+    // A tab would be one scope item at issuance and two when the token is read back.
+    for bad in ["issues\\tread", "issues\\nread", "issues read"] {
+        let text = GOOD.replace("name = \"issues.read\"", &format!("name = \"{bad}\""));
+        let errors = parse(&text).unwrap_err().to_string();
+        assert!(errors.contains("without whitespace"), "{bad:?}: {errors}");
+    }
+}
+
+#[test]
+fn a_grant_max_ttl_under_a_second_is_an_error() {
+    for short in ["0s", "500ms"] {
+        let text = GOOD.replace("max_ttl = \"60s\"", &format!("max_ttl = \"{short}\""));
+        let errors = parse(&text).unwrap_err().to_string();
+        assert!(errors.contains("must be at least 1s"), "{short}: {errors}");
+    }
+}

@@ -596,11 +596,17 @@ fn operations(
     let mut seen = HashSet::new();
     for raw in raws {
         let key = format!("{connector_key}.operations[{}]", raw.name.get_ref());
-        if raw.name.get_ref().is_empty() || raw.name.get_ref().contains([' ', ':']) {
+        // A scope item is `connector:operation` and a scope is split on whitespace: a name
+        // with any whitespace (a tab, too) would be read back as other operations.
+        let name = raw.name.get_ref();
+        if name.is_empty()
+            || name.contains(':')
+            || name.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
             cx.err(
                 Some(raw.name.span()),
                 &key,
-                "operation name must be non-empty, without spaces or ':'",
+                "operation name must be non-empty, without whitespace, control characters or ':'",
             );
         }
         if !seen.insert(raw.name.get_ref().clone()) {
@@ -776,6 +782,14 @@ fn grant(
                         span.clone(),
                         &format!("{key}.max_ttl"),
                         "is above tokens.max_ttl",
+                    );
+                }
+                // Token lifetimes are whole seconds: less would be silently taken as 1 s.
+                if d < std::time::Duration::from_secs(1) {
+                    cx.err(
+                        span.clone(),
+                        &format!("{key}.max_ttl"),
+                        "must be at least 1s",
                     );
                 }
                 Some(d)
