@@ -398,14 +398,20 @@ impl AuditLog {
     /// (a call refused because its allow record was not acknowledged in time): when the
     /// deadline passes, the write goes on, and [`PendingAppend::then_queue`] queues the second
     /// record once — and only if — the first is written, so it never precedes it.
+    ///
+    /// The deadline is the later of `deadline` and `grace` from now (a call that spent its
+    /// time elsewhere is not refused for a healthy disk's few milliseconds).
     pub async fn append_within(
         &self,
         record: Record,
         deadline: Instant,
+        grace: Duration,
     ) -> Result<u64, AppendLate> {
         if self.inner.inline.is_some() {
             return self.append(record).await.map_err(AppendLate::Failed);
         }
+        // Read only here: inline writes (`never`, `interval`) need no clock.
+        let deadline = deadline.max(Instant::now() + grace);
         let log = self.clone();
         let mut write: Pin<Box<PendingWrite>> = Box::pin(async move {
             let written = log.append(record).await;

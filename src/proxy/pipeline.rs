@@ -280,8 +280,11 @@ async fn stages(
     facts.stage = Stage::AllowQueued;
     // The request's time, but never less than a healthy disk needs (a call that spent its
     // budget uploading is not refused for a sync of a few milliseconds).
-    let by = body_deadline.max(Instant::now() + AUDIT_GRACE);
-    let written = match broker.audit.append_within(allow, by).await {
+    let written = match broker
+        .audit
+        .append_within(allow, body_deadline, AUDIT_GRACE)
+        .await
+    {
         Ok(_) => Ok(()),
         // Still queued: it may yet be written, so its outcome follows it — not forwarded.
         Err(AppendLate::Pending(pending)) => {
