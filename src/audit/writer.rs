@@ -389,9 +389,14 @@ impl AuditLog {
         if self.inner.inline.is_some() {
             return self.append(record).await;
         }
-        tokio::time::timeout_at(deadline.into(), self.append(record))
-            .await
-            .unwrap_or(Err(AuditError::TimedOut))
+        // Boxed: a timer makes a future large, and this one is part of every call's future
+        // (a proxied call's is moved and held for each call), inline writes included.
+        Box::pin(tokio::time::timeout_at(
+            deadline.into(),
+            self.append(record),
+        ))
+        .await
+        .unwrap_or(Err(AuditError::TimedOut))
     }
 
     /// [`Self::append_by`] for a record whose caller owes a second one if the first is late
@@ -417,7 +422,8 @@ impl AuditLog {
             let written = log.append(record).await;
             (log, written)
         });
-        match tokio::time::timeout_at(deadline.into(), write.as_mut()).await {
+        // Boxed as in `append_by`: the timer stays out of every call's future.
+        match Box::pin(tokio::time::timeout_at(deadline.into(), write.as_mut())).await {
             Ok((_, written)) => written.map_err(AppendLate::Failed),
             Err(_) => Err(AppendLate::Pending(PendingAppend { write })),
         }
