@@ -18,7 +18,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::audit::{Event, Record};
+use crate::audit::{AppendLate, AuditError, Event, Record};
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::proxy::pipeline::ConnInfo;
@@ -50,7 +50,12 @@ pub async fn handle(
             if let Some(action) = action_of(req.method(), &path) {
                 // A wrong token at the kill switch is what monitoring wants to see.
                 let record = admin_record(action, None, conn, "denied", Some(request_id));
-                if let Err(e) = state.broker.audit.append(record).await {
+                if let Err(e) = state
+                    .broker
+                    .audit
+                    .append_by(record, audit_by(&state.broker))
+                    .await
+                {
                     tracing::error!(error = %e, "cannot write the admin audit record of a refused call");
                 }
             }
@@ -274,7 +279,15 @@ pub async fn reload(
     if let Err(e) = &prepared {
         record.error = Some(e.clone());
     }
-    let audited = broker.audit.append(record).await;
+    // A reload that is not installed because its record was late owes a second record
+    // saying so (the first may still land, saying `ok`).
+    let not_installed = {
+        let mut r = record.clone();
+        r.result = Some("failed".into());
+        r.error = Some("not installed: its audit record was not acknowledged in time".into());
+        r
+    };
+    let audited = append_or_correct(broker, record, not_installed).await;
     let result = match (prepared, audited) {
         (Ok(prepared), Ok(_)) => {
             prepared.install();
@@ -334,6 +347,35 @@ async fn disabled_connectors(broker: &Broker) -> Option<HashSet<String>> {
         .await
         .inspect_err(|e| tracing::warn!(error = %e, "cannot read the disabled connectors"))
         .ok()
+}
+
+/// How long an admin record is waited for (`request_timeout`, as any other record): a disk
+/// that stopped answering must not hold an admin change — and the admin lock, and the kill
+/// switch queued behind it — for ever.
+fn audit_by(broker: &Broker) -> std::time::Instant {
+    std::time::Instant::now() + broker.live().config.server.request_timeout
+}
+
+/// Writes the record of a change made only once it is written (a reload, an enable). Not
+/// acknowledged in time, the change is not made — but the record may still land saying it
+/// was: `correction` then follows it, saying it was not.
+async fn append_or_correct(
+    broker: &Broker,
+    record: Record,
+    correction: Record,
+) -> Result<u64, AuditError> {
+    match broker
+        .audit
+        .append_within(record, audit_by(broker), std::time::Duration::ZERO)
+        .await
+    {
+        Ok(seq) => Ok(seq),
+        Err(AppendLate::Failed(e)) => Err(e),
+        Err(AppendLate::Pending(pending)) => {
+            pending.then_queue(correction);
+            Err(AuditError::TimedOut)
+        }
+    }
 }
 
 /// What a `jti` given to `/v1/revoke` turned out to be.
@@ -505,7 +547,7 @@ async fn refused(
 ) -> Response<ProxyBody> {
     let mut record = admin_record(action, target, conn, "failed", Some(request_id));
     record.error = Some(why.to_owned());
-    if let Err(e) = broker.audit.append(record).await {
+    if let Err(e) = broker.audit.append_by(record, audit_by(broker)).await {
         tracing::error!(error = %e, "cannot write the admin audit record of a refused call");
     }
     bad(why, request_id)
@@ -555,7 +597,9 @@ async fn enable(
         return answer("enable", &target, result, audited, request_id);
     }
     let record = admin_record("enable", Some(&target), conn, "ok", Some(request_id));
-    if let Err(e) = broker.audit.append(record).await {
+    let mut not_made = admin_record("enable", Some(&target), conn, "failed", Some(request_id));
+    not_made.error = Some("not made: its audit record was not acknowledged in time".into());
+    if let Err(e) = append_or_correct(broker, record, not_made).await {
         tracing::error!(error = %e, %target, "cannot audit an enable; the connector stays disabled");
         return audit_unavailable(
             "the audit log cannot be written; the connector stays disabled",
@@ -574,7 +618,7 @@ async fn enable(
         // it again (state file): the log says which.
         let mut record = admin_record("enable", Some(&target), conn, outcome(e), Some(request_id));
         record.error = Some(e.to_string());
-        if let Err(e) = broker.audit.append(record).await {
+        if let Err(e) = broker.audit.append_by(record, audit_by(broker)).await {
             tracing::error!(error = %e, "cannot write the admin audit record of a failed enable");
         }
     }
@@ -604,7 +648,7 @@ async fn admin_outcome(
     if let Err(e) = result {
         record.error = Some(e.to_string());
     }
-    match broker.audit.append(record).await {
+    match broker.audit.append_by(record, audit_by(broker)).await {
         Ok(_) => true,
         Err(e) => {
             tracing::error!(error = %e, action, target, "admin change is in force but could not be audited");

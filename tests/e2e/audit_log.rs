@@ -295,3 +295,60 @@ async fn a_disk_that_stops_answering_holds_no_call_past_request_timeout() {
     }
     assert_eq!(verify_chain_independently(&b.audit_path()), records.len());
 }
+
+/// Admin changes on a disk that stopped answering (fsync = "always"): an enable whose record
+/// is not acknowledged in time is not made, and the record that follows its late `ok` says so;
+/// it does not hold the admin lock for ever, so a kill switch sent next takes effect.
+#[tokio::test]
+async fn admin_changes_on_a_stalled_disk_are_bounded_and_an_unaudited_enable_is_not_made() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let up = FakeUpstream::start().await;
+    let config =
+        standard_config(up.addr).replace("request_timeout = \"5s\"", "request_timeout = \"1s\"");
+    let mut b = TestBroker::start(&config).await;
+    let github = "{\"connector\":\"github\"}";
+    assert_eq!(b.admin_call("POST", "/v1/revoke", github).await.0, 200);
+    let stalled = Arc::new(AtomicBool::new(true));
+    let hold = Arc::clone(&stalled);
+    let audit = &b.running.as_ref().unwrap().broker.audit;
+    audit.set_fsync_observer(Arc::new(move |_| {
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while hold.load(Ordering::Relaxed) && std::time::Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }));
+    let started = std::time::Instant::now();
+    let (status, _, body) = b.admin_call("POST", "/v1/enable", github).await;
+    assert_eq!(status, 503, "{body}");
+    let (status, _, body) = b
+        .admin_call("POST", "/v1/revoke", "{\"client\":\"bot\"}")
+        .await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("in force now"), "{body}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    stalled.store(false, Ordering::Relaxed);
+    // github stayed off; bot's tokens are revoked.
+    let (status, _, body) = b
+        .token_request("bot", SECRET, "github:issues.read", &[])
+        .await;
+    assert_ne!(status, 200, "{body}");
+    b.stop().await;
+    let records = b.audit();
+    let enables: Vec<_> = events(&records, "admin")
+        .into_iter()
+        .filter(|r| r["action"] == "enable")
+        .collect();
+    assert_eq!(enables.len(), 2, "{enables:?}");
+    assert_eq!(enables[0]["result"], "ok");
+    assert_eq!(enables[1]["result"], "failed");
+    assert!(enables[1]["error"]
+        .as_str()
+        .unwrap()
+        .starts_with("not made"));
+    assert_eq!(verify_chain_independently(&b.audit_path()), records.len());
+}
