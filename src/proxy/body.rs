@@ -64,9 +64,14 @@ pub struct ClientBodyFailed(#[source] hyper::Error);
 
 /// Whether `error` (an upstream exchange's) comes from the client's request body.
 pub fn client_body_failed(error: &(dyn std::error::Error + 'static)) -> bool {
+    caused_by::<ClientBodyFailed>(error)
+}
+
+/// Whether a `T` is somewhere in `error`'s source chain.
+fn caused_by<T: std::error::Error + 'static>(error: &(dyn std::error::Error + 'static)) -> bool {
     let mut cause = Some(error);
     while let Some(e) = cause {
-        if e.is::<ClientBodyFailed>() {
+        if e.is::<T>() {
             return true;
         }
         cause = e.source();
@@ -81,14 +86,7 @@ pub struct RequestBodyTimeout;
 
 /// Whether `error` (an upstream exchange's) is the request body's deadline.
 pub fn request_body_timed_out(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cause = Some(error);
-    while let Some(e) = cause {
-        if e.is::<RequestBodyTimeout>() {
-            return true;
-        }
-        cause = e.source();
-    }
-    false
+    caused_by::<RequestBodyTimeout>(error)
 }
 
 /// The request body grew past the operation's `max_body_bytes` while streaming.

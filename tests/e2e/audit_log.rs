@@ -223,33 +223,39 @@ async fn admin_actions_on_a_full_disk_tighten_but_never_loosen_unaudited() {
     assert_eq!(up.count(), 1);
 }
 
+/// The standard config (fsync = "always") with a 1 s `request_timeout`.
+fn one_second_requests(upstream: std::net::SocketAddr) -> String {
+    standard_config(upstream).replace("request_timeout = \"5s\"", "request_timeout = \"1s\"")
+}
+
+/// Holds the broker's audit writer thread in its next syncs while the returned flag is set
+/// (at most 10 s each): a disk that stopped answering.
+fn stall_syncs(b: &TestBroker) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let stalled = Arc::new(AtomicBool::new(true));
+    let hold = Arc::clone(&stalled);
+    let audit = &b.running.as_ref().unwrap().broker.audit;
+    audit.set_fsync_observer(Arc::new(move |_| {
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while hold.load(Ordering::Relaxed) && std::time::Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }));
+    stalled
+}
+
 /// DESIGN §6, "bounded everything: per-request time": under `always`, a disk whose
 /// `fdatasync` stops returning holds no call past `request_timeout`. The call is answered 503
 /// and not forwarded; its allow record, still queued, lands once the disk answers, followed by
 /// a `proxy_result` saying nothing was forwarded. A token is refused the same way.
 #[tokio::test]
 async fn a_disk_that_stops_answering_holds_no_call_past_request_timeout() {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
     let up = FakeUpstream::start().await;
-    let config =
-        standard_config(up.addr).replace("request_timeout = \"5s\"", "request_timeout = \"1s\"");
-    let mut b = TestBroker::start(&config).await;
+    let mut b = TestBroker::start(&one_second_requests(up.addr)).await;
     let token = b.token("github:issues.read", &[]).await;
-    // The writer thread sits in its "sync" while `stalled` holds (at most 10 s): a hung disk.
-    let stalled = Arc::new(AtomicBool::new(true));
-    let hold = Arc::clone(&stalled);
-    b.running
-        .as_ref()
-        .unwrap()
-        .broker
-        .audit
-        .set_fsync_observer(Arc::new(move |_| {
-            let until = std::time::Instant::now() + Duration::from_secs(10);
-            while hold.load(Ordering::Relaxed) && std::time::Instant::now() < until {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }));
+    let stalled = stall_syncs(&b);
     // The first record after this point enters the stall; the calls whose allows follow it
     // wait behind it.
     let started = std::time::Instant::now();
@@ -301,23 +307,12 @@ async fn a_disk_that_stops_answering_holds_no_call_past_request_timeout() {
 /// it does not hold the admin lock for ever, so a kill switch sent next takes effect.
 #[tokio::test]
 async fn admin_changes_on_a_stalled_disk_are_bounded_and_an_unaudited_enable_is_not_made() {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
     let up = FakeUpstream::start().await;
-    let config =
-        standard_config(up.addr).replace("request_timeout = \"5s\"", "request_timeout = \"1s\"");
-    let mut b = TestBroker::start(&config).await;
+    let mut b = TestBroker::start(&one_second_requests(up.addr)).await;
     let github = "{\"connector\":\"github\"}";
     assert_eq!(b.admin_call("POST", "/v1/revoke", github).await.0, 200);
-    let stalled = Arc::new(AtomicBool::new(true));
-    let hold = Arc::clone(&stalled);
-    let audit = &b.running.as_ref().unwrap().broker.audit;
-    audit.set_fsync_observer(Arc::new(move |_| {
-        let until = std::time::Instant::now() + Duration::from_secs(10);
-        while hold.load(Ordering::Relaxed) && std::time::Instant::now() < until {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }));
+    let stalled = stall_syncs(&b);
     let started = std::time::Instant::now();
     let (status, _, body) = b.admin_call("POST", "/v1/enable", github).await;
     assert_eq!(status, 503, "{body}");

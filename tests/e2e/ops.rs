@@ -849,18 +849,32 @@ async fn slow_upstream(delay: Duration) -> (SocketAddr, Arc<Notify>) {
     (addr, arrived)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_during_a_slow_call_completes_it_and_exits_0() {
-    let (upstream, arrived) = slow_upstream(Duration::from_secs(1)).await;
+/// A child broker (config: the standard one, `edit`ed) with one call in flight at an upstream
+/// that answers after `delay`; the call's answer comes from the returned task.
+async fn a_call_at_a_slow_upstream(
+    delay: Duration,
+    edit: impl Fn(String) -> String,
+) -> (
+    tempfile::TempDir,
+    ChildBroker,
+    tokio::task::JoinHandle<(u16, String)>,
+) {
+    let (upstream, arrived) = slow_upstream(delay).await;
     let dir = tempfile::tempdir().unwrap();
-    let path = write_config(dir.path(), &standard_config(upstream));
-    let mut broker = ChildBroker::spawn(&path);
+    let path = write_config(dir.path(), &edit(standard_config(upstream)));
+    let broker = ChildBroker::spawn(&path);
     let token = token_at(broker.proxy, "github:issues.read").await;
     let proxy = broker.proxy;
     let call = tokio::spawn(async move { get_at(proxy, ISSUES, &token).await });
     tokio::time::timeout(Duration::from_secs(10), arrived.notified())
         .await
         .expect("the call reached the upstream");
+    (dir, broker, call)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_slow_call_completes_it_and_exits_0() {
+    let (dir, mut broker, call) = a_call_at_a_slow_upstream(Duration::from_secs(1), |c| c).await;
     broker.signal("TERM");
 
     let (status, body) = call.await.unwrap();
@@ -879,19 +893,11 @@ async fn sigterm_during_a_slow_call_completes_it_and_exits_0() {
 /// short by a second stop signal: the process exits at once, with 1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_stop_signal_cuts_the_drain_short() {
-    let (upstream, arrived) = slow_upstream(Duration::from_secs(30)).await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = standard_config(upstream)
-        .replace("request_timeout = \"5s\"", "request_timeout = \"60s\"")
-        .replace("upstream_timeout = \"2s\"", "upstream_timeout = \"40s\"");
-    let path = write_config(dir.path(), &config);
-    let mut broker = ChildBroker::spawn(&path);
-    let token = token_at(broker.proxy, "github:issues.read").await;
-    let proxy = broker.proxy;
-    let _call = tokio::spawn(async move { get_at(proxy, ISSUES, &token).await });
-    tokio::time::timeout(Duration::from_secs(10), arrived.notified())
-        .await
-        .expect("the call reached the upstream");
+    let (_dir, mut broker, _call) = a_call_at_a_slow_upstream(Duration::from_secs(30), |c| {
+        c.replace("request_timeout = \"5s\"", "request_timeout = \"60s\"")
+            .replace("upstream_timeout = \"2s\"", "upstream_timeout = \"40s\"")
+    })
+    .await;
     broker.signal("TERM");
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(broker.child.try_wait().unwrap().is_none(), "still draining");
@@ -991,12 +997,25 @@ async fn serve_raises_the_open_file_limit_for_max_connections() {
 // ---------------------------------------------------------------------------------------
 // revocations survive a restart (DESIGN §3.5)
 
+/// The standard config with a persistent signing key (tokens outlive a restart), in `dir`.
+fn restartable_config(dir: &Path, upstream: SocketAddr) -> PathBuf {
+    write_config(dir, &with_signing_key(dir, &standard_config(upstream)))
+}
+
+/// The reasons of the `proxy` denials, in order.
+fn deny_reasons(records: &[serde_json::Value]) -> Vec<String> {
+    events(records, "proxy")
+        .iter()
+        .filter(|r| r["decision"] == "deny")
+        .map(|r| r["reason"].as_str().unwrap().to_owned())
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revocations_and_the_kill_switch_survive_a_restart() {
     let up = FakeUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let config = with_signing_key(dir.path(), &standard_config(up.addr));
-    let path = write_config(dir.path(), &config);
+    let path = restartable_config(dir.path(), up.addr);
 
     let broker = ChildBroker::spawn(&path);
     let revoked = token_at(broker.proxy, "github:issues.read").await;
@@ -1028,12 +1047,10 @@ async fn revocations_and_the_kill_switch_survive_a_restart() {
     broker.stop().await;
 
     let records = audit_records(&dir.path().join("audit.jsonl"));
-    let reasons: Vec<_> = events(&records, "proxy")
-        .iter()
-        .filter(|r| r["decision"] == "deny")
-        .map(|r| r["reason"].as_str().unwrap().to_owned())
-        .collect();
-    assert_eq!(reasons, ["token_revoked", "connector_disabled"]);
+    assert_eq!(
+        deny_reasons(&records),
+        ["token_revoked", "connector_disabled"]
+    );
     assert_eq!(events(&records, "startup").len(), 3);
     assert_eq!(up.count(), 2);
     verify_chain_independently(&dir.path().join("audit.jsonl"));
@@ -1046,8 +1063,7 @@ async fn revocations_and_the_kill_switch_survive_a_restart() {
 async fn a_restart_gives_a_spent_max_uses_token_no_uses_back() {
     let up = FakeUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let config = with_signing_key(dir.path(), &standard_config(up.addr));
-    let path = write_config(dir.path(), &config);
+    let path = restartable_config(dir.path(), up.addr);
     let broker = ChildBroker::spawn(&path);
     let once = token_with_at(broker.proxy, "github:issues.read", &[("max_uses", "1")]).await;
     let unused = token_with_at(broker.proxy, "github:issues.read", &[("max_uses", "1")]).await;
@@ -1069,13 +1085,8 @@ async fn a_restart_gives_a_spent_max_uses_token_no_uses_back() {
     broker.stop().await;
     assert_eq!(up.count(), 3);
     let records = audit_records(&dir.path().join("audit.jsonl"));
-    let reasons: Vec<_> = events(&records, "proxy")
-        .iter()
-        .filter(|r| r["decision"] == "deny")
-        .map(|r| r["reason"].as_str().unwrap().to_owned())
-        .collect();
     assert_eq!(
-        reasons,
+        deny_reasons(&records),
         [
             "max_uses_exhausted",
             "max_uses_unknown",

@@ -265,6 +265,19 @@ impl TestBroker {
         }
     }
 
+    /// Asks a token for `bot` and expects 503 `temporarily_unavailable` (a revocation's
+    /// cut-off reaches this second), then waits out its `Retry-After` (1 to `max` s).
+    pub async fn wait_out_a_cut_off(&self, max: u64) {
+        let (status, headers, body) = self
+            .token_request("bot", SECRET, "github:issues.read", &[])
+            .await;
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("temporarily_unavailable"), "{body}");
+        let wait: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+        assert!((1..=max).contains(&wait), "{wait}");
+        tokio::time::sleep(Duration::from_secs(wait)).await;
+    }
+
     /// A token for `bot` with `scope` and extra form fields; panics unless 200.
     pub async fn token(&self, scope: &str, extra: &[(&str, &str)]) -> String {
         let (status, _, body) = self.token_request("bot", SECRET, scope, extra).await;
