@@ -42,20 +42,11 @@ pub struct Cache {
 /// refresh runs (callers then wait for the new one).
 const SERVE_MARGIN: chrono::TimeDelta = chrono::TimeDelta::seconds(5);
 
-/// After a failed mint, no new one before this long (doubling with each failure in a row, up
-/// to [`MAX_RETRY_PAUSE`]): an endpoint refusing the client secret, or an upstream answering
-/// 401 to every credential, would otherwise get one token request per proxied call.
-const RETRY_PAUSE: chrono::TimeDelta = chrono::TimeDelta::seconds(1);
-const MAX_RETRY_PAUSE: chrono::TimeDelta = chrono::TimeDelta::seconds(30);
-
 /// The outcome of the latest mint, kept so callers that waited for it share a failure too.
 #[derive(Default)]
 struct Attempt {
     generation: u64,
     last_error: Option<CredentialError>,
-    /// Failures in a row, and when the next mint may start.
-    failures: u32,
-    retry_at: Option<DateTime<Utc>>,
 }
 
 impl Cache {
@@ -96,9 +87,8 @@ impl Cache {
         if let Some(m) = self.fresh() {
             return Ok(m);
         }
-        if let Some(e) = &attempt.last_error {
-            let pausing = attempt.retry_at.is_some_and(|at| self.clock.now() < at);
-            if attempt.generation != seen || pausing {
+        if attempt.generation != seen {
+            if let Some(e) = &attempt.last_error {
                 return self.unexpired().ok_or_else(|| e.clone());
             }
         }
@@ -108,16 +98,11 @@ impl Cache {
         match result {
             Ok(minted) => {
                 attempt.last_error = None;
-                attempt.failures = 0;
-                attempt.retry_at = None;
                 let minted = Arc::new(minted);
                 self.current.store(Some(Arc::clone(&minted)));
                 Ok(minted)
             }
             Err(e) => {
-                let pause = RETRY_PAUSE * 2i32.saturating_pow(attempt.failures.min(5));
-                attempt.failures = attempt.failures.saturating_add(1);
-                attempt.retry_at = Some(self.clock.now() + pause.min(MAX_RETRY_PAUSE));
                 attempt.last_error = Some(e.clone());
                 self.unexpired().ok_or(e)
             }
@@ -258,31 +243,6 @@ mod tests {
             cache.get(failing).await,
             Err(CredentialError::Status(500))
         ));
-    }
-
-    #[tokio::test]
-    async fn after_a_failed_mint_the_next_waits_a_growing_pause() {
-        let (clock, cache) = setup();
-        let n = AtomicUsize::new(0);
-        let tries = AtomicUsize::new(0);
-        let failing_counted = |_| {
-            tries.fetch_add(1, Ordering::SeqCst);
-            std::future::ready(Err::<Minted, _>(CredentialError::Status(401)))
-        };
-        assert!(cache.get(failing_counted).await.is_err());
-        // Within the pause: the failure again, no new request to the endpoint.
-        assert!(cache.get(failing_counted).await.is_err());
-        assert_eq!(tries.load(Ordering::SeqCst), 1);
-        clock.advance(1);
-        assert!(cache.get(failing_counted).await.is_err());
-        assert_eq!(tries.load(Ordering::SeqCst), 2);
-        // The second failure in a row pauses 2 s.
-        clock.advance(1);
-        assert!(cache.get(failing_counted).await.is_err());
-        assert_eq!(tries.load(Ordering::SeqCst), 2);
-        clock.advance(1);
-        assert!(cache.get(minter(&n, 3600)).await.is_ok());
-        assert_eq!(n.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]
