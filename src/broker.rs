@@ -435,10 +435,11 @@ fn dynamic_credential(
     client: &UpstreamClient,
     old: Option<&Live>,
 ) -> Result<Option<Arc<DynamicCredential>>, LoadError> {
+    // Same trust roots: the same client (`UpstreamClients` gives a new one when the
+    // `upstream_ca` file's bytes changed, not only its path).
     let previous = old.and_then(|o| {
-        let same_ca = o.config.connector(&c.name)?.upstream_ca == c.upstream_ca;
         let d = o.connectors.get(&c.name)?.dynamic.as_ref()?;
-        (same_ca && d.same_config(&c.credential)).then(|| Arc::clone(d))
+        (d.uses(client) && d.same_config(&c.credential)).then(|| Arc::clone(d))
     });
     if previous.is_some() {
         return Ok(previous);

@@ -364,11 +364,7 @@ async fn append_or_correct(
     record: Record,
     correction: Record,
 ) -> Result<u64, AuditError> {
-    match broker
-        .audit
-        .append_within(record, audit_by(broker), std::time::Duration::ZERO)
-        .await
-    {
+    match broker.audit.append_within(record, audit_by(broker)).await {
         Ok(seq) => Ok(seq),
         Err(AppendLate::Failed(e)) => Err(e),
         Err(AppendLate::Pending(pending)) => {

@@ -18,10 +18,8 @@
 //! 10 ms. Batching and fail-closed behaviour are the same code either way.
 
 use std::fs::{File, OpenOptions};
-use std::future::Future;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex, Weak};
 use std::thread::JoinHandle;
@@ -205,9 +203,6 @@ enum Msg {
     Close(mpsc::SyncSender<Option<Answer>>, Option<Box<Record>>),
 }
 
-/// A write still waiting for its answer, with the log it goes to.
-type PendingWrite = dyn Future<Output = (AuditLog, Result<u64, AuditError>)> + Send;
-
 /// Why [`AuditLog::append_within`] returned without the record's seq.
 pub enum AppendLate {
     /// The record is not in the log (see [`AuditLog::append`]).
@@ -216,23 +211,20 @@ pub enum AppendLate {
     Pending(PendingAppend),
 }
 
-/// A write [`AuditLog::append_within`] stopped waiting for.
+/// A write [`AuditLog::append_within`] stopped waiting for (only a writer thread's answer
+/// can be late): it is in the writer's queue.
 pub struct PendingAppend {
-    write: Pin<Box<PendingWrite>>,
+    log: AuditLog,
 }
 
 impl PendingAppend {
-    /// Queues `next` (detached) once the pending record is written; drops it if that record
-    /// is not written (then neither is in the log).
+    /// Queues `next` behind the pending record: nobody waits for it, but unlike a detached
+    /// record (which joins the deferred ones, written first in the next batch) it keeps its
+    /// place in the queue.
     pub fn then_queue(self, next: Record) {
-        tokio::spawn(async move {
-            let (log, written) = self.write.await;
-            if written.is_ok() {
-                if let Err(e) = log.append_detached(next) {
-                    tracing::error!(error = %e, "cannot queue the audit record that follows a late one");
-                }
-            }
-        });
+        if let Err(e) = self.log.send(next, Reply::Ordered) {
+            tracing::error!(error = %e, "cannot queue the audit record that follows a late one");
+        }
     }
 }
 
@@ -244,6 +236,8 @@ enum Reply {
     Blocking(mpsc::SyncSender<Result<u64, AuditError>>),
     /// Nobody waits ([`AuditLog::append_detached`]): the record may ride with the next write.
     Detached,
+    /// Nobody waits, but the record keeps its place in the queue ([`PendingAppend`]).
+    Ordered,
 }
 
 impl Reply {
@@ -259,7 +253,7 @@ impl Reply {
             }
             Self::Async(tx) => drop(tx.send(result)),
             Self::Blocking(tx) => drop(tx.send(result)),
-            Self::Detached => {}
+            Self::Detached | Self::Ordered => {}
         }
     }
 }
@@ -400,32 +394,21 @@ impl AuditLog {
     }
 
     /// [`Self::append_by`] for a record whose caller owes a second one if the first is late
-    /// (a call refused because its allow record was not acknowledged in time): when the
-    /// deadline passes, the write goes on, and [`PendingAppend::then_queue`] queues the second
-    /// record once — and only if — the first is written, so it never precedes it.
-    ///
-    /// The deadline is the later of `deadline` and `grace` from now (a call that spent its
-    /// time elsewhere is not refused for a healthy disk's few milliseconds).
+    /// (a call refused because its allow record was not acknowledged in time): the record
+    /// stays queued, and [`PendingAppend::then_queue`] queues the second behind it, in the
+    /// writer's order — never before it, in the same write or a later one, and before a
+    /// `shutdown` record.
     pub async fn append_within(
         &self,
         record: Record,
         deadline: Instant,
-        grace: Duration,
     ) -> Result<u64, AppendLate> {
-        if self.inner.inline.is_some() {
-            return self.append(record).await.map_err(AppendLate::Failed);
-        }
-        // Read only here: inline writes (`never`, `interval`) need no clock.
-        let deadline = deadline.max(Instant::now() + grace);
-        let log = self.clone();
-        let mut write: Pin<Box<PendingWrite>> = Box::pin(async move {
-            let written = log.append(record).await;
-            (log, written)
-        });
-        // Boxed as in `append_by`: the timer stays out of every call's future.
-        match Box::pin(tokio::time::timeout_at(deadline.into(), write.as_mut())).await {
-            Ok((_, written)) => written.map_err(AppendLate::Failed),
-            Err(_) => Err(AppendLate::Pending(PendingAppend { write })),
+        match self.append_by(record, deadline).await {
+            Ok(seq) => Ok(seq),
+            Err(AuditError::TimedOut) => {
+                Err(AppendLate::Pending(PendingAppend { log: self.clone() }))
+            }
+            Err(e) => Err(AppendLate::Failed(e)),
         }
     }
 

@@ -192,6 +192,11 @@ impl DynamicCredential {
         }
     }
 
+    /// Whether this source mints through `client` (the same trust roots).
+    pub fn uses(&self, client: &UpstreamClient) -> bool {
+        self.client.same(client)
+    }
+
     pub fn kind(&self) -> Kind {
         match self.minter {
             Minter::OAuth2(_) => Kind::OAuth2ClientCredentials,

@@ -239,6 +239,11 @@ impl UpstreamClient {
         Ok(Self::with(tls, LIMITS))
     }
 
+    /// Whether both are the same client (same trust roots, same pool).
+    pub fn same(&self, other: &UpstreamClient) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+
     fn with(tls: rustls::ClientConfig, limits: Limits) -> Self {
         Self(Arc::new(Shared {
             tls: TlsConnector::from(Arc::new(tls)),

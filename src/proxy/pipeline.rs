@@ -77,9 +77,6 @@ fn deny(refusal: Refusal, reason: &'static str) -> Denial {
     Denial { refusal, reason }
 }
 
-/// The least time the allow record's write is given, whatever is left of the request's.
-const AUDIT_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
-
 /// The request target split at the connector: `/github/repos/x` → (`github`, `/repos/x`).
 struct Target<'a> {
     connector: &'a str,
@@ -278,13 +275,7 @@ async fn stages(
     // call owes its outcome.
     let allow = facts.take_for_allow();
     facts.stage = Stage::AllowQueued;
-    // The request's time, but never less than a healthy disk needs (a call that spent its
-    // budget uploading is not refused for a sync of a few milliseconds).
-    let written = match broker
-        .audit
-        .append_within(allow, body_deadline, AUDIT_GRACE)
-        .await
-    {
+    let written = match broker.audit.append_within(allow, body_deadline).await {
         Ok(_) => Ok(()),
         // Still queued: it may yet be written, so its outcome follows it — not forwarded.
         Err(AppendLate::Pending(pending)) => {
@@ -901,15 +892,10 @@ async fn upstream_credential<'r>(
         return Ok(CallCredential::Static(runtime));
     };
     let unavailable = || deny(Refusal::CredentialUnavailable, "credential_unavailable");
+    // DESIGN §3.7: no fresh credential, whatever the cause (an unaudited mint too), is 502.
     let minted = source.get(&broker.audit).await.map_err(|e| {
         tracing::warn!(connector = %connector.name, error = %e, "no upstream credential; refusing the call");
-        // A credential minted but not audited is the audit log's failure (check 7's answer).
-        match e {
-            crate::credential::CredentialError::Unaudited => {
-                deny(Refusal::AuditUnavailable, "audit_unavailable")
-            }
-            _ => unavailable(),
-        }
+        unavailable()
     })?;
     let injection = Injection::new(&connector.auth, &minted.token).map_err(|_| {
         tracing::error!(connector = %connector.name, "the minted credential cannot be injected as configured");
