@@ -610,3 +610,13 @@ fn a_grant_max_ttl_under_a_second_is_an_error() {
         assert!(errors.contains("must be at least 1s"), "{short}: {errors}");
     }
 }
+
+#[test]
+fn token_lifetimes_under_a_second_are_errors() {
+    for (key, value) in [("default_ttl", "500ms"), ("max_ttl", "999ms")] {
+        let text = format!("[tokens]\n{key} = \"{value}\"\n{GOOD}");
+        let errors = parse(&text).unwrap_err().to_string();
+        assert!(errors.contains(&format!("tokens.{key}")), "{errors}");
+        assert!(errors.contains("must be at least 1s"), "{errors}");
+    }
+}

@@ -329,6 +329,19 @@ fn tokens(cx: &mut Ctx<'_>, raw: &raw::RawTokens) -> Option<TokensConfig> {
     let max_ttl = duration(cx, &raw.max_ttl, "tokens.max_ttl", 900);
     let leeway = duration(cx, &raw.leeway, "tokens.leeway", 5);
     let (default_ttl, max_ttl, leeway) = (default_ttl?, max_ttl?, leeway?);
+    // Token lifetimes are whole seconds: less would be silently taken as 1 s.
+    for (value, key, raw_value) in [
+        (default_ttl, "tokens.default_ttl", &raw.default_ttl),
+        (max_ttl, "tokens.max_ttl", &raw.max_ttl),
+    ] {
+        if value < Duration::from_secs(1) {
+            cx.err(
+                raw_value.as_ref().map(|s| s.span()),
+                key,
+                "must be at least 1s",
+            );
+        }
+    }
     if default_ttl > max_ttl {
         cx.err(
             raw.default_ttl.as_ref().map(|s| s.span()),

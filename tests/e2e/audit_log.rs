@@ -310,6 +310,7 @@ async fn admin_changes_on_a_stalled_disk_are_bounded_and_an_unaudited_enable_is_
     use std::sync::atomic::Ordering;
     let up = FakeUpstream::start().await;
     let mut b = TestBroker::start(&one_second_requests(up.addr)).await;
+    let token = b.token("github:issues.read", &[]).await;
     let github = "{\"connector\":\"github\"}";
     assert_eq!(b.admin_call("POST", "/v1/revoke", github).await.0, 200);
     let stalled = stall_syncs(&b);
@@ -327,7 +328,12 @@ async fn admin_changes_on_a_stalled_disk_are_bounded_and_an_unaudited_enable_is_
         started.elapsed()
     );
     stalled.store(false, Ordering::Relaxed);
-    // github stayed off; bot's tokens are revoked.
+    // bot's tokens are revoked (check 2, before the kill switch's check 3); github stayed off.
+    let (status, _, body) = b
+        .call("GET", "/github/repos/acme/widget/issues", &token)
+        .await;
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("revoked"), "{body}");
     let (status, _, body) = b
         .token_request("bot", SECRET, "github:issues.read", &[])
         .await;
