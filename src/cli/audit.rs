@@ -94,6 +94,7 @@ pub fn run(cmd: AuditCommand, config: &ConfigPath) -> anyhow::Result<ExitCode> {
                     .transpose()
                     .context("--until")?,
             };
+            room_for_files(files.len());
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
             let written = audit::run_query(&files, &filter, json, &mut out)
@@ -106,6 +107,7 @@ pub fn run(cmd: AuditCommand, config: &ConfigPath) -> anyhow::Result<ExitCode> {
         AuditCommand::Report { files, json } => {
             let grants = auditor_config(config, false, "the report has no grant findings")?
                 .map(|c| grants_of(&c, chrono::Utc::now()));
+            room_for_files(files.len());
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
             let written = audit::run_report(&files, grants.as_deref(), json, &mut out)
@@ -114,6 +116,16 @@ pub fn run(cmd: AuditCommand, config: &ConfigPath) -> anyhow::Result<ExitCode> {
             ok_on_broken_pipe(written)?;
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// `query` and `report` merge their files into one timeline with every file open at once: a
+/// long retention set (a thousand rotated files) would pass the common soft limit of 1,024
+/// open files. The soft limit is raised toward the hard one, as `serve` does for connections.
+fn room_for_files(files: usize) {
+    let wanted = u64::try_from(files).unwrap_or(u64::MAX).saturating_add(64);
+    if let Err(e) = rlimit::increase_nofile_limit(wanted) {
+        tracing::warn!(error = %e, "cannot raise the open-file limit");
     }
 }
 

@@ -376,3 +376,38 @@ fn audit_verify_and_report_need_no_upstream_credentials() {
     assert_ne!(code(&o), 0);
     assert!(String::from_utf8_lossy(&o.stderr).contains("CREDBROKER_TEST_UNSET_KEY"));
 }
+
+/// `audit query` and `report` keep every file open while they merge them: a long retention
+/// set passes the usual soft limit of open files, which they raise toward the hard one.
+#[tokio::test]
+async fn query_and_report_read_more_files_than_the_soft_open_file_limit() {
+    let up = FakeUpstream::start().await;
+    let mut b = TestBroker::start(&standard_config(up.addr)).await;
+    b.stop().await;
+    let per_file = b.audit().len();
+    let dir = tempfile::tempdir().unwrap();
+    let files: Vec<String> = (0..100)
+        .map(|i| {
+            let path = dir.path().join(format!("replica-{i}.jsonl"));
+            std::fs::copy(b.audit_path(), &path).unwrap();
+            path.display().to_string()
+        })
+        .collect();
+    for command in ["query", "report"] {
+        let o = Command::new("sh")
+            .arg("-c")
+            .arg("ulimit -Sn 32 && exec \"$0\" audit \"$@\"")
+            .arg(env!("CARGO_BIN_EXE_credbroker"))
+            .arg(command)
+            .arg("--json")
+            .args(&files)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{command}: {stderr}");
+        if command == "query" {
+            let lines = String::from_utf8_lossy(&o.stdout).lines().count();
+            assert_eq!(lines, 100 * per_file);
+        }
+    }
+}
