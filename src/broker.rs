@@ -345,6 +345,13 @@ pub enum AuthAttempt<E> {
 }
 
 impl Live {
+    /// How long any audit record is waited for from now (`server.request_timeout`): under
+    /// `fsync = "always"` a disk that stopped answering must not hold a request, a token or an
+    /// admin change for ever.
+    pub fn audit_by(&self) -> std::time::Instant {
+        std::time::Instant::now() + self.config.server.request_timeout
+    }
+
     fn build(
         config: Arc<Config>,
         keys: &Arc<SigningKeys>,

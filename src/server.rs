@@ -278,13 +278,12 @@ async fn serve_http<I>(
             None
         };
         async move {
-            let (guard, deadline, place) = match in_flight {
+            let (mut guard, deadline, place) = match in_flight {
                 None => return handle(role, info, limits.max_header_bytes, req).await,
                 Some((_, _, None)) => return Ok(overloaded()),
                 Some((guard, deadline, Some(place))) => (guard, deadline, place),
             };
             let resp = handle(role, info, limits.max_header_bytes, req).await?;
-            let mut guard = guard;
             Ok::<_, Infallible>(resp.map(|body| {
                 guard.due_by(deadline.max(tokio::time::Instant::now()));
                 http_body_util::BodyExt::boxed_unsync(InFlightBody {

@@ -53,7 +53,7 @@ pub async fn handle(
                 if let Err(e) = state
                     .broker
                     .audit
-                    .append_by(record, audit_by(&state.broker))
+                    .append_by(record, state.broker.live().audit_by())
                     .await
                 {
                     tracing::error!(error = %e, "cannot write the admin audit record of a refused call");
@@ -349,14 +349,9 @@ async fn disabled_connectors(broker: &Broker) -> Option<HashSet<String>> {
         .ok()
 }
 
-/// How long an admin record is waited for (`request_timeout`, as any other record): a disk
-/// that stopped answering must not hold an admin change — and the admin lock, and the kill
-/// switch queued behind it — for ever.
-fn audit_by(broker: &Broker) -> std::time::Instant {
-    std::time::Instant::now() + broker.live().config.server.request_timeout
-}
-
-/// Writes the record of a change made only once it is written (a reload, an enable). Not
+/// Writes the record of a change made only once it is written (a reload, an enable). Admin
+/// records are waited for as any other ([`crate::broker::Live::audit_by`]): a disk that stopped answering
+/// must not hold an admin change — and the admin lock, and the kill switch behind it — for ever. Not
 /// acknowledged in time, the change is not made — but the record may still land saying it
 /// was: `correction` then follows it, saying it was not.
 async fn append_or_correct(
@@ -364,7 +359,11 @@ async fn append_or_correct(
     record: Record,
     correction: Record,
 ) -> Result<u64, AuditError> {
-    match broker.audit.append_within(record, audit_by(broker)).await {
+    match broker
+        .audit
+        .append_within(record, broker.live().audit_by())
+        .await
+    {
         Ok(seq) => Ok(seq),
         Err(AppendLate::Failed(e)) => Err(e),
         Err(AppendLate::Pending(pending)) => {
@@ -543,7 +542,11 @@ async fn refused(
 ) -> Response<ProxyBody> {
     let mut record = admin_record(action, target, conn, "failed", Some(request_id));
     record.error = Some(why.to_owned());
-    if let Err(e) = broker.audit.append_by(record, audit_by(broker)).await {
+    if let Err(e) = broker
+        .audit
+        .append_by(record, broker.live().audit_by())
+        .await
+    {
         tracing::error!(error = %e, "cannot write the admin audit record of a refused call");
     }
     bad(why, request_id)
@@ -614,7 +617,11 @@ async fn enable(
         // it again (state file): the log says which.
         let mut record = admin_record("enable", Some(&target), conn, outcome(e), Some(request_id));
         record.error = Some(e.to_string());
-        if let Err(e) = broker.audit.append_by(record, audit_by(broker)).await {
+        if let Err(e) = broker
+            .audit
+            .append_by(record, broker.live().audit_by())
+            .await
+        {
             tracing::error!(error = %e, "cannot write the admin audit record of a failed enable");
         }
     }
@@ -644,7 +651,11 @@ async fn admin_outcome(
     if let Err(e) = result {
         record.error = Some(e.to_string());
     }
-    match broker.audit.append_by(record, audit_by(broker)).await {
+    match broker
+        .audit
+        .append_by(record, broker.live().audit_by())
+        .await
+    {
         Ok(_) => true,
         Err(e) => {
             tracing::error!(error = %e, action, target, "admin change is in force but could not be audited");

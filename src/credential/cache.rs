@@ -146,6 +146,24 @@ impl Cache {
     }
 }
 
+/// A clock tests set by hand.
+#[cfg(test)]
+pub(crate) struct FakeClock(pub(crate) std::sync::Mutex<DateTime<Utc>>);
+
+#[cfg(test)]
+impl FakeClock {
+    pub(crate) fn advance(&self, secs: i64) {
+        *self.0.lock().unwrap() += chrono::Duration::seconds(secs);
+    }
+}
+
+#[cfg(test)]
+impl Clock for FakeClock {
+    fn now(&self) -> DateTime<Utc> {
+        *self.0.lock().unwrap()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::AtomicUsize;
@@ -156,20 +174,6 @@ mod tests {
 
     use super::*;
     use crate::secret::Secret;
-
-    struct FakeClock(Mutex<DateTime<Utc>>);
-
-    impl FakeClock {
-        fn advance(&self, secs: i64) {
-            *self.0.lock().unwrap() += chrono::Duration::seconds(secs);
-        }
-    }
-
-    impl Clock for FakeClock {
-        fn now(&self) -> DateTime<Utc> {
-            *self.0.lock().unwrap()
-        }
-    }
 
     fn setup() -> (Arc<FakeClock>, Cache) {
         let t0 = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();

@@ -380,14 +380,7 @@ mod refresh_tests {
     use super::*;
     use crate::audit::{AuditOptions, FsyncPolicy};
     use crate::config::OAuth2AuthMethod;
-
-    struct FakeClock(Mutex<DateTime<Utc>>);
-
-    impl Clock for FakeClock {
-        fn now(&self) -> DateTime<Utc> {
-            *self.0.lock().unwrap()
-        }
-    }
+    use cache::FakeClock;
 
     /// A token endpoint that answers its first request at once (`at-0`, 300 s) and never
     /// answers any later one; returns its address and the requests it saw.

@@ -128,10 +128,7 @@ impl Drop for Call<'_> {
                 record
             }
             Stage::Allowed => {
-                let mut record = Record::new(Event::ProxyResult);
-                record.request_id = self.facts.record.request_id.take();
-                record.client = self.facts.record.client.take();
-                record.connector = self.facts.record.connector.take();
+                let mut record = self.facts.take_for_result();
                 record.duration_ms = Some(self.started.elapsed().as_millis() as u64);
                 record.error = Some("client went away before the upstream answered".into());
                 record
@@ -172,8 +169,7 @@ pub async fn proxy(
             let record = std::mem::take(&mut facts.record);
             // Nothing waits on a deny record but the answer's order after it: bounded all
             // the same, so a disk that stopped answering cannot hold the call forever.
-            let by = Instant::now() + live.config.server.request_timeout;
-            if let Err(e) = broker.audit.append_by(record, by).await {
+            if let Err(e) = broker.audit.append_by(record, live.audit_by()).await {
                 tracing::error!(error = %e, "cannot write the audit record of a denied call");
             }
             denial.refusal.into_response(request_id)
@@ -1039,11 +1035,8 @@ async fn forward(
             .metrics
             .upstream_result(&connector.name, took, failed),
     }
-    let mut result_record = Record::new(Event::ProxyResult);
     // The call's facts are spent from here (its stage is `Recorded`): the outcome takes them.
-    result_record.request_id = facts.record.request_id.take();
-    result_record.client = facts.record.client.take();
-    result_record.connector = facts.record.connector.take();
+    let mut result_record = facts.take_for_result();
     let answer = match result {
         Ok(Ok(response)) => Ok(response),
         Ok(Err(_)) if client_failed => Err(Refusal::InvalidRequest(
@@ -1146,10 +1139,7 @@ fn not_forwarded(
     broker
         .metrics
         .proxy_denied(&live.config, &facts.record, refusal.code(), took);
-    let mut record = Record::new(Event::ProxyResult);
-    record.request_id = facts.record.request_id.take();
-    record.client = facts.record.client.take();
-    record.connector = facts.record.connector.take();
+    let mut record = facts.take_for_result();
     record.status = Some(refusal.status().as_u16());
     record.duration_ms = Some(took.as_millis() as u64);
     record.bytes_in = Some(0);
@@ -1187,8 +1177,11 @@ async fn finish_failed(
     let connector = record.connector.as_deref().unwrap_or_default();
     broker.metrics.request_done(connector, elapsed);
     // Bounded: the call is over, and a disk that stopped answering must not hold its answer.
-    let by = Instant::now() + broker.live().config.server.request_timeout;
-    if let Err(e) = broker.audit.append_by(record, by).await {
+    if let Err(e) = broker
+        .audit
+        .append_by(record, broker.live().audit_by())
+        .await
+    {
         tracing::error!(error = %e, "cannot write a proxy_result audit record");
     }
     refusal.into_response(&request_id)
@@ -1241,6 +1234,16 @@ impl AuditFacts {
         self.record.client = allow.client.clone();
         self.record.connector = allow.connector.clone();
         allow
+    }
+
+    /// A `proxy_result` record naming the call (request id, client, connector), which takes
+    /// them from the facts: the call's outcome is the last record it writes.
+    fn take_for_result(&mut self) -> Record {
+        let mut result = Record::new(Event::ProxyResult);
+        result.request_id = self.record.request_id.take();
+        result.client = self.record.client.take();
+        result.connector = self.record.connector.take();
+        result
     }
 
     /// The facts [`Self::take_for_allow`] gave away, made again from where they came from

@@ -160,7 +160,7 @@ pub async fn token(
     let live = broker.live();
     // However long the request took, its record waits for the disk at most `request_timeout`:
     // a disk that stopped answering gets 503 (issued) or an unwritten record (denied) in time.
-    let audit_by = || std::time::Instant::now() + live.config.server.request_timeout;
+    let audit_by = || live.audit_by();
     let mut record = Record::new(Event::TokenDenied);
     record.request_id = Some(request_id.to_owned());
     record.peer = Some(conn.peer_text.clone());
