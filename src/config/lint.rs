@@ -11,6 +11,7 @@ use toml::Spanned;
 use super::raw::{RawConfig, RawCredential};
 use super::validate::{is_loopback_host, Ctx};
 use super::{Config, ConfigError, StateBackend};
+use crate::policy::pattern::Segment;
 
 /// How bad a finding is: errors make `check` exit 1, warnings do not.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -289,6 +290,21 @@ fn connector_warnings(cx: &mut Ctx<'_>, config: &Config, raw: &RawConfig, now: D
                     Some(rop.path.span()),
                     &format!("{op_key}.path"),
                     "a {*rest} pattern is broad: it allows every path below it",
+                );
+            }
+            // `*` is a literal byte in a pattern (GitHub's API has no such segment): someone
+            // who wrote a glob gets an operation that matches nothing they meant.
+            let star = op
+                .pattern
+                .segments()
+                .iter()
+                .any(|s| matches!(s, Segment::Literal(l) if l.contains('*')));
+            if star {
+                cx.err(
+                    Some(rop.path.span()),
+                    &format!("{op_key}.path"),
+                    "'*' is matched literally here, not as a wildcard: {name} matches one \
+                     segment, {*rest} the rest of the path",
                 );
             }
             if !granted.contains(&(connector.name.as_str(), op.name.as_str())) {

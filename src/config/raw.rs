@@ -198,7 +198,7 @@ pub struct RawOperation {
     pub name: S,
     pub method: S,
     pub path: S,
-    pub query: Option<Vec<String>>,
+    pub query: Option<Vec<S>>,
     pub max_body_bytes: Option<u64>,
 }
 

@@ -620,3 +620,60 @@ fn token_lifetimes_under_a_second_are_errors() {
         assert!(errors.contains("must be at least 1s"), "{errors}");
     }
 }
+
+#[test]
+fn a_query_name_no_request_can_carry_is_an_error_that_does_not_echo_it() {
+    let with_query = |q: &str| {
+        GOOD.replace(
+            "path = \"/repos/acme/{repo}/issues\"",
+            &format!("path = \"/repos/acme/{{repo}}/issues\"\n  query = [\"state\", {q}]"),
+        )
+    };
+    for bad in [
+        r#""""#,
+        r#""state=open""#,
+        r#""a&b""#,
+        r#""a;b""#,
+        r#""a b""#,
+        r#""a#b""#,
+        r#""café""#,
+        r#""access_token""#,
+        r#""bad%zz""#,
+    ] {
+        let errors = parse(&with_query(bad)).unwrap_err().0;
+        assert_eq!(errors.len(), 1, "{bad}: {errors:?}");
+        let e = errors[0].to_string();
+        assert!(
+            e.contains("connectors[github].operations[issues.read].query[1]"),
+            "{bad}: {e}"
+        );
+        assert!(e.contains("never match"), "{bad}: {e}");
+        assert!(errors[0].line.is_some(), "{bad}: {e}");
+        assert!(!e.contains("open") && !e.contains("café"), "{bad}: {e}");
+    }
+    for good in [
+        r#""per_page""#,
+        r#""filter[state]""#,
+        r#""a%5Fb""#,
+        r#""a+b""#,
+    ] {
+        let c = parse(&with_query(good)).unwrap_or_else(|e| panic!("{good}: {e}"));
+        let op = &c.connector("github").unwrap().operations[0];
+        assert_eq!(op.query.as_ref().unwrap().len(), 2, "{good}");
+    }
+}
+
+#[test]
+fn lint_warns_that_a_star_in_a_pattern_is_literal() {
+    for glob in ["/repos/acme/*/issues", "/repos/acme/widget/issues*"] {
+        let text = GOOD.replace("/repos/acme/{repo}/issues", glob);
+        let all = lint_lines(&text);
+        assert!(
+            all.contains("operations[issues.read].path: '*' is matched literally"),
+            "{glob}: {all}"
+        );
+    }
+    assert!(!lint_lines(GOOD).contains("literally"));
+    let catch_all = GOOD.replace("/repos/acme/{repo}/issues", "/repos/{*rest}");
+    assert!(!lint_lines(&catch_all).contains("literally"));
+}

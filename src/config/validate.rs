@@ -666,9 +666,7 @@ fn operations(
                 None
             }
         };
-        if raw.max_body_bytes == Some(0) {
-            // 0 is a legitimate "no body allowed"; nothing to report.
-        }
+        let query = raw.query.as_ref().map(|names| query_names(cx, names, &key));
         let (Some(method), Some(pattern)) = (method, pattern) else {
             continue;
         };
@@ -677,11 +675,36 @@ fn operations(
             name: raw.name.get_ref().clone(),
             method,
             pattern,
-            query: raw.query.clone(),
+            query,
             max_body_bytes: raw.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES),
         });
     }
     (ops, router)
+}
+
+/// An operation's allowed query parameter names. A name is compared with the request's names
+/// as sent, byte for byte, so one that no request the canonical check lets through can carry
+/// (empty, holding a separator, or a byte the check refuses, or `access_token`) would
+/// quietly never match: that is an error, as a pattern that cannot match would be.
+fn query_names(cx: &mut Ctx<'_>, names: &[S], op_key: &str) -> Vec<String> {
+    // The entry is named by its position, not quoted: a value pasted into the list (an
+    // `api_key=…` meant as a restriction) is not echoed.
+    for (i, name) in names.iter().enumerate() {
+        let n = name.get_ref();
+        let unusable = n.is_empty()
+            || n.bytes().any(|b| matches!(b, b'&' | b';' | b'=' | b'#'))
+            || crate::proxy::canonical::check_query(n).is_err();
+        if unusable {
+            cx.err(
+                Some(name.span()),
+                &format!("{op_key}.query[{i}]"),
+                "can never match a request's parameter name: names are compared as sent, \
+                 without decoding, and hold no '&', ';', '=', '#', space, control or non-ASCII \
+                 byte; access_token is always refused",
+            );
+        }
+    }
+    names.iter().map(|n| n.get_ref().clone()).collect()
 }
 
 fn clients(

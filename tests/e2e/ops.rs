@@ -718,6 +718,7 @@ fn cases(sha: &str) -> Vec<Case> {
         case("unreadable credential file", "credential = \"file:credential.txt\"", "credential = \"file:missing.txt\"", true, "connectors[github].credential", "cannot read secret file"),
         case("grant max_ttl above tokens.max_ttl", "max_ttl = \"120s\"", "max_ttl = \"2h\"", true, "clients[bot].grants[0].max_ttl", "above tokens.max_ttl"),
         case("http upstream off loopback", "upstream = \"https://api.github.com\"", "upstream = \"http://api.github.com\"", true, "connectors[github].upstream", "loopback"),
+        case("query name no request can carry", "path = \"/repos/acme/{repo}/issues\"", "path = \"/repos/acme/{repo}/issues\"\n  query = [\"state\", \"state=open\"]", true, "connectors[github].operations[issues.read].query[1]", "never match"),
         case("unreadable signing key", "signing_key = \"signing.pem\"", "signing_key = \"missing.pem\"", true, "tokens.signing_key", ""),
         case("unreadable TLS file", "tls_cert = \"certs/server.pem\"", "tls_cert = \"certs/missing.pem\"", true, "server.tls_cert", "cannot read"),
         // warnings
@@ -725,6 +726,7 @@ fn cases(sha: &str) -> Vec<Case> {
         case("literal: credential", "credential = \"file:credential.txt\"", "credential = \"literal:abc\"", false, "connectors[github].credential", "literal: secret"),
         case("literal: audit key", "path = \"audit.jsonl\"", "path = \"audit.jsonl\"\nhmac_key = \"literal:k\"", false, "audit.hmac_key", "literal: secret"),
         case("catch-all pattern", "path = \"/repos/acme/{repo}/issues\"", "path = \"/repos/acme/{*rest}\"", false, "connectors[github].operations[issues.read].path", "broad"),
+        case("literal '*' in a pattern", "path = \"/repos/acme/{repo}/issues\"", "path = \"/repos/acme/*/issues\"", false, "connectors[github].operations[issues.read].path", "matched literally"),
         case("connector expiring soon", "expires = \"2099-12-31\"", format!("expires = \"{soon}\""), false, "connectors[github].expires", "within 30 days"),
         case("connector expired", "expires = \"2099-12-31\"", "expires = \"2020-01-01\"", false, "connectors[github].expires", "has expired"),
         case("operation granted to no client", "[[clients]]", op("repos.delete", "DELETE", "/repos/acme/{repo}"), false, "connectors[github].operations[repos.delete]", "granted to no client"),
