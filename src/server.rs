@@ -22,6 +22,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
+use crate::admin::metrics::ListenerMetrics;
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::proxy::pipeline::{self, ConnInfo};
@@ -84,6 +85,23 @@ pub enum Role {
     Admin(Arc<crate::admin::AdminState>),
 }
 
+impl Role {
+    /// The listener's name in metrics.
+    fn name(&self) -> &'static str {
+        match self {
+            Role::Proxy(_) => "proxy",
+            Role::Admin(_) => "admin",
+        }
+    }
+
+    fn metrics(&self) -> &crate::admin::metrics::Metrics {
+        match self {
+            Role::Proxy(broker) => &broker.metrics,
+            Role::Admin(admin) => &admin.broker.metrics,
+        }
+    }
+}
+
 /// Serves `listener` until `shutdown` resolves, then drains open connections for at most
 /// `limits.request_timeout`.
 pub async fn serve(
@@ -99,6 +117,7 @@ pub async fn serve(
     // chunked body up to `max_body_bytes`, an upstream connection) is bounded per request, so
     // the listener's HTTP/2 requests in flight are bounded as its connections are.
     let h2_requests = Arc::new(Places::new(limits.max_connections));
+    let listener_metrics = role.metrics().listener(role.name(), limits.max_connections);
     let graceful = GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -120,6 +139,7 @@ pub async fn serve(
     let builder = Arc::new(ConnectionBuilder {
         http: builder,
         h2_requests,
+        metrics: listener_metrics,
     });
     // The connections' tasks, whichever worker runs them: what is left of them when the drain
     // ends is stopped here, while the audit log is still open.
@@ -161,9 +181,11 @@ pub async fn serve(
         let builder = Arc::clone(&builder);
         let limits = limits.clone();
         let watcher = graceful.watcher();
+        let open = builder.metrics.connection_opened();
         // The connection lives on one worker runtime from here on.
         crate::workers::spawn_into(&mut connections, async move {
             let _permit = permit;
+            let _open = open;
             let stream = match TcpStream::from_std(stream) {
                 Ok(s) => s,
                 Err(e) => {
@@ -255,6 +277,7 @@ async fn serve_http<I>(
     let activity = Arc::new(Activity::default());
     let requests = Arc::clone(&activity);
     let h2_requests = Arc::clone(&builder.h2_requests);
+    let metrics = builder.metrics.clone();
     let service = service_fn(move |req| {
         let role = role.clone();
         let info = Arc::clone(&info);
@@ -270,6 +293,9 @@ async fn serve_http<I>(
             } else {
                 h2_requests.take()
             };
+            if place.is_none() {
+                metrics.overloaded();
+            }
             Some((requests.request(), deadline, place))
         } else {
             // HTTP/1.1: hyper's header timer covers idleness; the first request's coming
@@ -314,6 +340,8 @@ struct ConnectionBuilder {
     http: auto::Builder<TokioExecutor>,
     /// Places for HTTP/2 requests in flight, across the listener's connections.
     h2_requests: Arc<Places>,
+    /// Open connections and overload refusals, for `/metrics`.
+    metrics: ListenerMetrics,
 }
 
 /// Places for HTTP/2 requests in flight across a listener's connections: a count, taken and

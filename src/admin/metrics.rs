@@ -197,7 +197,40 @@ pub struct Metrics {
     connector_enabled: Family<Labels, Gauge>,
     credential_mints: Family<Labels, Counter>,
     credential_expiry: Family<Labels, Gauge>,
+    connections_open: Family<Labels, Gauge>,
+    connections_limit: Family<Labels, Gauge>,
+    requests_overloaded: Family<Labels, Counter>,
     usage: DashMap<String, Arc<Usage>>,
+}
+
+/// One listener's connection figures (see [`Metrics::listener`]): handles on the families'
+/// series, updated once per connection, not per call.
+#[derive(Clone, Default)]
+pub struct ListenerMetrics {
+    open: Gauge,
+    overloaded: Counter,
+}
+
+impl ListenerMetrics {
+    /// Counts a connection as open until the returned guard is dropped.
+    pub fn connection_opened(&self) -> OpenConnection {
+        self.open.inc();
+        OpenConnection(self.open.clone())
+    }
+
+    /// An HTTP/2 request refused 503 `overloaded` (every place in flight was taken).
+    pub fn overloaded(&self) {
+        self.overloaded.inc();
+    }
+}
+
+/// An open connection, counted in `credbroker_connections_open` while it lives.
+pub struct OpenConnection(Gauge);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 impl Default for Metrics {
@@ -226,6 +259,9 @@ impl Metrics {
             connector_enabled: Family::default(),
             credential_mints: Family::default(),
             credential_expiry: Family::default(),
+            connections_open: Family::default(),
+            connections_limit: Family::default(),
+            requests_overloaded: Family::default(),
             usage: DashMap::new(),
         };
         m.register();
@@ -314,6 +350,35 @@ impl Metrics {
             Unit::Seconds,
             self.credential_expiry.clone(),
         );
+        r.register(
+            "credbroker_connections_open",
+            "Client connections open, by listener (proxy, admin)",
+            self.connections_open.clone(),
+        );
+        r.register(
+            "credbroker_connections_limit",
+            "The most client connections a listener holds open (server.max_connections); at \
+             the limit it stops accepting until one closes",
+            self.connections_limit.clone(),
+        );
+        r.register(
+            "credbroker_requests_overloaded",
+            "HTTP/2 requests refused 503 overloaded, by listener: the listener's requests in \
+             flight were at max_connections (neither read nor audited)",
+            self.requests_overloaded.clone(),
+        );
+    }
+
+    /// The series of listener `name` (`proxy`, `admin`), whose connection limit is `limit`.
+    pub fn listener(&self, name: &str, limit: usize) -> ListenerMetrics {
+        let set = labels(&[("listener", name)]);
+        self.connections_limit
+            .get_or_create(&set)
+            .set(i64::try_from(limit).unwrap_or(i64::MAX));
+        ListenerMetrics {
+            open: self.connections_open.get_or_create(&set).clone(),
+            overloaded: self.requests_overloaded.get_or_create(&set).clone(),
+        }
     }
 
     /// Feeds each audit sync's duration into the fsync histogram.

@@ -1917,6 +1917,12 @@ async fn http2_requests_in_flight_are_bounded_like_connections() {
         assert_eq!(*status, 503);
         assert_eq!(retry_after.as_ref().unwrap(), "1");
     }
+    // Ops see the shedding: not audited, but counted.
+    let (_, _, metrics) = b.admin_call("GET", "/metrics", "").await;
+    assert!(
+        metrics.contains("\ncredbroker_requests_overloaded_total{listener=\"proxy\"} 11\n"),
+        "{metrics}"
+    );
 }
 
 /// One deadline from the accept covers the first byte and the first request's head: a

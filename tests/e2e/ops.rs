@@ -538,6 +538,36 @@ async fn eventually_metric(b: &TestBroker, name: &str, labels: &[(&str, &str)], 
     .await;
 }
 
+/// Saturation for ops: each listener's open connections against its `max_connections`.
+#[tokio::test]
+async fn metrics_show_open_connections_against_the_limit() {
+    let up = FakeUpstream::start().await;
+    let config =
+        standard_config(up.addr).replacen("[server]\n", "[server]\nmax_connections = 7\n", 1);
+    let b = TestBroker::start(&config).await;
+    let proxy = [("listener", "proxy")];
+    let text = scrape(&b).await;
+    assert_eq!(metric(&text, "credbroker_connections_limit", &proxy), 7.0);
+    assert_eq!(metric(&text, "credbroker_connections_open", &proxy), 0.0);
+    // The scrape's own connection is open while it is answered.
+    assert!(
+        metric(
+            &text,
+            "credbroker_connections_open",
+            &[("listener", "admin")]
+        ) >= 1.0
+    );
+    let held: Vec<tokio::net::TcpStream> =
+        futures_util::future::join_all((0..3).map(|_| tokio::net::TcpStream::connect(b.addr)))
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+    eventually_metric(&b, "credbroker_connections_open", &proxy, 3.0).await;
+    drop(held);
+    eventually_metric(&b, "credbroker_connections_open", &proxy, 0.0).await;
+}
+
 #[tokio::test]
 async fn an_unreachable_upstream_counts_as_an_upstream_error() {
     // port 9 (discard) on loopback: nothing listens there in a test environment
