@@ -411,3 +411,58 @@ async fn query_and_report_read_more_files_than_the_soft_open_file_limit() {
         }
     }
 }
+
+/// DESIGN §2: `audit verify --hmac-key REF` checks a keyed chain with a key given on its own
+/// (an auditor holds it off the host); a relative `file:` REF is relative to the current
+/// directory; `--config` and `--hmac-key` together are refused; the wrong key breaks line 1.
+#[test]
+fn verify_takes_the_chain_key_as_a_secret_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("keyed.jsonl"), chain(3, Some(b"auditor-key"))).unwrap();
+    // One trailing newline of a file: secret is dropped (DESIGN §3).
+    std::fs::write(d.join("chain.key"), "auditor-key\n").unwrap();
+    std::fs::write(d.join("wrong.key"), "other-key\n").unwrap();
+    let verify = |extra: &[&str]| {
+        let mut args = vec!["audit", "verify", "keyed.jsonl"];
+        args.extend_from_slice(extra);
+        credbroker_in(d, &args)
+    };
+    for key in ["file:chain.key", "literal:auditor-key"] {
+        let o = verify(&["--hmac-key", key]);
+        assert_eq!(code(&o), 0, "{key}: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(String::from_utf8_lossy(&o.stdout).starts_with("intact: 3 records"));
+    }
+    let o = Command::new(env!("CARGO_BIN_EXE_credbroker"))
+        .args([
+            "audit",
+            "verify",
+            "keyed.jsonl",
+            "--hmac-key",
+            "env:CB_TEST_CHAIN_KEY",
+        ])
+        .env("CB_TEST_CHAIN_KEY", "auditor-key")
+        .current_dir(d)
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stderr));
+    let o = verify(&["--hmac-key", "file:wrong.key"]);
+    assert_eq!(code(&o), 1);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+    assert!(out.contains("keyed.jsonl:1: hash mismatch"), "{out}");
+    assert!(
+        !out.contains("other-key") && !out.contains("auditor-key"),
+        "{out}"
+    );
+    // Without a key, the keyed chain is no plain SHA-256 chain.
+    assert_eq!(code(&verify(&[])), 1);
+    let config = write_config(d);
+    let o = verify(&[
+        "--hmac-key",
+        "file:chain.key",
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+    assert_ne!(code(&o), 0);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not both"));
+}

@@ -326,3 +326,160 @@ async fn two_authorization_headers_are_refused() {
         "{body}"
     );
 }
+
+/// DESIGN §3.3: a time-bound elevation exists until its `expires`. A token under it lives no
+/// longer than it; once it has passed, a token issued under it is refused (403) and no new one
+/// is issued (`invalid_scope`, also when it was the client's only grant), while the client's
+/// other grants go on; `GET /v1/connectors` lists it with its reason throughout.
+#[tokio::test]
+async fn a_time_bound_grant_ends_at_its_expiry() {
+    let up = FakeUpstream::start().await;
+    // Whole seconds, 4–5 s ahead: time for the calls before it, little to wait after.
+    let now = chrono::Utc::now();
+    let expires = chrono::DateTime::from_timestamp(now.timestamp() + 5, 0).unwrap();
+    let expires_text = expires.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let elevation = format!(
+        "{{ connector = \"github\", operations = [\"issues.comment\"], expires = \"{expires_text}\", reason = \"INC-4711\" }}"
+    );
+    let config = standard_config(up.addr).replace(
+        "operations = [\"issues.read\", \"issues.comment\"], max_ttl = \"120s\" }",
+        &format!("operations = [\"issues.read\"], max_ttl = \"120s\" }}, {elevation}"),
+    ) + &extra_client("responder", &format!("grants = [ {elevation} ]"));
+    assert!(config.contains("INC-4711\" } ]\n"), "{config}");
+    let b = TestBroker::start(&config).await;
+    let expires_in = |body: &str| {
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        (
+            v["expires_in"].as_u64().unwrap(),
+            v["access_token"].as_str().unwrap().to_owned(),
+        )
+    };
+
+    // Before its expiry: tokens under it end with it (the request asked for 300 s).
+    let (s, _, body) = b
+        .token_request(
+            "responder",
+            SECRET,
+            "github:issues.comment",
+            &[("ttl", "300")],
+        )
+        .await;
+    assert_eq!(s, 200, "{body}");
+    let (ttl, elevated) = expires_in(&body);
+    assert!(
+        (1..=5).contains(&ttl),
+        "capped at the grant's expiry: {ttl}"
+    );
+    let comment = "/github/repos/acme/widget/issues/7/comments";
+    assert_eq!(b.status("POST", comment, &elevated).await, 200);
+    let (s, _, body) = b.token_request("bot", SECRET, "github:*", &[]).await;
+    assert_eq!(s, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["scope"], "github:issues.read github:issues.comment");
+    assert!(v["expires_in"].as_u64().unwrap() <= 5, "{body}");
+    let listed = grant_view(&b, "responder").await;
+    assert_eq!(listed["reason"], "INC-4711");
+    assert_eq!(listed["live"], true);
+    assert_eq!(
+        chrono::DateTime::parse_from_rfc3339(listed["expires"].as_str().unwrap()).unwrap(),
+        expires
+    );
+
+    // Past its expiry (a token's `exp` is still within the 5 s leeway, so only the grant
+    // check can refuse it).
+    let past = expires + chrono::Duration::milliseconds(1200);
+    let wait = (past - chrono::Utc::now()).to_std().unwrap_or_default();
+    tokio::time::sleep(wait).await;
+    assert_eq!(b.status("POST", comment, &elevated).await, 403);
+    let denied = b.audit();
+    let last = events(&denied, "proxy").into_iter().last().unwrap().clone();
+    assert_eq!(
+        (last["decision"].as_str(), last["reason"].as_str()),
+        (Some("deny"), Some("not_granted"))
+    );
+    for (client, scope) in [
+        ("responder", "github:issues.comment"),
+        ("responder", "github:*"),
+        ("bot", "github:issues.comment"),
+    ] {
+        let (s, _, body) = b.token_request(client, SECRET, scope, &[]).await;
+        assert_eq!(
+            (s, body.contains("\"invalid_scope\"")),
+            (400, true),
+            "{client} {scope}: {body}"
+        );
+    }
+    let (s, _, body) = b.token_request("bot", SECRET, "github:*", &[]).await;
+    assert_eq!(s, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (v["scope"].as_str(), v["expires_in"].as_u64()),
+        (Some("github:issues.read"), Some(120))
+    );
+    assert_eq!(grant_view(&b, "responder").await["live"], false);
+}
+
+/// DESIGN §4.1: granted lifetime = min(`ttl`, grant `max_ttl`, `tokens.max_ttl`), default
+/// `tokens.default_ttl`.
+#[tokio::test]
+async fn the_granted_lifetime_is_the_least_of_ttl_grant_and_broker_limits() {
+    let up = FakeUpstream::start().await;
+    let config = standard_config(up.addr).replace(
+        "issuer = \"credbroker-test\"",
+        "issuer = \"credbroker-test\"\ndefault_ttl = \"45s\"\nmax_ttl = \"600s\"",
+    ) + &extra_client(
+        "wide",
+        "grants = [ { connector = \"github\", operations = [\"issues.read\"] } ]",
+    );
+    let b = TestBroker::start(&config).await;
+    for (client, ttl, want) in [
+        ("bot", None, 45),          // default_ttl, under the grant's 120 s
+        ("bot", Some("30"), 30),    // a smaller ttl is honoured
+        ("bot", Some("9999"), 120), // the grant's max_ttl
+        ("wide", None, 45),
+        ("wide", Some("300"), 300), // no grant max_ttl: up to tokens.max_ttl
+        ("wide", Some("9999"), 600), // tokens.max_ttl
+    ] {
+        let extra: Vec<(&str, &str)> = ttl.iter().map(|t| ("ttl", *t)).collect();
+        let (s, _, body) = b
+            .token_request(client, SECRET, "github:issues.read", &extra)
+            .await;
+        assert_eq!(s, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["expires_in"], want, "{client} ttl={ttl:?}");
+        let token = v["access_token"].as_str().unwrap();
+        let claims: serde_json::Value = serde_json::from_slice(
+            &base64::Engine::decode(
+                &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+                token.split('.').nth(1).unwrap(),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap(),
+            want,
+            "{client} ttl={ttl:?}"
+        );
+    }
+}
+
+/// The `GET /v1/connectors` entry of `client`'s grant on the first connector.
+async fn grant_view(b: &TestBroker, client: &str) -> serde_json::Value {
+    let (s, _, view) = b.admin_call("GET", "/v1/connectors", "").await;
+    assert_eq!(s, 200);
+    let v: serde_json::Value = serde_json::from_str(&view).unwrap();
+    let grants = v["connectors"][0]["grants"].as_array().unwrap().clone();
+    grants
+        .into_iter()
+        .find(|g| g["client"] == client)
+        .expect("the grant is listed")
+}
+
+/// A `[[clients]]` table with the test secret, for appending to a config.
+fn extra_client(id: &str, grants: &str) -> String {
+    format!(
+        "\n[[clients]]\nid = \"{id}\"\nowner = \"o@acme.example\"\nsecret_sha256 = \"{}\"\n{grants}\n",
+        sha256_hex(SECRET)
+    )
+}
