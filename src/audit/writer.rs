@@ -800,6 +800,26 @@ fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+/// How far back the clock may step before `ts` follows it instead of holding still.
+const MAX_TS_HOLD: chrono::TimeDelta = chrono::TimeDelta::seconds(2);
+
+/// A record's time: `now`, or the previous record's time `last` when the clock stepped back
+/// by at most [`MAX_TS_HOLD`] (see `Writer::next_ts`).
+fn monotonic_ts(now: DateTime<Utc>, last: DateTime<Utc>) -> DateTime<Utc> {
+    if now >= last {
+        now
+    } else if last - now <= MAX_TS_HOLD {
+        last
+    } else {
+        tracing::warn!(
+            last = %last.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            "the clock is behind the audit log's last record: records from now on carry the \
+             clock's time, earlier than the record before them"
+        );
+        now
+    }
+}
+
 /// The writer's state: the file and where the chain stands.
 struct Writer {
     path: PathBuf,
@@ -1201,9 +1221,13 @@ impl Writer {
         Ok((seq, prev))
     }
 
-    /// Now, but never before the previous record's time, so `ts` is monotonic with `seq`.
+    /// Now, but never before the previous record's time, so `ts` grows with `seq` through the
+    /// small steps back a clock takes (an NTP correction). A larger step — the clock was set
+    /// back, or the log's last record came from a clock that ran ahead — is taken as it is:
+    /// holding every later record at that one time until the clock caught up would make their
+    /// times useless (`--since`, the report's first and last use), for hours or days.
     fn next_ts(&mut self) -> DateTime<Utc> {
-        self.last_ts = Utc::now().max(self.last_ts);
+        self.last_ts = monotonic_ts(Utc::now(), self.last_ts);
         self.last_ts
     }
 
@@ -1615,6 +1639,57 @@ mod tests {
         }
         assert_eq!(log.stats().written, 3);
         assert!(log.stats().fsyncs >= 3);
+    }
+
+    #[test]
+    fn ts_holds_through_a_small_clock_step_back_and_follows_a_large_one() {
+        let now = Utc::now();
+        let ms = chrono::TimeDelta::milliseconds;
+        assert_eq!(monotonic_ts(now, now - ms(1)), now);
+        assert_eq!(monotonic_ts(now, now + ms(500)), now + ms(500));
+        assert_eq!(monotonic_ts(now, now + ms(2000)), now + ms(2000));
+        assert_eq!(monotonic_ts(now, now + ms(2001)), now);
+        assert_eq!(monotonic_ts(now, now + chrono::TimeDelta::days(365)), now);
+    }
+
+    /// A log whose last record carries a time far ahead (written while the clock was wrong,
+    /// or copied from another host) does not hold the next records at that time.
+    #[test]
+    fn a_last_record_from_the_future_does_not_stop_the_clock() {
+        let (_dir, o, log) = open_fresh(FsyncPolicy::Never);
+        log.append_blocking(proxy("a")).unwrap();
+        log.close();
+        let future = "2099-01-01T00:00:00.000000Z";
+        {
+            // Rewrite the one record with a future time, chain intact.
+            let line = read_lines(&o.path).remove(0);
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+            let mut rec = proxy("a");
+            rec.request_id = None;
+            let mut buf = Vec::new();
+            chain::seal_into(&mut buf, 1, future, &rec, ZERO_HASH, None).unwrap();
+            buf.push(b'\n');
+            assert_ne!(v["ts"], future);
+            std::fs::write(&o.path, &buf).unwrap();
+        }
+        let log = AuditLog::open(o.clone()).unwrap();
+        assert_eq!(log.append_blocking(proxy("b")).unwrap(), 2);
+        log.close();
+        let report = verify_files(std::slice::from_ref(&o.path), None).unwrap();
+        assert!(report.is_intact(), "{report:?}");
+        let lines = read_lines(&o.path);
+        let ts: String = serde_json::from_str::<serde_json::Value>(&lines[1]).unwrap()["ts"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(ts.as_str() < "2099", "{ts}");
+        let written = DateTime::parse_from_rfc3339(&ts).unwrap();
+        assert!(
+            (Utc::now() - written.with_timezone(&Utc))
+                .num_seconds()
+                .abs()
+                < 60
+        );
     }
 
     #[test]
