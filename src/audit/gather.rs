@@ -79,6 +79,20 @@ impl Gathers {
         }
     }
 
+    /// Adds `record` to `slot`'s gathering if one is open, behind what it holds; nobody waits
+    /// for its answer. Gives the record back when no gathering is open.
+    pub(super) fn join_if_open(&self, slot: usize, record: Record) -> Result<(), Record> {
+        let mut gathering = self.lock(slot);
+        if !gathering.open {
+            return Err(record);
+        }
+        gathering.records.push(record);
+        // `joiners` answers `records[1..]` one for one: an answer nobody receives.
+        let (tx, _) = oneshot::channel();
+        gathering.joiners.push(tx);
+        Ok(())
+    }
+
     /// Closes the gathering: its records (the leader's first) and the joiners' answers.
     pub(super) fn take(&self, slot: usize) -> (Vec<Record>, Vec<AnswerTx>) {
         let mut gathering = self.lock(slot);

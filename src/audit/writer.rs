@@ -432,6 +432,21 @@ impl AuditLog {
         self.send(record, Reply::Detached)
     }
 
+    /// Queues `record` behind every record the calling task queued before it, without
+    /// waiting: it joins the worker's open gathering (where such a record may still be), or
+    /// goes to the writer in order ([`PendingAppend::then_queue`]'s rule). For the outcome of
+    /// a call dropped while its allow record was on its way.
+    pub fn append_behind(&self, record: Record) -> Result<(), AuditError> {
+        let record = match self.inner.gathers.slot_for_caller() {
+            Some(slot) => match self.inner.gathers.join_if_open(slot, record) {
+                Ok(()) => return Ok(()),
+                Err(record) => record,
+            },
+            None => record,
+        };
+        self.send(record, Reply::Ordered)
+    }
+
     /// Counts a proxied call as in progress until the guard drops. Under `always` the writer
     /// holds a sync back a moment only while many calls are in flight: their records are
     /// about to arrive and share it. Under `never` and `interval` nothing reads the count, so

@@ -97,8 +97,8 @@ struct AuditFacts {
 enum Stage {
     /// No decision recorded yet.
     Deciding,
-    /// The allow record is queued, not yet acknowledged. A call dropped now leaves no second
-    /// record: the allow may yet fail to be written, or be sealed after anything queued now.
+    /// The allow record is queued, not yet acknowledged. A call dropped now queues its outcome
+    /// (not forwarded) behind it, never before it.
     AllowQueued,
     /// The allow record is written, the outcome not yet.
     Allowed,
@@ -120,7 +120,21 @@ struct Call<'a> {
 impl Drop for Call<'_> {
     fn drop(&mut self) {
         let record = match self.facts.stage {
-            Stage::Recorded | Stage::AllowQueued => return,
+            Stage::Recorded => return,
+            Stage::AllowQueued => {
+                let mut record = self.facts.take_for_result();
+                record.duration_ms = Some(self.started.elapsed().as_millis() as u64);
+                record.bytes_in = Some(0);
+                record.bytes_out = Some(0);
+                record.error = Some(
+                    "not forwarded: the client went away while its allow record was being written"
+                        .into(),
+                );
+                if let Err(e) = self.audit.append_behind(record) {
+                    tracing::error!(error = %e, "cannot queue the audit record of an abandoned call");
+                }
+                return;
+            }
             Stage::Deciding => {
                 let mut record = std::mem::take(&mut self.facts.record);
                 record.decision = Some(Decision::Deny);

@@ -302,6 +302,52 @@ async fn a_disk_that_stops_answering_holds_no_call_past_request_timeout() {
     assert_eq!(verify_chain_independently(&b.audit_path()), records.len());
 }
 
+/// DESIGN §5: every allowed call gets its `proxy_result`. A client that goes away while its
+/// allow record waits for the disk leaves the allow (queued, it is still written) and, behind
+/// it, an outcome saying nothing was forwarded.
+#[tokio::test]
+async fn a_client_gone_while_its_allow_record_waits_leaves_an_outcome_behind_it() {
+    use std::sync::atomic::Ordering;
+    use tokio::io::AsyncWriteExt;
+    let up = FakeUpstream::start().await;
+    let mut b = TestBroker::start(&one_second_requests(up.addr)).await;
+    let token = b.token("github:issues.read", &[]).await;
+    let stalled = stall_syncs(&b);
+    let mut client = tokio::net::TcpStream::connect(b.addr).await.unwrap();
+    let head = format!(
+        "GET /github/repos/acme/widget/issues HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {token}\r\n\r\n"
+    );
+    client.write_all(head.as_bytes()).await.unwrap();
+    // Gone well before request_timeout (1 s), while the allow record is held by the disk.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(client);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stalled.store(false, Ordering::Relaxed);
+    b.stop().await;
+    assert_eq!(up.count(), 0, "nothing forwarded");
+    let records = b.audit();
+    let allows: Vec<_> = records
+        .iter()
+        .filter(|r| r["event"] == "proxy" && r["decision"] == "allow")
+        .collect();
+    assert_eq!(allows.len(), 1, "{records:?}");
+    let request_id = allows[0]["request_id"].as_str().unwrap();
+    let of_call: Vec<_> = records
+        .iter()
+        .filter(|r| r["request_id"] == request_id)
+        .collect();
+    assert_eq!(of_call.len(), 2, "{of_call:?}");
+    assert_eq!(of_call[0]["decision"], "allow");
+    assert_eq!(of_call[1]["event"], "proxy_result");
+    assert_eq!(of_call[1]["bytes_out"], 0);
+    let error = of_call[1]["error"].as_str().unwrap();
+    assert!(
+        error.starts_with("not forwarded") && error.contains("went away"),
+        "{error}"
+    );
+    assert_eq!(verify_chain_independently(&b.audit_path()), records.len());
+}
+
 /// Admin changes on a disk that stopped answering (fsync = "always"): an enable whose record
 /// is not acknowledged in time is not made, and the record that follows its late `ok` says so;
 /// it does not hold the admin lock for ever, so a kill switch sent next takes effect.
