@@ -81,16 +81,16 @@ impl Gathers {
 
     /// Adds `record` to `slot`'s gathering if one is open, behind what it holds; nobody waits
     /// for its answer. Gives the record back when no gathering is open.
-    pub(super) fn join_if_open(&self, slot: usize, record: Record) -> Result<(), Record> {
+    pub(super) fn join_if_open(&self, slot: usize, record: Record) -> Option<Record> {
         let mut gathering = self.lock(slot);
         if !gathering.open {
-            return Err(record);
+            return Some(record);
         }
         gathering.records.push(record);
         // `joiners` answers `records[1..]` one for one: an answer nobody receives.
         let (tx, _) = oneshot::channel();
         gathering.joiners.push(tx);
-        Ok(())
+        None
     }
 
     /// Closes the gathering: its records (the leader's first) and the joiners' answers.
@@ -155,6 +155,34 @@ mod tests {
             tx.send(Ok(2)).unwrap();
         }
         assert_eq!(rx.try_recv().unwrap().unwrap(), 2);
+    }
+
+    #[test]
+    fn a_record_behind_joins_only_an_open_gathering_and_keeps_answers_aligned() {
+        let gathers = Gathers::new(1);
+        assert!(gathers
+            .join_if_open(0, Record::new(Event::ProxyResult))
+            .is_some());
+        let Joined::Leader(slot) = gathers.join(0, Record::new(Event::Proxy)) else {
+            panic!("the first caller leads");
+        };
+        assert!(gathers
+            .join_if_open(0, Record::new(Event::ProxyResult))
+            .is_none());
+        let Joined::Joiner(mut rx) = gathers.join(0, Record::new(Event::Admin)) else {
+            panic!("a later caller joins");
+        };
+        let (records, joiners) = gathers.take(slot);
+        assert_eq!(
+            records.iter().map(|r| r.event).collect::<Vec<_>>(),
+            [Event::Proxy, Event::ProxyResult, Event::Admin]
+        );
+        // One answer per record after the leader's: the third record's is the last.
+        assert_eq!(joiners.len(), 2);
+        for (i, tx) in joiners.into_iter().enumerate() {
+            let _ = tx.send(Ok(i as u64 + 2));
+        }
+        assert_eq!(rx.try_recv().unwrap().unwrap(), 3);
     }
 
     #[test]

@@ -439,8 +439,8 @@ impl AuditLog {
     pub fn append_behind(&self, record: Record) -> Result<(), AuditError> {
         let record = match self.inner.gathers.slot_for_caller() {
             Some(slot) => match self.inner.gathers.join_if_open(slot, record) {
-                Ok(()) => return Ok(()),
-                Err(record) => record,
+                None => return Ok(()),
+                Some(record) => record,
             },
             None => record,
         };
