@@ -206,7 +206,8 @@ async fn stages(
     // can move into the upstream request later.
     let uri = parts.uri.clone();
     // 1. The target is canonical and unambiguous; every later decision is on these bytes.
-    let target = canonical_target(live, &parts.method, &uri, parts.version, &parts.headers)?;
+    let target = canonical_target(live, &parts.method, &uri, parts.version, &parts.headers)
+        .inspect_err(|denial| facts.redact_refused_copy(live, denial))?;
     facts.target(&target);
     // 2. The bearer token is genuine, current, unrevoked, and bound to this connection.
     // The wall clock, read once for the call's checks (a read and its calendar arithmetic
@@ -1237,6 +1238,26 @@ impl AuditFacts {
         }
     }
 
+    /// A call refused for carrying its own copy of the credential parameter the connector
+    /// injects (`auth = { type = "query" }`) most likely carries the real credential there (an
+    /// integration still configured with it): its value is not recorded (DESIGN §5).
+    fn redact_refused_copy(&mut self, live: &Live, denial: &Denial) {
+        if denial.reason != "client_supplied_credential" {
+            return;
+        }
+        let injection = self
+            .record
+            .connector
+            .as_deref()
+            .and_then(|c| live.connectors.get(c))
+            .map(|runtime| &runtime.injection);
+        if let (Some(Injection::Query { name, .. }), Some(query)) =
+            (injection, self.record.query.as_mut())
+        {
+            *query = redact_query_param(query, name);
+        }
+    }
+
     /// The allow record, made of the facts themselves (not a copy: that would be a string
     /// allocation per field on every call). The facts keep what the outcome record needs
     /// (request id, client, connector); should the allow not be written, [`Self::refill`]
@@ -1328,6 +1349,12 @@ fn redact_token(field: &mut Option<String>, token: &str) {
 /// only a form of `access_token` (`access_token[]`, or `access_token%3D<token>`, where the
 /// token is in the name itself) is replaced whole.
 pub fn redact_query(query: &str) -> String {
+    redact_query_param(query, "access_token")
+}
+
+/// [`redact_query`] for the parameter `param` (its values, or whole pieces whose name is only
+/// a form of it).
+fn redact_query_param(query: &str, param: &str) -> String {
     let mut out = String::with_capacity(query.len());
     let mut start = 0;
     for (i, c) in query
@@ -1340,9 +1367,10 @@ pub fn redact_query(query: &str) -> String {
         let piece = &query[start..i];
         let name = piece.split_once('=').map_or(piece, |(n, _)| n);
         let exact = || {
-            canonical::percent_decode(name).is_some_and(|d| d.eq_ignore_ascii_case(b"access_token"))
+            canonical::percent_decode(name)
+                .is_some_and(|d| d.eq_ignore_ascii_case(param.as_bytes()))
         };
-        if !canonical::names_param(name, "access_token") || piece == name && exact() {
+        if !canonical::names_param(name, param) || piece == name && exact() {
             out.push_str(piece);
         } else if exact() {
             out.push_str(name);

@@ -107,6 +107,52 @@ async fn query_parameter_is_appended_last_and_encoded() {
     }
 }
 
+/// DESIGN §5: a client that still holds the real credential and sends it as the parameter
+/// the broker injects is refused (§3.8), and the refusal's record does not keep the value.
+#[tokio::test]
+async fn a_refused_copy_of_the_credential_parameter_is_not_recorded() {
+    let up = FakeUpstream::start().await;
+    let b = TestBroker::start(&config_with_auth(
+        up.addr,
+        r#"{ type = "query", name = "api_key" }"#,
+    ))
+    .await;
+    let token = b.token("github:issues.read", &[]).await;
+    let forms = [
+        format!("state=open&api_key={CREDENTIAL}"),
+        format!("API_KEY={CREDENTIAL}&page=2"),
+        format!("api%5Fkey={CREDENTIAL}"),
+        format!("api_key[]={CREDENTIAL}"),
+    ];
+    for query in &forms {
+        let target = format!("/github/repos/acme/widget/issues?{query}");
+        let (s, _, body) = b.call("GET", &target, &token).await;
+        assert_eq!(s, 400, "{query}: {body}");
+    }
+    assert_eq!(up.count(), 0);
+    let records = b.audit();
+    let denials: Vec<_> = events(&records, "proxy")
+        .into_iter()
+        .filter(|r| r["reason"] == "client_supplied_credential")
+        .collect();
+    assert_eq!(denials.len(), forms.len());
+    let queries: Vec<&str> = denials
+        .iter()
+        .map(|r| r["query"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        queries,
+        [
+            "state=open&api_key=REDACTED",
+            "API_KEY=REDACTED&page=2",
+            "api%5Fkey=REDACTED",
+            "REDACTED",
+        ]
+    );
+    let log = std::fs::read_to_string(b.audit_path()).unwrap();
+    assert!(!log.contains(CREDENTIAL));
+}
+
 #[tokio::test]
 async fn echoed_credential_header_is_dropped() {
     fn echo(_: &Seen) -> Option<http::Response<http_body_util::Full<bytes::Bytes>>> {
