@@ -1220,6 +1220,9 @@ impl AuditFacts {
             }
         }
         record.query = req.uri().query().map(redact_query);
+        // A token sent without `Authorization` (refused 401) is still a token.
+        redact_jwt_shapes(&mut record.path);
+        redact_jwt_shapes(&mut record.query);
         // A copy of the token in the target (refused by check 1) is not recorded either.
         for token in presented_tokens(req.headers()) {
             let fields = [
@@ -1283,8 +1286,8 @@ impl AuditFacts {
 
     /// The facts [`Self::take_for_allow`] gave away, made again from where they came from
     /// (`new`, `target`, `token`, `operation`). By then check 1 has refused any copy of the
-    /// token in the method, path or query, so there is nothing to redact but the query's
-    /// `access_token` values, as `new` does.
+    /// token in the method, path or query, so there is nothing to redact but what `new` does
+    /// without knowing the token (`access_token` values, anything shaped like a JWT).
     fn refill(
         &mut self,
         method: &Method,
@@ -1297,6 +1300,7 @@ impl AuditFacts {
         self.record.peer = Some(conn.peer_text.clone());
         self.target(target);
         self.record.query = target.query.map(redact_query);
+        redact_jwt_shapes(&mut self.record.query);
         self.token(claims);
         self.operation(operation);
     }
@@ -1305,6 +1309,7 @@ impl AuditFacts {
         // Usually what `new` already split off: then nothing is copied again.
         set_text(&mut self.record.connector, target.connector);
         set_text(&mut self.record.path, target.path);
+        redact_jwt_shapes(&mut self.record.path);
     }
 
     fn token(&mut self, claims: &AccessClaims) {
@@ -1341,6 +1346,58 @@ fn redact_token(field: &mut Option<String>, token: &str) {
     } else if holds_encoded_token(text, token) {
         *text = "REDACTED".to_owned();
     }
+}
+
+/// Replaces whatever is shaped like a JWT — three base64url parts, the first two JSON objects
+/// (`eyJ…`) — with `REDACTED`. The broker knows the token of `Authorization` (and looks for
+/// copies of it), but one sent only in the path or query is refused before it is read as a
+/// token: it must not reach the record either (DESIGN §5). One search for `eyJ` on every call.
+fn redact_jwt_shapes(field: &mut Option<String>) {
+    let Some(text) = field.as_mut() else {
+        return;
+    };
+    let bytes = text.as_bytes();
+    let mut out: Option<String> = None;
+    let (mut from, mut copied) = (0, 0);
+    while let Some(found) = memchr::memmem::find(&bytes[from..], b"eyJ") {
+        let start = from + found;
+        match jwt_shape_end(bytes, start) {
+            Some(end) => {
+                let out = out.get_or_insert_with(|| String::with_capacity(text.len()));
+                out.push_str(&text[copied..start]);
+                out.push_str("REDACTED");
+                (from, copied) = (end, end);
+            }
+            None => from = start + 3,
+        }
+    }
+    if let Some(mut out) = out {
+        out.push_str(&text[copied..]);
+        *text = out;
+    }
+}
+
+/// The end of a JWT-shaped run starting at `start` (which holds `eyJ`), if it is one: a
+/// header and a payload of at least 10 base64url characters each, the payload also `eyJ…`,
+/// and a signature of at least 16.
+fn jwt_shape_end(bytes: &[u8], start: usize) -> Option<usize> {
+    let is_b64url = |b: &u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_');
+    let part = |at: usize| at + bytes[at..].iter().take_while(|b| is_b64url(b)).count();
+    let header_end = part(start);
+    if header_end - start < 10 || bytes.get(header_end) != Some(&b'.') {
+        return None;
+    }
+    let payload = header_end + 1;
+    let payload_end = part(payload);
+    if payload_end - payload < 10
+        || !bytes[payload..].starts_with(b"eyJ")
+        || bytes.get(payload_end) != Some(&b'.')
+    {
+        return None;
+    }
+    let signature = payload_end + 1;
+    let end = part(signature);
+    (end - signature >= 16).then_some(end)
 }
 
 /// The query as recorded: an `access_token` value (a token sent where it must not be) is
@@ -1389,6 +1446,39 @@ fn redact_query_param(query: &str, param: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::{presented_tokens, redact_query};
+
+    #[test]
+    fn jwt_shapes_are_redacted_wherever_they_stand() {
+        use super::redact_jwt_shapes;
+        let jwt = "eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiJib3QifQ.c2lnbmF0dXJlLXNpZ25hdHVyZQ";
+        let redacted = |s: &str| {
+            let mut field = Some(s.to_owned());
+            redact_jwt_shapes(&mut field);
+            field.unwrap()
+        };
+        assert_eq!(
+            redacted(&format!("/repos/{jwt}/issues")),
+            "/repos/REDACTED/issues"
+        );
+        assert_eq!(
+            redacted(&format!("token={jwt}&t={jwt}&page=2")),
+            "token=REDACTED&t=REDACTED&page=2"
+        );
+        assert_eq!(redacted(jwt), "REDACTED");
+        for kept in [
+            "/repos/acme/widget/issues",
+            "q=eyJ",
+            "q=eyJhbGciOiJFZERTQSJ9",
+            "q=eyJhbGciOiJFZERTQSJ9.notjson1234.c2lnbmF0dXJlLXNpZ25hdHVyZQ",
+            "q=eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiJib3QifQ.short",
+            "v=1.2.3",
+        ] {
+            assert_eq!(redacted(kept), kept);
+        }
+        let mut none = None;
+        redact_jwt_shapes(&mut none);
+        assert_eq!(none, None);
+    }
 
     #[test]
     fn the_allow_record_takes_the_facts_and_a_failed_write_gets_them_back() {

@@ -399,3 +399,54 @@ async fn admin_changes_on_a_stalled_disk_are_bounded_and_an_unaudited_enable_is_
         .starts_with("not made"));
     assert_eq!(verify_chain_independently(&b.audit_path()), records.len());
 }
+
+/// DESIGN §5: a token never appears in a record — also one sent without `Authorization`,
+/// in the path or the query, which the broker refuses (401) before reading it as a token.
+#[tokio::test]
+async fn a_token_sent_outside_authorization_is_not_recorded() {
+    let up = FakeUpstream::start().await;
+    let mut b = TestBroker::start(&standard_config(up.addr)).await;
+    let token = b.token("github:issues.read", &[]).await;
+    for target in [
+        format!("/github/repos/acme/widget/issues?token={token}"),
+        format!("/github/repos/acme/{token}/issues"),
+        format!("/github/repos/acme/widget/issues?state=open&t={token}"),
+    ] {
+        let (s, _, body) = b
+            .call_with("GET", &target, "", &[("x-auth-token", &token)], "")
+            .await;
+        assert_eq!(s, 401, "{body}");
+    }
+    assert_eq!(
+        b.status("GET", "/github/repos/acme/widget/issues", &token)
+            .await,
+        200
+    );
+    b.stop().await;
+    let log = std::fs::read_to_string(b.audit_path()).unwrap();
+    let signature = token.rsplit('.').next().unwrap();
+    assert!(
+        !log.contains(signature),
+        "the token reached the audit log:\n{log}"
+    );
+    let records = b.audit();
+    let missing: Vec<_> = events(&records, "proxy")
+        .into_iter()
+        .filter(|r| r["decision"] == "deny")
+        .map(|r| {
+            format!(
+                "{}?{}",
+                r["path"].as_str().unwrap(),
+                r["query"].as_str().unwrap_or("")
+            )
+        })
+        .collect();
+    assert_eq!(
+        missing,
+        [
+            "/repos/acme/widget/issues?token=REDACTED",
+            "/repos/acme/REDACTED/issues?",
+            "/repos/acme/widget/issues?state=open&t=REDACTED",
+        ]
+    );
+}
