@@ -490,6 +490,9 @@ async fn revoke(
         }
     };
     let named = body.jti.iter().chain(&body.client).chain(&body.connector);
+    if named.clone().any(|v| is_known_secret(broker, v)) {
+        return refused(broker, action, None, conn, PASTED_SECRET, request_id).await;
+    }
     if named.clone().any(|v| v.is_empty()) {
         let why = "the jti, client or connector is empty";
         return refused(broker, action, Some(&target), conn, why, request_id).await;
@@ -497,6 +500,14 @@ async fn revoke(
     if let Some(connector) = &body.connector {
         if broker.live().config.connector(connector).is_none() {
             let why = "unknown connector";
+            return refused(broker, action, Some(&target), conn, why, request_id).await;
+        }
+    }
+    // A client the config does not name has no token that passes check 3: revoking it does
+    // nothing, so an answer of `ok` would only hide a typo.
+    if let Some(client) = &body.client {
+        if broker.live().config.client(client).is_none() {
+            let why = "unknown client";
             return refused(broker, action, Some(&target), conn, why, request_id).await;
         }
     }
@@ -529,6 +540,39 @@ async fn revoke(
     let result = broker.state.apply(change).await;
     let audited = admin_outcome(broker, action, &target, conn, &result, request_id).await;
     answer(action, &target, result, audited, request_id)
+}
+
+/// Why a revoke or enable naming a secret is refused (the record has no target).
+const PASTED_SECRET: &str = "the value given is a secret the broker holds (a client secret, \
+     the admin token or a connector's credential), not a jti, client or connector: nothing \
+     was changed, and the value is not recorded";
+
+/// Whether an admin-supplied name is in fact a secret the broker holds: a client secret or
+/// the admin token (compared by SHA-256, as they are configured), or a connector's static
+/// credential. Pasted where a name belongs, it would be written to the audit log as the
+/// change's target, and echoed in the answer.
+fn is_known_secret(broker: &Broker, value: &str) -> bool {
+    if value.is_empty() {
+        return false;
+    }
+    let live = broker.live();
+    let digest: [u8; 32] = Sha256::digest(value.as_bytes()).into();
+    let config = &live.config;
+    let hashed = config
+        .clients
+        .iter()
+        .filter_map(|c| c.secret_sha256)
+        .chain(config.admin.as_ref().map(|a| a.token_sha256));
+    let mut known = false;
+    for secret in hashed {
+        // Every one compared, in constant time: the answer says nothing of which.
+        known |= bool::from(subtle::ConstantTimeEq::ct_eq(&secret[..], &digest[..]));
+    }
+    known
+        || live
+            .connectors
+            .values()
+            .any(|c| c.echoes.found_in(value.as_bytes()))
 }
 
 /// A refused admin call: audited as `failed` with the reason, answered 400.
@@ -568,6 +612,9 @@ async fn enable(
         Ok(b) => b,
         Err(e) => return refused(broker, "enable", None, conn, &e, request_id).await,
     };
+    if is_known_secret(broker, &body.connector) {
+        return refused(broker, "enable", None, conn, PASTED_SECRET, request_id).await;
+    }
     let target = format!("connector:{}", body.connector);
     // A connector that was removed from the config may still be listed as disabled: enabling
     // it clears the entry. Anything else unknown is a typo worth saying so.

@@ -313,6 +313,54 @@ async fn refused_admin_calls_are_audited() {
     assert_eq!(admin[1]["target"], "connector:nosuch");
 }
 
+/// DESIGN §5 (no secret in a record): a client secret, the admin token or a connector's
+/// credential pasted where a jti, client or connector name belongs is refused, and neither
+/// recorded nor echoed; a client the config does not name is refused like an unknown
+/// connector (its revocation would do nothing: an `ok` would hide the typo).
+#[tokio::test]
+async fn a_secret_given_as_a_name_is_refused_unrecorded_and_an_unknown_client_too() {
+    let up = FakeUpstream::start().await;
+    let b = TestBroker::start(&standard_config(up.addr)).await;
+    let token = b.token("github:issues.read", &[]).await;
+    let secrets = [SECRET, ADMIN_TOKEN, CREDENTIAL];
+    for secret in secrets {
+        for (path, field) in [
+            ("/v1/revoke", "client"),
+            ("/v1/revoke", "jti"),
+            ("/v1/revoke", "connector"),
+            ("/v1/enable", "connector"),
+        ] {
+            let body = serde_json::json!({ field: secret }).to_string();
+            let (s, _, answer) = b.admin_call("POST", path, &body).await;
+            assert_eq!(s, 400, "{path} {field}: {answer}");
+            assert!(answer.contains("a secret the broker holds"), "{answer}");
+            assert!(!answer.contains(secret), "{answer}");
+        }
+    }
+    let (s, _, answer) = b
+        .admin_call("POST", "/v1/revoke", "{\"client\":\"b0t\"}")
+        .await;
+    assert_eq!(s, 400, "{answer}");
+    assert!(answer.contains("unknown client"), "{answer}");
+    // Nothing was revoked.
+    assert_eq!(
+        b.status("GET", "/github/repos/acme/widget/issues", &token)
+            .await,
+        200
+    );
+    let log = std::fs::read_to_string(b.audit_path()).unwrap();
+    for secret in secrets {
+        assert!(!log.contains(secret), "a secret reached the audit log");
+    }
+    let records = b.audit();
+    let admin = events(&records, "admin");
+    assert_eq!(admin.len(), 13);
+    assert!(admin.iter().all(|r| r["result"] == "failed"));
+    assert!(admin[..12].iter().all(|r| r.get("target").is_none()));
+    assert_eq!(admin[12]["target"], "client:b0t");
+    assert_eq!(admin[12]["error"], "unknown client");
+}
+
 /// A client revoked in this second: a token issued to it now would be refused on every use
 /// (`iat` at or before the cut-off), so the token endpoint answers 503 with `Retry-After`
 /// instead, and a token asked for after it works.
