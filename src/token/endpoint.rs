@@ -217,6 +217,8 @@ async fn issue(
             AuthAttempt::Failed(e) => e,
         })?;
     record.client = Some(client.id.clone());
+    // The scope asked for, on every record of an authenticated request, refused ones too.
+    record.scope.clone_from(&form.scope);
     let with_client = |mut e: TokenError| {
         e.client = Some(client.id.clone());
         e
@@ -248,7 +250,6 @@ async fn issue(
         .scope
         .as_deref()
         .ok_or_else(|| with_client(invalid_request("scope is required")))?;
-    record.scope = Some(requested.to_owned());
     let scope = resolve_scope(live, &disabled, client, requested, now).map_err(with_client)?;
     let lifetime = lifetime(live, client, &form, &scope, now).map_err(with_client)?;
     let max_uses = parse_max_uses(&form).map_err(with_client)?;

@@ -108,6 +108,20 @@ async fn every_error_code() {
     assert_eq!(failed.len(), 2);
     assert_eq!(failed[0]["client"], "bot");
     assert!(failed[1].get("client").is_none(), "{}", failed[1]);
+    // DESIGN §5: an authenticated request's denial records the scope it asked for, whatever
+    // the reason.
+    let authenticated = denied
+        .iter()
+        .filter(|r| r["reason"] != "invalid_client" && r["client"].is_string());
+    assert!(authenticated.clone().count() >= 8);
+    for r in authenticated {
+        assert!(r["scope"].is_string(), "{r}");
+    }
+    let unauthorized = denied
+        .iter()
+        .find(|r| r["reason"] == "unauthorized_client")
+        .unwrap();
+    assert_eq!(unauthorized["scope"], "github:issues.read");
 }
 
 #[tokio::test]
