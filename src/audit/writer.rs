@@ -734,8 +734,14 @@ fn lock(m: &Mutex<Option<Writer>>) -> std::sync::MutexGuard<'_, Option<Writer>> 
 /// (request handlers on the worker runtimes) keep writing while the disk syncs, instead of
 /// stalling a whole worker for the length of a sync.
 fn inline_flusher(writer: &Weak<Mutex<Option<Writer>>>) {
+    // Rounds start one interval apart, the sync's own time included (a record written just
+    // after a sync started is synced by the round after, which starts 10 ms after that one,
+    // not 10 ms after it ends), so what a power failure can lose is the interval plus at most
+    // one sync's duration.
+    let mut next_round = Instant::now() + SYNC_INTERVAL;
     loop {
-        std::thread::sleep(SYNC_INTERVAL);
+        std::thread::sleep(next_round.saturating_duration_since(Instant::now()));
+        next_round = Instant::now() + SYNC_INTERVAL;
         let Some(writer) = writer.upgrade() else {
             return;
         };
