@@ -217,7 +217,7 @@ async fn stages(
     // 3. An operation of the connector *as configured now* matches, is in scope, is granted.
     let (connector, runtime, op_index) = match &*broker.state {
         StateStore::Memory(_) => {
-            let found = authorize(broker, live, &claims, &parts.method, &target, wall)?;
+            let found = authorize(broker, live, &claims, &parts.method, &target, wall, facts)?;
             facts.operation(&found.0.operations[found.2].name);
             // 4. A `max_uses` token still has a use left.
             spend_use(broker, &claims)?;
@@ -227,8 +227,9 @@ async fn stages(
         }
         // 2–5 on the state shared by every replica, in one round trip.
         StateStore::Redis(redis) => {
-            let local = check_binding(&claims, conn)
-                .and_then(|()| authorize(broker, live, &claims, &parts.method, &target, wall));
+            let local = check_binding(&claims, conn).and_then(|()| {
+                authorize(broker, live, &claims, &parts.method, &target, wall, facts)
+            });
             // Boxed, as every rare path with a large future is here: a call's future is
             // as large as its largest await, and it is moved and held for every call.
             Box::pin(shared_checks(
@@ -591,6 +592,7 @@ fn authorize<'l>(
     method: &Method,
     target: &Target<'_>,
     now: chrono::DateTime<chrono::Utc>,
+    facts: &mut AuditFacts,
 ) -> Result<(&'l Connector, &'l ConnectorRuntime, usize), Denial> {
     let scope = |reason, text: String| deny(Refusal::InsufficientScope(text), reason);
     let config = &live.config;
@@ -620,14 +622,22 @@ fn authorize<'l>(
         ));
     };
     let mut why = "no_matching_operation";
+    // The first operation that matched but was refused: the record names it (which ungranted
+    // operation was tried is what a least-privilege review asks).
+    let mut refused = None;
     let found = connector.router.find(method, target.path, |i| {
         let op = &connector.operations[i];
         let verdict = judge(client, claims, connector, op, method, target, now);
-        if verdict.is_err() && why == "no_matching_operation" {
-            why = verdict.err().unwrap_or(why);
+        if let Err(reason) = verdict {
+            if refused.is_none() {
+                (why, refused) = (reason, Some(i));
+            }
         }
         verdict.is_ok()
     });
+    if let (None, Some(i)) = (found, refused) {
+        facts.operation(&connector.operations[i].name);
+    }
     match found {
         Some(i) => Ok((connector, runtime, i)),
         None => Err(scope(

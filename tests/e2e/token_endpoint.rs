@@ -411,6 +411,8 @@ async fn a_time_bound_grant_ends_at_its_expiry() {
         (last["decision"].as_str(), last["reason"].as_str()),
         (Some("deny"), Some("not_granted"))
     );
+    // The record names the operation the call matched but may no longer use.
+    assert_eq!(last["operation"], "issues.comment");
     for (client, scope) in [
         ("responder", "github:issues.comment"),
         ("responder", "github:*"),
