@@ -343,3 +343,78 @@ async fn upstream_down_is_502_and_audited() {
     assert_eq!(events(&records, "proxy_result")[0]["status"], 502);
     drop(up);
 }
+
+/// DESIGN §4.3: the checks run in their table's order, so a call failing two of them gets the
+/// earlier one's answer, and a later check's state is not touched by an earlier refusal (a
+/// 403 spends no `max_uses` use; a spent token is refused before the rate limit is taken).
+#[tokio::test]
+async fn checks_run_in_the_designed_order() {
+    let up = FakeUpstream::start().await;
+    let config = standard_config(up.addr).replacen(
+        "grants = [",
+        "rate_limit = { per_second = 1, burst = 3 }\ngrants = [",
+        1,
+    );
+    let b = TestBroker::start(&config).await;
+    let read = "/github/repos/acme/widget/issues";
+    let comment = "/github/repos/acme/widget/issues/1/comments";
+    // 1 before 2: a non-canonical path without any token.
+    assert_eq!(
+        b.status("GET", "/github/repos/acme/../issues", "").await,
+        400
+    );
+    assert_eq!(b.status("GET", "/github//repos", "").await, 400);
+    // 2 before 3: a bad token on a path no operation allows.
+    assert_eq!(
+        b.status("DELETE", "/github/repos/acme/widget", "not-a-token")
+            .await,
+        401
+    );
+    let (s, _, _) = b.call("GET", "/nosuch/x", "not-a-token").await;
+    assert_eq!(s, 401);
+    // 3 before 4: an out-of-scope call spends no use of a single-use token.
+    let once = b.token("github:issues.read", &[("max_uses", "1")]).await;
+    assert_eq!(
+        b.status("DELETE", "/github/repos/acme/widget", &once).await,
+        403
+    );
+    assert_eq!(
+        b.status("GET", read, &once).await,
+        200,
+        "its one use is still there"
+    );
+    // 4 before 5: the spent token is refused without taking a rate-limit cell (burst 3: one
+    // cell is gone, two are left for the calls below).
+    assert_eq!(b.status("GET", read, &once).await, 401);
+    assert_eq!(b.status("GET", read, &once).await, 401);
+    let token = b
+        .token("github:issues.read github:issues.comment", &[])
+        .await;
+    assert_eq!(b.status("GET", read, &token).await, 200);
+    assert_eq!(b.status("GET", read, &token).await, 200);
+    // 5 before 6: rate-limited and too large (max_body_bytes 64) → 429.
+    let big = "x".repeat(1000);
+    let (s, h, _) = b.call_with("POST", comment, &token, &[], &big).await;
+    assert_eq!(s, 429);
+    assert!(h.contains_key("retry-after"));
+    assert_eq!(up.count(), 3);
+    let records = b.audit();
+    let reasons: Vec<&str> = events(&records, "proxy")
+        .iter()
+        .filter(|r| r["decision"] == "deny")
+        .map(|r| r["reason"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            "non_canonical_path",
+            "non_canonical_path",
+            "token_invalid",
+            "token_invalid",
+            "not_in_token_scope",
+            "max_uses_exhausted",
+            "max_uses_exhausted",
+            "client_rate_limited",
+        ]
+    );
+}
