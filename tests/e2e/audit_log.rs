@@ -450,3 +450,63 @@ async fn a_token_sent_outside_authorization_is_not_recorded() {
         ]
     );
 }
+
+/// The config's `[audit]` settings reach the running writer: with `hmac_key` and a small
+/// `rotate_bytes`, `serve` writes a keyed chain across numbered files (`.1` oldest) that
+/// `audit verify` passes with the key, in chain order, and fails without it.
+#[tokio::test]
+async fn served_audit_settings_key_and_rotate_the_chain() {
+    let up = FakeUpstream::start().await;
+    let config = standard_config(up.addr).replace(
+        "fsync = \"always\"",
+        "fsync = \"interval\"\nrotate_bytes = 4096\nhmac_key = \"literal:chain-key\"",
+    );
+    let mut b = TestBroker::start(&config).await;
+    let token = b.token("github:issues.read", &[]).await;
+    for _ in 0..24 {
+        assert_eq!(
+            b.status("GET", "/github/repos/acme/widget/issues", &token)
+                .await,
+            200
+        );
+    }
+    b.stop().await;
+    let dir = b.dir.path();
+    let mut files: Vec<String> = (1..)
+        .map(|n| format!("audit.jsonl.{n}"))
+        .take_while(|f| dir.join(f).exists())
+        .collect();
+    assert!(files.len() >= 3, "rotated: {files:?}");
+    files.push("audit.jsonl".into());
+    let verify = |extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_credbroker"))
+            .args(["audit", "verify"])
+            .args(&files)
+            .args(extra)
+            .current_dir(dir)
+            .output()
+            .unwrap()
+    };
+    let keyed = verify(&["--hmac-key", "literal:chain-key"]);
+    assert_eq!(
+        keyed.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&keyed.stdout)
+    );
+    let plain = verify(&["--hmac-key", "literal:other"]);
+    assert_eq!(plain.status.code(), Some(1));
+    let all: Vec<serde_json::Value> = files
+        .iter()
+        .flat_map(|f| {
+            std::fs::read_to_string(dir.join(f))
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let seqs: Vec<u64> = all.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+    assert_eq!(all.last().unwrap()["event"], "shutdown");
+}
