@@ -72,7 +72,7 @@ pub enum Command {
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let config = ConfigPath::from_arg(cli.config);
     match cli.command {
-        Command::Serve(args) => serve::run(args, &config.path),
+        Command::Serve(args) => serve::run(args, &config),
         Command::Check => Ok(check::run(&config.path)),
         Command::Explain(args) => Ok(explain::run(&args, &config.path)),
         Command::Audit(cmd) => audit::run(cmd, &config),

@@ -67,8 +67,15 @@ impl Running {
     }
 }
 
-pub fn run(args: ServeArgs, config_path: &std::path::Path) -> anyhow::Result<ExitCode> {
+pub fn run(args: ServeArgs, config: &super::ConfigPath) -> anyhow::Result<ExitCode> {
     init_tracing();
+    // The demo runs on its embedded config: a file named alongside would be ignored, and the
+    // operator would believe it in force.
+    anyhow::ensure!(
+        !(args.dev && config.explicit),
+        "--dev runs the built-in demo config and does not read --config; drop one of them"
+    );
+    let config_path = config.path.as_path();
     // Worker 0 of the pool (crate::workers): listeners, admin, reloads and signals run here
     // too, next to the connections it is handed.
     let runtime = tokio::runtime::Builder::new_current_thread()

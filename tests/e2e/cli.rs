@@ -466,3 +466,21 @@ fn verify_takes_the_chain_key_as_a_secret_reference() {
     assert_ne!(code(&o), 0);
     assert!(String::from_utf8_lossy(&o.stderr).contains("not both"));
 }
+
+/// `serve --dev` runs on its embedded config: given a `--config` too, it refuses (exit 2)
+/// rather than ignore the file the operator believes in force.
+#[test]
+fn serve_dev_refuses_a_config_file_it_would_ignore() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path());
+    let o = credbroker_in(
+        dir.path(),
+        &["serve", "--dev", "--config", config.to_str().unwrap()],
+    );
+    assert_eq!(code(&o), 2);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--dev"));
+    assert!(
+        !dir.path().join("credbroker-dev-audit.jsonl").exists(),
+        "nothing started"
+    );
+}
