@@ -402,7 +402,20 @@ async fn handle(
 ) -> Result<Response<ProxyBody>, Infallible> {
     let request_id = RequestId::new();
     let mut resp = if header_bytes(&req) > max_header_bytes {
-        Refusal::HeadersTooLarge.into_response(request_id.as_str())
+        match role {
+            // A proxy call is recorded, refused or not (DESIGN §5).
+            // (Boxed: a rare path, kept out of every call's future.)
+            Role::Proxy(broker) if is_proxy_path(req.uri().path()) => {
+                Box::pin(pipeline::refuse_oversized_head(
+                    broker,
+                    req,
+                    &conn,
+                    &request_id,
+                ))
+                .await
+            }
+            _ => Refusal::HeadersTooLarge.into_response(request_id.as_str()),
+        }
     } else {
         match role {
             Role::Proxy(broker) => route(broker, req, &conn, &request_id).await,
@@ -416,6 +429,15 @@ async fn handle(
         request_id.header().clone(),
     );
     Ok(resp)
+}
+
+/// Whether the proxy listener hands `path` to the pipeline (not the token endpoint or the
+/// well-known documents [`route`] serves itself).
+fn is_proxy_path(path: &str) -> bool {
+    !matches!(
+        path,
+        "/oauth2/token" | "/.well-known/jwks.json" | "/.well-known/oauth-authorization-server"
+    )
 }
 
 async fn route(

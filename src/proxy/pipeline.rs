@@ -173,22 +173,48 @@ pub async fn proxy(
     let facts = &mut call.facts;
     match stages(&broker, &live, req, conn, id, facts, started).await {
         Ok(response) => response,
-        Err(denial) => {
-            let took = started.elapsed();
-            broker
-                .metrics
-                .proxy_denied(&live.config, &facts.record, denial.reason, took);
-            facts.deny(&denial);
-            facts.stage = Stage::Recorded;
-            let record = std::mem::take(&mut facts.record);
-            // Nothing waits on a deny record but the answer's order after it: bounded all
-            // the same, so a disk that stopped answering cannot hold the call forever.
-            if let Err(e) = broker.audit.append_by(record, live.audit_by()).await {
-                tracing::error!(error = %e, "cannot write the audit record of a denied call");
-            }
-            denial.refusal.into_response(request_id)
-        }
+        Err(denial) => record_denial(&broker, &live, facts, denial, started, request_id).await,
     }
+}
+
+/// A call whose request line and headers exceed `max_header_bytes` (but not hyper's own
+/// buffer, which answers a bare 431 itself): refused 431 before any check reads it, and
+/// recorded as a `proxy` deny (`headers_too_large`) like every other refusal.
+pub async fn refuse_oversized_head(
+    broker: Arc<Broker>,
+    req: Request<Incoming>,
+    conn: &ConnInfo,
+    id: &RequestId,
+) -> Response<ProxyBody> {
+    let started = Instant::now();
+    let live = broker.live();
+    let mut facts = AuditFacts::new(&req, conn, id.as_str());
+    let denial = deny(Refusal::HeadersTooLarge, "headers_too_large");
+    record_denial(&broker, &live, &mut facts, denial, started, id.as_str()).await
+}
+
+/// Counts and records a refused call, then answers it.
+async fn record_denial(
+    broker: &Broker,
+    live: &Live,
+    facts: &mut AuditFacts,
+    denial: Denial,
+    started: Instant,
+    request_id: &str,
+) -> Response<ProxyBody> {
+    let took = started.elapsed();
+    broker
+        .metrics
+        .proxy_denied(&live.config, &facts.record, denial.reason, took);
+    facts.deny(&denial);
+    facts.stage = Stage::Recorded;
+    let record = std::mem::take(&mut facts.record);
+    // Nothing waits on a deny record but the answer's order after it: bounded all the same,
+    // so a disk that stopped answering cannot hold the call forever.
+    if let Err(e) = broker.audit.append_by(record, live.audit_by()).await {
+        tracing::error!(error = %e, "cannot write the audit record of a denied call");
+    }
+    denial.refusal.into_response(request_id)
 }
 
 /// DESIGN §4.3, rows 1 to 8.

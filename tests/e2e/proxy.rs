@@ -326,6 +326,40 @@ async fn oversized_headers_get_431_and_garbage_never_panics() {
     assert_eq!(up.count(), 1);
 }
 
+/// A head over `max_header_bytes` (8192 here) that hyper's own buffer still takes gets the
+/// broker's JSON 431 — and, being a proxy call, its `proxy` deny record (DESIGN §5: denied
+/// calls are recorded too), under the answer's request id.
+#[tokio::test]
+async fn a_431_from_the_broker_is_audited() {
+    let up = FakeUpstream::start().await;
+    let b = TestBroker::start(&standard_config(up.addr)).await;
+    let head = format!(
+        "GET /github/repos/acme/widget/issues?state=open HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(8300)
+    );
+    let out = raw(b.addr, head.as_bytes(), Duration::from_secs(2)).await;
+    assert_eq!(raw_status(&out), Some(431), "{out}");
+    assert!(out.contains("\"request_header_fields_too_large\""), "{out}");
+    let request_id = out
+        .lines()
+        .find_map(|l| l.strip_prefix("x-request-id: "))
+        .expect("the broker's own answer")
+        .trim()
+        .to_owned();
+    let records = b.audit();
+    let denied = events(&records, "proxy")
+        .into_iter()
+        .find(|r| r["request_id"] == request_id.as_str())
+        .expect("recorded");
+    assert_eq!(denied["decision"], "deny");
+    assert_eq!(denied["reason"], "headers_too_large");
+    assert_eq!(denied["status"], 431);
+    assert_eq!(denied["connector"], "github");
+    assert_eq!(denied["path"], "/repos/acme/widget/issues");
+    assert_eq!(denied["query"], "state=open");
+    assert_eq!(up.count(), 0);
+}
+
 #[tokio::test]
 async fn upstream_down_is_502_and_audited() {
     let up = FakeUpstream::start().await;
