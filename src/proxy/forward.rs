@@ -334,7 +334,7 @@ impl UpstreamClient {
     /// is also pooled at once, for the calls that follow.
     async fn connect(&self, worker: usize, origin: &Origin) -> Result<Conn, UpstreamError> {
         let connecting = async {
-            let tcp = tcp_connect(&origin.host, origin.port)
+            let tcp = tcp_connect(&origin.host, origin.port, !origin.is_tls())
                 .await
                 .map_err(UpstreamError::Connect)?;
             if !origin.is_tls() {
@@ -395,9 +395,24 @@ async fn drive<F: std::future::Future<Output = hyper::Result<()>>>(conn: F) {
     }
 }
 
-/// Connects to the first of `host`'s addresses that answers, in resolver order.
-async fn tcp_connect(host: &str, port: u16) -> io::Result<TcpStream> {
-    connect_first(tokio::net::lookup_host((host, port)).await?).await
+/// Connects to the first of `host`'s addresses that answers, in resolver order; with
+/// `loopback_only` (a plain-HTTP origin), to loopback addresses only. The config accepts
+/// `http://` only for a loopback host, and `localhost` is a name: should the resolver (an
+/// edited `/etc/hosts`) turn it into another address, the credential would cross the network
+/// in clear text. Such an address is never connected to.
+async fn tcp_connect(host: &str, port: u16, loopback_only: bool) -> io::Result<TcpStream> {
+    let addresses = tokio::net::lookup_host((host, port)).await?;
+    if !loopback_only {
+        return connect_first(addresses).await;
+    }
+    let mut loopback = addresses.filter(|a| a.ip().is_loopback()).peekable();
+    if loopback.peek().is_none() {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "a plain-HTTP upstream must resolve to a loopback address, and this one does not",
+        ));
+    }
+    connect_first(loopback).await
 }
 
 /// Tries `addresses` in order, starting the next attempt alongside when one has not answered

@@ -429,6 +429,27 @@ async fn connection_refused_is_a_connect_error() {
     assert!(err.is_connect(), "{err}");
 }
 
+/// A plain-HTTP origin is only ever connected to on a loopback address (the credential would
+/// cross the network in clear text): one whose name resolves elsewhere is refused before any
+/// connection is tried.
+#[tokio::test]
+async fn a_plain_http_origin_off_loopback_is_never_connected_to() {
+    let origin = Origin::new(&Scheme::HTTP, &"192.0.2.1:80".parse().unwrap()).unwrap();
+    let err = client().send(&origin, get("/x")).await.unwrap_err();
+    assert!(err.is_connect(), "{err}");
+    let source = std::error::Error::source(&err)
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        format!("{err} {source}").contains("loopback"),
+        "{err} / {source}"
+    );
+    // A loopback one is connected to as before.
+    let up = Upstream::start(Then::Answer(OK)).await;
+    let origin = Origin::new(&Scheme::HTTP, &up.addr.to_string().parse().unwrap()).unwrap();
+    assert!(client().send(&origin, get("/x")).await.is_ok());
+}
+
 #[tokio::test]
 async fn an_address_that_never_answers_costs_a_moment_not_the_connect_budget() {
     // A listener whose accept queue is full drops further SYNs: connecting to it hangs.
