@@ -503,14 +503,13 @@ async fn revoke(
             return refused(broker, action, Some(&target), conn, why, request_id).await;
         }
     }
-    // A client the config does not name has no token that passes check 3: revoking it does
-    // nothing, so an answer of `ok` would only hide a typo.
-    if let Some(client) = &body.client {
-        if broker.live().config.client(client).is_none() {
-            let why = "unknown client";
-            return refused(broker, action, Some(&target), conn, why, request_id).await;
-        }
-    }
+    // A client the config in force does not name: most likely a typo, but maybe a client
+    // just removed (revoked as a backstop, should it come back) or one another replica still
+    // has. A revocation only tightens, so it is made — and the answer says so.
+    let unknown_client = body
+        .client
+        .as_ref()
+        .is_some_and(|c| broker.live().config.client(c).is_none());
     // A revocation or a kill switch tightens: it takes effect even when it cannot be audited
     // (refusing it because the disk is full would keep a leaked token working), and the
     // answer says so.
@@ -539,7 +538,15 @@ async fn revoke(
     let _one_at_a_time = broker.admin_changes.lock().await;
     let result = broker.state.apply(change).await;
     let audited = admin_outcome(broker, action, &target, conn, &result, request_id).await;
-    answer(action, &target, result, audited, request_id)
+    let response = answer(action, &target, result, audited, request_id);
+    if unknown_client && response.status() == StatusCode::OK {
+        tracing::warn!(%target, "revoked a client the config in force does not name");
+        return ok(serde_json::json!({
+            "result": "ok", "action": action, "target": target,
+            "warning": "the config in force names no such client: check the spelling",
+        }));
+    }
+    response
 }
 
 /// Why a revoke or enable naming a secret is refused (the record has no target).
@@ -572,7 +579,7 @@ fn is_known_secret(broker: &Broker, value: &str) -> bool {
         || live
             .connectors
             .values()
-            .any(|c| c.echoes.found_in(value.as_bytes()))
+            .any(|c| c.echoes.is(value.as_bytes()))
 }
 
 /// A refused admin call: audited as `failed` with the reason, answered 400.

@@ -178,7 +178,8 @@ pub(crate) fn parse_line(path: &Path, line: u64, text: &str) -> Result<StoredRec
 ///
 /// Each file is read in its own order. Across files the line with the earliest `ts` goes
 /// first, and on a tie the file given first: several replicas' logs come out as one timeline
-/// (DESIGN §7), and one chain's rotated files (whose times only grow) in chain order, even if
+/// (DESIGN §7), and one chain's rotated files (whose times grow, but for a clock step back of
+/// more than 2 s, which the writer follows) in chain order, even if
 /// they were given out of order. `ts` is compared as text: the broker writes one fixed UTC
 /// format. A torn last line (no `\n`) ends its file.
 pub(crate) fn for_each_line<E: From<QueryError>>(

@@ -148,10 +148,11 @@ struct Accumulator {
 impl Accumulator {
     fn add(&mut self, rec: &StoredRecord) {
         self.period.records += 1;
-        if self.period.first.is_none() {
-            self.period.first = Some(rec.ts.clone());
-        }
-        self.period.last = Some(rec.ts.clone());
+        // Earliest and latest, not first and last read: `ts` may step back with the clock
+        // (the writer follows a step of more than 2 s), and the merge is by `ts` only across
+        // files. The broker's one fixed UTC format orders as text.
+        keep_earliest(&mut self.period.first, &rec.ts);
+        keep_latest(&mut self.period.last, &rec.ts);
         let r = &rec.record;
         if r.event != Event::Proxy {
             return;
@@ -169,8 +170,8 @@ impl Accumulator {
         match r.decision {
             Some(Decision::Allow) => {
                 usage.calls += 1;
-                usage.first_use.get_or_insert_with(|| rec.ts.clone());
-                usage.last_use = Some(rec.ts.clone());
+                keep_earliest(&mut usage.first_use, &rec.ts);
+                keep_latest(&mut usage.last_use, &rec.ts);
                 let op = r.operation.clone().unwrap_or_else(|| "-".into());
                 *usage.operations.entry(op).or_default() += 1;
             }
@@ -261,6 +262,18 @@ impl Accumulator {
             beyond_scope,
             time_bound_grants,
         }
+    }
+}
+
+fn keep_earliest(kept: &mut Option<String>, ts: &str) {
+    if kept.as_deref().is_none_or(|k| ts < k) {
+        *kept = Some(ts.to_owned());
+    }
+}
+
+fn keep_latest(kept: &mut Option<String>, ts: &str) {
+    if kept.as_deref().is_none_or(|k| ts > k) {
+        *kept = Some(ts.to_owned());
     }
 }
 
@@ -479,6 +492,28 @@ mod tests {
             .zip(records.iter().cloned())
             .collect();
         crate::audit::query::tests::write_log(dir, &timed)
+    }
+
+    /// After a clock step back (followed by the writer when over 2 s), the records' times
+    /// are not in file order: first and last use are still the earliest and the latest.
+    #[test]
+    fn first_and_last_use_are_the_earliest_and_latest_times() {
+        let dir = tempfile::tempdir().unwrap();
+        let allow = proxy("bot", "issues.read", Decision::Allow, None);
+        let timed = [
+            ("2026-11-25T10:00:00.000000Z", allow.clone()),
+            ("2026-11-25T12:00:00.000000Z", allow.clone()),
+            ("2026-11-25T09:00:00.000000Z", allow),
+        ];
+        let path = crate::audit::query::tests::write_log(dir.path(), &timed);
+        let mut out = Vec::new();
+        run_report(&[path], None, true, &mut out).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        let usage = &v["usage"][0];
+        assert_eq!(usage["first_use"], "2026-11-25T09:00:00.000000Z");
+        assert_eq!(usage["last_use"], "2026-11-25T12:00:00.000000Z");
+        assert_eq!(v["period"]["first"], "2026-11-25T09:00:00.000000Z");
+        assert_eq!(v["period"]["last"], "2026-11-25T12:00:00.000000Z");
     }
 
     fn grant(client: &str, op: &str, expires: Option<&str>) -> GrantInfo {

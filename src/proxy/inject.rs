@@ -161,6 +161,16 @@ impl Echoes {
         false
     }
 
+    /// Whether `value` is the credential in one of its forms, whole (compared in constant
+    /// time): a name that merely contains a short credential is not one.
+    pub fn is(&self, value: &[u8]) -> bool {
+        let mut found = false;
+        for form in &self.forms {
+            found |= constant_time_eq::constant_time_eq(form.expose(), value);
+        }
+        found
+    }
+
     fn any_form_in(&self, value: &[u8]) -> bool {
         self.forms.iter().any(|f| contains(value, f.expose()))
     }

@@ -207,12 +207,16 @@ async fn record_denial(
         .metrics
         .proxy_denied(&live.config, &facts.record, denial.reason, took);
     facts.deny(&denial);
+    facts.redact_credential_parameter(live);
     facts.stage = Stage::Recorded;
     let record = std::mem::take(&mut facts.record);
     // Nothing waits on a deny record but the answer's order after it: bounded all the same,
-    // so a disk that stopped answering cannot hold the call forever.
+    // so a disk that stopped answering cannot hold the call forever. While the log cannot be
+    // written the broker refuses with 503 (DESIGN §6), a refusal too: the call is refused
+    // either way, and the answer says why nothing is being decided now.
     if let Err(e) = broker.audit.append_by(record, live.audit_by()).await {
         tracing::error!(error = %e, "cannot write the audit record of a denied call");
+        return Refusal::AuditUnavailable.into_response(request_id);
     }
     denial.refusal.into_response(request_id)
 }
@@ -232,8 +236,7 @@ async fn stages(
     // can move into the upstream request later.
     let uri = parts.uri.clone();
     // 1. The target is canonical and unambiguous; every later decision is on these bytes.
-    let target = canonical_target(live, &parts.method, &uri, parts.version, &parts.headers)
-        .inspect_err(|denial| facts.redact_refused_copy(live, denial))?;
+    let target = canonical_target(live, &parts.method, &uri, parts.version, &parts.headers)?;
     facts.target(&target);
     // 2. The bearer token is genuine, current, unrevoked, and bound to this connection.
     // The wall clock, read once for the call's checks (a read and its calendar arithmetic
@@ -1256,7 +1259,10 @@ impl AuditFacts {
             }
         }
         record.query = req.uri().query().map(redact_query);
-        // A token sent without `Authorization` (refused 401) is still a token.
+        // A token sent without `Authorization` (refused 401) is still a token, wherever it
+        // stands (a JWT is also a valid method token and connector segment).
+        redact_jwt_shapes(&mut record.method);
+        redact_jwt_shapes(&mut record.connector);
         redact_jwt_shapes(&mut record.path);
         redact_jwt_shapes(&mut record.query);
         // A copy of the token in the target (refused by check 1) is not recorded either.
@@ -1277,13 +1283,11 @@ impl AuditFacts {
         }
     }
 
-    /// A call refused for carrying its own copy of the credential parameter the connector
-    /// injects (`auth = { type = "query" }`) most likely carries the real credential there (an
-    /// integration still configured with it): its value is not recorded (DESIGN §5).
-    fn redact_refused_copy(&mut self, live: &Live, denial: &Denial) {
-        if denial.reason != "client_supplied_credential" {
-            return;
-        }
+    /// A refused call carrying its own copy of the credential parameter the connector injects
+    /// (`auth = { type = "query" }`) most likely carries the real credential there (an
+    /// integration still configured with it): its value is not recorded (DESIGN §5), whatever
+    /// the call was refused for. (An allowed call never has one: check 1 refuses it.)
+    fn redact_credential_parameter(&mut self, live: &Live) {
         let injection = self
             .record
             .connector
@@ -1343,9 +1347,14 @@ impl AuditFacts {
 
     fn target(&mut self, target: &Target<'_>) {
         // Usually what `new` already split off: then nothing is copied again.
-        set_text(&mut self.record.connector, target.connector);
-        set_text(&mut self.record.path, target.path);
-        redact_jwt_shapes(&mut self.record.path);
+        // Set again only when `new` recorded something else (a field it redacted): redacted
+        // again then.
+        if set_text(&mut self.record.connector, target.connector) {
+            redact_jwt_shapes(&mut self.record.connector);
+        }
+        if set_text(&mut self.record.path, target.path) {
+            redact_jwt_shapes(&mut self.record.path);
+        }
     }
 
     fn token(&mut self, claims: &AccessClaims) {
@@ -1365,10 +1374,13 @@ impl AuditFacts {
 }
 
 /// Sets a recorded field to `text`, reusing what it holds when that is the same.
-fn set_text(field: &mut Option<String>, text: &str) {
-    if field.as_deref() != Some(text) {
+/// Sets `field` to `text`; true if that changed it.
+fn set_text(field: &mut Option<String>, text: &str) -> bool {
+    let changed = field.as_deref() != Some(text);
+    if changed {
         *field = Some(text.to_owned());
     }
+    changed
 }
 
 /// Replaces every copy of `token` in a recorded field by `REDACTED`; a field that holds it

@@ -133,6 +133,15 @@ fn refuse_under_cut_off(iat: i64, cut_off: i64) -> Result<(), TokenError> {
     })
 }
 
+/// 503: the request's record cannot be written, so no token is issued.
+fn audit_unavailable_error() -> TokenError {
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "audit_unavailable",
+        "the audit log cannot be written; no token was issued",
+    )
+}
+
 fn rate_limited(secs: u64) -> TokenError {
     TokenError {
         retry_after: Some(secs.max(1)),
@@ -173,6 +182,8 @@ pub async fn token(
             record.client = record.client.take().or(e.claimed.clone());
             if let Err(audit_error) = broker.audit.append_by(record, audit_by()).await {
                 tracing::error!(error = %audit_error, "cannot write a token_denied audit record");
+                // DESIGN §4.1: 503 when the audit log cannot be written, refused or not.
+                return error_response(audit_unavailable_error(), request_id);
             }
             error_response(e, request_id)
         }
@@ -563,14 +574,7 @@ async fn respond_issued(
             .metrics
             .token(client.as_deref(), Some("audit_unavailable"));
         tracing::error!(error = %e, "audit log unavailable; refusing to issue a token");
-        return error_response(
-            error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "audit_unavailable",
-                "the audit log cannot be written; no token was issued",
-            ),
-            request_id,
-        );
+        return error_response(audit_unavailable_error(), request_id);
     }
     broker.metrics.token(client.as_deref(), None);
     if let StateStore::Memory(_) = &*broker.state {

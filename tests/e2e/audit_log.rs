@@ -116,6 +116,22 @@ async fn full_disk_refuses_with_503_forwards_nothing_and_recovers() {
     assert_eq!(s, 503, "{body}");
     assert!(body.contains("audit_unavailable"));
     assert_eq!(up.count(), 0, "nothing forwarded unaudited");
+    // DESIGN §4.1, §6: while the log cannot be written the broker refuses with 503, a request
+    // it would refuse anyway too (its record cannot be written either).
+    let (s, _, body) = b.call("DELETE", "/github/repos/acme/widget", &token).await;
+    assert_eq!(
+        (s, body.contains("audit_unavailable")),
+        (503, true),
+        "{body}"
+    );
+    let (s, _, body) = b
+        .token_request("bot", "wrong", "github:issues.read", &[])
+        .await;
+    assert_eq!(
+        (s, body.contains("audit_unavailable")),
+        (503, true),
+        "{body}"
+    );
     // A load balancer asking the admin listener is told to route around this replica.
     let readyz = http::Request::get("/readyz").body(String::new()).unwrap();
     let (s, _, body) = send(b.admin.unwrap(), readyz).await;
@@ -318,10 +334,22 @@ async fn a_client_gone_while_its_allow_record_waits_leaves_an_outcome_behind_it(
         "GET /github/repos/acme/widget/issues HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {token}\r\n\r\n"
     );
     client.write_all(head.as_bytes()).await.unwrap();
-    // Gone well before request_timeout (1 s), while the allow record is held by the disk.
+    // Gone well before request_timeout (1 s), while the allow record is held by the disk;
+    // the stall is lifted once the broker has seen the connection end.
     tokio::time::sleep(Duration::from_millis(300)).await;
     drop(client);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, _, metrics) = b.admin_call("GET", "/metrics", "").await;
+        if metrics.contains("\ncredbroker_connections_open{listener=\"proxy\"} 0\n") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the connection never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     stalled.store(false, Ordering::Relaxed);
     b.stop().await;
     assert_eq!(up.count(), 0, "nothing forwarded");
@@ -411,6 +439,7 @@ async fn a_token_sent_outside_authorization_is_not_recorded() {
         format!("/github/repos/acme/widget/issues?token={token}"),
         format!("/github/repos/acme/{token}/issues"),
         format!("/github/repos/acme/widget/issues?state=open&t={token}"),
+        format!("/{token}/repos"),
     ] {
         let (s, _, body) = b
             .call_with("GET", &target, "", &[("x-auth-token", &token)], "")
@@ -447,8 +476,15 @@ async fn a_token_sent_outside_authorization_is_not_recorded() {
             "/repos/acme/widget/issues?token=REDACTED",
             "/repos/acme/REDACTED/issues?",
             "/repos/acme/widget/issues?state=open&t=REDACTED",
+            "/repos?",
         ]
     );
+    let in_connector = events(&records, "proxy")
+        .into_iter()
+        .rfind(|r| r["decision"] == "deny")
+        .unwrap()
+        .clone();
+    assert_eq!(in_connector["connector"], "REDACTED");
 }
 
 /// The config's `[audit]` settings reach the running writer: with `hmac_key` and a small

@@ -175,10 +175,12 @@ async fn a_mint_that_cannot_be_audited_is_not_used() {
     let b = TestBroker::start(&config).await;
     let token = b.token("github:issues.read", &[]).await;
     let filler = fill_until_refused(&b, &fs).await;
-    // The first call mints; its credential_refreshed record cannot be written.
+    // The first call mints; its credential_refreshed record cannot be written, so the
+    // credential is not used (DESIGN §3.7: no fresh credential). Nor can the call's deny
+    // record be written: while the log cannot be written the answer is 503 (§6).
     let (s, _, body) = b.call("GET", ISSUES, &token).await;
-    assert_eq!(s, 502, "{body}");
-    assert!(body.contains("credential_unavailable"), "{body}");
+    assert_eq!(s, 503, "{body}");
+    assert!(body.contains("audit_unavailable"), "{body}");
     assert_eq!(ts.count(), 1);
     assert_eq!(up.count(), 0, "nothing forwarded");
     // Once the log can be written again, that credential is not used: a new one is minted,

@@ -129,6 +129,11 @@ async fn a_refused_copy_of_the_credential_parameter_is_not_recorded() {
         let (s, _, body) = b.call("GET", &target, &token).await;
         assert_eq!(s, 400, "{query}: {body}");
     }
+    // Refused for something else first (a non-canonical path): not recorded either.
+    let dotted = format!("/github/repos/acme/../issues?api_key={CREDENTIAL}");
+    assert_eq!(b.status("GET", &dotted, &token).await, 400);
+    let doubled = format!("/github//repos?api_key={CREDENTIAL}");
+    assert_eq!(b.status("GET", &doubled, &token).await, 400);
     assert_eq!(up.count(), 0);
     let records = b.audit();
     let denials: Vec<_> = events(&records, "proxy")
@@ -149,6 +154,12 @@ async fn a_refused_copy_of_the_credential_parameter_is_not_recorded() {
             "REDACTED",
         ]
     );
+    let others: Vec<&str> = events(&records, "proxy")
+        .into_iter()
+        .filter(|r| r["reason"] != "client_supplied_credential")
+        .map(|r| r["query"].as_str().unwrap())
+        .collect();
+    assert_eq!(others, ["api_key=REDACTED", "api_key=REDACTED"]);
     let log = std::fs::read_to_string(b.audit_path()).unwrap();
     assert!(!log.contains(CREDENTIAL));
 }

@@ -417,21 +417,28 @@ async fn checks_run_in_the_designed_order() {
         200,
         "its one use is still there"
     );
-    // 4 before 5: the spent token is refused without taking a rate-limit cell (burst 3: one
-    // cell is gone, two are left for the calls below).
-    assert_eq!(b.status("GET", read, &once).await, 401);
-    assert_eq!(b.status("GET", read, &once).await, 401);
+    // 4 before 5, and 5 before 6: with the client's cells used up (burst 3 at 1 a second),
+    // the spent token is refused as spent, not as rate-limited, and a call both rate-limited
+    // and too large (max_body_bytes 64) gets 429. Both follow the first 429 at once: no cell
+    // comes back in between, however slow the machine.
     let token = b
         .token("github:issues.read github:issues.comment", &[])
         .await;
-    assert_eq!(b.status("GET", read, &token).await, 200);
-    assert_eq!(b.status("GET", read, &token).await, 200);
-    // 5 before 6: rate-limited and too large (max_body_bytes 64) → 429.
+    let mut allowed = 1;
+    loop {
+        match b.status("GET", read, &token).await {
+            200 => allowed += 1,
+            429 => break,
+            other => panic!("{other}"),
+        }
+        assert!(allowed < 50, "the client rate limit never bit");
+    }
+    assert_eq!(b.status("GET", read, &once).await, 401);
     let big = "x".repeat(1000);
     let (s, h, _) = b.call_with("POST", comment, &token, &[], &big).await;
     assert_eq!(s, 429);
     assert!(h.contains_key("retry-after"));
-    assert_eq!(up.count(), 3);
+    assert_eq!(up.count(), allowed);
     let records = b.audit();
     let reasons: Vec<&str> = events(&records, "proxy")
         .iter()
@@ -446,7 +453,7 @@ async fn checks_run_in_the_designed_order() {
             "token_invalid",
             "token_invalid",
             "not_in_token_scope",
-            "max_uses_exhausted",
+            "client_rate_limited",
             "max_uses_exhausted",
             "client_rate_limited",
         ]
