@@ -210,16 +210,26 @@ impl DynamicCredential {
     /// once while one refresh runs in the background: the point of refreshing early is that
     /// no call waits for it (a slow or failing token endpoint costs nothing until the
     /// credential is about to expire).
-    pub async fn get(self: &Arc<Self>, audit: &AuditLog) -> Result<Arc<Minted>, CredentialError> {
+    ///
+    /// `request_id` is the call's that needs the credential: a mint it starts is recorded
+    /// with it (the calls that wait for that mint share it).
+    pub async fn get(
+        self: &Arc<Self>,
+        audit: &AuditLog,
+        request_id: &str,
+    ) -> Result<Arc<Minted>, CredentialError> {
         if let Some(m) = self.cache.fresh() {
             return Ok(m);
         }
         let this = Arc::clone(self);
         let audit = audit.clone();
+        let request_id = request_id.to_owned();
         let mint = move || {
-            tokio::spawn(
-                async move { this.cache.get(|now| this.mint_and_audit(now, &audit)).await },
-            )
+            tokio::spawn(async move {
+                this.cache
+                    .get(|now| this.mint_and_audit(now, &audit, request_id))
+                    .await
+            })
         };
         if let Some(m) = self.cache.usable() {
             if !self.cache.refreshing() {
@@ -261,6 +271,7 @@ impl DynamicCredential {
         &self,
         now: DateTime<Utc>,
         audit: &AuditLog,
+        request_id: String,
     ) -> Result<Minted, CredentialError> {
         let minted = match &self.minter {
             Minter::OAuth2(c) => oauth2::mint(&self.client, c, now).await,
@@ -271,6 +282,7 @@ impl DynamicCredential {
         })?;
         self.mints.fetch_add(1, Ordering::Relaxed);
         let mut record = Record::new(Event::CredentialRefreshed);
+        record.request_id = Some(request_id);
         record.connector = Some(self.connector.clone());
         record.kind = Some(self.kind().as_str().to_owned());
         record.expires_at = Some(rfc3339(minted.expires_at));
@@ -441,11 +453,11 @@ mod refresh_tests {
             replica: None,
         })
         .unwrap();
-        let first = source.get(&audit).await.unwrap();
+        let first = source.get(&audit, "req-1").await.unwrap();
         assert_eq!(first.token.expose(), b"at-0");
         // Past the refresh point (270 s), 20 s before expiry: served at once, refresh started.
         *clock.0.lock().unwrap() = t0 + chrono::Duration::seconds(280);
-        let served = tokio::time::timeout(Duration::from_secs(1), source.get(&audit))
+        let served = tokio::time::timeout(Duration::from_secs(1), source.get(&audit, "req-1"))
             .await
             .expect("not held up by the refresh");
         assert!(Arc::ptr_eq(&served.unwrap(), &first));
@@ -456,7 +468,8 @@ mod refresh_tests {
         }
         // Within 5 s of expiry the cached one is no longer served: callers wait for the mint.
         *clock.0.lock().unwrap() = t0 + chrono::Duration::seconds(296);
-        let waited = tokio::time::timeout(Duration::from_millis(300), source.get(&audit)).await;
+        let waited =
+            tokio::time::timeout(Duration::from_millis(300), source.get(&audit, "req-1")).await;
         assert!(waited.is_err(), "a credential about to expire was served");
         audit.close();
     }

@@ -291,7 +291,7 @@ async fn stages(
     } else {
         tokio::time::timeout_at(
             tokio::time::Instant::from_std(body_deadline),
-            upstream_credential(broker, connector, runtime),
+            upstream_credential(broker, connector, runtime, request_id.as_str()),
         )
         .await
         .map_err(|_| {
@@ -937,13 +937,14 @@ async fn upstream_credential<'r>(
     broker: &Broker,
     connector: &Connector,
     runtime: &'r ConnectorRuntime,
+    request_id: &str,
 ) -> Result<CallCredential<'r>, Denial> {
     let Some(source) = &runtime.dynamic else {
         return Ok(CallCredential::Static(runtime));
     };
     let unavailable = || deny(Refusal::CredentialUnavailable, "credential_unavailable");
     // DESIGN §3.7: no fresh credential, whatever the cause (an unaudited mint too), is 502.
-    let minted = source.get(&broker.audit).await.map_err(|e| {
+    let minted = source.get(&broker.audit, request_id).await.map_err(|e| {
         tracing::warn!(connector = %connector.name, error = %e, "no upstream credential; refusing the call");
         unavailable()
     })?;

@@ -216,6 +216,13 @@ async fn oauth2_basic_mints_once_for_many_calls_and_audits_the_mint() {
     assert_eq!(refreshed.len(), 1);
     assert_eq!(refreshed[0]["connector"], "github");
     assert_eq!(refreshed[0]["kind"], "oauth2_client_credentials");
+    // DESIGN §5, request_id "where there is a request": the call whose need started the mint.
+    let first_call = events(&records, "proxy")
+        .into_iter()
+        .find(|r| r["decision"] == "allow")
+        .unwrap()["request_id"]
+        .clone();
+    assert_eq!(refreshed[0]["request_id"], first_call);
     let exp =
         chrono::DateTime::parse_from_rfc3339(refreshed[0]["expires_at"].as_str().unwrap()).unwrap();
     let ahead = exp.timestamp() - chrono::Utc::now().timestamp();
