@@ -266,7 +266,13 @@ pub async fn reload(
         )
     } else {
         match Config::load(&path) {
-            Ok(config) => broker.prepare_config(config).map_err(|e| e.to_string()),
+            Ok(config) => {
+                let sha256 = config.sha256.clone();
+                broker
+                    .prepare_config(config)
+                    .map(|prepared| (prepared, sha256))
+                    .map_err(|e| e.to_string())
+            }
             Err(errors) => Err(errors.to_string()),
         }
     };
@@ -276,8 +282,10 @@ pub async fn reload(
     record.actor = Some(actor.to_owned());
     record.target = Some(path.display().to_string());
     record.result = Some(if prepared.is_ok() { "ok" } else { "failed" }.into());
-    if let Err(e) = &prepared {
-        record.error = Some(e.clone());
+    match &prepared {
+        // Which config is in force from here on, as `startup` says for the first one.
+        Ok((_, sha256)) => record.config_sha256 = Some(sha256.clone()),
+        Err(e) => record.error = Some(e.clone()),
     }
     // A reload that is not installed because its record was late owes a second record
     // saying so (the first may still land, saying `ok`).
@@ -289,7 +297,7 @@ pub async fn reload(
     };
     let audited = append_or_correct(broker, record, not_installed).await;
     let result = match (prepared, audited) {
-        (Ok(prepared), Ok(_)) => {
+        (Ok((prepared, _)), Ok(_)) => {
             prepared.install();
             tracing::info!(config = %path.display(), "configuration reloaded");
             Ok(())

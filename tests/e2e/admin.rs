@@ -84,7 +84,19 @@ async fn reload_narrows_an_issued_token_at_once_and_bad_config_keeps_the_old() {
     let admin: Vec<_> = events(&records, "admin");
     assert_eq!(admin.len(), 2);
     assert_eq!(admin[0]["result"], "failed");
+    assert!(admin[0].get("config_sha256").is_none());
     assert_eq!(admin[1]["result"], "ok");
+    // The record says which config is in force from then on, as `startup` does.
+    use sha2::Digest;
+    let file = std::fs::read(b.config_path()).unwrap();
+    assert_eq!(
+        admin[1]["config_sha256"],
+        hex::encode(sha2::Sha256::digest(&file))
+    );
+    assert_ne!(
+        admin[1]["config_sha256"],
+        events(&records, "startup")[0]["config_sha256"]
+    );
 }
 
 /// After a revocation: `revoked` is refused (401), `kept` still works.
