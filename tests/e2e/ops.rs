@@ -907,8 +907,19 @@ async fn a_call_at_a_slow_upstream(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_during_a_slow_call_completes_it_and_exits_0() {
-    let (dir, mut broker, call) = a_call_at_a_slow_upstream(Duration::from_secs(1), |c| c).await;
+    let (dir, mut broker, call) =
+        a_call_at_a_slow_upstream(Duration::from_millis(1500), |c| c).await;
     broker.signal("TERM");
+    // DESIGN §6: stop accepting — new connections are refused while the call drains.
+    let deadline = Instant::now() + Duration::from_millis(1000);
+    while tokio::net::TcpStream::connect(broker.proxy).await.is_ok() {
+        assert!(Instant::now() < deadline, "still accepting after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        !call.is_finished(),
+        "refused while the call was still in flight"
+    );
 
     let (status, body) = call.await.unwrap();
     assert_eq!(status, 200);
