@@ -436,6 +436,19 @@ cert_san = "spiffe://acme/bot"
     let err = parse(&text).unwrap_err().to_string();
     assert!(err.contains("clients[other].cert_san"), "{err}");
     assert!(err.contains("same cert_san"), "{err}");
+    // DNS names are one identity whatever their case; URIs only byte for byte.
+    let dns = text
+        .replace("spiffe://acme/bot", "bot.acme.example")
+        .replacen(
+            "cert_san = \"bot.acme.example\"",
+            "cert_san = \"Bot.Acme.Example\"",
+            1,
+        );
+    assert!(dns.contains("Bot.Acme.Example") && dns.contains("\"bot.acme.example\""));
+    let err = parse(&dns).unwrap_err().to_string();
+    assert!(err.contains("same cert_san"), "{err}");
+    let uris = text.replacen("spiffe://acme/bot", "spiffe://acme/Bot", 1);
+    assert!(parse(&uris).is_ok());
 }
 
 #[test]

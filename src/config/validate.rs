@@ -731,7 +731,12 @@ fn clients(
         // One certificate identity, one client: otherwise the holder of the certificate
         // could pick either client with `client_id`.
         if let Some(san) = &raw.cert_san {
-            if !sans.insert(san.get_ref().as_str()) {
+            // A DNS name (no `:`) matches whatever its case (see `PeerIdentity::has_san`).
+            let identity = match san.get_ref().contains(':') {
+                true => san.get_ref().clone(),
+                false => san.get_ref().to_ascii_lowercase(),
+            };
+            if !sans.insert(identity) {
                 cx.err(
                     Some(san.span()),
                     &format!("{key}.cert_san"),

@@ -55,10 +55,15 @@ impl PeerIdentity {
         })
     }
 
-    /// True if any URI or DNS SAN equals `cert_san` exactly (byte for byte, no case folding:
-    /// URIs are case-sensitive and the configured value is what the operator wrote).
+    /// True if a SAN of the kind `cert_san` is names it: a URI (it has a `:`) byte for byte —
+    /// a SPIFFE ID's path is case-sensitive, and the configured value is what the operator
+    /// wrote —, a DNS name ignoring ASCII case, as DNS names compare (RFC 4343; a CA may
+    /// write `Bot.Example` for `bot.example`).
     pub fn has_san(&self, cert_san: &str) -> bool {
-        self.sans.iter().any(|san| san == cert_san)
+        let dns = !cert_san.contains(':');
+        self.sans.iter().any(|san| {
+            san == cert_san || (dns && !san.contains(':') && san.eq_ignore_ascii_case(cert_san))
+        })
     }
 }
 
@@ -112,6 +117,10 @@ mod tests {
         let dns = pki.client("bot.acme.example").unwrap();
         let dns_id = PeerIdentity::from_der(&dns.cert_der).unwrap();
         assert!(dns_id.has_san("bot.acme.example"));
+        // DNS names compare without case (RFC 4343); a URI never matches a DNS name.
+        assert!(dns_id.has_san("Bot.ACME.example"));
+        assert!(!dns_id.has_san("bot.acme.example."));
+        assert!(!uri.has_san("bot.acme.example"));
         assert_eq!(dns_id.x5t_s256, x5t_s256(&dns.cert_der));
         assert_ne!(dns_id.x5t_s256, uri.x5t_s256);
     }
