@@ -164,15 +164,21 @@ pub fn normalize_content_length(
     }
 }
 
-/// Whether a `Transfer-Encoding` names any coding besides `chunked` (which hyper decodes):
-/// forwarding such a body after dropping the header would relabel, say, gzip bytes as
-/// plain ones (RFC 9112 §6.1: not understood → refused).
+/// Whether `Transfer-Encoding` (all its lines) is anything but one `chunked`, which hyper
+/// decodes: forwarding such a body after dropping the header would relabel, say, gzip bytes
+/// as plain ones (RFC 9112 §6.1: not understood → refused), and `chunked` applied twice
+/// (RFC 9112 §7.1 forbids it) would have hyper decode one layer and forward the other as
+/// the body.
 pub fn has_other_transfer_coding(headers: &HeaderMap) -> bool {
-    headers
+    let mut codings = headers
         .get_all(header::TRANSFER_ENCODING)
         .iter()
-        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-        .any(|coding| !coding.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','));
+    match (codings.next(), codings.next()) {
+        (None, _) => false,
+        (Some(only), None) => !only.trim_ascii().eq_ignore_ascii_case(b"chunked"),
+        (Some(_), Some(_)) => true,
+    }
 }
 
 /// RFC 9112 §3.2: an HTTP/1.1 request carries exactly one `Host` (checked by the proxy and
@@ -277,6 +283,15 @@ mod tests {
             "transfer-encoding",
             "identity"
         )])));
+        // `chunked` twice: hyper would decode one layer and forward the other as the body.
+        assert!(has_other_transfer_coding(&map(&[(
+            "transfer-encoding",
+            "chunked, chunked"
+        )])));
+        assert!(has_other_transfer_coding(&map(&[
+            ("transfer-encoding", "chunked"),
+            ("transfer-encoding", "chunked"),
+        ])));
     }
 
     #[test]

@@ -515,7 +515,10 @@ fn refuse_injected_copy(
     query: Option<&str>,
 ) -> Result<(), Denial> {
     let copy = match injection {
-        Injection::Header { name, .. } => name != AUTHORIZATION && headers.contains_key(name),
+        Injection::Header { name, .. } => {
+            name != AUTHORIZATION
+                && (headers.contains_key(name) || has_underscore_alias(headers, name))
+        }
         Injection::Query { name, .. } => query.is_some_and(|q| canonical::query_has_param(q, name)),
     };
     if copy {
@@ -527,6 +530,21 @@ fn refuse_injected_copy(
         ));
     }
     Ok(())
+}
+
+/// Whether the request has a header whose name is `name` with `_` for `-` somewhere
+/// (`x_api_key` for `x-api-key`): CGI-style servers read both as one header (`HTTP_X_API_KEY`),
+/// so the upstream could see the client's value beside, or instead of, the injected one.
+fn has_underscore_alias(headers: &http::HeaderMap, name: &http::HeaderName) -> bool {
+    let name = name.as_str().as_bytes();
+    let same = |a: &u8, b: &u8| a == b || (*a == b'_' && *b == b'-');
+    name.contains(&b'-')
+        && headers.keys().any(|k| {
+            let k = k.as_str().as_bytes();
+            k.len() == name.len()
+                && k.contains(&b'_')
+                && k.iter().zip(name).all(|(a, b)| same(a, b))
+        })
 }
 
 /// Check 2: the bearer token. Once its signature verifies, `facts` names its client and

@@ -133,6 +133,12 @@ fn refuse_under_cut_off(iat: i64, cut_off: i64) -> Result<(), TokenError> {
     })
 }
 
+/// The longest token issued: what the proxy verifies at most, and what leaves 1 KiB of
+/// `max_header_bytes` for the request line and the other headers.
+fn token_size_limit(max_header_bytes: usize) -> usize {
+    crate::token::verify::MAX_TOKEN_LEN.min(max_header_bytes.saturating_sub(1024))
+}
+
 /// 503: the request's record cannot be written, so no token is issued.
 fn audit_unavailable_error() -> TokenError {
     error(
@@ -559,6 +565,24 @@ async fn respond_issued(
             );
         }
     };
+    // A token the proxy would refuse as malformed (or whose header would not fit in
+    // `max_header_bytes`) is not issued: the client would get 200 for a token that can never
+    // be used, and a fresh one would fail the same way.
+    let limit = token_size_limit(broker.live().config.server.max_header_bytes);
+    if token.len() > limit {
+        let e = invalid_request(format!(
+            "the token would be {} bytes, more than the {limit} the proxy accepts: ask for \
+             fewer operations or authorization_details",
+            token.len()
+        ));
+        record.reason = Some(e.code.to_owned());
+        broker.metrics.token(record.client.as_deref(), Some(e.code));
+        if let Err(audit_error) = broker.audit.append_by(record, audit_by).await {
+            tracing::error!(error = %audit_error, "cannot write a token_denied audit record");
+            return error_response(audit_unavailable_error(), request_id);
+        }
+        return error_response(e, request_id);
+    }
     record.event = Event::TokenIssued;
     record.scope = Some(claims.scope.clone());
     record.jti = Some(claims.jti.clone());

@@ -20,8 +20,10 @@ use crate::secret::Secret;
 use crate::token::claims::{AccessClaims, AuthorizationDetail, Confirmation};
 use crate::token::keys::{SigningKeys, TOKEN_TYP};
 
-/// Longer tokens are refused before any decoding; ours are well under 2 KiB.
-const MAX_TOKEN_LEN: usize = 8 * 1024;
+/// Longer tokens are refused before any decoding. Ours are usually well under 2 KiB; the
+/// token endpoint issues none longer (a scope of hundreds of operations, or many
+/// `authorization_details`, could make one).
+pub const MAX_TOKEN_LEN: usize = 8 * 1024;
 
 /// Why a token was refused (or could not be signed). The `Display` text goes into
 /// `error_description`, so it never contains the token or any part of it.

@@ -1772,12 +1772,20 @@ async fn request_transfer_codings_other_than_chunked_are_refused() {
     let up = FakeUpstream::start().await;
     let b = TestBroker::start(&standard_config(up.addr)).await;
     let t = b.token("github:issues.comment", &[]).await;
-    let request = format!(
-        "POST /github/repos/acme/widget/issues/1/comments HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {t}\r\nTransfer-Encoding: gzip, chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
-    );
-    let out = raw(b.addr, request.as_bytes(), Duration::from_secs(2)).await;
-    assert_eq!(raw_status(&out), Some(400), "{out}");
-    assert!(out.contains("transfer coding"), "{out}");
+    // `chunked` twice (one list, or two lines) is refused too: hyper decodes one layer, and
+    // the other would reach the upstream as the body (RFC 9112 §7.1).
+    for codings in [
+        "Transfer-Encoding: gzip, chunked",
+        "Transfer-Encoding: chunked, chunked",
+        "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked",
+    ] {
+        let request = format!(
+            "POST /github/repos/acme/widget/issues/1/comments HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {t}\r\n{codings}\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        );
+        let out = raw(b.addr, request.as_bytes(), Duration::from_secs(2)).await;
+        assert_eq!(raw_status(&out), Some(400), "{codings}: {out}");
+        assert!(out.contains("transfer coding"), "{out}");
+    }
     assert_eq!(up.count(), 0);
 }
 

@@ -35,7 +35,31 @@ async fn header_with_prefix() {
         )
         .await;
     assert_eq!(s, 400, "client copy of the injected header");
-    assert_eq!(up.count(), 1);
+    // Nor under a spelling CGI-style servers read as the same header.
+    for alias in ["x_api_key", "X_Api-Key", "x-api_key"] {
+        let (s, _, _) = b
+            .call_with(
+                "GET",
+                "/github/repos/acme/widget/issues",
+                &token,
+                &[(alias, "mine")],
+                "",
+            )
+            .await;
+        assert_eq!(s, 400, "{alias}");
+    }
+    // A header that merely looks alike is not one.
+    let (s, _, _) = b
+        .call_with(
+            "GET",
+            "/github/repos/acme/widget/issues",
+            &token,
+            &[("x_api_keys", "mine")],
+            "",
+        )
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(up.count(), 2);
 }
 
 #[tokio::test]

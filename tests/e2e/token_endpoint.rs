@@ -500,3 +500,57 @@ fn extra_client(id: &str, grants: &str) -> String {
         sha256_hex(SECRET)
     )
 }
+
+/// A token the proxy would refuse as too long is not issued (400 `invalid_request`, recorded
+/// as `token_denied`); one just under the limit is, and works.
+#[tokio::test]
+async fn no_token_is_issued_that_the_proxy_would_refuse_as_too_long() {
+    let up = FakeUpstream::start().await;
+    let b = TestBroker::start(&standard_config(up.addr)).await;
+    let details = |n: usize| {
+        let entries: Vec<String> = (0..n)
+            .map(|i| {
+                format!(
+                    r#"{{"type":"credbroker_request","connector":"github","method":"GET","path":"/repos/acme/r{i:03}/issues"}}"#
+                )
+            })
+            .collect();
+        format!("[{}]", entries.join(","))
+    };
+    let (s, _, body) = b
+        .token_request(
+            "bot",
+            SECRET,
+            "github:issues.read",
+            &[("authorization_details", &details(100))],
+        )
+        .await;
+    assert_eq!(s, 400, "{body}");
+    assert!(
+        body.contains("\"invalid_request\"") && body.contains("bytes"),
+        "{body}"
+    );
+    assert!(!body.contains("access_token"), "{body}");
+    let records = b.audit();
+    let denied = events(&records, "token_denied");
+    assert_eq!(denied.last().unwrap()["reason"], "invalid_request");
+    assert!(events(&records, "token_issued").is_empty());
+    // 40 entries fit (under 7 KiB, max_header_bytes 8192 less 1 KiB): issued and usable.
+    let (s, _, body) = b
+        .token_request(
+            "bot",
+            SECRET,
+            "github:issues.read",
+            &[("authorization_details", &details(40))],
+        )
+        .await;
+    assert_eq!(s, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let token = v["access_token"].as_str().unwrap();
+    assert!(token.len() > 4000, "{}", token.len());
+    assert_eq!(
+        b.status("GET", "/github/repos/acme/r039/issues", token)
+            .await,
+        200
+    );
+}
