@@ -261,7 +261,10 @@ impl Broker {
     /// reload is audited between the two, so a reload that cannot be audited never happens.
     pub fn prepare_config(&self, config: Config) -> Result<PreparedConfig<'_>, LoadError> {
         let old = self.live();
-        let fixed = restart_only_changes(&old.config, &config);
+        let mut fixed = restart_only_changes(&old.config, &config);
+        if fixed.is_empty() && self.signing_key_file_changed(&config) {
+            fixed.push("tokens.signing_key (the file's key)");
+        }
         if !fixed.is_empty() {
             return Err(LoadError::RestartNeeded(fixed));
         }
@@ -278,6 +281,20 @@ impl Broker {
             live,
             tls,
         })
+    }
+
+    /// Whether the signing key file, same path, now holds another key (or none that loads)
+    /// than the one the broker signs with: the key is read at start only, so a reload would
+    /// otherwise report success while tokens go on being signed, and the JWKS published, with
+    /// the old one.
+    fn signing_key_file_changed(&self, config: &Config) -> bool {
+        let Some(path) = &config.tokens.signing_key else {
+            return false;
+        };
+        match SigningKeys::from_pem_file(path) {
+            Ok(on_disk) => on_disk.kid() != self.keys.kid(),
+            Err(_) => true,
+        }
     }
 
     pub fn config_path(&self) -> PathBuf {

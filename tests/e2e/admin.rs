@@ -416,3 +416,28 @@ async fn no_dead_token_is_issued_in_a_client_revocations_second() {
         "a token issued after the revocation works"
     );
 }
+
+/// The signing key is read at start only: a reload after the key file was replaced in place
+/// (same path, another key) is refused naming it, instead of answering success while tokens
+/// go on being signed, and the JWKS published, with the old key. The same key back reloads.
+#[tokio::test]
+async fn a_reload_refuses_a_signing_key_replaced_in_place() {
+    let up = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen_signing_key(dir.path());
+    let config = standard_config(up.addr).replace(
+        "issuer = \"credbroker-test\"",
+        "issuer = \"credbroker-test\"\nsigning_key = \"signing.pem\"",
+    );
+    let b = TestBroker::start_in(&config, dir).await;
+    let original = std::fs::read(&key).unwrap();
+    std::fs::remove_file(&key).unwrap();
+    keygen_signing_key(b.dir.path());
+    assert_ne!(std::fs::read(&key).unwrap(), original);
+    let (s, _, body) = b.admin_call("POST", "/v1/reload", "").await;
+    assert_eq!(s, 400, "{body}");
+    assert!(body.contains("tokens.signing_key"), "{body}");
+    std::fs::write(&key, &original).unwrap();
+    let (s, _, body) = b.admin_call("POST", "/v1/reload", "").await;
+    assert_eq!(s, 200, "{body}");
+}
