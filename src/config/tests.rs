@@ -635,6 +635,17 @@ fn token_lifetimes_under_a_second_are_errors() {
 }
 
 #[test]
+fn a_zero_leeway_allows_no_clock_skew() {
+    for zero in ["0s", "0ms"] {
+        let text = format!("[tokens]\nleeway = \"{zero}\"\n{GOOD}");
+        let c = parse(&text).unwrap_or_else(|e| panic!("{zero}: {e}"));
+        assert_eq!(c.tokens.leeway, std::time::Duration::ZERO);
+    }
+    let text = format!("[tokens]\nleeway = \"soon\"\n{GOOD}");
+    assert!(parse(&text).unwrap_err().to_string().contains("tokens.leeway"));
+}
+
+#[test]
 fn a_query_name_no_request_can_carry_is_an_error_that_does_not_echo_it() {
     let with_query = |q: &str| {
         GOOD.replace(

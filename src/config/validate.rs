@@ -327,7 +327,14 @@ fn tokens(cx: &mut Ctx<'_>, raw: &raw::RawTokens) -> Option<TokensConfig> {
     }
     let default_ttl = duration(cx, &raw.default_ttl, "tokens.default_ttl", 300);
     let max_ttl = duration(cx, &raw.max_ttl, "tokens.max_ttl", 900);
-    let leeway = duration(cx, &raw.leeway, "tokens.leeway", 5);
+    // No allowance for clock skew ("0s") is a legitimate choice for a broker whose tokens
+    // are checked by the same clock that issued them.
+    let leeway = match &raw.leeway {
+        Some(r) if humantime::parse_duration(r.get_ref()).is_ok_and(|d| d.is_zero()) => {
+            Some(Duration::ZERO)
+        }
+        _ => duration(cx, &raw.leeway, "tokens.leeway", 5),
+    };
     let (default_ttl, max_ttl, leeway) = (default_ttl?, max_ttl?, leeway?);
     // Token lifetimes are whole seconds: less would be silently taken as 1 s.
     for (value, key, raw_value) in [
