@@ -642,7 +642,10 @@ fn a_zero_leeway_allows_no_clock_skew() {
         assert_eq!(c.tokens.leeway, std::time::Duration::ZERO);
     }
     let text = format!("[tokens]\nleeway = \"soon\"\n{GOOD}");
-    assert!(parse(&text).unwrap_err().to_string().contains("tokens.leeway"));
+    assert!(parse(&text)
+        .unwrap_err()
+        .to_string()
+        .contains("tokens.leeway"));
 }
 
 #[test]
