@@ -348,6 +348,15 @@ fn tokens(cx: &mut Ctx<'_>, raw: &raw::RawTokens) -> Option<TokensConfig> {
                 "must be at least 1s",
             );
         }
+        // Tokens are short-lived by design; a lifetime of centuries would also put `exp` past
+        // what the token's and the audit record's times can say.
+        if value > MAX_TOKEN_LIFETIME {
+            cx.err(
+                raw_value.as_ref().map(|s| s.span()),
+                key,
+                "must be at most 366 days",
+            );
+        }
     }
     if default_ttl > max_ttl {
         cx.err(
@@ -1113,6 +1122,9 @@ fn connection_limit(cx: &mut Ctx<'_>, raw: &Option<Spanned<u64>>, key: &str, def
     }
     value
 }
+
+/// The longest `tokens.default_ttl` / `max_ttl` (a grant's `max_ttl` is under the latter).
+const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(366 * 24 * 3600);
 
 fn duration(cx: &mut Ctx<'_>, raw: &Option<S>, key: &str, default_secs: u64) -> Option<Duration> {
     let Some(raw) = raw else {
