@@ -51,6 +51,21 @@ pub async fn prepare() -> anyhow::Result<Dev> {
     })
 }
 
+/// Each demo run starts with no revocations or kill switches: its signing key, client secret
+/// and credential are new, so an earlier run's state names nothing of this one — but a kill
+/// switch left on `github` would make the printed commands fail, unexplained.
+pub fn forget_previous_run(config: &Config) -> anyhow::Result<()> {
+    let file = config.state.dir.join(crate::state::local::STATE_FILE);
+    match std::fs::remove_file(&file) {
+        Ok(()) => {
+            eprintln!("dev: forgot the revocations and kill switches of an earlier dev run");
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(anyhow::anyhow!("cannot clear {}: {e}", file.display())),
+    }
+}
+
 impl Dev {
     /// The dev config with this run's values; relative paths resolve in the current folder.
     pub fn config(&self) -> Result<Config, ConfigErrors> {

@@ -87,7 +87,9 @@ pub fn run(args: ServeArgs, config: &super::ConfigPath) -> anyhow::Result<ExitCo
             .context("cannot start the worker runtimes")?;
         let (config, dev) = if args.dev {
             let dev = crate::dev::prepare().await?;
-            (dev.config()?, Some(dev))
+            let config = dev.config()?;
+            crate::dev::forget_previous_run(&config)?;
+            (config, Some(dev))
         } else {
             (Config::load(config_path)?, None)
         };

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{StateError, KEEP_PAST_EXP_SECS};
 
-const STATE_FILE: &str = "revocations.json";
+pub(crate) const STATE_FILE: &str = "revocations.json";
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 struct RevocationSet {

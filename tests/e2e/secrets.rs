@@ -485,6 +485,15 @@ async fn dev_mode_session_leaks_no_secret_outside_the_welcome_text() {
         }
     }
     let dir = tempfile::tempdir().unwrap();
+    // An earlier dev run left the demo connector switched off: this run starts afresh (its
+    // printed commands must work).
+    let state = dir.path().join("credbroker-dev-state");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::write(
+        state.join("revocations.json"),
+        r#"{"jtis":{},"clients":{"demo-bot":4102444800},"disabled":["github"]}"#,
+    )
+    .unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_credbroker"))
         .args(["serve", "--dev"])
         .current_dir(dir.path())
