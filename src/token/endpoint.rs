@@ -453,8 +453,10 @@ fn short(s: &str) -> &str {
     }
 }
 
-/// min(`ttl` or `default_ttl`, each item's grant `max_ttl`, `tokens.max_ttl`), and never
-/// past the expiry of a time-bound grant the token relies on.
+/// min(`ttl` or `default_ttl`, each item's grant `max_ttl`, `tokens.max_ttl`) — DESIGN
+/// §4.1's rule as it stands. A time-bound grant's `expires` does not shorten it: past that
+/// moment the grant no longer exists, and check 3 refuses the token's calls under it (403,
+/// `not_granted`, DESIGN §3.3), which says why, where an expired token would not.
 fn lifetime(
     live: &Live,
     client: &Client,
@@ -476,14 +478,7 @@ fn lifetime(
         let best = client
             .live_grants(connector, now)
             .filter(|g| g.operations.iter().any(|o| o == op))
-            .map(|g| {
-                let ttl = g.max_ttl.unwrap_or(tokens.max_ttl);
-                let until_expiry = g
-                    .expires
-                    .map(|e| Duration::from_secs((e - now).num_seconds().max(1) as u64))
-                    .unwrap_or(Duration::MAX);
-                ttl.min(until_expiry)
-            })
+            .map(|g| g.max_ttl.unwrap_or(tokens.max_ttl))
             .max()
             .unwrap_or(Duration::ZERO);
         limit = limit.min(best);
