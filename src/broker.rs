@@ -483,7 +483,7 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     let (o, n) = (&old.server, &new.server);
     let admin_listen = |c: &Config| c.admin.as_ref().map(|a| a.listen);
     let admin_connections = |c: &Config| c.admin.as_ref().map(|a| a.max_connections);
-    let checks: [(&'static str, bool); 14] = [
+    let checks: [(&'static str, bool); 15] = [
         ("server.listen", o.listen != n.listen),
         (
             "server.max_connections",
@@ -516,10 +516,10 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         ("audit.path", old.audit.path != new.audit.path),
         ("audit.fsync", old.audit.fsync != new.audit.fsync),
         (
-            "audit.rotate_bytes / audit.hmac_key",
-            old.audit.rotate_bytes != new.audit.rotate_bytes
-                || old.audit.hmac_key != new.audit.hmac_key,
+            "audit.rotate_bytes",
+            old.audit.rotate_bytes != new.audit.rotate_bytes,
         ),
+        ("audit.hmac_key", old.audit.hmac_key != new.audit.hmac_key),
         ("state.dir", old.state.dir != new.state.dir),
         (
             "state.backend / state.url",

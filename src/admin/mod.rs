@@ -154,6 +154,11 @@ async fn readiness(broker: &Broker) -> Response<ProxyBody> {
 }
 
 fn authorized<B>(state: &AdminState, req: &Request<B>) -> bool {
+    // One `Authorization`, as on the proxy: which of two a front proxy would pass on, or
+    // log, is anyone's guess.
+    if req.headers().get_all(AUTHORIZATION).iter().nth(1).is_some() {
+        return false;
+    }
     let Some(token) = req
         .headers()
         .get(AUTHORIZATION)

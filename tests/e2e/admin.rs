@@ -27,6 +27,13 @@ async fn admin_needs_its_token_but_health_does_not() {
         .body(String::new())
         .unwrap();
     assert_eq!(send(admin, req).await.0, 401);
+    // Two Authorization headers, the right token first: refused, as on the proxy.
+    let req = http::Request::get("/v1/connectors")
+        .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+        .header("authorization", "Bearer other")
+        .body(String::new())
+        .unwrap();
+    assert_eq!(send(admin, req).await.0, 401);
     let (s, _, body) = b.admin_call("GET", "/v1/connectors", "").await;
     assert_eq!(s, 200);
     assert!(body.contains("\"owner\":\"platform@acme.example\"") && body.contains("issues.read"));
