@@ -47,7 +47,6 @@ impl PreparedConfig<'_> {
 
 pub struct Broker {
     live: ArcSwap<Live>,
-    pub keys: Arc<SigningKeys>,
     pub audit: AuditLog,
     /// Revocations, disabled connectors and (with Redis) counters and rate limits.
     pub state: Arc<StateStore>,
@@ -211,6 +210,9 @@ pub enum LoadError {
         connector: String,
         source: CredentialError,
     },
+    /// The signing key file could not be loaded (the running key stays in force).
+    #[error("tokens.signing_key: {0}; the running key stays in force (a restart would fail the same way)")]
+    SigningKey(crate::token::keys::KeyError),
     /// A listener's certificate, key or client CA could not be loaded (or a reload would
     /// switch a listener between TLS and plain HTTP).
     #[error(transparent)]
@@ -231,7 +233,6 @@ impl Broker {
         let live = Live::build(Arc::new(config), &keys, &upstream_clients, &metrics, None)?;
         Ok(Self {
             live: ArcSwap::from_pointee(live),
-            keys,
             audit,
             state: Arc::new(state),
             metrics,
@@ -261,17 +262,15 @@ impl Broker {
     /// reload is audited between the two, so a reload that cannot be audited never happens.
     pub fn prepare_config(&self, config: Config) -> Result<PreparedConfig<'_>, LoadError> {
         let old = self.live();
-        let mut fixed = restart_only_changes(&old.config, &config);
-        if fixed.is_empty() && self.signing_key_file_changed(&config) {
-            fixed.push("tokens.signing_key (the file's key)");
-        }
+        let fixed = restart_only_changes(&old.config, &config);
         if !fixed.is_empty() {
             return Err(LoadError::RestartNeeded(fixed));
         }
+        let keys = signing_keys_for(&config, &old)?;
         let tls = self.listener_tls.prepare(&config)?;
         let live = Live::build(
             Arc::new(config),
-            &self.keys,
+            &keys,
             &self.upstream_clients,
             &self.metrics,
             Some(&old),
@@ -283,18 +282,9 @@ impl Broker {
         })
     }
 
-    /// Whether the signing key file, same path, now holds another key (or none that loads)
-    /// than the one the broker signs with: the key is read at start only, so a reload would
-    /// otherwise report success while tokens go on being signed, and the JWKS published, with
-    /// the old one.
-    fn signing_key_file_changed(&self, config: &Config) -> bool {
-        let Some(path) = &config.tokens.signing_key else {
-            return false;
-        };
-        match SigningKeys::from_pem_file(path) {
-            Ok(on_disk) => on_disk.kid() != self.keys.kid(),
-            Err(_) => true,
-        }
+    /// The key tokens are signed with now (and the JWKS publishes).
+    pub fn signing_keys(&self) -> Arc<SigningKeys> {
+        Arc::clone(self.live().verifier.keys())
     }
 
     pub fn config_path(&self) -> PathBuf {
@@ -510,8 +500,10 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
             admin_connections(old).is_some_and(|o| admin_connections(new).is_some_and(|n| o != n)),
         ),
         (
-            "tokens.signing_key",
-            old.tokens.signing_key != new.tokens.signing_key,
+            // A key file is read again on reload (another path too); the ephemeral key of a
+            // config without one is the start's, and cannot be swapped for or from a file.
+            "tokens.signing_key (adding or removing it)",
+            old.tokens.signing_key.is_some() != new.tokens.signing_key.is_some(),
         ),
         ("audit.path", old.audit.path != new.audit.path),
         ("audit.fsync", old.audit.fsync != new.audit.fsync),
@@ -532,6 +524,28 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         .filter(|(_, changed)| *changed)
         .map(|(name, _)| name)
         .collect()
+}
+
+/// The signing key for a config being reloaded: the key file is read again, so replacing it
+/// and reloading rotates the key (the JWKS publishes the new one, and every token signed with
+/// the old one is refused from then on: what an emergency rotation wants). The same key keeps
+/// the running one (and the verified-token cache's meaning); an unreadable or invalid file
+/// refuses the reload, the running key staying in force. Without a key file, the ephemeral
+/// key of the start stays.
+fn signing_keys_for(config: &Config, old: &Live) -> Result<Arc<SigningKeys>, LoadError> {
+    let running = old.verifier.keys();
+    let Some(path) = &config.tokens.signing_key else {
+        return Ok(Arc::clone(running));
+    };
+    let on_disk = SigningKeys::from_pem_file(path).map_err(LoadError::SigningKey)?;
+    if on_disk.kid() == running.kid() {
+        return Ok(Arc::clone(running));
+    }
+    tracing::warn!(
+        kid = on_disk.kid(),
+        "the signing key changed: tokens signed with the previous key are refused from now on"
+    );
+    Ok(Arc::new(on_disk))
 }
 
 /// A limiter for `rate`, reusing `previous` when the quota is unchanged.

@@ -354,7 +354,7 @@ fn tokens(cx: &mut Ctx<'_>, raw: &raw::RawTokens) -> Option<TokensConfig> {
             cx.err(
                 raw_value.as_ref().map(|s| s.span()),
                 key,
-                "must be at most 366 days",
+                "must be at most 3653 days (ten years)",
             );
         }
     }
@@ -1123,8 +1123,9 @@ fn connection_limit(cx: &mut Ctx<'_>, raw: &Option<Spanned<u64>>, key: &str, def
     value
 }
 
-/// The longest `tokens.default_ttl` / `max_ttl` (a grant's `max_ttl` is under the latter).
-const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(366 * 24 * 3600);
+/// The longest `tokens.default_ttl` / `max_ttl` (a grant's `max_ttl` is under the latter):
+/// ten years, far past any sane lifetime, far short of what a time can say.
+const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(3653 * 24 * 3600);
 
 fn duration(cx: &mut Ctx<'_>, raw: &Option<S>, key: &str, default_secs: u64) -> Option<Duration> {
     let Some(raw) = raw else {

@@ -546,7 +546,7 @@ async fn respond_issued(
     audit_by: std::time::Instant,
 ) -> Response<ProxyBody> {
     let Issued { claims, lifetime } = issued;
-    let token = match broker.keys.sign(&claims) {
+    let token = match broker.signing_keys().sign(&claims) {
         Ok(t) => t,
         Err(e) => {
             tracing::error!(error = %e, "token signing failed");
@@ -642,7 +642,7 @@ fn error_response(e: TokenError, request_id: &str) -> Response<ProxyBody> {
 /// `GET /.well-known/jwks.json`
 pub fn jwks(broker: &Broker) -> Response<ProxyBody> {
     let value: serde_json::Value =
-        serde_json::from_str(&broker.keys.jwks_json()).unwrap_or_default();
+        serde_json::from_str(&broker.signing_keys().jwks_json()).unwrap_or_default();
     let mut resp = json_response(StatusCode::OK, &value);
     resp.headers_mut().insert(
         http::header::CACHE_CONTROL,

@@ -424,11 +424,12 @@ async fn no_dead_token_is_issued_in_a_client_revocations_second() {
     );
 }
 
-/// The signing key is read at start only: a reload after the key file was replaced in place
-/// (same path, another key) is refused naming it, instead of answering success while tokens
-/// go on being signed, and the JWKS published, with the old key. The same key back reloads.
+/// Rotating the signing key: replace its file and reload. The JWKS publishes the new key,
+/// tokens are signed with it, and every token signed with the old one is refused at once (what
+/// an emergency rotation is for). A key file that does not load refuses the reload, naming the
+/// problem; the running key stays.
 #[tokio::test]
-async fn a_reload_refuses_a_signing_key_replaced_in_place() {
+async fn a_reload_rotates_a_signing_key_replaced_in_place() {
     let up = FakeUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     let key = keygen_signing_key(dir.path());
@@ -437,14 +438,46 @@ async fn a_reload_refuses_a_signing_key_replaced_in_place() {
         "issuer = \"credbroker-test\"\nsigning_key = \"signing.pem\"",
     );
     let b = TestBroker::start_in(&config, dir).await;
+    let jwks = |b: &TestBroker| {
+        let addr = b.addr;
+        async move {
+            let req = http::Request::get("/.well-known/jwks.json")
+                .body(String::new())
+                .unwrap();
+            let (_, _, body) = send(addr, req).await;
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            v["keys"][0]["kid"].as_str().unwrap().to_owned()
+        }
+    };
+    let old_kid = jwks(&b).await;
+    let old_token = b.token("github:issues.read", &[]).await;
+    let issues = "/github/repos/acme/widget/issues";
+    assert_eq!(b.status("GET", issues, &old_token).await, 200);
+
+    // A file that is not a key: refused, named; the running key stays.
     let original = std::fs::read(&key).unwrap();
+    std::fs::write(&key, "not a key").unwrap();
+    let (s, _, body) = b.admin_call("POST", "/v1/reload", "").await;
+    assert_eq!(s, 400, "{body}");
+    assert!(
+        body.contains("tokens.signing_key") && body.contains("running key"),
+        "{body}"
+    );
+    assert_eq!(b.status("GET", issues, &old_token).await, 200);
+
+    // A new key: the reload rotates to it.
     std::fs::remove_file(&key).unwrap();
     keygen_signing_key(b.dir.path());
     assert_ne!(std::fs::read(&key).unwrap(), original);
     let (s, _, body) = b.admin_call("POST", "/v1/reload", "").await;
-    assert_eq!(s, 400, "{body}");
-    assert!(body.contains("tokens.signing_key"), "{body}");
-    std::fs::write(&key, &original).unwrap();
-    let (s, _, body) = b.admin_call("POST", "/v1/reload", "").await;
     assert_eq!(s, 200, "{body}");
+    let new_kid = jwks(&b).await;
+    assert_ne!(new_kid, old_kid);
+    assert_eq!(
+        b.status("GET", issues, &old_token).await,
+        401,
+        "signed with the old key"
+    );
+    let new_token = b.token("github:issues.read", &[]).await;
+    assert_eq!(b.status("GET", issues, &new_token).await, 200);
 }
