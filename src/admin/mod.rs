@@ -297,6 +297,7 @@ pub async fn reload(
     let not_installed = {
         let mut r = record.clone();
         r.result = Some("failed".into());
+        r.config_sha256 = None;
         r.error = Some("not installed: its audit record was not acknowledged in time".into());
         r
     };

@@ -203,9 +203,10 @@ async fn record_denial(
     request_id: &str,
 ) -> Response<ProxyBody> {
     let took = started.elapsed();
-    broker
-        .metrics
-        .proxy_denied(&live.config, &facts.record, denial.reason, took);
+    // What the metric is labelled by (the append takes the record).
+    let mut labels = Record::new(Event::Proxy);
+    labels.connector.clone_from(&facts.record.connector);
+    labels.operation.clone_from(&facts.record.operation);
     facts.deny(&denial);
     facts.redact_credential_parameter(live);
     facts.stage = Stage::Recorded;
@@ -213,12 +214,22 @@ async fn record_denial(
     // Nothing waits on a deny record but the answer's order after it: bounded all the same,
     // so a disk that stopped answering cannot hold the call forever. While the log cannot be
     // written the broker refuses with 503 (DESIGN §6), a refusal too: the call is refused
-    // either way, and the answer says why nothing is being decided now.
-    if let Err(e) = broker.audit.append_by(record, live.audit_by()).await {
-        tracing::error!(error = %e, "cannot write the audit record of a denied call");
-        return Refusal::AuditUnavailable.into_response(request_id);
-    }
-    denial.refusal.into_response(request_id)
+    // either way, and the answer (and the metric) say why nothing is being decided now.
+    let refusal = match broker.audit.append_by(record, live.audit_by()).await {
+        Ok(_) => denial.refusal,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot write the audit record of a denied call");
+            Refusal::AuditUnavailable
+        }
+    };
+    let reason = match refusal {
+        Refusal::AuditUnavailable => refusal.code(),
+        _ => denial.reason,
+    };
+    broker
+        .metrics
+        .proxy_denied(&live.config, &labels, reason, took);
+    refusal.into_response(request_id)
 }
 
 /// DESIGN §4.3, rows 1 to 8.
@@ -532,18 +543,18 @@ fn refuse_injected_copy(
     Ok(())
 }
 
-/// Whether the request has a header whose name is `name` with `_` for `-` somewhere
-/// (`x_api_key` for `x-api-key`): CGI-style servers read both as one header (`HTTP_X_API_KEY`),
-/// so the upstream could see the client's value beside, or instead of, the injected one.
+/// Whether the request has a header whose name is `name` with `-` and `_` swapped anywhere
+/// (`x_api_key` for `x-api-key`, or the other way): CGI-style servers read both as one header
+/// (`HTTP_X_API_KEY`), so the upstream could see the client's value beside, or instead of,
+/// the injected one.
 fn has_underscore_alias(headers: &http::HeaderMap, name: &http::HeaderName) -> bool {
     let name = name.as_str().as_bytes();
-    let same = |a: &u8, b: &u8| a == b || (*a == b'_' && *b == b'-');
-    name.contains(&b'-')
+    let dash_or_underscore = |b: &u8| matches!(b, b'-' | b'_');
+    let same = |a: &u8, b: &u8| a == b || (dash_or_underscore(a) && dash_or_underscore(b));
+    name.iter().any(dash_or_underscore)
         && headers.keys().any(|k| {
             let k = k.as_str().as_bytes();
-            k.len() == name.len()
-                && k.contains(&b'_')
-                && k.iter().zip(name).all(|(a, b)| same(a, b))
+            k.len() == name.len() && k.iter().zip(name).all(|(a, b)| same(a, b))
         })
 }
 
@@ -1513,6 +1524,40 @@ fn redact_query_param(query: &str, param: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::{presented_tokens, redact_query};
+
+    #[test]
+    fn a_header_spelled_with_dashes_and_underscores_swapped_is_an_alias() {
+        use super::has_underscore_alias;
+        let headers = |names: &[&str]| {
+            let mut h = http::HeaderMap::new();
+            for n in names {
+                h.insert(
+                    http::HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                    http::HeaderValue::from_static("v"),
+                );
+            }
+            h
+        };
+        let dashed = http::HeaderName::from_static("x-api-key");
+        let underscored = http::HeaderName::from_static("x_api_key");
+        for alias in ["x_api_key", "x-api_key", "x_api-key"] {
+            assert!(has_underscore_alias(&headers(&[alias]), &dashed), "{alias}");
+        }
+        for alias in ["x-api-key", "x_api-key"] {
+            assert!(
+                has_underscore_alias(&headers(&[alias]), &underscored),
+                "{alias}"
+            );
+        }
+        for other in ["x-api-keys", "xapikey", "x.api.key"] {
+            assert!(
+                !has_underscore_alias(&headers(&[other]), &dashed),
+                "{other}"
+            );
+        }
+        let plain = http::HeaderName::from_static("apikey");
+        assert!(!has_underscore_alias(&headers(&["apikey"]), &plain));
+    }
 
     #[test]
     fn jwt_shapes_are_redacted_wherever_they_stand() {

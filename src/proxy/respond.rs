@@ -159,7 +159,8 @@ impl Refusal {
             Self::RateLimited { retry_after_secs } => {
                 headers.insert(RETRY_AFTER, HeaderValue::from(*retry_after_secs));
             }
-            Self::Overloaded => {
+            // Both pass (a burst, a disk that recovers): say when to come back.
+            Self::Overloaded | Self::AuditUnavailable => {
                 headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
             }
             _ => {}

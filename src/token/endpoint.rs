@@ -134,18 +134,23 @@ fn refuse_under_cut_off(iat: i64, cut_off: i64) -> Result<(), TokenError> {
 }
 
 /// The longest token issued: what the proxy verifies at most, and what leaves 1 KiB of
-/// `max_header_bytes` for the request line and the other headers.
+/// `max_header_bytes` (half of a smaller one) for the request line and the other headers.
 fn token_size_limit(max_header_bytes: usize) -> usize {
-    crate::token::verify::MAX_TOKEN_LEN.min(max_header_bytes.saturating_sub(1024))
+    let others = 1024.min(max_header_bytes / 2);
+    crate::token::verify::MAX_TOKEN_LEN.min(max_header_bytes - others)
 }
 
-/// 503: the request's record cannot be written, so no token is issued.
+/// 503: the request's record cannot be written, so no token is issued (try again shortly:
+/// the broker recovers by itself once the log can be written).
 fn audit_unavailable_error() -> TokenError {
-    error(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "audit_unavailable",
-        "the audit log cannot be written; no token was issued",
-    )
+    TokenError {
+        retry_after: Some(1),
+        ..error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "audit_unavailable",
+            "the audit log cannot be written; no token was issued",
+        )
+    }
 }
 
 fn rate_limited(secs: u64) -> TokenError {
@@ -184,13 +189,19 @@ pub async fn token(
         Err(e) => {
             record.client = record.client.take().or(e.client.clone());
             record.reason = Some(e.code.to_owned());
-            broker.metrics.token(record.client.as_deref(), Some(e.code));
+            // The metric's client: the authenticated one only (bounded labels).
+            let client = record.client.clone();
             record.client = record.client.take().or(e.claimed.clone());
             if let Err(audit_error) = broker.audit.append_by(record, audit_by()).await {
                 tracing::error!(error = %audit_error, "cannot write a token_denied audit record");
                 // DESIGN §4.1: 503 when the audit log cannot be written, refused or not.
-                return error_response(audit_unavailable_error(), request_id);
+                let unavailable = audit_unavailable_error();
+                broker
+                    .metrics
+                    .token(client.as_deref(), Some(unavailable.code));
+                return error_response(unavailable, request_id);
             }
+            broker.metrics.token(client.as_deref(), Some(e.code));
             error_response(e, request_id)
         }
     }
@@ -691,4 +702,17 @@ pub fn metadata(live: &Live, host: Option<&str>) -> Response<ProxyBody> {
             .collect::<Vec<_>>(),
     });
     json_response(StatusCode::OK, &body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::token_size_limit;
+
+    #[test]
+    fn the_token_size_limit_leaves_room_for_the_rest_of_the_head() {
+        assert_eq!(token_size_limit(16384), 8192, "the proxy's own limit");
+        assert_eq!(token_size_limit(8192), 7168, "1 KiB for the rest");
+        assert_eq!(token_size_limit(1500), 750, "half of a small head");
+        assert_eq!(token_size_limit(1), 1);
+    }
 }

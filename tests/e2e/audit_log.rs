@@ -118,11 +118,15 @@ async fn full_disk_refuses_with_503_forwards_nothing_and_recovers() {
     assert_eq!(up.count(), 0, "nothing forwarded unaudited");
     // DESIGN §4.1, §6: while the log cannot be written the broker refuses with 503, a request
     // it would refuse anyway too (its record cannot be written either).
-    let (s, _, body) = b.call("DELETE", "/github/repos/acme/widget", &token).await;
+    let (s, h, body) = b.call("DELETE", "/github/repos/acme/widget", &token).await;
     assert_eq!(
         (s, body.contains("audit_unavailable")),
         (503, true),
         "{body}"
+    );
+    assert_eq!(
+        h["retry-after"], "1",
+        "the broker recovers by itself: come back"
     );
     let (s, _, body) = b
         .token_request("bot", "wrong", "github:issues.read", &[])

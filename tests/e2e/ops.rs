@@ -907,11 +907,16 @@ async fn a_call_at_a_slow_upstream(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_during_a_slow_call_completes_it_and_exits_0() {
-    let (dir, mut broker, call) =
-        a_call_at_a_slow_upstream(Duration::from_millis(1500), |c| c).await;
+    // A 4 s upstream (within an upstream_timeout of 10 s): room, on a loaded machine, to see
+    // the listener close while the call still drains.
+    let (dir, mut broker, call) = a_call_at_a_slow_upstream(Duration::from_secs(4), |c| {
+        c.replace("upstream_timeout = \"2s\"", "upstream_timeout = \"10s\"")
+            .replace("request_timeout = \"5s\"", "request_timeout = \"15s\"")
+    })
+    .await;
     broker.signal("TERM");
     // DESIGN §6: stop accepting — new connections are refused while the call drains.
-    let deadline = Instant::now() + Duration::from_millis(1000);
+    let deadline = Instant::now() + Duration::from_secs(3);
     while tokio::net::TcpStream::connect(broker.proxy).await.is_ok() {
         assert!(Instant::now() < deadline, "still accepting after SIGTERM");
         tokio::time::sleep(Duration::from_millis(20)).await;
