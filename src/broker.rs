@@ -466,7 +466,8 @@ fn dynamic_credential(
         })
 }
 
-/// Settings read once at start-up (listeners, the audit log, state, the signing key): a reload
+/// Settings read once at start-up (listeners, the audit log, state, whether there is a signing
+/// key file at all — its key is read again, see [`signing_keys_for`]): a reload
 /// that changes them would be answered "reloaded" while the old values stay in force, so it
 /// is refused instead, naming each one.
 fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
