@@ -2119,6 +2119,48 @@ mod tests {
         assert!(lines[0].contains("\"leader\"") && lines[1].contains("\"joiner\""));
     }
 
+    /// A call dropped while its allow record waits (`append_behind`, pipeline's `Call`): the
+    /// outcome lands right behind the allow, whether the allow is still in the worker's open
+    /// gathering (the outcome joins it) or already handed on (the outcome follows it in order).
+    #[tokio::test]
+    async fn a_record_appended_behind_is_written_after_what_was_queued_before() {
+        for policy in [FsyncPolicy::Never, FsyncPolicy::Always] {
+            let (_dir, o, log) = open_on_worker_0(policy);
+            // 1. The allow is still gathering: the leader has yielded, the call is dropped.
+            let mut leader = Box::pin(log.append(proxy("allow-1")));
+            let waker = futures_util::task::noop_waker();
+            let mut cx = std::task::Context::from_waker(&waker);
+            assert!(std::future::Future::poll(leader.as_mut(), &mut cx).is_pending());
+            drop(leader);
+            log.append_behind(proxy("outcome-1")).unwrap();
+            // 2. A gathering is open with another call's record: the outcome of a call whose
+            // allow went out before it joins behind it.
+            assert!(log.append(proxy("allow-2")).await.is_ok());
+            let mut other = Box::pin(log.append(proxy("other")));
+            assert!(std::future::Future::poll(other.as_mut(), &mut cx).is_pending());
+            log.append_behind(proxy("outcome-2")).unwrap();
+            assert_eq!(log.inner.gathers.gathered(0), 2, "{policy:?}: joined");
+            assert!(tokio::time::timeout(Duration::from_secs(5), other)
+                .await
+                .expect("the leader writes")
+                .is_ok());
+            log.close();
+            let order: Vec<String> = read_lines(&o.path)
+                .iter()
+                .map(|l| {
+                    let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                    v["client"].as_str().unwrap_or_default().to_owned()
+                })
+                .collect();
+            assert_eq!(
+                order,
+                ["allow-1", "outcome-1", "allow-2", "other", "outcome-2"],
+                "{policy:?}"
+            );
+            assert_intact(&o.path);
+        }
+    }
+
     #[tokio::test]
     async fn close_with_writes_the_last_record_after_everything_and_nothing_after_it() {
         for policy in [
