@@ -60,8 +60,13 @@ pub fn run(cmd: KeygenCommand) -> anyhow::Result<ExitCode> {
         }
         KeygenCommand::ClientSecret => {
             let (secret, sha) = crate::token::generate_client_secret();
+            // Standard output is what a script takes: the secret alone on the first line, the
+            // config line on the second. What to do with them goes to standard error.
+            eprintln!(
+                "The client secret (first line: give it to the integration, it is not stored) \
+                 and the line for the client's [[clients]] entry (second line):"
+            );
             let mut out = std::io::stdout();
-            out.write_all(b"client secret (give it to the integration; it is not stored): ")?;
             out.write_all(secret.expose())?;
             writeln!(out, "\nsecret_sha256 = \"{sha}\"")?;
         }

@@ -182,7 +182,10 @@ fn keygen_commands() {
     );
     let o = credbroker(&["keygen", "client-secret"]);
     let out = String::from_utf8_lossy(&o.stdout);
-    let secret = out.lines().next().unwrap().rsplit(' ').next().unwrap();
+    // Script-friendly: the secret alone on the first line, the config line on the second.
+    assert_eq!(out.lines().count(), 2, "{out}");
+    let secret = out.lines().next().unwrap();
+    assert!(secret.len() >= 32 && !secret.contains(' '), "{out}");
     let line = out
         .lines()
         .find(|l| l.starts_with("secret_sha256 = "))
