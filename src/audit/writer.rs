@@ -222,7 +222,7 @@ impl PendingAppend {
     /// record (which joins the deferred ones, written first in the next batch) it keeps its
     /// place in the queue.
     pub fn then_queue(self, next: Record) {
-        if let Err(e) = self.log.send(next, Reply::Ordered) {
+        if let Err(e) = self.log.append_behind(next) {
             tracing::error!(error = %e, "cannot queue the audit record that follows a late one");
         }
     }
@@ -434,8 +434,8 @@ impl AuditLog {
 
     /// Queues `record` behind every record the calling task queued before it, without
     /// waiting: it joins the worker's open gathering (where such a record may still be), or
-    /// goes to the writer in order ([`PendingAppend::then_queue`]'s rule). For the outcome of
-    /// a call dropped while its allow record was on its way.
+    /// goes to the writer in order. For the outcome of a call dropped while its allow record
+    /// was on its way, or of one whose allow record was late ([`PendingAppend::then_queue`]).
     pub fn append_behind(&self, record: Record) -> Result<(), AuditError> {
         let record = match self.inner.gathers.slot_for_caller() {
             Some(slot) => match self.inner.gathers.join_if_open(slot, record) {

@@ -329,12 +329,7 @@ fn tokens(cx: &mut Ctx<'_>, raw: &raw::RawTokens) -> Option<TokensConfig> {
     let max_ttl = duration(cx, &raw.max_ttl, "tokens.max_ttl", 900);
     // No allowance for clock skew ("0s") is a legitimate choice for a broker whose tokens
     // are checked by the same clock that issued them.
-    let leeway = match &raw.leeway {
-        Some(r) if humantime::parse_duration(r.get_ref()).is_ok_and(|d| d.is_zero()) => {
-            Some(Duration::ZERO)
-        }
-        _ => duration(cx, &raw.leeway, "tokens.leeway", 5),
-    };
+    let leeway = duration_or_zero(cx, &raw.leeway, "tokens.leeway", 5);
     let (default_ttl, max_ttl, leeway) = (default_ttl?, max_ttl?, leeway?);
     // Token lifetimes are whole seconds: less would be silently taken as 1 s.
     for (value, key, raw_value) in [
@@ -708,7 +703,7 @@ fn query_names(cx: &mut Ctx<'_>, names: &[S], op_key: &str) -> Vec<String> {
     for (i, name) in names.iter().enumerate() {
         let n = name.get_ref();
         let unusable = n.is_empty()
-            || n.bytes().any(|b| matches!(b, b'&' | b';' | b'=' | b'#'))
+            || n.bytes().any(|b| matches!(b, b'&' | b';' | b'='))
             || crate::proxy::canonical::check_query(n).is_err();
         if unusable {
             cx.err(
@@ -1128,14 +1123,29 @@ fn connection_limit(cx: &mut Ctx<'_>, raw: &Option<Spanned<u64>>, key: &str, def
 const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(3653 * 24 * 3600);
 
 fn duration(cx: &mut Ctx<'_>, raw: &Option<S>, key: &str, default_secs: u64) -> Option<Duration> {
+    let d = duration_or_zero(cx, raw, key, default_secs)?;
+    if d.is_zero() {
+        cx.err(
+            raw.as_ref().map(|r| r.span()),
+            key,
+            "must be greater than 0",
+        );
+        return None;
+    }
+    Some(d)
+}
+
+/// [`duration`], zero allowed.
+fn duration_or_zero(
+    cx: &mut Ctx<'_>,
+    raw: &Option<S>,
+    key: &str,
+    default_secs: u64,
+) -> Option<Duration> {
     let Some(raw) = raw else {
         return Some(Duration::from_secs(default_secs));
     };
     match humantime::parse_duration(raw.get_ref()) {
-        Ok(d) if d.is_zero() => {
-            cx.err(Some(raw.span()), key, "must be greater than 0");
-            None
-        }
         Ok(d) => Some(d),
         Err(e) => {
             cx.err(

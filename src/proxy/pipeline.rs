@@ -1288,13 +1288,12 @@ impl AuditFacts {
                 record.path = Some(rest.to_owned());
             }
         }
-        record.query = req.uri().query().map(redact_query);
+        record.query = req.uri().query().map(recorded_query);
         // A token sent without `Authorization` (refused 401) is still a token, wherever it
         // stands (a JWT is also a valid method token and connector segment).
-        redact_jwt_shapes(&mut record.method);
-        redact_jwt_shapes(&mut record.connector);
-        redact_jwt_shapes(&mut record.path);
-        redact_jwt_shapes(&mut record.query);
+        for field in [&mut record.method, &mut record.connector, &mut record.path] {
+            redact_jwt_shapes(field);
+        }
         // A copy of the token in the target (refused by check 1) is not recorded either.
         for token in presented_tokens(req.headers()) {
             let fields = [
@@ -1369,8 +1368,7 @@ impl AuditFacts {
         self.record.method = Some(method.as_str().to_owned());
         self.record.peer = Some(conn.peer_text.clone());
         self.target(target);
-        self.record.query = target.query.map(redact_query);
-        redact_jwt_shapes(&mut self.record.query);
+        self.record.query = target.query.map(recorded_query);
         self.token(claims);
         self.operation(operation);
     }
@@ -1403,8 +1401,8 @@ impl AuditFacts {
     }
 }
 
-/// Sets a recorded field to `text`, reusing what it holds when that is the same.
-/// Sets `field` to `text`; true if that changed it.
+/// Sets a recorded field to `text`, reusing what it holds when that is the same; true if it
+/// changed.
 fn set_text(field: &mut Option<String>, text: &str) -> bool {
     let changed = field.as_deref() != Some(text);
     if changed {
@@ -1424,6 +1422,14 @@ fn redact_token(field: &mut Option<String>, token: &str) {
     } else if holds_encoded_token(text, token) {
         *text = "REDACTED".to_owned();
     }
+}
+
+/// The query as recorded: `access_token` values ([`redact_query`]) and anything shaped like a
+/// JWT ([`redact_jwt_shapes`]) replaced by `REDACTED`.
+fn recorded_query(query: &str) -> String {
+    let mut recorded = Some(redact_query(query));
+    redact_jwt_shapes(&mut recorded);
+    recorded.unwrap_or_default()
 }
 
 /// Replaces whatever is shaped like a JWT — three base64url parts, the first two JSON objects

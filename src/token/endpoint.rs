@@ -185,26 +185,38 @@ pub async fn token(
     record.request_id = Some(request_id.to_owned());
     record.peer = Some(conn.peer_text.clone());
     match issue(&broker, &live, req, conn, &mut record).await {
-        Ok(issued) => respond_issued(&broker, issued, record, request_id, audit_by()).await,
+        Ok(issued) => respond_issued(&broker, &live, issued, record, request_id, audit_by()).await,
         Err(e) => {
             record.client = record.client.take().or(e.client.clone());
-            record.reason = Some(e.code.to_owned());
             // The metric's client: the authenticated one only (bounded labels).
             let client = record.client.clone();
             record.client = record.client.take().or(e.claimed.clone());
-            if let Err(audit_error) = broker.audit.append_by(record, audit_by()).await {
-                tracing::error!(error = %audit_error, "cannot write a token_denied audit record");
-                // DESIGN §4.1: 503 when the audit log cannot be written, refused or not.
-                let unavailable = audit_unavailable_error();
-                broker
-                    .metrics
-                    .token(client.as_deref(), Some(unavailable.code));
-                return error_response(unavailable, request_id);
-            }
-            broker.metrics.token(client.as_deref(), Some(e.code));
-            error_response(e, request_id)
+            refuse(&broker, record, e, client, audit_by(), request_id).await
         }
     }
+}
+
+/// A refused token request: its `token_denied` record (the error's code as the reason),
+/// counted and answered — or 503 when the record cannot be written (DESIGN §4.1: "503 when
+/// the audit log cannot be written", refused or not). `client` labels the metric.
+async fn refuse(
+    broker: &Broker,
+    mut record: Record,
+    e: TokenError,
+    client: Option<String>,
+    audit_by: std::time::Instant,
+    request_id: &str,
+) -> Response<ProxyBody> {
+    record.reason = Some(e.code.to_owned());
+    let e = match broker.audit.append_by(record, audit_by).await {
+        Ok(_) => e,
+        Err(audit_error) => {
+            tracing::error!(error = %audit_error, "cannot write a token_denied audit record");
+            audit_unavailable_error()
+        }
+    };
+    broker.metrics.token(client.as_deref(), Some(e.code));
+    error_response(e, request_id)
 }
 
 async fn issue(
@@ -551,13 +563,14 @@ fn check_details(
 
 async fn respond_issued(
     broker: &Broker,
+    live: &Live,
     issued: Issued,
     mut record: Record,
     request_id: &str,
     audit_by: std::time::Instant,
 ) -> Response<ProxyBody> {
     let Issued { claims, lifetime } = issued;
-    let token = match broker.signing_keys().sign(&claims) {
+    let token = match live.verifier.keys().sign(&claims) {
         Ok(t) => t,
         Err(e) => {
             tracing::error!(error = %e, "token signing failed");
@@ -574,20 +587,15 @@ async fn respond_issued(
     // A token the proxy would refuse as malformed (or whose header would not fit in
     // `max_header_bytes`) is not issued: the client would get 200 for a token that can never
     // be used, and a fresh one would fail the same way.
-    let limit = token_size_limit(broker.live().config.server.max_header_bytes);
+    let limit = token_size_limit(live.config.server.max_header_bytes);
     if token.len() > limit {
         let e = invalid_request(format!(
             "the token would be {} bytes, more than the {limit} the proxy accepts: ask for \
              fewer operations or authorization_details",
             token.len()
         ));
-        record.reason = Some(e.code.to_owned());
-        broker.metrics.token(record.client.as_deref(), Some(e.code));
-        if let Err(audit_error) = broker.audit.append_by(record, audit_by).await {
-            tracing::error!(error = %audit_error, "cannot write a token_denied audit record");
-            return error_response(audit_unavailable_error(), request_id);
-        }
-        return error_response(e, request_id);
+        let client = record.client.clone();
+        return refuse(broker, record, e, client, audit_by, request_id).await;
     }
     record.event = Event::TokenIssued;
     record.scope = Some(claims.scope.clone());
