@@ -1439,6 +1439,58 @@ fn rotate_file(path: &Path) -> io::Result<()> {
     }
 }
 
+/// Whether `serve` could open the log at `path` with `key` and continue its chain, found
+/// without creating, cutting or locking anything (`credbroker check`, which may run beside a
+/// broker writing this very file): a folder where the file should be, a file where a folder
+/// should be, a last record that does not verify under `key` (a changed `hmac_key`), a
+/// newest rotated file that was compressed, a tail too damaged to cut.
+pub fn check_openable(path: &Path, key: Option<&Secret>) -> Result<(), AuditError> {
+    let io = |context: String| move |source| AuditError::Io { context, source };
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.is_file() => {
+            let mut file = File::open(path).map_err(io(format!("opening {}", path.display())))?;
+            if scan_tail(&mut file, meta.len(), key, path)?.last.is_none() {
+                last_rotated_record(path, key)?;
+            }
+            Ok(())
+        }
+        Ok(_) => Err(AuditError::Io {
+            context: format!("opening {}", path.display()),
+            source: io::Error::other("not a regular file"),
+        }),
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+            ) =>
+        {
+            let folder = path
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            // `serve` creates the missing folders, which needs the nearest existing one to be
+            // a folder.
+            if let Some(existing) = folder.ancestors().find(|a| a.exists()) {
+                if !existing.is_dir() {
+                    return Err(AuditError::Io {
+                        context: format!("creating {}", folder.display()),
+                        source: io::Error::other(format!("{} is not a folder", existing.display())),
+                    });
+                }
+            }
+            // Rotated files can only lie in a folder that exists.
+            if folder.is_dir() {
+                last_rotated_record(path, key)?;
+            }
+            Ok(())
+        }
+        Err(source) => Err(AuditError::Io {
+            context: format!("reading {}", path.display()),
+            source,
+        }),
+    }
+}
+
 /// The highest N of the existing `PATH.N` files, 0 when there are none; an error when the
 /// folder cannot be listed in full (the answer would be a guess).
 pub(crate) fn highest_rotation(path: &Path) -> io::Result<u64> {

@@ -56,6 +56,7 @@ pub fn check(text: &str, path: &Path, now: DateTime<Utc>) -> Vec<Finding> {
         (Ok(_), None) => return Vec::new(), // cannot happen: it parsed
     };
     cx.errors = files;
+    start_errors(&mut cx, &config, &raw);
     let mut findings: Vec<Finding> = std::mem::take(&mut cx.errors)
         .into_iter()
         .map(error)
@@ -120,6 +121,30 @@ fn file_errors(cx: &mut Ctx<'_>, raw: &RawConfig) {
 
 /// The TLS files as `serve` loads them: a key that does not match its certificate, a file
 /// without a certificate, a CA file that is not PEM are errors here, not only at start-up.
+/// What would stop `serve` from starting with this config beyond the config itself: the
+/// audit log it must continue (DESIGN §5) and the state it must read (§3.5), looked at
+/// without changing either.
+fn start_errors(cx: &mut Ctx<'_>, config: &Config, raw: &RawConfig) {
+    let key = config.audit.hmac_key.as_ref();
+    if let Err(e) = crate::audit::writer::check_openable(&config.audit.path, key) {
+        let what = match e {
+            crate::audit::AuditError::TailUnverifiable { .. } => {
+                format!("{e}: serve would refuse to start")
+            }
+            e => format!("serve could not open the log: {e}"),
+        };
+        cx.err(Some(raw.audit.path.span()), "audit.path", what);
+    }
+    if let Err(e) = crate::state::check_readable(&config.state) {
+        let span = raw.state.dir.as_ref().map(|d| d.span());
+        cx.err(
+            span,
+            "state.dir",
+            format!("serve could not read the state: {e}"),
+        );
+    }
+}
+
 fn tls_material_errors(cx: &mut Ctx<'_>, raw: &RawConfig) {
     let server = &raw.server;
     let admin = raw.admin.as_ref();

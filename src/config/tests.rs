@@ -713,3 +713,61 @@ fn lint_warns_that_a_star_in_a_pattern_is_literal() {
     let catch_all = GOOD.replace("/repos/acme/{repo}/issues", "/repos/{*rest}");
     assert!(!lint_lines(&catch_all).contains("literally"));
 }
+
+/// `check` finds what would stop `serve` at start-up beyond the config's own content: an
+/// audit log that cannot be continued (a file where its folder should be, a last record that
+/// does not verify under a newly set `hmac_key`) and a state folder that is not one.
+#[test]
+fn check_reports_an_audit_log_or_state_folder_serve_could_not_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("c.toml");
+    std::fs::write(dir.path().join("a-file"), b"x").unwrap();
+    let findings = |text: &str| -> Vec<String> {
+        check(text, &config, Utc::now())
+            .into_iter()
+            .filter(|f| f.severity == Severity::Error)
+            .map(|f| f.to_string())
+            .collect()
+    };
+    assert_eq!(findings(GOOD), Vec::<String>::new());
+
+    let under_a_file = GOOD.replace("path = \"audit.jsonl\"", "path = \"a-file/audit.jsonl\"");
+    let errors = findings(&under_a_file);
+    assert!(
+        errors.len() == 1 && errors[0].contains("audit.path") && errors[0].contains("not a folder"),
+        "{errors:?}"
+    );
+
+    let state_is_a_file = format!("{GOOD}\n[state]\ndir = \"a-file\"\n");
+    let errors = findings(&state_is_a_file);
+    assert!(
+        errors.len() == 1 && errors[0].contains("state.dir") && errors[0].contains("not a folder"),
+        "{errors:?}"
+    );
+
+    // A log written with the plain chain, then `hmac_key` set: serve refuses, so check does.
+    let log = crate::audit::AuditLog::open(crate::audit::AuditOptions {
+        path: dir.path().join("audit.jsonl"),
+        fsync: crate::audit::FsyncPolicy::Never,
+        rotate_bytes: None,
+        hmac_key: None,
+        replica: None,
+    })
+    .unwrap();
+    log.append_blocking(crate::audit::Record::new(crate::audit::Event::Startup))
+        .unwrap();
+    log.close();
+    assert_eq!(findings(GOOD), Vec::<String>::new());
+    let keyed = GOOD.replace(
+        "path = \"audit.jsonl\"",
+        "path = \"audit.jsonl\"\nhmac_key = \"literal:new-key\"",
+    );
+    let errors = findings(&keyed);
+    assert!(
+        errors.len() == 1 && errors[0].contains("audit.path") && errors[0].contains("hmac_key"),
+        "{errors:?}"
+    );
+    // The file was only read: it still ends with the one record, unlocked for serve.
+    let lines = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), 1);
+}

@@ -55,6 +55,27 @@ impl StateError {
     }
 }
 
+/// Whether `serve` could read the state in `config.dir`, found without writing anything
+/// (`credbroker check`): the folder is a folder (or can be created), the `memory` backend's
+/// file parses, and under `redis` every replica's journal there can be read.
+pub fn check_readable(config: &crate::config::StateConfig) -> Result<(), StateError> {
+    let dir = &config.dir;
+    let not_a_folder = |path: &std::path::Path| StateError::Io {
+        path: dir.clone(),
+        source: std::io::Error::other(format!("{} is not a folder", path.display())),
+    };
+    if let Some(existing) = dir.ancestors().find(|a| a.exists()) {
+        if !existing.is_dir() {
+            return Err(not_a_folder(existing));
+        }
+    }
+    Revocations::load(dir)?;
+    if matches!(config.backend, crate::config::StateBackend::Redis { .. }) {
+        redis::check_journals(dir)?;
+    }
+    Ok(())
+}
+
 /// The backend in force for this process (chosen at start; a reload cannot change it).
 #[derive(Debug)]
 pub enum StateStore {

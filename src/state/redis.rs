@@ -910,6 +910,11 @@ impl Journal {
     }
 }
 
+/// Reads every replica's journal in `state_dir`, as [`RedisState::open`] does (`check`).
+pub(crate) fn check_journals(state_dir: &Path) -> Result<(), StateError> {
+    sibling_journals(state_dir, Path::new("")).map(drop)
+}
+
 /// The journals of other replica names in `state_dir` (`shared-*.json` but `own`).
 fn sibling_journals(state_dir: &Path, own: &Path) -> Result<Vec<Journal>, StateError> {
     let entries = match std::fs::read_dir(state_dir) {
