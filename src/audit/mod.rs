@@ -2,13 +2,15 @@
 //! `credbroker audit verify | query | report`.
 //!
 //! - [`record`]: the record types; [`chain`]: the chain rule as pure functions;
-//! - [`writer`]: [`AuditLog`], the group-committing writer with recovery and rotation;
+//! - [`writer`]: [`AuditLog`], the group-committing writer; [`files`]: opening, rotating and
+//!   recovering its files (where the chain stands at start);
 //! - [`verify`], [`query`], [`report`]: the library side of the `audit` commands.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 pub mod chain;
+pub mod files;
 mod gather;
 pub mod query;
 pub mod record;

@@ -126,7 +126,7 @@ fn file_errors(cx: &mut Ctx<'_>, raw: &RawConfig) {
 /// without changing either.
 fn start_errors(cx: &mut Ctx<'_>, config: &Config, raw: &RawConfig) {
     let key = config.audit.hmac_key.as_ref();
-    if let Err(e) = crate::audit::writer::check_openable(&config.audit.path, key) {
+    if let Err(e) = crate::audit::files::check_openable(&config.audit.path, key) {
         let what = match e {
             crate::audit::AuditError::TailUnverifiable { .. } => {
                 format!("{e}: serve would refuse to start")
