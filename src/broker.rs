@@ -249,6 +249,12 @@ impl Broker {
         self.live.load_full()
     }
 
+    /// Whether `live` is still the config in force (no reload since it was loaded). Cheaper
+    /// than [`Self::live`]: no reference is taken.
+    pub fn live_is(&self, live: &Arc<Live>) -> bool {
+        Arc::ptr_eq(&self.live.load(), live)
+    }
+
     /// Puts a new, already validated config in force; rate limiters whose quota did not change
     /// keep their state, so a reload is not a way around a limit.
     /// Listener certificates are re-read too, before anything is swapped: a bad certificate

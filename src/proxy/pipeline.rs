@@ -283,6 +283,7 @@ async fn stages(
                 target.connector,
                 local,
                 facts,
+                Taking::UsesAndRates,
             ))
             .await?
         }
@@ -291,12 +292,18 @@ async fn stages(
     // 6. The body fits the operation's `max_body_bytes`.
     let bytes_in = Arc::new(AtomicU64::new(0));
     let body_deadline = started + live.config.server.request_timeout;
-    let (body, uploaded) = bounded_body(
-        body,
-        &parts.headers,
-        operation.max_body_bytes,
-        &bytes_in,
-        body_deadline,
+    // Whether the call waited since its checks (a chunked upload read whole, a credential
+    // minted): then it is decided again before its allow record.
+    let mut waited = false;
+    let (body, uploaded) = noting_wait(
+        bounded_body(
+            body,
+            &parts.headers,
+            operation.max_body_bytes,
+            &bytes_in,
+            body_deadline,
+        ),
+        &mut waited,
     )
     .await?;
     // 6½ (DESIGN §3.7). The upstream credential: static, cached, or minted now — within the
@@ -304,9 +311,12 @@ async fn stages(
     let credential = if runtime.dynamic.is_none() {
         CallCredential::Static(runtime)
     } else {
-        tokio::time::timeout_at(
-            tokio::time::Instant::from_std(body_deadline),
-            upstream_credential(broker, connector, runtime, request_id.as_str()),
+        noting_wait(
+            tokio::time::timeout_at(
+                tokio::time::Instant::from_std(body_deadline),
+                upstream_credential(broker, connector, runtime, request_id.as_str()),
+            ),
+            &mut waited,
         )
         .await
         .map_err(|_| {
@@ -314,6 +324,17 @@ async fn stages(
             deny(Refusal::CredentialUnavailable, "credential_unavailable")
         })??
     };
+    if waited || !broker.live_is(live) {
+        Box::pin(decide_again(
+            broker,
+            &parts.headers,
+            conn,
+            &parts.method,
+            &target,
+            facts,
+        ))
+        .await?;
+    }
     // The request as it will leave, credential injected (in memory only: nothing is sent
     // before its allow record is durable, and a request that cannot be built is a deny).
     let upstream_req = upstream_request(
@@ -728,6 +749,7 @@ async fn shared_checks<'l>(
     connector_name: &str,
     authorized: Result<(&'l Connector, &'l ConnectorRuntime, usize), Denial>,
     facts: &mut AuditFacts,
+    taking: Taking,
 ) -> Result<(&'l Connector, &'l ConnectorRuntime, usize), Denial> {
     // A certificate mismatch is check 2: the kill switch (check 3) is not asked.
     let binding_failed = matches!(&authorized, Err(d) if d.reason == "certificate_mismatch");
@@ -743,9 +765,15 @@ async fn shared_checks<'l>(
         exp: claims.exp,
         connector: connector.map(|c| c.name.as_str()),
         authorized: found.is_some(),
-        max_uses: claims.max_uses,
-        client_limit: live.config.client(&claims.sub).and_then(|c| c.rate_limit),
-        connector_limit: found.and_then(|(c, ..)| c.rate_limit),
+        max_uses: claims.max_uses.filter(|_| taking == Taking::UsesAndRates),
+        client_limit: live
+            .config
+            .client(&claims.sub)
+            .and_then(|c| c.rate_limit)
+            .filter(|_| taking == Taking::UsesAndRates),
+        connector_limit: found
+            .and_then(|(c, ..)| c.rate_limit)
+            .filter(|_| taking == Taking::UsesAndRates),
     };
     let verdict = redis.admit(&call).await.map_err(|e| {
         tracing::error!(error = %e, "shared state unavailable; refusing the call");
@@ -773,6 +801,65 @@ async fn shared_checks<'l>(
         Admission::ClientLimited(secs) => limited(secs, "client_rate_limited"),
         Admission::ConnectorLimited(secs) => limited(secs, "connector_rate_limited"),
     }
+}
+
+/// What [`shared_checks`] takes from the shared state besides its answers.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Taking {
+    /// A use of a `max_uses` token and the rate limits' cells (checks 4 and 5).
+    UsesAndRates,
+    /// Nothing: the call was admitted once already ([`decide_again`]).
+    Nothing,
+}
+
+/// Polls `future` to its end, noting in `waited` whether it ever had to wait.
+async fn noting_wait<F: std::future::Future>(future: F, waited: &mut bool) -> F::Output {
+    let mut future = std::pin::pin!(future);
+    std::future::poll_fn(|cx| {
+        let poll = future.as_mut().poll(cx);
+        *waited |= poll.is_pending();
+        poll
+    })
+    .await
+}
+
+/// Checks 2 and 3 again, on what is in force now, for a call that waited after them (a
+/// chunked upload read whole, a credential minted) or whose config was replaced meanwhile:
+/// a revocation, kill switch, token expiry, key rotation or reload acknowledged in the
+/// meantime applies to it before anything leaves (DESIGN §3.4: "removing an operation takes
+/// effect at once"), and an allow record never follows the admin record of a change that
+/// should have refused it. The use and rate-limit cells already taken are not taken again.
+async fn decide_again(
+    broker: &Broker,
+    headers: &http::HeaderMap,
+    conn: &ConnInfo,
+    method: &Method,
+    target: &Target<'_>,
+    facts: &mut AuditFacts,
+) -> Result<(), Denial> {
+    let live = broker.live();
+    let wall = chrono::Utc::now();
+    let claims = authenticate(broker, &live, headers, conn, facts, wall.timestamp())?;
+    match &*broker.state {
+        StateStore::Memory(_) => {
+            authorize(broker, &live, &claims, method, target, wall, facts)?;
+        }
+        StateStore::Redis(redis) => {
+            let local = check_binding(&claims, conn)
+                .and_then(|()| authorize(broker, &live, &claims, method, target, wall, facts));
+            shared_checks(
+                redis,
+                &live,
+                &claims,
+                target.connector,
+                local,
+                facts,
+                Taking::Nothing,
+            )
+            .await?;
+        }
+    }
+    Ok(())
 }
 
 /// Check 6. A declared length is checked at once and the body streams through a guard; a

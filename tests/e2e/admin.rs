@@ -481,3 +481,98 @@ async fn a_reload_rotates_a_signing_key_replaced_in_place() {
     let new_token = b.token("github:issues.read", &[]).await;
     assert_eq!(b.status("GET", issues, &new_token).await, 200);
 }
+
+/// Sends the head and the first chunk of a chunked comment, so the broker has checked the
+/// call and waits for the rest of its body.
+async fn start_chunked_upload(b: &TestBroker, token: &str) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut stream = tokio::net::TcpStream::connect(b.addr).await.unwrap();
+    let head = format!(
+        "POST /github/repos/acme/widget/issues/7/comments HTTP/1.1\r\nHost: broker\r\n\
+         Authorization: Bearer {token}\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    // Long enough for checks 1–5 to pass and the body read to start waiting.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    stream
+}
+
+/// Ends the upload and reads the answer's status.
+async fn finish_chunked_upload(mut stream: tokio::net::TcpStream) -> Option<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream.write_all(b"0\r\n\r\n").await.unwrap();
+    let mut answer = vec![0; 4096];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    raw_status(&String::from_utf8_lossy(&answer[..n]))
+}
+
+/// A call checked before a revocation, kill switch or reload but still uploading its body
+/// when the change is acknowledged is decided again before anything leaves: it is refused,
+/// the upstream sees nothing, and no allow record follows the change's admin record
+/// (DESIGN §3.4 "takes effect at once", §3.5).
+#[tokio::test]
+async fn a_change_acknowledged_while_a_call_uploads_refuses_it() {
+    let up = FakeUpstream::start().await;
+    let config = standard_config(up.addr);
+    let b = TestBroker::start(&config).await;
+    let scope = "github:issues.comment";
+
+    // Revocation of the token itself.
+    let token = b.token(scope, &[]).await;
+    let upload = start_chunked_upload(&b, &token).await;
+    let jti = format!(r#"{{"jti":"{}"}}"#, jti_of(&token));
+    assert_eq!(b.admin_call("POST", "/v1/revoke", &jti).await.0, 200);
+    assert_eq!(finish_chunked_upload(upload).await, Some(401));
+
+    // The kill switch.
+    let token = b.token(scope, &[]).await;
+    let upload = start_chunked_upload(&b, &token).await;
+    let kill = r#"{"connector":"github"}"#;
+    assert_eq!(b.admin_call("POST", "/v1/revoke", kill).await.0, 200);
+    assert_eq!(finish_chunked_upload(upload).await, Some(403));
+    assert_eq!(b.admin_call("POST", "/v1/enable", kill).await.0, 200);
+
+    // A reload that takes the operation away from the client.
+    let token = b.token(scope, &[]).await;
+    let upload = start_chunked_upload(&b, &token).await;
+    let narrowed = config.replace(
+        "operations = [\"issues.read\", \"issues.comment\"]",
+        "operations = [\"issues.read\"]",
+    );
+    std::fs::write(b.config_path(), &narrowed).unwrap();
+    assert_eq!(b.admin_call("POST", "/v1/reload", "").await.0, 200);
+    assert_eq!(finish_chunked_upload(upload).await, Some(403));
+
+    // The same upload with nothing changed meanwhile is forwarded: the refusals above are
+    // the changes', not the wait's.
+    std::fs::write(b.config_path(), &config).unwrap();
+    assert_eq!(b.admin_call("POST", "/v1/reload", "").await.0, 200);
+    let token = b.token(scope, &[]).await;
+    let upload = start_chunked_upload(&b, &token).await;
+    assert_eq!(finish_chunked_upload(upload).await, Some(200));
+    assert_eq!(up.count(), 1, "only the last upload reached the upstream");
+
+    let records = b.audit();
+    let proxy = events(&records, "proxy");
+    let reasons: Vec<_> = proxy.iter().map(|r| r["reason"].as_str()).collect();
+    assert_eq!(
+        reasons,
+        [
+            Some("token_revoked"),
+            Some("connector_disabled"),
+            Some("not_granted"),
+            None
+        ],
+        "{proxy:?}"
+    );
+    assert_eq!(proxy[3]["decision"], "allow");
+    // Each refusal is recorded after the admin record of the change that caused it.
+    let seq_of = |r: &serde_json::Value| r["seq"].as_u64().unwrap();
+    let admin = events(&records, "admin");
+    for (deny, change) in proxy[..3].iter().zip([&admin[0], &admin[1], &admin[3]]) {
+        assert!(seq_of(deny) > seq_of(change), "{deny} before {change}");
+    }
+}
