@@ -277,9 +277,21 @@ impl DynamicCredential {
             Minter::OAuth2(c) => oauth2::mint(&self.client, c, now).await,
             Minter::GithubApp(app) => app.mint(&self.client, now).await,
         };
-        let minted = minted.inspect_err(|e| {
-            tracing::warn!(connector = %self.connector, kind = self.kind().as_str(), error = %e, "cannot mint the upstream credential");
-        })?;
+        // A lifetime counted from the request may have run out by the time a slow token
+        // server answered: forwarding that credential would only earn an upstream 401.
+        let minted = minted
+            .and_then(|m| {
+                if m.expires_at > self.cache.now() {
+                    Ok(m)
+                } else {
+                    Err(CredentialError::Malformed(
+                        "the credential had expired by the time it arrived",
+                    ))
+                }
+            })
+            .inspect_err(|e| {
+                tracing::warn!(connector = %self.connector, kind = self.kind().as_str(), error = %e, "cannot mint the upstream credential");
+            })?;
         self.mints.fetch_add(1, Ordering::Relaxed);
         let mut record = Record::new(Event::CredentialRefreshed);
         record.request_id = Some(request_id);
@@ -472,5 +484,62 @@ mod refresh_tests {
             tokio::time::timeout(Duration::from_millis(300), source.get(&audit, "req-1")).await;
         assert!(waited.is_err(), "a credential about to expire was served");
         audit.close();
+    }
+
+    /// A token server so slow that the 300 s credential it hands out has run out when it
+    /// arrives: nothing is cached, recorded or served — the call gets no credential.
+    #[tokio::test]
+    async fn a_credential_expired_by_the_time_it_arrives_is_refused() {
+        let t0 = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
+        let clock = Arc::new(FakeClock(Mutex::new(t0)));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server_clock = Arc::clone(&clock);
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let clock = Arc::clone(&server_clock);
+                let svc = service_fn(move |_req| {
+                    // The answer takes 400 s of the broker's clock.
+                    *clock.0.lock().unwrap() = t0 + chrono::Duration::seconds(400);
+                    let body = r#"{"access_token":"at-late","expires_in":300}"#;
+                    std::future::ready(Ok::<_, std::convert::Infallible>(http::Response::new(
+                        http_body_util::Full::new(Bytes::from_static(body.as_bytes())),
+                    )))
+                });
+                tokio::spawn(
+                    hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                        .into_owned(),
+                );
+            }
+        });
+        let credential = Credential::OAuth2(OAuth2Credential {
+            token_url: format!("http://{addr}/token").parse().unwrap(),
+            client_id: "id".into(),
+            client_secret: Secret::new("s"),
+            scope: None,
+            auth_method: OAuth2AuthMethod::Post,
+        });
+        let client = UpstreamClient::new(None).unwrap();
+        let source = DynamicCredential::with_clock("gh", &credential, client, clock)
+            .unwrap()
+            .unwrap();
+        let source = Arc::new(source);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let audit = AuditLog::open(AuditOptions {
+            path: path.clone(),
+            fsync: FsyncPolicy::Never,
+            rotate_bytes: None,
+            hmac_key: None,
+            replica: None,
+        })
+        .unwrap();
+        let err = source.get(&audit, "req-1").await.unwrap_err();
+        assert!(err.to_string().contains("expired"), "{err}");
+        assert!(source.expires_at().is_none(), "nothing cached");
+        audit.close();
+        let log = std::fs::read_to_string(path).unwrap();
+        assert!(!log.contains("credential_refreshed"), "{log}");
     }
 }
