@@ -227,10 +227,13 @@ impl Body for ObservedBody {
                     return Poll::Ready(Some(Ok(frame)));
                 }
                 // Trailers (which reach HTTP/2 clients) get the response headers' cleaning:
-                // hop-by-hop fields and any carrying the credential go.
+                // hop-by-hop fields and any carrying the credential go. They are the body's
+                // last frame: the response is complete (an HTTP/1.1 server drops them and
+                // asks for nothing more, so the end would otherwise look like a client gone).
                 Poll::Ready(Some(Ok(match frame.into_trailers() {
                     Ok(mut trailers) => {
                         headers::clean_response_headers(&mut trailers, &this.echoes);
+                        this.finish(None);
                         Frame::trailers(trailers)
                     }
                     Err(other) => other,

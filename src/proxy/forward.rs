@@ -686,7 +686,9 @@ impl Body for UpstreamBody {
         let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
         match &frame {
             None => this.ended = true,
-            Some(Ok(_)) => this.ended = this.inner.is_end_stream(),
+            // Trailers are the last frame, though the body may only say so when polled again
+            // (an HTTP/1.1 server that drops them never does).
+            Some(Ok(frame)) => this.ended = frame.is_trailers() || this.inner.is_end_stream(),
             Some(Err(_)) => {}
         }
         if this.ended {

@@ -1174,13 +1174,16 @@ async fn forward(
     // The upstream's own reason phrase (`404 Whatever`) is not passed on: it carries no
     // meaning (RFC 9112 §4) and could echo the credential. The client gets the standard one.
     parts.extensions.remove::<hyper::ext::ReasonPhrase>();
+    // The client is answered in the broker's own HTTP version, not the upstream's (RFC 9110
+    // §6.2): an HTTP/1.0 upstream must not turn a keep-alive HTTP/1.1 connection into 1.0.
+    parts.version = http::Version::HTTP_11;
     result_record.status = Some(parts.status.as_u16());
     result_record.upstream_request_id = connector
         .upstream_request_id_header
         .as_ref()
         .and_then(|h| parts.headers.get(h))
         .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
+        .map(recorded_request_id);
     let audit = broker.audit.clone();
     let metrics = Arc::clone(&runtime.metrics);
     let on_done = Box::new(move |outcome: Outcome| {
@@ -1213,6 +1216,16 @@ fn unusable_answer<B: http_body::Body>(response: &Response<B>) -> Option<&'stati
     (response.body().size_hint().exact() != Some(0)
         && headers::has_other_transfer_coding(response.headers()))
     .then_some("the upstream used a transfer coding other than chunked")
+}
+
+/// The most of an upstream request id a `proxy_result` record keeps: real ones are tens of
+/// bytes, and the record must stay bounded whatever the upstream sends.
+const MAX_RECORDED_REQUEST_ID: usize = 256;
+
+/// The upstream's request id as recorded: its first [`MAX_RECORDED_REQUEST_ID`] bytes (a
+/// header value that is a `str` is visible ASCII, so any cut is on a character).
+fn recorded_request_id(id: &str) -> String {
+    id[..id.len().min(MAX_RECORDED_REQUEST_ID)].to_owned()
 }
 
 /// The answer to a call whose allow record was queued but not acknowledged within the

@@ -334,6 +334,77 @@ async fn trailers_echoing_the_credential_are_dropped() {
     assert!(!trailers.contains_key("x-leak"), "{trailers:?}");
 }
 
+/// A response that ends with trailers has ended: its outcome record carries no error, over
+/// HTTP/1.1 (which drops the trailers) and HTTP/2 (which passes them on) alike.
+#[tokio::test]
+async fn a_response_ending_with_trailers_is_recorded_as_complete() {
+    const ANSWER: &str = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Checksum\r\n\r\n3\r\nabc\r\n0\r\nX-Checksum: 123\r\n\r\n";
+    let up = raw_upstream(ANSWER.as_bytes()).await;
+    let b = TestBroker::start(&standard_config(up)).await;
+    let token = b.token("github:issues.read", &[]).await;
+    let (status, _, body) = b
+        .call("GET", "/github/repos/acme/widget/issues", &token)
+        .await;
+    assert_eq!((status, body.as_str()), (200, "abc"));
+    let (status, _, body, _) = h2_get(b.addr, "/github/repos/acme/widget/issues", &token).await;
+    assert_eq!((status, &body[..]), (200, &b"abc"[..]));
+    let mut results = Vec::new();
+    for _ in 0..50 {
+        results = events(&b.audit(), "proxy_result")
+            .into_iter()
+            .cloned()
+            .collect();
+        if results.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(results.len(), 2, "{results:?}");
+    for r in &results {
+        assert_eq!(r["status"], 200, "{r}");
+        assert!(r.get("error").is_none(), "{r}");
+        assert_eq!(r["bytes_out"], 3, "{r}");
+    }
+}
+
+/// The client is answered in HTTP/1.1 whatever version the upstream spoke (RFC 9110 §6.2), so
+/// its keep-alive connection stays one; and an upstream request id is recorded bounded.
+#[tokio::test]
+async fn an_http_1_0_upstream_is_answered_as_http_1_1_and_its_request_id_recorded_bounded() {
+    let id = "R".repeat(1000);
+    let answer =
+        format!("HTTP/1.0 200 OK\r\nContent-Length: 2\r\nx-github-request-id: {id}\r\n\r\nok");
+    let up = raw_upstream(Box::leak(answer.into_bytes().into_boxed_slice())).await;
+    let b = TestBroker::start(&standard_config(up)).await;
+    let token = b.token("github:issues.read", &[]).await;
+    let call = format!(
+        "GET /github/repos/acme/widget/issues HTTP/1.1\r\nHost: x\r\n\
+         Authorization: Bearer {token}\r\n\r\n"
+    );
+    // Two calls on one connection: the first answer kept it open.
+    let out = raw(
+        b.addr,
+        format!("{call}{call}").as_bytes(),
+        std::time::Duration::from_millis(500),
+    )
+    .await;
+    assert_eq!(out.matches("HTTP/1.1 200 OK\r\n").count(), 2, "{out}");
+    assert!(!out.contains("HTTP/1.0"), "{out}");
+    let mut results = Vec::new();
+    for _ in 0..50 {
+        results = events(&b.audit(), "proxy_result")
+            .into_iter()
+            .cloned()
+            .collect();
+        if results.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(results.len(), 2, "{results:?}");
+    assert_eq!(results[0]["upstream_request_id"], "R".repeat(256));
+}
+
 /// The status line's reason phrase is the upstream's own text: one that echoes the credential
 /// must not reach the client. The broker sends the standard phrase for the status instead.
 #[tokio::test]

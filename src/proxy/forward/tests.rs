@@ -16,6 +16,7 @@ const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello";
 const CHUNKED: &[u8] =
     b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
 const NO_CONTENT: &[u8] = b"HTTP/1.1 204 No Content\r\n\r\n";
+const TRAILERS: &[u8] = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntrailer: x-sum\r\n\r\n5\r\nhello\r\n0\r\nx-sum: 1\r\n\r\n";
 
 /// What the upstream does after reading a request.
 #[derive(Clone, Copy)]
@@ -201,6 +202,26 @@ impl Body for LateBody {
     fn size_hint(&self) -> SizeHint {
         SizeHint::with_exact(5)
     }
+}
+
+/// Trailers end a body: one read up to them and no further (as an HTTP/1.1 server does, which
+/// drops them) returns its connection.
+#[tokio::test]
+async fn a_body_read_up_to_its_trailers_returns_its_connection() {
+    let up = Upstream::start(Then::Answer(TRAILERS)).await;
+    let (client, origin) = (client(), up.origin());
+    for _ in 0..3 {
+        let mut body = client.send(&origin, get("/x")).await.unwrap().into_body();
+        loop {
+            let frame = body.frame().await.unwrap().unwrap();
+            if frame.is_trailers() {
+                break;
+            }
+        }
+        drop(body);
+        assert!(eventually(|| idle_count(&client, &origin) == 1).await);
+    }
+    assert_eq!(up.connections(), 1);
 }
 
 #[tokio::test]
