@@ -125,16 +125,15 @@ pub fn run(args: ServeArgs, config: &super::ConfigPath) -> anyhow::Result<ExitCo
 /// audit log's rotation among them.
 fn raise_open_file_limit(config: &Config) {
     let count = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
-    // A client connection may hold an upstream HTTP/1 one too (two descriptors: hyper's and
-    // the pool's probe, `proxy::forward`), and the HTTP/2 requests in flight (as many as
-    // connections, `server::serve`) an upstream one each; then the admin listener's, and room
+    // A client connection may hold an upstream one too, and the HTTP/2 requests in flight
+    // (as many as connections, `server::serve`) one each; then the admin listener's, and room
     // for listeners, files and Redis.
     let admin = config
         .admin
         .as_ref()
         .map_or(0, |a| count(a.max_connections));
     let wanted = count(config.server.max_connections)
-        .saturating_mul(4)
+        .saturating_mul(3)
         .saturating_add(admin)
         .saturating_add(256);
     match rlimit::increase_nofile_limit(wanted) {

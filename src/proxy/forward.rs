@@ -223,51 +223,12 @@ struct OriginConns {
 
 struct IdleH1 {
     since: Instant,
-    conn: H1Conn,
+    sender: http1::SendRequest<ProxyBody>,
 }
 
 enum Conn {
-    H1(H1Conn),
+    H1(http1::SendRequest<ProxyBody>),
     H2(http2::SendRequest<ProxyBody>),
-}
-
-/// An HTTP/1 connection: hyper's handle on it, and a second descriptor of its socket to look
-/// at before it is reused ([`Probe`]).
-struct H1Conn {
-    sender: http1::SendRequest<ProxyBody>,
-    probe: Option<Probe>,
-}
-
-impl H1Conn {
-    /// Whether an idle connection can take a request: neither hyper nor its socket says it
-    /// has closed.
-    fn is_usable(&self) -> bool {
-        !self.sender.is_closed() && !self.probe.as_ref().is_some_and(Probe::upstream_closed)
-    }
-}
-
-/// A duplicate descriptor of an HTTP/1 connection's socket, to see whether the upstream closed
-/// it while it was idle. The connection's own task notices a close only once its worker polls
-/// it, and a busy worker may hand the connection to a call before then: the request written on
-/// it would be lost, its call answered 502, though the upstream never read it. An upstream may
-/// close a connection after any response (RFC 9112 §9.6), with no `Connection: close`.
-struct Probe(std::net::TcpStream);
-
-impl Probe {
-    /// A probe for `tcp` (none if the descriptor cannot be duplicated: the check is skipped).
-    fn of(tcp: &TcpStream) -> Option<Self> {
-        use std::os::fd::AsFd;
-        let fd = tcp.as_fd().try_clone_to_owned().ok()?;
-        Some(Self(std::net::TcpStream::from(fd)))
-    }
-
-    /// Whether the idle connection can no longer carry a request: the upstream's FIN or RST
-    /// has arrived, or bytes no request asked for (a TLS close alert, a stray response). One
-    /// non-blocking `recv(MSG_PEEK)`, the socket being non-blocking: nothing is consumed.
-    fn upstream_closed(&self) -> bool {
-        let mut byte = [0u8; 1];
-        !matches!(self.0.peek(&mut byte), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
-    }
 }
 
 impl UpstreamClient {
@@ -321,18 +282,18 @@ impl UpstreamClient {
                 None => (Box::pin(self.connect(worker, origin)).await?, false),
             };
             let mut unsent = match conn {
-                Conn::H1(mut conn) => {
+                Conn::H1(mut sender) => {
                     origin_form(&mut req);
                     req.headers_mut()
                         .entry(HOST)
                         .or_insert_with(|| origin.host_header.clone());
-                    match conn.sender.try_send_request(req).await {
+                    match sender.try_send_request(req).await {
                         Ok(response) => {
                             let give_back = GiveBack {
                                 client: Arc::clone(&self.0),
                                 worker,
                                 key: Arc::clone(&origin.key),
-                                conn,
+                                sender,
                             };
                             return Ok(response.map(|b| UpstreamBody::new(b, Some(give_back))));
                         }
@@ -372,12 +333,10 @@ impl UpstreamClient {
     /// A new connection to `origin`, its driving task spawned on this worker; an HTTP/2 one
     /// is also pooled at once, for the calls that follow.
     async fn connect(&self, worker: usize, origin: &Origin) -> Result<Conn, UpstreamError> {
-        let mut probe = None;
         let connecting = async {
             let tcp = tcp_connect(&origin.host, origin.port, !origin.is_tls())
                 .await
                 .map_err(UpstreamError::Connect)?;
-            probe = Probe::of(&tcp);
             if !origin.is_tls() {
                 return Ok((TokioIo::new(Box::new(tcp) as Box<dyn Io>), false));
             }
@@ -420,7 +379,7 @@ impl UpstreamClient {
         } else {
             let (sender, conn) = http1::handshake(io).await.map_err(handshake_failed)?;
             tokio::spawn(drive(conn));
-            Ok(Conn::H1(H1Conn { sender, probe }))
+            Ok(Conn::H1(sender))
         }
     }
 }
@@ -531,8 +490,8 @@ impl Shared {
                 conns.idle.clear();
                 break;
             }
-            if idle.conn.is_usable() {
-                return Some(Conn::H1(idle.conn));
+            if !idle.sender.is_closed() {
+                return Some(Conn::H1(idle.sender));
             }
         }
         None
@@ -564,7 +523,12 @@ impl Shared {
         }
     }
 
-    fn put_idle(self: &Arc<Self>, worker: usize, key: Arc<str>, conn: H1Conn) {
+    fn put_idle(
+        self: &Arc<Self>,
+        worker: usize,
+        key: Arc<str>,
+        sender: http1::SendRequest<ProxyBody>,
+    ) {
         let mut pool = self.lock(worker);
         let conns = pool.origins.entry(key).or_default();
         if conns.idle.len() >= self.limits.max_idle_per_origin {
@@ -572,7 +536,7 @@ impl Shared {
         }
         conns.idle.push_back(IdleH1 {
             since: Instant::now(),
-            conn,
+            sender,
         });
         self.ensure_reaper(&mut pool, worker);
     }
@@ -602,7 +566,7 @@ async fn reap(client: Weak<Shared>, worker: usize, every: Duration) {
         pool.origins.retain(|_, conns| {
             conns
                 .idle
-                .retain(|i| now.duration_since(i.since) < idle_timeout && i.conn.is_usable());
+                .retain(|i| now.duration_since(i.since) < idle_timeout && !i.sender.is_closed());
             if conns
                 .h2
                 .as_ref()
@@ -624,7 +588,7 @@ struct GiveBack {
     client: Arc<Shared>,
     worker: usize,
     key: Arc<str>,
-    conn: H1Conn,
+    sender: http1::SendRequest<ProxyBody>,
 }
 
 impl GiveBack {
@@ -634,15 +598,15 @@ impl GiveBack {
     /// most the idle timeout. After a `Connection: close` or a failed exchange it never
     /// becomes ready and is dropped.
     fn release(mut self) {
-        if self.conn.sender.is_ready() {
-            self.client.put_idle(self.worker, self.key, self.conn);
-        } else if !self.conn.sender.is_closed() {
+        if self.sender.is_ready() {
+            self.client.put_idle(self.worker, self.key, self.sender);
+        } else if !self.sender.is_closed() {
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
                 let wait = self.client.limits.idle_timeout;
                 rt.spawn(async move {
-                    let ready = tokio::time::timeout(wait, self.conn.sender.ready()).await;
+                    let ready = tokio::time::timeout(wait, self.sender.ready()).await;
                     if matches!(ready, Ok(Ok(()))) {
-                        self.client.put_idle(self.worker, self.key, self.conn);
+                        self.client.put_idle(self.worker, self.key, self.sender);
                     }
                 });
             }

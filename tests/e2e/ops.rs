@@ -1032,13 +1032,12 @@ async fn serve_raises_the_open_file_limit_for_max_connections() {
     let path = write_config(dir.path(), &config);
     let broker = ChildBroker::spawn_with_soft_open_files(&path, 256);
     let (soft, hard) = open_file_limits(broker.child.id());
-    // A client and an upstream connection each (two descriptors for an upstream HTTP/1 one:
-    // its socket and the pool's probe of it), an upstream connection for each HTTP/2 request
-    // in flight (as many), the admin listener's (256 by default), and some room: up to the
-    // hard limit.
+    // A client and an upstream connection each, an upstream connection for each HTTP/2
+    // request in flight (as many), the admin listener's (256 by default), and some room: up
+    // to the hard limit.
     assert_eq!(
         soft,
-        hard.min(4 * 1000 + 256 + 256),
+        hard.min(3 * 1000 + 256 + 256),
         "soft {soft}, hard {hard}"
     );
     broker.stop().await;
