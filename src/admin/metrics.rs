@@ -29,22 +29,35 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 /// The classic Prometheus text format, for scrapers that do not ask for OpenMetrics.
 pub const CONTENT_TYPE_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-/// Whether an `Accept` header asks for OpenMetrics (as Prometheus itself does); anything
-/// else — none, `*/*`, `text/plain` — gets the classic text format.
+/// Whether an `Accept` header prefers OpenMetrics (as Prometheus itself asks): it must be
+/// named, with a `q` above 0 and at least the classic text format's — whose `q` is that of
+/// `text/plain`, else `text/*`, else `*/*` (the most specific range that names it, RFC 9110
+/// §12.5.1). Anything else — no header, `*/*`, `text/plain` — gets the classic text format.
 pub fn wants_openmetrics(accept: Option<&str>) -> bool {
-    accept.is_some_and(|a| {
-        a.split(',').any(|range| {
-            let mut params = range.split(';');
-            let media = params.next().unwrap_or("").trim();
-            // `q=0` means "not this one".
-            let refused = params.any(|p| {
-                p.trim()
-                    .strip_prefix("q=")
-                    .is_some_and(|q| q.trim().parse::<f32>().is_ok_and(|q| q <= 0.0))
-            });
-            media.eq_ignore_ascii_case("application/openmetrics-text") && !refused
-        })
-    })
+    let Some(accept) = accept else {
+        return false;
+    };
+    let mut openmetrics: Option<f32> = None;
+    // The text format's `q` from `text/plain`, `text/*` and `*/*`, most specific first.
+    let mut text: [Option<f32>; 3] = [None; 3];
+    for range in accept.split(',') {
+        let mut params = range.split(';');
+        let media = params.next().unwrap_or("").trim().to_ascii_lowercase();
+        // An unreadable `q` counts as 0: "not this one" is the safe reading.
+        let q = params
+            .find_map(|p| p.trim().strip_prefix("q="))
+            .map_or(1.0, |q| q.trim().parse::<f32>().unwrap_or(0.0));
+        let slot = match media.as_str() {
+            "application/openmetrics-text" => &mut openmetrics,
+            "text/plain" => &mut text[0],
+            "text/*" => &mut text[1],
+            "*/*" => &mut text[2],
+            _ => continue,
+        };
+        *slot = Some(slot.map_or(q, |had: f32| had.max(q)));
+    }
+    let text = text.into_iter().flatten().next().unwrap_or(0.0);
+    openmetrics.is_some_and(|q| q > 0.0 && q >= text)
 }
 
 /// OpenMetrics text as the classic Prometheus text format (0.0.4): a counter family is named
@@ -616,6 +629,20 @@ mod tests {
         assert!(!wants_openmetrics(Some(
             "application/openmetrics-text;q=0, text/plain"
         )));
+        // The `q` preferences decide, the most specific range for the text format counting.
+        assert!(!wants_openmetrics(Some(
+            "text/plain;q=1, application/openmetrics-text;q=0.1"
+        )));
+        assert!(wants_openmetrics(Some(
+            "*/*;q=1, text/plain;q=0.1, application/openmetrics-text;q=0.5"
+        )));
+        assert!(!wants_openmetrics(Some(
+            "application/openmetrics-text;q=0.2, text/*;q=0.3"
+        )));
+        assert!(wants_openmetrics(Some(
+            "application/openmetrics-text;q=0.2"
+        )));
+        assert!(!wants_openmetrics(Some("application/openmetrics-text;q=x")));
     }
 
     fn config() -> Config {

@@ -46,6 +46,7 @@ pub async fn handle(
     match (req.method(), path.as_str()) {
         (&Method::GET | &Method::HEAD, "/healthz") => ok(serde_json::json!({"status": "ok"})),
         (&Method::GET | &Method::HEAD, "/readyz") => readiness(&state.broker).await,
+        (_, "/healthz" | "/readyz") => method_not_allowed("GET, HEAD", request_id),
         _ if !authorized(&state, &req) => {
             if let Some(action) = action_of(req.method(), &path) {
                 // A wrong token at the kill switch is what monitoring wants to see.
@@ -120,13 +121,18 @@ pub async fn handle(
                 "/v1/connectors" | "/metrics" => "GET, HEAD",
                 _ => "POST",
             };
-            let mut resp = Refusal::MethodNotAllowed.into_response(request_id);
-            resp.headers_mut()
-                .insert(http::header::ALLOW, http::HeaderValue::from_static(allow));
-            resp
+            method_not_allowed(allow, request_id)
         }
         _ => Refusal::NotFound.into_response(request_id),
     }
+}
+
+/// 405 naming the methods the path takes.
+fn method_not_allowed(allow: &'static str, request_id: &str) -> Response<ProxyBody> {
+    let mut resp = Refusal::MethodNotAllowed.into_response(request_id);
+    resp.headers_mut()
+        .insert(http::header::ALLOW, http::HeaderValue::from_static(allow));
+    resp
 }
 
 /// How long after a failed audit write `/readyz` says "not ready".
@@ -456,7 +462,11 @@ struct RevokeRequest {
 /// The longest an admin change waits for its (small) JSON body.
 const ADMIN_BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-async fn read_json<T: for<'de> Deserialize<'de>>(req: Request<Incoming>) -> Result<T, String> {
+/// The body as `T`; `expected` says what it should be, for the error.
+async fn read_json<T: for<'de> Deserialize<'de>>(
+    req: Request<Incoming>,
+    expected: &str,
+) -> Result<T, String> {
     // A few hundred bytes at most: a client that does not send them in time is not waited for.
     let collect = Limited::new(req.into_body(), MAX_ADMIN_BODY).collect();
     let bytes: Bytes = tokio::time::timeout(ADMIN_BODY_TIMEOUT, collect)
@@ -464,7 +474,21 @@ async fn read_json<T: for<'de> Deserialize<'de>>(req: Request<Incoming>) -> Resu
         .map_err(|_| "the body did not arrive in time".to_owned())?
         .map_err(|_| "body too large or cut off".to_owned())?
         .to_bytes();
-    serde_json::from_slice(&bytes).map_err(|e| format!("invalid JSON body: {e}"))
+    // The parser's own message quotes what it choked on (`invalid type: string "…"`, an
+    // unknown field's name): a secret pasted in a wrong shape would reach the answer and the
+    // audit record. Only where and what kind of error it was is said.
+    serde_json::from_slice(&bytes).map_err(|e| {
+        let what = match e.classify() {
+            serde_json::error::Category::Data => "not the expected fields and types",
+            serde_json::error::Category::Eof => "cut off",
+            serde_json::error::Category::Syntax | serde_json::error::Category::Io => "not JSON",
+        };
+        format!(
+            "invalid JSON body ({what}, at line {} column {}): expected {expected}",
+            e.line(),
+            e.column()
+        )
+    })
 }
 
 async fn revoke(
@@ -473,7 +497,8 @@ async fn revoke(
     conn: &ConnInfo,
     request_id: &str,
 ) -> Response<ProxyBody> {
-    let mut body: RevokeRequest = match read_json(req).await {
+    let expected = r#"an object with one of "jti", "client" or "connector""#;
+    let mut body: RevokeRequest = match read_json(req, expected).await {
         Ok(b) => b,
         Err(e) => return refused(broker, "revoke", None, conn, &e, request_id).await,
     };
@@ -629,7 +654,7 @@ async fn enable(
     conn: &ConnInfo,
     request_id: &str,
 ) -> Response<ProxyBody> {
-    let body: EnableRequest = match read_json(req).await {
+    let body: EnableRequest = match read_json(req, r#"an object with "connector""#).await {
         Ok(b) => b,
         Err(e) => return refused(broker, "enable", None, conn, &e, request_id).await,
     };

@@ -78,9 +78,17 @@ pub fn explain(
     let Some(client) = config.client(client_id) else {
         return Verdict::BadInput(format!("unknown client `{client_id}`"));
     };
+    // Any method token the proxy would read (RFC 9110 §9.1: `M-SEARCH`, even `get`, which
+    // no operation names) is a question with an answer — deny, as the proxy says 403; only
+    // what is no method at all is bad input.
     let method = match Method::from_bytes(method.as_bytes()) {
-        Ok(m) if method.bytes().all(|b| b.is_ascii_uppercase()) => m,
-        _ => return Verdict::BadInput(format!("`{method}` is not an upper-case HTTP method")),
+        Ok(m) => m,
+        Err(_) => {
+            return Verdict::BadInput(format!(
+                "`{}` is not an HTTP method (a token of letters, digits and !#$%&'*+-.^_`|~)",
+                method.escape_debug()
+            ))
+        }
     };
     // Check 1's size bound: the request line alone must fit (the proxy answers 431).
     let request_line = method.as_str().len() + full_path.len() + " HTTP/1.1\r\n".len() + 1;

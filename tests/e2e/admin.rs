@@ -576,3 +576,39 @@ async fn a_change_acknowledged_while_a_call_uploads_refuses_it() {
         assert!(seq_of(deny) > seq_of(change), "{deny} before {change}");
     }
 }
+
+/// A body in the wrong shape is refused without quoting it: the JSON parser's own messages
+/// name the unexpected value or field, which may be a secret pasted in the wrong place.
+/// Also: the open health paths answer a wrong method 405 with `Allow`, as other routes do.
+#[tokio::test]
+async fn a_malformed_admin_body_is_refused_without_quoting_it() {
+    let up = FakeUpstream::start().await;
+    let b = TestBroker::start(&standard_config(up.addr)).await;
+    const SENTINEL: &str = "SeNtInEl0123456789abcdef";
+    for (path, body) in [
+        ("/v1/revoke", format!("\"{SENTINEL}\"")),
+        ("/v1/revoke", format!(r#"{{"exp":"{SENTINEL}"}}"#)),
+        ("/v1/revoke", format!(r#"{{"{SENTINEL}":"x"}}"#)),
+        ("/v1/revoke", format!(r#"{{"jti":["{SENTINEL}"]}}"#)),
+        (
+            "/v1/enable",
+            format!(r#"{{"connector":"github","{SENTINEL}":1}}"#),
+        ),
+    ] {
+        let (status, _, answer) = b.admin_call("POST", path, &body).await;
+        assert_eq!(status, 400, "{body}: {answer}");
+        assert!(!answer.contains(SENTINEL), "{body}: {answer}");
+        assert!(answer.contains("invalid JSON body"), "{answer}");
+    }
+    let log = std::fs::read_to_string(b.audit_path()).unwrap();
+    assert!(!log.contains(SENTINEL), "{log}");
+    assert_eq!(events(&b.audit(), "admin").len(), 5);
+
+    let admin = b.admin.unwrap();
+    for path in ["/healthz", "/readyz"] {
+        let req = http::Request::post(path).body(String::new()).unwrap();
+        let (status, headers, _) = send(admin, req).await;
+        assert_eq!(status, 405, "{path}");
+        assert_eq!(headers["allow"], "GET, HEAD", "{path}");
+    }
+}

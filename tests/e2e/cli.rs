@@ -98,7 +98,15 @@ fn explain_exit_codes() {
         "unknown connector is a deny"
     );
     assert_eq!(code(&run("nobody", "GET", "/github/x")), 2);
-    assert_eq!(code(&run("bot", "get", "/github/x")), 2);
+    // A method token no operation names is a question with an answer: deny, as the proxy
+    // answers 403 (methods are case-sensitive); what is no method at all is bad input.
+    for method in ["get", "M-SEARCH", "VERSION-CONTROL"] {
+        let o = run("bot", method, "/github/repos/acme/widget/issues");
+        assert_eq!(code(&o), 1, "{method}");
+    }
+    for method in ["", "GE T", "GET\r\n", "(GET)"] {
+        assert_eq!(code(&run("bot", method, "/github/x")), 2, "{method:?}");
+    }
     assert_eq!(code(&run("bot", "GET", "/github/../x")), 2);
     // Check 1's other refusals: a request line over max_header_bytes (8192 here: 431) ...
     let long = format!("/github/repos/acme/{}/issues", "w".repeat(9000));
