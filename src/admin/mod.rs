@@ -414,17 +414,8 @@ const MAX_JTI_LEN: usize = 128;
 /// file), whose `jti` claim is then read — without verifying it: revoking a jti is harmless
 /// whoever names it.
 fn given_jti(value: String) -> GivenJti {
-    let trimmed = value.trim_ascii();
-    let unprefixed = trimmed
-        .get(..7)
-        .filter(|p| p.eq_ignore_ascii_case("bearer "))
-        .map_or(trimmed, |_| trimmed[7..].trim_ascii_start());
-    let token_shaped = unprefixed.split('.').count() == 3
-        && unprefixed
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-    if token_shaped {
-        return crate::token::verify::unverified_jti(unprefixed)
+    if let Some(token) = token_shaped(&value) {
+        return crate::token::verify::unverified_jti(token)
             .map_or(GivenJti::UnreadableToken, GivenJti::FromToken);
     }
     let plain = !value.is_empty()
@@ -435,6 +426,21 @@ fn given_jti(value: String) -> GivenJti {
     } else {
         GivenJti::NotAJti
     }
+}
+
+/// The token in `value` if it is shaped like one — three base64url parts, alone or as
+/// `Bearer <token>`, whitespace around it allowed.
+fn token_shaped(value: &str) -> Option<&str> {
+    let trimmed = value.trim_ascii();
+    let unprefixed = trimmed
+        .get(..7)
+        .filter(|p| p.eq_ignore_ascii_case("bearer "))
+        .map_or(trimmed, |_| trimmed[7..].trim_ascii_start());
+    let shaped = unprefixed.split('.').count() == 3
+        && unprefixed
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    shaped.then_some(unprefixed)
 }
 
 /// The longest a single-token revocation is kept (an `exp` beyond it is taken as this).
@@ -532,14 +538,25 @@ async fn revoke(
     if named.clone().any(|v| is_known_secret(broker, v)) {
         return refused(broker, action, None, conn, PASTED_SECRET, request_id).await;
     }
+    // A token given as the client or connector (its jti was meant): as a client it would be
+    // "revoked" — a name no token carries — and written to the log and the state file.
+    if body
+        .client
+        .iter()
+        .chain(&body.connector)
+        .any(|v| token_shaped(v).is_some())
+    {
+        return refused(broker, action, None, conn, PASTED_TOKEN, request_id).await;
+    }
     if named.clone().any(|v| v.is_empty()) {
         let why = "the jti, client or connector is empty";
         return refused(broker, action, Some(&target), conn, why, request_id).await;
     }
     if let Some(connector) = &body.connector {
         if broker.live().config.connector(connector).is_none() {
-            let why = "unknown connector";
-            return refused(broker, action, Some(&target), conn, why, request_id).await;
+            // Not recorded or echoed: it names nothing, and may be anything pasted.
+            let why = "unknown connector (the value given is not recorded)";
+            return refused(broker, action, None, conn, why, request_id).await;
         }
     }
     // A client the config in force does not name: most likely a typo, but maybe a client
@@ -593,32 +610,62 @@ const PASTED_SECRET: &str = "the value given is a secret the broker holds (a cli
      the admin token or a connector's credential), not a jti, client or connector: nothing \
      was changed, and the value is not recorded";
 
+/// Why a revoke or enable naming a token as a client or connector is refused.
+const PASTED_TOKEN: &str = "the value given is a token, not a client or connector: to revoke      that token, give it (or its jti) as \"jti\"; nothing was changed, and the value is not      recorded";
+
 /// Whether an admin-supplied name is in fact a secret the broker holds: a client secret or
-/// the admin token (compared by SHA-256, as they are configured), or a connector's static
-/// credential. Pasted where a name belongs, it would be written to the audit log as the
-/// change's target, and echoed in the answer.
+/// the admin token (compared by SHA-256, as they are configured; also inside a pasted HTTP
+/// Basic value), `audit.hmac_key`, a connector's static credential, an OAuth2
+/// `client_secret` or the credential minted last. Pasted where a name belongs, it would be
+/// written to the audit log as the change's target, and echoed in the answer.
 fn is_known_secret(broker: &Broker, value: &str) -> bool {
     if value.is_empty() {
         return false;
     }
     let live = broker.live();
-    let digest: [u8; 32] = Sha256::digest(value.as_bytes()).into();
     let config = &live.config;
-    let hashed = config
+    let hashed: Vec<[u8; 32]> = config
         .clients
         .iter()
         .filter_map(|c| c.secret_sha256)
-        .chain(config.admin.as_ref().map(|a| a.token_sha256));
-    let mut known = false;
-    for secret in hashed {
-        // Every one compared, in constant time: the answer says nothing of which.
-        known |= bool::from(subtle::ConstantTimeEq::ct_eq(&secret[..], &digest[..]));
-    }
-    known
+        .chain(config.admin.as_ref().map(|a| a.token_sha256))
+        .collect();
+    let matches_hashed = |candidate: &[u8]| {
+        let digest: [u8; 32] = Sha256::digest(candidate).into();
+        let mut known = false;
+        for secret in &hashed {
+            // Every one compared, in constant time: the answer says nothing of which.
+            known |= bool::from(subtle::ConstantTimeEq::ct_eq(&secret[..], &digest[..]));
+        }
+        known
+    };
+    let bytes = value.as_bytes();
+    matches_hashed(bytes)
+        || basic_secret(value).is_some_and(|s| matches_hashed(&s))
+        || config
+            .audit
+            .hmac_key
+            .as_ref()
+            .is_some_and(|k| k.expose() == bytes)
         || live
             .connectors
             .values()
-            .any(|c| c.echoes.is(value.as_bytes()))
+            .any(|c| c.echoes.is(bytes) || c.dynamic.as_ref().is_some_and(|d| d.holds(bytes)))
+}
+
+/// The secret part of an HTTP Basic value (`Basic base64(id:secret)`, or the base64 alone).
+fn basic_secret(value: &str) -> Option<Vec<u8>> {
+    use base64::Engine;
+    let trimmed = value.trim_ascii();
+    let encoded = trimmed
+        .get(..6)
+        .filter(|p| p.eq_ignore_ascii_case("basic "))
+        .map_or(trimmed, |_| trimmed[6..].trim_ascii_start());
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .ok()?;
+    let colon = decoded.iter().position(|&b| b == b':')?;
+    Some(decoded[colon + 1..].to_vec())
 }
 
 /// A refused admin call: audited as `failed` with the reason, answered 400.
@@ -661,6 +708,9 @@ async fn enable(
     if is_known_secret(broker, &body.connector) {
         return refused(broker, "enable", None, conn, PASTED_SECRET, request_id).await;
     }
+    if token_shaped(&body.connector).is_some() {
+        return refused(broker, "enable", None, conn, PASTED_TOKEN, request_id).await;
+    }
     let target = format!("connector:{}", body.connector);
     // A connector that was removed from the config may still be listed as disabled: enabling
     // it clears the entry. Anything else unknown is a typo worth saying so.
@@ -668,8 +718,9 @@ async fn enable(
         match broker.state.is_disabled(&body.connector).await {
             Ok(true) => {}
             Ok(false) => {
-                let why = "unknown connector";
-                return refused(broker, "enable", Some(&target), conn, why, request_id).await;
+                // Not recorded or echoed: it names nothing, and may be anything pasted.
+                let why = "unknown connector (the value given is not recorded)";
+                return refused(broker, "enable", None, conn, why, request_id).await;
             }
             Err(e) => {
                 let result = Err(e);

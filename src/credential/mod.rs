@@ -242,6 +242,16 @@ impl DynamicCredential {
             .map_err(|_| CredentialError::Unreachable("the mint task failed".into()))?
     }
 
+    /// Whether `value` is one of this source's secrets: the OAuth2 `client_secret`, or the
+    /// credential minted last (an admin value that is one is refused, not recorded).
+    pub fn holds(&self, value: &[u8]) -> bool {
+        let secret = match &self.minter {
+            Minter::OAuth2(c) => c.client_secret.expose() == value,
+            Minter::GithubApp(_) => false,
+        };
+        secret || self.cache.peek().is_some_and(|m| m.token.expose() == value)
+    }
+
     /// The upstream answered 401 to `used`: drop it so the next call mints a new one.
     pub fn rejected(&self, used: &Arc<Minted>) {
         tracing::warn!(connector = %self.connector, "upstream refused the minted credential; it will be minted again");
