@@ -13,6 +13,7 @@ use arc_swap::ArcSwap;
 use dashmap::DashMap;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use sha2::{Digest, Sha256};
 
 use crate::admin::metrics::Metrics;
 use crate::audit::AuditLog;
@@ -358,6 +359,45 @@ pub enum AuthAttempt<E> {
 }
 
 impl Live {
+    /// Whether `value`, given where a name belongs (an admin target, a scope item), is in fact
+    /// a secret the broker holds: a client secret or the admin token (compared by SHA-256, as
+    /// they are configured; also inside a pasted HTTP Basic value), `audit.hmac_key`, a
+    /// connector's static credential, an OAuth2 `client_secret` or the credential minted
+    /// last. It must then be neither recorded nor echoed (DESIGN §5).
+    pub fn is_held_secret(&self, value: &str) -> bool {
+        if value.is_empty() {
+            return false;
+        }
+        let config = &self.config;
+        let hashed: Vec<[u8; 32]> = config
+            .clients
+            .iter()
+            .filter_map(|c| c.secret_sha256)
+            .chain(config.admin.as_ref().map(|a| a.token_sha256))
+            .collect();
+        let matches_hashed = |candidate: &[u8]| {
+            let digest: [u8; 32] = Sha256::digest(candidate).into();
+            let mut known = false;
+            for secret in &hashed {
+                // Every one compared, in constant time: the answer says nothing of which.
+                known |= bool::from(subtle::ConstantTimeEq::ct_eq(&secret[..], &digest[..]));
+            }
+            known
+        };
+        let bytes = value.as_bytes();
+        matches_hashed(bytes)
+            || basic_secret(value).is_some_and(|s| matches_hashed(&s))
+            || config
+                .audit
+                .hmac_key
+                .as_ref()
+                .is_some_and(|k| k.expose() == bytes)
+            || self
+                .connectors
+                .values()
+                .any(|c| c.echoes.is(bytes) || c.dynamic.as_ref().is_some_and(|d| d.holds(bytes)))
+    }
+
     /// How long any audit record is waited for from now (`server.request_timeout`): under
     /// `fsync = "always"` a disk that stopped answering must not hold a request, a token or an
     /// admin change for ever.
@@ -580,6 +620,21 @@ pub fn take(limiter: &DefaultDirectRateLimiter) -> Result<(), u64> {
         let wait: Duration = not_until.wait_time_from(DefaultClock::default().now());
         wait.as_secs() + u64::from(wait.subsec_nanos() > 0)
     })
+}
+
+/// The secret part of an HTTP Basic value (`Basic base64(id:secret)`, or the base64 alone).
+fn basic_secret(value: &str) -> Option<Vec<u8>> {
+    use base64::Engine;
+    let trimmed = value.trim_ascii();
+    let encoded = trimmed
+        .get(..6)
+        .filter(|p| p.eq_ignore_ascii_case("basic "))
+        .map_or(trimmed, |_| trimmed[6..].trim_ascii_start());
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .ok()?;
+    let colon = decoded.iter().position(|&b| b == b':')?;
+    Some(decoded[colon + 1..].to_vec())
 }
 
 #[cfg(test)]

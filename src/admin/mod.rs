@@ -535,7 +535,7 @@ async fn revoke(
         }
     };
     let named = body.jti.iter().chain(&body.client).chain(&body.connector);
-    if named.clone().any(|v| is_known_secret(broker, v)) {
+    if named.clone().any(|v| broker.live().is_held_secret(v)) {
         return refused(broker, action, None, conn, PASTED_SECRET, request_id).await;
     }
     // A token given as the client or connector (its jti was meant): as a client it would be
@@ -613,61 +613,6 @@ const PASTED_SECRET: &str = "the value given is a secret the broker holds (a cli
 /// Why a revoke or enable naming a token as a client or connector is refused.
 const PASTED_TOKEN: &str = "the value given is a token, not a client or connector: to revoke      that token, give it (or its jti) as \"jti\"; nothing was changed, and the value is not      recorded";
 
-/// Whether an admin-supplied name is in fact a secret the broker holds: a client secret or
-/// the admin token (compared by SHA-256, as they are configured; also inside a pasted HTTP
-/// Basic value), `audit.hmac_key`, a connector's static credential, an OAuth2
-/// `client_secret` or the credential minted last. Pasted where a name belongs, it would be
-/// written to the audit log as the change's target, and echoed in the answer.
-fn is_known_secret(broker: &Broker, value: &str) -> bool {
-    if value.is_empty() {
-        return false;
-    }
-    let live = broker.live();
-    let config = &live.config;
-    let hashed: Vec<[u8; 32]> = config
-        .clients
-        .iter()
-        .filter_map(|c| c.secret_sha256)
-        .chain(config.admin.as_ref().map(|a| a.token_sha256))
-        .collect();
-    let matches_hashed = |candidate: &[u8]| {
-        let digest: [u8; 32] = Sha256::digest(candidate).into();
-        let mut known = false;
-        for secret in &hashed {
-            // Every one compared, in constant time: the answer says nothing of which.
-            known |= bool::from(subtle::ConstantTimeEq::ct_eq(&secret[..], &digest[..]));
-        }
-        known
-    };
-    let bytes = value.as_bytes();
-    matches_hashed(bytes)
-        || basic_secret(value).is_some_and(|s| matches_hashed(&s))
-        || config
-            .audit
-            .hmac_key
-            .as_ref()
-            .is_some_and(|k| k.expose() == bytes)
-        || live
-            .connectors
-            .values()
-            .any(|c| c.echoes.is(bytes) || c.dynamic.as_ref().is_some_and(|d| d.holds(bytes)))
-}
-
-/// The secret part of an HTTP Basic value (`Basic base64(id:secret)`, or the base64 alone).
-fn basic_secret(value: &str) -> Option<Vec<u8>> {
-    use base64::Engine;
-    let trimmed = value.trim_ascii();
-    let encoded = trimmed
-        .get(..6)
-        .filter(|p| p.eq_ignore_ascii_case("basic "))
-        .map_or(trimmed, |_| trimmed[6..].trim_ascii_start());
-    let decoded = base64::engine::general_purpose::STANDARD
-        .decode(encoded)
-        .ok()?;
-    let colon = decoded.iter().position(|&b| b == b':')?;
-    Some(decoded[colon + 1..].to_vec())
-}
-
 /// A refused admin call: audited as `failed` with the reason, answered 400.
 async fn refused(
     broker: &Broker,
@@ -705,7 +650,7 @@ async fn enable(
         Ok(b) => b,
         Err(e) => return refused(broker, "enable", None, conn, &e, request_id).await,
     };
-    if is_known_secret(broker, &body.connector) {
+    if broker.live().is_held_secret(&body.connector) {
         return refused(broker, "enable", None, conn, PASTED_SECRET, request_id).await;
     }
     if token_shaped(&body.connector).is_some() {

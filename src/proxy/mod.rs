@@ -8,7 +8,7 @@ pub mod forward;
 pub mod headers;
 pub mod inject;
 pub mod pipeline;
-mod redact;
+pub(crate) mod redact;
 pub mod respond;
 
 use bytes::Bytes;

@@ -117,7 +117,7 @@ pub(super) fn recorded_query(query: &str) -> String {
 /// (`eyJ…`) — with `REDACTED`. The broker knows the token of `Authorization` (and looks for
 /// copies of it), but one sent only in the path or query is refused before it is read as a
 /// token: it must not reach the record either (DESIGN §5). One search for `eyJ` on every call.
-pub(super) fn redact_jwt_shapes(field: &mut Option<String>) {
+pub(crate) fn redact_jwt_shapes(field: &mut Option<String>) {
     let Some(text) = field.as_mut() else {
         return;
     };

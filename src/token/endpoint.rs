@@ -257,8 +257,9 @@ async fn issue(
             AuthAttempt::Failed(e) => e,
         })?;
     record.client = Some(client.id.clone());
-    // The scope asked for, on every record of an authenticated request, refused ones too.
-    record.scope.clone_from(&form.scope);
+    // The scope asked for, on every record of an authenticated request, refused ones too —
+    // but not a secret or token sent as the scope (DESIGN §5).
+    record.scope = form.scope.as_deref().map(|s| scope_as_shown(&live, s));
     let with_client = |mut e: TokenError| {
         e.client = Some(client.id.clone());
         e
@@ -427,7 +428,7 @@ fn resolve_scope(
         let Some((connector_name, op)) = item.split_once(':') else {
             return Err(invalid_scope(format!(
                 "`{}` is not connector:operation",
-                short(item)
+                short(&scope_as_shown(live, item))
             )));
         };
         let connector = live
@@ -437,7 +438,7 @@ fn resolve_scope(
             .ok_or_else(|| {
                 invalid_scope(format!(
                     "connector `{}` is unknown, expired or disabled",
-                    short(connector_name)
+                    short(&scope_as_shown(live, connector_name))
                 ))
             })?;
         let ops: Vec<String> = if op == "*" {
@@ -455,7 +456,7 @@ fn resolve_scope(
         if ops.is_empty() {
             return Err(invalid_scope(format!(
                 "`{}` is not granted to this client",
-                short(item)
+                short(&scope_as_shown(live, item))
             )));
         }
         for op in ops {
@@ -474,6 +475,25 @@ fn short(s: &str) -> &str {
         Some((i, _)) => &s[..i],
         None => s,
     }
+}
+
+/// A requested scope as recorded and quoted: an item that is a secret the broker holds (a
+/// client's secret — the caller's own, pasted in the wrong field —, a credential, …) or is
+/// shaped like a token is `REDACTED`. Never echoed, never written.
+fn scope_as_shown(live: &Live, scope: &str) -> String {
+    let items: Vec<&str> = scope
+        .split(' ')
+        .map(|item| {
+            if live.is_held_secret(item) {
+                "REDACTED"
+            } else {
+                item
+            }
+        })
+        .collect();
+    let mut shown = Some(items.join(" "));
+    crate::proxy::redact::redact_jwt_shapes(&mut shown);
+    shown.unwrap_or_default()
 }
 
 /// min(`ttl` or `default_ttl`, each item's grant `max_ttl`, `tokens.max_ttl`) — DESIGN

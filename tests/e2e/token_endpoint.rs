@@ -552,3 +552,32 @@ async fn no_token_is_issued_that_the_proxy_would_refuse_as_too_long() {
         200
     );
 }
+
+/// A secret or a token sent as the scope (a field mix-up) is neither echoed in the error nor
+/// written to the `token_denied` record: it is `REDACTED` there (DESIGN §4.1, §5).
+#[tokio::test]
+async fn a_secret_or_token_sent_as_the_scope_is_neither_echoed_nor_recorded() {
+    let up = FakeUpstream::start().await;
+    let b = TestBroker::start(&standard_config(up.addr)).await;
+    let token = b.token("github:issues.read", &[]).await;
+    for (scope, value) in [
+        (SECRET.to_owned(), SECRET),
+        (format!("github:issues.read {CREDENTIAL}"), CREDENTIAL),
+        (ADMIN_TOKEN.to_owned(), ADMIN_TOKEN),
+        (token.clone(), token.as_str()),
+        (format!("github:{token}"), token.as_str()),
+    ] {
+        let (s, _, body) = b.token_request("bot", SECRET, &scope, &[]).await;
+        assert_eq!(s, 400, "{body}");
+        assert!(body.contains("invalid_scope"), "{body}");
+        assert!(!body.contains(value), "{body}");
+    }
+    let log = std::fs::read_to_string(b.audit_path()).unwrap();
+    for value in [SECRET, CREDENTIAL, ADMIN_TOKEN, token.as_str()] {
+        assert!(!log.contains(value), "a secret reached the audit log");
+    }
+    let records = b.audit();
+    let denied = events(&records, "token_denied");
+    assert_eq!(denied.len(), 5);
+    assert_eq!(denied[1]["scope"], "github:issues.read REDACTED");
+}
