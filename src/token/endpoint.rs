@@ -259,7 +259,7 @@ async fn issue(
     record.client = Some(client.id.clone());
     // The scope asked for, on every record of an authenticated request, refused ones too —
     // but not a secret or token sent as the scope (DESIGN §5).
-    record.scope = form.scope.as_deref().map(|s| scope_as_shown(&live, s));
+    record.scope = form.scope.as_deref().map(|s| scope_as_shown(live, s));
     let with_client = |mut e: TokenError| {
         e.client = Some(client.id.clone());
         e
