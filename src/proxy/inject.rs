@@ -171,6 +171,12 @@ impl Echoes {
         found
     }
 
+    /// Whether `text` may hold the credential: long enough for its shortest form (the cheap
+    /// test a recorded field passes first — most are shorter than any credential).
+    pub fn fits_in(&self, text: &str) -> bool {
+        self.forms.iter().any(|f| text.len() >= f.expose().len())
+    }
+
     fn any_form_in(&self, value: &[u8]) -> bool {
         self.forms.iter().any(|f| contains(value, f.expose()))
     }

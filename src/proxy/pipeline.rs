@@ -350,6 +350,7 @@ async fn stages(
     // 7. The allow record is durable before anything leaves, within the request's time. Once
     // queued it is written even if this call is dropped while waiting; once acknowledged, the
     // call owes its outcome.
+    facts.redact_credential(credential.echoes());
     let allow = facts.take_for_allow();
     facts.stage = Stage::AllowQueued;
     let written = match broker.audit.append_within(allow, body_deadline).await {
@@ -1338,16 +1339,47 @@ impl AuditFacts {
     /// integration still configured with it): its value is not recorded (DESIGN §5), whatever
     /// the call was refused for. (An allowed call never has one: check 1 refuses it.)
     fn redact_credential_parameter(&mut self, live: &Live) {
-        let injection = self
+        let runtime = self
             .record
             .connector
             .as_deref()
-            .and_then(|c| live.connectors.get(c))
-            .map(|runtime| &runtime.injection);
+            .and_then(|c| live.connectors.get(c));
         if let (Some(Injection::Query { name, .. }), Some(query)) =
-            (injection, self.record.query.as_mut())
+            (runtime.map(|r| &r.injection), self.record.query.as_mut())
         {
             *query = redact_query_param(query, name);
+        }
+        match runtime {
+            Some(runtime) => self.redact_credential(&runtime.echoes),
+            // No such connector: it may be a secret sent as one (a credential, a client
+            // secret in the wrong place).
+            None => {
+                if let Some(name) = self.record.connector.as_mut() {
+                    if live.is_held_secret(name) {
+                        "REDACTED".clone_into(name);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The connector's real credential sent by the client itself — in the path, the query,
+    /// as the connector segment (an integration still configured with it) — is not recorded
+    /// (DESIGN §5): a field that holds it in any form is `REDACTED` whole. Most fields are
+    /// shorter than any credential, and cost one length comparison.
+    fn redact_credential(&mut self, echoes: &Echoes) {
+        let record = &mut self.record;
+        for field in [
+            &mut record.method,
+            &mut record.connector,
+            &mut record.path,
+            &mut record.query,
+        ] {
+            if let Some(text) = field.as_mut() {
+                if echoes.fits_in(text) && echoes.found_in(text.as_bytes()) {
+                    "REDACTED".clone_into(text);
+                }
+            }
         }
     }
 

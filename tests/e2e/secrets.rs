@@ -730,3 +730,50 @@ fn debug_output_of_secret_holders_is_redacted() {
         "a syntax error quotes the secret: {err}"
     );
 }
+
+/// The connector's real credential sent by the client itself (an integration still configured
+/// with it) — in the path, the query, as the connector segment — never reaches a record: the
+/// field holding it is `REDACTED`, for allowed calls and refused ones alike (DESIGN §5).
+#[tokio::test]
+async fn a_credential_the_client_sends_in_its_target_is_not_recorded() {
+    let up = FakeUpstream::start().await;
+    let b = TestBroker::start(&standard_config(up.addr)).await;
+    let token = b.token("github:issues.read", &[]).await;
+    // Allowed: the credential fills `{repo}`, or an allowed query parameter.
+    for target in [
+        format!("/github/repos/acme/{CREDENTIAL}/issues"),
+        format!("/github/repos/acme/widget/issues?state={CREDENTIAL}"),
+    ] {
+        assert_eq!(b.status("GET", &target, &token).await, 200, "{target}");
+    }
+    // Refused: as the connector, and on an operation the token does not hold.
+    assert_eq!(
+        b.status("GET", &format!("/{CREDENTIAL}/x"), &token).await,
+        403
+    );
+    assert_eq!(
+        b.status(
+            "DELETE",
+            &format!("/github/repos/acme/{CREDENTIAL}"),
+            &token
+        )
+        .await,
+        403
+    );
+    let log = std::fs::read_to_string(b.audit_path()).unwrap();
+    assert!(
+        !log.contains(CREDENTIAL),
+        "the credential reached the audit log: {}",
+        log.lines()
+            .filter(|l| l.contains(CREDENTIAL))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let records = b.audit();
+    let proxy = events(&records, "proxy");
+    assert_eq!(proxy.len(), 4);
+    assert_eq!(proxy[0]["path"], "REDACTED");
+    assert_eq!(proxy[1]["query"], "REDACTED");
+    assert_eq!(proxy[2]["connector"], "REDACTED");
+    assert_eq!(proxy[3]["path"], "REDACTED");
+}
