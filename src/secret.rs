@@ -68,14 +68,55 @@ pub enum SecretError {
     #[error("a secret must be a reference `env:NAME`, `file:PATH` or `literal:VALUE`")]
     BadReference,
     /// The environment variable is not set (or not valid UTF-8).
-    #[error("environment variable {0} is not set")]
+    #[error("environment variable {} is not set", shown_variable(.0))]
     EnvMissing(String),
     /// The file could not be read.
-    #[error("cannot read secret file {path}: {cause}")]
+    #[error("cannot read secret file {}: {cause}", shown_path(path, cause))]
     FileUnreadable {
         path: PathBuf,
         cause: std::io::Error,
     },
+}
+
+/// Whether a name given after `env:` or `file:` may be the secret itself, pasted after the
+/// prefix: shaped like a token, or long, without an extension, and mixing letters and
+/// digits. Such a name is not repeated in an error (errors reach logs, `check`'s output, the
+/// admin API's answer and the audit log); the key and line still say where it is.
+fn may_be_pasted_secret(name: &str) -> bool {
+    name.starts_with("eyJ")
+        || (name.len() >= 16
+            && !name.contains('.')
+            && name.bytes().any(|b| b.is_ascii_digit())
+            && name.bytes().any(|b| b.is_ascii_alphabetic()))
+}
+
+/// The variable's name as an error shows it: a conventional `UPPER_CASE` name as it is, and
+/// anything else unless it may be a pasted secret.
+fn shown_variable(name: &str) -> String {
+    let conventional = name
+        .bytes()
+        .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_');
+    let plausible = name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    if conventional || (plausible && !may_be_pasted_secret(name)) {
+        name.to_owned()
+    } else {
+        "(its name not shown: it may be a secret pasted after `env:`)".to_owned()
+    }
+}
+
+/// The path as an error shows it: all of it, unless the file does not exist and its name
+/// may be a pasted secret.
+fn shown_path(path: &Path, cause: &std::io::Error) -> String {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    if cause.kind() == std::io::ErrorKind::NotFound && may_be_pasted_secret(name) {
+        let folder = path.parent().unwrap_or(Path::new(""));
+        format!(
+            "{}/… (its name not shown: it may be a secret pasted after `file:`)",
+            folder.display()
+        )
+    } else {
+        path.display().to_string()
+    }
 }
 
 impl SecretRef {
@@ -134,6 +175,37 @@ mod tests {
         assert_eq!(format!("{s:?}"), "Secret(**REDACTED**)");
         let r = SecretRef::parse("literal:hunter2-sentinel", Path::new(".")).unwrap();
         assert!(!format!("{r:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn an_error_does_not_repeat_a_secret_pasted_after_the_prefix() {
+        let dir = Path::new("/etc/credbroker");
+        for pasted in [
+            "ghp_16C7e42F292c6912E7710c838347Ae178B4a",
+            "eyJhbGciOiJFZERTQSJ9.e30.c2ln",
+            "xoxb-1234567890-abcdef",
+        ] {
+            for prefix in ["env:", "file:"] {
+                let err = SecretRef::parse(&format!("{prefix}{pasted}"), dir)
+                    .unwrap()
+                    .resolve()
+                    .unwrap_err()
+                    .to_string();
+                assert!(!err.contains(pasted), "{err}");
+                assert!(err.contains("not shown"), "{err}");
+            }
+        }
+        // Real names are shown, as they help.
+        for name in ["GITHUB_ORG_TOKEN_NOT_SET_1", "my_token"] {
+            let err = SecretRef::parse(&format!("env:{name}"), dir)
+                .unwrap()
+                .resolve();
+            assert!(err.unwrap_err().to_string().contains(name));
+        }
+        let err = SecretRef::parse("file:../certs/github-app.pem", dir)
+            .unwrap()
+            .resolve();
+        assert!(err.unwrap_err().to_string().contains("github-app.pem"));
     }
 
     #[test]
