@@ -401,6 +401,9 @@ async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let request_id = RequestId::new();
+    // HTTP/1.1 sends no body after a HEAD's answer whatever the response holds; hyper's
+    // HTTP/2 server sends it, which a client must take for a protocol error (RFC 9113 §8.1.1).
+    let h2_head = req.method() == http::Method::HEAD && req.version() == http::Version::HTTP_2;
     let mut resp = if header_bytes(&req) > max_header_bytes {
         match role {
             // A proxy call is recorded, refused or not (DESIGN §5).
@@ -428,6 +431,10 @@ async fn handle(
         HeaderName::from_static("x-request-id"),
         request_id.header().clone(),
     );
+    if h2_head && !http_body::Body::is_end_stream(resp.body()) {
+        // The broker's own answers (an upstream's answer to a HEAD has no body to drop).
+        resp = resp.map(|_| crate::proxy::respond::full(bytes::Bytes::new()));
+    }
     Ok(resp)
 }
 

@@ -483,3 +483,35 @@ async fn contradictory_framing_and_unasked_upgrades_from_the_upstream() {
     let results = events(&records, "proxy_result");
     assert_eq!(results[0]["status"], 502, "{records:?}");
 }
+
+/// Over HTTP/2, the broker's own answers to HEAD carry no body (RFC 9113 §8.1.1: a client must
+/// treat one as a protocol error): the well-known documents, a 401, the token endpoint's 405.
+#[tokio::test]
+async fn answers_to_head_over_http2_have_no_body() {
+    use http_body_util::BodyExt;
+    let up = FakeUpstream::start().await;
+    let b = TestBroker::start(&standard_config(up.addr)).await;
+    let stream = tokio::net::TcpStream::connect(b.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    for (target, status) in [
+        ("/.well-known/jwks.json", 200),
+        ("/.well-known/oauth-authorization-server", 200),
+        ("/github/repos/acme/widget/issues", 401),
+        ("/oauth2/token", 405),
+    ] {
+        let req = http::Request::head(format!("http://{}{target}", b.addr))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), status, "{target}");
+        assert!(resp.headers().contains_key("x-request-id"), "{target}");
+        let body = resp.into_body().collect().await.expect(target).to_bytes();
+        assert!(body.is_empty(), "{target}: {body:?}");
+    }
+}
