@@ -130,7 +130,12 @@ pub async fn serve(
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        // HPACK counts 32 bytes more a field than the request's own size check does: with
+        // that much room, the check in `handle` (and its JSON, audited 431) decides, as on
+        // HTTP/1.1, and this bound only stops what is far past it.
+        .max_header_list_size(
+            u32::try_from(h2_header_list_limit(limits.max_header_bytes)).unwrap_or(u32::MAX),
+        )
         .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
         // An idle HTTP/2 connection stays open for reuse, as clients expect; pings find the
         // ones whose peer has vanished, so they do not hold a connection slot for ever.
@@ -404,7 +409,9 @@ async fn handle(
     // HTTP/1.1 sends no body after a HEAD's answer whatever the response holds; hyper's
     // HTTP/2 server sends it, which a client must take for a protocol error (RFC 9113 §8.1.1).
     let h2_head = req.method() == http::Method::HEAD && req.version() == http::Version::HTTP_2;
-    let mut resp = if header_bytes(&req) > max_header_bytes {
+    // (An HTTP/1.1 head with more fields than this never gets here: hyper answers 431.)
+    let too_large = header_bytes(&req) > max_header_bytes || req.headers().len() > MAX_HEADERS;
+    let mut resp = if too_large {
         match role {
             // A proxy call is recorded, refused or not (DESIGN §5).
             // (Boxed: a rare path, kept out of every call's future.)
@@ -480,6 +487,13 @@ async fn route(
         ),
         _ => pipeline::proxy(broker, req, conn, id).await,
     }
+}
+
+/// The HTTP/2 header list size (RFC 7541 §4.1: each field's name and value plus 32) allowed
+/// for requests within `max_header_bytes` by [`header_bytes`]'s count, as many fields as an
+/// HTTP/1.1 request may have and a request line's worth of pseudo-headers.
+fn h2_header_list_limit(max_header_bytes: usize) -> usize {
+    max_header_bytes.saturating_add(32 * (MAX_HEADERS + 8))
 }
 
 /// The request line and header lines as they were on the wire (HTTP/1), approximately for h2.

@@ -69,6 +69,10 @@ pub fn upstream_request_headers(client: &HeaderMap, injected: Option<&HeaderName
             || n == "x-request-id"
             || listed.contains(name)
             || injected == Some(name)
+            // One framing, stated once: an HTTP/2 request may repeat an identical
+            // `content-length` (HTTP/1.1 parsing has folded it already), and a strict
+            // HTTP/1.1 upstream refuses two.
+            || (name == header::CONTENT_LENGTH && out.contains_key(header::CONTENT_LENGTH))
         {
             continue;
         }
@@ -181,10 +185,25 @@ pub fn has_other_transfer_coding(headers: &HeaderMap) -> bool {
     }
 }
 
-/// RFC 9112 §3.2: an HTTP/1.1 request carries exactly one `Host` (checked by the proxy and
-/// the token endpoint alike).
-pub fn host_is_unambiguous(version: http::Version, headers: &HeaderMap) -> bool {
-    version != http::Version::HTTP_11 || headers.get_all(header::HOST).iter().count() == 1
+/// What [`host_is_unambiguous`] asks, for the refusal.
+pub const HOST_RULE: &str = "an HTTP/1.1 request needs exactly one Host header, an HTTP/2 one an \
+     :authority or one Host, the same when both are sent";
+
+/// RFC 9112 §3.2: an HTTP/1.1 request carries exactly one `Host`; RFC 9113 §8.3.1: an HTTP/2
+/// one an `:authority` or a `Host` — at most one `Host`, the same as the `:authority` when
+/// both are there (checked by the proxy and the token endpoint alike).
+pub fn host_is_unambiguous(version: http::Version, uri: &http::Uri, headers: &HeaderMap) -> bool {
+    let mut hosts = headers.get_all(header::HOST).iter();
+    let (first, second) = (hosts.next(), hosts.next());
+    match version {
+        http::Version::HTTP_11 => first.is_some() && second.is_none(),
+        http::Version::HTTP_2 => match (uri.authority(), first, second) {
+            (_, _, Some(_)) | (None, None, _) => false,
+            (Some(authority), Some(host), None) => authority.as_str().as_bytes() == host.as_bytes(),
+            _ => true,
+        },
+        _ => true,
+    }
 }
 
 /// Adds the broker's own forwarding headers, replacing whatever the client sent.

@@ -422,13 +422,10 @@ fn canonical_target<'a>(
             )
         })?;
     }
-    // RFC 9112 §3.2: an HTTP/1.1 request has exactly one Host (the broker sends the upstream
-    // its own, but a front proxy may have routed on one of several).
-    if !headers::host_is_unambiguous(version, headers) {
-        return Err(bad(
-            "bad_host",
-            "an HTTP/1.1 request needs exactly one Host header",
-        ));
+    // RFC 9112 §3.2, RFC 9113 §8.3.1: one Host, or an HTTP/2 `:authority` it agrees with (the
+    // broker sends the upstream its own, but a front proxy may have routed on another).
+    if !headers::host_is_unambiguous(version, uri, headers) {
+        return Err(bad("bad_host", headers::HOST_RULE));
     }
     if headers.contains_key(UPGRADE) {
         return Err(bad("upgrade_refused", "protocol upgrades are not proxied"));

@@ -239,11 +239,9 @@ async fn issue(
         ));
     }
     let (parts, body) = req.into_parts();
-    // RFC 9112 §3.2, as on the proxy.
-    if !crate::proxy::headers::host_is_unambiguous(parts.version, &parts.headers) {
-        return Err(invalid_request(
-            "an HTTP/1.1 request needs exactly one Host header",
-        ));
+    // RFC 9112 §3.2 and RFC 9113 §8.3.1, as on the proxy.
+    if !crate::proxy::headers::host_is_unambiguous(parts.version, &parts.uri, &parts.headers) {
+        return Err(invalid_request(crate::proxy::headers::HOST_RULE));
     }
     let form = read_form(&parts.headers, body, live.config.server.request_timeout).await?;
     // Asked again now that the body is in (reading it may have taken a while), and counted

@@ -1964,3 +1964,83 @@ async fn a_late_first_byte_gets_no_second_header_read_timeout() {
         "closed after {closed_after:?}"
     );
 }
+
+/// Over HTTP/2 the request head is held to what HTTP/1.1 allows, with the same answers:
+/// more than 100 fields or more than `max_header_bytes` is the broker's JSON 431, audited
+/// (`headers_too_large`); a `host` that disagrees with `:authority`, or two of them, is 400
+/// `bad_host` (RFC 9113 §8.3.1); an identical `content-length` sent twice reaches the HTTP/1.1
+/// upstream once.
+#[tokio::test]
+async fn http2_requests_meet_the_http1_head_rules() {
+    let up = FakeUpstream::start().await;
+    let b = TestBroker::start(&standard_config(up.addr)).await;
+    let t = b
+        .token("github:issues.read github:issues.comment", &[])
+        .await;
+    let stream = TcpStream::connect(b.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let base = format!("http://{}", b.addr);
+    let get = |extra: &[(&str, String)]| {
+        let mut r = http::Request::get(format!("{base}/github/repos/acme/widget/issues"))
+            .header("authorization", format!("Bearer {t}"));
+        for (n, v) in extra {
+            r = r.header(*n, v.as_str());
+        }
+        r.body(String::new()).unwrap()
+    };
+    let many: Vec<(&str, String)> = (0..101).map(|i| ("x-many", format!("v{i}"))).collect();
+    let long = [("x-long", "a".repeat(8200))];
+    for (what, req) in [("101 fields", get(&many)), ("8 KiB", get(&long))] {
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 431, "{what}");
+        assert!(resp.headers().contains_key("x-request-id"), "{what}");
+        let body = http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        assert!(body.starts_with(b"{\"error\""), "{what}: {body:?}");
+    }
+    let other_host = [("host", "elsewhere.example".to_owned())];
+    let two_hosts = [("host", b.addr.to_string()), ("host", b.addr.to_string())];
+    for (what, req) in [
+        ("other host", get(&other_host)),
+        ("two hosts", get(&two_hosts)),
+    ] {
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 400, "{what}");
+    }
+    let same_host = [("host", b.addr.to_string())];
+    let resp = sender.send_request(get(&same_host)).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let post = http::Request::post(format!("{base}/github/repos/acme/widget/issues/1/comments"))
+        .header("authorization", format!("Bearer {t}"))
+        .header("content-length", "3")
+        .header("content-length", "3")
+        .body("abc".to_owned())
+        .unwrap();
+    assert_eq!(sender.send_request(post).await.unwrap().status(), 200);
+    let seen = up.requests();
+    let last = seen.last().unwrap();
+    assert_eq!(last.headers.get_all("content-length").iter().count(), 1);
+    assert_eq!(&last.body[..], b"abc");
+    let records = b.audit();
+    let reasons: Vec<_> = events(&records, "proxy")
+        .iter()
+        .filter_map(|r| r["reason"].as_str())
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            "headers_too_large",
+            "headers_too_large",
+            "bad_host",
+            "bad_host"
+        ]
+    );
+}
