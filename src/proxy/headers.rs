@@ -185,6 +185,13 @@ pub fn has_other_transfer_coding(headers: &HeaderMap) -> bool {
     }
 }
 
+/// Whether a field value starts or ends with a space or tab (malformed in HTTP/2).
+pub fn has_edge_whitespace(value: &HeaderValue) -> bool {
+    let bytes = value.as_bytes();
+    let edge = |b: Option<&u8>| matches!(b, Some(b' ' | b'\t'));
+    edge(bytes.first()) || edge(bytes.last())
+}
+
 /// What [`host_is_unambiguous`] asks, for the refusal.
 pub const HOST_RULE: &str = "an HTTP/1.1 request needs exactly one Host header, an HTTP/2 one an \
      :authority or one Host, the same when both are sent";

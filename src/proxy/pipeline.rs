@@ -427,6 +427,14 @@ fn canonical_target<'a>(
     if !headers::host_is_unambiguous(version, uri, headers) {
         return Err(bad("bad_host", headers::HOST_RULE));
     }
+    // RFC 9113 §8.2.1: an HTTP/2 field value never starts or ends with whitespace (HTTP/1.1
+    // parsing trims it, so only HTTP/2 can bring it).
+    if version == http::Version::HTTP_2 && headers.values().any(headers::has_edge_whitespace) {
+        return Err(bad(
+            "malformed_header",
+            "an HTTP/2 field value starts or ends with whitespace",
+        ));
+    }
     if headers.contains_key(UPGRADE) {
         return Err(bad("upgrade_refused", "protocol upgrades are not proxied"));
     }

@@ -482,7 +482,12 @@ fn scope_as_shown(live: &Live, scope: &str) -> String {
     let items: Vec<&str> = scope
         .split(' ')
         .map(|item| {
-            if live.is_held_secret(item) {
+            // Also as either side of `connector:operation` (`github:<credential>`).
+            let (connector, operation) = item.split_once(':').unwrap_or((item, ""));
+            let held = [item, connector, operation]
+                .iter()
+                .any(|part| live.is_held_secret(part));
+            if held {
                 "REDACTED"
             } else {
                 item

@@ -2008,9 +2008,11 @@ async fn http2_requests_meet_the_http1_head_rules() {
     }
     let other_host = [("host", "elsewhere.example".to_owned())];
     let two_hosts = [("host", b.addr.to_string()), ("host", b.addr.to_string())];
+    let padded = [("x-padded", " value ".to_owned())];
     for (what, req) in [
         ("other host", get(&other_host)),
         ("two hosts", get(&two_hosts)),
+        ("padded value", get(&padded)),
     ] {
         let resp = sender.send_request(req).await.unwrap();
         assert_eq!(resp.status(), 400, "{what}");
@@ -2040,7 +2042,8 @@ async fn http2_requests_meet_the_http1_head_rules() {
             "headers_too_large",
             "headers_too_large",
             "bad_host",
-            "bad_host"
+            "bad_host",
+            "malformed_header"
         ]
     );
 }

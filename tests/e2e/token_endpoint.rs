@@ -563,6 +563,7 @@ async fn a_secret_or_token_sent_as_the_scope_is_neither_echoed_nor_recorded() {
     for (scope, value) in [
         (SECRET.to_owned(), SECRET),
         (format!("github:issues.read {CREDENTIAL}"), CREDENTIAL),
+        (format!("github:{CREDENTIAL}"), CREDENTIAL),
         (ADMIN_TOKEN.to_owned(), ADMIN_TOKEN),
         (token.clone(), token.as_str()),
         (format!("github:{token}"), token.as_str()),
@@ -578,6 +579,7 @@ async fn a_secret_or_token_sent_as_the_scope_is_neither_echoed_nor_recorded() {
     }
     let records = b.audit();
     let denied = events(&records, "token_denied");
-    assert_eq!(denied.len(), 5);
+    assert_eq!(denied.len(), 6);
     assert_eq!(denied[1]["scope"], "github:issues.read REDACTED");
+    assert_eq!(denied[2]["scope"], "REDACTED");
 }
