@@ -1977,14 +1977,7 @@ async fn http2_requests_meet_the_http1_head_rules() {
     let t = b
         .token("github:issues.read github:issues.comment", &[])
         .await;
-    let stream = TcpStream::connect(b.addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut sender = h2_connect(b.addr).await;
     let base = format!("http://{}", b.addr);
     let get = |extra: &[(&str, String)]| {
         let mut r = http::Request::get(format!("{base}/github/repos/acme/widget/issues"))

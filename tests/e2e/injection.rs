@@ -292,14 +292,7 @@ async fn h2_get(
     token: &str,
 ) -> (u16, http::HeaderMap, bytes::Bytes, Option<http::HeaderMap>) {
     use http_body_util::BodyExt;
-    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut sender = h2_connect(addr).await;
     let req = http::Request::get(format!("http://{addr}{target}"))
         .header("authorization", format!("Bearer {token}"))
         .body(http_body_util::Empty::<bytes::Bytes>::new())
@@ -348,17 +341,7 @@ async fn a_response_ending_with_trailers_is_recorded_as_complete() {
     assert_eq!((status, body.as_str()), (200, "abc"));
     let (status, _, body, _) = h2_get(b.addr, "/github/repos/acme/widget/issues", &token).await;
     assert_eq!((status, &body[..]), (200, &b"abc"[..]));
-    let mut results = Vec::new();
-    for _ in 0..50 {
-        results = events(&b.audit(), "proxy_result")
-            .into_iter()
-            .cloned()
-            .collect();
-        if results.len() == 2 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    let results = records_eventually(&b, "proxy_result", 2).await;
     assert_eq!(results.len(), 2, "{results:?}");
     for r in &results {
         assert_eq!(r["status"], 200, "{r}");
@@ -390,17 +373,7 @@ async fn an_http_1_0_upstream_is_answered_as_http_1_1_and_its_request_id_recorde
     .await;
     assert_eq!(out.matches("HTTP/1.1 200 OK\r\n").count(), 2, "{out}");
     assert!(!out.contains("HTTP/1.0"), "{out}");
-    let mut results = Vec::new();
-    for _ in 0..50 {
-        results = events(&b.audit(), "proxy_result")
-            .into_iter()
-            .cloned()
-            .collect();
-        if results.len() == 2 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    let results = records_eventually(&b, "proxy_result", 2).await;
     assert_eq!(results.len(), 2, "{results:?}");
     assert_eq!(results[0]["upstream_request_id"], "R".repeat(256));
 }
@@ -491,14 +464,7 @@ async fn answers_to_head_over_http2_have_no_body() {
     use http_body_util::BodyExt;
     let up = FakeUpstream::start().await;
     let b = TestBroker::start(&standard_config(up.addr)).await;
-    let stream = tokio::net::TcpStream::connect(b.addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut sender = h2_connect(b.addr).await;
     for (target, status) in [
         ("/.well-known/jwks.json", 200),
         ("/.well-known/oauth-authorization-server", 200),

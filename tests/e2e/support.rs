@@ -483,3 +483,33 @@ pub fn verify_chain_independently(path: &Path) -> usize {
 pub fn events<'a>(records: &'a [serde_json::Value], event: &str) -> Vec<&'a serde_json::Value> {
     records.iter().filter(|r| r["event"] == event).collect()
 }
+
+/// An HTTP/2 (prior knowledge) client connection to `addr`, its driving task spawned.
+pub async fn h2_connect<B>(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<B>
+where
+    B: http_body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+/// The broker's `event` records once there are `n` of them (written after the response, so
+/// waited for), at most a second.
+pub async fn records_eventually(b: &TestBroker, event: &str, n: usize) -> Vec<serde_json::Value> {
+    let mut found = Vec::new();
+    for _ in 0..50 {
+        found = events(&b.audit(), event).into_iter().cloned().collect();
+        if found.len() >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    found
+}
