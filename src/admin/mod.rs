@@ -611,7 +611,9 @@ const PASTED_SECRET: &str = "the value given is a secret the broker holds (a cli
      was changed, and the value is not recorded";
 
 /// Why a revoke or enable naming a token as a client or connector is refused.
-const PASTED_TOKEN: &str = "the value given is a token, not a client or connector: to revoke      that token, give it (or its jti) as \"jti\"; nothing was changed, and the value is not      recorded";
+const PASTED_TOKEN: &str = "the value given is a token, not a client or connector: to revoke \
+     that token, give it (or its jti) as \"jti\"; nothing was changed, and the value is not \
+     recorded";
 
 /// A refused admin call: audited as `failed` with the reason, answered 400.
 async fn refused(
