@@ -72,11 +72,28 @@ struct WireHeader {
     alg: Option<String>,
     typ: Option<String>,
     kid: Option<String>,
+    // Present at all, even as `null`, is what counts for these.
+    #[serde(default, deserialize_with = "present")]
     jku: Option<IgnoredAny>,
+    #[serde(default, deserialize_with = "present")]
     x5u: Option<IgnoredAny>,
+    #[serde(default, deserialize_with = "present")]
     jwk: Option<IgnoredAny>,
+    #[serde(default, deserialize_with = "present")]
     x5c: Option<IgnoredAny>,
+    #[serde(default, deserialize_with = "present")]
     crit: Option<IgnoredAny>,
+}
+
+/// An optional member that, when present, must hold a value of its type: `null` is not
+/// "absent". A restricting claim (`cnf`, `max_uses`, `authorization_details`) sent as `null`
+/// would otherwise lift its restriction.
+fn present<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(deserializer).map(Some)
 }
 
 /// The claims as sent. Every member is optional so that a missing claim gets its own
@@ -85,6 +102,7 @@ struct WireHeader {
 struct WireClaims {
     iss: Option<String>,
     sub: Option<String>,
+    #[serde(default, deserialize_with = "present")]
     client_id: Option<String>,
     aud: Option<String>,
     iat: Option<i64>,
@@ -92,15 +110,18 @@ struct WireClaims {
     exp: Option<i64>,
     jti: Option<String>,
     scope: Option<String>,
+    #[serde(default, deserialize_with = "present")]
     authorization_details: Option<Vec<AuthorizationDetail>>,
+    #[serde(default, deserialize_with = "present")]
     max_uses: Option<u64>,
+    #[serde(default, deserialize_with = "present")]
     cnf: Option<Confirmation>,
 }
 
 impl WireClaims {
     /// The validated claims, or the first required claim that is missing (`exp` first).
     fn into_claims(self) -> Result<AccessClaims, TokenError> {
-        Ok(AccessClaims {
+        let claims = AccessClaims {
             exp: self.exp.ok_or(TokenError::MissingClaim("exp"))?,
             iss: self.iss.ok_or(TokenError::MissingClaim("iss"))?,
             aud: self.aud.ok_or(TokenError::MissingClaim("aud"))?,
@@ -113,7 +134,14 @@ impl WireClaims {
             authorization_details: self.authorization_details,
             max_uses: self.max_uses,
             cnf: self.cnf,
-        })
+        };
+        // An empty `jti` could not be revoked by it; a `client_id` must name the `sub`
+        // (RFC 9068 §2.2; absent in tokens issued before the broker wrote it).
+        let foreign_client_id = claims.client_id.as_ref().is_some_and(|c| *c != claims.sub);
+        if claims.jti.is_empty() || foreign_client_id {
+            return Err(TokenError::Malformed);
+        }
+        Ok(claims)
     }
 }
 
@@ -357,7 +385,23 @@ fn decode_json<T: for<'de> Deserialize<'de>>(part: &str) -> Result<T, TokenError
     let bytes = URL_SAFE_NO_PAD
         .decode(part)
         .map_err(|_| TokenError::Malformed)?;
+    // RFC 7515 §5.2, RFC 7519 §7.2: UTF-8 JSON throughout — also in members this parser
+    // skips unread, and no `\uD800`–`\uDFFF` escape (a surrogate is no character; the
+    // broker's own tokens never hold one).
+    if std::str::from_utf8(&bytes).is_err() || has_surrogate_escape(&bytes) {
+        return Err(TokenError::Malformed);
+    }
     serde_json::from_slice(&bytes).map_err(|_| TokenError::Malformed)
+}
+
+/// Whether JSON text holds a `\uD800`–`\uDFFF` escape (any case).
+fn has_surrogate_escape(json: &[u8]) -> bool {
+    memchr::memmem::find_iter(json, b"\\u").any(|at| {
+        matches!(json.get(at + 2), Some(b'd' | b'D'))
+            && json
+                .get(at + 3)
+                .is_some_and(|b| matches!(b.to_ascii_lowercase(), b'8'..=b'9' | b'a'..=b'f'))
+    })
 }
 
 /// Claims of tokens that passed full verification, keyed by SHA-256 of the token string.
@@ -630,6 +674,57 @@ mod tests {
         // We hold one key, so a token without kid is unambiguous.
         let no_kid = json!({"alg": "EdDSA", "typ": "at+jwt"});
         assert!(verify_forged(&no_kid, &claims_json()).is_ok());
+    }
+
+    /// A restricting claim sent as `null` is not an absent one (it would lift the
+    /// restriction), an empty `jti` could not be revoked, a `client_id` must be the `sub`, and
+    /// the JSON must be UTF-8 throughout, with no surrogate escape — even where unread.
+    #[test]
+    fn null_restrictions_empty_jti_foreign_client_id_and_non_utf8_json_are_refused() {
+        let keys = keys();
+        for (name, value) in [
+            ("cnf", Value::Null),
+            ("max_uses", Value::Null),
+            ("authorization_details", Value::Null),
+            ("client_id", Value::Null),
+            ("jti", json!("")),
+            ("client_id", json!("someone-else")),
+        ] {
+            let claims = with_claim(name, value.clone());
+            assert_eq!(
+                verify_forged(&our_header(&keys), &claims),
+                Err(TokenError::Malformed),
+                "{name}: {value}"
+            );
+        }
+        let mut jku_null = our_header(&keys);
+        jku_null["jku"] = Value::Null;
+        assert!(verify_forged(&jku_null, &claims_json()).is_err());
+        // Bytes no JSON encoder writes: a 0xFF, a `\ud800` escape, in a member nobody reads.
+        let v = verifier();
+        let header = b64json(&our_header(v.keys()));
+        let claims = serde_json::to_string(&claims_json()).unwrap();
+        for unread in [
+            &b"\"x\":\"\xff\""[..],
+            br#""x":"\ud800""#,
+            br#""x":"\uDC00""#,
+        ] {
+            let mut bytes = claims.as_bytes()[..claims.len() - 1].to_vec();
+            bytes.push(b',');
+            bytes.extend_from_slice(unread);
+            bytes.push(b'}');
+            let message = format!("{header}.{}", URL_SAFE_NO_PAD.encode(&bytes));
+            let token = format!("{message}.{}", v.keys().sign_message(message.as_bytes()));
+            assert_eq!(
+                v.verify(&token, NOW),
+                Err(TokenError::Malformed),
+                "{unread:?}"
+            );
+        }
+        // The control: a client_id that is the sub, and a plain escape, pass.
+        let sub = claims_json()["sub"].clone();
+        assert!(verify_forged(&our_header(&keys), &with_claim("client_id", sub)).is_ok());
+        assert!(verify_forged(&our_header(&keys), &with_claim("note", json!("caf\u{e9}"))).is_ok());
     }
 
     #[test]
