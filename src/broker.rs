@@ -391,7 +391,7 @@ impl Live {
                 .audit
                 .hmac_key
                 .as_ref()
-                .is_some_and(|k| k.expose() == bytes)
+                .is_some_and(|k| constant_time_eq::constant_time_eq(k.expose(), bytes))
             || self
                 .connectors
                 .values()

@@ -56,7 +56,12 @@ impl fmt::Debug for Secret {
 #[derive(Clone, Debug)]
 pub enum SecretRef {
     Env(String),
-    File(PathBuf),
+    /// The file, and whether the reference as written may be a secret pasted after `file:`
+    /// (then an error does not show it).
+    File {
+        path: PathBuf,
+        suspect: bool,
+    },
     Literal(Secret),
 }
 
@@ -71,9 +76,11 @@ pub enum SecretError {
     #[error("environment variable {} is not set", shown_variable(.0))]
     EnvMissing(String),
     /// The file could not be read.
-    #[error("cannot read secret file {}: {cause}", shown_path(path, cause))]
+    #[error("cannot read secret file {}: {cause}", shown_path(path, *suspect))]
     FileUnreadable {
         path: PathBuf,
+        /// The reference as written may be a pasted secret: the path is not shown.
+        suspect: bool,
         cause: std::io::Error,
     },
 }
@@ -83,11 +90,12 @@ pub enum SecretError {
 /// digits. Such a name is not repeated in an error (errors reach logs, `check`'s output, the
 /// admin API's answer and the audit log); the key and line still say where it is.
 fn may_be_pasted_secret(name: &str) -> bool {
+    let mixed =
+        name.bytes().any(|b| b.is_ascii_digit()) && name.bytes().any(|b| b.is_ascii_alphabetic());
     name.starts_with("eyJ")
-        || (name.len() >= 16
-            && !name.contains('.')
-            && name.bytes().any(|b| b.is_ascii_digit())
-            && name.bytes().any(|b| b.is_ascii_alphabetic()))
+        || (mixed && name.len() >= 16 && !name.contains('.'))
+        // Some keys hold dots (`SG.…`): no file name is that long and that mixed.
+        || (mixed && name.len() >= 40)
 }
 
 /// The variable's name as an error shows it: a conventional `UPPER_CASE` name as it is, and
@@ -104,16 +112,20 @@ fn shown_variable(name: &str) -> String {
     }
 }
 
-/// The path as an error shows it: all of it, unless the file does not exist and its name
-/// may be a pasted secret.
-fn shown_path(path: &Path, cause: &std::io::Error) -> String {
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-    if cause.kind() == std::io::ErrorKind::NotFound && may_be_pasted_secret(name) {
-        let folder = path.parent().unwrap_or(Path::new(""));
-        format!(
-            "{}/… (its name not shown: it may be a secret pasted after `file:`)",
-            folder.display()
-        )
+/// Whether a `file:` reference as written may be a pasted secret: any part of it (whatever
+/// the error will be: one too long for a file name is not "not found"; a secret may hold a
+/// `/`). The config's own folder is not judged: it is not what was written.
+fn path_may_be_pasted_secret(written: &str) -> bool {
+    may_be_pasted_secret(written)
+        || Path::new(written)
+            .components()
+            .any(|c| c.as_os_str().to_str().is_none_or(may_be_pasted_secret))
+}
+
+/// The path as an error shows it: none of it if the reference may be a pasted secret.
+fn shown_path(path: &Path, suspect: bool) -> String {
+    if suspect {
+        "(its path not shown: it may be a secret pasted after `file:`)".to_owned()
     } else {
         path.display().to_string()
     }
@@ -131,7 +143,10 @@ impl SecretRef {
             if path.is_empty() {
                 return Err(SecretError::BadReference);
             }
-            Ok(Self::File(base_dir.join(path)))
+            Ok(Self::File {
+                path: base_dir.join(path),
+                suspect: path_may_be_pasted_secret(path),
+            })
         } else if let Some(value) = reference.strip_prefix("literal:") {
             Ok(Self::Literal(Secret::new(value.as_bytes())))
         } else {
@@ -145,10 +160,11 @@ impl SecretRef {
             Self::Env(name) => std::env::var_os(name)
                 .map(|v| Secret::new(v.into_encoded_bytes()))
                 .ok_or_else(|| SecretError::EnvMissing(name.clone())),
-            Self::File(path) => {
+            Self::File { path, suspect } => {
                 let mut bytes =
                     std::fs::read(path).map_err(|cause| SecretError::FileUnreadable {
                         path: path.clone(),
+                        suspect: *suspect,
                         cause,
                     })?;
                 if bytes.last() == Some(&b'\n') {
@@ -184,6 +200,9 @@ mod tests {
             "ghp_16C7e42F292c6912E7710c838347Ae178B4a",
             "eyJhbGciOiJFZERTQSJ9.e30.c2ln",
             "xoxb-1234567890-abcdef",
+            "SG.abcdefghijklmnopqrstuv.WXYZ0123456789abcdefghijklmnopqrstuvwxyz0123",
+            "abc123XYZdef/456GHIjkl789mno",
+            &"eyJ0eXAiOiJhdCtqd3QifQ".repeat(14),
         ] {
             for prefix in ["env:", "file:"] {
                 let err = SecretRef::parse(&format!("{prefix}{pasted}"), dir)
@@ -192,6 +211,7 @@ mod tests {
                     .unwrap_err()
                     .to_string();
                 assert!(!err.contains(pasted), "{err}");
+                assert!(!err.contains("456GHI"), "{err}");
                 assert!(err.contains("not shown"), "{err}");
             }
         }

@@ -428,15 +428,18 @@ fn given_jti(value: String) -> GivenJti {
     }
 }
 
-/// The token in `value` if it is shaped like one — three base64url parts, alone or as
-/// `Bearer <token>`, whitespace around it allowed.
+/// The token in `value` if it is shaped like one — three base64url parts, the first two JSON
+/// objects (`eyJ…`), alone or as `Bearer <token>`, whitespace around it allowed. (A name
+/// with two dots, `acme.triage.bot`, is not one.)
 fn token_shaped(value: &str) -> Option<&str> {
     let trimmed = value.trim_ascii();
     let unprefixed = trimmed
         .get(..7)
         .filter(|p| p.eq_ignore_ascii_case("bearer "))
         .map_or(trimmed, |_| trimmed[7..].trim_ascii_start());
-    let shaped = unprefixed.split('.').count() == 3
+    let parts: Vec<&str> = unprefixed.split('.').collect();
+    let shaped = parts.len() == 3
+        && parts[..2].iter().all(|p| p.starts_with("eyJ"))
         && unprefixed
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));

@@ -119,8 +119,6 @@ fn file_errors(cx: &mut Ctx<'_>, raw: &RawConfig) {
     }
 }
 
-/// The TLS files as `serve` loads them: a key that does not match its certificate, a file
-/// without a certificate, a CA file that is not PEM are errors here, not only at start-up.
 /// What would stop `serve` from starting with this config beyond the config itself: the
 /// audit log it must continue (DESIGN §5) and the state it must read (§3.5), looked at
 /// without changing either.
@@ -145,6 +143,8 @@ fn start_errors(cx: &mut Ctx<'_>, config: &Config, raw: &RawConfig) {
     }
 }
 
+/// The TLS files as `serve` loads them: a key that does not match its certificate, a file
+/// without a certificate, a CA file that is not PEM are errors here, not only at start-up.
 fn tls_material_errors(cx: &mut Ctx<'_>, raw: &RawConfig) {
     let server = &raw.server;
     let admin = raw.admin.as_ref();

@@ -245,11 +245,13 @@ impl DynamicCredential {
     /// Whether `value` is one of this source's secrets: the OAuth2 `client_secret`, or the
     /// credential minted last (an admin value that is one is refused, not recorded).
     pub fn holds(&self, value: &[u8]) -> bool {
+        // Compared in constant time: an admin or proxy caller times nothing out of them.
+        let same = |held: &[u8]| constant_time_eq::constant_time_eq(held, value);
         let secret = match &self.minter {
-            Minter::OAuth2(c) => c.client_secret.expose() == value,
+            Minter::OAuth2(c) => same(c.client_secret.expose()),
             Minter::GithubApp(_) => false,
         };
-        secret || self.cache.peek().is_some_and(|m| m.token.expose() == value)
+        secret | self.cache.peek().is_some_and(|m| same(m.token.expose()))
     }
 
     /// The upstream answered 401 to `used`: drop it so the next call mints a new one.

@@ -206,7 +206,11 @@ pub fn host_is_unambiguous(version: http::Version, uri: &http::Uri, headers: &He
         http::Version::HTTP_11 => first.is_some() && second.is_none(),
         http::Version::HTTP_2 => match (uri.authority(), first, second) {
             (_, _, Some(_)) | (None, None, _) => false,
-            (Some(authority), Some(host), None) => authority.as_str().as_bytes() == host.as_bytes(),
+            // Host names compare without case (RFC 9110 §4.2.3).
+            (Some(authority), Some(host), None) => authority
+                .as_str()
+                .as_bytes()
+                .eq_ignore_ascii_case(host.as_bytes()),
             _ => true,
         },
         _ => true,

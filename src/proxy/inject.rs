@@ -195,8 +195,9 @@ impl Echoes {
     }
 }
 
+/// A linear-time search (a crafted value of near-copies cannot make it quadratic).
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.len() >= needle.len() && haystack.windows(needle.len()).any(|w| w == needle)
+    haystack.len() >= needle.len() && memchr::memmem::find(haystack, needle).is_some()
 }
 
 fn sensitive(bytes: Vec<u8>) -> Result<HeaderValue, InjectError> {

@@ -117,6 +117,8 @@ enum Stage {
 /// a trace.
 struct Call<'a> {
     audit: &'a AuditLog,
+    /// The config the call started under: what its deny record must not hold comes from it.
+    live: &'a Live,
     facts: AuditFacts,
     started: Instant,
 }
@@ -140,6 +142,8 @@ impl Drop for Call<'_> {
                 return;
             }
             Stage::Deciding => {
+                // Redacted as every deny record is (`record_denial`).
+                self.facts.redact_credential_parameter(self.live);
                 let mut record = std::mem::take(&mut self.facts.record);
                 record.decision = Some(Decision::Deny);
                 record.reason = Some("client_closed".into());
@@ -171,6 +175,7 @@ pub async fn proxy(
     let live = broker.live();
     let mut call = Call {
         audit: &broker.audit,
+        live: &live,
         facts: AuditFacts::new(&req, conn, request_id),
         started,
     };
@@ -833,8 +838,9 @@ async fn noting_wait<F: std::future::Future>(future: F, waited: &mut bool) -> F:
 /// chunked upload read whole, a credential minted) or whose config was replaced meanwhile:
 /// a revocation, kill switch, token expiry, key rotation or reload acknowledged in the
 /// meantime applies to it before anything leaves (DESIGN §3.4: "removing an operation takes
-/// effect at once"), and an allow record never follows the admin record of a change that
-/// should have refused it. The use and rate-limit cells already taken are not taken again.
+/// effect at once"); only the moment between this check and the allow record's queuing is
+/// left, not the wait. The call must pass under both configs and goes out as it was prepared
+/// under the first. The use and rate-limit cells already taken are not taken again.
 async fn decide_again(
     broker: &Broker,
     headers: &http::HeaderMap,

@@ -399,14 +399,20 @@ async fn a_secret_given_as_a_name_is_refused_unrecorded_and_an_unknown_client_is
     for secret in secrets.iter().chain([&token.as_str(), &basic.as_str()]) {
         assert!(!log.contains(secret), "a secret reached the audit log");
     }
+    // A client id with dots is a name, not a token.
+    let (s, _, answer) = b
+        .admin_call("POST", "/v1/revoke", "{\"client\":\"acme.triage.bot\"}")
+        .await;
+    assert_eq!(s, 200, "{answer}");
     let records = b.audit();
     let admin = events(&records, "admin");
-    assert_eq!(admin.len(), 25);
+    assert_eq!(admin.len(), 26);
     assert!(admin[..24]
         .iter()
         .all(|r| r["result"] == "failed" && r.get("target").is_none()));
     assert_eq!(admin[24]["target"], "client:b0t");
     assert_eq!(admin[24]["result"], "ok");
+    assert_eq!(admin[25]["target"], "client:acme.triage.bot");
 }
 
 /// A client revoked in this second: a token issued to it now would be refused on every use
