@@ -81,7 +81,13 @@ pub fn check_openable(path: &Path, key: Option<&Secret>) -> Result<(), AuditErro
     match std::fs::metadata(path) {
         Ok(meta) if meta.is_file() => {
             let mut file = File::open(path).map_err(io(format!("opening {}", path.display())))?;
-            if scan_tail(&mut file, meta.len(), key, path)?.last.is_none() {
+            // The length of the file opened, not of the one looked at: a rotation in between
+            // (a broker is writing it) would make a length read first point past its end.
+            let len = file
+                .metadata()
+                .map_err(io(format!("reading {}", path.display())))?
+                .len();
+            if scan_tail(&mut file, len, key, path)?.last.is_none() {
                 last_rotated_record(path, key)?;
             }
             Ok(())
