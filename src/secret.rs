@@ -101,9 +101,14 @@ fn may_be_pasted_secret(name: &str) -> bool {
 /// The variable's name as an error shows it: a conventional `UPPER_CASE` name as it is, and
 /// anything else unless it may be a pasted secret.
 fn shown_variable(name: &str) -> String {
-    let conventional = name
-        .bytes()
-        .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_');
+    // Upper case with digits and no `_`, 16 characters or more, is a key id or a base32 seed
+    // (`AKIA…`, `JBSWY3DPEHPK3PXP…`) more often than a variable's name.
+    let key_like =
+        name.len() >= 16 && !name.contains('_') && name.bytes().any(|b| b.is_ascii_digit());
+    let conventional = !key_like
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_');
     let plausible = name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
     if conventional || (plausible && !may_be_pasted_secret(name)) {
         name.to_owned()
@@ -203,6 +208,7 @@ mod tests {
             "SG.abcdefghijklmnopqrstuv.WXYZ0123456789abcdefghijklmnopqrstuvwxyz0123",
             "abc123XYZdef/456GHIjkl789mno",
             &"eyJ0eXAiOiJhdCtqd3QifQ".repeat(14),
+            "JBSWY3DPEHPK3PXP2Q7Z",
         ] {
             for prefix in ["env:", "file:"] {
                 let err = SecretRef::parse(&format!("{prefix}{pasted}"), dir)
