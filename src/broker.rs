@@ -369,16 +369,15 @@ impl Live {
             return false;
         }
         let config = &self.config;
-        let hashed: Vec<[u8; 32]> = config
-            .clients
-            .iter()
-            .filter_map(|c| c.secret_sha256)
-            .chain(config.admin.as_ref().map(|a| a.token_sha256))
-            .collect();
         let matches_hashed = |candidate: &[u8]| {
             let digest: [u8; 32] = Sha256::digest(candidate).into();
+            let hashed = config
+                .clients
+                .iter()
+                .filter_map(|c| c.secret_sha256)
+                .chain(config.admin.as_ref().map(|a| a.token_sha256));
             let mut known = false;
-            for secret in &hashed {
+            for secret in hashed {
                 // Every one compared, in constant time: the answer says nothing of which.
                 known |= bool::from(subtle::ConstantTimeEq::ct_eq(&secret[..], &digest[..]));
             }

@@ -191,16 +191,19 @@ pub async fn token(
             // The metric's client: the authenticated one only (bounded labels).
             let client = record.client.clone();
             record.client = record.client.take().or(e.claimed.clone());
-            refuse(&broker, record, e, client, audit_by(), request_id).await
+            refuse(&broker, &live, record, e, client, audit_by(), request_id).await
         }
     }
 }
 
 /// A refused token request: its `token_denied` record (the error's code as the reason),
 /// counted and answered — or 503 when the record cannot be written (DESIGN §4.1: "503 when
-/// the audit log cannot be written", refused or not). `client` labels the metric.
+/// the audit log cannot be written", refused or not). `client` labels the metric. The
+/// requested scope is recorded as shown: never a secret or token sent as the scope (§5).
+#[allow(clippy::too_many_arguments)]
 async fn refuse(
     broker: &Broker,
+    live: &Live,
     mut record: Record,
     e: TokenError,
     client: Option<String>,
@@ -208,6 +211,7 @@ async fn refuse(
     request_id: &str,
 ) -> Response<ProxyBody> {
     record.reason = Some(e.code.to_owned());
+    record.scope = record.scope.map(|s| scope_as_shown(live, &s));
     let e = match broker.audit.append_by(record, audit_by).await {
         Ok(_) => e,
         Err(audit_error) => {
@@ -255,9 +259,9 @@ async fn issue(
             AuthAttempt::Failed(e) => e,
         })?;
     record.client = Some(client.id.clone());
-    // The scope asked for, on every record of an authenticated request, refused ones too —
-    // but not a secret or token sent as the scope (DESIGN §5).
-    record.scope = form.scope.as_deref().map(|s| scope_as_shown(live, s));
+    // The scope asked for, on every record of an authenticated request, refused ones too
+    // (`refuse` redacts it; an issued token's record carries the granted scope instead).
+    record.scope.clone_from(&form.scope);
     let with_client = |mut e: TokenError| {
         e.client = Some(client.id.clone());
         e
@@ -618,7 +622,7 @@ async fn respond_issued(
             token.len()
         ));
         let client = record.client.clone();
-        return refuse(broker, record, e, client, audit_by, request_id).await;
+        return refuse(broker, live, record, e, client, audit_by, request_id).await;
     }
     record.event = Event::TokenIssued;
     record.scope = Some(claims.scope.clone());
