@@ -102,6 +102,14 @@ pub fn explain(
     let full_path = full_path
         .split_once('#')
         .map_or(full_path, |(before, _)| before);
+    // The HTTP layer refuses a target the `http` crate cannot parse (a raw `<`, `>` or `` ` ``
+    // in the path; those and `"` in the query) with a bare 400 before any check runs.
+    if http::uri::PathAndQuery::try_from(full_path).is_err() {
+        return Verdict::BadInput(
+            "the HTTP layer refuses this request target: a byte in it must be percent-encoded"
+                .into(),
+        );
+    }
     let (path, query) = match full_path.split_once('?') {
         Some((p, q)) => (p, Some(q)),
         None => (full_path, None),

@@ -2,7 +2,7 @@
 //! warnings of a config that loads — one [`Finding`] a line, each with its location.
 
 use std::collections::HashSet;
-use std::fmt;
+use std::fmt::{self, Write as _};
 use std::path::Path;
 
 use chrono::{DateTime, Utc};
@@ -33,7 +33,18 @@ impl fmt::Display for Finding {
             Severity::Error => "error",
             Severity::Warning => "warning",
         };
-        write!(f, "{level}: {}", self.location)
+        // One finding a line (DESIGN §2): a value quoted from the file that holds a newline or
+        // another control character is shown escaped, so it can neither split a finding nor
+        // forge another.
+        write!(f, "{level}: ")?;
+        for c in self.location.to_string().chars() {
+            if c.is_control() {
+                write!(f, "{}", c.escape_default())?;
+            } else {
+                f.write_char(c)?;
+            }
+        }
+        Ok(())
     }
 }
 

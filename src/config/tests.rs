@@ -352,6 +352,29 @@ fn expired_elevations_grant_nothing_to_lint() {
     assert!(all.contains("clients[bot]: has no grants"), "{all}");
 }
 
+#[test]
+fn a_value_with_a_newline_cannot_split_or_forge_a_finding() {
+    // A client id and an operation name holding a newline, the second shaped like a finding.
+    let text = GOOD
+        .replace("id = \"bot\"", "id = \"b\\nerror: forged\"")
+        .replace(
+            "name = \"issues.read\"",
+            "name = \"issues.read\\nwarning: x\"",
+        );
+    let findings = check(&text, Path::new("c.toml"), Utc::now());
+    assert!(!findings.is_empty());
+    for f in &findings {
+        let line = f.to_string();
+        assert!(!line.contains('\n'), "one finding a line: {line:?}");
+    }
+    let all = lint_lines(&text);
+    assert!(
+        all.contains("client id must be non-empty and contain no ':' or control"),
+        "{all}"
+    );
+    assert!(all.contains("\\nerror: forged"), "shown escaped: {all}");
+}
+
 /// `check`'s findings for `text` now, one a line.
 fn lint_lines(text: &str) -> String {
     check(text, Path::new("c.toml"), Utc::now())

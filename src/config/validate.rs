@@ -755,11 +755,12 @@ fn clients(
                 );
             }
         }
-        if raw.id.get_ref().is_empty() || raw.id.get_ref().contains(':') {
+        let id = raw.id.get_ref();
+        if id.is_empty() || id.contains(':') || id.chars().any(char::is_control) {
             cx.err(
                 Some(raw.id.span()),
                 &key,
-                "client id must be non-empty and contain no ':'",
+                "client id must be non-empty and contain no ':' or control character",
             );
         }
         if !seen.insert(raw.id.get_ref().clone()) {

@@ -254,6 +254,11 @@ impl DynamicCredential {
         secret | self.cache.peek().is_some_and(|m| same(m.token.expose()))
     }
 
+    /// The credential minted last, if one is held: a deny record must not hold it either.
+    pub fn current(&self) -> Option<Arc<Minted>> {
+        self.cache.peek()
+    }
+
     /// The upstream answered 401 to `used`: drop it so the next call mints a new one.
     pub fn rejected(&self, used: &Arc<Minted>) {
         tracing::warn!(connector = %self.connector, "upstream refused the minted credential; it will be minted again");

@@ -206,15 +206,38 @@ pub fn host_is_unambiguous(version: http::Version, uri: &http::Uri, headers: &He
         http::Version::HTTP_11 => first.is_some() && second.is_none(),
         http::Version::HTTP_2 => match (uri.authority(), first, second) {
             (_, _, Some(_)) | (None, None, _) => false,
-            // Host names compare without case (RFC 9110 §4.2.3).
-            (Some(authority), Some(host), None) => authority
-                .as_str()
-                .as_bytes()
-                .eq_ignore_ascii_case(host.as_bytes()),
+            // Host names compare without case, and a scheme's default port is the same as
+            // none (RFC 9110 §4.2.3).
+            (Some(authority), Some(host), None) => {
+                let scheme = uri.scheme_str();
+                without_default_port(authority.as_str().as_bytes(), scheme)
+                    .eq_ignore_ascii_case(without_default_port(host.as_bytes(), scheme))
+            }
             _ => true,
         },
         _ => true,
     }
+}
+
+/// `authority` without an empty port or the default port of `scheme` (`:443` for https, `:80`
+/// for http): `example.com:443` and `example.com` name the same origin over TLS.
+fn without_default_port<'a>(authority: &'a [u8], scheme: Option<&str>) -> &'a [u8] {
+    let default: &[u8] = match scheme {
+        Some("https") => b":443",
+        Some("http") => b":80",
+        _ => b":",
+    };
+    let trimmed = authority.strip_suffix(default).unwrap_or(authority);
+    trimmed.strip_suffix(b":").unwrap_or(trimmed)
+}
+
+/// RFC 9113 §8.1.1: a request whose `content-length` does not equal its content is malformed,
+/// so one with two different values is malformed whatever it carries (HTTP/1.1 parsing
+/// refuses them itself; HTTP/2 would check the content against the first only).
+pub fn content_lengths_agree(headers: &HeaderMap) -> bool {
+    let mut values = headers.get_all(header::CONTENT_LENGTH).iter();
+    let first = values.next();
+    values.all(|v| Some(v) == first)
 }
 
 /// Adds the broker's own forwarding headers, replacing whatever the client sent.
@@ -232,6 +255,17 @@ pub fn add_forwarding_headers(
     );
 }
 
+/// RFC 9110 §7.6.3: a gateway adds itself to `Via` on every request it forwards, after the
+/// hops the client listed, naming the protocol version it received the request in.
+pub fn add_via(headers: &mut HeaderMap, received: http::Version) {
+    let hop = match received {
+        http::Version::HTTP_2 => "2 credbroker",
+        http::Version::HTTP_10 => "1.0 credbroker",
+        _ => "1.1 credbroker",
+    };
+    headers.append(header::VIA, HeaderValue::from_static(hop));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -245,6 +279,41 @@ mod tests {
             );
         }
         h
+    }
+
+    #[test]
+    fn an_http2_host_agrees_with_its_authority_up_to_case_and_default_port() {
+        let h2 = |uri: &str, hosts: &[&str]| {
+            let pairs: Vec<_> = hosts.iter().map(|h| ("host", *h)).collect();
+            host_is_unambiguous(http::Version::HTTP_2, &uri.parse().unwrap(), &map(&pairs))
+        };
+        assert!(h2("https://api.example/p", &["API.example"]));
+        assert!(h2("https://api.example/p", &["api.example:443"]));
+        assert!(h2("https://api.example:443/p", &["api.example"]));
+        assert!(h2("http://api.example:80/p", &["api.example:"]));
+        assert!(h2("https://[::1]:443/p", &["[::1]"]));
+        assert!(!h2("https://api.example/p", &["api.example:80"]));
+        assert!(!h2("https://api.example/p", &["api.example:8443"]));
+        assert!(!h2("http://api.example/p", &["api.example:443"]));
+        assert!(!h2("https://api.example/p", &["other.example"]));
+        assert!(!h2(
+            "https://api.example/p",
+            &["api.example", "api.example"]
+        ));
+    }
+
+    #[test]
+    fn differing_content_lengths_do_not_agree() {
+        assert!(content_lengths_agree(&map(&[])));
+        assert!(content_lengths_agree(&map(&[("content-length", "5")])));
+        assert!(content_lengths_agree(&map(&[
+            ("content-length", "5"),
+            ("content-length", "5")
+        ])));
+        assert!(!content_lengths_agree(&map(&[
+            ("content-length", "5"),
+            ("content-length", "6")
+        ])));
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::header::{HeaderValue, AUTHORIZATION, CONTENT_LENGTH, UPGRADE};
+use http::header::{HeaderValue, AUTHORIZATION, CONTENT_LENGTH, TRANSFER_ENCODING, UPGRADE};
 use http::{HeaderName, Method, Request, Response, Uri};
 use http_body::Body as _;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
@@ -439,6 +439,9 @@ fn canonical_target<'a>(
             "malformed_header",
             "an HTTP/2 field value starts or ends with whitespace",
         ));
+    }
+    if !headers::content_lengths_agree(headers) {
+        return Err(bad("malformed_header", "the content-length values differ"));
     }
     if headers.contains_key(UPGRADE) {
         return Err(bad("upgrade_refused", "protocol upgrades are not proxied"));
@@ -1028,7 +1031,13 @@ fn upstream_request(
     // the connector's origin.
     let mut uri = String::with_capacity(runtime.base_path.len() + target.path.len() + 64);
     uri.push_str(&runtime.base_path);
-    uri.push_str(target.path);
+    // `/{connector}` alone is matched as `/`, but nothing follows the connector: a base path
+    // gets nothing appended (DESIGN §4.3: the bytes after `/{connector}`), and only an empty
+    // one needs the `/` of origin-form. (A path `/` here is always that case: a trailing `/`,
+    // as in `/{connector}/`, is an empty segment that check 1 refused.)
+    if target.path != "/" || runtime.base_path.is_empty() {
+        uri.push_str(target.path);
+    }
     // Before the injected pair: `?` without a query, `&` after one (none after an empty
     // query or a trailing `&`, which would make an empty parameter).
     let mut sep = Some('?');
@@ -1048,6 +1057,11 @@ fn upstream_request(
         Denial::from(Refusal::UpstreamUnavailable("invalid upstream URI".into()))
     })?;
     let mut hdrs = headers::upstream_request_headers(&parts.headers, injection.header_name());
+    // A chunked body is forwarded whole with its length, which hyper states itself — except
+    // an empty one, which it sends with no framing at all: some origins then answer 411.
+    if parts.headers.contains_key(TRANSFER_ENCODING) && body.size_hint().exact() == Some(0) {
+        hdrs.insert(CONTENT_LENGTH, HeaderValue::from_static("0"));
+    }
     // The response's value too: shared bytes, not a copy.
     hdrs.insert(HeaderName::from_static("x-request-id"), request_id.clone());
     headers::add_forwarding_headers(
@@ -1055,6 +1069,7 @@ fn upstream_request(
         conn.peer_ip_value.as_ref(),
         if conn.tls { "https" } else { "http" },
     );
+    headers::add_via(&mut hdrs, parts.version);
     if let Injection::Header { name, value } = injection {
         hdrs.insert(name.clone(), value.clone());
     }
@@ -1184,8 +1199,14 @@ async fn forward(
     );
     headers::clean_response_headers(&mut parts.headers, credential.echoes());
     // The upstream's own reason phrase (`404 Whatever`) is not passed on: it carries no
-    // meaning (RFC 9112 §4) and could echo the credential. The client gets the standard one.
+    // meaning (RFC 9112 §4) and could echo the credential. The client gets the standard one,
+    // or none for a status that has none (hyper would write `<none>`).
     parts.extensions.remove::<hyper::ext::ReasonPhrase>();
+    if parts.status.canonical_reason().is_none() {
+        parts
+            .extensions
+            .insert(hyper::ext::ReasonPhrase::from_static(b""));
+    }
     // The client is answered in the broker's own HTTP version, not the upstream's (RFC 9110
     // §6.2): an HTTP/1.0 upstream must not turn a keep-alive HTTP/1.1 connection into 1.0.
     parts.version = http::Version::HTTP_11;
@@ -1361,7 +1382,10 @@ impl AuditFacts {
             *query = redact_query_param(query, name);
         }
         match runtime {
-            Some(runtime) => self.redact_credential(&runtime.echoes),
+            Some(runtime) => {
+                self.redact_credential(&runtime.echoes);
+                self.redact_minted_credential(live, runtime);
+            }
             // No such connector: it may be a secret sent as one (a credential, a client
             // secret in the wrong place).
             None => {
@@ -1371,6 +1395,21 @@ impl AuditFacts {
                     }
                 }
             }
+        }
+    }
+
+    /// A dynamic connector's `echoes` hold no credential: the one minted last is looked for
+    /// too (a client that got hold of it sends it in the path or query, say). Deny records
+    /// only: an allowed call is redacted with the credential it is forwarded with.
+    fn redact_minted_credential(&mut self, live: &Live, runtime: &ConnectorRuntime) {
+        let minted = runtime.dynamic.as_ref().and_then(|d| d.current());
+        let connector = self
+            .record
+            .connector
+            .as_deref()
+            .and_then(|name| live.config.connector(name));
+        if let (Some(minted), Some(connector)) = (minted, connector) {
+            self.redact_credential(&Echoes::new(&connector.auth, &minted.token));
         }
     }
 

@@ -250,14 +250,22 @@ async fn issue(
     let form = read_form(&parts.headers, body, live.config.server.request_timeout).await?;
     // Asked again now that the body is in (reading it may have taken a while), and counted
     // at this time, in one step with the attempt.
-    let client = broker
-        .authenticate_from(ip, Utc::now().timestamp(), || {
-            authenticate(live, &parts.headers, &form, conn)
-        })
-        .map_err(|attempt| match attempt {
-            AuthAttempt::LockedOut(left) => rate_limited(left),
-            AuthAttempt::Failed(e) => e,
-        })?;
+    let authenticated = broker.authenticate_from(ip, Utc::now().timestamp(), || {
+        authenticate(live, &parts.headers, &form, conn)
+    });
+    let client = match authenticated {
+        Ok(client) => client,
+        Err(AuthAttempt::LockedOut(left)) => return Err(rate_limited(left)),
+        Err(AuthAttempt::Failed(e)) => {
+            // A failed authentication that claimed a configured client: what it asked for is
+            // recorded too, so an auditor sees what a guesser was after (`refuse` redacts it).
+            // An unknown claimant's text is not (it may be anything).
+            if e.claimed.is_some() {
+                record.scope.clone_from(&form.scope);
+            }
+            return Err(e);
+        }
+    };
     record.client = Some(client.id.clone());
     // The scope asked for, on every record of an authenticated request, refused ones too
     // (`refuse` redacts it; an issued token's record carries the granted scope instead).
@@ -664,7 +672,7 @@ async fn respond_issued(
 fn error_response(e: TokenError, request_id: &str) -> Response<ProxyBody> {
     let body = serde_json::json!({
         "error": e.code,
-        "error_description": e.description,
+        "error_description": description_text(&e.description),
         "request_id": request_id,
     });
     let mut resp = json_response(e.status, &body);
@@ -683,6 +691,21 @@ fn error_response(e: TokenError, request_id: &str) -> Response<ProxyBody> {
             .insert(RETRY_AFTER, HeaderValue::from(secs));
     }
     resp
+}
+
+/// RFC 6749 §5.2: `error_description` holds only %x20-21 / %x23-5B / %x5D-7E. A description
+/// quoting what the client sent (a scope item) may hold anything else: each such character is
+/// shown as `?`.
+fn description_text(description: &str) -> std::borrow::Cow<'_, str> {
+    let allowed = |c: char| matches!(c, ' '..='~') && c != '"' && c != '\\';
+    if description.chars().all(allowed) {
+        return description.into();
+    }
+    description
+        .chars()
+        .map(|c| if allowed(c) { c } else { '?' })
+        .collect::<String>()
+        .into()
 }
 
 /// `GET /.well-known/jwks.json`
@@ -732,9 +755,9 @@ pub fn metadata(live: &Live, host: Option<&str>) -> Response<ProxyBody> {
         "response_types_supported": [],
         "authorization_details_types_supported": ["credbroker_request"],
         "tls_client_certificate_bound_access_tokens": server.client_ca.is_some(),
-        "scopes_supported": live.config.connectors.iter()
-            .flat_map(|c| c.operations.iter().map(move |o| format!("{}:{}", c.name, o.name)))
-            .collect::<Vec<_>>(),
+        // No `scopes_supported` (RFC 8414 §2: RECOMMENDED): this document is served to anyone,
+        // and the list would lay out every connector and operation, expired and disabled ones
+        // too, to whoever asks. A client learns its scope from its grants.
     });
     json_response(StatusCode::OK, &body)
 }

@@ -108,6 +108,15 @@ fn explain_exit_codes() {
         assert_eq!(code(&run("bot", method, "/github/x")), 2, "{method:?}");
     }
     assert_eq!(code(&run("bot", "GET", "/github/../x")), 2);
+    // Targets the HTTP layer itself refuses (400 before any check): bad input too, not allow.
+    for target in [
+        "/github/repos/acme/x<y/issues",
+        "/github/repos/acme/x`y/issues",
+        "/github/repos/acme/widget/issues?state=\"open\"",
+        "/github/repos/acme/widget/issues?state=>",
+    ] {
+        assert_eq!(code(&run("bot", "GET", target)), 2, "{target}");
+    }
     // Check 1's other refusals: a request line over max_header_bytes (8192 here: 431) ...
     let long = format!("/github/repos/acme/{}/issues", "w".repeat(9000));
     assert_eq!(code(&run("bot", "GET", &long)), 2);

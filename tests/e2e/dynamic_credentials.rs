@@ -251,6 +251,47 @@ async fn oauth2_basic_mints_once_for_many_calls_and_audits_the_mint() {
 }
 
 #[tokio::test]
+async fn a_minted_credential_sent_by_a_client_is_not_in_its_deny_record() {
+    const MINTED: &str = "minted-upstream-credential-7f3a9c1e5b20d4";
+    let ts = Fake::start(
+        Duration::ZERO,
+        Arc::new(|_, _| {
+            let body = format!(r#"{{"access_token":"{MINTED}","expires_in":3600}}"#);
+            (200, body)
+        }),
+    )
+    .await;
+    let up = open_upstream().await;
+    let token_url = format!("http://{}/oauth2/token", ts.addr);
+    let b = TestBroker::start(&oauth2_config(up.addr, &token_url, "basic")).await;
+    let token = b.token("github:issues.read", &[]).await;
+    let (s, _, body) = b.call("GET", ISSUES, &token).await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(bearer(&up.requests()[0]), format!("Bearer {MINTED}"));
+    // The credential the broker holds now, sent back by a client (one that read it off an
+    // upstream's echo, say) in the path and in a query parameter no operation allows: both
+    // calls are refused, and their records do not hold it (DESIGN §5).
+    for target in [
+        format!("/github/repos/{MINTED}/pulls"),
+        format!("{ISSUES}?token={MINTED}"),
+    ] {
+        let (s, _, body) = b.call("GET", &target, &token).await;
+        assert_eq!(s, 403, "{target}: {body}");
+    }
+    assert_eq!(up.count(), 1, "nothing more forwarded");
+    let records = b.audit();
+    let denies: Vec<_> = events(&records, "proxy")
+        .into_iter()
+        .filter(|r| r["decision"] == "deny")
+        .collect();
+    assert_eq!(denies.len(), 2);
+    let text = std::fs::read_to_string(b.audit_path()).unwrap();
+    assert!(!text.contains(MINTED), "{text}");
+    assert!(denies.iter().any(|r| r["path"] == "REDACTED"));
+    assert!(denies.iter().any(|r| r["query"] == "REDACTED"));
+}
+
+#[tokio::test]
 async fn oauth2_post_and_refresh_before_expiry() {
     // expires_in = 1: refreshed at 90 % of the lifetime, never used once expired.
     let ts = token_server(1, Duration::ZERO).await;

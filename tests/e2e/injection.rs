@@ -385,21 +385,27 @@ async fn the_upstream_reason_phrase_is_not_passed_on() {
     const ANSWER: &str =
         "HTTP/1.1 404 Bearer ghs_REAL_ORG_CREDENTIAL_sentinel\r\nContent-Length: 2\r\n\r\nno";
     assert!(ANSWER.contains(CREDENTIAL));
-    let up = raw_upstream(ANSWER.as_bytes()).await;
-    let b = TestBroker::start(&standard_config(up)).await;
-    let token = b.token("github:issues.read", &[]).await;
-    let request = format!(
-        "GET /github/repos/acme/widget/issues HTTP/1.1\r\nHost: x\r\n\
-         Authorization: Bearer {token}\r\nConnection: close\r\n\r\n"
-    );
-    let out = raw(
-        b.addr,
-        request.as_bytes(),
-        std::time::Duration::from_secs(5),
-    )
-    .await;
+    let status_line = |answer: &'static [u8]| async move {
+        let up = raw_upstream(answer).await;
+        let b = TestBroker::start(&standard_config(up)).await;
+        let token = b.token("github:issues.read", &[]).await;
+        let request = format!(
+            "GET /github/repos/acme/widget/issues HTTP/1.1\r\nHost: x\r\n\
+             Authorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+        );
+        raw(
+            b.addr,
+            request.as_bytes(),
+            std::time::Duration::from_secs(5),
+        )
+        .await
+    };
+    let out = status_line(ANSWER.as_bytes()).await;
     assert!(out.starts_with("HTTP/1.1 404 Not Found\r\n"), "{out}");
     assert!(!out.contains(CREDENTIAL), "{out}");
+    // A status without a standard phrase gets none (not hyper's `<none>`).
+    let out = status_line(b"HTTP/1.1 299 Upstream Words\r\nContent-Length: 2\r\n\r\nok").await;
+    assert!(out.starts_with("HTTP/1.1 299 \r\n"), "{out}");
 }
 
 /// RFC 9112 §6.3: an upstream answer with both `Content-Length` and `Transfer-Encoding` is

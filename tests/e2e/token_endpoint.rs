@@ -96,6 +96,21 @@ async fn every_error_code() {
         assert_eq!(s, 400, "{extra:?}");
         assert!(body.contains("\"invalid_request\""), "{extra:?}: {body}");
     }
+    // RFC 6749 §5.2: error_description holds only %x20-21 / %x23-5B / %x5D-7E, also when it
+    // quotes a scope item holding other characters.
+    let (s, _, body) = b
+        .token_request("bot", SECRET, "github:\"q\\u\"\té\nx", &[])
+        .await;
+    assert_eq!(s, 400, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let description = v["error_description"].as_str().unwrap();
+    assert!(description.contains("github:?q?u??"), "{description}");
+    assert!(
+        description
+            .chars()
+            .all(|c| matches!(c, ' '..='~') && c != '"' && c != '\\'),
+        "{description:?}"
+    );
     let records = b.audit();
     let denied = events(&records, "token_denied");
     assert!(denied.len() >= 10);
@@ -108,6 +123,10 @@ async fn every_error_code() {
     assert_eq!(failed.len(), 2);
     assert_eq!(failed[0]["client"], "bot");
     assert!(failed[1].get("client").is_none(), "{}", failed[1]);
+    // What a guess at a configured client's secret asked for is recorded too; an unknown
+    // claimant's text is not.
+    assert_eq!(failed[0]["scope"], "github:issues.read", "{}", failed[0]);
+    assert!(failed[1].get("scope").is_none(), "{}", failed[1]);
     // DESIGN §5: an authenticated request's denial records the scope it asked for, whatever
     // the reason.
     let authenticated = denied
@@ -241,6 +260,12 @@ async fn well_known_documents() {
         .as_str()
         .unwrap()
         .ends_with("/oauth2/token"));
+    // Served to anyone: it does not lay out the connectors and operations.
+    assert!(v.get("scopes_supported").is_none(), "{v}");
+    assert!(
+        !body.contains("issues.read") && !body.contains("github"),
+        "{body}"
+    );
 }
 
 #[tokio::test]
