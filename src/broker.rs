@@ -2,7 +2,6 @@
 //! everything precomputed from it, and the state that outlives a config — signing keys, audit
 //! log, revocations, `max_uses` counters and token-endpoint failure windows.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::path::PathBuf;
@@ -68,9 +67,9 @@ pub struct Broker {
 pub struct Live {
     pub config: Arc<Config>,
     pub verifier: TokenVerifier,
-    pub connectors: HashMap<String, ConnectorRuntime>,
-    pub client_limits: HashMap<String, Arc<DefaultDirectRateLimiter>>,
-    pub issue_limits: HashMap<String, Arc<DefaultDirectRateLimiter>>,
+    pub connectors: crate::ConfigMap<String, ConnectorRuntime>,
+    pub client_limits: crate::ConfigMap<String, Arc<DefaultDirectRateLimiter>>,
+    pub issue_limits: crate::ConfigMap<String, Arc<DefaultDirectRateLimiter>>,
 }
 
 /// Per-connector values prepared at load so the hot path allocates as little as possible.
@@ -416,7 +415,7 @@ impl Live {
             config.tokens.issuer.clone(),
             config.tokens.leeway.as_secs(),
         );
-        let mut connectors = HashMap::new();
+        let mut connectors = crate::ConfigMap::default();
         for c in &config.connectors {
             // A dynamic connector has no credential yet: an empty one gives the injection's
             // names for check 1, and nothing else reads it.
@@ -463,8 +462,8 @@ impl Live {
                 },
             );
         }
-        let mut client_limits = HashMap::new();
-        let mut issue_limits = HashMap::new();
+        let mut client_limits = crate::ConfigMap::default();
+        let mut issue_limits = crate::ConfigMap::default();
         for cl in &config.clients {
             let old_client = old.and_then(|o| o.config.client(&cl.id));
             let prev = old.and_then(|o| o.client_limits.get(&cl.id)).cloned();

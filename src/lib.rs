@@ -32,3 +32,9 @@ pub mod state;
 pub mod tls;
 pub mod token;
 pub mod workers;
+
+/// A hash map for tables built from the config and only looked up with request data
+/// (connectors, clients, routes, upstream pools): foldhash, randomly seeded, instead of
+/// SipHash, whose cost showed in every call's profile (9 lookups a call). A request can add no
+/// key to them, so there is no flooding to resist; maps filled from requests keep std's.
+pub type ConfigMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;

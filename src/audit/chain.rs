@@ -6,8 +6,6 @@
 //! with its final `,"hash":"<hex>"}` replaced by `}`; `hash = hex(SHA-256(B))`, or
 //! `hex(HMAC-SHA256(key, B))` with a key.
 
-use std::io::Write as _;
-
 use chrono::{DateTime, Utc};
 use hmac::{Hmac, Mac};
 use serde::Deserialize;
@@ -123,7 +121,53 @@ impl Ts {
 
     pub fn as_str(&self) -> &str {
         // Digits and ASCII separators, or chrono's (UTF-8) text.
-        std::str::from_utf8(&self.buf[..self.len]).unwrap_or_default()
+        std::str::from_utf8(self.as_bytes()).unwrap_or_default()
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+/// Length of `YYYY-MM-DDTHH:MM:SS.`, the part of a [`Ts`] that changes once a second.
+const TS_SECOND_LEN: usize = 20;
+/// Length of a [`Ts`] made by [`Ts::new`]'s own formatting (a four-digit year).
+const TS_LEN: usize = TS_SECOND_LEN + 7;
+
+/// Makes the `ts` of a run of records: the date and time to the second are kept from the
+/// previous record of the same second (under load, nearly every one), and only the
+/// microseconds are written. The text is [`Ts::new`]'s.
+#[derive(Default)]
+pub struct TsFormatter {
+    second: Option<i64>,
+    prefix: [u8; TS_SECOND_LEN],
+}
+
+impl TsFormatter {
+    pub fn format(&mut self, t: DateTime<Utc>) -> Ts {
+        let nanos = t.timestamp_subsec_nanos();
+        // A leap second's nanoseconds run past 1e9 within the same second: Ts::new's care.
+        if self.second == Some(t.timestamp()) && nanos < 1_000_000_000 {
+            let mut ts = Ts {
+                buf: [0; 40],
+                len: TS_LEN,
+            };
+            ts.buf[..TS_SECOND_LEN].copy_from_slice(&self.prefix);
+            let mut micros = nanos / 1_000;
+            for at in (TS_SECOND_LEN..TS_LEN - 1).rev() {
+                ts.buf[at] = b'0' + (micros % 10) as u8;
+                micros /= 10;
+            }
+            ts.buf[TS_LEN - 1] = b'Z';
+            return ts;
+        }
+        let ts = Ts::new(t);
+        self.second = None;
+        if ts.len == TS_LEN && nanos < 1_000_000_000 {
+            self.prefix.copy_from_slice(&ts.buf[..TS_SECOND_LEN]);
+            self.second = Some(t.timestamp());
+        }
+        ts
     }
 }
 
@@ -136,6 +180,10 @@ impl HashHex {
         // Hex digits are ASCII.
         std::str::from_utf8(&self.0).unwrap_or_default()
     }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
 }
 
 /// Seals a record: returns its line (without `\n`) and its hash.
@@ -147,42 +195,32 @@ pub fn seal(
     key: Option<&Secret>,
 ) -> Result<(String, String), ChainError> {
     let mut buf = Vec::with_capacity(256);
-    let hash = seal_into(&mut buf, seq, ts, record, prev, key)?;
+    let hash = seal_into(&mut buf, seq, ts.as_bytes(), record, prev.as_bytes(), key)?;
     // The line is built from JSON serialisation and hex digits only, so it is UTF-8.
     let line = String::from_utf8(buf).map_err(|e| ChainError::Unparsable(e.to_string()))?;
     Ok((line, hash.as_str().to_owned()))
 }
 
 /// Appends the sealed line (without `\n`) to `buf` and returns its hash. The writer uses this
-/// to build one batch in one buffer.
+/// to build one batch in one buffer. `ts` and `prev` are ASCII text ([`Ts`], a hash's hex),
+/// taken as bytes: the writer has them as bytes.
 pub fn seal_into(
     buf: &mut Vec<u8>,
     seq: u64,
-    ts: &str,
+    ts: &[u8],
     record: &Record,
-    prev: &str,
+    prev: &[u8],
     key: Option<&Secret>,
 ) -> Result<HashHex, ChainError> {
     let start = buf.len();
     buf.extend_from_slice(b"{\"seq\":");
-    // Into the buffer directly: no String per record.
-    let _ = write!(buf, "{seq}");
+    buf.extend_from_slice(itoa::Buffer::new().format(seq).as_bytes());
     buf.extend_from_slice(b",\"ts\":\"");
-    buf.extend_from_slice(ts.as_bytes());
+    buf.extend_from_slice(ts);
     buf.push(b'"');
-    let fields_at = buf.len();
-    serde_json::to_writer(&mut *buf, record)?;
-    // The record object's opening brace becomes the comma after `ts` (`{"event":…}` becomes
-    // `,"event":…}`: a record always has `event`), and its closing one goes.
-    debug_assert_eq!(
-        buf.get(fields_at),
-        Some(&b'{'),
-        "a record serialises as an object"
-    );
-    buf[fields_at] = b',';
-    buf.pop();
+    super::encode::write_members(record, buf);
     buf.extend_from_slice(b",\"prev\":\"");
-    buf.extend_from_slice(prev.as_bytes());
+    buf.extend_from_slice(prev);
     buf.extend_from_slice(b"\"}");
     let hash = digest(key, &buf[start..]);
     buf.pop();
@@ -263,18 +301,51 @@ fn digest_parts(key: Option<&Secret>, a: &[u8], b: &[u8]) -> HashHex {
     }
 }
 
-/// Lower-case hex of a 32-byte digest, on the stack: `hex::encode` goes char by char through
-/// an iterator into a String, and this runs twice per proxied call.
+/// Lower-case hex of a 32-byte digest, on the stack, a nibble at a time from a table (this
+/// runs twice per proxied call: `hex::encode_to_slice` cost twice as much).
 fn hex_lower(digest: &[u8]) -> HashHex {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut buf = [0u8; HASH_HEX_LEN];
-    // A 32-byte digest always fits the 64-byte buffer.
-    hex::encode_to_slice(digest, &mut buf).unwrap_or_else(|_| unreachable!("32-byte digest"));
+    for (pair, &byte) in buf.chunks_exact_mut(2).zip(digest) {
+        pair[0] = HEX[usize::from(byte >> 4)];
+        pair[1] = HEX[usize::from(byte & 0x0f)];
+    }
     HashHex(buf)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hashes_are_lower_case_hex() {
+        let digest: Vec<u8> = (0u8..32).map(|i| i.wrapping_mul(37) ^ 0xa5).collect();
+        assert_eq!(hex_lower(&digest).as_str(), hex::encode(&digest));
+    }
+
+    #[test]
+    fn the_formatter_writes_what_ts_new_writes() {
+        use chrono::TimeZone;
+        let mut f = TsFormatter::default();
+        let base = Utc.with_ymd_and_hms(2026, 12, 31, 23, 59, 58).unwrap();
+        let mut times: Vec<DateTime<Utc>> =
+            [0, 7, 999_999, 1_000_000, 1_000_001, 1_999_999, 2_000_000]
+                .iter()
+                .map(|&us| base + chrono::TimeDelta::microseconds(us))
+                .collect();
+        // A leap second (nanoseconds past 1e9) and the same second after it.
+        let leap = chrono::NaiveDate::from_ymd_opt(2016, 12, 31)
+            .unwrap()
+            .and_hms_micro_opt(23, 59, 59, 1_500_000)
+            .unwrap()
+            .and_utc();
+        times.extend([leap - chrono::TimeDelta::milliseconds(600), leap, leap]);
+        times.push(Utc.with_ymd_and_hms(10000, 1, 1, 0, 0, 0).unwrap());
+        times.push(base);
+        for t in times {
+            assert_eq!(f.format(t).as_str(), Ts::new(t).as_str(), "{t:?}");
+        }
+    }
     use crate::audit::record::{Decision, Event};
 
     fn sample() -> Record {

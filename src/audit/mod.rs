@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 pub mod chain;
+mod encode;
 pub mod files;
 mod gather;
 pub mod query;

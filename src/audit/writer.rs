@@ -849,6 +849,8 @@ struct Writer {
     seq: u64,
     prev: String,
     last_ts: DateTime<Utc>,
+    /// Makes each record's `ts` text, the date and time kept within a second.
+    ts_text: chain::TsFormatter,
     policy: FsyncPolicy,
     rotate_bytes: Option<u64>,
     key: Option<Secret>,
@@ -909,6 +911,7 @@ impl Writer {
             seq,
             prev,
             last_ts,
+            ts_text: chain::TsFormatter::default(),
             policy: opts.fsync,
             rotate_bytes: opts.rotate_bytes,
             key: opts.hmac_key,
@@ -1209,7 +1212,8 @@ impl Writer {
         let mut last: Option<chain::HashHex> = None;
         for record in records {
             seq += 1;
-            let ts = chain::Ts::new(self.next_ts());
+            let now = self.next_ts();
+            let ts = self.ts_text.format(now);
             // A replica's records name it (a copy, paid only when a name is configured).
             let named;
             let record = match &self.replica {
@@ -1224,11 +1228,11 @@ impl Writer {
             };
             let prev = last
                 .as_ref()
-                .map_or(self.prev.as_str(), chain::HashHex::as_str);
+                .map_or(self.prev.as_bytes(), chain::HashHex::as_bytes);
             last = Some(chain::seal_into(
                 buf,
                 seq,
-                ts.as_str(),
+                ts.as_bytes(),
                 record,
                 prev,
                 self.key.as_ref(),
@@ -1467,7 +1471,15 @@ mod tests {
             let mut rec = proxy("a");
             rec.request_id = None;
             let mut buf = Vec::new();
-            chain::seal_into(&mut buf, 1, future, &rec, ZERO_HASH, None).unwrap();
+            chain::seal_into(
+                &mut buf,
+                1,
+                future.as_bytes(),
+                &rec,
+                ZERO_HASH.as_bytes(),
+                None,
+            )
+            .unwrap();
             buf.push(b'\n');
             assert_ne!(v["ts"], future);
             std::fs::write(&o.path, &buf).unwrap();

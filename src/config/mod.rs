@@ -12,7 +12,7 @@ mod validate;
 
 pub(crate) use validate::is_loopback_host;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -47,8 +47,8 @@ pub struct Config {
     pub connectors: Vec<Arc<Connector>>,
     /// Clients in file order; look them up by id with [`Config::client`].
     pub clients: Vec<Arc<Client>>,
-    connector_index: HashMap<String, usize>,
-    client_index: HashMap<String, usize>,
+    connector_index: crate::ConfigMap<String, usize>,
+    client_index: crate::ConfigMap<String, usize>,
 }
 
 /// A listener's certificate and key files.

@@ -266,7 +266,7 @@ fn listeners_collide(a: SocketAddr, b: SocketAddr) -> bool {
         && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
-fn index(names: impl Iterator<Item = String>) -> HashMap<String, usize> {
+fn index(names: impl Iterator<Item = String>) -> crate::ConfigMap<String, usize> {
     names.enumerate().map(|(i, n)| (n, i)).collect()
 }
 

@@ -2,8 +2,6 @@
 //! pattern compiled into one segment trie per method, so finding the operations that match a
 //! call costs time in the path's depth, not in the number of operations.
 
-use std::collections::HashMap;
-
 use http::Method;
 
 use super::pattern::{is_bindable, Pattern, Segment};
@@ -23,7 +21,7 @@ pub struct OperationRouter {
 #[derive(Debug, Clone, Default)]
 struct Node {
     /// Children for literal segments, looked up by the request segment's exact bytes.
-    literals: HashMap<Box<str>, Node>,
+    literals: crate::ConfigMap<Box<str>, Node>,
     /// The child for a `{name}` segment (names do not matter for matching).
     param: Option<Box<Node>>,
     /// Operations whose pattern ends here with a `{*name}` catch-all, in insertion order.
@@ -117,8 +115,10 @@ impl Node {
         let Some(rest) = rest else {
             return self.ops.iter().copied().find(|&op| accept(op));
         };
-        let (seg, tail) = match rest.split_once('/') {
-            Some((seg, tail)) => (seg, Some(tail)),
+        // A byte search: segments are short, and `str`'s searcher costs more to set up than
+        // they cost to scan (`/` is ASCII, so `i` is a char boundary).
+        let (seg, tail) = match rest.bytes().position(|b| b == b'/') {
+            Some(i) => (&rest[..i], Some(&rest[i + 1..])),
             None => (rest, None),
         };
         if let Some(child) = self.literals.get(seg) {

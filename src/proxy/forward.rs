@@ -207,7 +207,7 @@ struct Shared {
 
 #[derive(Default)]
 struct Pool {
-    origins: HashMap<Arc<str>, OriginConns>,
+    origins: crate::ConfigMap<Arc<str>, OriginConns>,
     /// Closes expired idle connections while there are any.
     reaper: Option<JoinHandle<()>>,
 }
