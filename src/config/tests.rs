@@ -276,6 +276,32 @@ fn missing_required_fields_are_errors() {
 }
 
 #[test]
+fn an_upstream_base_path_must_be_canonical() {
+    for upstream in [
+        "https://api.example/a/../b",
+        "https://api.example//double",
+        "https://api.example/a/./b",
+        "https://api.example/v1#frag",
+        "https://api.example/a%2fb",
+    ] {
+        let text = GOOD.replace("https://api.github.com/v3/", upstream);
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(
+            err.contains("connectors[github].upstream"),
+            "{upstream}: {err}"
+        );
+    }
+    for upstream in [
+        "https://api.example",
+        "https://api.example/",
+        "https://api.example/v1/",
+    ] {
+        let text = GOOD.replace("https://api.github.com/v3/", upstream);
+        assert!(parse(&text).is_ok(), "{upstream}");
+    }
+}
+
+#[test]
 fn http_loopback_upstreams_are_allowed() {
     for up in [
         "http://127.0.0.1:9000",

@@ -1011,7 +1011,20 @@ fn upstream(cx: &mut Ctx<'_>, raw: &S, key: &str) -> Option<Upstream> {
             return None;
         }
     }
+    // The base path is sent as written, in front of every path the checks passed (DESIGN
+    // §4.3): it is held to the same canonical form, so `..` or `//` in the config cannot move
+    // calls elsewhere on the upstream. A fragment would be dropped silently.
+    if text.contains('#') {
+        cx.err(span, key, "must not contain a fragment (`#`)");
+        return None;
+    }
     let base_path = uri.path().trim_end_matches('/').to_owned();
+    if !base_path.is_empty() {
+        if let Err(e) = crate::proxy::canonical::check_path(&base_path) {
+            cx.err(span, key, format!("the base path is not canonical: {e}"));
+            return None;
+        }
+    }
     Some(Upstream {
         url: text.clone(),
         scheme,
