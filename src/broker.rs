@@ -75,10 +75,12 @@ pub struct Live {
 /// Per-connector values prepared at load so the hot path allocates as little as possible.
 pub struct ConnectorRuntime {
     pub injection: Injection,
-    /// The forms of the credential an upstream must not echo back.
+    /// The forms of the credential an upstream must not echo back and a record must not hold.
+    /// For an OAuth2 connector, its `client_secret` instead (records only: the upstream never
+    /// sees it; the minted credential's forms are made per call).
     pub echoes: Arc<Echoes>,
     /// A dynamic credential's source and cache (DESIGN §3.7), kept across reloads that leave
-    /// it unchanged. For such a connector `injection` and `echoes` carry no credential:
+    /// it unchanged. For such a connector `injection` carries no credential:
     /// `injection` only names the header or parameter check 1 refuses from clients, and the
     /// pipeline builds the real injection per call from the minted token.
     pub dynamic: Option<Arc<DynamicCredential>>,
@@ -88,6 +90,8 @@ pub struct ConnectorRuntime {
     pub origin: Origin,
     /// The upstream's base path, to which the request path and query are appended.
     pub base_path: String,
+    /// Where `/{connector}` alone goes: the upstream's path as configured (`/` when none).
+    pub root_path: String,
     /// This connector's metric series, resolved at load.
     pub metrics: Arc<crate::admin::metrics::ConnectorMetrics>,
 }
@@ -452,12 +456,13 @@ impl Live {
                 c.name.clone(),
                 ConnectorRuntime {
                     injection,
-                    echoes: Arc::new(Echoes::new(&c.auth, &value)),
+                    echoes: Arc::new(recorded_echoes(c, &value)),
                     dynamic,
                     client,
                     limiter: limiter(c.rate_limit, old_rate, old_limiter),
                     origin,
                     base_path: c.upstream.base_path.clone(),
+                    root_path: c.upstream.root_path.clone(),
                     metrics: metrics.for_connector(c),
                 },
             );
@@ -618,6 +623,18 @@ pub fn take(limiter: &DefaultDirectRateLimiter) -> Result<(), u64> {
         let wait: Duration = not_until.wait_time_from(DefaultClock::default().now());
         wait.as_secs() + u64::from(wait.subsec_nanos() > 0)
     })
+}
+
+/// What a record of this connector's calls must not hold: its static credential in every
+/// form it is sent in; for an OAuth2 connector, the `client_secret` the broker mints with (a
+/// minted credential is looked for per call: it changes).
+fn recorded_echoes(c: &crate::config::Connector, value: &crate::secret::Secret) -> Echoes {
+    match &c.credential {
+        Credential::OAuth2(oauth2) => {
+            Echoes::new(&crate::config::AuthMethod::Bearer, &oauth2.client_secret)
+        }
+        _ => Echoes::new(&c.auth, value),
+    }
 }
 
 /// The secret part of an HTTP Basic value (`Basic base64(id:secret)`, or the base64 alone).

@@ -288,7 +288,7 @@ fn digest_parts(key: Option<&Secret>, a: &[u8], b: &[u8]) -> HashHex {
             let mut h = Sha256::new();
             h.update(a);
             h.update(b);
-            hex_lower(&h.finalize())
+            hex_lower(&h.finalize().into())
         }
         Some(key) => {
             // HMAC accepts keys of any length, so this cannot fail.
@@ -296,14 +296,14 @@ fn digest_parts(key: Option<&Secret>, a: &[u8], b: &[u8]) -> HashHex {
                 .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
             m.update(a);
             m.update(b);
-            hex_lower(&m.finalize().into_bytes())
+            hex_lower(&m.finalize().into_bytes().into())
         }
     }
 }
 
 /// Lower-case hex of a 32-byte digest, on the stack, a nibble at a time from a table (this
 /// runs twice per proxied call: `hex::encode_to_slice` cost twice as much).
-fn hex_lower(digest: &[u8]) -> HashHex {
+fn hex_lower(digest: &[u8; 32]) -> HashHex {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut buf = [0u8; HASH_HEX_LEN];
     for (pair, &byte) in buf.chunks_exact_mut(2).zip(digest) {
@@ -319,8 +319,8 @@ mod tests {
 
     #[test]
     fn hashes_are_lower_case_hex() {
-        let digest: Vec<u8> = (0u8..32).map(|i| i.wrapping_mul(37) ^ 0xa5).collect();
-        assert_eq!(hex_lower(&digest).as_str(), hex::encode(&digest));
+        let digest: [u8; 32] = std::array::from_fn(|i| (i as u8).wrapping_mul(37) ^ 0xa5);
+        assert_eq!(hex_lower(&digest).as_str(), hex::encode(digest));
     }
 
     #[test]

@@ -198,7 +198,17 @@ mod tests {
             numbers in proptest::collection::vec(number(), 4),
             status in proptest::option::of(any::<u16>()),
             decision in proptest::option::of(prop_oneof![Just(Decision::Allow), Just(Decision::Deny)]),
-            event in prop_oneof![Just(Event::Proxy), Just(Event::ProxyResult), Just(Event::Admin)],
+            event in prop_oneof![
+                Just(Event::TokenIssued),
+                Just(Event::TokenDenied),
+                Just(Event::Proxy),
+                Just(Event::ProxyResult),
+                Just(Event::Admin),
+                Just(Event::CredentialRefreshed),
+                Just(Event::Startup),
+                Just(Event::Shutdown),
+                Just(Event::Recovered),
+            ],
         ) -> Record {
             let mut t = texts.into_iter();
             let mut n = numbers.into_iter();

@@ -103,10 +103,18 @@ pub fn explain(
         .split_once('#')
         .map_or(full_path, |(before, _)| before);
     // The HTTP layer refuses a target the `http` crate cannot parse (a raw `<`, `>` or `` ` ``
-    // in the path; those and `"` in the query) with a bare 400 before any check runs.
+    // in the path; those and `"` in the query; over 64 KiB) with a bare 400 before any check
+    // runs. After check 1's own first test, whose message is the clearer one.
+    if !full_path.starts_with('/') {
+        return Verdict::BadInput(format!(
+            "the path fails the canonical check: {}",
+            crate::proxy::canonical::CanonicalError::NoLeadingSlash
+        ));
+    }
     if http::uri::PathAndQuery::try_from(full_path).is_err() {
         return Verdict::BadInput(
-            "the HTTP layer refuses this request target: a byte in it must be percent-encoded"
+            "the HTTP layer refuses this request target (too long, or a byte in it that must be \
+             percent-encoded)"
                 .into(),
         );
     }

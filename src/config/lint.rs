@@ -35,10 +35,15 @@ impl fmt::Display for Finding {
         };
         // One finding a line (DESIGN §2): a value quoted from the file that holds a newline or
         // another control character is shown escaped, so it can neither split a finding nor
-        // forge another.
+        // forge another — a backslash too, so an escape is never ambiguous, and the characters
+        // that reorder or break text on a terminal (bidi controls, line separators).
         write!(f, "{level}: ")?;
         for c in self.location.to_string().chars() {
-            if c.is_control() {
+            let invisible = matches!(
+                c,
+                '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{feff}'
+            );
+            if c.is_control() || invisible || c == '\\' {
                 write!(f, "{}", c.escape_default())?;
             } else {
                 f.write_char(c)?;

@@ -182,6 +182,9 @@ pub struct Upstream {
     pub authority: http::uri::Authority,
     /// Prefix for every forwarded path, without a trailing slash (often empty).
     pub base_path: String,
+    /// Where `/{connector}` alone goes: the upstream's path as written, trailing slash
+    /// included (`/` when it has none).
+    pub root_path: String,
     /// Whether the host is a loopback address (the only case where `http://` is accepted).
     pub is_loopback: bool,
 }

@@ -382,7 +382,7 @@ fn expired_elevations_grant_nothing_to_lint() {
 fn a_value_with_a_newline_cannot_split_or_forge_a_finding() {
     // A client id and an operation name holding a newline, the second shaped like a finding.
     let text = GOOD
-        .replace("id = \"bot\"", "id = \"b\\nerror: forged\"")
+        .replace("id = \"bot\"", "id = \"b\\u202e\\\\n\\nerror: forged\"")
         .replace(
             "name = \"issues.read\"",
             "name = \"issues.read\\nwarning: x\"",
@@ -392,13 +392,18 @@ fn a_value_with_a_newline_cannot_split_or_forge_a_finding() {
     for f in &findings {
         let line = f.to_string();
         assert!(!line.contains('\n'), "one finding a line: {line:?}");
+        assert!(!line.contains('\u{202e}'), "no bidi override: {line:?}");
     }
     let all = lint_lines(&text);
     assert!(
         all.contains("client id must be non-empty and contain no ':' or control"),
         "{all}"
     );
-    assert!(all.contains("\\nerror: forged"), "shown escaped: {all}");
+    // The literal backslash-n doubled, the newline escaped, the override shown as its code.
+    assert!(
+        all.contains("b\\u{202e}\\\\n\\nerror: forged"),
+        "shown escaped: {all}"
+    );
 }
 
 /// `check`'s findings for `text` now, one a line.
@@ -541,6 +546,7 @@ fn a_header_credential_may_be_a_cookie_but_not_a_header_the_broker_sets_or_frame
         "Content-Length",
         "X-Request-Id",
         "X-Forwarded-For",
+        "Via",
     ] {
         let err = parse(&with_header(reserved)).unwrap_err().to_string();
         assert!(err.contains("cannot inject into"), "{reserved}: {err}");

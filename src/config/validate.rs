@@ -921,7 +921,7 @@ fn auth(cx: &mut Ctx<'_>, raw: Option<&Spanned<raw::RawAuth>>, key: &str) -> Opt
                     span,
                     &format!("{key}.name"),
                     "cannot inject into a hop-by-hop or framing header, or one the broker \
-                     sets itself (Host, X-Request-Id, X-Forwarded-For, X-Forwarded-Proto)",
+                     sets itself (Host, Via, X-Request-Id, X-Forwarded-For, X-Forwarded-Proto)",
                 );
                 return None;
             }
@@ -973,6 +973,7 @@ fn is_reserved_header(name: &HeaderName) -> bool {
             | "x-request-id"
             | "x-forwarded-for"
             | "x-forwarded-proto"
+            | "via"
     )
 }
 
@@ -1030,6 +1031,7 @@ fn upstream(cx: &mut Ctx<'_>, raw: &S, key: &str) -> Option<Upstream> {
         scheme,
         authority,
         base_path,
+        root_path: uri.path().to_owned(),
         is_loopback,
     })
 }

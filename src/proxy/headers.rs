@@ -231,9 +231,10 @@ fn without_default_port<'a>(authority: &'a [u8], scheme: Option<&str>) -> &'a [u
     trimmed.strip_suffix(b":").unwrap_or(trimmed)
 }
 
-/// RFC 9113 §8.1.1: a request whose `content-length` does not equal its content is malformed,
-/// so one with two different values is malformed whatever it carries (HTTP/1.1 parsing
-/// refuses them itself; HTTP/2 would check the content against the first only).
+/// RFC 9113 §8.1.1 and RFC 9112 §6.3: two `content-length` values that differ make the
+/// request malformed. hyper and h2 refuse values that differ in number themselves (a 400, an
+/// HTTP/2 stream reset, before any check runs, so unrecorded); this refuses, on every
+/// version, the same length written two ways (`3` and `03`), which they let through.
 pub fn content_lengths_agree(headers: &HeaderMap) -> bool {
     let mut values = headers.get_all(header::CONTENT_LENGTH).iter();
     let first = values.next();

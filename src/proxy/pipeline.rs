@@ -356,6 +356,10 @@ async fn stages(
     // queued it is written even if this call is dropped while waiting; once acknowledged, the
     // call owes its outcome.
     facts.redact_credential(credential.echoes());
+    if runtime.dynamic.is_some() {
+        // An OAuth2 connector's `client_secret` (see `ConnectorRuntime::echoes`).
+        facts.redact_credential(&runtime.echoes);
+    }
     let allow = facts.take_for_allow();
     facts.stage = Stage::AllowQueued;
     let written = match broker.audit.append_within(allow, body_deadline).await {
@@ -375,6 +379,9 @@ async fn stages(
             &operation.name,
             conn,
         );
+        // Made again from the request: redacted again with the credential this call used
+        // (the deny path looks for the one minted last, which may be newer).
+        facts.redact_credential(credential.echoes());
         facts.stage = Stage::Deciding;
         tracing::error!(error = %e, "audit log unavailable; refusing to forward");
         return Err(Denial::from(Refusal::AuditUnavailable));
@@ -1030,12 +1037,14 @@ fn upstream_request(
     // Origin form: the client picks the connection (and, for HTTP/2, the authority) from
     // the connector's origin.
     let mut uri = String::with_capacity(runtime.base_path.len() + target.path.len() + 64);
-    uri.push_str(&runtime.base_path);
-    // `/{connector}` alone is matched as `/`, but nothing follows the connector: a base path
-    // gets nothing appended (DESIGN §4.3: the bytes after `/{connector}`), and only an empty
-    // one needs the `/` of origin-form. (A path `/` here is always that case: a trailing `/`,
-    // as in `/{connector}/`, is an empty segment that check 1 refused.)
-    if target.path != "/" || runtime.base_path.is_empty() {
+    // `/{connector}` alone is matched as `/`, but nothing follows the connector: it goes to
+    // the upstream as configured (DESIGN §4.3: `upstream` plus the bytes after
+    // `/{connector}`), its trailing slash kept, `/` when it has no path. (A path `/` here is
+    // always that case: `/{connector}/` is an empty segment that check 1 refused.)
+    if target.path == "/" {
+        uri.push_str(&runtime.root_path);
+    } else {
+        uri.push_str(&runtime.base_path);
         uri.push_str(target.path);
     }
     // Before the injected pair: `?` without a query, `&` after one (none after an empty
@@ -1371,11 +1380,10 @@ impl AuditFacts {
     /// integration still configured with it): its value is not recorded (DESIGN §5), whatever
     /// the call was refused for. (An allowed call never has one: check 1 refuses it.)
     fn redact_credential_parameter(&mut self, live: &Live) {
-        let runtime = self
-            .record
-            .connector
-            .as_deref()
-            .and_then(|c| live.connectors.get(c));
+        let name = self.record.connector.as_deref();
+        let runtime = name.and_then(|c| live.connectors.get(c));
+        // Looked up before any field is redacted.
+        let connector = name.and_then(|c| live.config.connector(c)).cloned();
         if let (Some(Injection::Query { name, .. }), Some(query)) =
             (runtime.map(|r| &r.injection), self.record.query.as_mut())
         {
@@ -1384,7 +1392,9 @@ impl AuditFacts {
         match runtime {
             Some(runtime) => {
                 self.redact_credential(&runtime.echoes);
-                self.redact_minted_credential(live, runtime);
+                if let Some(connector) = &connector {
+                    self.redact_minted_credential(connector, runtime);
+                }
             }
             // No such connector: it may be a secret sent as one (a credential, a client
             // secret in the wrong place).
@@ -1401,14 +1411,8 @@ impl AuditFacts {
     /// A dynamic connector's `echoes` hold no credential: the one minted last is looked for
     /// too (a client that got hold of it sends it in the path or query, say). Deny records
     /// only: an allowed call is redacted with the credential it is forwarded with.
-    fn redact_minted_credential(&mut self, live: &Live, runtime: &ConnectorRuntime) {
-        let minted = runtime.dynamic.as_ref().and_then(|d| d.current());
-        let connector = self
-            .record
-            .connector
-            .as_deref()
-            .and_then(|name| live.config.connector(name));
-        if let (Some(minted), Some(connector)) = (minted, connector) {
+    fn redact_minted_credential(&mut self, connector: &Connector, runtime: &ConnectorRuntime) {
+        if let Some(minted) = runtime.dynamic.as_ref().and_then(|d| d.current()) {
             self.redact_credential(&Echoes::new(&connector.auth, &minted.token));
         }
     }

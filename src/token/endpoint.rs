@@ -258,10 +258,13 @@ async fn issue(
         Err(AuthAttempt::LockedOut(left)) => return Err(rate_limited(left)),
         Err(AuthAttempt::Failed(e)) => {
             // A failed authentication that claimed a configured client: what it asked for is
-            // recorded too, so an auditor sees what a guesser was after (`refuse` redacts it).
-            // An unknown claimant's text is not (it may be anything).
+            // recorded too, so an auditor sees what a guesser was after. An unknown
+            // claimant's text is not (it may be anything).
             if e.claimed.is_some() {
-                record.scope.clone_from(&form.scope);
+                record.scope = form
+                    .scope
+                    .as_deref()
+                    .map(|s| failed_auth_scope(live, s, &parts.headers));
             }
             return Err(e);
         }
@@ -485,6 +488,44 @@ fn short(s: &str) -> &str {
         Some((i, _)) => &s[..i],
         None => s,
     }
+}
+
+/// The most of a failed authentication's scope that is recorded: its caller is not
+/// authenticated (the source lockout bounds how often it can write a record, this how much).
+const MAX_FAILED_AUTH_SCOPE: usize = 256;
+
+/// The scope a failed authentication asked for, as recorded: shown as every denial's is
+/// ([`scope_as_shown`]), an item holding the password it presented `REDACTED` too (a wrong or
+/// old secret pasted into the scope: not one the broker holds, so `scope_as_shown` cannot
+/// know it), and whole items up to [`MAX_FAILED_AUTH_SCOPE`] bytes, then `…`.
+fn failed_auth_scope(live: &Live, scope: &str, headers: &http::HeaderMap) -> String {
+    let presented = headers
+        .get(AUTHORIZATION)
+        .and_then(|v| parse_basic(v.as_bytes()).ok())
+        .map(|(_, secret)| secret)
+        .filter(|secret| !secret.is_empty());
+    let holds_password = |item: &str| {
+        presented
+            .as_ref()
+            .is_some_and(|p| memchr::memmem::find(item.as_bytes(), p.expose()).is_some())
+    };
+    let mut out = String::new();
+    for item in scope_as_shown(live, scope).split(' ') {
+        let item = if holds_password(item) {
+            "REDACTED"
+        } else {
+            item
+        };
+        if out.len() + 1 + item.len() > MAX_FAILED_AUTH_SCOPE {
+            out.push_str(if out.is_empty() { "…" } else { " …" });
+            break;
+        }
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        out.push_str(item);
+    }
+    out
 }
 
 /// A requested scope as recorded and quoted: an item that is a secret the broker holds (a

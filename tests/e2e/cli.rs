@@ -117,6 +117,12 @@ fn explain_exit_codes() {
     ] {
         assert_eq!(code(&run("bot", "GET", target)), 2, "{target}");
     }
+    let o = run("bot", "GET", "github/repos/acme/widget/issues");
+    assert_eq!(code(&o), 2);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("the path fails the canonical check"),
+        "{o:?}"
+    );
     // Check 1's other refusals: a request line over max_header_bytes (8192 here: 431) ...
     let long = format!("/github/repos/acme/{}/issues", "w".repeat(9000));
     assert_eq!(code(&run("bot", "GET", &long)), 2);

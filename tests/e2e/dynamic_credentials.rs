@@ -251,7 +251,7 @@ async fn oauth2_basic_mints_once_for_many_calls_and_audits_the_mint() {
 }
 
 #[tokio::test]
-async fn a_minted_credential_sent_by_a_client_is_not_in_its_deny_record() {
+async fn a_minted_credential_or_client_secret_sent_by_a_client_is_not_recorded() {
     const MINTED: &str = "minted-upstream-credential-7f3a9c1e5b20d4";
     let ts = Fake::start(
         Duration::ZERO,
@@ -271,24 +271,40 @@ async fn a_minted_credential_sent_by_a_client_is_not_in_its_deny_record() {
     // The credential the broker holds now, sent back by a client (one that read it off an
     // upstream's echo, say) in the path and in a query parameter no operation allows: both
     // calls are refused, and their records do not hold it (DESIGN §5).
+    // So is the OAuth2 client secret the broker mints with, refused or allowed.
     for target in [
         format!("/github/repos/{MINTED}/pulls"),
         format!("{ISSUES}?token={MINTED}"),
+        format!("/github/repos/{CLIENT_SECRET}/pulls"),
     ] {
         let (s, _, body) = b.call("GET", &target, &token).await;
         assert_eq!(s, 403, "{target}: {body}");
     }
     assert_eq!(up.count(), 1, "nothing more forwarded");
+    let (s, _, body) = b
+        .call(
+            "GET",
+            &format!("/github/repos/acme/{CLIENT_SECRET}/issues"),
+            &token,
+        )
+        .await;
+    assert_eq!(s, 200, "{body}");
     let records = b.audit();
-    let denies: Vec<_> = events(&records, "proxy")
-        .into_iter()
+    let decisions = events(&records, "proxy");
+    let denies: Vec<_> = decisions
+        .iter()
         .filter(|r| r["decision"] == "deny")
         .collect();
-    assert_eq!(denies.len(), 2);
+    assert_eq!(denies.len(), 3);
     let text = std::fs::read_to_string(b.audit_path()).unwrap();
-    assert!(!text.contains(MINTED), "{text}");
-    assert!(denies.iter().any(|r| r["path"] == "REDACTED"));
+    assert!(
+        !text.contains(MINTED) && !text.contains("sentinel"),
+        "{text}"
+    );
+    assert_eq!(denies.iter().filter(|r| r["path"] == "REDACTED").count(), 2);
     assert!(denies.iter().any(|r| r["query"] == "REDACTED"));
+    assert_eq!(decisions.last().unwrap()["decision"], "allow");
+    assert_eq!(decisions.last().unwrap()["path"], "REDACTED");
 }
 
 #[tokio::test]

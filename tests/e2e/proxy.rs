@@ -76,6 +76,17 @@ async fn the_upstream_target_is_the_base_path_plus_the_bytes_after_the_connector
             ],
         ),
         (
+            "/base/v1/",
+            [
+                ("/github", "/base/v1/"),
+                ("/github?state=open", "/base/v1/?state=open"),
+                (
+                    "/github/repos/acme/widget/issues",
+                    "/base/v1/repos/acme/widget/issues",
+                ),
+            ],
+        ),
+        (
             "",
             [
                 ("/github", "/"),

@@ -127,6 +127,27 @@ async fn every_error_code() {
     // claimant's text is not.
     assert_eq!(failed[0]["scope"], "github:issues.read", "{}", failed[0]);
     assert!(failed[1].get("scope").is_none(), "{}", failed[1]);
+    // A wrong (old, mistyped) secret is not one the broker holds: pasted into the scope, it is
+    // still not recorded. And the unauthenticated scope is recorded up to 256 bytes.
+    let long_scope = vec!["github:issues.read"; 40].join(" ");
+    for scope in ["github:issues.read old-Secret-9q", long_scope.as_str()] {
+        let (s, _, _) = b.token_request("bot", "old-Secret-9q", scope, &[]).await;
+        assert_eq!(s, 401);
+    }
+    let records = b.audit();
+    let failed: Vec<_> = events(&records, "token_denied")
+        .into_iter()
+        .filter(|r| r["reason"] == "invalid_client" && r["client"] == "bot")
+        .collect();
+    assert_eq!(failed[1]["scope"], "github:issues.read REDACTED");
+    assert!(!std::fs::read_to_string(b.audit_path())
+        .unwrap()
+        .contains("old-Secret-9q"));
+    let recorded = failed[2]["scope"].as_str().unwrap();
+    assert!(
+        recorded.len() <= 256 + " …".len() && recorded.ends_with(" …"),
+        "{recorded}"
+    );
     // DESIGN §5: an authenticated request's denial records the scope it asked for, whatever
     // the reason.
     let authenticated = denied
