@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::header::{HeaderValue, AUTHORIZATION, CONTENT_LENGTH, TRANSFER_ENCODING, UPGRADE};
+use http::header::{HeaderValue, AUTHORIZATION, CONTENT_LENGTH, UPGRADE};
 use http::{HeaderName, Method, Request, Response, Uri};
 use http_body::Body as _;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
@@ -251,7 +251,7 @@ async fn stages(
     facts: &mut AuditFacts,
     started: Instant,
 ) -> Result<Response<ProxyBody>, Denial> {
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     // The target borrows from its own copy of the URI (a reference-counted clone), so `parts`
     // can move into the upstream request later.
     let uri = parts.uri.clone();
@@ -303,7 +303,7 @@ async fn stages(
     let (body, uploaded) = noting_wait(
         bounded_body(
             body,
-            &parts.headers,
+            &mut parts.headers,
             operation.max_body_bytes,
             &bytes_in,
             body_deadline,
@@ -888,7 +888,7 @@ async fn decide_again(
 /// chunked body is read up to the limit first, since nothing may leave before the decision.
 async fn bounded_body(
     body: Incoming,
-    headers: &http::HeaderMap,
+    headers: &mut http::HeaderMap,
     max: u64,
     seen: &Arc<AtomicU64>,
     deadline: Instant,
@@ -941,6 +941,12 @@ async fn bounded_body(
                 })?
                 .to_bytes();
             seen.store(bytes.len() as u64, Ordering::Relaxed);
+            // Sent whole with its length, which hyper states itself — except for an empty body
+            // (chunked `0`, or HTTP/2 DATA frames with nothing in them), which it would send
+            // with no framing at all: some origins answer that with 411.
+            if bytes.is_empty() {
+                headers.insert(CONTENT_LENGTH, HeaderValue::from_static("0"));
+            }
             Ok((full(bytes), None))
         }
     }
@@ -1066,11 +1072,6 @@ fn upstream_request(
         Denial::from(Refusal::UpstreamUnavailable("invalid upstream URI".into()))
     })?;
     let mut hdrs = headers::upstream_request_headers(&parts.headers, injection.header_name());
-    // A chunked body is forwarded whole with its length, which hyper states itself — except
-    // an empty one, which it sends with no framing at all: some origins then answer 411.
-    if parts.headers.contains_key(TRANSFER_ENCODING) && body.size_hint().exact() == Some(0) {
-        hdrs.insert(CONTENT_LENGTH, HeaderValue::from_static("0"));
-    }
     // The response's value too: shared bytes, not a copy.
     hdrs.insert(HeaderName::from_static("x-request-id"), request_id.clone());
     headers::add_forwarding_headers(

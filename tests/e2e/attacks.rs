@@ -2024,6 +2024,33 @@ async fn http2_requests_meet_the_http1_head_rules() {
     let last = seen.last().unwrap();
     assert_eq!(last.headers.get_all("content-length").iter().count(), 1);
     assert_eq!(&last.body[..], b"abc");
+    // One length written two ways (hyper's h2 compares the numbers only): malformed.
+    let post = http::Request::post(format!("{base}/github/repos/acme/widget/issues/1/comments"))
+        .header("authorization", format!("Bearer {t}"))
+        .header("content-length", "3")
+        .header("content-length", "03")
+        .body("abc".to_owned())
+        .unwrap();
+    assert_eq!(sender.send_request(post).await.unwrap().status(), 400);
+    // An empty body sent as a DATA frame (the stream not ended with the headers) reaches the
+    // HTTP/1.1 upstream with `content-length: 0`, not with no framing at all.
+    type Frames = http_body_util::StreamBody<
+        futures_util::stream::Iter<
+            std::vec::IntoIter<Result<hyper::body::Frame<bytes::Bytes>, std::convert::Infallible>>,
+        >,
+    >;
+    let mut streaming = h2_connect::<Frames>(b.addr).await;
+    let empty = http_body_util::StreamBody::new(futures_util::stream::iter(vec![Ok(
+        hyper::body::Frame::data(bytes::Bytes::new()),
+    )]));
+    let post = http::Request::post(format!("{base}/github/repos/acme/widget/issues/1/comments"))
+        .header("authorization", format!("Bearer {t}"))
+        .body(empty)
+        .unwrap();
+    let before = up.count();
+    assert_eq!(streaming.send_request(post).await.unwrap().status(), 200);
+    assert_eq!(up.count(), before + 1);
+    assert_eq!(up.requests()[before].headers["content-length"], "0");
     let records = b.audit();
     let reasons: Vec<_> = events(&records, "proxy")
         .iter()
@@ -2036,6 +2063,7 @@ async fn http2_requests_meet_the_http1_head_rules() {
             "headers_too_large",
             "bad_host",
             "bad_host",
+            "malformed_header",
             "malformed_header"
         ]
     );
