@@ -1409,8 +1409,8 @@ impl AuditFacts {
         }
     }
 
-    /// A dynamic connector's `echoes` hold no credential: the one minted last is looked for
-    /// too (a client that got hold of it sends it in the path or query, say). Deny records
+    /// A dynamic connector's `echoes` hold no minted credential: the one minted last is looked
+    /// for too (a client that got hold of it sends it in the path or query, say). Deny records
     /// only: an allowed call is redacted with the credential it is forwarded with.
     fn redact_minted_credential(&mut self, connector: &Connector, runtime: &ConnectorRuntime) {
         if let Some(minted) = runtime.dynamic.as_ref().and_then(|d| d.current()) {
