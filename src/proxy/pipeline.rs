@@ -1225,8 +1225,7 @@ async fn forward(
         .upstream_request_id_header
         .as_ref()
         .and_then(|h| parts.headers.get(h))
-        .and_then(|v| v.to_str().ok())
-        .map(recorded_request_id);
+        .map(|v| recorded_request_id(v.as_bytes()));
     let audit = broker.audit.clone();
     let metrics = Arc::clone(&runtime.metrics);
     let on_done = Box::new(move |outcome: Outcome| {
@@ -1267,8 +1266,17 @@ const MAX_RECORDED_REQUEST_ID: usize = 256;
 
 /// The upstream's request id as recorded: its first [`MAX_RECORDED_REQUEST_ID`] bytes (a
 /// header value that is a `str` is visible ASCII, so any cut is on a character).
-fn recorded_request_id(id: &str) -> String {
-    id[..id.len().min(MAX_RECORDED_REQUEST_ID)].to_owned()
+fn recorded_request_id(id: &[u8]) -> String {
+    // Bounded before anything is copied (a header may be hundreds of kilobytes); UTF-8 as it
+    // is, any other byte as U+FFFD (an id left out would lose the auditor's join key), cut on
+    // a character boundary.
+    let head = &id[..id.len().min(MAX_RECORDED_REQUEST_ID + 3)];
+    let text = String::from_utf8_lossy(head);
+    let mut cut = text.len().min(MAX_RECORDED_REQUEST_ID);
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    text[..cut].to_owned()
 }
 
 /// The answer to a call whose allow record was queued but not acknowledged within the
