@@ -87,14 +87,12 @@ pub fn run(args: ServeArgs, config: &super::ConfigPath) -> anyhow::Result<ExitCo
             .context("cannot start the worker runtimes")?;
         let (config, dev) = if args.dev {
             let dev = crate::dev::prepare().await?;
-            let config = dev.config()?;
-            crate::dev::forget_previous_run(&config)?;
-            (config, Some(dev))
+            (dev.config()?, Some(dev))
         } else {
             (Config::load(config_path)?, None)
         };
         raise_open_file_limit(&config);
-        let running = start(config).await?;
+        let running = start_serving(config, dev.is_some()).await?;
         if let Some(dev) = &dev {
             dev.print_welcome(&running);
         } else {
@@ -194,6 +192,13 @@ async fn wait_for_signals(running: &Running) -> Option<impl Future<Output = ()>>
 
 /// Opens the audit log and state, binds the listeners and serves until [`Running::shutdown`].
 pub async fn start(config: Config) -> anyhow::Result<Running> {
+    start_serving(config, false).await
+}
+
+/// [`start`]; with `dev`, an earlier dev run's revocations and kill switches are forgotten
+/// once the audit log is held — not before: a second `serve --dev` in the same folder, which
+/// the log's lock refuses, must not clear the state of the one running there.
+async fn start_serving(config: Config, dev: bool) -> anyhow::Result<Running> {
     let keys = Arc::new(match &config.tokens.signing_key {
         Some(path) => SigningKeys::from_pem_file(path)?,
         None => {
@@ -223,6 +228,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     // The clock skew allowed between replicas' cut-offs: `tokens.leeway`, at most 5 s (each
     // second of it is a second after a revocation or a loss in which new tokens are refused).
     let skew = i64::try_from(config.tokens.leeway.as_secs().min(5)).unwrap_or(5);
+    if dev {
+        crate::dev::forget_previous_run(&config)?;
+    }
     let state = StateStore::open(&config.state, skew)?;
     let limits = ListenerLimits {
         max_connections: config.server.max_connections,

@@ -473,6 +473,15 @@ proptest::proptest! {
             proptest::prop_assert!(!err.contains(&value), "{line}: {err}");
             proptest::prop_assert!(err.contains("credbroker.toml:"), "{err}");
         }
+        // Nor does an error about a value from a fixed list (`fsync`, `[state] backend`).
+        for text in [
+            GOOD.replace("path = \"audit.jsonl\"", &format!("path = \"audit.jsonl\"\nfsync = \"{value}\"")),
+            format!("{GOOD}\n[state]\nbackend = \"{value}\"\n"),
+        ] {
+            let err = parse(&text).unwrap_err().to_string();
+            proptest::prop_assert!(!err.contains(&value), "{err}");
+            proptest::prop_assert!(err.contains("must be one of"), "{err}");
+        }
     }
 }
 

@@ -385,11 +385,11 @@ fn audit(cx: &mut Ctx<'_>, raw: &raw::RawAudit) -> Option<AuditConfig> {
         None | Some("always") => Some(FsyncPolicy::Always),
         Some("interval") => Some(FsyncPolicy::Interval),
         Some("never") => Some(FsyncPolicy::Never),
-        Some(other) => {
+        Some(_) => {
             cx.err(
                 raw.fsync.as_ref().map(|s| s.span()),
                 "audit.fsync",
-                format!("`{other}` is not one of always, interval, never"),
+                "must be one of always, interval, never",
             );
             None
         }
@@ -437,11 +437,11 @@ fn state(cx: &mut Ctx<'_>, raw: &raw::RawState) -> Option<StateConfig> {
             Some(StateBackend::Memory)
         }
         Some("redis") => redis_backend(cx, raw),
-        Some(other) => {
+        Some(_) => {
             cx.err(
                 raw.backend.as_ref().map(|b| b.span()),
                 "state.backend",
-                format!("`{other}` is not one of memory, redis"),
+                "must be one of memory, redis",
             );
             None
         }

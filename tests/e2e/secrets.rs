@@ -595,6 +595,25 @@ async fn dev_mode_session_leaks_no_secret_outside_the_welcome_text() {
     .await;
     assert_eq!(revoked.0, 401);
     hay.response("revoked", &revoked);
+    // A second `serve --dev` in the same folder is refused (the audit log is held) and leaves
+    // the running one's revocations on disk: it forgets an earlier run's state only once it
+    // holds the log.
+    let state_file = state.join("revocations.json");
+    assert!(std::fs::read_to_string(&state_file)
+        .unwrap()
+        .contains(&jti_of(&token)));
+    let second = Command::new(env!("CARGO_BIN_EXE_credbroker"))
+        .args(["serve", "--dev"])
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    assert!(
+        std::fs::read_to_string(&state_file).is_ok_and(|s| s.contains(&jti_of(&token))),
+        "the running broker's revocations survive: {}",
+        String::from_utf8_lossy(&second.stderr)
+    );
     // The dev config lives in memory: a file of its name in the folder is not reloaded.
     std::fs::write(
         dir.path().join("credbroker-dev.toml"),
