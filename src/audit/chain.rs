@@ -46,9 +46,6 @@ pub enum ChainError {
         /// The `prev` found on this line.
         found: String,
     },
-    /// The record could not be serialised (not expected for [`Record`]'s plain fields).
-    #[error("cannot serialise the record: {0}")]
-    Serialize(#[from] serde_json::Error),
 }
 
 /// The parts of a checked line that the next line's check needs.
@@ -195,7 +192,7 @@ pub fn seal(
     key: Option<&Secret>,
 ) -> Result<(String, String), ChainError> {
     let mut buf = Vec::with_capacity(256);
-    let hash = seal_into(&mut buf, seq, ts.as_bytes(), record, prev.as_bytes(), key)?;
+    let hash = seal_into(&mut buf, seq, ts.as_bytes(), record, prev.as_bytes(), key);
     // The line is built from JSON serialisation and hex digits only, so it is UTF-8.
     let line = String::from_utf8(buf).map_err(|e| ChainError::Unparsable(e.to_string()))?;
     Ok((line, hash.as_str().to_owned()))
@@ -211,7 +208,7 @@ pub fn seal_into(
     record: &Record,
     prev: &[u8],
     key: Option<&Secret>,
-) -> Result<HashHex, ChainError> {
+) -> HashHex {
     let start = buf.len();
     buf.extend_from_slice(b"{\"seq\":");
     buf.extend_from_slice(itoa::Buffer::new().format(seq).as_bytes());
@@ -227,7 +224,7 @@ pub fn seal_into(
     buf.extend_from_slice(HASH_MEMBER);
     buf.extend_from_slice(&hash.0);
     buf.extend_from_slice(b"\"}");
-    Ok(hash)
+    hash
 }
 
 /// Checks one line (without `\n`): it parses, `hash` is last and re-computes, and, when

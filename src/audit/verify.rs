@@ -166,7 +166,6 @@ impl From<ChainError> for FailureReason {
             ChainError::HashNotLast => Self::HashNotLast,
             // The chain's own message already starts "unparsable line: …".
             ChainError::Unparsable(why) => Self::Unparsable(why),
-            other => Self::Unparsable(other.to_string()),
         }
     }
 }

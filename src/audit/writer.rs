@@ -29,7 +29,7 @@ use arc_swap::ArcSwapOption;
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 
-use crate::audit::chain::{self, ChainError, ZERO_HASH};
+use crate::audit::chain::{self, ZERO_HASH};
 use crate::audit::files::{last_rotated_record, open_log, rotate_file, scan_tail, sync_dir};
 use crate::audit::gather::{Gathers, Joined};
 use crate::audit::record::{Event, Record};
@@ -1164,8 +1164,8 @@ impl Writer {
         let count = records.len();
         let mut buf = std::mem::take(&mut self.scratch);
         buf.clear();
-        let sealed = self.seal_batch(&mut buf, records).map_err(io::Error::other);
-        let result = sealed.and_then(|(seq, prev)| self.write_sealed(&buf, count, seq, prev));
+        let (seq, prev) = self.seal_batch(&mut buf, records);
+        let result = self.write_sealed(&buf, count, seq, prev);
         if buf.capacity() <= SCRATCH_KEEP {
             self.scratch = buf;
         }
@@ -1206,7 +1206,7 @@ impl Writer {
         &mut self,
         buf: &mut Vec<u8>,
         records: impl ExactSizeIterator<Item = &'r Record>,
-    ) -> Result<(u64, String), ChainError> {
+    ) -> (u64, String) {
         buf.reserve(records.len() * 320);
         let mut seq = self.seq;
         let mut last: Option<chain::HashHex> = None;
@@ -1236,11 +1236,11 @@ impl Writer {
                 record,
                 prev,
                 self.key.as_ref(),
-            )?);
+            ));
             buf.push(b'\n');
         }
         let prev = last.map_or_else(|| self.prev.clone(), |h| h.as_str().to_owned());
-        Ok((seq, prev))
+        (seq, prev)
     }
 
     /// Now, but never before the previous record's time, so `ts` grows with `seq` through the
@@ -1478,8 +1478,7 @@ mod tests {
                 &rec,
                 ZERO_HASH.as_bytes(),
                 None,
-            )
-            .unwrap();
+            );
             buf.push(b'\n');
             assert_ne!(v["ts"], future);
             std::fs::write(&o.path, &buf).unwrap();

@@ -102,22 +102,6 @@ pub fn explain(
     let full_path = full_path
         .split_once('#')
         .map_or(full_path, |(before, _)| before);
-    // The HTTP layer refuses a target the `http` crate cannot parse (a raw `<`, `>` or `` ` ``
-    // in the path; those and `"` in the query; over 64 KiB) with a bare 400 before any check
-    // runs. After check 1's own first test, whose message is the clearer one.
-    if !full_path.starts_with('/') {
-        return Verdict::BadInput(format!(
-            "the path fails the canonical check: {}",
-            crate::proxy::canonical::CanonicalError::NoLeadingSlash
-        ));
-    }
-    if http::uri::PathAndQuery::try_from(full_path).is_err() {
-        return Verdict::BadInput(
-            "the HTTP layer refuses this request target (too long, or a byte in it that must be \
-             percent-encoded)"
-                .into(),
-        );
-    }
     let (path, query) = match full_path.split_once('?') {
         Some((p, q)) => (p, Some(q)),
         None => (full_path, None),
@@ -129,6 +113,16 @@ pub fn explain(
         if let Err(e) = crate::proxy::canonical::check_query(q) {
             return Verdict::BadInput(format!("the query fails the canonical check: {e}"));
         }
+    }
+    // The HTTP layer refuses a target the `http` crate cannot parse (a raw `<`, `>` or `` ` ``
+    // in the path; those and `"` in the query; over 64 KiB) with a bare 400 before any check
+    // runs. Asked after check 1's own tests, whose messages are the clearer ones.
+    if http::uri::PathAndQuery::try_from(full_path).is_err() {
+        return Verdict::BadInput(
+            "the HTTP layer refuses this request target (too long, or a byte in it that must be \
+             percent-encoded)"
+                .into(),
+        );
     }
     let (name, upstream_path) = crate::proxy::canonical::split_target(path);
     let Some(connector) = config.connector(name) else {
