@@ -248,6 +248,12 @@ impl Broker {
         })
     }
 
+    /// The proxy listener's `client_ca` in force now (`None` without mTLS): a connection's
+    /// client certificate counts only under the CA it was verified against.
+    pub fn client_ca_in_force(&self) -> Option<crate::tls::ClientCaId> {
+        self.listener_tls.proxy.as_ref()?.client_ca()
+    }
+
     /// The config in force, for one request's lifetime.
     pub fn live(&self) -> Arc<Live> {
         self.live.load_full()

@@ -22,13 +22,13 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
-use crate::admin::metrics::ListenerMetrics;
+use crate::admin::metrics::{HandshakeFailure, ListenerMetrics};
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::proxy::pipeline::{self, ConnInfo};
 use crate::proxy::respond::Refusal;
 use crate::proxy::ProxyBody;
-use crate::tls::TlsError;
+use crate::tls::{ClientCaId, TlsError};
 
 mod deadlines;
 use deadlines::{Activity, Deadlines, InFlight, Opening, Protocol};
@@ -216,7 +216,7 @@ pub async fn serve(
 async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
-    tls: Option<TlsAcceptor>,
+    tls: Option<Accepting>,
     limits: ListenerLimits,
     role: Role,
     builder: &ConnectionBuilder,
@@ -229,7 +229,11 @@ async fn serve_connection(
         protocol,
         first_request_by,
     };
-    let Some(acceptor) = tls else {
+    let Some(Accepting {
+        acceptor,
+        client_ca,
+    }) = tls
+    else {
         let info = ConnInfo::new(peer, false, None);
         let opening = opening(Protocol::Unknown);
         return serve_http(stream, opening, info, limits, role, builder, watcher).await;
@@ -238,15 +242,24 @@ async fn serve_connection(
     let stream = match handshake {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
-            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            // A refused client certificate is worth an operator's attention (an mTLS client
+            // locked out, or someone trying certificates); the rest is the internet's noise.
+            let why = handshake_failure(&e);
+            if why == HandshakeFailure::ClientCertificate {
+                tracing::warn!(%peer, error = %e, "TLS handshake failed: client certificate refused");
+            } else {
+                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            }
+            builder.metrics.handshake_failed(why);
             return;
         }
         Err(_) => {
             tracing::debug!(%peer, "TLS handshake timed out");
+            builder.metrics.handshake_failed(HandshakeFailure::Timeout);
             return;
         }
     };
-    let client_cert = crate::tls::peer_identity(stream.get_ref().1).map(Arc::new);
+    let client_cert = crate::tls::peer_identity(stream.get_ref().1, client_ca).map(Arc::new);
     let protocol = match stream.get_ref().1.alpn_protocol() {
         Some(b"h2") => Protocol::Http2,
         _ => Protocol::Unknown,
@@ -446,6 +459,20 @@ async fn handle(
     Ok(resp)
 }
 
+/// Why a handshake failed, from the error the acceptor gave: rustls refusing the client's
+/// certificate, or anything else.
+fn handshake_failure(e: &std::io::Error) -> HandshakeFailure {
+    let rustls_error = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+    match rustls_error {
+        Some(rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented) => {
+            HandshakeFailure::ClientCertificate
+        }
+        _ => HandshakeFailure::Other,
+    }
+}
+
 /// Whether the proxy listener hands `path` to the pipeline (not the token endpoint or the
 /// well-known documents [`route`] serves itself).
 fn is_proxy_path(path: &str) -> bool {
@@ -548,23 +575,45 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 /// A listener's rustls server config, replaced on reload. Each accepted connection takes the
 /// config in force when it is accepted, so a reload changes what new connections see and
-/// never touches an open one.
+/// never closes an open one (an open connection's client certificate stops counting once the
+/// `client_ca` it was verified against is no longer in force: [`PeerIdentity::counts`]).
 #[derive(Clone)]
-pub struct SwappableTls(Arc<ArcSwap<rustls::ServerConfig>>);
+pub struct SwappableTls(Arc<ArcSwap<ListenerTlsConfig>>);
+
+/// A listener's rustls config and, with mTLS, the `client_ca` it verifies certificates against.
+pub struct ListenerTlsConfig {
+    config: Arc<rustls::ServerConfig>,
+    client_ca: Option<ClientCaId>,
+}
+
+/// What a connection is accepted with: the config in force and its `client_ca`.
+pub struct Accepting {
+    acceptor: TlsAcceptor,
+    client_ca: Option<ClientCaId>,
+}
 
 impl SwappableTls {
-    pub fn new(config: Arc<rustls::ServerConfig>) -> Self {
-        Self(Arc::new(ArcSwap::new(config)))
+    pub fn new(config: ListenerTlsConfig) -> Self {
+        Self(Arc::new(ArcSwap::from_pointee(config)))
     }
 
     /// Puts `config` in force for connections accepted from now on.
-    pub fn store(&self, config: Arc<rustls::ServerConfig>) {
-        self.0.store(config);
+    pub fn store(&self, config: ListenerTlsConfig) {
+        self.0.store(Arc::new(config));
     }
 
     /// An acceptor with the config in force now.
-    pub fn acceptor(&self) -> TlsAcceptor {
-        TlsAcceptor::from(self.0.load_full())
+    pub fn acceptor(&self) -> Accepting {
+        let now = self.0.load();
+        Accepting {
+            acceptor: TlsAcceptor::from(Arc::clone(&now.config)),
+            client_ca: now.client_ca,
+        }
+    }
+
+    /// The `client_ca` in force now (`None` without mTLS).
+    pub fn client_ca(&self) -> Option<ClientCaId> {
+        self.0.load().client_ca
     }
 }
 
@@ -580,8 +629,8 @@ pub struct ListenerTls {
 
 /// Server configs freshly loaded from a config's files, ready for [`ListenerTls::install`].
 pub struct PreparedTls {
-    proxy: Option<Arc<rustls::ServerConfig>>,
-    admin: Option<Arc<rustls::ServerConfig>>,
+    proxy: Option<ListenerTlsConfig>,
+    admin: Option<ListenerTlsConfig>,
 }
 
 /// Why a listener's TLS config could not be (re)loaded.
@@ -642,12 +691,12 @@ impl ListenerTls {
 }
 
 /// The proxy listener's server config (with the mTLS verifier when `client_ca` is set).
-fn server_tls(config: &Config) -> Result<Option<Arc<rustls::ServerConfig>>, ListenerTlsError> {
+fn server_tls(config: &Config) -> Result<Option<ListenerTlsConfig>, ListenerTlsError> {
     let Some(files) = &config.server.tls else {
         return Ok(None);
     };
-    crate::tls::server_config(&files.cert, &files.key, config.server.client_ca.as_deref())
-        .map(Some)
+    crate::tls::server_config_and_ca(&files.cert, &files.key, config.server.client_ca.as_deref())
+        .map(|(config, client_ca)| Some(ListenerTlsConfig { config, client_ca }))
         .map_err(|source| ListenerTlsError::Load {
             listener: "server",
             source: Box::new(source),
@@ -655,12 +704,17 @@ fn server_tls(config: &Config) -> Result<Option<Arc<rustls::ServerConfig>>, List
 }
 
 /// The admin listener's server config (never mTLS: admins use the bearer token).
-fn admin_tls(config: &Config) -> Result<Option<Arc<rustls::ServerConfig>>, ListenerTlsError> {
+fn admin_tls(config: &Config) -> Result<Option<ListenerTlsConfig>, ListenerTlsError> {
     let Some(files) = config.admin.as_ref().and_then(|a| a.tls.as_ref()) else {
         return Ok(None);
     };
     crate::tls::server_config(&files.cert, &files.key, None)
-        .map(Some)
+        .map(|config| {
+            Some(ListenerTlsConfig {
+                config,
+                client_ca: None,
+            })
+        })
         .map_err(|source| ListenerTlsError::Load {
             listener: "admin",
             source: Box::new(source),
@@ -671,8 +725,8 @@ fn admin_tls(config: &Config) -> Result<Option<Arc<rustls::ServerConfig>>, Liste
 fn same_mode(
     listener: &'static str,
     running_tls: bool,
-    new: Option<Arc<rustls::ServerConfig>>,
-) -> Result<Option<Arc<rustls::ServerConfig>>, ListenerTlsError> {
+    new: Option<ListenerTlsConfig>,
+) -> Result<Option<ListenerTlsConfig>, ListenerTlsError> {
     if running_tls != new.is_some() {
         return Err(ListenerTlsError::ModeChanged {
             listener,

@@ -213,6 +213,7 @@ pub struct Metrics {
     connections_open: Family<Labels, Gauge>,
     connections_limit: Family<Labels, Gauge>,
     requests_overloaded: Family<Labels, Counter>,
+    tls_handshake_failures: Family<Labels, Counter>,
     usage: DashMap<String, Arc<Usage>>,
 }
 
@@ -222,6 +223,32 @@ pub struct Metrics {
 pub struct ListenerMetrics {
     open: Gauge,
     overloaded: Counter,
+    /// TLS handshakes that failed, by [`HandshakeFailure`].
+    handshake_failures: [Counter; 3],
+}
+
+/// Why a TLS handshake failed, as `credbroker_tls_handshake_failures_total` counts it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HandshakeFailure {
+    /// The client's certificate was refused (expired, not from `client_ca`, unfit for
+    /// client authentication): an mTLS client locked out, or someone trying certificates.
+    ClientCertificate,
+    /// Not finished within `header_read_timeout`.
+    Timeout,
+    /// Anything else (no common protocol version or cipher, not TLS at all, a reset).
+    Other,
+}
+
+impl HandshakeFailure {
+    const ALL: [Self; 3] = [Self::ClientCertificate, Self::Timeout, Self::Other];
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::ClientCertificate => "client_certificate",
+            Self::Timeout => "timeout",
+            Self::Other => "other",
+        }
+    }
 }
 
 impl ListenerMetrics {
@@ -234,6 +261,11 @@ impl ListenerMetrics {
     /// An HTTP/2 request refused 503 `overloaded` (every place in flight was taken).
     pub fn overloaded(&self) {
         self.overloaded.inc();
+    }
+
+    /// A TLS handshake that failed.
+    pub fn handshake_failed(&self, why: HandshakeFailure) {
+        self.handshake_failures[why as usize].inc();
     }
 }
 
@@ -275,6 +307,7 @@ impl Metrics {
             connections_open: Family::default(),
             connections_limit: Family::default(),
             requests_overloaded: Family::default(),
+            tls_handshake_failures: Family::default(),
             usage: DashMap::new(),
         };
         m.register();
@@ -380,6 +413,12 @@ impl Metrics {
              flight were at max_connections (neither read nor audited)",
             self.requests_overloaded.clone(),
         );
+        r.register(
+            "credbroker_tls_handshake_failures",
+            "TLS handshakes that failed, by listener and reason (client_certificate: the \
+             client's certificate was refused; timeout; other); neither read nor audited",
+            self.tls_handshake_failures.clone(),
+        );
     }
 
     /// The series of listener `name` (`proxy`, `admin`), whose connection limit is `limit`.
@@ -388,9 +427,14 @@ impl Metrics {
         self.connections_limit
             .get_or_create(&set)
             .set(i64::try_from(limit).unwrap_or(i64::MAX));
+        let failures = HandshakeFailure::ALL.map(|why| {
+            let set = labels(&[("listener", name), ("reason", why.label())]);
+            self.tls_handshake_failures.get_or_create(&set).clone()
+        });
         ListenerMetrics {
             open: self.connections_open.get_or_create(&set).clone(),
             overloaded: self.requests_overloaded.get_or_create(&set).clone(),
+            handshake_failures: failures,
         }
     }
 

@@ -189,11 +189,13 @@ fn tls_material_errors(cx: &mut Ctx<'_>, raw: &RawConfig) {
             ca_path.as_deref(),
         );
         if let Err(e) = built {
-            cx.err(
-                Some(cert.span()),
-                &format!("{table}.tls_cert"),
-                e.to_string(),
-            );
+            // Said of the key whose file is at fault: the CA file's own faults under
+            // `client_ca`, everything else (the pair) under `tls_cert`.
+            let span = match (ca, ca_path.as_deref()) {
+                (Some(ca), Some(path)) if e.concerns(path) => (ca.span(), "client_ca"),
+                _ => (cert.span(), "tls_cert"),
+            };
+            cx.err(Some(span.0), &format!("{table}.{}", span.1), e.to_string());
         }
     }
     for c in &raw.connectors {

@@ -607,8 +607,10 @@ fn check_loads_tls_material_as_serve_does() {
         "{no_cert:?}"
     );
     let bad_ca = errors(&with_tls("server.pem", "server-key.pem", "empty.pem"));
+    // The CA file's fault is said of `client_ca` (its own line), not of the certificate.
     assert!(
-        bad_ca.iter().any(|e| e.contains("server.tls_cert"))
+        bad_ca.iter().any(|e| e.contains("server.client_ca"))
+            && !bad_ca.iter().any(|e| e.contains("server.tls_cert"))
             && bad_ca
                 .iter()
                 .any(|e| e.contains("connectors[github].upstream_ca")),

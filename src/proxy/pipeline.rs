@@ -31,7 +31,7 @@ use crate::credential::{DynamicCredential, Minted};
 use crate::server::RequestId;
 use crate::state::redis::{Admission, AdmitRequest};
 use crate::state::{RedisState, StateStore};
-use crate::tls::PeerIdentity;
+use crate::tls::{ClientCaId, PeerIdentity};
 use crate::token::verify::TokenMemo;
 use crate::token::AccessClaims;
 
@@ -60,6 +60,15 @@ impl ConnInfo {
             peer_ip_value: HeaderValue::try_from(peer.ip().to_string()).ok(),
             token_memo: TokenMemo::default(),
         }
+    }
+
+    /// The client certificate this connection presented, if it still identifies the client at
+    /// `now` (Unix seconds) with `in_force` the listener's `client_ca` now
+    /// ([`PeerIdentity::counts`]).
+    pub fn client_cert_at(&self, now: i64, in_force: Option<ClientCaId>) -> Option<&PeerIdentity> {
+        self.client_cert
+            .as_deref()
+            .filter(|cert| cert.counts(now, in_force))
     }
 }
 
@@ -276,7 +285,7 @@ async fn stages(
         }
         // 2–5 on the state shared by every replica, in one round trip.
         StateStore::Redis(redis) => {
-            let local = check_binding(&claims, conn).and_then(|()| {
+            let local = check_binding(broker, &claims, conn, wall.timestamp()).and_then(|()| {
                 authorize(broker, live, &claims, &parts.method, &target, wall, facts)
             });
             // Boxed, as every rare path with a large future is here: a call's future is
@@ -546,7 +555,7 @@ fn authenticate(
         if r.is_revoked(&claims.jti, &claims.sub, claims.iat) {
             return Err(revoked());
         }
-        check_binding(&claims, conn)?;
+        check_binding(broker, &claims, conn, now)?;
     }
     Ok(claims)
 }
@@ -559,12 +568,20 @@ fn revoked() -> Denial {
 }
 
 /// The last part of check 2: a certificate-bound token (`cnf`) only on a connection that
-/// presented that certificate.
-fn check_binding(claims: &AccessClaims, conn: &ConnInfo) -> Result<(), Denial> {
+/// presented that certificate, and while it still counts at `now` (unexpired, its CA still in
+/// force: a connection cannot outlast the certificate it was bound by).
+fn check_binding(
+    broker: &Broker,
+    claims: &AccessClaims,
+    conn: &ConnInfo,
+    now: i64,
+) -> Result<(), Denial> {
     let Some(cnf) = &claims.cnf else {
         return Ok(());
     };
-    let presented = conn.client_cert.as_ref().map(|c| c.x5t_s256.as_str());
+    let presented = conn
+        .client_cert_at(now, broker.client_ca_in_force())
+        .map(|c| c.x5t_s256.as_str());
     if presented != Some(cnf.x5t_s256.as_str()) {
         return Err(deny(
             Refusal::InvalidToken(
@@ -867,7 +884,7 @@ async fn decide_again(
             authorize(broker, &live, &claims, method, target, wall, facts)?;
         }
         StateStore::Redis(redis) => {
-            let local = check_binding(&claims, conn)
+            let local = check_binding(broker, &claims, conn, wall.timestamp())
                 .and_then(|()| authorize(broker, &live, &claims, method, target, wall, facts));
             shared_checks(
                 redis,

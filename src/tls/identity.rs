@@ -17,6 +17,24 @@ pub struct PeerIdentity {
     pub x5t_s256: String,
     /// The certificate's URI and DNS subject alternative names, in certificate order.
     pub sans: Vec<String>,
+    /// The certificate's validity period (Unix seconds, inclusive). The handshake checked it
+    /// then; a connection that outlives `not_after` no longer presents a valid certificate.
+    pub not_before: i64,
+    pub not_after: i64,
+    /// The `client_ca` the handshake verified the certificate against ([`PeerIdentity::counts`]).
+    pub verified_under: Option<ClientCaId>,
+}
+
+/// What identifies a `client_ca` file's contents: SHA-256 of its bytes. A reload that puts
+/// other CA certificates in force changes it; one that re-reads the same file does not.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClientCaId(pub [u8; 32]);
+
+impl ClientCaId {
+    /// The id of a `client_ca` file holding `pem`.
+    pub fn of(pem: &[u8]) -> Self {
+        Self(Sha256::digest(pem).into())
+    }
 }
 
 impl PeerIdentity {
@@ -49,10 +67,26 @@ impl PeerIdentity {
                     .collect()
             })
             .unwrap_or_default();
+        let validity = cert.validity();
         Ok(Self {
             x5t_s256: x5t_s256(der),
             sans,
+            not_before: validity.not_before.timestamp(),
+            not_after: validity.not_after.timestamp(),
+            verified_under: None,
         })
+    }
+
+    /// Whether the certificate still identifies the connection's client at `now` (Unix
+    /// seconds), with `in_force` the listener's `client_ca` now: the handshake's verdict holds
+    /// only within the certificate's validity period and under the CA it was verified against.
+    /// A connection kept open past either — a certificate expired, a CA withdrawn by a reload
+    /// — presents no certificate any more: its client reconnects, and the handshake decides
+    /// again (DESIGN §4.1: the certificate authenticates the client, not the connection).
+    pub fn counts(&self, now: i64, in_force: Option<ClientCaId>) -> bool {
+        (self.not_before..=self.not_after).contains(&now)
+            && self.verified_under.is_some()
+            && self.verified_under == in_force
     }
 
     /// True if a SAN of the kind `cert_san` is names it: a URI (it has a `:`) byte for byte —
@@ -72,14 +106,21 @@ pub fn x5t_s256(der: &[u8]) -> String {
     URL_SAFE_NO_PAD.encode(Sha256::digest(der))
 }
 
-/// From an accepted rustls server connection: the leaf client certificate, if one was presented.
+/// From an accepted rustls server connection: the leaf client certificate, if one was presented,
+/// verified under the `client_ca` identified by `client_ca`.
 ///
 /// rustls only exposes peer certificates that passed the client verifier, so a `Some` here is a
 /// certificate chaining to `client_ca`.
-pub fn peer_identity(conn: &ServerConnection) -> Option<PeerIdentity> {
+pub fn peer_identity(
+    conn: &ServerConnection,
+    client_ca: Option<ClientCaId>,
+) -> Option<PeerIdentity> {
     let leaf = conn.peer_certificates()?.first()?;
     match PeerIdentity::from_der(leaf) {
-        Ok(identity) => Some(identity),
+        Ok(identity) => Some(PeerIdentity {
+            verified_under: client_ca,
+            ..identity
+        }),
         Err(error) => {
             // webpki accepted it, so this is unexpected; treat the peer as unauthenticated.
             tracing::warn!(%error, "verified client certificate could not be parsed");
@@ -123,6 +164,36 @@ mod tests {
         assert!(!uri.has_san("bot.acme.example"));
         assert_eq!(dns_id.x5t_s256, x5t_s256(&dns.cert_der));
         assert_ne!(dns_id.x5t_s256, uri.x5t_s256);
+    }
+
+    #[test]
+    fn a_certificate_counts_within_its_validity_and_under_its_own_ca() {
+        let mut params = rcgen::CertificateParams::default();
+        params.not_before = rcgen::date_time_ymd(2026, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2026, 2, 1);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let ca = ClientCaId::of(b"ca one");
+        let id = PeerIdentity {
+            verified_under: Some(ca),
+            ..PeerIdentity::from_der(cert.der()).unwrap()
+        };
+        let (from, to) = (1_767_225_600, 1_769_904_000); // 2026-01-01, 2026-02-01 UTC
+        assert_eq!((id.not_before, id.not_after), (from, to));
+        for now in [from, from + 86_400, to] {
+            assert!(id.counts(now, Some(ca)), "{now}");
+        }
+        // Expired, not yet valid, another CA in force, no CA in force.
+        assert!(!id.counts(to + 1, Some(ca)));
+        assert!(!id.counts(from - 1, Some(ca)));
+        assert!(!id.counts(from + 1, Some(ClientCaId::of(b"ca two"))));
+        assert!(!id.counts(from + 1, None));
+        // Verified under no known CA (never the case for an accepted certificate): never.
+        let unknown = PeerIdentity {
+            verified_under: None,
+            ..id
+        };
+        assert!(!unknown.counts(from + 1, None));
     }
 
     #[test]

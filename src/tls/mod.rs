@@ -25,7 +25,7 @@ use rustls::{ClientConfig, RootCertStore, ServerConfig, SupportedProtocolVersion
 use crate::secret::Secret;
 
 pub use dev_pki::{generate_dev_pki, DevPki, IssuedCert};
-pub use identity::{peer_identity, x5t_s256, PeerIdentity};
+pub use identity::{peer_identity, x5t_s256, ClientCaId, PeerIdentity};
 
 /// The protocol versions every config allows, newest first.
 static VERSIONS: &[&SupportedProtocolVersion] = &[&TLS13, &TLS12];
@@ -115,6 +115,21 @@ pub enum TlsError {
     },
 }
 
+impl TlsError {
+    /// Whether the error is about the file at `path` alone (unreadable, not PEM, an unusable
+    /// CA): a config finding then names the key that gave that file.
+    pub fn concerns(&self, path: &Path) -> bool {
+        match self {
+            Self::Read { path: p, .. }
+            | Self::NoCertificate { path: p }
+            | Self::NoPrivateKey { path: p }
+            | Self::BadCa { path: p, .. }
+            | Self::ClientVerifier { path: p, .. } => p == path,
+            _ => false,
+        }
+    }
+}
+
 /// Loads a PEM certificate chain and PEM private key (PKCS#8, PKCS#1 or SEC1) and builds the
 /// server config: TLS 1.2 + 1.3, ALPN ["h2", "http/1.1"], and, with `client_ca`, a
 /// `WebPkiClientVerifier` built with `allow_unauthenticated()` (a certificate, if presented,
@@ -124,13 +139,25 @@ pub fn server_config(
     key: &Path,
     client_ca: Option<&Path>,
 ) -> Result<Arc<ServerConfig>, TlsError> {
+    server_config_and_ca(cert, key, client_ca).map(|(config, _)| config)
+}
+
+/// [`server_config`], with what identifies the `client_ca` it verifies client certificates
+/// against (made from the very bytes the verifier was built from).
+pub fn server_config_and_ca(
+    cert: &Path,
+    key: &Path,
+    client_ca: Option<&Path>,
+) -> Result<(Arc<ServerConfig>, Option<ClientCaId>), TlsError> {
     let chain = read_file(cert)?;
     let key_pem = Secret::new(read_file(key)?);
     let ca = client_ca
         .map(|p| read_file(p).map(|pem| (p, pem)))
         .transpose()?;
+    let ca_id = ca.as_ref().map(|(_, pem)| ClientCaId::of(pem));
     let ca = ca.as_ref().map(|(p, pem)| (*p, pem.as_slice()));
-    server_config_from_pem((cert, &chain), (key, &key_pem), ca)
+    let config = server_config_from_pem((cert, &chain), (key, &key_pem), ca)?;
+    Ok((config, ca_id))
 }
 
 /// [`server_config`] from PEM bytes already in memory (tests, the dev server). Each path only

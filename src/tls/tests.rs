@@ -39,7 +39,7 @@ async fn serve_once(
         let accepted = Accepted {
             version: conn.protocol_version(),
             alpn: conn.alpn_protocol().map(<[u8]>::to_vec),
-            identity: peer_identity(conn),
+            identity: peer_identity(conn, None),
         };
         // Echo one byte so the client sees whether the server really accepted it.
         let mut byte = [0u8; 1];

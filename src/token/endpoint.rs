@@ -28,6 +28,7 @@ use crate::proxy::pipeline::ConnInfo;
 use crate::proxy::respond::json_response;
 use crate::proxy::ProxyBody;
 use crate::state::StateStore;
+use crate::tls::PeerIdentity;
 
 /// Token request bodies larger than this are refused before parsing.
 const MAX_FORM_BYTES: usize = 64 * 1024;
@@ -250,8 +251,12 @@ async fn issue(
     let form = read_form(&parts.headers, body, live.config.server.request_timeout).await?;
     // Asked again now that the body is in (reading it may have taken a while), and counted
     // at this time, in one step with the attempt.
-    let authenticated = broker.authenticate_from(ip, Utc::now().timestamp(), || {
-        authenticate(live, &parts.headers, &form, conn)
+    let at = Utc::now().timestamp();
+    // The connection's client certificate, if it still counts now (unexpired, its CA still
+    // in force): it authenticates the client and binds the token (RFC 8705).
+    let cert = conn.client_cert_at(at, broker.client_ca_in_force());
+    let authenticated = broker.authenticate_from(ip, at, || {
+        authenticate(live, &parts.headers, &form, conn, cert)
     });
     let client = match authenticated {
         Ok(client) => client,
@@ -328,7 +333,7 @@ async fn issue(
             .join(" "),
         authorization_details: details,
         max_uses,
-        cnf: conn.client_cert.as_ref().map(|c| Confirmation {
+        cnf: cert.map(|c| Confirmation {
             x5t_s256: c.x5t_s256.clone(),
         }),
     };
@@ -368,11 +373,14 @@ async fn read_form(
 }
 
 /// `client_secret_basic`, or RFC 8705 `tls_client_auth` (`client_id` + certificate SAN).
+/// `cert` is the connection's client certificate if it still counts
+/// ([`ConnInfo::client_cert_at`]).
 fn authenticate<'l>(
     live: &'l Live,
     headers: &http::HeaderMap,
     form: &TokenForm,
     conn: &ConnInfo,
+    cert: Option<&PeerIdentity>,
 ) -> Result<&'l Client, TokenError> {
     // client_secret_post is an authentication method this server does not offer: an
     // authentication failure (RFC 6749 §5.2), counted toward the source's lockout.
@@ -405,16 +413,33 @@ fn authenticate<'l>(
             _ => Err(authentication_failed(client)),
         };
     }
-    let (Some(id), Some(cert)) = (form.client_id.as_deref(), conn.client_cert.as_ref()) else {
-        return Err(invalid_client(
-            "client authentication is required (HTTP Basic or a client certificate)",
-        ));
+    let Some(id) = form.client_id.as_deref() else {
+        return Err(invalid_client(AUTHENTICATION_REQUIRED));
     };
-    match live.config.client(id) {
+    let client = live.config.client(id);
+    let Some(cert) = cert else {
+        // A configured client named without a certificate that counts: a failed
+        // authentication of that client, recorded with it like a wrong secret.
+        let why = match conn.client_cert {
+            Some(_) => {
+                "the connection's client certificate has expired or its CA is no longer \
+                        trusted; reconnect with a valid certificate"
+            }
+            None => AUTHENTICATION_REQUIRED,
+        };
+        return Err(TokenError {
+            claimed: client.map(|c| c.id.clone()),
+            ..invalid_client(why)
+        });
+    };
+    match client {
         Some(c) if c.cert_san.as_deref().is_some_and(|san| cert.has_san(san)) => Ok(c),
         client => Err(authentication_failed(client)),
     }
 }
+
+const AUTHENTICATION_REQUIRED: &str =
+    "client authentication is required (HTTP Basic or a client certificate)";
 
 /// `invalid_client`, naming the configured client that was claimed, if any (for the record).
 fn authentication_failed(claimed: Option<&std::sync::Arc<Client>>) -> TokenError {

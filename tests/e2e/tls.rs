@@ -422,12 +422,83 @@ async fn mtls_token_issuance_and_refusals() {
         refused,
         "a certificate from another CA must not get an answer"
     );
+    // Not audited (no request was read), but counted.
+    let counted = "credbroker_tls_handshake_failures_total{listener=\"proxy\",reason=\"client_certificate\"} 1";
+    let mut metrics = String::new();
+    for _ in 0..200 {
+        metrics = b.broker.admin_call("GET", "/metrics", "").await.2;
+        if metrics.contains(counted) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(metrics.contains(counted), "{metrics}");
 
     let records = b.broker.audit();
     let issued = events(&records, "token_issued");
     assert_eq!(issued.len(), 1);
     assert_eq!(issued[0]["client"], "mtls-bot");
-    assert_eq!(events(&records, "token_denied").len(), 2);
+    // Both failed authentications named a configured client: recorded with it and its scope,
+    // the one without a certificate too.
+    let denied = events(&records, "token_denied");
+    assert_eq!(denied.len(), 2);
+    for r in denied {
+        assert_eq!(r["client"], "mtls-bot", "{r}");
+        assert_eq!(r["scope"], "github:issues.read", "{r}");
+        assert_eq!(r["reason"], "invalid_client", "{r}");
+    }
+}
+
+/// An open connection's client certificate counts only under the `client_ca` it was verified
+/// against: a reload that re-reads the same CA changes nothing, one that puts another CA in
+/// force leaves the connection without a certificate — no mTLS token, and its bound tokens
+/// refused — until the client reconnects with a certificate the new CA trusts.
+#[tokio::test]
+async fn a_reload_withdrawing_the_client_ca_ends_open_connections_mtls_identity() {
+    let up = FakeUpstream::start().await;
+    let b = TlsBroker::start(up.addr, false, None).await;
+    let target = "/github/repos/acme/widget/issues";
+    let mut open = b.h1(Some(b.client(MTLS_SAN))).await;
+    let (status, _, body) = open.token("mtls-bot", "github:issues.read").await;
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let bound = v["access_token"].as_str().unwrap().to_owned();
+
+    // The same CA file read again: the open connection keeps its identity.
+    assert_eq!(b.broker.admin_call("POST", "/v1/reload", "").await.0, 200);
+    assert_eq!(open.token("mtls-bot", "github:issues.read").await.0, 200);
+    assert_eq!(open.get(target, &bound).await.0, 200);
+
+    // Another CA in force: the old connection presents no certificate any more.
+    let new_pki = new_pki();
+    write_pem(b.broker.dir.path(), "ca.pem", &new_pki.ca_cert_pem);
+    assert_eq!(b.broker.admin_call("POST", "/v1/reload", "").await.0, 200);
+    let (status, _, body) = open.token("mtls-bot", "github:issues.read").await;
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("\"invalid_client\""), "{body}");
+    assert!(body.contains("no longer trusted"), "{body}");
+    let (status, headers, body) = open.get(target, &bound).await;
+    assert_eq!(status, 401, "{body}");
+    assert!(headers["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .contains("error=\"invalid_token\""));
+    assert_eq!(
+        up.count(),
+        1,
+        "only the call before the CA changed was forwarded"
+    );
+
+    let records = b.broker.audit();
+    let denied = events(&records, "token_denied");
+    assert_eq!(denied.len(), 1);
+    assert_eq!(denied[0]["client"], "mtls-bot");
+    let refused: Vec<_> = events(&records, "proxy")
+        .into_iter()
+        .filter(|r| r["decision"] == "deny")
+        .collect();
+    assert_eq!(refused.len(), 1);
+    assert_eq!(refused[0]["reason"], "certificate_mismatch");
 }
 
 #[tokio::test]
