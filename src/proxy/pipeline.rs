@@ -32,7 +32,7 @@ use crate::server::RequestId;
 use crate::state::redis::{Admission, AdmitRequest};
 use crate::state::{RedisState, StateStore};
 use crate::tls::{ClientCaId, PeerIdentity};
-use crate::token::verify::TokenMemo;
+use crate::token::verify::{TokenError, TokenMemo};
 use crate::token::AccessClaims;
 
 /// What the listener knows about the connection a request came on.
@@ -547,7 +547,19 @@ fn authenticate(
         // connection as it is (exp/nbf re-checked on every hit); revocation, binding and
         // max_uses below are checked on every call regardless.
         .verify_remembered(token, now, &conn.token_memo)
-        .map_err(|e| deny(Refusal::InvalidToken(e.to_string()), "token_invalid"))?;
+        .map_err(|refused| {
+            // A genuine token refused for its times (or issuer, audience) is still a client's
+            // token: its record names the client and the token, as a revoked one's does.
+            if let Some(claims) = &refused.genuine {
+                facts.token(claims);
+            }
+            let reason = match refused.error {
+                TokenError::Expired => "token_expired",
+                TokenError::NotYetValid => "token_not_yet_valid",
+                _ => "token_invalid",
+            };
+            deny(Refusal::InvalidToken(refused.error.to_string()), reason)
+        })?;
     facts.token(&claims);
     // With shared state, revocation is asked of Redis together with checks 3 to 5, and the
     // certificate binding is checked after it (`stages`), in this order.

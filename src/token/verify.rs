@@ -66,6 +66,42 @@ pub enum TokenError {
     Signing(String),
 }
 
+/// A token refused by [`TokenVerifier::verify_cached`] or [`TokenVerifier::verify_remembered`]:
+/// why, and — when its signature verified, so that its claims are the broker's own — the
+/// claims, so that the refusal can name the client and token (an expired token replayed is
+/// still someone's token). Compares equal to a [`TokenError`] by its error alone.
+#[derive(Debug)]
+pub struct Refused {
+    pub error: TokenError,
+    /// The authentic claims of a token refused for its times, issuer or audience.
+    pub genuine: Option<Arc<AccessClaims>>,
+}
+
+impl From<TokenError> for Refused {
+    fn from(error: TokenError) -> Self {
+        Self {
+            error,
+            genuine: None,
+        }
+    }
+}
+
+impl PartialEq<TokenError> for Refused {
+    fn eq(&self, other: &TokenError) -> bool {
+        self.error == *other
+    }
+}
+
+impl Refused {
+    /// The refusal of genuine `claims` for `error`.
+    fn of(claims: Arc<AccessClaims>, error: TokenError) -> Self {
+        Self {
+            error,
+            genuine: Some(claims),
+        }
+    }
+}
+
 /// The JOSE header as sent; only the members we act on.
 #[derive(Deserialize)]
 struct WireHeader {
@@ -232,10 +268,12 @@ impl TokenVerifier {
         token: &str,
         now: i64,
         memo: &TokenMemo,
-    ) -> Result<Arc<AccessClaims>, TokenError> {
+    ) -> Result<Arc<AccessClaims>, Refused> {
         if let Some(claims) = memo.get(self.id, token) {
-            check_times(&claims, now, self.leeway)?;
-            return Ok(claims);
+            return match check_times(&claims, now, self.leeway) {
+                Ok(()) => Ok(claims),
+                Err(e) => Err(Refused::of(claims, e)),
+            };
         }
         let claims = self.verify_cached(token, now)?;
         memo.set(self.id, token, Arc::clone(&claims));
@@ -245,23 +283,33 @@ impl TokenVerifier {
     /// Full verification at time `now` (seconds since the epoch): header, signature, then
     /// claims. Claims are only interpreted once the signature has been checked.
     pub fn verify(&self, token: &str, now: i64) -> Result<AccessClaims, TokenError> {
+        let claims = self.verify_signed(token)?;
+        self.check_claims(&claims, now)?;
+        Ok(claims)
+    }
+
+    /// Header and signature: the claims, authentic but not yet checked.
+    fn verify_signed(&self, token: &str) -> Result<AccessClaims, TokenError> {
         let parts = split_token(token)?;
         self.check_header(&decode_json::<WireHeader>(parts.header)?)?;
         self.check_signature(parts.message, parts.signature)?;
-        let claims = decode_json::<WireClaims>(parts.payload)?.into_claims()?;
-        self.check_claims(&claims, now)?;
-        Ok(claims)
+        decode_json::<WireClaims>(parts.payload)?.into_claims()
     }
 
     /// Like [`verify`](Self::verify), but a token verified before is taken from the cache;
     /// `exp`/`nbf` are still checked against `now` on a hit. Revocation and `max_uses`
     /// remain the caller's job.
-    pub fn verify_cached(&self, token: &str, now: i64) -> Result<Arc<AccessClaims>, TokenError> {
+    pub fn verify_cached(&self, token: &str, now: i64) -> Result<Arc<AccessClaims>, Refused> {
         if let Some(claims) = self.cache.get(token, now) {
-            check_times(&claims, now, self.leeway)?;
-            return Ok(claims);
+            return match check_times(&claims, now, self.leeway) {
+                Ok(()) => Ok(claims),
+                Err(e) => Err(Refused::of(claims, e)),
+            };
         }
-        let claims = Arc::new(self.verify(token, now)?);
+        let claims = Arc::new(self.verify_signed(token)?);
+        if let Err(e) = self.check_claims(&claims, now) {
+            return Err(Refused::of(claims, e));
+        }
         self.cache.insert(token, Arc::clone(&claims));
         Ok(claims)
     }
@@ -545,10 +593,12 @@ mod tests {
         assert!(memo.get(v.id, &token).is_some());
         // Remembered: a second use is answered from the memo, times still checked.
         assert_eq!(*v.verify_remembered(&token, NOW, &memo).unwrap(), claims);
-        assert_eq!(
-            v.verify_remembered(&token, claims.exp + LEEWAY as i64, &memo),
-            Err(TokenError::Expired)
-        );
+        let expired = v
+            .verify_remembered(&token, claims.exp + LEEWAY as i64, &memo)
+            .unwrap_err();
+        assert_eq!(expired, TokenError::Expired);
+        // Refused for its time, the token is still known to be this client's.
+        assert_eq!(expired.genuine.as_deref(), Some(&claims));
         // One byte changed in the signature is not the remembered token: verified, refused.
         let mut tampered = token.clone().into_bytes();
         let last = tampered.len() - 2;
@@ -561,10 +611,9 @@ mod tests {
         );
         let other = TokenVerifier::new(keys, ISS.to_owned(), LEEWAY);
         assert_eq!(*v.verify_remembered(&token, NOW, &memo).unwrap(), claims);
-        assert_eq!(
-            other.verify_remembered(&token, NOW, &memo),
-            Err(TokenError::UnknownKey)
-        );
+        let unknown = other.verify_remembered(&token, NOW, &memo).unwrap_err();
+        assert_eq!(unknown, TokenError::UnknownKey);
+        assert!(unknown.genuine.is_none(), "not verified: nobody's");
         // A copy of a memo (a cloned connection record) starts empty; nothing prints a token.
         assert!(memo.clone().get(v.id, &token).is_none());
         assert!(!format!("{memo:?}").contains(&token));

@@ -894,6 +894,54 @@ async fn attack_corpus_is_refused_and_nothing_reaches_the_upstream() {
     assert_eq!(allowed, 2, "an attack produced an allow record");
 }
 
+/// A genuine token refused for its times is still a client's token: its record names the
+/// client and the token, with the reason the client was told; one whose signature does not
+/// verify names nobody (its claims are anyone's words).
+#[tokio::test]
+async fn a_genuine_expired_token_is_recorded_with_its_client_and_jti() {
+    let up = FakeUpstream::start().await;
+    let key = TestKey::generate();
+    let b = start_with_key(&keyed_config(up.addr), &key).await;
+    let header = json!({"alg": "EdDSA", "typ": "at+jwt", "kid": key.kid});
+    let now = chrono::Utc::now().timestamp();
+    let sign = |patch: serde_json::Value| {
+        let mut claims = good_claims("github:issues.read");
+        for (k, v) in patch.as_object().unwrap() {
+            claims[k] = v.clone();
+        }
+        (key.sign(&header, &claims), claims["jti"].clone())
+    };
+    let (expired, expired_jti) =
+        sign(json!({"exp": now - 600, "iat": now - 900, "nbf": now - 900}));
+    let (early, early_jti) = sign(json!({"nbf": now + 600, "iat": now}));
+    let (forged, _) = sign(json!({"exp": now - 600}));
+    let forged = format!("{}.AAAA", forged.rsplit_once('.').unwrap().0);
+    for (token, says) in [
+        (&expired, "the token has expired"),
+        (&early, "the token is not valid yet"),
+        (&forged, "signature"),
+    ] {
+        let (status, _, body) = b.call("GET", ALLOWED, token).await;
+        assert_eq!(status, 401, "{body}");
+        assert!(body.contains(says), "{body}");
+    }
+    assert_eq!(up.count(), 0);
+    let records = b.audit();
+    let denied = events(&records, "proxy");
+    let seen: Vec<_> = denied
+        .iter()
+        .map(|r| (r["reason"].clone(), r["client"].clone(), r["jti"].clone()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (json!("token_expired"), json!("bot"), expired_jti),
+            (json!("token_not_yet_valid"), json!("bot"), early_jti),
+            (json!("token_invalid"), json!(null), json!(null)),
+        ]
+    );
+}
+
 /// Sends `bytes` on one connection and returns every response status in order, until the
 /// broker closes the connection (or 3 s pass).
 async fn statuses(addr: SocketAddr, bytes: &[u8]) -> Vec<u16> {
