@@ -58,7 +58,9 @@ pub fn forget_previous_run(config: &Config) -> anyhow::Result<()> {
     let file = config.state.dir.join(crate::state::local::STATE_FILE);
     match std::fs::remove_file(&file) {
         Ok(()) => {
-            eprintln!("dev: forgot the revocations and kill switches of an earlier dev run");
+            crate::cli::serve::say(format_args!(
+                "dev: forgot the revocations and kill switches of an earlier dev run"
+            ));
             Ok(())
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -106,7 +108,10 @@ impl Dev {
             .admin_addr
             .map(|a| a.to_string())
             .unwrap_or_default();
-        println!(
+        // Lost if stdout is gone (`println!` would panic; the broker goes on serving).
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stdout(),
             r#"credbroker dev mode — NOT for real credentials
   proxy + token endpoint: http://{proxy}
   admin API:              http://{admin}   (admin token: {admin_token})

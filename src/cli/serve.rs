@@ -96,9 +96,12 @@ pub fn run(args: ServeArgs, config: &super::ConfigPath) -> anyhow::Result<ExitCo
         if let Some(dev) = &dev {
             dev.print_welcome(&running);
         } else {
-            eprintln!("credbroker listening on {}", running.proxy_addr);
+            say(format_args!(
+                "credbroker listening on {}",
+                running.proxy_addr
+            ));
             if let Some(a) = running.admin_addr {
-                eprintln!("admin listening on {a}");
+                say(format_args!("admin listening on {a}"));
             }
         }
         let again = wait_for_signals(&running).await;
@@ -146,6 +149,13 @@ fn raise_open_file_limit(config: &Config) {
     }
 }
 
+/// A line on stderr for whoever started the broker; lost if stderr is gone (`eprintln!` would
+/// panic, and a serving broker must not stop for its log).
+pub(crate) fn say(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -154,6 +164,10 @@ fn init_tracing() {
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
+        // A log line that cannot be written (stderr a pipe whose reader died: a log shipper
+        // restarted) is lost, not reported with `eprintln!`, which panics on that same pipe —
+        // in a call, or in the audit writer thread, which would take the log down with it.
+        .log_internal_errors(false)
         .try_init();
 }
 

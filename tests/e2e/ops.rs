@@ -56,9 +56,15 @@ impl ChildBroker {
         Self::spawn_command(sh)
     }
 
-    fn spawn_command(mut command: Command) -> Self {
+    fn spawn_command(command: Command) -> Self {
+        Self::spawn_logging(command, "warn", false)
+    }
+
+    /// With `RUST_LOG=log`; with `hang_up`, the reader of the broker's stderr goes away once
+    /// the broker has said where it listens (a log shipper that died).
+    fn spawn_logging(mut command: Command, log: &str, hang_up: bool) -> Self {
         let mut child = command
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", log)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -67,8 +73,13 @@ impl ChildBroker {
         let (tx, rx) = std::sync::mpsc::channel();
         // Keeps draining stderr for the child's whole life, so it never blocks on a full pipe.
         std::thread::spawn(move || {
+            let mut addresses = 0;
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                addresses += usize::from(line.contains(" listening on "));
                 let _ = tx.send(line);
+                if hang_up && addresses == 2 {
+                    break;
+                }
             }
         });
         let (mut proxy, mut admin) = (None, None);
@@ -903,6 +914,61 @@ async fn a_call_at_a_slow_upstream(
         .await
         .expect("the call reached the upstream");
     (dir, broker, call)
+}
+
+/// A broker whose stderr reader died (`serve 2>&1 | shipper`, the shipper restarted) loses its
+/// log lines, nothing else: a reload, a failed call (both logged) and a stop work as ever.
+#[tokio::test]
+async fn a_broken_stderr_pipe_loses_log_lines_not_calls() {
+    let up = FakeUpstream::start().await;
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let config = standard_config(up.addr)
+        + &format!(
+            r#"
+[[connectors]]
+name = "gone"
+owner = "platform@acme.example"
+purpose = "an upstream that refuses connections"
+expires = "2099-12-31"
+upstream = "http://{dead}"
+credential = "literal:gone-credential"
+  [[connectors.operations]]
+  name = "read"
+  method = "GET"
+  path = "/x"
+"#
+        );
+    let config = config.replacen(
+        "grants = [",
+        "grants = [ { connector = \"gone\", operations = [\"read\"] },",
+        1,
+    );
+    let path = write_config(dir.path(), &config);
+    let mut serve = Command::new(BIN);
+    serve.args(["serve", "--config", path.to_str().unwrap()]);
+    let mut broker = ChildBroker::spawn_logging(serve, "info", true);
+    // Give the reader's end time to close before anything is logged.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    broker.signal("HUP");
+    let token = token_at(broker.proxy, "github:issues.read gone:read").await;
+    for _ in 0..3 {
+        assert_eq!(get_at(broker.proxy, "/gone/x", &token).await.0, 502);
+    }
+    assert_eq!(get_at(broker.proxy, ISSUES, &token).await.0, 200);
+    broker.signal("TERM");
+    assert_eq!(broker.exit().await.code(), Some(0));
+    let records = audit_records(&dir.path().join("audit.jsonl"));
+    assert_eq!(records.last().unwrap()["event"], "shutdown", "{records:?}");
+    assert_eq!(events(&records, "proxy_result").len(), 4);
+    let reloads: Vec<_> = events(&records, "admin")
+        .into_iter()
+        .map(|r| r["result"].clone())
+        .collect();
+    assert_eq!(reloads, [serde_json::json!("ok")]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
