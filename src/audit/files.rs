@@ -169,9 +169,12 @@ pub(super) struct TailScan {
     pub(super) last: Option<Tail>,
 }
 
-/// Finds the last complete line that parses and whose hash re-computes. Lines after it that
-/// do not parse are the damaged tail. A parsable last line whose hash does not re-compute is
-/// not damage but a wrong key or tampering: opening fails rather than destroy evidence.
+/// Finds the last complete line that parses and whose hash re-computes. The bytes after the
+/// last `\n` are a torn write (records are written with their newline in one `write`), and
+/// complete lines of NUL bytes what a crash leaves where data never reached the disk: that
+/// is the damaged tail. Any other complete line that does not verify — not JSON, a member
+/// renamed, a hash that does not re-compute — is no write of this broker's that failed but
+/// a wrong key or an altered file: opening fails rather than destroy evidence.
 pub(super) fn scan_tail(
     file: &mut File,
     len: u64,
@@ -258,8 +261,10 @@ fn last_intact_line(
                 };
                 return Some(Ok((end + 1, tail)));
             }
-            Err(ChainError::Unparsable(_)) if begin > 0 => end = begin - 1,
-            Err(ChainError::Unparsable(_)) => return None,
+            Err(ChainError::Unparsable(_)) if line.iter().all(|&b| b == 0) => match begin {
+                0 => return None,
+                _ => end = begin - 1,
+            },
             Err(e) => return Some(Err(e)),
         }
     }

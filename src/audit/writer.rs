@@ -1587,18 +1587,46 @@ mod tests {
     }
 
     #[test]
-    fn garbage_lines_after_the_last_record_are_cut_but_a_bad_hash_is_refused() {
+    fn nul_lines_and_a_torn_write_are_cut_but_other_lines_and_a_bad_hash_are_refused() {
         let (_dir, o, log) = open_fresh(FsyncPolicy::Never);
         log.append_blocking(proxy("a")).unwrap();
         log.close();
-        let mut f = std::fs::OpenOptions::new()
-            .append(true)
-            .open(&o.path)
-            .unwrap();
-        f.write_all(b"\0\0\0\nnot json\n\0\0").unwrap();
+        let intact = std::fs::read(&o.path).unwrap();
+        let append = |bytes: &[u8]| {
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(&o.path)
+                .unwrap()
+                .write_all(bytes)
+                .unwrap();
+        };
+        // What a crash leaves: NULs where data never reached the disk, a write cut short.
+        append(b"\0\0\0\n\0\0\n{\"seq\":2,\"ts\":\"2026-\0\0");
         let log = AuditLog::open(o.clone()).unwrap();
         log.close();
         assert_intact(&o.path);
+        // Complete lines this broker never writes — not JSON, a record with a member renamed —
+        // are evidence of something else: the file is left as it is.
+        let now = std::fs::read(&o.path).unwrap();
+        let last = now[..now.len() - 1]
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |i| i + 1);
+        let renamed = String::from_utf8(now[last..].to_vec())
+            .unwrap()
+            .replace("\"prev\"", "\"prev_\"");
+        for damage in [b"not json\n".to_vec(), renamed.into_bytes()] {
+            std::fs::write(&o.path, &intact).unwrap();
+            append(&damage);
+            let before = std::fs::read(&o.path).unwrap();
+            let refused = AuditLog::open(o.clone()).err().expect("not cut");
+            assert!(
+                matches!(refused, AuditError::TailUnverifiable { .. }),
+                "{refused}"
+            );
+            assert_eq!(std::fs::read(&o.path).unwrap(), before, "nothing cut");
+        }
+        std::fs::write(&o.path, &intact).unwrap();
         // Opening with a key the file was not written with must not cut a valid log.
         let mut keyed = o.clone();
         keyed.hmac_key = Some(Secret::new("other"));

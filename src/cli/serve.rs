@@ -220,6 +220,14 @@ async fn start_serving(config: Config, dev: bool) -> anyhow::Result<Running> {
             SigningKeys::ephemeral()
         }
     });
+    // Both listeners are bound before anything is recorded (a torn tail cut, a `recovered`
+    // or `startup` record) or served: a port in use stops the start with the log untouched and
+    // no listener left serving. (Bound is not serving: connections wait in the backlog.)
+    let proxy_listener = server::bind(config.server.listen).await?;
+    let admin_listener = match &config.admin {
+        Some(admin) => Some(server::bind(admin.listen).await?),
+        None => None,
+    };
     let audit = AuditLog::open(AuditOptions {
         path: config.audit.path.clone(),
         fsync: config.audit.fsync,
@@ -256,13 +264,6 @@ async fn start_serving(config: Config, dev: bool) -> anyhow::Result<Running> {
         .admin
         .as_ref()
         .map(|a| (a.listen, a.token_sha256, a.max_connections));
-    // Both listeners are bound before anything is recorded or served: a port in use stops
-    // the start with no `startup` record and no listener left serving.
-    let proxy_listener = server::bind(config.server.listen).await?;
-    let admin_listener = match &admin_cfg {
-        Some((listen, ..)) => Some(server::bind(*listen).await?),
-        None => None,
-    };
     let mut startup = Record::new(Event::Startup);
     startup.version = Some(env!("CARGO_PKG_VERSION").to_owned());
     startup.config_sha256 = Some(config.sha256.clone());

@@ -4,7 +4,7 @@
 //! child process, so signals and restarts are the real thing.
 
 use std::convert::Infallible;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -1051,7 +1051,8 @@ async fn a_config_changed_during_the_start_is_reloaded() {
 }
 
 /// Both listeners are bound before anything is recorded or served: an admin port in use
-/// fails the start with no `startup` record (and no proxy listener left serving).
+/// fails the start with no `startup` record (and no proxy listener left serving), and a torn
+/// tail left by the last run is neither cut nor recorded by the start that failed.
 #[tokio::test]
 async fn an_admin_port_in_use_fails_the_start_before_anything_is_recorded() {
     let up = FakeUpstream::start().await;
@@ -1063,7 +1064,8 @@ async fn an_admin_port_in_use_fails_the_start_before_anything_is_recorded() {
         &format!("[admin]\nlisten = \"127.0.0.1:{port}\""),
         1,
     );
-    let path = write_config(dir.path(), &config);
+    let taken_config = config;
+    let path = write_config(dir.path(), &taken_config);
     let config = credbroker::config::Config::load(&path).unwrap();
     assert!(credbroker::cli::serve::start(config).await.is_err());
     let audit = dir.path().join("audit.jsonl");
@@ -1073,6 +1075,31 @@ async fn an_admin_port_in_use_fails_the_start_before_anything_is_recorded() {
         Vec::new()
     };
     assert!(events(&records, "startup").is_empty(), "{records:?}");
+
+    // A log with a torn last write: still exactly as it was after the failed start.
+    let free = standard_config(up.addr);
+    let running = credbroker::cli::serve::start(
+        credbroker::config::Config::load(&write_config(dir.path(), &free)).unwrap(),
+    )
+    .await
+    .unwrap();
+    running.shutdown().await;
+    let torn = b"{\"seq\":99,\"ts\":\"2026-";
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&audit)
+        .unwrap()
+        .write_all(torn)
+        .unwrap();
+    let before = std::fs::read(&audit).unwrap();
+    let taken_again = write_config(dir.path(), &taken_config);
+    let config = credbroker::config::Config::load(&taken_again).unwrap();
+    assert!(credbroker::cli::serve::start(config).await.is_err());
+    assert_eq!(
+        std::fs::read(&audit).unwrap(),
+        before,
+        "the log was touched"
+    );
 }
 
 /// The soft and hard "Max open files" of a process.
