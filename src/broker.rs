@@ -60,6 +60,10 @@ pub struct Broker {
     /// Held by admin changes from check to audit to effect (reloads, enables): two reloads
     /// at once could otherwise put the older file in force after the newer one.
     pub admin_changes: tokio::sync::Mutex<()>,
+    /// The SHA-256 (hex) of the config file's bytes that the last reload failed on, whatever
+    /// triggered it: the file watcher does not try the same bytes again (one broken save, one
+    /// failed reload record).
+    pub failed_reload: std::sync::Mutex<Option<String>>,
 }
 
 /// The config in force and what is derived from it. Requests hold an `Arc<Live>` for their
@@ -245,6 +249,7 @@ impl Broker {
             upstream_clients,
             listener_tls,
             admin_changes: tokio::sync::Mutex::new(()),
+            failed_reload: std::sync::Mutex::new(None),
         })
     }
 

@@ -261,6 +261,18 @@ impl std::fmt::Display for ReloadError {
 /// Either way the attempt is audited, and a valid config goes in force only once its `ok`
 /// record is written: no reload happens unaudited. Used by SIGHUP, the file watcher and
 /// `POST /v1/reload`.
+fn lock_failed_reload(broker: &Broker) -> std::sync::MutexGuard<'_, Option<String>> {
+    broker
+        .failed_reload
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+}
+
+/// Whether the last reload failed on a config file with these bytes (hex SHA-256).
+pub fn reload_failed_on(broker: &Broker, sha256: &str) -> bool {
+    lock_failed_reload(broker).as_deref() == Some(sha256)
+}
+
 pub async fn reload(
     broker: &Broker,
     actor: &str,
@@ -276,15 +288,25 @@ pub async fn reload(
                 .to_owned(),
         )
     } else {
-        match Config::load(&path) {
-            Ok(config) => {
-                let sha256 = config.sha256.clone();
-                broker
-                    .prepare_config(config)
-                    .map(|prepared| (prepared, sha256))
-                    .map_err(|e| e.to_string())
+        // Read once here, so that what is remembered of a failed reload is what it read.
+        match std::fs::read(&path) {
+            Err(e) => Err(format!("{}: cannot read config: {e}", path.display())),
+            Ok(bytes) => {
+                let tried = hex::encode(Sha256::digest(&bytes));
+                let loaded = match String::from_utf8(bytes) {
+                    Ok(text) => Config::parse(&text, &path).map_err(|errors| errors.to_string()),
+                    Err(_) => Err(format!("{}: cannot read config: not UTF-8", path.display())),
+                };
+                let prepared = loaded.and_then(|config| {
+                    let sha256 = config.sha256.clone();
+                    broker
+                        .prepare_config(config)
+                        .map(|prepared| (prepared, sha256))
+                        .map_err(|e| e.to_string())
+                });
+                *lock_failed_reload(broker) = prepared.is_err().then_some(tried);
+                prepared
             }
-            Err(errors) => Err(errors.to_string()),
         }
     };
     let mut record = Record::new(Event::Admin);

@@ -115,7 +115,14 @@ async fn run(broker: Arc<Broker>, path: PathBuf, mut stopped: watch::Receiver<bo
         }
         let live = broker.live();
         let now = file_sha256(&live.config.path);
-        if now.as_deref() == Some(live.config.sha256.as_str()) || last_tried.as_ref() == Some(&now)
+        // Also skipped: bytes a reload by another trigger (SIGHUP, the API) just failed on —
+        // one broken save is one failed reload, recorded and counted once.
+        let failed_already = now
+            .as_deref()
+            .is_some_and(|sha| super::reload_failed_on(&broker, sha));
+        if now.as_deref() == Some(live.config.sha256.as_str())
+            || last_tried.as_ref() == Some(&now)
+            || failed_already
         {
             continue;
         }

@@ -221,6 +221,23 @@ fn reserved_names_shared_listeners_and_empty_hmac_keys_are_errors() {
     let err = parse(&shared).unwrap_err().to_string();
     assert!(err.contains("admin.listen"), "{err}");
     assert!(parse(&shared.replace("0.0.0.0:8443", "127.0.0.1:9443")).is_ok());
+    // An admin token anyone could guess (the SHA-256 of "password", of nothing) is refused,
+    // without naming the token.
+    for weak in [
+        "5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8",
+        "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+    ] {
+        let text = shared.replace("0.0.0.0:8443", "127.0.0.1:9443").replace(
+            "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+            weak,
+        );
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(
+            err.contains("admin.token_sha256") && err.contains("well-known"),
+            "{err}"
+        );
+        assert!(!err.contains("password"), "{err}");
+    }
     let empty = GOOD.replace("[audit]", "[audit]\nhmac_key = \"literal:\"");
     let err = parse(&empty).unwrap_err().to_string();
     assert!(

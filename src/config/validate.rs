@@ -304,6 +304,16 @@ fn admin(cx: &mut Ctx<'_>, raw: &raw::RawAdmin) -> Option<AdminConfig> {
     let listen = socket_addr(cx, &raw.listen, "admin.listen");
     let tls = tls_files(cx, &raw.tls_cert, &raw.tls_key, "admin");
     let token_sha256 = sha256_hex(cx, &raw.token_sha256, "admin.token_sha256");
+    if token_sha256.is_some_and(|hash| is_well_known(&hash)) {
+        // The value is not named: it may be the token someone meant to use.
+        cx.err(
+            Some(raw.token_sha256.span()),
+            "admin.token_sha256",
+            "is the SHA-256 of an empty or well-known token (anyone could use the admin API: \
+             reload, revoke, the kill switch); use a long random token, e.g. \
+             `openssl rand -hex 32`",
+        );
+    }
     let max_connections = connection_limit(cx, &raw.max_connections, "admin.max_connections", 256);
     Some(AdminConfig {
         listen: listen?,
@@ -1194,6 +1204,26 @@ fn rate_limit(
         per_second: raw.per_second,
         burst,
     })
+}
+
+/// Whether `hash` is the SHA-256 of the empty string or of a token people try first.
+fn is_well_known(hash: &[u8; 32]) -> bool {
+    use sha2::{Digest, Sha256};
+    const WELL_KNOWN: [&str; 10] = [
+        "",
+        "password",
+        "admin",
+        "changeme",
+        "secret",
+        "token",
+        "123456",
+        "letmein",
+        "root",
+        "credbroker",
+    ];
+    WELL_KNOWN
+        .iter()
+        .any(|word| <[u8; 32]>::from(Sha256::digest(word.as_bytes())) == *hash)
 }
 
 fn sha256_hex(cx: &mut Ctx<'_>, raw: &S, key: &str) -> Option<[u8; 32]> {

@@ -251,6 +251,35 @@ async fn sighup_reloads_the_real_binary() {
     assert_eq!(reloads[0]["result"], "ok");
 }
 
+/// One broken save reloaded by the API is one failed reload: the watcher does not try the
+/// same bytes again after the API's reload failed on them.
+#[tokio::test]
+async fn a_broken_save_reloaded_by_the_api_is_not_tried_again_by_the_watcher() {
+    let up = FakeUpstream::start().await;
+    let b = TestBroker::start(&standard_config(up.addr)).await;
+    std::fs::write(b.config_path(), "[server]\nlisten = ").unwrap();
+    assert_eq!(b.admin_call("POST", "/v1/reload", "").await.0, 400);
+    // Well past the watcher's poll and debounce.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let records = b.audit();
+    let failed: Vec<_> = events(&records, "admin")
+        .into_iter()
+        .filter(|r| r["result"] == "failed")
+        .map(|r| r["actor"].as_str().unwrap().to_owned())
+        .collect();
+    // (On a slow machine the watcher may have tried first; never after the API.)
+    let api = failed
+        .iter()
+        .position(|actor| actor.starts_with("admin@"))
+        .expect("the API's failed reload is recorded");
+    assert_eq!(
+        api,
+        failed.len() - 1,
+        "tried again after the API: {failed:?}"
+    );
+    assert!(failed.len() <= 2, "{failed:?}");
+}
+
 #[tokio::test]
 async fn a_changed_config_file_reloads_without_any_call() {
     let up = FakeUpstream::start().await;
