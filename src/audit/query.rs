@@ -70,8 +70,13 @@ impl QueryFilter {
         let eq = |want: &Option<String>, have: &Option<String>| {
             want.as_ref().is_none_or(|w| have.as_ref() == Some(w))
         };
-        eq(&self.client, &r.client)
-            && eq(&self.connector, &r.connector)
+        // An admin action on a client or connector (a revocation, a kill switch) names it as
+        // its `target`: it is part of that client's or connector's history too.
+        let named = |want: &Option<String>, have: &Option<String>, kind: &str| {
+            eq(want, have) || want.as_ref().is_some_and(|w| is_target(r, kind, w))
+        };
+        named(&self.client, &r.client, "client")
+            && named(&self.connector, &r.connector, "connector")
             && self.decision.is_none_or(|d| r.decision == Some(d))
             && self.event.is_none_or(|e| r.event == e)
             && self.time_matches(&rec.ts)
@@ -88,26 +93,26 @@ impl QueryFilter {
         self.since.is_none_or(|s| t >= s) && self.until.is_none_or(|u| t < u)
     }
 
-    /// Substrings every matching line contains as written by the writer (serde_json escaping),
-    /// so most non-matching lines are skipped without parsing them.
-    fn needles(&self) -> Vec<String> {
+    /// Substrings a matching line contains as written by the writer (serde_json escaping):
+    /// one of each group, so most non-matching lines are skipped without parsing them.
+    fn needles(&self) -> Vec<Vec<String>> {
         let member = |name: &str, value: &str| {
             // Serialising a string cannot fail.
             let quoted = serde_json::to_string(value).unwrap_or_default();
             format!("\"{name}\":{quoted}")
         };
         let mut needles = Vec::new();
-        if let Some(c) = &self.client {
-            needles.push(member("client", c));
-        }
-        if let Some(c) = &self.connector {
-            needles.push(member("connector", c));
+        for (kind, want) in [("client", &self.client), ("connector", &self.connector)] {
+            if let Some(w) = want {
+                let target = member("target", &format!("{kind}:{w}"));
+                needles.push(vec![member(kind, w), target]);
+            }
         }
         if let Some(d) = self.decision {
-            needles.push(member("decision", d.as_str()));
+            needles.push(vec![member("decision", d.as_str())]);
         }
         if let Some(e) = self.event {
-            needles.push(member("event", e.as_str()));
+            needles.push(vec![member("event", e.as_str())]);
         }
         needles
     }
@@ -145,7 +150,10 @@ pub fn run_query(
     let mut table = Table::new();
     let mut count = 0;
     for_each_line(paths, |path, line_no, line| {
-        if !needles.iter().all(|n| line.contains(n.as_str())) {
+        if !needles
+            .iter()
+            .all(|any| any.iter().any(|n| line.contains(n.as_str())))
+        {
             return Ok(());
         }
         let rec = parse_line(path, line_no, line)?;
@@ -302,9 +310,22 @@ const MAX_WIDTH: usize = 48;
 
 type Row = [String; 11];
 
+/// Whether `r` is an admin action on the client or connector (`kind`) named `name`.
+fn is_target(r: &crate::audit::Record, kind: &str, name: &str) -> bool {
+    r.event == Event::Admin
+        && r.target
+            .as_deref()
+            .and_then(|t| t.strip_prefix(kind))
+            .and_then(|t| t.strip_prefix(':'))
+            == Some(name)
+}
+
 fn row(rec: &StoredRecord) -> Row {
     let r = &rec.record;
     let opt = |v: &Option<String>| v.as_deref().map_or_else(|| "-".to_owned(), cell);
+    if r.event == Event::Admin {
+        return admin_row(rec, opt);
+    }
     [
         cell(&rec.ts),
         // Several replicas' files merge: each numbers its own chain, so SEQ names the chain.
@@ -329,6 +350,42 @@ fn row(rec: &StoredRecord) -> Row {
         } else {
             &r.error
         }),
+    ]
+}
+
+/// An admin action's row: the client or connector it acted on in their columns, any other
+/// target (a config file, a token's jti) and who acted under PATH, its `result` under
+/// DECISION — so a refused reload does not look like an accepted one.
+fn admin_row(rec: &StoredRecord, opt: impl Fn(&Option<String>) -> String) -> Row {
+    let r = &rec.record;
+    let target = r.target.as_deref().unwrap_or_default();
+    let (client, connector, other) = match target.split_once(':') {
+        Some(("client", c)) => (cell(c), "-".to_owned(), None),
+        Some(("connector", c)) => ("-".to_owned(), cell(c), None),
+        _ => ("-".to_owned(), "-".to_owned(), r.target.as_deref()),
+    };
+    let by = r.actor.as_deref().map(|a| format!("by {a}"));
+    let path = match (other, by) {
+        (Some(t), Some(by)) => cell(&format!("{t} {by}")),
+        (Some(t), None) => cell(t),
+        (None, Some(by)) => cell(&by),
+        (None, None) => "-".to_owned(),
+    };
+    [
+        cell(&rec.ts),
+        match &r.replica {
+            Some(replica) => format!("{}:{}", cell(replica), rec.seq),
+            None => rec.seq.to_string(),
+        },
+        r.event.as_str().to_owned(),
+        client,
+        connector,
+        opt(&r.action),
+        "-".to_owned(),
+        path,
+        opt(&r.result),
+        "-".to_owned(),
+        opt(&r.error),
     ]
 }
 
@@ -591,6 +648,75 @@ pub(crate) mod tests {
         let (_, out) = query(std::slice::from_ref(&p), &filter, true);
         let original = std::fs::read_to_string(&p).unwrap();
         assert_eq!(out, format!("{}\n", original.lines().nth(2).unwrap()));
+    }
+
+    #[test]
+    fn admin_actions_show_their_target_and_result_and_join_its_history() {
+        let dir = tempfile::tempdir().unwrap();
+        let admin = |action: &str, target: &str, result: &str| {
+            let mut r = Record::new(Event::Admin);
+            r.action = Some(action.into());
+            r.actor = Some("admin@127.0.0.1:50000".into());
+            r.target = Some(target.into());
+            r.result = Some(result.into());
+            r
+        };
+        let path = write_log(
+            dir.path(),
+            &[
+                (
+                    "2026-11-25T10:00:00.000000Z",
+                    admin("reload", "/etc/cb.toml", "denied"),
+                ),
+                (
+                    "2026-11-25T10:00:01.000000Z",
+                    admin("reload", "/etc/cb.toml", "ok"),
+                ),
+                (
+                    "2026-11-25T10:00:02.000000Z",
+                    admin("disable", "connector:gh", "ok"),
+                ),
+                (
+                    "2026-11-25T10:00:03.000000Z",
+                    admin("revoke", "client:bot2", "ok"),
+                ),
+                (
+                    "2026-11-25T10:00:04.000000Z",
+                    proxy("bot2", "gh", Decision::Deny),
+                ),
+                // A client named like the target's kind is not matched by it.
+                (
+                    "2026-11-25T10:00:05.000000Z",
+                    admin("revoke", "client:bot22", "ok"),
+                ),
+            ],
+        );
+        let (_, table) = query(std::slice::from_ref(&path), &QueryFilter::default(), false);
+        let lines: Vec<&str> = table.lines().collect();
+        let col = |name: &str| lines[0].find(name).unwrap();
+        let at = |line: &str, c: usize| line[c..].split_whitespace().next().unwrap().to_owned();
+        assert_eq!(at(lines[1], col("DECISION")), "denied");
+        assert_eq!(at(lines[2], col("DECISION")), "ok");
+        assert!(
+            lines[1].contains("/etc/cb.toml by admin@127.0.0.1:50000"),
+            "{table}"
+        );
+        assert_eq!(at(lines[3], col("CONNECTOR")), "gh");
+        assert_eq!(at(lines[4], col("CLIENT")), "bot2");
+        let client = QueryFilter {
+            client: Some("bot2".into()),
+            ..QueryFilter::default()
+        };
+        let (n, out) = query(std::slice::from_ref(&path), &client, true);
+        assert_eq!(n, 2, "{out}");
+        assert!(out.contains("\"target\":\"client:bot2\""));
+        let connector = QueryFilter {
+            connector: Some("gh".into()),
+            ..QueryFilter::default()
+        };
+        let (n, out) = query(std::slice::from_ref(&path), &connector, true);
+        assert_eq!(n, 2, "{out}");
+        assert!(out.contains("\"target\":\"connector:gh\""));
     }
 
     #[test]
