@@ -142,6 +142,8 @@ pub async fn serve(
         .keep_alive_interval(Some(Duration::from_secs(20)))
         .keep_alive_timeout(Duration::from_secs(10));
     let builder = Arc::new(ConnectionBuilder {
+        http1_only: builder.clone().http1_only(),
+        http2_only: builder.clone().http2_only(),
         http: builder,
         h2_requests,
         metrics: listener_metrics,
@@ -290,6 +292,7 @@ async fn serve_http<I>(
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let peer = info.peer;
+    let (tls, protocol) = (info.tls, opening.protocol);
     let header_read_timeout = limits.header_read_timeout;
     let info = Arc::new(info);
     let activity = Arc::new(Activity::default());
@@ -347,7 +350,12 @@ async fn serve_http<I>(
         limits.request_timeout,
         activity,
     );
-    let conn = builder.http.serve_connection(TokioIo::new(io), service);
+    let http = match (tls, protocol) {
+        (false, _) => &builder.http,
+        (true, Protocol::Http2) => &builder.http2_only,
+        (true, _) => &builder.http1_only,
+    };
+    let conn = http.serve_connection(TokioIo::new(io), service);
     if let Err(e) = watcher.watch(conn.into_owned()).await {
         tracing::debug!(%peer, error = %e, "connection ended with an error");
     }
@@ -355,7 +363,12 @@ async fn serve_http<I>(
 
 /// The listener's connection settings, and what its connections share.
 struct ConnectionBuilder {
+    /// Plain connections: HTTP/1.1, or HTTP/2 by prior knowledge (its preface).
     http: auto::Builder<TokioExecutor>,
+    /// TLS connections speak what ALPN chose (RFC 9113 §3.3): HTTP/2 only after `h2`,
+    /// HTTP/1.1 only otherwise (an HTTP/2 preface there is a malformed HTTP/1.1 request).
+    http1_only: auto::Builder<TokioExecutor>,
+    http2_only: auto::Builder<TokioExecutor>,
     /// Places for HTTP/2 requests in flight, across the listener's connections.
     h2_requests: Arc<Places>,
     /// Open connections and overload refusals, for `/metrics`.

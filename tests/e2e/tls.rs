@@ -800,6 +800,31 @@ async fn upstream_certificate_for_another_name_is_refused() {
     assert!(error.contains("NotValidForName"), "{error}");
 }
 
+/// Over TLS, ALPN decides the protocol (RFC 9113 §3.3): a connection that negotiated
+/// `http/1.1`, or nothing, speaks HTTP/1.1 even if an HTTP/2 preface follows.
+#[tokio::test]
+async fn an_http2_preface_without_alpn_h2_gets_no_http2() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = FakeUpstream::start().await;
+    let b = TlsBroker::start(up.addr, false, None).await;
+    for alpn in [&[b"http/1.1".as_slice()][..], &[]] {
+        let cfg = client_config(&b.pki.ca_cert_pem, None, &[&TLS13], alpn);
+        let mut stream = tls_connect(b.broker.addr, cfg).await.unwrap();
+        assert_ne!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+        stream
+            .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut got)).await;
+        assert!(
+            got.is_empty() || got.starts_with(b"HTTP/1.1 "),
+            "answered in HTTP/2: {:?}",
+            &got[..got.len().min(16)]
+        );
+    }
+}
+
 #[tokio::test]
 async fn http2_client_through_the_proxy() {
     let up = FakeUpstream::start().await;
