@@ -156,8 +156,8 @@ pub fn explain(
     let found = connector.router.find(&method, upstream_path, |i| {
         let op = &connector.operations[i];
         if let (Some(allowed), Some(q)) = (&op.query, query) {
-            if let Some(bad) = crate::proxy::canonical::query_names(q)
-                .find(|n| !crate::proxy::canonical::query_name_allowed(n, allowed))
+            if let Some(bad) =
+                crate::proxy::canonical::query_names(q).find(|n| !allowed.iter().any(|a| a == n))
             {
                 reasons.push(format!(
                     "operation {} matches but does not allow query parameter `{bad}`",

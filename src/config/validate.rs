@@ -704,10 +704,9 @@ fn operations(
 }
 
 /// An operation's allowed query parameter names. A name is compared with the request's names
-/// as sent or percent-decoded (`canonical::query_name_allowed`), so one written as no request
-/// the canonical check lets through can carry it (empty, holding a separator, or a byte the
-/// check refuses, or `access_token`) would quietly never match: that is an error, as a
-/// pattern that cannot match would be.
+/// as sent, byte for byte, so one that no request the canonical check lets through can carry
+/// (empty, holding a separator, or a byte the check refuses, or `access_token`) would
+/// quietly never match: that is an error, as a pattern that cannot match would be.
 fn query_names(cx: &mut Ctx<'_>, names: &[S], op_key: &str) -> Vec<String> {
     // The entry is named by its position, not quoted: a value pasted into the list (an
     // `api_key=…` meant as a restriction) is not echoed.
@@ -720,9 +719,9 @@ fn query_names(cx: &mut Ctx<'_>, names: &[S], op_key: &str) -> Vec<String> {
             cx.err(
                 Some(name.span()),
                 &format!("{op_key}.query[{i}]"),
-                "can never match a request's parameter name: a name holds no '&', ';', '=', \
-                 '#', space, control or non-ASCII byte (write them percent-encoded, as a \
-                 request must); access_token is always refused",
+                "can never match a request's parameter name: names are compared as sent, \
+                 without decoding, and hold no '&', ';', '=', '#', space, control or non-ASCII \
+                 byte; access_token is always refused",
             );
         }
     }
