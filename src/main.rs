@@ -16,7 +16,13 @@ fn main() -> ExitCode {
     match credbroker::cli::run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("credbroker: {}", credbroker::cli::describe(&e));
+            // Written without `eprintln!`, which panics (exit 101) when stderr is gone.
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "credbroker: {}",
+                credbroker::cli::describe(&e)
+            );
             ExitCode::from(2)
         }
     }

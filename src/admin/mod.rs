@@ -257,10 +257,6 @@ impl std::fmt::Display for ReloadError {
     }
 }
 
-/// Re-reads and validates the config file; on success swaps it in, else keeps the old one.
-/// Either way the attempt is audited, and a valid config goes in force only once its `ok`
-/// record is written: no reload happens unaudited. Used by SIGHUP, the file watcher and
-/// `POST /v1/reload`.
 fn lock_failed_reload(broker: &Broker) -> std::sync::MutexGuard<'_, Option<String>> {
     broker
         .failed_reload
@@ -273,6 +269,10 @@ pub fn reload_failed_on(broker: &Broker, sha256: &str) -> bool {
     lock_failed_reload(broker).as_deref() == Some(sha256)
 }
 
+/// Re-reads and validates the config file; on success swaps it in, else keeps the old one.
+/// Either way the attempt is audited, and a valid config goes in force only once its `ok`
+/// record is written: no reload happens unaudited. Used by SIGHUP, the file watcher and
+/// `POST /v1/reload`.
 pub async fn reload(
     broker: &Broker,
     actor: &str,

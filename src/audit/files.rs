@@ -171,8 +171,9 @@ pub(super) struct TailScan {
 
 /// Finds the last complete line that parses and whose hash re-computes. The bytes after the
 /// last `\n` are a torn write (records are written with their newline in one `write`), and
-/// complete lines of NUL bytes what a crash leaves where data never reached the disk: that
-/// is the damaged tail. Any other complete line that does not verify — not JSON, a member
+/// complete lines holding a NUL byte — which no record holds raw (JSON escapes it) — what a
+/// crash leaves where data never reached the disk (a record's start, NULs, a later record's
+/// end): that is the damaged tail. Any other complete line that does not verify — not JSON, a member
 /// renamed, a hash that does not re-compute — is no write of this broker's that failed but
 /// a wrong key or an altered file: opening fails rather than destroy evidence.
 pub(super) fn scan_tail(
@@ -261,7 +262,7 @@ fn last_intact_line(
                 };
                 return Some(Ok((end + 1, tail)));
             }
-            Err(ChainError::Unparsable(_)) if line.iter().all(|&b| b == 0) => match begin {
+            Err(ChainError::Unparsable(_)) if line.contains(&0) => match begin {
                 0 => return None,
                 _ => end = begin - 1,
             },

@@ -1601,7 +1601,9 @@ mod tests {
                 .unwrap();
         };
         // What a crash leaves: NULs where data never reached the disk, a write cut short.
-        append(b"\0\0\0\n\0\0\n{\"seq\":2,\"ts\":\"2026-\0\0");
+        append(
+            b"\0\0\0\n{\"seq\":2,\"ts\":\0\0\0\0\"prev\":\"ab\"}\n{\"seq\":2,\"ts\":\"2026-\0\0",
+        );
         let log = AuditLog::open(o.clone()).unwrap();
         log.close();
         assert_intact(&o.path);

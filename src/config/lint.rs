@@ -350,6 +350,22 @@ fn connector_warnings(cx: &mut Ctx<'_>, config: &Config, raw: &RawConfig, now: D
                      segment, {*rest} the rest of the path",
                 );
             }
+            // Query names are compared as sent (DESIGN §3.2: encoding variants fail closed),
+            // and URL encoders escape these bytes: `$top` arrives as `%24top` from most
+            // client libraries, and is refused.
+            if let (Some(names), Some(raw_names)) = (&op.query, &rop.query) {
+                for (i, (name, raw)) in names.iter().zip(raw_names).enumerate() {
+                    if name.bytes().any(|b| b"$[]!'()*,:@+/?".contains(&b)) {
+                        cx.err(
+                            Some(raw.span()),
+                            &format!("{op_key}.query[{i}]"),
+                            "names are compared as sent, and URL encoders percent-encode some \
+                             of this name's characters: a client that sends it encoded is \
+                             refused (list that spelling too if clients send it)",
+                        );
+                    }
+                }
+            }
             if !granted.contains(&(connector.name.as_str(), op.name.as_str())) {
                 cx.err(Some(rop.name.span()), &op_key, "granted to no client");
             }

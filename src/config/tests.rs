@@ -783,6 +783,29 @@ fn a_query_name_no_request_can_carry_is_an_error_that_does_not_echo_it() {
 }
 
 #[test]
+fn lint_warns_of_query_names_url_encoders_escape() {
+    let with_query = |q: &str| {
+        GOOD.replace(
+            "path = \"/repos/acme/{repo}/issues\"",
+            &format!("path = \"/repos/acme/{{repo}}/issues\"\n  query = [\"state\", {q}]"),
+        )
+    };
+    for escaped in [r#""$top""#, r#""filter[state]""#, r#""a+b""#] {
+        let all = lint_lines(&with_query(escaped));
+        assert!(
+            all.contains("operations[issues.read].query[1]: names are compared as sent"),
+            "{escaped}: {all}"
+        );
+    }
+    for plain in [r#""per_page""#, r#""a%5Bb%5D""#] {
+        assert!(
+            !lint_lines(&with_query(plain)).contains("compared as sent"),
+            "{plain}"
+        );
+    }
+}
+
+#[test]
 fn lint_warns_that_a_star_in_a_pattern_is_literal() {
     for glob in ["/repos/acme/*/issues", "/repos/acme/widget/issues*"] {
         let text = GOOD.replace("/repos/acme/{repo}/issues", glob);

@@ -46,6 +46,8 @@ struct TokenError {
     /// auditor's `audit query --client` shows guessing at that client's secret. Never an
     /// unknown id (that text is the caller's, and may be anything, a pasted secret included).
     claimed: Option<String>,
+    /// Answered with `Connection: close` (HTTP/1.1): what is wrong is the connection itself.
+    close: bool,
 }
 
 fn error(status: StatusCode, code: &'static str, description: impl Into<String>) -> TokenError {
@@ -56,6 +58,7 @@ fn error(status: StatusCode, code: &'static str, description: impl Into<String>)
         retry_after: None,
         client: None,
         claimed: None,
+        close: false,
     }
 }
 
@@ -255,9 +258,20 @@ async fn issue(
     // The connection's client certificate, if it still counts now (unexpired, its CA still
     // in force): it authenticates the client and binds the token (RFC 8705).
     let cert = conn.client_cert_at(at, broker.client_ca_in_force());
-    let authenticated = broker.authenticate_from(ip, at, || {
-        authenticate(live, &parts.headers, &form, conn, cert)
-    });
+    let authenticated = if conn.client_cert.is_some() && cert.is_none() {
+        // The connection's certificate stopped counting (expired, or its CA replaced by a
+        // reload): no token from it — with a secret, one would come unbound — and, not being
+        // a guess, not counted toward the lockout. Closed, so the client reconnects and the
+        // handshake decides again.
+        Err(AuthAttempt::Failed(stale_certificate(
+            live,
+            &parts.headers,
+            &form,
+            parts.version,
+        )))
+    } else {
+        broker.authenticate_from(ip, at, || authenticate(live, &parts.headers, &form, cert))
+    };
     let client = match authenticated {
         Ok(client) => client,
         Err(AuthAttempt::LockedOut(left)) => return Err(rate_limited(left)),
@@ -379,7 +393,6 @@ fn authenticate<'l>(
     live: &'l Live,
     headers: &http::HeaderMap,
     form: &TokenForm,
-    conn: &ConnInfo,
     cert: Option<&PeerIdentity>,
 ) -> Result<&'l Client, TokenError> {
     // client_secret_post is an authentication method this server does not offer: an
@@ -418,18 +431,11 @@ fn authenticate<'l>(
     };
     let client = live.config.client(id);
     let Some(cert) = cert else {
-        // A configured client named without a certificate that counts: a failed
-        // authentication of that client, recorded with it like a wrong secret.
-        let why = match conn.client_cert {
-            Some(_) => {
-                "the connection's client certificate has expired or its CA is no longer \
-                        trusted; reconnect with a valid certificate"
-            }
-            None => AUTHENTICATION_REQUIRED,
-        };
+        // A configured client named without a certificate: a failed authentication of that
+        // client, recorded with it like a wrong secret.
         return Err(TokenError {
             claimed: client.map(|c| c.id.clone()),
-            ..invalid_client(why)
+            ..invalid_client(AUTHENTICATION_REQUIRED)
         });
     };
     match client {
@@ -440,6 +446,31 @@ fn authenticate<'l>(
 
 const AUTHENTICATION_REQUIRED: &str =
     "client authentication is required (HTTP Basic or a client certificate)";
+
+/// `invalid_client` for a connection whose client certificate no longer counts, naming the
+/// configured client the request claimed (by Basic or `client_id`), if any.
+fn stale_certificate(
+    live: &Live,
+    headers: &http::HeaderMap,
+    form: &TokenForm,
+    version: http::Version,
+) -> TokenError {
+    let basic = headers
+        .get(AUTHORIZATION)
+        .and_then(|v| parse_basic(v.as_bytes()).ok())
+        .map(|(id, _)| id);
+    let id = basic.as_deref().or(form.client_id.as_deref());
+    TokenError {
+        claimed: id
+            .and_then(|id| live.config.client(id))
+            .map(|c| c.id.clone()),
+        close: version < http::Version::HTTP_2,
+        ..invalid_client(
+            "the connection's client certificate has expired or its CA is no longer trusted; \
+             reconnect with a valid certificate",
+        )
+    }
+}
 
 /// `invalid_client`, naming the configured client that was claimed, if any (for the record).
 fn authentication_failed(claimed: Option<&std::sync::Arc<Client>>) -> TokenError {
@@ -755,6 +786,10 @@ fn error_response(e: TokenError, request_id: &str) -> Response<ProxyBody> {
     if let Some(secs) = e.retry_after {
         resp.headers_mut()
             .insert(RETRY_AFTER, HeaderValue::from(secs));
+    }
+    if e.close {
+        resp.headers_mut()
+            .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
     }
     resp
 }

@@ -469,20 +469,29 @@ async fn a_reload_withdrawing_the_client_ca_ends_open_connections_mtls_identity(
     assert_eq!(open.token("mtls-bot", "github:issues.read").await.0, 200);
     assert_eq!(open.get(target, &bound).await.0, 200);
 
-    // Another CA in force: the old connection presents no certificate any more.
+    // Another CA in force: the old connections present no certificate any more.
+    let mut more_open = Vec::new();
+    for _ in 0..21 {
+        more_open.push(b.h1(Some(b.client(MTLS_SAN))).await);
+    }
     let new_pki = new_pki();
     write_pem(b.broker.dir.path(), "ca.pem", &new_pki.ca_cert_pem);
     assert_eq!(b.broker.admin_call("POST", "/v1/reload", "").await.0, 200);
-    let (status, _, body) = open.token("mtls-bot", "github:issues.read").await;
-    assert_eq!(status, 401, "{body}");
-    assert!(body.contains("\"invalid_client\""), "{body}");
-    assert!(body.contains("no longer trusted"), "{body}");
+    // A bound token on it: refused as no longer valid (not as a stolen token).
     let (status, headers, body) = open.get(target, &bound).await;
     assert_eq!(status, 401, "{body}");
+    assert!(body.contains("no longer trusted"), "{body}");
     assert!(headers["www-authenticate"]
         .to_str()
         .unwrap()
         .contains("error=\"invalid_token\""));
+    // No token either — by certificate, or with a secret, when it would come unbound — and
+    // the connection is closed to be renewed.
+    let (status, headers, body) = open.token("mtls-bot", "github:issues.read").await;
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("\"invalid_client\""), "{body}");
+    assert!(body.contains("no longer trusted"), "{body}");
+    assert_eq!(headers["connection"], "close");
     assert_eq!(
         up.count(),
         1,
@@ -498,7 +507,14 @@ async fn a_reload_withdrawing_the_client_ca_ends_open_connections_mtls_identity(
         .filter(|r| r["decision"] == "deny")
         .collect();
     assert_eq!(refused.len(), 1);
-    assert_eq!(refused[0]["reason"], "certificate_mismatch");
+    assert_eq!(refused[0]["reason"], "certificate_no_longer_valid");
+    assert_eq!(refused[0]["client"], "mtls-bot");
+    // Not counted as guessing: past the 20 failures a minute that lock an address out, such
+    // refusals are still 401, not 429.
+    for mut conn in more_open {
+        let (status, _, body) = conn.token("mtls-bot", "github:issues.read").await;
+        assert_eq!(status, 401, "{body}");
+    }
 }
 
 #[tokio::test]
@@ -816,7 +832,9 @@ async fn an_http2_preface_without_alpn_h2_gets_no_http2() {
             .await
             .unwrap();
         let mut got = Vec::new();
-        let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut got)).await;
+        // HTTP/1.1 refuses the preface and closes the connection (it must not hang).
+        let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut got));
+        assert!(read.await.is_ok(), "no answer and no close");
         assert!(
             got.is_empty() || got.starts_with(b"HTTP/1.1 "),
             "answered in HTTP/2: {:?}",
