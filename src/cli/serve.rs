@@ -38,8 +38,10 @@ pub struct Running {
 
 impl Running {
     /// Stops accepting, drains in-flight requests (up to `request_timeout`), writes the
-    /// `shutdown` record and flushes the audit log.
-    pub async fn shutdown(self) {
+    /// `shutdown` record and flushes the audit log. False when the `shutdown` record could not
+    /// be written (a full disk): the log does not say the broker stopped cleanly, and the
+    /// exit status says so too.
+    pub async fn shutdown(self) -> bool {
         let _ = self.stop.send(true);
         for t in self.tasks {
             let _ = t.await;
@@ -52,13 +54,18 @@ impl Running {
         let broker = self.broker;
         let tail = tokio::task::spawn_blocking(move || {
             crate::workers::shutdown();
-            if let Err(e) = broker.audit.close_with(Record::new(Event::Shutdown)) {
-                tracing::error!(error = %e, "cannot write the shutdown audit record");
+            match broker.audit.close_with(Record::new(Event::Shutdown)) {
+                Ok(_) => true,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot write the shutdown audit record");
+                    false
+                }
             }
         });
-        if tail.await.is_err() {
+        tail.await.unwrap_or_else(|_| {
             tracing::error!("the end of the shutdown failed");
-        }
+            false
+        })
     }
 
     /// Resolves when `shutdown` was asked for (for the signal handler loop).
@@ -115,8 +122,11 @@ pub fn run(args: ServeArgs, config: &super::ConfigPath) -> anyhow::Result<ExitCo
                 std::process::exit(1);
             });
         }
-        running.shutdown().await;
-        Ok(ExitCode::SUCCESS)
+        // DESIGN §6: `shutdown` written, exit 0; without it, a supervisor learns of it.
+        Ok(match running.shutdown().await {
+            true => ExitCode::SUCCESS,
+            false => ExitCode::FAILURE,
+        })
     })
 }
 

@@ -149,6 +149,28 @@ async fn full_disk_refuses_with_503_forwards_nothing_and_recovers() {
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     let n = verify_chain_independently(&audit_path);
     assert!(n >= 3);
+    // A clean stop: the `shutdown` record written (`serve` exits 0).
+    let mut b = b;
+    assert!(b.running.take().unwrap().shutdown().await);
+    let records = audit_records(&audit_path);
+    assert_eq!(records.last().unwrap()["event"], "shutdown");
+}
+
+/// DESIGN §6: SIGTERM writes `shutdown` and exits 0 — and when the disk is full it cannot be
+/// written, which the stop reports (`serve` exits 1) instead of passing for a clean one.
+#[tokio::test]
+async fn a_stop_whose_shutdown_record_cannot_be_written_says_so() {
+    let Some(fs) = Tmpfs::mount("256k") else {
+        eprintln!("SKIPPED a_stop_whose_shutdown_record…: mounting a tmpfs needs root");
+        return;
+    };
+    let up = FakeUpstream::start().await;
+    let (config, audit_path) = config_on(&fs, up.addr);
+    let mut b = TestBroker::start(&config).await;
+    let _filler = fill_until_refused(&b, &fs).await;
+    assert!(!b.running.take().unwrap().shutdown().await);
+    let records = audit_records(&audit_path);
+    assert_ne!(records.last().unwrap()["event"], "shutdown");
 }
 
 /// The README's independent verifier (tools/verify-audit.py) agrees with the broker: intact
