@@ -289,21 +289,19 @@ pub async fn reload(
         )
     } else {
         // Read once here, so that what is remembered of a failed reload is what it read.
-        match std::fs::read(&path) {
-            Err(e) => Err(format!("{}: cannot read config: {e}", path.display())),
-            Ok(bytes) => {
-                let tried = hex::encode(Sha256::digest(&bytes));
-                let loaded = match String::from_utf8(bytes) {
-                    Ok(text) => Config::parse(&text, &path).map_err(|errors| errors.to_string()),
-                    Err(_) => Err(format!("{}: cannot read config: not UTF-8", path.display())),
-                };
-                let prepared = loaded.and_then(|config| {
-                    let sha256 = config.sha256.clone();
-                    broker
-                        .prepare_config(config)
-                        .map(|prepared| (prepared, sha256))
-                        .map_err(|e| e.to_string())
-                });
+        match crate::config::read_config(&path) {
+            Err(errors) => Err(errors.to_string()),
+            Ok(text) => {
+                let tried = hex::encode(Sha256::digest(text.as_bytes()));
+                let prepared = Config::parse(&text, &path)
+                    .map_err(|errors| errors.to_string())
+                    .and_then(|config| {
+                        let sha256 = config.sha256.clone();
+                        broker
+                            .prepare_config(config)
+                            .map(|prepared| (prepared, sha256))
+                            .map_err(|e| e.to_string())
+                    });
                 *lock_failed_reload(broker) = prepared.is_err().then_some(tried);
                 prepared
             }

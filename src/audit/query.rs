@@ -322,17 +322,12 @@ fn is_target(r: &crate::audit::Record, kind: &str, name: &str) -> bool {
 
 fn row(rec: &StoredRecord) -> Row {
     let r = &rec.record;
-    let opt = |v: &Option<String>| v.as_deref().map_or_else(|| "-".to_owned(), cell);
     if r.event == Event::Admin {
-        return admin_row(rec, opt);
+        return admin_row(rec);
     }
     [
         cell(&rec.ts),
-        // Several replicas' files merge: each numbers its own chain, so SEQ names the chain.
-        match &r.replica {
-            Some(replica) => format!("{}:{}", cell(replica), rec.seq),
-            None => rec.seq.to_string(),
-        },
+        seq_cell(rec),
         r.event.as_str().to_owned(),
         opt(&r.client),
         opt(&r.connector),
@@ -353,10 +348,23 @@ fn row(rec: &StoredRecord) -> Row {
     ]
 }
 
+/// An optional text field's cell (`-` when absent).
+fn opt(v: &Option<String>) -> String {
+    v.as_deref().map_or_else(|| "-".to_owned(), cell)
+}
+
+/// SEQ: several replicas' files merge, each numbering its own chain, so SEQ names the chain.
+fn seq_cell(rec: &StoredRecord) -> String {
+    match &rec.record.replica {
+        Some(replica) => format!("{}:{}", cell(replica), rec.seq),
+        None => rec.seq.to_string(),
+    }
+}
+
 /// An admin action's row: the client or connector it acted on in their columns, any other
 /// target (a config file, a token's jti) and who acted under PATH, its `result` under
 /// DECISION — so a refused reload does not look like an accepted one.
-fn admin_row(rec: &StoredRecord, opt: impl Fn(&Option<String>) -> String) -> Row {
+fn admin_row(rec: &StoredRecord) -> Row {
     let r = &rec.record;
     let target = r.target.as_deref().unwrap_or_default();
     let (client, connector, other) = match target.split_once(':') {
@@ -373,10 +381,7 @@ fn admin_row(rec: &StoredRecord, opt: impl Fn(&Option<String>) -> String) -> Row
     };
     [
         cell(&rec.ts),
-        match &r.replica {
-            Some(replica) => format!("{}:{}", cell(replica), rec.seq),
-            None => rec.seq.to_string(),
-        },
+        seq_cell(rec),
         r.event.as_str().to_owned(),
         client,
         connector,

@@ -308,7 +308,8 @@ impl AuditorConfig {
     }
 }
 
-fn read_config(path: &Path) -> Result<String, ConfigErrors> {
+/// The config file's text; an unreadable (or non-UTF-8) file is a one-error [`ConfigErrors`].
+pub(crate) fn read_config(path: &Path) -> Result<String, ConfigErrors> {
     std::fs::read_to_string(path).map_err(|e| {
         ConfigErrors(vec![ConfigError::new(
             path,

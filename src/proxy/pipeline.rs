@@ -591,36 +591,33 @@ fn check_binding(
     let Some(cnf) = &claims.cnf else {
         return Ok(());
     };
-    let presented = conn
-        .client_cert_at(now, broker.client_ca_in_force())
-        .map(|c| c.x5t_s256.as_str());
-    let stale = || {
-        presented.is_none()
-            && conn
-                .client_cert
-                .as_ref()
-                .is_some_and(|c| c.x5t_s256 == cnf.x5t_s256)
-    };
-    if presented != Some(cnf.x5t_s256.as_str()) && stale() {
-        // The right certificate, on a connection that outlived it: not a stolen token.
-        return Err(deny(
+    let presented = conn.client_cert_at(now, broker.client_ca_in_force());
+    if presented.is_some_and(|c| c.x5t_s256 == cnf.x5t_s256) {
+        return Ok(());
+    }
+    // The right certificate, on a connection that outlived it: not a stolen token.
+    let outlived = presented.is_none()
+        && conn
+            .client_cert
+            .as_ref()
+            .is_some_and(|c| c.x5t_s256 == cnf.x5t_s256);
+    Err(if outlived {
+        deny(
             Refusal::InvalidToken(
                 "the client certificate this token is bound to has expired or its CA is no \
                  longer trusted; reconnect with a valid certificate"
                     .into(),
             ),
             "certificate_no_longer_valid",
-        ));
-    }
-    if presented != Some(cnf.x5t_s256.as_str()) {
-        return Err(deny(
+        )
+    } else {
+        deny(
             Refusal::InvalidToken(
                 "the token is bound to a client certificate this connection did not present".into(),
             ),
             "certificate_mismatch",
-        ));
-    }
-    Ok(())
+        )
+    })
 }
 
 /// The token from `Authorization: Bearer …` (scheme case-insensitive, RFC 6750 §2.1).
