@@ -310,9 +310,9 @@ async fn issue(
     let disabled = issue_state(broker, live, &client.id, now.timestamp())
         .await
         .map_err(with_client)?;
-    // A client with no grants at all is unauthorized; one whose only grant expired gets
-    // invalid_scope below (DESIGN §3.3).
-    if client.grants.is_empty() {
+    // A client with no grants at all is unauthorized (a grant of no operation grants nothing);
+    // one whose only grant expired gets invalid_scope below (DESIGN §3.3).
+    if client.grants.iter().all(|g| g.operations.is_empty()) {
         return Err(with_client(error(
             StatusCode::BAD_REQUEST,
             "unauthorized_client",

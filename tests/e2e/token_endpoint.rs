@@ -44,7 +44,14 @@ async fn issues_a_scoped_token_with_capped_lifetime() {
 #[tokio::test]
 async fn every_error_code() {
     let up = FakeUpstream::start().await;
-    let b = TestBroker::start(&standard_config(up.addr)).await;
+    // A grant that lists no operation grants nothing: that client holds no grants either.
+    let config = format!(
+        "{}\n[[clients]]\nid = \"emptygrant\"\nowner = \"platform@acme.example\"\n\
+         secret_sha256 = \"{}\"\ngrants = [ {{ connector = \"github\", operations = [] }} ]\n",
+        standard_config(up.addr),
+        sha256_hex(SECRET)
+    );
+    let b = TestBroker::start(&config).await;
     // invalid_client: wrong secret, unknown client
     for (id, secret) in [("bot", "wrong"), ("nobody", SECRET)] {
         let (s, h, body) = b.token_request(id, secret, "github:issues.read", &[]).await;
@@ -64,12 +71,12 @@ async fn every_error_code() {
         assert_eq!(s, 400, "{scope}: {body}");
         assert!(body.contains("\"invalid_scope\""), "{scope}: {body}");
     }
-    // unauthorized_client: authenticated, no grants
-    let (s, _, body) = b
-        .token_request("nogrants", SECRET, "github:issues.read", &[])
-        .await;
-    assert_eq!(s, 400);
-    assert!(body.contains("\"unauthorized_client\""), "{body}");
+    // unauthorized_client: authenticated, no grants (or only grants of no operation)
+    for id in ["nogrants", "emptygrant"] {
+        let (s, _, body) = b.token_request(id, SECRET, "github:*", &[]).await;
+        assert_eq!(s, 400, "{id}");
+        assert!(body.contains("\"unauthorized_client\""), "{id}: {body}");
+    }
     // unsupported_grant_type
     let (s, _, body) = b
         .token_request(
@@ -161,7 +168,7 @@ async fn every_error_code() {
         .iter()
         .find(|r| r["reason"] == "unauthorized_client")
         .unwrap();
-    assert_eq!(unauthorized["scope"], "github:issues.read");
+    assert_eq!(unauthorized["scope"], "github:*");
 }
 
 #[tokio::test]
