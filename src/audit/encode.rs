@@ -51,6 +51,8 @@ pub(crate) fn write_members(record: &Record, out: &mut Vec<u8>) {
     number!("status", record.status);
     text!("scope", record.scope);
     text!("expires_at", record.expires_at);
+    text!("grant_reason", record.grant_reason);
+    text!("grant_expires", record.grant_expires);
     number!("duration_ms", record.duration_ms);
     number!("bytes_in", record.bytes_in);
     number!("bytes_out", record.bytes_out);
@@ -194,7 +196,7 @@ mod tests {
 
     prop_compose! {
         fn record()(
-            texts in proptest::collection::vec(text(), 22),
+            texts in proptest::collection::vec(text(), 24),
             numbers in proptest::collection::vec(number(), 4),
             status in proptest::option::of(any::<u16>()),
             decision in proptest::option::of(prop_oneof![Just(Decision::Allow), Just(Decision::Deny)]),
@@ -231,6 +233,8 @@ mod tests {
                 status,
                 scope: next(),
                 expires_at: next(),
+                grant_reason: next(),
+                grant_expires: next(),
                 duration_ms: n.next().flatten(),
                 bytes_in: n.next().flatten(),
                 bytes_out: n.next().flatten(),

@@ -4,7 +4,10 @@
 //! Field order in [`Record`] is the order members appear on the line, so it is part of the
 //! file format: do not reorder fields.
 
+use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
+
+use crate::config::Grant;
 
 /// What happened. Serialised in snake_case (`token_issued`, `proxy_result`, …).
 #[derive(
@@ -105,6 +108,14 @@ pub struct Record {
     pub scope: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<String>,
+    /// A token or call that relies on a time-bound grant (a break-glass elevation, DESIGN
+    /// §3.3): the grants' reasons ([`Record::elevated_by`]). Not in DESIGN §5's table: the
+    /// reason has to outlive the config that held it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grant_reason: Option<String>,
+    /// When the first of those grants ends (RFC 3339, seconds).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grant_expires: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub duration_ms: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -142,6 +153,32 @@ impl Record {
             event,
             ..Self::default()
         }
+    }
+
+    /// Marks the record as made under time-bound grants (break-glass elevations): once the
+    /// incident is closed and the grant removed from the config, the log still says why the
+    /// client could do this. `grant_reason` lists the grants' reasons (distinct, in order,
+    /// `; ` between them), `grant_expires` the earliest end. Grants without `expires` are
+    /// skipped; with none left nothing is set.
+    pub fn elevated_by<'g>(&mut self, grants: impl IntoIterator<Item = &'g Grant>) {
+        let mut reasons: Vec<&str> = Vec::new();
+        let mut earliest: Option<DateTime<Utc>> = None;
+        for grant in grants {
+            let Some(expires) = grant.expires else {
+                continue;
+            };
+            earliest = Some(earliest.map_or(expires, |e| e.min(expires)));
+            if let Some(reason) = grant.reason.as_deref() {
+                if !reasons.contains(&reason) {
+                    reasons.push(reason);
+                }
+            }
+        }
+        let Some(earliest) = earliest else {
+            return;
+        };
+        self.grant_expires = Some(earliest.to_rfc3339_opts(SecondsFormat::Secs, true));
+        self.grant_reason = (!reasons.is_empty()).then(|| reasons.join("; "));
     }
 }
 
@@ -203,6 +240,43 @@ mod tests {
         assert_eq!(
             json,
             r#"{"event":"proxy","client":"bot","path":"/repos","decision":"deny","status":403}"#
+        );
+    }
+
+    #[test]
+    fn elevations_name_their_reasons_and_the_earliest_end() {
+        let at = |s: &str| Some(s.parse::<DateTime<Utc>>().unwrap());
+        let grant = |expires, reason: Option<&str>| Grant {
+            connector: "gh".into(),
+            operations: vec!["issues.comment".into()],
+            max_ttl: None,
+            expires,
+            reason: reason.map(str::to_owned),
+        };
+        let standing = grant(None, Some("ignored: not time-bound"));
+        let inc = grant(at("2026-12-01T00:00:00Z"), Some("INC-4711"));
+        let inc_again = grant(at("2026-11-30T12:00:00.5Z"), Some("INC-4711"));
+        let unexplained = grant(at("2026-12-02T00:00:00Z"), None);
+        let chg = grant(at("2026-12-03T00:00:00Z"), Some("CHG-9"));
+        let mut r = Record::new(Event::TokenIssued);
+        r.elevated_by([&standing]);
+        assert_eq!(
+            (r.grant_reason.as_deref(), r.grant_expires.as_deref()),
+            (None, None)
+        );
+        r.elevated_by([&standing, &inc, &unexplained, &chg, &inc_again]);
+        assert_eq!(r.grant_reason.as_deref(), Some("INC-4711; CHG-9"));
+        assert_eq!(r.grant_expires.as_deref(), Some("2026-11-30T12:00:00Z"));
+        let mut r = Record::new(Event::Proxy);
+        r.elevated_by([&unexplained]);
+        assert_eq!(
+            (r.grant_reason.as_deref(), r.grant_expires.as_deref()),
+            (None, Some("2026-12-02T00:00:00Z"))
+        );
+        let json = serde_json::to_string(&r).unwrap();
+        assert_eq!(
+            json,
+            r#"{"event":"proxy","grant_expires":"2026-12-02T00:00:00Z"}"#
         );
     }
 

@@ -1,6 +1,6 @@
 //! `audit report`: usage per connector and client, and the least-privilege findings — grants
-//! never used in the period the files cover, denied attempts beyond the granted scope, and the
-//! time-bound grants with their reasons.
+//! never used in the period the files cover, denied attempts beyond the granted scope, the
+//! break-glass elevations the log shows in use, and the time-bound grants with their reasons.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, Write};
@@ -58,6 +58,7 @@ struct Report {
     usage: Vec<Usage>,
     unused_grants: Option<Vec<UnusedGrant>>,
     beyond_scope: Vec<BeyondScope>,
+    elevations_used: Vec<ElevationUse>,
     time_bound_grants: Option<Vec<GrantInfo>>,
 }
 
@@ -108,6 +109,25 @@ struct BeyondScope {
     reasons: BTreeSet<String>,
 }
 
+/// Tokens issued and calls allowed under time-bound grants, read from the records'
+/// `grant_reason` and `grant_expires`: unlike the config's list, it survives the elevation's
+/// removal.
+#[derive(Debug, Default, Serialize)]
+struct ElevationUse {
+    client: String,
+    reason: Option<String>,
+    expires: Option<String>,
+    tokens: u64,
+    calls: u64,
+    first_use: Option<String>,
+    last_use: Option<String>,
+    /// `connector:operation` of the calls made under it.
+    operations: BTreeSet<String>,
+}
+
+/// Client, reason, expiry of an elevation in use.
+type ElevationKey = (String, Option<String>, Option<String>);
+
 /// Reports on `paths` (read in order; several replicas' files merge) against the current
 /// `grants` (`None`: no config, so no grant findings), as a table or, with `json`, one JSON
 /// document.
@@ -143,6 +163,7 @@ struct Accumulator {
     usage: BTreeMap<(String, String), Usage>,
     /// (client, connector, method, path) → attempts and reasons.
     beyond: BTreeMap<BeyondKey, (u64, BTreeSet<String>)>,
+    elevations: BTreeMap<ElevationKey, ElevationUse>,
 }
 
 impl Accumulator {
@@ -154,6 +175,7 @@ impl Accumulator {
         keep_earliest(&mut self.period.first, &rec.ts);
         keep_latest(&mut self.period.last, &rec.ts);
         let r = &rec.record;
+        self.note_elevation(rec);
         if r.event != Event::Proxy {
             return;
         }
@@ -194,6 +216,42 @@ impl Accumulator {
                 }
             }
             None => {}
+        }
+    }
+
+    /// A token issued or a call allowed under a time-bound grant.
+    fn note_elevation(&mut self, rec: &StoredRecord) {
+        let r = &rec.record;
+        if r.grant_reason.is_none() && r.grant_expires.is_none() {
+            return;
+        }
+        let issued = r.event == Event::TokenIssued;
+        let allowed = r.event == Event::Proxy && r.decision == Some(Decision::Allow);
+        if !issued && !allowed {
+            return;
+        }
+        let client = r.client.clone().unwrap_or_else(|| "-".into());
+        let key = (client, r.grant_reason.clone(), r.grant_expires.clone());
+        let used = self
+            .elevations
+            .entry(key)
+            .or_insert_with_key(|(client, reason, expires)| ElevationUse {
+                client: client.clone(),
+                reason: reason.clone(),
+                expires: expires.clone(),
+                ..ElevationUse::default()
+            });
+        keep_earliest(&mut used.first_use, &rec.ts);
+        keep_latest(&mut used.last_use, &rec.ts);
+        if issued {
+            used.tokens += 1;
+        } else {
+            used.calls += 1;
+            used.operations.insert(format!(
+                "{}:{}",
+                r.connector.as_deref().unwrap_or("-"),
+                r.operation.as_deref().unwrap_or("-")
+            ));
         }
     }
 
@@ -260,6 +318,7 @@ impl Accumulator {
             usage,
             unused_grants,
             beyond_scope,
+            elevations_used: self.elevations.into_values().collect(),
             time_bound_grants,
         }
     }
@@ -428,6 +487,29 @@ fn write_table(r: &Report, out: &mut dyn Write) -> io::Result<()> {
             reasons.join(", ")
         )?;
     }
+    writeln!(
+        out,
+        "\nBreak-glass elevations in use (time-bound grants, from the log):"
+    )?;
+    if r.elevations_used.is_empty() {
+        writeln!(out, "  (none)")?;
+    }
+    for e in &r.elevations_used {
+        let operations: Vec<String> = e.operations.iter().map(|o| cell(o)).collect();
+        writeln!(
+            out,
+            "  {}: {} (until {}): {}, {}, first use {}, last use {}{}{}",
+            cell(&e.client),
+            dash(&e.reason),
+            dash(&e.expires),
+            plural(e.tokens, "token"),
+            plural(e.calls, "call"),
+            dash(&e.first_use),
+            dash(&e.last_use),
+            if operations.is_empty() { "" } else { ": " },
+            operations.join(", ")
+        )?;
+    }
     writeln!(out, "\nTime-bound grants:")?;
     match &r.time_bound_grants {
         None => writeln!(out, "  {NEEDS_CONFIG}")?,
@@ -514,6 +596,58 @@ mod tests {
         assert_eq!(usage["last_use"], "2026-11-25T12:00:00.000000Z");
         assert_eq!(v["period"]["first"], "2026-11-25T09:00:00.000000Z");
         assert_eq!(v["period"]["last"], "2026-11-25T12:00:00.000000Z");
+    }
+
+    /// The elevations in use come from the records themselves, with no config: the grant
+    /// may be gone from it by the time the report is made.
+    #[test]
+    fn elevations_in_use_are_read_from_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let elevated = |mut r: Record| {
+            r.grant_reason = Some("INC-4711".into());
+            r.grant_expires = Some("2026-12-01T00:00:00Z".into());
+            r
+        };
+        let mut issued = Record::new(Event::TokenIssued);
+        issued.client = Some("responder".into());
+        let mut refused_token = elevated(issued.clone());
+        refused_token.event = Event::TokenDenied;
+        let path = write_log(
+            dir.path(),
+            &[
+                elevated(issued),
+                elevated(proxy("responder", "issues.comment", Decision::Allow, None)),
+                proxy("responder", "issues.read", Decision::Allow, None),
+                elevated(proxy("responder", "issues.comment", Decision::Allow, None)),
+                refused_token,
+            ],
+        );
+        let mut out = Vec::new();
+        run_report(std::slice::from_ref(&path), None, true, &mut out).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        let used = v["elevations_used"].as_array().unwrap();
+        assert_eq!(used.len(), 1, "{v}");
+        assert_eq!(used[0]["client"], "responder");
+        assert_eq!(used[0]["reason"], "INC-4711");
+        assert_eq!(used[0]["tokens"], 1);
+        assert_eq!(used[0]["calls"], 2);
+        assert_eq!(used[0]["first_use"], "2026-11-20T10:00:00.000000Z");
+        assert_eq!(used[0]["last_use"], "2026-11-23T10:00:00.000000Z");
+        assert_eq!(
+            used[0]["operations"],
+            serde_json::json!(["github:issues.comment"])
+        );
+        let mut out = Vec::new();
+        run_report(&[path], None, false, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.contains(
+                "  responder: INC-4711 (until 2026-12-01T00:00:00Z): 1 token, 2 calls, first use \
+                 2026-11-20T10:00:00.000000Z, last use 2026-11-23T10:00:00.000000Z: \
+                 github:issues.comment\n"
+            ),
+            "{text}"
+        );
     }
 
     fn grant(client: &str, op: &str, expires: Option<&str>) -> GrantInfo {

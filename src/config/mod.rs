@@ -362,6 +362,25 @@ impl Client {
             .filter(move |g| g.connector == connector && g.is_live(now))
     }
 
+    /// The time-bound grant (break-glass elevation) this client holds `operation` on
+    /// `connector` by at `now`: `None` when a standing grant gives it too (no elevation was
+    /// needed), or nothing does.
+    pub fn elevation<'a>(
+        &'a self,
+        connector: &'a str,
+        operation: &str,
+        now: DateTime<Utc>,
+    ) -> Option<&'a Grant> {
+        let covering = || {
+            self.live_grants(connector, now)
+                .filter(|g| g.operations.iter().any(|op| op == operation))
+        };
+        if covering().any(|g| g.expires.is_none()) {
+            return None;
+        }
+        covering().next()
+    }
+
     /// Whether a live grant gives this client `operation` on `connector`.
     pub fn is_granted(&self, connector: &str, operation: &str, now: DateTime<Utc>) -> bool {
         self.live_grants(connector, now)

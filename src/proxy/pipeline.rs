@@ -703,6 +703,13 @@ fn authorize<'l>(
     if let (None, Some(i)) = (found, refused) {
         facts.operation(&connector.operations[i].name);
     }
+    if let Some(i) = found {
+        // A call made under a break-glass elevation says so, and why (see `Record::elevated_by`).
+        let op = &connector.operations[i].name;
+        facts
+            .record
+            .elevated_by(client.elevation(&connector.name, op, now));
+    }
     match found {
         Some(i) => Ok((connector, runtime, i)),
         None => Err(scope(

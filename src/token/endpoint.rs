@@ -330,6 +330,12 @@ async fn issue(
         Some(json) => Some(check_details(live, json, &scope).map_err(with_client)?),
         None => None,
     };
+    // Once the elevation is removed from the config, the log still says why it was allowed.
+    record.elevated_by(
+        scope
+            .iter()
+            .filter_map(|(c, o)| client.elevation(c, o, now)),
+    );
     let iat = now.timestamp();
     let claims = AccessClaims {
         iss: live.config.tokens.issuer.clone(),

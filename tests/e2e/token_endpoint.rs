@@ -443,6 +443,35 @@ async fn a_time_bound_grant_ends_at_its_expiry() {
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["scope"], "github:issues.read github:issues.comment");
     assert_eq!(v["expires_in"], 120, "issues.read's grant max_ttl: {body}");
+    let standing = v["access_token"].as_str().unwrap().to_owned();
+    assert_eq!(
+        b.status("GET", "/github/repos/acme/widget/issues", &standing)
+            .await,
+        200
+    );
+    // The log says which tokens and calls relied on the elevation, and why (the reason must
+    // outlive the config that holds it); what a standing grant covers carries neither field.
+    let log = b.audit();
+    let elevated_fields = |r: &serde_json::Value| {
+        (
+            r["grant_reason"].as_str().map(str::to_owned),
+            r["grant_expires"].as_str().map(str::to_owned),
+        )
+    };
+    let marked = (Some("INC-4711".to_owned()), Some(expires_text.clone()));
+    let issued = events(&log, "token_issued");
+    assert_eq!(issued.len(), 2);
+    for r in &issued {
+        assert_eq!(elevated_fields(r), marked, "{r}");
+    }
+    let calls = events(&log, "proxy");
+    assert_eq!(calls[0]["operation"], "issues.comment");
+    assert_eq!(elevated_fields(calls[0]), marked, "{}", calls[0]);
+    assert_eq!(calls[1]["operation"], "issues.read");
+    assert_eq!(elevated_fields(calls[1]), (None, None), "{}", calls[1]);
+    for r in events(&log, "proxy_result") {
+        assert_eq!(elevated_fields(r), (None, None), "{r}");
+    }
     let listed = grant_view(&b, "responder").await;
     assert_eq!(listed["reason"], "INC-4711");
     assert_eq!(listed["live"], true);
