@@ -1401,10 +1401,11 @@ impl AuditFacts {
         record.method = Some(req.method().as_str().to_owned());
         record.peer = Some(conn.peer_text.clone());
         // Split as `canonical_target` will, so a call refused by check 1 is still recorded
-        // with its connector and the upstream path (DESIGN §5); without a connector segment
-        // the whole path is kept.
+        // with its connector and the upstream path (DESIGN §5); without a connector segment,
+        // or without a leading `/` (`OPTIONS *`), the whole target is kept as sent.
         let full = req.uri().path();
         match canonical::split_target(full) {
+            _ if !full.starts_with('/') => record.path = Some(full.to_owned()),
             ("", _) => record.path = Some(full.to_owned()),
             (connector, rest) => {
                 record.connector = Some(connector.to_owned());
@@ -1613,6 +1614,28 @@ mod tests {
         }
         let plain = http::HeaderName::from_static("apikey");
         assert!(!has_underscore_alias(&headers(&["apikey"]), &plain));
+    }
+
+    /// A target that does not start with `/` (refused by check 1) is recorded as sent, not
+    /// split into a connector and a path that was never there.
+    #[test]
+    fn a_target_without_a_leading_slash_is_recorded_whole() {
+        use super::{AuditFacts, ConnInfo};
+        let conn = ConnInfo::new("192.0.2.7:40000".parse().unwrap(), false, None);
+        for (method, target, connector, path) in [
+            ("OPTIONS", "*", None, "*"),
+            ("GET", "/github/repos", Some("github"), "/repos"),
+            ("GET", "/github", Some("github"), "/"),
+        ] {
+            let req = http::Request::builder()
+                .method(method)
+                .uri(target)
+                .body(())
+                .unwrap();
+            let facts = AuditFacts::new(&req, &conn, "0123456789abcdef0123456789abcdef");
+            assert_eq!(facts.record.connector.as_deref(), connector, "{target}");
+            assert_eq!(facts.record.path.as_deref(), Some(path), "{target}");
+        }
     }
 
     #[test]
