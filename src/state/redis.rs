@@ -241,8 +241,10 @@ pub struct RedisState {
     last_answer_ms: AtomicU64,
     /// The epoch this replica has seeded (empty: none yet).
     epoch: ArcSwap<String>,
-    /// One resync at a time.
-    resyncing: tokio::sync::Mutex<()>,
+    /// One resync at a time; holds how the last one ended, for the calls that waited on it.
+    resyncing: tokio::sync::Mutex<Option<Failure>>,
+    /// Resyncs attempted (bumped at the end of each, under `resyncing`).
+    resyncs: AtomicU64,
     journal: Mutex<Journal>,
     journal_file: PathBuf,
     journal_writing: tokio::sync::Mutex<()>,
@@ -271,6 +273,7 @@ impl fmt::Debug for RedisState {
 
 /// Why a Redis operation failed: no answer in time (a write may still happen), or a definite
 /// failure.
+#[derive(Clone)]
 struct Failure {
     timed_out: bool,
     message: String,
@@ -323,7 +326,8 @@ impl RedisState {
             rebuilt_ms: AtomicU64::new(0),
             last_answer_ms: AtomicU64::new(0),
             epoch: ArcSwap::from_pointee(String::new()),
-            resyncing: tokio::sync::Mutex::new(()),
+            resyncing: tokio::sync::Mutex::new(None),
+            resyncs: AtomicU64::new(0),
             journal: Mutex::new(journal.clone()),
             journal_file,
             journal_writing: tokio::sync::Mutex::new(()),
@@ -569,11 +573,34 @@ impl RedisState {
     /// with this replica's journal. Done before this replica's first decision and whenever
     /// the epoch changed; also at start-up, so a move from the `memory` backend is seeded at
     /// once.
+    ///
+    /// Calls that find a resync under way take its outcome instead of each making their own
+    /// after it: behind a Redis that is down (a replica that never reached it since it
+    /// started) they would otherwise be answered one attempt apart, the last long after
+    /// `request_timeout`. The wait for the attempt under way is bounded as the attempt is.
     async fn resync(&self, seen: &str, rolled_back: bool) -> Result<(), Failure> {
-        let _one = self.resyncing.lock().await;
+        let attempts_before = self.resyncs.load(Ordering::Acquire);
+        let Ok(mut last) = tokio::time::timeout(STATE_TIMEOUT, self.resyncing.lock()).await else {
+            return Err(Failure {
+                timed_out: false,
+                message: "Redis did not answer in time".into(),
+            });
+        };
         if self.epoch.load().as_str() != seen {
             return Ok(()); // another call resynced meanwhile
         }
+        if self.resyncs.load(Ordering::Acquire) != attempts_before {
+            // An attempt ended while this call waited for it: its outcome is this call's.
+            return last.clone().map_or(Ok(()), Err);
+        }
+        let outcome = self.resync_now(seen, rolled_back).await;
+        *last = outcome.as_ref().err().cloned();
+        self.resyncs.fetch_add(1, Ordering::Release);
+        outcome
+    }
+
+    /// One resync attempt; the caller holds `resyncing`.
+    async fn resync_now(&self, seen: &str, rolled_back: bool) -> Result<(), Failure> {
         let known = match seen {
             "" => self
                 .journal

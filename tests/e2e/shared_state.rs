@@ -731,3 +731,35 @@ async fn a_renamed_replica_keeps_what_its_old_journal_knew_across_a_redis_loss()
     assert_eq!(again.status("GET", TARGET, &revoked).await, 401);
     assert_eq!(up.count(), 0);
 }
+
+/// A replica that has not reached Redis since it started (Redis hung or down when it came up)
+/// answers the calls that need Redis within the bound each, all at once: they share the
+/// attempt under way to reach it rather than each waiting for the one before (20 requests
+/// were answered one second apart, the last after 20 s).
+#[tokio::test]
+async fn a_replica_that_never_reached_redis_answers_concurrent_requests_in_bounded_time() {
+    // Accepts connections and never answers: every attempt waits its full second.
+    let hung = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("redis://{}/0", hung.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in hung.incoming().flatten() {
+            held.push(stream);
+        }
+    });
+    let up = FakeUpstream::start().await;
+    let config = format!(
+        "{}\n[state]\nbackend = \"redis\"\nurl = \"{url}\"\nreplica = \"r\"\n",
+        standard_config(up.addr)
+    );
+    let b = TestBroker::start(&config).await;
+    let started = Instant::now();
+    let requests = (0..20).map(|_| b.token_request("bot", SECRET, "github:issues.read", &[]));
+    let answers = futures_util::future::join_all(requests).await;
+    let took = started.elapsed();
+    for (status, _, body) in answers {
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("state_unavailable"), "{body}");
+    }
+    assert!(took < Duration::from_secs(5), "20 requests took {took:?}");
+}
