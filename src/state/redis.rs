@@ -260,6 +260,12 @@ pub struct RedisState {
     /// Why Redis cannot be trusted to keep what it is told (it may evict keys), if so: every
     /// decision is refused until that changes.
     unsafe_store: Mutex<Option<String>>,
+    /// Why Redis refuses writes, if it does (a read-only replica after a failover, out of
+    /// memory under `noeviction`, a failing save with `stop-writes-on-bgsave-error`): a
+    /// revocation or kill switch could not be made while calls whose decision only reads went
+    /// on, so every decision is refused until a write goes through again ([`Self::watch`]
+    /// tries one each round).
+    unwritable: Mutex<Option<String>>,
     /// `INFO` was refused once (said once in the log).
     info_refused: std::sync::atomic::AtomicBool,
 }
@@ -337,6 +343,7 @@ impl RedisState {
             seed: Script::new(&format!("{SWITCH_ORDER}{SEED}")),
             seen_generation: AtomicU64::new(journal.generation),
             unsafe_store: Mutex::new(None),
+            unwritable: Mutex::new(None),
             info_refused: std::sync::atomic::AtomicBool::new(false),
             revoke_jti: script(REVOKE_JTI),
             revoke_client: script(REVOKE_CLIENT),
@@ -463,12 +470,7 @@ impl RedisState {
     /// (`/readyz`: every call is refused while it does not, so a load balancer should route
     /// around this replica.)
     pub async fn reachable(&self) -> Result<(), StateError> {
-        if let Some(why) = self
-            .unsafe_store
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-        {
+        if let Some(why) = self.untrusted() {
             return Err(StateError::Unavailable(why));
         }
         if now_ms().saturating_sub(self.last_answer_ms.load(Ordering::Relaxed)) < 1000 {
@@ -658,6 +660,7 @@ impl RedisState {
         let Ok((epoch, generation, switches)) = seen else {
             return; // refused calls say so; the next round tries again
         };
+        self.probe_writes().await;
         let evicted_maybe = self.check_eviction().await;
         let rolled_back = generation.unwrap_or(0) < seen_before || evicted_maybe;
         if adopted.is_empty() || epoch.as_deref() != Some(adopted.as_str()) || rolled_back {
@@ -747,12 +750,7 @@ impl RedisState {
         build: impl Fn(&str) -> redis::ScriptInvocation<'s>,
     ) -> Result<T, Failure> {
         for _ in 0..2 {
-            if let Some(why) = self
-                .unsafe_store
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone()
-            {
+            if let Some(why) = self.untrusted() {
                 return Err(Failure {
                     timed_out: false,
                     message: why,
@@ -782,6 +780,42 @@ impl RedisState {
         })
     }
 
+    /// Why no decision can be trusted to Redis now, if so: it may evict keys, or it refuses
+    /// writes.
+    fn untrusted(&self) -> Option<String> {
+        let lock = |m: &Mutex<Option<String>>| m.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        lock(&self.unsafe_store).or_else(|| lock(&self.unwritable))
+    }
+
+    /// Notes whether Redis takes writes, saying so in the log when that changes.
+    fn note_writable(&self, refusal: Option<String>) {
+        let mut current = self.unwritable.lock().unwrap_or_else(|e| e.into_inner());
+        match (&*current, &refusal) {
+            (None, Some(why)) => tracing::error!(
+                "{why}: revocations and kill switches cannot be made, so every call is refused \
+                 until it takes writes again (a read-only replica after a failover: point \
+                 state.url at the primary)"
+            ),
+            (Some(_), None) => tracing::warn!("Redis takes writes again: deciding calls again"),
+            _ => {}
+        }
+        *current = refusal;
+    }
+
+    /// One write each watch round ([`Self::watch`]): the only way to notice that Redis stopped
+    /// taking writes while the calls' decisions only read, and that it takes them again.
+    async fn probe_writes(&self) {
+        let mut probe = redis::cmd("SET");
+        probe
+            .arg(format!("{PREFIX}write-probe"))
+            .arg("1")
+            .arg("PX")
+            .arg(WATCH_INTERVAL.as_millis() as u64 * 5);
+        if self.run::<()>(probe).await.is_ok() {
+            self.note_writable(None);
+        }
+    }
+
     fn saw_generation(&self, generation: u64) {
         self.seen_generation
             .fetch_max(generation, Ordering::Relaxed);
@@ -806,7 +840,9 @@ impl RedisState {
         let result = match tokio::time::timeout(STATE_TIMEOUT, op).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => {
-                if !e.is_io_error() {
+                if let Some(why) = write_refusal(&e) {
+                    self.note_writable(Some(why));
+                } else if !e.is_io_error() {
                     self.rebuild();
                 }
                 Err(fail(&e))
@@ -1047,6 +1083,16 @@ fn now_ms() -> u64 {
 }
 
 /// A Redis error as a message that cannot carry the URL or its password: only its kind.
+/// Why Redis refused a command for not taking writes now, if that is the error.
+fn write_refusal(e: &RedisError) -> Option<String> {
+    match e.code()? {
+        code @ ("READONLY" | "OOM" | "MISCONF" | "NOREPLICAS" | "MASTERDOWN") => {
+            Some(format!("Redis refuses writes ({code})"))
+        }
+        _ => None,
+    }
+}
+
 fn fail(e: &RedisError) -> Failure {
     let message = if e.is_timeout() {
         "Redis did not answer in time".to_owned()

@@ -763,3 +763,77 @@ async fn a_replica_that_never_reached_redis_answers_concurrent_requests_in_bound
     }
     assert!(took < Duration::from_secs(5), "20 requests took {took:?}");
 }
+
+/// A Redis that stops taking writes (a replica after a failover, out of memory under
+/// `noeviction`) would leave revocations and kill switches impossible to make while calls
+/// whose decision only reads (no `max_uses`, no rate limit) went on being forwarded: every
+/// call is refused 503 instead, `/readyz` says so, and both come back once it takes writes.
+#[tokio::test]
+async fn a_redis_that_refuses_writes_stops_the_calls_it_could_not_revoke() {
+    let Some(redis) = Redis::start() else { return };
+    let up = FakeUpstream::start().await;
+    let (_keys, a, _b) = two_replicas(&redis, &up, |c| c).await;
+    let token = a.token("github:issues.read", &[]).await;
+    assert_eq!(a.status("GET", TARGET, &token).await, 200);
+    // A replica of a primary that is not there: reads are answered, writes refused READONLY.
+    let nowhere = TcpListener::bind("127.0.0.1:0").unwrap();
+    let nowhere_port = nowhere.local_addr().unwrap().port().to_string();
+    drop(nowhere);
+    assert!(
+        redis_command(redis.port, &["REPLICAOF", "127.0.0.1", &nowhere_port]).starts_with("+OK")
+    );
+    let (status, _, body) = a.admin_call("POST", "/v1/revoke", GITHUB).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("not applied"), "{body}");
+    let refused = |status: u16| status == 503;
+    let deadline = Instant::now() + Duration::from_secs(6);
+    while !refused(a.status("GET", TARGET, &token).await) {
+        assert!(
+            Instant::now() < deadline,
+            "calls still forwarded while Redis refuses writes"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let forwarded = up.count();
+    let (status, _, body) = a.call("GET", TARGET, &token).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("state_unavailable"), "{body}");
+    assert_eq!(up.count(), forwarded, "nothing forwarded");
+    let (status, _, body) = a.admin_call("GET", "/readyz", "").await;
+    assert_eq!(
+        (status, body.contains("state_unavailable")),
+        (503, true),
+        "{body}"
+    );
+
+    assert!(redis_command(redis.port, &["REPLICAOF", "NO", "ONE"]).starts_with("+OK"));
+    let deadline = Instant::now() + Duration::from_secs(6);
+    while a.status("GET", TARGET, &token).await != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "no recovery once Redis took writes again"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(a.admin_call("GET", "/readyz", "").await.0, 200);
+    let (status, _, body) = a.admin_call("POST", "/v1/revoke", GITHUB).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(a.status("GET", TARGET, &token).await, 403);
+    let (status, _, body) = a.admin_call("POST", "/v1/enable", GITHUB).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(a.status("GET", TARGET, &token).await, 200);
+
+    // Noticed without anyone trying a write: each watch round tries one.
+    assert!(
+        redis_command(redis.port, &["REPLICAOF", "127.0.0.1", &nowhere_port]).starts_with("+OK")
+    );
+    let deadline = Instant::now() + Duration::from_secs(8);
+    while !refused(a.status("GET", TARGET, &token).await) {
+        assert!(
+            Instant::now() < deadline,
+            "a read-only Redis went unnoticed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(redis_command(redis.port, &["REPLICAOF", "NO", "ONE"]).starts_with("+OK"));
+}
