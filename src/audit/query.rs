@@ -190,6 +190,12 @@ pub(crate) fn parse_line(path: &Path, line: u64, text: &str) -> Result<StoredRec
 /// more than 2 s, which the writer follows) in chain order, even if
 /// they were given out of order. `ts` is compared as text: the broker writes one fixed UTC
 /// format. A torn last line (no `\n`) ends its file.
+///
+/// A record given twice — the same file named twice, an archived copy overlapping the live
+/// file — is passed once (its `hash` names it: no two records of any chain share one), and
+/// how many were skipped is logged: counted twice it would inflate every figure of a report.
+/// The copies meet within a few lines of each other in the merge, so only the latest
+/// [`RECENT_HASHES`] are remembered.
 pub(crate) fn for_each_line<E: From<QueryError>>(
     paths: &[PathBuf],
     mut f: impl FnMut(&Path, u64, &str) -> Result<(), E>,
@@ -201,6 +207,7 @@ pub(crate) fn for_each_line<E: From<QueryError>>(
     for source in &mut sources {
         source.advance()?;
     }
+    let mut recent = RecentHashes::default();
     loop {
         let next = sources
             .iter()
@@ -208,10 +215,56 @@ pub(crate) fn for_each_line<E: From<QueryError>>(
             .filter_map(|(i, s)| s.ts().map(|ts| (ts, i)))
             .min()
             .map(|(_, i)| i);
-        let Some(i) = next else { return Ok(()) };
+        let Some(i) = next else { break };
         let source = &mut sources[i];
-        f(source.path, source.line_no, source.line())?;
+        if recent.is_new(source.line()) {
+            f(source.path, source.line_no, source.line())?;
+        }
         source.advance()?;
+    }
+    if recent.duplicates > 0 {
+        tracing::warn!(
+            "skipped {} duplicate records (the same record in more than one of the files given)",
+            recent.duplicates
+        );
+    }
+    Ok(())
+}
+
+/// How many of the latest records' hashes [`for_each_line`] remembers to skip copies.
+const RECENT_HASHES: usize = 1 << 16;
+
+/// The latest records' hashes, by their first 128 bits.
+#[derive(Default)]
+struct RecentHashes {
+    seen: std::collections::HashSet<u128>,
+    order: std::collections::VecDeque<u128>,
+    duplicates: u64,
+}
+
+impl RecentHashes {
+    /// False for a line whose record was among the latest passed.
+    fn is_new(&mut self, line: &str) -> bool {
+        // `…,"hash":"<64 hex>"}`: anything else is not deduplicated (and fails to parse).
+        let Some(key) = line
+            .strip_suffix("\"}")
+            .and_then(|l| l.len().checked_sub(64).and_then(|start| l.get(start..)))
+            .and_then(|hex| hex.get(..32))
+            .and_then(|hex| u128::from_str_radix(hex, 16).ok())
+        else {
+            return true;
+        };
+        if !self.seen.insert(key) {
+            self.duplicates += 1;
+            return false;
+        }
+        self.order.push_back(key);
+        if self.order.len() > RECENT_HASHES {
+            if let Some(old) = self.order.pop_front() {
+                self.seen.remove(&old);
+            }
+        }
+        true
     }
 }
 
@@ -585,6 +638,28 @@ pub(crate) mod tests {
             ["a1", "b1", "a2", "b2", "b3", "a3"]
         );
         assert_eq!(clients(&[b, a]), ["a1", "b1", "b2", "a2", "b3", "a3"]);
+    }
+
+    /// The same file given twice, or a copy overlapping it: each record is passed once.
+    #[test]
+    fn a_record_given_twice_is_passed_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = sample(dir.path());
+        let copy = dir.path().join("copy.jsonl");
+        let text = std::fs::read_to_string(&path).unwrap();
+        // The archived copy holds the first three records only.
+        let first_three: String = text.split_inclusive('\n').take(3).collect();
+        std::fs::write(&copy, first_three).unwrap();
+        let records = text.lines().count() as u64;
+        let all = QueryFilter::default();
+        assert_eq!(query(&[path.clone(), path.clone()], &all, true).0, records);
+        let (n, out) = query(&[copy, path.clone()], &all, true);
+        assert_eq!(n, records);
+        assert_eq!(out, text);
+        let mut seen = RecentHashes::default();
+        assert!(seen.is_new("not a record") && seen.is_new("not a record"));
+        assert!(seen.is_new("{\"hash\":\"é\"}"));
+        assert_eq!(seen.duplicates, 0);
     }
 
     #[test]
