@@ -248,6 +248,18 @@ fn state_warnings(cx: &mut Ctx<'_>, config: &Config, raw: &RawConfig) {
         return;
     };
     literal(cx, raw_url, "state.url");
+    for (file, error) in crate::state::redis::corrupt_journals(&config.state.dir) {
+        cx.err(
+            raw.state.dir.as_ref().map(|d| d.span()),
+            "state.dir",
+            format!(
+                "the shared-state journal {} is corrupt ({error}): serve starts an empty one, so \
+                 until its next change rewrites it this replica cannot restore kill switches and \
+                 revocations after Redis loses its data",
+                file.display()
+            ),
+        );
+    }
     let Some((loopback, password)) = crate::state::redis::url_facts(url.expose()) else {
         return;
     };

@@ -1009,6 +1009,30 @@ fn sibling_journals(state_dir: &Path, own: &Path) -> Result<Vec<Journal>, StateE
     Ok(journals)
 }
 
+/// The journals in `state_dir` that do not parse, with why (`check`: serve starts on them, see
+/// [`load_journal`]).
+pub(crate) fn corrupt_journals(state_dir: &Path) -> Vec<(PathBuf, String)> {
+    let Ok(entries) = std::fs::read_dir(state_dir) else {
+        return Vec::new(); // an unreadable folder is `check_readable`'s error
+    };
+    let mut corrupt: Vec<(PathBuf, String)> = entries
+        .flatten()
+        .map(|entry| entry.path())
+        .filter(|path| {
+            path.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("shared-") && n.ends_with(".json"))
+        })
+        .filter_map(|path| {
+            let bytes = std::fs::read(&path).ok()?;
+            let error = serde_json::from_slice::<Journal>(&bytes).err()?;
+            Some((path, error.to_string()))
+        })
+        .collect();
+    corrupt.sort();
+    corrupt
+}
+
 /// The journal, if any. A corrupt one is logged and replaced by the next write: it is a safety
 /// net for a Redis that lost its data, not the store, so it does not keep the broker from
 /// starting (nor does `explain`, which only reads, touch it).

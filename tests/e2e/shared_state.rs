@@ -441,6 +441,16 @@ fn check_names_redis_url_problems_without_quoting_the_url() {
     assert_eq!(code, Some(1), "{out}");
     let (code, out) = run("url = \"redis://127.0.0.1\"");
     assert_eq!(code, Some(1), "a url without the redis backend: {out}");
+    // A journal that does not parse: serve starts an empty one, check says what that costs.
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::write(state.join("shared-r0.json"), "{\"epoch\": tru").unwrap();
+    let (code, out) = run("backend = \"redis\"\nurl = \"redis://127.0.0.1:6379\"");
+    assert_eq!(code, Some(0), "a warning: {out}");
+    assert!(
+        out.contains("warning") && out.contains("shared-r0.json") && out.contains("corrupt"),
+        "{out}"
+    );
 }
 
 #[tokio::test]
