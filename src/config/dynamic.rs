@@ -80,7 +80,8 @@ pub(super) fn credential(
                 }
             }
             let api_text = api.as_deref().unwrap_or(GITHUB_API);
-            let api_url = endpoint(cx, api_text, &span, &format!("{key}.api"));
+            let api_url = endpoint(cx, api_text, &span, &format!("{key}.api"))
+                .filter(|uri| api_base_is_usable(cx, uri, &span, &format!("{key}.api")));
             let pem = long_term_secret(cx, private_key, &span, &format!("{key}.private_key"));
             let pem = pem.filter(|pem| rsa_key_signs(cx, pem, &span, key));
             if repositories
@@ -134,6 +135,12 @@ fn endpoint(cx: &mut Ctx<'_>, text: &str, span: &Range<usize>, key: &str) -> Opt
         cx.err(Some(span.clone()), key, "must not contain user info");
         return None;
     }
+    // A fragment is never sent (RFC 6749 §3.2 forbids one on a token endpoint): the request
+    // would go to a URL other than the one written.
+    if text.contains('#') {
+        cx.err(Some(span.clone()), key, "must not contain a fragment (`#`)");
+        return None;
+    }
     match uri.scheme_str() {
         Some("https") => Some(uri),
         Some("http") if is_loopback_host(authority.host()) => Some(uri),
@@ -146,6 +153,29 @@ fn endpoint(cx: &mut Ctx<'_>, text: &str, span: &Range<usize>, key: &str) -> Opt
             None
         }
     }
+}
+
+/// `api` is a base that `/app/installations/…` is appended to: a query would swallow that
+/// path, and a non-canonical base (`/a/../b`) would be sent as written, as an upstream's
+/// would not be (the app JWT goes with it).
+fn api_base_is_usable(cx: &mut Ctx<'_>, uri: &http::Uri, span: &Range<usize>, key: &str) -> bool {
+    if uri.query().is_some() {
+        cx.err(Some(span.clone()), key, "must not contain a query");
+        return false;
+    }
+    let base = uri.path().trim_end_matches('/');
+    if base.is_empty() {
+        return true;
+    }
+    if let Err(e) = crate::proxy::canonical::check_path(base) {
+        cx.err(
+            Some(span.clone()),
+            key,
+            format!("the base path is not canonical: {e}"),
+        );
+        return false;
+    }
+    true
 }
 
 fn long_term_secret(
@@ -289,6 +319,45 @@ credential = {credential}
         assert!(e.contains("credential.app_id: must be positive"), "{e}");
         assert!(e.contains("credential.api: must be https://"), "{e}");
         assert!(!e.contains("PRIVATE KEY-----"), "no key material in errors");
+        // `/app/installations/…` is appended to `api`: a query or fragment would swallow it,
+        // a non-canonical base would be sent as written.
+        let with_api = |api: &str| {
+            format!(
+                r#"{{ type = "github_app", app_id = 1, installation_id = 2, private_key = "file:pkcs1.pem", api = "{api}" }}"#
+            )
+        };
+        for (api, why) in [
+            ("https://ghe.example/base?x=1", "must not contain a query"),
+            (
+                "https://ghe.example/base#frag",
+                "must not contain a fragment",
+            ),
+            (
+                "https://ghe.example/a/../b",
+                "the base path is not canonical",
+            ),
+            ("https://ghe.example//api", "the base path is not canonical"),
+        ] {
+            let e = errors(&with_api(api), dir.path());
+            assert!(e.contains(&format!("credential.api: {why}")), "{api}: {e}");
+        }
+        let c = parse_with(&with_api("https://ghe.example/api/v3/"), dir.path()).unwrap();
+        let Credential::GithubApp(g) = &c.connector("gh").unwrap().credential else {
+            panic!("not github_app");
+        };
+        assert_eq!(g.api, "https://ghe.example/api/v3");
+        // A token endpoint may carry a query (RFC 6749 §3.2), never a fragment.
+        let oauth = |url: &str| {
+            format!(
+                r#"{{ type = "oauth2_client_credentials", token_url = "{url}", client_id = "id", client_secret = "literal:s" }}"#
+            )
+        };
+        assert!(parse_with(&oauth("https://l.example/t?api-version=2"), dir.path()).is_ok());
+        let e = errors(&oauth("https://l.example/t#frag"), dir.path());
+        assert!(
+            e.contains("credential.token_url: must not contain a fragment"),
+            "{e}"
+        );
     }
 
     #[test]
