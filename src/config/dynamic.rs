@@ -37,8 +37,21 @@ pub(super) fn credential(
                     "must not be empty",
                 );
             }
-            let secret =
-                long_term_secret(cx, client_secret, &span, &format!("{key}.client_secret"));
+            let secret_key = format!("{key}.client_secret");
+            let secret = long_term_secret(cx, client_secret, &span, &secret_key).filter(|s| {
+                // Sent as it is (DESIGN §3 drops one trailing newline, not a CRLF's CR): the
+                // token endpoint would refuse it at every mint.
+                let clean = !s.expose().iter().any(u8::is_ascii_control);
+                if !clean {
+                    cx.err(
+                        Some(span.clone()),
+                        &secret_key,
+                        "holds a control byte (the CR of a file saved with CRLF line ends?): \
+                         it would be sent as it is and refused",
+                    );
+                }
+                clean
+            });
             let method = match auth_method.as_deref() {
                 None | Some("basic") => Some(OAuth2AuthMethod::Basic),
                 Some("post") => Some(OAuth2AuthMethod::Post),
@@ -93,6 +106,24 @@ pub(super) fn credential(
                     &format!("{key}.repositories"),
                     "must list repository names (omit it for every repository of the installation)",
                 );
+            }
+            // GitHub answers 422 to either, at every mint: every call would be a 502.
+            if repositories.iter().flatten().any(|r| r.contains('/')) {
+                cx.err(
+                    Some(span.clone()),
+                    &format!("{key}.repositories"),
+                    "names repositories without their owner (`widget`, not `acme/widget`): the \
+                     installation's account is the owner",
+                );
+            }
+            for (permission, level) in permissions.iter().flatten() {
+                if !matches!(level.as_str(), "read" | "write" | "admin") {
+                    cx.err(
+                        Some(span.clone()),
+                        &format!("{key}.permissions.{permission}"),
+                        "must be `read`, `write` or `admin`",
+                    );
+                }
             }
             if *app_id == 0 || *installation_id == 0 {
                 return None;
@@ -346,6 +377,20 @@ credential = {credential}
             panic!("not github_app");
         };
         assert_eq!(g.api, "https://ghe.example/api/v3");
+        // GitHub answers 422 to an owner-qualified repository or an unknown level, every mint.
+        let e = errors(
+            r#"{ type = "github_app", app_id = 1, installation_id = 2, private_key = "file:pkcs1.pem", repositories = ["acme/widget"], permissions = { issues = "wirte", metadata = "read" } }"#,
+            dir.path(),
+        );
+        assert!(
+            e.contains("credential.repositories: names repositories without their owner"),
+            "{e}"
+        );
+        assert!(
+            e.contains("credential.permissions.issues: must be `read`, `write` or `admin`"),
+            "{e}"
+        );
+        assert!(!e.contains("permissions.metadata"), "{e}");
         // A token endpoint may carry a query (RFC 6749 §3.2), never a fragment.
         let oauth = |url: &str| {
             format!(
@@ -358,6 +403,16 @@ credential = {credential}
             e.contains("credential.token_url: must not contain a fragment"),
             "{e}"
         );
+        // A client secret read from a file saved with CRLF keeps its CR (one trailing
+        // newline is dropped): sent as it is, refused at every mint.
+        std::fs::write(dir.path().join("crlf.txt"), "s3cret\r\n").unwrap();
+        let crlf = oauth("https://l.example/t").replace("literal:s", "file:crlf.txt");
+        let e = errors(&crlf, dir.path());
+        assert!(
+            e.contains("credential.client_secret: holds a control byte"),
+            "{e}"
+        );
+        assert!(!e.contains("s3cret"), "{e}");
     }
 
     #[test]

@@ -367,6 +367,21 @@ fn connector_warnings(cx: &mut Ctx<'_>, config: &Config, raw: &RawConfig, now: D
             // client libraries, and is refused.
             if let (Some(names), Some(raw_names)) = (&op.query, &rop.query) {
                 for (i, (name, raw)) in names.iter().zip(raw_names).enumerate() {
+                    // A client copy of the injected parameter is refused (DESIGN §3.8),
+                    // whatever the allowlist says.
+                    if let super::AuthMethod::Query { name: injected } = &connector.auth {
+                        let decoded =
+                            crate::proxy::canonical::percent_decode_lossy(name.as_bytes());
+                        if decoded == injected.as_bytes() {
+                            cx.err(
+                                Some(raw.span()),
+                                &format!("{op_key}.query[{i}]"),
+                                "is the parameter the broker injects the credential as: a \
+                                 request that carries it is refused (400), so listing it \
+                                 allows nothing",
+                            );
+                        }
+                    }
                     if name.bytes().any(|b| b"$[]!'()*,:@+/?".contains(&b)) {
                         cx.err(
                             Some(raw.span()),

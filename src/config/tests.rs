@@ -551,6 +551,32 @@ fn a_static_credential_that_cannot_be_sent_is_an_error() {
     parse(&query).unwrap();
 }
 
+/// DESIGN §3.8: a request carrying the injected parameter is refused, so an operation that
+/// lists it in `query` allows nothing by it.
+#[test]
+fn a_query_allowlist_naming_the_injected_parameter_is_warned() {
+    let text = GOOD
+        .replace(
+            "rate_limit = { per_second = 5 }",
+            "rate_limit = { per_second = 5 }\nauth = { type = \"query\", name = \"key\" }",
+        )
+        .replace(
+            "path = \"/repos/acme/{repo}/issues\"",
+            "path = \"/repos/acme/{repo}/issues\"\n  query = [\"page\", \"key\", \"%6Bey\"]",
+        );
+    let all = lint_lines(&text);
+    for i in [1, 2] {
+        let finding =
+            format!("operations[issues.read].query[{i}]: is the parameter the broker injects");
+        assert!(
+            all.lines()
+                .any(|l| l.starts_with("warning: ") && l.contains(&finding)),
+            "{all}"
+        );
+    }
+    assert!(!all.contains("query[0]"), "{all}");
+}
+
 #[test]
 fn a_header_credential_may_be_a_cookie_but_not_a_header_the_broker_sets_or_frames_with() {
     let with_header = |name: &str| {

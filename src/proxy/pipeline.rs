@@ -1065,8 +1065,7 @@ async fn upstream_credential<'r>(
         unavailable()
     })?;
     let injection = Injection::new(&connector.auth, &minted.token).map_err(|_| {
-        tracing::error!(connector = %connector.name, "the minted credential cannot be injected as configured");
-        source.rejected(&minted);
+        source.unusable(&minted);
         unavailable()
     })?;
     let echoes = Arc::new(Echoes::new(&connector.auth, &minted.token));
