@@ -152,6 +152,17 @@ impl Drop for CallInFlight<'_> {
     }
 }
 
+/// A record a background task will append ([`AuditLog::promise`]); dropping it ends the
+/// promise, kept or not.
+pub struct Promised(Arc<Shared>);
+
+impl Drop for Promised {
+    fn drop(&mut self) {
+        self.0.promised.fetch_sub(1, Ordering::AcqRel);
+        self.0.promise_ended.notify_waiters();
+    }
+}
+
 /// State the handle and the writer thread share.
 struct Shared {
     written: AtomicU64,
@@ -175,6 +186,10 @@ struct Shared {
     relays: Arc<Relays>,
     /// Proxied calls in progress ([`AuditLog::call_in_flight`]).
     calls_in_flight: AtomicUsize,
+    /// Records tasks without a caller waiting on them will append ([`AuditLog::promise`]).
+    promised: AtomicUsize,
+    /// Told when a promise is kept or broken.
+    promise_ended: tokio::sync::Notify,
     /// Under `always`: records sent to the writer thread with someone waiting on them, not yet
     /// answered (bounded by `max_queued`).
     queued: AtomicUsize,
@@ -273,6 +288,8 @@ impl AuditLog {
             sync_failing: std::sync::atomic::AtomicBool::new(false),
             relays: Arc::new(Relays::new(crate::workers::count())),
             calls_in_flight: AtomicUsize::new(0),
+            promised: AtomicUsize::new(0),
+            promise_ended: tokio::sync::Notify::new(),
             queued: AtomicUsize::new(0),
             max_queued: AtomicUsize::new(MAX_QUEUED),
             #[cfg(test)]
@@ -458,6 +475,33 @@ impl AuditLog {
             count.fetch_add(1, Ordering::Relaxed);
         }
         CallInFlight(count)
+    }
+
+    /// Notes that a task nobody waits for (a credential mint running on after its calls gave
+    /// up) will append a record, until the guard drops: a stop waits for it
+    /// ([`Self::await_promised`]) before the `shutdown` record, which must be the last.
+    pub fn promise(&self) -> Promised {
+        self.inner.shared.promised.fetch_add(1, Ordering::AcqRel);
+        Promised(Arc::clone(&self.inner.shared))
+    }
+
+    /// Waits, at most `within`, until no [`Promised`] record is outstanding; false if some
+    /// still were.
+    pub async fn await_promised(&self, within: Duration) -> bool {
+        let shared = &self.inner.shared;
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let ended = shared.promise_ended.notified();
+            tokio::pin!(ended);
+            // Registered before the count is read: an end between the two still wakes it.
+            ended.as_mut().enable();
+            if shared.promised.load(Ordering::Acquire) == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, ended).await.is_err() {
+                return false;
+            }
+        }
     }
 
     /// Blocking variant for non-async callers (CLI, shutdown paths). Safe to call anywhere,

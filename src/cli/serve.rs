@@ -46,6 +46,16 @@ impl Running {
         for t in self.tasks {
             let _ = t.await;
         }
+        // A credential mint its calls stopped waiting for still writes its record; the
+        // `shutdown` record must follow it. Bounded as the mint is.
+        if !self
+            .broker
+            .audit
+            .await_promised(crate::credential::MINT_TIMEOUT)
+            .await
+        {
+            tracing::warn!("a credential mint still running is not waited for any longer: its credential_refreshed record may be missing");
+        }
         // Connections still open past the drain budget were stopped by the listeners, their
         // `proxy_result` records written; the extra workers stop now, and `shutdown` is then
         // the log's last record.

@@ -225,10 +225,16 @@ impl DynamicCredential {
         let audit = audit.clone();
         let request_id = request_id.to_owned();
         let mint = move || {
+            // Its `credential_refreshed` record may come after every call waiting for it gave
+            // up: a stop waits for it (every mint is audited, DESIGN §3.7).
+            let promise = audit.promise();
             tokio::spawn(async move {
-                this.cache
+                let minted = this
+                    .cache
                     .get(|now| this.mint_and_audit(now, &audit, request_id))
-                    .await
+                    .await;
+                drop(promise);
+                minted
             })
         };
         if let Some(m) = self.cache.usable() {

@@ -608,6 +608,35 @@ async fn a_mint_slower_than_request_timeout_refuses_the_call_in_time() {
     assert_eq!(proxy[0]["reason"], "credential_unavailable");
 }
 
+/// A mint its call stopped waiting for still writes its `credential_refreshed` record before
+/// a stop's `shutdown` record (every mint is audited, DESIGN §3.7; `shutdown` is the last).
+#[tokio::test]
+async fn a_stop_waits_for_a_mint_still_running_to_be_recorded() {
+    let ts = token_server(3600, Duration::from_secs(2)).await;
+    let up = open_upstream().await;
+    let config = oauth2_config(
+        up.addr,
+        &format!("http://{}/oauth2/token", ts.addr),
+        "basic",
+    )
+    .replace("request_timeout = \"5s\"", "request_timeout = \"1s\"");
+    let mut b = TestBroker::start(&config).await;
+    let token = b.token("github:issues.read", &[]).await;
+    assert_eq!(b.status("GET", ISSUES, &token).await, 502);
+    b.stop().await;
+    let records = b.audit();
+    let names: Vec<&str> = records
+        .iter()
+        .map(|r| r["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names[names.len() - 2..],
+        ["credential_refreshed", "shutdown"],
+        "{names:?}"
+    );
+    assert_eq!(ts.count(), 1);
+}
+
 /// A call dropped by its client while its credential is minted has passed checks 1–6 (and
 /// spent a `max_uses` use): it is recorded as a `proxy` deny `client_closed`, not lost.
 #[tokio::test]
