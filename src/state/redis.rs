@@ -239,6 +239,9 @@ pub struct RedisState {
     rebuilt_ms: AtomicU64,
     /// When Redis last answered (ms since the Unix epoch; 0: never), for `/readyz`.
     last_answer_ms: AtomicU64,
+    /// When a Redis operation last failed (same scale): an answer before it no longer says
+    /// Redis answers.
+    last_failure_ms: AtomicU64,
     /// The epoch this replica has seeded (empty: none yet).
     epoch: ArcSwap<String>,
     /// One resync at a time; holds how the last one ended, for the calls that waited on it.
@@ -331,6 +334,7 @@ impl RedisState {
             conn: ArcSwap::from_pointee(conn),
             rebuilt_ms: AtomicU64::new(0),
             last_answer_ms: AtomicU64::new(0),
+            last_failure_ms: AtomicU64::new(0),
             epoch: ArcSwap::from_pointee(String::new()),
             resyncing: tokio::sync::Mutex::new(None),
             resyncs: AtomicU64::new(0),
@@ -466,14 +470,17 @@ impl RedisState {
         Ok(v.is_some_and(|v| v.starts_with('1')))
     }
 
-    /// Whether Redis answers: at once if it answered within the last second, else a `PING`.
+    /// Whether Redis answers: at once if it answered within the last second and nothing failed
+    /// since, else a `PING`.
     /// (`/readyz`: every call is refused while it does not, so a load balancer should route
     /// around this replica.)
     pub async fn reachable(&self) -> Result<(), StateError> {
         if let Some(why) = self.untrusted() {
             return Err(StateError::Unavailable(why));
         }
-        if now_ms().saturating_sub(self.last_answer_ms.load(Ordering::Relaxed)) < 1000 {
+        let answered = self.last_answer_ms.load(Ordering::Relaxed);
+        let failed = self.last_failure_ms.load(Ordering::Relaxed);
+        if now_ms().saturating_sub(answered) < 1000 && failed < answered {
             return Ok(());
         }
         self.ping().await
@@ -855,9 +862,12 @@ impl RedisState {
                 })
             }
         };
-        if result.is_ok() {
-            self.last_answer_ms.store(now_ms(), Ordering::Relaxed);
-        }
+        let at = if result.is_ok() {
+            &self.last_answer_ms
+        } else {
+            &self.last_failure_ms
+        };
+        at.store(now_ms(), Ordering::Relaxed);
         result
     }
 

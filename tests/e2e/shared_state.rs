@@ -255,6 +255,8 @@ async fn without_redis_nothing_is_decided_and_the_broker_recovers_with_it() {
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("state_unavailable"), "{body}");
     assert!(started.elapsed() < Duration::from_secs(3), "bounded wait");
+    // At once, though Redis answered well within the last second: a call failed since.
+    assert_eq!(a.admin_call("GET", "/readyz", "").await.0, 503);
     assert_eq!(up.count(), 1, "nothing forwarded without the shared checks");
     assert!(reasons(&a).iter().any(|r| r == "state_unavailable"));
     let (status, _, body) = a
