@@ -105,6 +105,9 @@ struct AuditFacts {
     stage: Stage,
 }
 
+/// The reason of a call whose client went away before it was decided.
+const CLIENT_CLOSED: &str = "client_closed";
+
 /// Which records a call still owes the audit log (see [`Call`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Stage {
@@ -155,7 +158,7 @@ impl Drop for Call<'_> {
                 self.facts.redact_credential_parameter(self.live);
                 let mut record = std::mem::take(&mut self.facts.record);
                 record.decision = Some(Decision::Deny);
-                record.reason = Some("client_closed".into());
+                record.reason = Some(CLIENT_CLOSED.into());
                 record
             }
             Stage::Allowed => {
@@ -980,10 +983,16 @@ async fn bounded_body(
             .map_err(|_| deny(Refusal::RequestTimeout, "request_body_timeout"))?;
             let bytes = collected
                 .map_err(|e| {
-                    // A broken chunked encoding is the client's malformed request, not a size.
                     if e.downcast_ref::<LengthLimitError>().is_some() {
                         too_large()
+                    } else if client_went_away(&*e) {
+                        // Nobody is there to answer: recorded as a call dropped midway is.
+                        deny(
+                            Refusal::InvalidRequest("the client went away mid-body".into()),
+                            CLIENT_CLOSED,
+                        )
                     } else {
+                        // A broken chunked encoding is the client's malformed request.
                         deny(
                             Refusal::InvalidRequest("malformed or truncated request body".into()),
                             "malformed_body",
@@ -1001,6 +1010,37 @@ async fn bounded_body(
             Ok((full(bytes), None))
         }
     }
+}
+
+/// Whether reading the request body failed because the client left: an HTTP/1.1 connection
+/// closed or reset inside the body, an HTTP/2 stream reset by the client or its connection
+/// gone.
+/// (A reset with `NO_ERROR` reaches us as the body's end: h2 reads it so.)
+fn client_went_away(e: &(dyn std::error::Error + 'static)) -> bool {
+    let Some(hyper_error) = e.downcast_ref::<hyper::Error>() else {
+        return false;
+    };
+    if hyper_error.is_incomplete_message() || hyper_error.is_closed() {
+        return true;
+    }
+    let mut source = std::error::Error::source(hyper_error);
+    while let Some(cause) = source {
+        if let Some(h2) = cause.downcast_ref::<h2::Error>() {
+            return h2.is_io() || (h2.is_remote() && (h2.is_reset() || h2.is_go_away()));
+        }
+        // HTTP/1.1: the connection ended (or was reset) inside the body.
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::{
+                BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof,
+            };
+            return matches!(
+                io.kind(),
+                UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe
+            );
+        }
+        source = cause.source();
+    }
+    false
 }
 
 /// A call's request body on its way up: bytes taken from the client so far, and (for a body
@@ -1564,7 +1604,9 @@ impl AuditFacts {
     fn deny(&mut self, denial: &Denial) {
         self.record.decision = Some(Decision::Deny);
         self.record.reason = Some(denial.reason.to_owned());
-        self.record.status = Some(denial.refusal.status().as_u16());
+        // A client that went away receives no answer: none is recorded.
+        self.record.status =
+            (denial.reason != CLIENT_CLOSED).then(|| denial.refusal.status().as_u16());
     }
 }
 

@@ -2116,3 +2116,69 @@ async fn http2_requests_meet_the_http1_head_rules() {
         ]
     );
 }
+
+/// A client that goes away in the middle of a body the broker reads whole (chunked, or
+/// HTTP/2 without a length) is recorded as gone — `client_closed`, no status, for nobody got
+/// an answer — not as a malformed body answered 400; a body that is malformed still is.
+#[tokio::test]
+async fn a_client_leaving_mid_body_is_recorded_as_gone() {
+    use tokio::io::AsyncWriteExt;
+    let up = FakeUpstream::start().await;
+    let b = TestBroker::start(&standard_config(up.addr)).await;
+    let t = b.token("github:issues.comment", &[]).await;
+    let path = "/github/repos/acme/widget/issues/1/comments";
+    let head = |rest: &str| {
+        format!(
+            "POST {path} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {t}\r\n\
+             transfer-encoding: chunked\r\n\r\n{rest}"
+        )
+    };
+    // HTTP/1.1: half a chunk, then the connection closes.
+    let mut s = tokio::net::TcpStream::connect(b.addr).await.unwrap();
+    s.write_all(head("a\r\nhello").as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(s);
+    // HTTP/2: a body stream that fails after its first frame resets the stream.
+    type Frames = http_body_util::StreamBody<
+        futures_util::stream::Iter<
+            std::vec::IntoIter<Result<hyper::body::Frame<bytes::Bytes>, std::io::Error>>,
+        >,
+    >;
+    let mut sender = h2_connect::<Frames>(b.addr).await;
+    let frames = http_body_util::StreamBody::new(futures_util::stream::iter(vec![
+        Ok(hyper::body::Frame::data(bytes::Bytes::from_static(
+            b"hello",
+        ))),
+        Err(std::io::Error::other("the client gives up")),
+    ]));
+    let post = http::Request::post(format!("http://{}{path}", b.addr))
+        .header("authorization", format!("Bearer {t}"))
+        .body(frames)
+        .unwrap();
+    assert!(sender.send_request(post).await.is_err(), "no answer");
+    // A malformed chunk is still the client's malformed request.
+    let mut s = tokio::net::TcpStream::connect(b.addr).await.unwrap();
+    s.write_all(head("zz\r\nhello\r\n0\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut answer = vec![0; 12];
+    tokio::io::AsyncReadExt::read_exact(&mut s, &mut answer)
+        .await
+        .unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 400");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let records = b.audit();
+    let denials: Vec<(&str, Option<u64>)> = events(&records, "proxy")
+        .iter()
+        .map(|r| (r["reason"].as_str().unwrap(), r["status"].as_u64()))
+        .collect();
+    assert_eq!(
+        denials,
+        [
+            ("client_closed", None),
+            ("client_closed", None),
+            ("malformed_body", Some(400))
+        ]
+    );
+    assert_eq!(up.count(), 0);
+}
