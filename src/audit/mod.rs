@@ -21,7 +21,7 @@ pub mod verify;
 pub mod writer;
 
 pub use chain::{ChainError, ZERO_HASH};
-pub use query::{parse_time, run_query, QueryError, QueryFilter, TimeError};
+pub use query::{parse_time, run_query, QueryCounts, QueryError, QueryFilter, TimeError};
 pub use record::{Decision, Event, Record, StoredRecord};
 pub use report::{run_report, GrantInfo, ReportError};
 

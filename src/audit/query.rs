@@ -137,19 +137,28 @@ pub fn parse_time(s: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, TimeErro
         .ok_or_else(|| TimeError::Invalid(s.to_owned()))
 }
 
+/// What [`run_query`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueryCounts {
+    /// Records printed.
+    pub printed: u64,
+    /// Copies of records already read, skipped ([`for_each_line`]).
+    pub duplicates: u64,
+}
+
 /// Prints the records of `paths` (merged by time, see [`for_each_line`]) that pass `filter` to
-/// `out`; returns how many.
+/// `out`; says how many, and how many copies were skipped.
 /// A torn final line (no `\n`, e.g. a write in progress) is skipped.
 pub fn run_query(
     paths: &[PathBuf],
     filter: &QueryFilter,
     json: bool,
     out: &mut dyn Write,
-) -> Result<u64, QueryError> {
+) -> Result<QueryCounts, QueryError> {
     let needles = filter.needles();
     let mut table = Table::new();
     let mut count = 0;
-    for_each_line(paths, |path, line_no, line| {
+    let duplicates = for_each_line(paths, |path, line_no, line| {
         if !needles
             .iter()
             .all(|any| any.iter().any(|n| line.contains(n.as_str())))
@@ -170,7 +179,10 @@ pub fn run_query(
     if !json {
         table.finish(out).map_err(QueryError::Output)?;
     }
-    Ok(count)
+    Ok(QueryCounts {
+        printed: count,
+        duplicates,
+    })
 }
 
 /// Parses a line into a record, or the `BadLine` error for it.
@@ -192,14 +204,13 @@ pub(crate) fn parse_line(path: &Path, line: u64, text: &str) -> Result<StoredRec
 /// format. A torn last line (no `\n`) ends its file.
 ///
 /// A record given twice — the same file named twice, an archived copy overlapping the live
-/// file — is passed once (its `hash` names it: no two records of any chain share one), and
-/// how many were skipped is logged: counted twice it would inflate every figure of a report.
-/// The copies meet within a few lines of each other in the merge, so only the latest
-/// [`RECENT_HASHES`] are remembered.
+/// file — is passed once, and how many copies were skipped is returned (for the caller to
+/// say): counted twice it would inflate every figure of a report. The copies meet within a
+/// few lines of each other in the merge, so only the latest [`RECENT_HASHES`] are remembered.
 pub(crate) fn for_each_line<E: From<QueryError>>(
     paths: &[PathBuf],
     mut f: impl FnMut(&Path, u64, &str) -> Result<(), E>,
-) -> Result<(), E> {
+) -> Result<u64, E> {
     let mut sources = paths
         .iter()
         .map(|path| LineSource::open(path))
@@ -222,38 +233,49 @@ pub(crate) fn for_each_line<E: From<QueryError>>(
         }
         source.advance()?;
     }
-    if recent.duplicates > 0 {
-        tracing::warn!(
-            "skipped {} duplicate records (the same record in more than one of the files given)",
-            recent.duplicates
-        );
-    }
-    Ok(())
+    Ok(recent.duplicates)
 }
 
 /// How many of the latest records' hashes [`for_each_line`] remembers to skip copies.
 const RECENT_HASHES: usize = 1 << 16;
 
-/// The latest records' hashes, by their first 128 bits.
+/// The latest records passed: the first 128 bits of their `hash`, and a hash of the whole
+/// line, keyed per process — a line that only copies another record's `hash` member is not
+/// taken for that record.
 #[derive(Default)]
 struct RecentHashes {
-    seen: std::collections::HashSet<u128>,
-    order: std::collections::VecDeque<u128>,
+    line_hasher: foldhash::fast::RandomState,
+    seen: std::collections::HashSet<(u128, u64)>,
+    order: std::collections::VecDeque<(u128, u64)>,
     duplicates: u64,
 }
 
 impl RecentHashes {
-    /// False for a line whose record was among the latest passed.
+    /// False for a line that repeats one of the latest passed.
     fn is_new(&mut self, line: &str) -> bool {
-        // `…,"hash":"<64 hex>"}`: anything else is not deduplicated (and fails to parse).
-        let Some(key) = line
+        use std::hash::BuildHasher;
+        // `…,"hash":"<64 lower-case hex>"}`: anything else is not deduplicated (and fails to
+        // parse).
+        let Some(hex) = line
             .strip_suffix("\"}")
-            .and_then(|l| l.len().checked_sub(64).and_then(|start| l.get(start..)))
-            .and_then(|hex| hex.get(..32))
-            .and_then(|hex| u128::from_str_radix(hex, 16).ok())
+            .and_then(|l| {
+                l.len()
+                    .checked_sub(64)
+                    .filter(|&start| l.is_char_boundary(start))
+                    .map(|start| l.split_at(start))
+            })
+            .filter(|(head, hex)| {
+                head.ends_with(",\"hash\":\"")
+                    && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+            })
+            .map(|(_, hex)| hex)
         else {
             return true;
         };
+        let Ok(prefix) = u128::from_str_radix(&hex[..32], 16) else {
+            return true;
+        };
+        let key = (prefix, self.line_hasher.hash_one(line));
         if !self.seen.insert(key) {
             self.duplicates += 1;
             return false;
@@ -679,7 +701,7 @@ pub(crate) mod tests {
 
     fn query(paths: &[PathBuf], filter: &QueryFilter, json: bool) -> (u64, String) {
         let mut out = Vec::new();
-        let n = run_query(paths, filter, json, &mut out).unwrap();
+        let n = run_query(paths, filter, json, &mut out).unwrap().printed;
         (n, String::from_utf8(out).unwrap())
     }
 

@@ -75,7 +75,8 @@ impl Decision {
 
 /// One audit record's event-specific fields. The writer adds `seq`, `ts`, `prev` and `hash`.
 ///
-/// Every optional field is skipped when `None`; names are exactly DESIGN §5's. Unknown members
+/// Every optional field is skipped when `None`; names are DESIGN §5's, plus `replica` (§7) and
+/// `grant_reason`/`grant_expires` (see [`Record::elevated_by`]). Unknown members
 /// are ignored when reading, so newer writers stay readable by older tools.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Record {
@@ -159,8 +160,11 @@ impl Record {
     /// incident is closed and the grant removed from the config, the log still says why the
     /// client could do this. `grant_reason` lists the grants' reasons (distinct, in order,
     /// `; ` between them), `grant_expires` the earliest end. Grants without `expires` are
-    /// skipped; with none left nothing is set.
+    /// skipped; with none left both are cleared (a call decided again after a reload may no
+    /// longer rely on the elevation it did).
     pub fn elevated_by<'g>(&mut self, grants: impl IntoIterator<Item = &'g Grant>) {
+        self.grant_reason = None;
+        self.grant_expires = None;
         let mut reasons: Vec<&str> = Vec::new();
         let mut earliest: Option<DateTime<Utc>> = None;
         for grant in grants {
@@ -267,6 +271,12 @@ mod tests {
         r.elevated_by([&standing, &inc, &unexplained, &chg, &inc_again]);
         assert_eq!(r.grant_reason.as_deref(), Some("INC-4711; CHG-9"));
         assert_eq!(r.grant_expires.as_deref(), Some("2026-11-30T12:00:00Z"));
+        // Decided again under a standing grant: no longer elevated.
+        r.elevated_by([&standing]);
+        assert_eq!(
+            (r.grant_reason.as_deref(), r.grant_expires.as_deref()),
+            (None, None)
+        );
         let mut r = Record::new(Event::Proxy);
         r.elevated_by([&unexplained]);
         assert_eq!(

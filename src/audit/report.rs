@@ -130,15 +130,16 @@ type ElevationKey = (String, Option<String>, Option<String>);
 
 /// Reports on `paths` (read in order; several replicas' files merge) against the current
 /// `grants` (`None`: no config, so no grant findings), as a table or, with `json`, one JSON
-/// document.
+/// document. Returns how many copies of records already read were skipped
+/// (see [`for_each_line`]).
 pub fn run_report(
     paths: &[PathBuf],
     grants: Option<&[GrantInfo]>,
     json: bool,
     out: &mut dyn Write,
-) -> Result<(), ReportError> {
+) -> Result<u64, ReportError> {
     let mut acc = Accumulator::default();
-    for_each_line(paths, |path, line_no, line| {
+    let duplicates = for_each_line(paths, |path, line_no, line| {
         acc.add(&parse_line(path, line_no, line)?);
         Ok::<(), ReportError>(())
     })?;
@@ -150,7 +151,7 @@ pub fn run_report(
         write_table(&report, out)?;
     }
     out.flush()?;
-    Ok(())
+    Ok(duplicates)
 }
 
 /// Client, connector, method, path of a denied attempt.

@@ -98,10 +98,12 @@ pub fn run(cmd: AuditCommand, config: &ConfigPath) -> anyhow::Result<ExitCode> {
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
             let written = audit::run_query(&files, &filter, json, &mut out)
-                .map(|_| ())
                 .map_err(anyhow::Error::from)
-                .and_then(|()| out.flush().map_err(anyhow::Error::from));
-            ok_on_broken_pipe(written)?;
+                .and_then(|counts| {
+                    out.flush()?;
+                    Ok(counts.duplicates)
+                });
+            say_duplicates(ok_on_broken_pipe(written)?);
             Ok(ExitCode::SUCCESS)
         }
         AuditCommand::Report { files, json } => {
@@ -112,10 +114,25 @@ pub fn run(cmd: AuditCommand, config: &ConfigPath) -> anyhow::Result<ExitCode> {
             let mut out = std::io::BufWriter::new(stdout.lock());
             let written = audit::run_report(&files, grants.as_deref(), json, &mut out)
                 .map_err(anyhow::Error::from)
-                .and_then(|()| out.flush().map_err(anyhow::Error::from));
-            ok_on_broken_pipe(written)?;
+                .and_then(|duplicates| {
+                    out.flush()?;
+                    Ok(duplicates)
+                });
+            say_duplicates(ok_on_broken_pipe(written)?);
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// Says on stderr how many copies of records `query` or `report` skipped (a file given twice,
+/// an archived copy overlapping the live file), if any: the figures are not what counting the
+/// files' lines would give. (`None`: the output's reader went away.)
+fn say_duplicates(duplicates: Option<u64>) {
+    if let Some(n @ 1..) = duplicates {
+        super::serve::say(format_args!(
+            "note: skipped {n} duplicate record{} (the same record in more than one of the files given)",
+            if n == 1 { "" } else { "s" }
+        ));
     }
 }
 
@@ -125,7 +142,9 @@ pub fn run(cmd: AuditCommand, config: &ConfigPath) -> anyhow::Result<ExitCode> {
 fn room_for_files(files: usize) {
     let wanted = u64::try_from(files).unwrap_or(u64::MAX).saturating_add(64);
     if let Err(e) = rlimit::increase_nofile_limit(wanted) {
-        tracing::warn!(error = %e, "cannot raise the open-file limit");
+        super::serve::say(format_args!(
+            "warning: cannot raise the open-file limit: {e}"
+        ));
     }
 }
 
@@ -135,17 +154,18 @@ fn parse_event(s: &str) -> anyhow::Result<Event> {
 }
 
 /// A reader stopping early (`| head`) is not an error of the command.
-fn ok_on_broken_pipe(result: anyhow::Result<()>) -> anyhow::Result<()> {
+fn ok_on_broken_pipe<T>(result: anyhow::Result<T>) -> anyhow::Result<Option<T>> {
     match result {
+        Ok(value) => Ok(Some(value)),
         Err(e)
             if e.chain().any(|c| {
                 c.downcast_ref::<std::io::Error>()
                     .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
             }) || format!("{e:#}").contains("Broken pipe") =>
         {
-            Ok(())
+            Ok(None)
         }
-        other => other,
+        Err(e) => Err(e),
     }
 }
 

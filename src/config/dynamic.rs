@@ -37,21 +37,8 @@ pub(super) fn credential(
                     "must not be empty",
                 );
             }
-            let secret_key = format!("{key}.client_secret");
-            let secret = long_term_secret(cx, client_secret, &span, &secret_key).filter(|s| {
-                // Sent as it is (DESIGN §3 drops one trailing newline, not a CRLF's CR): the
-                // token endpoint would refuse it at every mint.
-                let clean = !s.expose().iter().any(u8::is_ascii_control);
-                if !clean {
-                    cx.err(
-                        Some(span.clone()),
-                        &secret_key,
-                        "holds a control byte (the CR of a file saved with CRLF line ends?): \
-                         it would be sent as it is and refused",
-                    );
-                }
-                clean
-            });
+            let secret =
+                long_term_secret(cx, client_secret, &span, &format!("{key}.client_secret"));
             let method = match auth_method.as_deref() {
                 None | Some("basic") => Some(OAuth2AuthMethod::Basic),
                 Some("post") => Some(OAuth2AuthMethod::Post),
@@ -107,24 +94,6 @@ pub(super) fn credential(
                     "must list repository names (omit it for every repository of the installation)",
                 );
             }
-            // GitHub answers 422 to either, at every mint: every call would be a 502.
-            if repositories.iter().flatten().any(|r| r.contains('/')) {
-                cx.err(
-                    Some(span.clone()),
-                    &format!("{key}.repositories"),
-                    "names repositories without their owner (`widget`, not `acme/widget`): the \
-                     installation's account is the owner",
-                );
-            }
-            for (permission, level) in permissions.iter().flatten() {
-                if !matches!(level.as_str(), "read" | "write" | "admin") {
-                    cx.err(
-                        Some(span.clone()),
-                        &format!("{key}.permissions.{permission}"),
-                        "must be `read`, `write` or `admin`",
-                    );
-                }
-            }
             if *app_id == 0 || *installation_id == 0 {
                 return None;
             }
@@ -138,6 +107,51 @@ pub(super) fn credential(
                 permissions: permissions.clone(),
             }))
         }
+    }
+}
+
+/// `check`'s warnings for a dynamic credential: what the minting side will refuse at every
+/// mint (so every call is a 502), though the broker can send it. Warnings, not errors: the
+/// rest of the config still loads, and GitHub may name new permission levels.
+pub(super) fn usability_warnings(
+    cx: &mut Ctx<'_>,
+    credential: &Credential,
+    span: &Range<usize>,
+    key: &str,
+) {
+    match credential {
+        Credential::OAuth2(o) => {
+            // Sent as it is (DESIGN §3 drops one trailing newline, not a CRLF's CR).
+            if o.client_secret.expose().iter().any(u8::is_ascii_control) {
+                cx.err(
+                    Some(span.clone()),
+                    &format!("{key}.client_secret"),
+                    "holds a control byte (the CR of a file saved with CRLF line ends?): it is \
+                     sent as it is, and the token endpoint will refuse it",
+                );
+            }
+        }
+        Credential::GithubApp(g) => {
+            if g.repositories.iter().flatten().any(|r| r.contains('/')) {
+                cx.err(
+                    Some(span.clone()),
+                    &format!("{key}.repositories"),
+                    "names a repository with its owner (`acme/widget`): GitHub wants the name \
+                     alone (`widget`; the installation's account is the owner) and refuses \
+                     the mint (422)",
+                );
+            }
+            for (permission, level) in g.permissions.iter().flatten() {
+                if !matches!(level.as_str(), "read" | "write" | "admin") {
+                    cx.err(
+                        Some(span.clone()),
+                        &format!("{key}.permissions.{permission}"),
+                        "is not `read`, `write` or `admin`: GitHub refuses the mint (422)",
+                    );
+                }
+            }
+        }
+        Credential::Static { .. } => {}
     }
 }
 
@@ -377,20 +391,21 @@ credential = {credential}
             panic!("not github_app");
         };
         assert_eq!(g.api, "https://ghe.example/api/v3");
-        // GitHub answers 422 to an owner-qualified repository or an unknown level, every mint.
-        let e = errors(
-            r#"{ type = "github_app", app_id = 1, installation_id = 2, private_key = "file:pkcs1.pem", repositories = ["acme/widget"], permissions = { issues = "wirte", metadata = "read" } }"#,
+        // GitHub wants repository names without the owner, and levels it knows: it refuses the
+        // mint (422) otherwise — warned, as GitHub may name new levels.
+        let w = warnings(
+            r#"{ type = "github_app", app_id = 1, installation_id = 2, private_key = "file:pkcs1.pem", repositories = ["acme/widget", "widget"], permissions = { issues = "wirte", metadata = "read" } }"#,
             dir.path(),
         );
         assert!(
-            e.contains("credential.repositories: names repositories without their owner"),
-            "{e}"
+            w.contains("credential.repositories: names a repository with its owner"),
+            "{w}"
         );
         assert!(
-            e.contains("credential.permissions.issues: must be `read`, `write` or `admin`"),
-            "{e}"
+            w.contains("credential.permissions.issues: is not `read`, `write` or `admin`"),
+            "{w}"
         );
-        assert!(!e.contains("permissions.metadata"), "{e}");
+        assert!(!w.contains("permissions.metadata"), "{w}");
         // A token endpoint may carry a query (RFC 6749 §3.2), never a fragment.
         let oauth = |url: &str| {
             format!(
@@ -403,16 +418,36 @@ credential = {credential}
             e.contains("credential.token_url: must not contain a fragment"),
             "{e}"
         );
-        // A client secret read from a file saved with CRLF keeps its CR (one trailing
-        // newline is dropped): sent as it is, refused at every mint.
-        std::fs::write(dir.path().join("crlf.txt"), "s3cret\r\n").unwrap();
-        let crlf = oauth("https://l.example/t").replace("literal:s", "file:crlf.txt");
-        let e = errors(&crlf, dir.path());
-        assert!(
-            e.contains("credential.client_secret: holds a control byte"),
-            "{e}"
+    }
+
+    /// `check`'s findings for a config whose one connector has `credential`, in `dir`; none
+    /// of them an error.
+    fn warnings(credential: &str, dir: &Path) -> String {
+        let config = format!(
+            "[server]\nlisten = \"127.0.0.1:8443\"\n[audit]\npath = \"a.jsonl\"\n[[connectors]]\nname = \"gh\"\nowner = \"o\"\npurpose = \"p\"\nexpires = \"2099-01-01\"\nupstream = \"https://x.example\"\ncredential = {credential}\n"
         );
-        assert!(!e.contains("s3cret"), "{e}");
+        let findings = super::super::lint::check(&config, &dir.join("c.toml"), chrono::Utc::now());
+        let text: Vec<String> = findings.iter().map(ToString::to_string).collect();
+        assert!(text.iter().all(|f| !f.starts_with("error")), "{text:?}");
+        text.join("\n")
+    }
+
+    /// A client secret read from a file saved with CRLF keeps its CR (one trailing newline is
+    /// dropped): sent as it is, refused at every mint — warned, not an error that would stop
+    /// the whole config loading.
+    #[test]
+    fn check_warns_about_a_client_secret_with_a_control_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("crlf.txt"), "s3cret\r\n").unwrap();
+        let w = warnings(
+            r#"{ type = "oauth2_client_credentials", token_url = "https://l.example/t", client_id = "id", client_secret = "file:crlf.txt" }"#,
+            dir.path(),
+        );
+        assert!(
+            w.contains("credential.client_secret: holds a control byte"),
+            "{w}"
+        );
+        assert!(!w.contains("s3cret"), "{w}");
     }
 
     #[test]

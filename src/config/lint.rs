@@ -253,9 +253,10 @@ fn state_warnings(cx: &mut Ctx<'_>, config: &Config, raw: &RawConfig) {
             raw.state.dir.as_ref().map(|d| d.span()),
             "state.dir",
             format!(
-                "the shared-state journal {} is corrupt ({error}): serve starts an empty one, so \
-                 until its next change rewrites it this replica cannot restore kill switches and \
-                 revocations after Redis loses its data",
+                "the shared-state journal {} is corrupt ({error}): serve starts its replica's \
+                 journal afresh and skips another replica's, so until that replica's next \
+                 change rewrites it, the kill switches and revocations it held cannot be \
+                 restored after Redis loses its data",
                 file.display()
             ),
         );
@@ -305,6 +306,12 @@ fn connector_warnings(cx: &mut Ctx<'_>, config: &Config, raw: &RawConfig, now: D
         .collect();
     for (connector, rc) in config.connectors.iter().zip(&raw.connectors) {
         let key = format!("connectors[{}]", connector.name);
+        super::dynamic::usability_warnings(
+            cx,
+            &connector.credential,
+            &rc.credential.span(),
+            &format!("{key}.credential"),
+        );
         let secrets: Vec<&String> = match rc.credential.get_ref() {
             RawCredential::Reference(r) => vec![r],
             RawCredential::Dynamic(d) => super::dynamic::long_term_secrets(d),

@@ -271,10 +271,10 @@ impl DynamicCredential {
         self.cache.invalidate(used);
     }
 
-    /// `minted` cannot be sent as the connector's `auth` says (the token endpoint answered a
+    /// `minted` cannot be sent as the connector's `auth` says (the minting side answered a
     /// token with a control byte): drop it, so the next call mints again rather than reusing it.
     pub fn unusable(&self, minted: &Arc<Minted>) {
-        tracing::error!(connector = %self.connector, "the token endpoint answered a credential that cannot be sent as the connector's auth says (a control byte in a header value); it is discarded and minted again on the next call");
+        tracing::error!(connector = %self.connector, "the minted credential cannot be sent as the connector's auth says (a control byte in a header value); it is discarded and minted again on the next call");
         self.cache.invalidate(minted);
     }
 

@@ -1602,6 +1602,10 @@ impl AuditFacts {
     }
 
     fn deny(&mut self, denial: &Denial) {
+        // Only allowed calls name the elevation they were made under (check 3 noted it; a
+        // later check refused the call).
+        self.record.grant_reason = None;
+        self.record.grant_expires = None;
         self.record.decision = Some(Decision::Deny);
         self.record.reason = Some(denial.reason.to_owned());
         // A client that went away receives no answer: none is recorded.

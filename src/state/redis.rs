@@ -24,7 +24,8 @@
 //! new ones), and every replica seeds Redis again from its journal — the revocations it made
 //! and the kill switches in force — where a newer change always wins (a later revocation
 //! cut-off; for kill switches, see [`switch_replaces`]). A Redis that may evict keys is not
-//! trusted at all ([`RedisState::watch`]).
+//! trusted at all ([`RedisState::watch`]), nor is one that refuses writes (a read-only replica
+//! after a failover, out of memory): a revocation could not be made there.
 //!
 //! Keys (all under `credbroker:`): `epoch`; `revoked:jti:<jti>` (expires when its token can no
 //! longer pass); `revoked:clients` (hash: client → the second up to which its tokens are
@@ -32,7 +33,8 @@
 //! `generation`;
 //! `switches` (hash: connector → `<1 disabled | 0 enabled>:<generation>:<epoch made in>`);
 //! `uses:<jti>`;
-//! `rate:client:<id>`, `rate:connector:<name>`, `rate:issue:<id>` (GCRA times).
+//! `rate:client:<id>`, `rate:connector:<name>`, `rate:issue:<id>` (GCRA times);
+//! `write-probe` (written each watch round, expires by itself).
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -245,7 +247,7 @@ pub struct RedisState {
     /// The epoch this replica has seeded (empty: none yet).
     epoch: ArcSwap<String>,
     /// One resync at a time; holds how the last one ended, for the calls that waited on it.
-    resyncing: tokio::sync::Mutex<Option<Failure>>,
+    resyncing: tokio::sync::Mutex<LastResync>,
     /// Resyncs attempted (bumped at the end of each, under `resyncing`).
     resyncs: AtomicU64,
     journal: Mutex<Journal>,
@@ -269,6 +271,11 @@ pub struct RedisState {
     /// on, so every decision is refused until a write goes through again ([`Self::watch`]
     /// tries one each round).
     unwritable: Mutex<Option<String>>,
+    /// Redis stopped evicting keys, and the new epoch that must follow (keys may have gone
+    /// meanwhile: revocations, `max_uses` counters) is not started yet: no decision until a
+    /// rolled-back resync succeeds — the round that noticed may fail to make it (an OOM is
+    /// likely just then), and the next round would not know it is owed.
+    epoch_owed: std::sync::atomic::AtomicBool,
     /// `INFO` was refused once (said once in the log).
     info_refused: std::sync::atomic::AtomicBool,
 }
@@ -282,6 +289,13 @@ impl fmt::Debug for RedisState {
 
 /// Why a Redis operation failed: no answer in time (a write may still happen), or a definite
 /// failure.
+/// How the last resync attempt ended ([`RedisState::resync`]).
+#[derive(Default)]
+struct LastResync {
+    failure: Option<Failure>,
+    rolled_back: bool,
+}
+
 #[derive(Clone)]
 struct Failure {
     timed_out: bool,
@@ -336,7 +350,7 @@ impl RedisState {
             last_answer_ms: AtomicU64::new(0),
             last_failure_ms: AtomicU64::new(0),
             epoch: ArcSwap::from_pointee(String::new()),
-            resyncing: tokio::sync::Mutex::new(None),
+            resyncing: tokio::sync::Mutex::new(LastResync::default()),
             resyncs: AtomicU64::new(0),
             journal: Mutex::new(journal.clone()),
             journal_file,
@@ -348,6 +362,7 @@ impl RedisState {
             seen_generation: AtomicU64::new(journal.generation),
             unsafe_store: Mutex::new(None),
             unwritable: Mutex::new(None),
+            epoch_owed: std::sync::atomic::AtomicBool::new(false),
             info_refused: std::sync::atomic::AtomicBool::new(false),
             revoke_jti: script(REVOKE_JTI),
             revoke_client: script(REVOKE_CLIENT),
@@ -598,12 +613,18 @@ impl RedisState {
         if self.epoch.load().as_str() != seen {
             return Ok(()); // another call resynced meanwhile
         }
-        if self.resyncs.load(Ordering::Acquire) != attempts_before {
-            // An attempt ended while this call waited for it: its outcome is this call's.
-            return last.clone().map_or(Ok(()), Err);
+        // An attempt ended while this call waited for it: its outcome is this call's — unless
+        // this call must start a new epoch and that attempt did not try to.
+        if self.resyncs.load(Ordering::Acquire) != attempts_before
+            && (last.rolled_back || !rolled_back)
+        {
+            return last.failure.clone().map_or(Ok(()), Err);
         }
         let outcome = self.resync_now(seen, rolled_back).await;
-        *last = outcome.as_ref().err().cloned();
+        *last = LastResync {
+            failure: outcome.as_ref().err().cloned(),
+            rolled_back,
+        };
         self.resyncs.fetch_add(1, Ordering::Release);
         outcome
     }
@@ -644,6 +665,9 @@ impl RedisState {
             self.save_journal().await;
         }
         self.epoch.store(Arc::new(epoch));
+        if rolled_back {
+            self.epoch_owed.store(false, Ordering::Release);
+        }
         Ok(())
     }
 
@@ -669,7 +693,9 @@ impl RedisState {
         };
         self.probe_writes().await;
         let evicted_maybe = self.check_eviction().await;
-        let rolled_back = generation.unwrap_or(0) < seen_before || evicted_maybe;
+        let rolled_back = generation.unwrap_or(0) < seen_before
+            || evicted_maybe
+            || self.epoch_owed.load(Ordering::Acquire);
         if adopted.is_empty() || epoch.as_deref() != Some(adopted.as_str()) || rolled_back {
             if let Err(f) = self.resync(&adopted, rolled_back).await {
                 tracing::warn!(error = %StateError::from(f), "cannot resync the shared state");
@@ -731,6 +757,10 @@ impl RedisState {
         }
         // Recovered only when the risk is gone, not when its wording changed.
         let recovered = current.is_some() && risk.is_none();
+        if recovered {
+            // Owed before the risk is lifted: no decision slips in between.
+            self.epoch_owed.store(true, Ordering::Release);
+        }
         match &risk {
             Some(why) => tracing::error!("{why}; refusing every call until it is"),
             None => tracing::warn!("Redis no longer evicts keys: starting a new epoch (keys may have gone meanwhile), then deciding calls again"),
@@ -791,7 +821,16 @@ impl RedisState {
     /// writes.
     fn untrusted(&self) -> Option<String> {
         let lock = |m: &Mutex<Option<String>>| m.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        lock(&self.unsafe_store).or_else(|| lock(&self.unwritable))
+        let owed = || {
+            self.epoch_owed.load(Ordering::Acquire).then(|| {
+                "Redis may have evicted keys before it stopped evicting: a new epoch is being \
+                 started"
+                    .to_owned()
+            })
+        };
+        lock(&self.unsafe_store)
+            .or_else(|| lock(&self.unwritable))
+            .or_else(owed)
     }
 
     /// Notes whether Redis takes writes, saying so in the log when that changes.
@@ -849,7 +888,11 @@ impl RedisState {
             Ok(Err(e)) => {
                 if let Some(why) = write_refusal(&e) {
                     self.note_writable(Some(why));
-                } else if !e.is_io_error() {
+                }
+                // A new connection re-resolves `state.url`: after a failover behind a name,
+                // VIP or proxy, the node that now refuses writes (READONLY) is no longer the
+                // one it leads to, and redis-rs does not reconnect for that by itself.
+                if !e.is_io_error() {
                     self.rebuild();
                 }
                 Err(fail(&e))
@@ -1116,7 +1159,6 @@ fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// A Redis error as a message that cannot carry the URL or its password: only its kind.
 /// Why Redis refused a command for not taking writes now, if that is the error.
 fn write_refusal(e: &RedisError) -> Option<String> {
     match e.code()? {
@@ -1127,6 +1169,7 @@ fn write_refusal(e: &RedisError) -> Option<String> {
     }
 }
 
+/// A Redis error as a message that cannot carry the URL or its password: only its kind.
 fn fail(e: &RedisError) -> Failure {
     let message = if e.is_timeout() {
         "Redis did not answer in time".to_owned()

@@ -43,6 +43,10 @@ impl Redis {
         let spawned = Command::new("redis-server")
             .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
             .args(["--save", "", "--appendonly", "no", "--loglevel", "warning"])
+            // A replica's full sync writes an RDB file even with saving off: not into the
+            // checkout.
+            .args(["--dir", &std::env::temp_dir().to_string_lossy()])
+            .args(["--dbfilename", &format!("credbroker-test-{port}.rdb")])
             .stdout(Stdio::null())
             .spawn();
         let child = match spawned {
@@ -76,6 +80,11 @@ impl Drop for Redis {
 
 /// The standard config as replica `name` of a group sharing `redis` and one signing key.
 fn replica_config(upstream: SocketAddr, key: &Path, redis: &Redis, name: &str) -> String {
+    replica_config_at(upstream, key, &redis.url(), name)
+}
+
+/// [`replica_config`] with Redis at `url`.
+fn replica_config_at(upstream: SocketAddr, key: &Path, url: &str, name: &str) -> String {
     let config = standard_config(upstream).replace(
         "issuer = \"credbroker-test\"",
         &format!(
@@ -84,10 +93,7 @@ fn replica_config(upstream: SocketAddr, key: &Path, redis: &Redis, name: &str) -
             key.display()
         ),
     );
-    format!(
-        "{config}\n[state]\nbackend = \"redis\"\nurl = \"{}\"\nreplica = \"{name}\"\n",
-        redis.url()
-    )
+    format!("{config}\n[state]\nbackend = \"redis\"\nurl = \"{url}\"\nreplica = \"{name}\"\n")
 }
 
 /// Two replicas `a` and `b` over one Redis, with `edit` applied to both configs.
@@ -848,4 +854,156 @@ async fn a_redis_that_refuses_writes_stops_the_calls_it_could_not_revoke() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(redis_command(redis.port, &["REPLICAOF", "NO", "ONE"]).starts_with("+OK"));
+}
+
+/// The new epoch owed once Redis stops evicting (keys may have gone) is not lost when the
+/// round that noticed cannot make it — switching to `noeviction` at `maxmemory` makes that
+/// round's resync fail with OOM: calls stay refused until it is made, and a token issued
+/// before is refused after.
+#[tokio::test]
+async fn the_new_epoch_owed_after_eviction_survives_a_failed_resync() {
+    let Some(redis) = Redis::start() else { return };
+    let up = FakeUpstream::start().await;
+    let (_keys, a, _b) = two_replicas(&redis, &up, |c| c).await;
+    let token = a.token("github:issues.read", &[]).await;
+    assert_eq!(a.status("GET", TARGET, &token).await, 200);
+    let port = redis.port;
+    let set = |args: &[&str]| {
+        let mut all = vec!["CONFIG", "SET"];
+        all.extend_from_slice(args);
+        assert!(redis_command(port, &all).starts_with("+OK"));
+    };
+    set(&["maxmemory", "100mb", "maxmemory-policy", "allkeys-lru"]);
+    let deadline = Instant::now() + Duration::from_secs(6);
+    while a.status("GET", TARGET, &token).await != 503 {
+        assert!(
+            Instant::now() < deadline,
+            "an evicting Redis is still trusted"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // No longer evicting, but full: the round that notices cannot start the new epoch.
+    set(&["maxmemory-policy", "noeviction", "maxmemory", "1"]);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(a.status("GET", TARGET, &token).await, 503);
+    set(&["maxmemory", "0"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, _, body) = a
+            .token_request("bot", SECRET, "github:issues.read", &[])
+            .await;
+        if status == 200 {
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            if a.status("GET", TARGET, v["access_token"].as_str().unwrap())
+                .await
+                == 200
+            {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not trusted again once it takes writes"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        a.status("GET", TARGET, &token).await,
+        401,
+        "issued before the new epoch"
+    );
+}
+
+/// A TCP forwarder on loopback whose target can be switched for new connections: what a
+/// failover behind a DNS name, VIP or proxy looks like to a client.
+struct Forwarder {
+    addr: SocketAddr,
+    target: std::sync::Arc<std::sync::Mutex<SocketAddr>>,
+}
+
+impl Forwarder {
+    async fn start(target: SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let target = std::sync::Arc::new(std::sync::Mutex::new(target));
+        let current = std::sync::Arc::clone(&target);
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let to = *current.lock().unwrap();
+                tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(to).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        });
+        Self { addr, target }
+    }
+
+    fn switch_to(&self, target: SocketAddr) {
+        *self.target.lock().unwrap() = target;
+    }
+}
+
+/// After a failover behind one address the old primary, now a replica, refuses writes on the
+/// connection the broker holds (READONLY): the broker connects again, reaches the new
+/// primary, and decides calls again — not 503 until a restart.
+#[tokio::test]
+async fn a_failover_behind_one_address_is_followed() {
+    let Some(old) = Redis::start() else { return };
+    let Some(new) = Redis::start() else { return };
+    let at = |r: &Redis| -> SocketAddr { format!("127.0.0.1:{}", r.port).parse().unwrap() };
+    let forwarder = Forwarder::start(at(&old)).await;
+    let up = FakeUpstream::start().await;
+    let keys = tempfile::tempdir().unwrap();
+    let key = keygen_signing_key(keys.path());
+    let url = format!("redis://{}/0", forwarder.addr);
+    let a = TestBroker::start(&replica_config_at(up.addr, &key, &url, "a")).await;
+    let token = a.token("github:issues.read", &[]).await;
+    assert_eq!(a.status("GET", TARGET, &token).await, 200);
+    // The failover: the new node takes over, the old one follows it, the address moves.
+    let new_port = new.port.to_string();
+    assert!(redis_command(old.port, &["REPLICAOF", "127.0.0.1", &new_port]).starts_with("+OK"));
+    forwarder.switch_to(at(&new));
+    // The first write lands on the old node and is refused (READONLY): answered 503 "not
+    // applied; retry", and the broker connects again — to the new primary.
+    let revoke_old = jti_body(&jti_of(&token));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, _, body) = a.admin_call("POST", "/v1/revoke", &revoke_old).await;
+        if status == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still not following the failover: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // Calls are decided there: a new token works, and a kill switch holds.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let fresh = loop {
+        let (status, _, body) = a
+            .token_request("bot", SECRET, "github:issues.read", &[])
+            .await;
+        if status == 200 {
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            let fresh = v["access_token"].as_str().unwrap().to_owned();
+            if a.status("GET", TARGET, &fresh).await == 200 {
+                break fresh;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no calls decided after the failover: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let (status, _, body) = a.admin_call("POST", "/v1/revoke", GITHUB).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        a.status("GET", TARGET, &fresh).await,
+        403,
+        "the kill switch holds"
+    );
 }

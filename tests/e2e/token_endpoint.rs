@@ -472,6 +472,23 @@ async fn a_time_bound_grant_ends_at_its_expiry() {
     for r in events(&log, "proxy_result") {
         assert_eq!(elevated_fields(r), (None, None), "{r}");
     }
+    // A call refused after check 3 (here check 4, its one use spent) was not made under it.
+    let (s, _, body) = b
+        .token_request(
+            "responder",
+            SECRET,
+            "github:issues.comment",
+            &[("max_uses", "1")],
+        )
+        .await;
+    assert_eq!(s, 200, "{body}");
+    let (_, once) = expires_in(&body);
+    assert_eq!(b.status("POST", comment, &once).await, 200);
+    assert_eq!(b.status("POST", comment, &once).await, 401);
+    let log = b.audit();
+    let spent = events(&log, "proxy").into_iter().last().unwrap().clone();
+    assert_eq!(spent["reason"], "max_uses_exhausted");
+    assert_eq!(elevated_fields(&spent), (None, None), "{spent}");
     let listed = grant_view(&b, "responder").await;
     assert_eq!(listed["reason"], "INC-4711");
     assert_eq!(listed["live"], true);
