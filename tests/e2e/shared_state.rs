@@ -109,6 +109,26 @@ async fn two_replicas(
     (keys, a, b)
 }
 
+/// Waits (at most `within`) until `broker` issues a token whose call is allowed — the shared
+/// state is decided on again, past any cut-off — and returns it; `what` names the wait.
+async fn a_fresh_token_works(broker: &TestBroker, within: Duration, what: &str) -> String {
+    let deadline = Instant::now() + within;
+    loop {
+        let (status, _, body) = broker
+            .token_request("bot", SECRET, "github:issues.read", &[])
+            .await;
+        if status == 200 {
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            let fresh = v["access_token"].as_str().unwrap().to_owned();
+            if broker.status("GET", TARGET, &fresh).await == 200 {
+                return fresh;
+            }
+        }
+        assert!(Instant::now() < deadline, "{what}: {body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 fn reasons(broker: &TestBroker) -> Vec<String> {
     events(&broker.audit(), "proxy")
         .iter()
@@ -289,23 +309,12 @@ async fn without_redis_nothing_is_decided_and_the_broker_recovers_with_it() {
     // Redis back, empty (it kept nothing): the broker reconnects by itself. Revocations made
     // before may be gone with the data, so the tokens issued before are refused; new ones work.
     let _redis = Redis::start_on(port).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (status, _, body) = a
-            .token_request("bot", SECRET, "github:issues.read", &[])
-            .await;
-        if status == 200 {
-            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-            let fresh = v["access_token"].as_str().unwrap();
-            // Tokens issued up to the loss's cut-off (its second + the skew allowance) are
-            // refused too.
-            if a.status("GET", TARGET, fresh).await == 200 {
-                break;
-            }
-        }
-        assert!(Instant::now() < deadline, "no recovery once Redis was back");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    a_fresh_token_works(
+        &a,
+        Duration::from_secs(10),
+        "no recovery once Redis was back",
+    )
+    .await;
     assert_eq!(
         a.status("GET", TARGET, &token).await,
         401,
@@ -531,26 +540,12 @@ async fn a_redis_that_may_evict_keys_is_not_trusted() {
     );
     // Trusted again, in a new epoch: keys may have been evicted meanwhile, so what was issued
     // before is refused, and new tokens (past the cut-off) work.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (status, _, body) = a
-            .token_request("bot", SECRET, "github:issues.read", &[])
-            .await;
-        if status == 200 {
-            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-            if a.status("GET", TARGET, v["access_token"].as_str().unwrap())
-                .await
-                == 200
-            {
-                break;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not trusted again once it cannot evict"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    a_fresh_token_works(
+        &a,
+        Duration::from_secs(10),
+        "not trusted again once it cannot evict",
+    )
+    .await;
     assert_eq!(a.status("GET", TARGET, &token).await, 401);
 }
 
@@ -887,26 +882,12 @@ async fn the_new_epoch_owed_after_eviction_survives_a_failed_resync() {
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(a.status("GET", TARGET, &token).await, 503);
     set(&["maxmemory", "0"]);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (status, _, body) = a
-            .token_request("bot", SECRET, "github:issues.read", &[])
-            .await;
-        if status == 200 {
-            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-            if a.status("GET", TARGET, v["access_token"].as_str().unwrap())
-                .await
-                == 200
-            {
-                break;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not trusted again once it takes writes"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    a_fresh_token_works(
+        &a,
+        Duration::from_secs(10),
+        "not trusted again once it takes writes",
+    )
+    .await;
     assert_eq!(
         a.status("GET", TARGET, &token).await,
         401,
@@ -981,24 +962,12 @@ async fn a_failover_behind_one_address_is_followed() {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     // Calls are decided there: a new token works, and a kill switch holds.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let fresh = loop {
-        let (status, _, body) = a
-            .token_request("bot", SECRET, "github:issues.read", &[])
-            .await;
-        if status == 200 {
-            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-            let fresh = v["access_token"].as_str().unwrap().to_owned();
-            if a.status("GET", TARGET, &fresh).await == 200 {
-                break fresh;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no calls decided after the failover: {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    };
+    let fresh = a_fresh_token_works(
+        &a,
+        Duration::from_secs(10),
+        "no calls decided after the failover",
+    )
+    .await;
     let (status, _, body) = a.admin_call("POST", "/v1/revoke", GITHUB).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(
