@@ -287,8 +287,6 @@ impl fmt::Debug for RedisState {
     }
 }
 
-/// Why a Redis operation failed: no answer in time (a write may still happen), or a definite
-/// failure.
 /// How the last resync attempt ended ([`RedisState::resync`]).
 #[derive(Default)]
 struct LastResync {
@@ -296,6 +294,8 @@ struct LastResync {
     rolled_back: bool,
 }
 
+/// Why a Redis operation failed: no answer in time (a write may still happen), or a definite
+/// failure.
 #[derive(Clone)]
 struct Failure {
     timed_out: bool,
