@@ -208,16 +208,8 @@ fn api_base_is_usable(cx: &mut Ctx<'_>, uri: &http::Uri, span: &Range<usize>, ke
         cx.err(Some(span.clone()), key, "must not contain a query");
         return false;
     }
-    let base = uri.path().trim_end_matches('/');
-    if base.is_empty() {
-        return true;
-    }
-    if let Err(e) = crate::proxy::canonical::check_path(base) {
-        cx.err(
-            Some(span.clone()),
-            key,
-            format!("the base path is not canonical: {e}"),
-        );
+    if let Err(e) = super::validate::canonical_base_path(uri) {
+        cx.err(Some(span.clone()), key, e);
         return false;
     }
     true

@@ -1029,13 +1029,13 @@ fn upstream(cx: &mut Ctx<'_>, raw: &S, key: &str) -> Option<Upstream> {
         cx.err(span, key, "must not contain a fragment (`#`)");
         return None;
     }
-    let base_path = uri.path().trim_end_matches('/').to_owned();
-    if !base_path.is_empty() {
-        if let Err(e) = crate::proxy::canonical::check_path(&base_path) {
-            cx.err(span, key, format!("the base path is not canonical: {e}"));
+    let base_path = match canonical_base_path(&uri) {
+        Ok(base) => base.to_owned(),
+        Err(e) => {
+            cx.err(span, key, e);
             return None;
         }
-    }
+    };
     Some(Upstream {
         url: text.clone(),
         scheme,
@@ -1044,6 +1044,18 @@ fn upstream(cx: &mut Ctx<'_>, raw: &S, key: &str) -> Option<Upstream> {
         root_path: uri.path().to_owned(),
         is_loopback,
     })
+}
+
+/// The path of a URL that request paths are appended to (an upstream, a GitHub `api`),
+/// without its trailing `/`, held to the canonical form of request paths; the error is the
+/// finding's text.
+pub(super) fn canonical_base_path(uri: &http::Uri) -> Result<&str, String> {
+    let base = uri.path().trim_end_matches('/');
+    if !base.is_empty() {
+        crate::proxy::canonical::check_path(base)
+            .map_err(|e| format!("the base path is not canonical: {e}"))?;
+    }
+    Ok(base)
 }
 
 /// `localhost`, `127.0.0.0/8` or `[::1]`.

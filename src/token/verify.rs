@@ -270,10 +270,7 @@ impl TokenVerifier {
         memo: &TokenMemo,
     ) -> Result<Arc<AccessClaims>, Refused> {
         if let Some(claims) = memo.get(self.id, token) {
-            return match check_times(&claims, now, self.leeway) {
-                Ok(()) => Ok(claims),
-                Err(e) => Err(Refused::of(claims, e)),
-            };
+            return self.still_in_time(claims, now);
         }
         let claims = self.verify_cached(token, now)?;
         memo.set(self.id, token, Arc::clone(&claims));
@@ -296,15 +293,24 @@ impl TokenVerifier {
         decode_json::<WireClaims>(parts.payload)?.into_claims()
     }
 
+    /// Claims verified before (memo or cache), checked again for their times at `now`.
+    fn still_in_time(
+        &self,
+        claims: Arc<AccessClaims>,
+        now: i64,
+    ) -> Result<Arc<AccessClaims>, Refused> {
+        match check_times(&claims, now, self.leeway) {
+            Ok(()) => Ok(claims),
+            Err(e) => Err(Refused::of(claims, e)),
+        }
+    }
+
     /// Like [`verify`](Self::verify), but a token verified before is taken from the cache;
     /// `exp`/`nbf` are still checked against `now` on a hit. Revocation and `max_uses`
     /// remain the caller's job.
     pub fn verify_cached(&self, token: &str, now: i64) -> Result<Arc<AccessClaims>, Refused> {
         if let Some(claims) = self.cache.get(token, now) {
-            return match check_times(&claims, now, self.leeway) {
-                Ok(()) => Ok(claims),
-                Err(e) => Err(Refused::of(claims, e)),
-            };
+            return self.still_in_time(claims, now);
         }
         let claims = Arc::new(self.verify_signed(token)?);
         if let Err(e) = self.check_claims(&claims, now) {

@@ -578,13 +578,9 @@ async fn reload_keeps_an_unchanged_credential_cache() {
     assert_eq!(ts.count(), 2);
 }
 
-/// `server.request_timeout` bounds the whole call, a mint included: a token endpoint slower
-/// than that gets the call refused (502 `credential_unavailable`, a deny record, nothing
-/// forwarded) in time, never forwarded late under an allow record.
-#[tokio::test]
-async fn a_mint_slower_than_request_timeout_refuses_the_call_in_time() {
-    let ts = token_server(3600, Duration::from_secs(3)).await;
-    let up = open_upstream().await;
+/// An OAuth2 connector minting at `ts`, with `server.request_timeout` at 1 s: a token endpoint
+/// slower than that outlasts the call that started the mint.
+fn one_second_requests(up: &FakeUpstream, ts: &Fake) -> String {
     let config = oauth2_config(
         up.addr,
         &format!("http://{}/oauth2/token", ts.addr),
@@ -592,7 +588,17 @@ async fn a_mint_slower_than_request_timeout_refuses_the_call_in_time() {
     )
     .replace("request_timeout = \"5s\"", "request_timeout = \"1s\"");
     assert!(config.contains("request_timeout = \"1s\""));
-    let b = TestBroker::start(&config).await;
+    config
+}
+
+/// `server.request_timeout` bounds the whole call, a mint included: a token endpoint slower
+/// than that gets the call refused (502 `credential_unavailable`, a deny record, nothing
+/// forwarded) in time, never forwarded late under an allow record.
+#[tokio::test]
+async fn a_mint_slower_than_request_timeout_refuses_the_call_in_time() {
+    let ts = token_server(3600, Duration::from_secs(3)).await;
+    let up = open_upstream().await;
+    let b = TestBroker::start(&one_second_requests(&up, &ts)).await;
     let token = b.token("github:issues.read", &[]).await;
     let started = std::time::Instant::now();
     let (s, _, body) = b.call("GET", ISSUES, &token).await;
@@ -614,13 +620,7 @@ async fn a_mint_slower_than_request_timeout_refuses_the_call_in_time() {
 async fn a_stop_waits_for_a_mint_still_running_to_be_recorded() {
     let ts = token_server(3600, Duration::from_secs(2)).await;
     let up = open_upstream().await;
-    let config = oauth2_config(
-        up.addr,
-        &format!("http://{}/oauth2/token", ts.addr),
-        "basic",
-    )
-    .replace("request_timeout = \"5s\"", "request_timeout = \"1s\"");
-    let mut b = TestBroker::start(&config).await;
+    let mut b = TestBroker::start(&one_second_requests(&up, &ts)).await;
     let token = b.token("github:issues.read", &[]).await;
     assert_eq!(b.status("GET", ISSUES, &token).await, 502);
     b.stop().await;
