@@ -24,6 +24,7 @@ use crate::config::Config;
 use crate::proxy::pipeline::ConnInfo;
 use crate::proxy::respond::{json_response, Refusal};
 use crate::proxy::ProxyBody;
+use crate::state::redis::Deferred;
 use crate::state::{Change, StateError};
 
 /// Admin request bodies are small JSON objects.
@@ -615,7 +616,11 @@ async fn revoke(
     // One admin change at a time, as `enable` does: a kill switch applied between an
     // enable's record and its taking effect would be undone while the log ends on it.
     let _one_at_a_time = broker.admin_changes.lock().await;
-    let result = broker.state.apply(change).await;
+    let result = match broker.state.apply(change.clone()).await {
+        Err(e) if !e.applied() => defer(broker, change, e, conn, request_id).await,
+        result => result,
+    };
+    audit_replayed(broker).await;
     let audited = admin_outcome(broker, action, &target, conn, &result, request_id).await;
     let response = answer(action, &target, result, audited, request_id);
     if unknown_client && response.status() == StatusCode::OK {
@@ -626,6 +631,60 @@ async fn revoke(
         }));
     }
     response
+}
+
+/// A revocation or kill switch the shared state could not take is kept and made there as soon
+/// as it can (`state::redis::Deferred`): told to retry, an operator in the middle of an
+/// incident would find the connector serving again once Redis is back.
+async fn defer(
+    broker: &Broker,
+    change: Change,
+    e: StateError,
+    conn: &ConnInfo,
+    request_id: &str,
+) -> Result<(), StateError> {
+    let deferred = Deferred {
+        change,
+        request_id: request_id.to_owned(),
+        actor: actor(conn),
+    };
+    if broker.state.defer(deferred).await {
+        Err(e.deferred())
+    } else {
+        Err(e)
+    }
+}
+
+/// Audits the deferred revocations and kill switches made in the shared state since the last
+/// call: `result: "ok"`, with the request id and actor of the admin call that asked (whose own
+/// record says `deferred`).
+pub async fn audit_replayed(broker: &Broker) {
+    for made in broker.state.take_replayed() {
+        let (action, target) = match &made.change {
+            Change::RevokeJti { jti, .. } => ("revoke", format!("jti:{jti}")),
+            Change::RevokeClient { client, .. } => ("revoke", format!("client:{client}")),
+            Change::SetDisabled {
+                connector,
+                disabled,
+            } => (
+                if *disabled { "disable" } else { "enable" },
+                format!("connector:{connector}"),
+            ),
+        };
+        let mut record = Record::new(Event::Admin);
+        record.request_id = Some(made.request_id);
+        record.action = Some(action.to_owned());
+        record.actor = Some(made.actor);
+        record.target = Some(target);
+        record.result = Some("ok".to_owned());
+        if let Err(e) = broker
+            .audit
+            .append_by(record, broker.live().audit_by())
+            .await
+        {
+            tracing::error!(error = %e, action, "cannot write the audit record of a deferred admin change now made");
+        }
+    }
 }
 
 /// Why a revoke or enable naming a secret is refused (the record has no target).
@@ -726,6 +785,7 @@ async fn enable(
             disabled: false,
         })
         .await;
+    audit_replayed(broker).await;
     if let Err(e) = &result {
         // Not in force (shared state unreachable), or in force but a restart would disable
         // it again (state file): the log says which.
@@ -745,6 +805,7 @@ async fn enable(
 /// The audit `result` of an admin change that hit a state error.
 fn outcome(e: &StateError) -> &'static str {
     match e {
+        StateError::Deferred(_) => "deferred",
         StateError::Unconfirmed(_) => "unconfirmed",
         e if e.applied() => "not_persisted",
         _ => "failed",
@@ -796,6 +857,10 @@ fn answer(
         (Ok(()), true) => {
             ok(serde_json::json!({"result": "ok", "action": action, "target": target}))
         }
+        (Err(e @ StateError::Deferred(_)), true) => json_response(
+            StatusCode::ACCEPTED,
+            &serde_json::json!({"result": "deferred", "action": action, "target": target, "detail": format!("{e}; until then this replica decides no call and issues no token"), "request_id": request_id}),
+        ),
         (Err(e @ StateError::Unconfirmed(_)), _) => json_response(
             StatusCode::SERVICE_UNAVAILABLE,
             &serde_json::json!({"error": "state_unavailable", "error_description": format!("not confirmed: {e}; it may still take effect: check GET /v1/connectors and retry (the change is idempotent)"), "request_id": request_id}),

@@ -356,19 +356,26 @@ async fn wait_stop(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|stopped| *stopped).await;
 }
 
-/// Shared state (DESIGN §7): notices a Redis that lost its data, and keeps this replica's
-/// journal of kill switches current (`RedisState::watch`).
+/// Shared state (DESIGN §7): notices a Redis that lost its data, keeps this replica's journal
+/// of kill switches current, makes the changes deferred while Redis could not take them
+/// (`RedisState::watch`), and audits those once made.
 async fn watch_shared_state(broker: Arc<Broker>, mut stopped: watch::Receiver<bool>) {
     let StateStore::Redis(redis) = &*broker.state else {
         return;
     };
     let mut tick = tokio::time::interval(crate::state::redis::WATCH_INTERVAL);
     loop {
-        tokio::select! {
-            _ = tick.tick() => {}
+        let round = tokio::select! {
+            _ = tick.tick() => true,
+            // A deferred revocation or kill switch made by a call or token request: audited
+            // now, not at the next round.
+            () = redis.replayed_made() => false,
             _ = stopped.wait_for(|s| *s) => return,
+        };
+        if round {
+            redis.watch().await;
         }
-        redis.watch().await;
+        crate::admin::audit_replayed(&broker).await;
     }
 }
 

@@ -45,6 +45,11 @@ pub enum StateError {
     /// idempotent: retry).
     #[error("shared state did not confirm in time: {0}")]
     Unconfirmed(String),
+    /// The shared state could not take a revocation or kill switch now: it is kept in this
+    /// replica's journal, in force here (no call is decided until it is made), and made in
+    /// Redis as soon as it takes it ([`redis::Deferred`]).
+    #[error("shared state could not take it now ({0}): kept by this replica and made there as soon as it can")]
+    Deferred(String),
 }
 
 impl StateError {
@@ -52,6 +57,16 @@ impl StateError {
     /// force in memory (not persisted); unreachable shared state means it was not made.
     pub fn applied(&self) -> bool {
         !matches!(self, Self::Unavailable(_) | Self::Unconfirmed(_))
+    }
+
+    /// The same cause, for a change that was kept to be made later instead.
+    pub fn deferred(&self) -> Self {
+        match self {
+            Self::Unavailable(m) | Self::Unconfirmed(m) | Self::Deferred(m) => {
+                Self::Deferred(m.clone())
+            }
+            other => Self::Deferred(other.to_string()),
+        }
     }
 }
 
@@ -164,14 +179,38 @@ impl StateStore {
     }
 }
 
+impl StateStore {
+    /// Keeps a tightening change Redis could not take ([`RedisState::defer`]); `false` on the
+    /// `memory` backend, which never needs to.
+    pub async fn defer(&self, deferred: redis::Deferred) -> bool {
+        match self {
+            Self::Memory(_) => false,
+            Self::Redis(r) => {
+                r.defer(deferred).await;
+                true
+            }
+        }
+    }
+
+    /// The deferred changes made in Redis since the last call, for their audit records.
+    pub fn take_replayed(&self) -> Vec<redis::Deferred> {
+        match self {
+            Self::Memory(_) => Vec::new(),
+            Self::Redis(r) => r.take_replayed(),
+        }
+    }
+}
+
 /// The longest an admin change waits for the state file to be written (`memory` backend).
 #[cfg(not(test))]
 pub const PERSIST_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 #[cfg(test)]
 pub const PERSIST_WAIT: std::time::Duration = std::time::Duration::from_millis(300);
 
-/// An admin change of the revocation state.
-#[derive(Clone, Debug)]
+/// An admin change of the revocation state (kept as JSON in a shared-state journal while it
+/// waits for Redis: see [`redis::Deferred`]).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Change {
     /// Revoke one token, kept until its `exp` (Unix seconds) is well past.
     RevokeJti { jti: String, exp: i64 },
@@ -179,6 +218,20 @@ pub enum Change {
     RevokeClient { client: String, at: i64 },
     /// The kill switch: `true` disables the connector, `false` enables it again.
     SetDisabled { connector: String, disabled: bool },
+}
+
+impl Change {
+    /// Whether it only takes away (a revocation, a kill switch): such a change may wait for
+    /// Redis (kept, and enforced on this replica meanwhile); an enable may not.
+    pub fn tightens(&self) -> bool {
+        !matches!(
+            self,
+            Self::SetDisabled {
+                disabled: false,
+                ..
+            }
+        )
+    }
 }
 
 #[cfg(test)]

@@ -66,6 +66,9 @@ pub const STATE_TIMEOUT: Duration = Duration::from_secs(1);
 pub const WATCH_INTERVAL: Duration = Duration::from_secs(2);
 
 const PREFIX: &str = "credbroker:";
+/// Why a decision waits: changes asked for while Redis could not take them come first.
+const DEFERRED_WAITING: &str =
+    "revocations or kill switches asked for while Redis could not take them are not made there yet";
 const EPOCH: &str = "credbroker:epoch";
 const REVOKED_CLIENTS: &str = "credbroker:revoked:clients";
 const REVOKED_BEFORE: &str = "credbroker:revoked:before";
@@ -161,6 +164,23 @@ struct Journal {
     /// The highest generation this replica saw (see [`GENERATION`]).
     #[serde(default)]
     generation: u64,
+    /// Revocations and kill switches asked for while Redis could not take them, oldest first:
+    /// not in Redis yet ([`RedisState::replay_deferred`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    deferred: Vec<Deferred>,
+}
+
+/// A revocation or kill switch asked for while Redis did not answer or could not take it.
+/// Rather than being lost (the operator told to retry, and the connector serving again once
+/// Redis is back), it is kept in this replica's journal and made in Redis, in the order asked,
+/// as soon as Redis takes it; until then this replica decides nothing (every call and token
+/// request waits for it to be made, and is refused while Redis does not answer anyway).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deferred {
+    pub change: Change,
+    /// The admin request that asked for it, and who asked: its audit records carry both.
+    pub request_id: String,
+    pub actor: String,
 }
 
 /// One connector's kill switch: on or off, the generation the change raised, and the epoch it
@@ -278,6 +298,14 @@ pub struct RedisState {
     epoch_owed: std::sync::atomic::AtomicBool,
     /// `INFO` was refused once (said once in the log).
     info_refused: std::sync::atomic::AtomicBool,
+    /// The journal holds deferred changes: decisions wait until they are made in Redis.
+    deferring: std::sync::atomic::AtomicBool,
+    /// One replay of the deferred changes at a time.
+    replaying: tokio::sync::Mutex<()>,
+    /// Deferred changes made in Redis and not yet audited ([`Self::take_replayed`]), and the
+    /// signal that there are some ([`Self::replayed_made`]).
+    replayed: Mutex<Vec<Deferred>>,
+    replayed_ready: tokio::sync::Notify,
 }
 
 /// The connection holds the URL, which may hold a password: nothing of it is printed.
@@ -364,6 +392,10 @@ impl RedisState {
             unwritable: Mutex::new(None),
             epoch_owed: std::sync::atomic::AtomicBool::new(false),
             info_refused: std::sync::atomic::AtomicBool::new(false),
+            deferring: std::sync::atomic::AtomicBool::new(!journal.deferred.is_empty()),
+            replaying: tokio::sync::Mutex::new(()),
+            replayed: Mutex::new(Vec::new()),
+            replayed_ready: tokio::sync::Notify::new(),
             revoke_jti: script(REVOKE_JTI),
             revoke_client: script(REVOKE_CLIENT),
             switch: script(SWITCH),
@@ -373,6 +405,7 @@ impl RedisState {
     /// Checks 2 (revocation), 3 (kill switch), 4 (`max_uses`) and 5 (rate limits) of a proxy
     /// call in one atomic script.
     pub async fn admit(&self, call: &AdmitRequest<'_>) -> Result<Admission, StateError> {
+        self.replay_deferred().await?;
         let (client_rate, client_burst) = quota(call.client_limit);
         let (connector_rate, connector_burst) = quota(call.connector_limit);
         let jti_key = format!("{PREFIX}revoked:jti:{}", call.jti);
@@ -432,6 +465,7 @@ impl RedisState {
         client: &str,
         limit: Option<RateLimit>,
     ) -> Result<IssueContext, StateError> {
+        self.replay_deferred().await?;
         let (rate, burst) = quota(limit);
         let key = format!("{PREFIX}rate:issue:{client}");
         let reply: Vec<redis::Value> = self
@@ -471,18 +505,38 @@ impl RedisState {
         let switches: HashMap<String, String> = self
             .run(redis::cmd("HGETALL").arg(SWITCHES).clone())
             .await?;
-        Ok(switches
+        let mut disabled: HashSet<String> = switches
             .into_iter()
             .filter(|(_, v)| v.starts_with('1'))
             .map(|(k, _)| k)
-            .collect())
+            .collect();
+        disabled.extend(self.deferred_switch_offs());
+        Ok(disabled)
     }
 
     pub async fn is_disabled(&self, connector: &str) -> Result<bool, StateError> {
         let v: Option<String> = self
             .run(redis::cmd("HGET").arg(SWITCHES).arg(connector).clone())
             .await?;
-        Ok(v.is_some_and(|v| v.starts_with('1')))
+        Ok(v.is_some_and(|v| v.starts_with('1'))
+            || self.deferred_switch_offs().any(|c| c == connector))
+    }
+
+    /// The connectors whose kill switch waits for Redis: in force here already.
+    fn deferred_switch_offs(&self) -> impl Iterator<Item = String> {
+        let journal = self.journal.lock().unwrap_or_else(|e| e.into_inner());
+        let offs: Vec<String> = journal
+            .deferred
+            .iter()
+            .filter_map(|d| match &d.change {
+                Change::SetDisabled {
+                    connector,
+                    disabled: true,
+                } => Some(connector.clone()),
+                _ => None,
+            })
+            .collect();
+        offs.into_iter()
     }
 
     /// Whether Redis answers: at once if it answered within the last second and nothing failed
@@ -513,8 +567,88 @@ impl RedisState {
     }
 
     /// Applies an admin change, then notes it in this replica's journal. An error means it
-    /// was not made (`Unavailable`) or may not have been (`Unconfirmed`).
+    /// was not made (`Unavailable`) or may not have been (`Unconfirmed`). Changes deferred
+    /// earlier are made first: the operators' order is kept.
     pub async fn apply(&self, change: &Change) -> Result<(), StateError> {
+        self.replay_deferred().await?;
+        self.make(change).await?;
+        self.save_journal().await;
+        Ok(())
+    }
+
+    /// Keeps a tightening change Redis could not take, to be made once it can
+    /// ([`Deferred`]). A journal that cannot be written keeps it in memory only (logged).
+    pub async fn defer(&self, deferred: Deferred) {
+        debug_assert!(deferred.change.tightens());
+        self.note(|j| j.deferred.push(deferred));
+        self.deferring.store(true, Ordering::Release);
+        if !self.save_journal().await {
+            tracing::error!("a deferred revocation or kill switch is kept in memory only: a restart before Redis takes it loses it");
+        }
+    }
+
+    /// Makes the deferred changes in Redis, oldest first, each removed from the journal once
+    /// made. A client revocation is made as of now, not as of when it was asked: tokens other
+    /// replicas issued meanwhile are refused too.
+    async fn replay_deferred(&self) -> Result<(), StateError> {
+        if !self.deferring.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let Ok(_one) = tokio::time::timeout(STATE_TIMEOUT, self.replaying.lock()).await else {
+            return Err(StateError::Unavailable(DEFERRED_WAITING.into()));
+        };
+        loop {
+            let next = self
+                .journal
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .deferred
+                .first()
+                .cloned();
+            let Some(deferred) = next else {
+                break;
+            };
+            let change = match &deferred.change {
+                Change::RevokeClient { client, .. } => Change::RevokeClient {
+                    client: client.clone(),
+                    at: chrono::Utc::now().timestamp(),
+                },
+                change => change.clone(),
+            };
+            if let Err(e) = self.make(&change).await {
+                self.save_journal().await;
+                return Err(StateError::Unavailable(format!("{DEFERRED_WAITING}: {e}")));
+            }
+            self.note(|j| {
+                if j.deferred.first() == Some(&deferred) {
+                    j.deferred.remove(0);
+                }
+            });
+            tracing::warn!(request_id = %deferred.request_id, "a revocation or kill switch deferred while Redis could not take it is now made there");
+            self.replayed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(deferred);
+            self.replayed_ready.notify_one();
+        }
+        self.save_journal().await;
+        self.deferring.store(false, Ordering::Release);
+        Ok(())
+    }
+
+    /// Returns once a deferred change was made in Redis since the last call (at once if one
+    /// was since then): its audit record is owed.
+    pub async fn replayed_made(&self) {
+        self.replayed_ready.notified().await;
+    }
+
+    /// The deferred changes made in Redis since the last call (for their audit records).
+    pub fn take_replayed(&self) -> Vec<Deferred> {
+        std::mem::take(&mut *self.replayed.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Makes one change in Redis and notes it in the journal (not saved).
+    async fn make(&self, change: &Change) -> Result<(), StateError> {
         let seen = || self.seen_generation.load(Ordering::Relaxed);
         let (verdict, generation, value): (String, u64, i64) = match change {
             Change::RevokeJti { jti, exp } => {
@@ -589,7 +723,6 @@ impl RedisState {
                 j.switches.insert(connector.clone(), entry);
             }
         });
-        self.save_journal().await;
         Ok(())
     }
 
@@ -678,6 +811,13 @@ impl RedisState {
     /// replicas' changes then covered) comes back within a round. Seeding is idempotent: only
     /// an entry Redis lacks, or has older, is written.
     pub async fn watch(&self) {
+        self.watch_round().await;
+        if let Err(e) = self.replay_deferred().await {
+            tracing::warn!(error = %e, "deferred revocations or kill switches are not made yet");
+        }
+    }
+
+    async fn watch_round(&self) {
         let adopted = self.epoch.load_full();
         // Read before asking: this replica's own calls may raise it meanwhile, and only a
         // counter below what was seen *before* the question is a step back.
@@ -939,7 +1079,7 @@ impl RedisState {
 
     /// Writes the journal (on a blocking thread: it ends in an fsync). A failure is logged:
     /// the change is in force in Redis; only the copy that re-seeds a wiped Redis is behind.
-    async fn save_journal(&self) {
+    async fn save_journal(&self) -> bool {
         // One writer at a time (they share the temp file), each writing the journal as it is
         // once its turn comes: the last write holds every change.
         let _one = self.journal_writing.lock().await;
@@ -956,9 +1096,15 @@ impl RedisState {
         let written =
             tokio::task::spawn_blocking(move || super::local::write_atomic(&file, &snapshot)).await;
         match written {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "cannot write the shared-state journal"),
-            Err(e) => tracing::warn!(error = %e, "cannot write the shared-state journal"),
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot write the shared-state journal");
+                false
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot write the shared-state journal");
+                false
+            }
         }
     }
 
@@ -977,6 +1123,8 @@ impl RedisState {
 impl Journal {
     /// Takes in what another replica's journal in the same folder knew; on a kill switch both
     /// know, this one's stands unless the other's replaces it by [`switch_replaces`]'s rule.
+    /// Its deferred changes are not taken: they are its replica's to make (a replica that
+    /// comes back under the same name makes them).
     fn take_in(&mut self, other: Journal) {
         for (jti, until) in other.jtis {
             let entry = self.jtis.entry(jti).or_insert(until);
@@ -1308,6 +1456,41 @@ mod tests {
         )
         .unwrap();
         assert_eq!(again.switches["gh"], switch(false, 4, "e:1"));
+    }
+
+    /// Deferred changes survive a restart in the journal, in order; a journal written before
+    /// they existed still reads, and one with none writes no `deferred` member.
+    #[test]
+    fn deferred_changes_are_kept_in_the_journal_in_order() {
+        let kept = |change| Deferred {
+            change,
+            request_id: "r1".into(),
+            actor: "admin@127.0.0.1:9".into(),
+        };
+        let journal = Journal {
+            deferred: vec![
+                kept(Change::SetDisabled {
+                    connector: "gh".into(),
+                    disabled: true,
+                }),
+                kept(Change::RevokeClient {
+                    client: "bot".into(),
+                    at: 5,
+                }),
+                kept(Change::RevokeJti {
+                    jti: "j".into(),
+                    exp: 9,
+                }),
+            ],
+            ..Journal::default()
+        };
+        let text = serde_json::to_string(&journal).unwrap();
+        let again: Journal = serde_json::from_str(&text).unwrap();
+        assert_eq!(again.deferred, journal.deferred, "{text}");
+        let old: Journal =
+            serde_json::from_str(r#"{"jtis":{},"clients":{},"switches":{}}"#).unwrap();
+        assert!(old.deferred.is_empty());
+        assert!(!serde_json::to_string(&old).unwrap().contains("deferred"));
     }
 
     #[test]

@@ -289,15 +289,20 @@ async fn without_redis_nothing_is_decided_and_the_broker_recovers_with_it() {
         .token_request("bot", SECRET, "github:issues.read", &[])
         .await;
     assert_eq!(status, 503, "{body}");
-    // A revocation that cannot be stored is not "done": 503, audited as failed.
+    // A revocation Redis cannot take is not lost: kept (202 `deferred`), made once it can.
     let body = jti_body(&jti_of(&token));
     let (status, _, answer) = a.admin_call("POST", "/v1/revoke", &body).await;
-    assert_eq!(status, 503, "{answer}");
+    assert_eq!(status, 202, "{answer}");
+    assert!(answer.contains("\"deferred\""), "{answer}");
     let admin = events(&a.audit(), "admin")
         .last()
         .map(|r| (*r).clone())
         .unwrap();
-    assert_eq!(admin["result"], "failed");
+    assert_eq!(admin["result"], "deferred");
+    // An enable is never deferred: not applied, retry.
+    let (status, _, answer) = a.admin_call("POST", "/v1/enable", GITHUB).await;
+    assert_eq!(status, 503, "{answer}");
+    assert!(answer.contains("not applied"), "{answer}");
     // A load balancer is told to route around this replica.
     let (status, _, body) = a.admin_call("GET", "/readyz", "").await;
     assert_eq!(
@@ -321,6 +326,43 @@ async fn without_redis_nothing_is_decided_and_the_broker_recovers_with_it() {
         "issued before the loss"
     );
     assert_eq!(a.admin_call("GET", "/readyz", "").await.0, 200);
+    // The deferred revocation was made in the new Redis, and audited under its request id.
+    let key = format!("credbroker:revoked:jti:{}", jti_of(&token));
+    assert_eq!(redis_command(port, &["EXISTS", &key]).trim_end(), ":1");
+    assert_deferred_then_made(&a, "revoke").await;
+}
+
+/// `broker`'s log shows `action` asked for once and deferred, then made: two `admin` records,
+/// `deferred` then `ok`, with one request id and actor.
+async fn assert_deferred_then_made(broker: &TestBroker, action: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let steps: Vec<_> = events(&broker.audit(), "admin")
+            .into_iter()
+            .filter(|r| r["action"] == action)
+            .map(|r| {
+                (
+                    r["result"].clone(),
+                    r["request_id"].clone(),
+                    r["actor"].clone(),
+                )
+            })
+            .collect();
+        if steps.len() == 2 {
+            assert_eq!(
+                (&steps[0].0, &steps[1].0),
+                (&"deferred".into(), &"ok".into())
+            );
+            assert_eq!(steps[0].1, steps[1].1, "one request id for both steps");
+            assert_eq!(steps[0].2, steps[1].2, "the asking actor on both");
+            return;
+        }
+        assert!(
+            steps.len() < 2 && Instant::now() < deadline,
+            "{action}: {steps:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Sends one command to Redis (RESP), returns the first reply line.
@@ -795,7 +837,7 @@ async fn a_redis_that_refuses_writes_stops_the_calls_it_could_not_revoke() {
     assert!(
         redis_command(redis.port, &["REPLICAOF", "127.0.0.1", &nowhere_port]).starts_with("+OK")
     );
-    let (status, _, body) = a.admin_call("POST", "/v1/revoke", GITHUB).await;
+    let (status, _, body) = a.admin_call("POST", "/v1/enable", GITHUB).await;
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("not applied"), "{body}");
     let refused = |status: u16| status == 503;
@@ -946,8 +988,9 @@ async fn a_failover_behind_one_address_is_followed() {
     let new_port = new.port.to_string();
     assert!(redis_command(old.port, &["REPLICAOF", "127.0.0.1", &new_port]).starts_with("+OK"));
     forwarder.switch_to(at(&new));
-    // The first write lands on the old node and is refused (READONLY): answered 503 "not
-    // applied; retry", and the broker connects again — to the new primary.
+    // The first write lands on the old node and is refused (READONLY): kept and answered 202
+    // `deferred`, and the broker connects again — to the new primary, where the next admin
+    // change makes it first.
     let revoke_old = jti_body(&jti_of(&token));
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -975,4 +1018,56 @@ async fn a_failover_behind_one_address_is_followed() {
         403,
         "the kill switch holds"
     );
+}
+
+/// A kill switch asked for while Redis cannot take it (here: read-only) is not lost: answered
+/// 202 `deferred`, kept in the replica's journal, and made once Redis takes writes again —
+/// by that replica's own watch round, no call needed — so the other replica refuses the
+/// connector too. The log shows both steps under the asking call's request id.
+#[tokio::test]
+async fn a_kill_switch_redis_could_not_take_is_made_once_it_can() {
+    let Some(redis) = Redis::start() else { return };
+    let up = FakeUpstream::start().await;
+    let (_keys, a, b) = two_replicas(&redis, &up, |c| c).await;
+    let on_a = a.token("github:issues.read", &[]).await;
+    let on_b = b.token("github:issues.read", &[]).await;
+    assert_eq!(a.status("GET", TARGET, &on_a).await, 200);
+    assert_eq!(b.status("GET", TARGET, &on_b).await, 200);
+    let nowhere = TcpListener::bind("127.0.0.1:0").unwrap();
+    let nowhere_port = nowhere.local_addr().unwrap().port().to_string();
+    drop(nowhere);
+    assert!(
+        redis_command(redis.port, &["REPLICAOF", "127.0.0.1", &nowhere_port]).starts_with("+OK")
+    );
+    let (status, _, body) = a.admin_call("POST", "/v1/revoke", GITHUB).await;
+    assert_eq!(status, 202, "{body}");
+    assert!(body.contains("\"deferred\""), "{body}");
+    let journal = std::fs::read_to_string(a.dir.path().join("state/shared-a.json")).unwrap();
+    assert!(journal.contains("\"deferred\""), "kept on disk: {journal}");
+    assert_eq!(
+        a.status("GET", TARGET, &on_a).await,
+        503,
+        "nothing decided meanwhile"
+    );
+
+    assert!(redis_command(redis.port, &["REPLICAOF", "NO", "ONE"]).starts_with("+OK"));
+    let deadline = Instant::now() + Duration::from_secs(8);
+    while b.status("GET", TARGET, &on_b).await != 403 {
+        assert!(
+            Instant::now() < deadline,
+            "the deferred kill switch never reached the other replica"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(a.status("GET", TARGET, &on_a).await, 403);
+    let journal = std::fs::read_to_string(a.dir.path().join("state/shared-a.json")).unwrap();
+    assert!(
+        !journal.contains("\"deferred\""),
+        "made, so no longer kept: {journal}"
+    );
+    assert_deferred_then_made(&a, "disable").await;
+
+    let (status, _, body) = b.admin_call("POST", "/v1/enable", GITHUB).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(a.status("GET", TARGET, &on_a).await, 200);
 }
