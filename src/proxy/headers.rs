@@ -28,11 +28,17 @@ const HOP_BY_HOP: &[&str] = &[
     "proxy-connection",
 ];
 
-/// Method-override headers: an allowlisted GET must not turn into a DELETE upstream.
-const METHOD_OVERRIDES: &[&str] = &[
+/// Headers some upstream stacks take as the request's real method or target: an allowlisted
+/// GET must not turn into a DELETE upstream (method-override headers, DESIGN §4.3), nor
+/// `/repos/x` into another path (`X-Original-URL` and `X-Rewrite-URL`, read by IIS URL
+/// Rewrite and by frameworks behind it): the path checked is the path that runs.
+const REQUEST_OVERRIDES: &[&str] = &[
     "x-http-method-override",
     "x-http-method",
     "x-method-override",
+    "x-original-method",
+    "x-original-url",
+    "x-rewrite-url",
 ];
 
 /// Names listed in `Connection` headers: hop-by-hop by declaration. Read as bytes: a value
@@ -61,14 +67,7 @@ pub fn upstream_request_headers(client: &HeaderMap, injected: Option<&HeaderName
     // Room for what the caller adds (request id, X-Forwarded-*, credential): no regrowth.
     let mut out = HeaderMap::with_capacity(client.len() + 4);
     for (name, value) in client {
-        let n = name.as_str();
-        if STRIPPED_REQUEST.contains(name)
-            || is_hop_by_hop(name)
-            || METHOD_OVERRIDES.contains(&n)
-            || n.starts_with("x-forwarded-")
-            || n == "x-request-id"
-            || listed.contains(name)
-            || injected == Some(name)
+        if removed(name, &listed, injected)
             // One framing, stated once: an HTTP/2 request may repeat an identical
             // `content-length` (HTTP/1.1 parsing has folded it already), and a strict
             // HTTP/1.1 upstream refuses two.
@@ -79,6 +78,27 @@ pub fn upstream_request_headers(client: &HeaderMap, injected: Option<&HeaderName
         out.append(name.clone(), value.clone());
     }
     out
+}
+
+/// Whether §4.3 removes a client header (`listed`: the names `Connection` lists). A name
+/// spelled with `_` for `-` is removed as the dashed name is: CGI-style servers (CGI, many
+/// WSGI servers, Rack before CVE-2024-45614's fix) read `X_HTTP_Method_Override` as
+/// `X-HTTP-Method-Override` and `X_Forwarded_For` as `X-Forwarded-For`.
+fn removed(name: &HeaderName, listed: &[HeaderName], injected: Option<&HeaderName>) -> bool {
+    let n = name.as_str();
+    if n.contains('_') {
+        let dashed = HeaderName::from_bytes(n.replace('_', "-").as_bytes());
+        if dashed.is_ok_and(|dashed| removed(&dashed, listed, injected)) {
+            return true;
+        }
+    }
+    STRIPPED_REQUEST.contains(name)
+        || is_hop_by_hop(name)
+        || REQUEST_OVERRIDES.contains(&n)
+        || n.starts_with("x-forwarded-")
+        || n == "x-request-id"
+        || listed.contains(name)
+        || injected == Some(name)
 }
 
 /// Cleans an upstream response's headers in place: hop-by-hop headers go, and so does any
@@ -338,6 +358,9 @@ mod tests {
             ("x-forwarded-for", "1.2.3.4"),
             ("x-forwarded-host", "evil"),
             ("x-request-id", "client-chosen"),
+            ("x-original-url", "/admin"),
+            ("x-rewrite-url", "/admin"),
+            ("x-original-method", "DELETE"),
             ("host", "broker"),
             ("accept", "application/json"),
             ("user-agent", "bot"),
@@ -345,6 +368,31 @@ mod tests {
         let out = upstream_request_headers(&h, None);
         let names: Vec<&str> = out.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, ["accept", "user-agent"]);
+    }
+
+    /// CGI-style servers read `_` as `-`: the underscore spelling of a removed header is
+    /// removed too; other names with `_` are the client's own and pass.
+    #[test]
+    fn underscore_spellings_of_removed_headers_are_removed() {
+        let h = map(&[
+            ("x_http_method_override", "DELETE"),
+            ("x_http_method", "DELETE"),
+            ("x_method_override", "DELETE"),
+            ("x_original_url", "/admin"),
+            ("x_forwarded_for", "6.6.6.6"),
+            ("x_forwarded_host", "evil"),
+            ("x-forwarded_proto", "https"),
+            ("proxy_authorization", "Basic abc"),
+            ("transfer_encoding", "chunked"),
+            ("x_request_id", "client-chosen"),
+            ("connection", "x-hop"),
+            ("x_hop", "1"),
+            ("x_api_version", "3"),
+            ("accept", "application/json"),
+        ]);
+        let out = upstream_request_headers(&h, None);
+        let names: Vec<&str> = out.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x_api_version", "accept"]);
     }
 
     #[test]
