@@ -763,7 +763,14 @@ async fn enable(
     // call can pass under an enable the log does not show). Unreachable shared state is found
     // before that record, so the log does not say `ok` for an enable that cannot be made.
     let _one_at_a_time = broker.admin_changes.lock().await;
-    if let Err(e) = broker.state.ping().await {
+    // Revocations and kill switches deferred while Redis could not take them are made (and
+    // audited) first: this enable's record must not precede a switch-off that lands after it.
+    let ready = match broker.state.ping().await {
+        Ok(()) => broker.state.make_deferred().await,
+        Err(e) => Err(e),
+    };
+    audit_replayed(broker).await;
+    if let Err(e) = ready {
         let result = Err(e);
         let audited = admin_outcome(broker, "enable", &target, conn, &result, request_id).await;
         return answer("enable", &target, result, audited, request_id);

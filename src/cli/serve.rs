@@ -102,6 +102,11 @@ pub fn run(args: ServeArgs, config: &super::ConfigPath) -> anyhow::Result<ExitCo
     runtime.block_on(async move {
         crate::workers::install(crate::workers::default_count())
             .context("cannot start the worker runtimes")?;
+        // Before anything is bound or said: a supervisor may stop the broker as soon as it
+        // reads "listening on", and a signal with no handler yet would kill the process
+        // without its drain and `shutdown` record (one that comes during the start is acted
+        // on once it is done).
+        let signals = Signals::install();
         let (config, dev) = if args.dev {
             let dev = crate::dev::prepare().await?;
             (dev.config()?, Some(dev))
@@ -121,7 +126,7 @@ pub fn run(args: ServeArgs, config: &super::ConfigPath) -> anyhow::Result<ExitCo
                 say(format_args!("admin listening on {a}"));
             }
         }
-        let again = wait_for_signals(&running).await;
+        let again = wait_for_signals(&running, signals).await;
         tracing::info!("shutting down: draining in-flight requests");
         if let Some(again) = again {
             // A drain that does not end (a hung disk, a request that outlives its timeout)
@@ -193,14 +198,41 @@ fn init_tracing() {
 
 /// SIGHUP reloads (in its own task, so that a reload waiting on the audit log never holds
 /// up a stop); SIGTERM or SIGINT return, with what resolves at the next one of them.
-async fn wait_for_signals(running: &Running) -> Option<impl Future<Output = ()>> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut hup), Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::hangup()),
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; waiting for Ctrl-C only");
+/// The signals `serve` acts on: SIGHUP reloads, SIGTERM and SIGINT stop.
+struct Signals {
+    hup: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// `None` (after saying so) when they cannot be installed.
+    fn install() -> Option<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (
+            signal(SignalKind::hangup()),
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(hup), Ok(term), Ok(int)) => Some(Self { hup, term, int }),
+            _ => {
+                tracing::error!("cannot install signal handlers; waiting for Ctrl-C only");
+                None
+            }
+        }
+    }
+}
+
+async fn wait_for_signals(
+    running: &Running,
+    signals: Option<Signals>,
+) -> Option<impl Future<Output = ()>> {
+    let Some(Signals {
+        mut hup,
+        mut term,
+        mut int,
+    }) = signals
+    else {
         let _ = tokio::signal::ctrl_c().await;
         return None;
     };

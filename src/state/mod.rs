@@ -192,6 +192,16 @@ impl StateStore {
         }
     }
 
+    /// Makes the changes deferred while Redis could not take them, if any: a change whose
+    /// audit record is written before it is made (an enable) must come after them, in the log
+    /// as in Redis.
+    pub async fn make_deferred(&self) -> Result<(), StateError> {
+        match self {
+            Self::Memory(_) => Ok(()),
+            Self::Redis(r) => r.replay_deferred().await,
+        }
+    }
+
     /// The deferred changes made in Redis since the last call, for their audit records.
     pub fn take_replayed(&self) -> Vec<redis::Deferred> {
         match self {

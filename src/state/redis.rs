@@ -590,7 +590,7 @@ impl RedisState {
     /// Makes the deferred changes in Redis, oldest first, each removed from the journal once
     /// made. A client revocation is made as of now, not as of when it was asked: tokens other
     /// replicas issued meanwhile are refused too.
-    async fn replay_deferred(&self) -> Result<(), StateError> {
+    pub async fn replay_deferred(&self) -> Result<(), StateError> {
         if !self.deferring.load(Ordering::Acquire) {
             return Ok(());
         }

@@ -1071,3 +1071,44 @@ async fn a_kill_switch_redis_could_not_take_is_made_once_it_can() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(a.status("GET", TARGET, &on_a).await, 200);
 }
+
+/// An enable asked as Redis comes back, while a kill switch deferred in the outage is not made
+/// yet: the switch-off is made (and audited) first, then the enable — the log ends as Redis
+/// does, with the connector enabled.
+#[tokio::test]
+async fn an_enable_after_an_outage_comes_after_the_kill_switch_deferred_in_it() {
+    let Some(redis) = Redis::start() else { return };
+    let up = FakeUpstream::start().await;
+    let (_keys, a, _b) = two_replicas(&redis, &up, |c| c).await;
+    let port = redis.port;
+    drop(redis);
+    let (status, _, body) = a.admin_call("POST", "/v1/revoke", GITHUB).await;
+    assert_eq!(status, 202, "{body}");
+    let _redis = Redis::start_on(port).unwrap();
+    // Straight away, well within the replica's 2 s watch round (a first attempt may find the
+    // connection still being remade).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, _, body) = a.admin_call("POST", "/v1/enable", GITHUB).await;
+        if status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "enable never made: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let steps: Vec<(String, String)> = events(&a.audit(), "admin")
+        .into_iter()
+        .filter(|r| r["result"] != "failed")
+        .map(|r| {
+            let text = |k: &str| r[k].as_str().unwrap_or_default().to_owned();
+            (text("action"), text("result"))
+        })
+        .collect();
+    let expected = [("disable", "deferred"), ("disable", "ok"), ("enable", "ok")];
+    let expected: Vec<(String, String)> = expected
+        .iter()
+        .map(|(a, r)| ((*a).to_owned(), (*r).to_owned()))
+        .collect();
+    assert_eq!(steps, expected);
+    a_fresh_token_works(&a, Duration::from_secs(10), "the connector stays disabled").await;
+}
