@@ -616,12 +616,20 @@ async fn revoke(
     // One admin change at a time, as `enable` does: a kill switch applied between an
     // enable's record and its taking effect would be undone while the log ends on it.
     let _one_at_a_time = broker.admin_changes.lock().await;
-    let result = match broker.state.apply(change.clone()).await {
-        Err(e) if !e.applied() => defer(broker, change, e, conn, request_id).await,
-        result => result,
-    };
+    let result = broker.state.apply(change.clone()).await;
+    // What the apply made of changes deferred earlier is recorded before this change.
     audit_replayed(broker).await;
+    let (result, to_defer) = match result {
+        Err(e) if !e.applied() && broker.state.defers() => (Err(e.deferred()), Some(change)),
+        result => (result, None),
+    };
     let audited = admin_outcome(broker, action, &target, conn, &result, request_id).await;
+    // Kept only once its `deferred` record is written: its `ok` record (once made) cannot
+    // come first. Kept even when that record could not be written: it only tightens.
+    let result = match to_defer {
+        Some(change) => defer(broker, change, result, conn, request_id).await,
+        None => result,
+    };
     let response = answer(action, &target, result, audited, request_id);
     if unknown_client && response.status() == StatusCode::OK {
         tracing::warn!(%target, "revoked a client the config in force does not name");
@@ -634,12 +642,13 @@ async fn revoke(
 }
 
 /// A revocation or kill switch the shared state could not take is kept and made there as soon
-/// as it can (`state::redis::Deferred`): told to retry, an operator in the middle of an
-/// incident would find the connector serving again once Redis is back.
+/// as it can (`state::redis::Deferred`): told only to retry, an operator in the middle of an
+/// incident would find the connector serving again once Redis is back. `result` is the
+/// `Deferred` error the answer reports; it says so when the journal could not be written.
 async fn defer(
     broker: &Broker,
     change: Change,
-    e: StateError,
+    result: Result<(), StateError>,
     conn: &ConnInfo,
     request_id: &str,
 ) -> Result<(), StateError> {
@@ -648,10 +657,12 @@ async fn defer(
         request_id: request_id.to_owned(),
         actor: actor(conn),
     };
-    if broker.state.defer(deferred).await {
-        Err(e.deferred())
-    } else {
-        Err(e)
+    match (broker.state.defer(deferred).await, result) {
+        (false, Err(StateError::Deferred(why))) => Err(StateError::Deferred(format!(
+            "{why}; kept in memory only (the journal could not be written): a restart before \
+             then loses it"
+        ))),
+        (_, result) => result,
     }
 }
 
@@ -864,9 +875,16 @@ fn answer(
         (Ok(()), true) => {
             ok(serde_json::json!({"result": "ok", "action": action, "target": target}))
         }
+        // Not in force where Redis is reached now: 503, as for a change not made, with what
+        // was kept and what to do.
         (Err(e @ StateError::Deferred(_)), true) => json_response(
-            StatusCode::ACCEPTED,
-            &serde_json::json!({"result": "deferred", "action": action, "target": target, "detail": format!("{e}; until then this replica decides no call and issues no token"), "request_id": request_id}),
+            StatusCode::SERVICE_UNAVAILABLE,
+            &serde_json::json!({"error": "state_unavailable", "kept": true, "action": action, "target": target, "error_description": format!("{e}; until then this replica decides no call and issues no token. Replicas that reach Redis now do not have it: repeat the request on one of them (it is idempotent)"), "request_id": request_id}),
+        ),
+        (Err(StateError::Deferred(_)), false) => audit_unavailable(
+            "kept by this replica and made in Redis as soon as it can, but the audit log cannot \
+             be written",
+            request_id,
         ),
         (Err(e @ StateError::Unconfirmed(_)), _) => json_response(
             StatusCode::SERVICE_UNAVAILABLE,

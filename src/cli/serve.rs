@@ -56,6 +56,9 @@ impl Running {
         {
             tracing::warn!("a credential mint still running is not waited for any longer: its credential_refreshed record may be missing");
         }
+        // Deferred admin changes the drained calls made in Redis are recorded before `shutdown`
+        // (they left the journal when made).
+        crate::admin::audit_replayed(&self.broker).await;
         // Connections still open past the drain budget were stopped by the listeners, their
         // `proxy_result` records written; the extra workers stop now, and `shutdown` is then
         // the log's last record.
@@ -402,6 +405,7 @@ async fn watch_shared_state(broker: Arc<Broker>, mut stopped: watch::Receiver<bo
             // A deferred revocation or kill switch made by a call or token request: audited
             // now, not at the next round.
             () = redis.replayed_made() => false,
+            // `Running::shutdown` records what is still owed, after the drain.
             _ = stopped.wait_for(|s| *s) => return,
         };
         if round {

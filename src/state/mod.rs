@@ -180,15 +180,18 @@ impl StateStore {
 }
 
 impl StateStore {
-    /// Keeps a tightening change Redis could not take ([`RedisState::defer`]); `false` on the
-    /// `memory` backend, which never needs to.
+    /// Whether a change the state could not take can be kept to be made later (`redis`; the
+    /// `memory` backend takes every change at once).
+    pub fn defers(&self) -> bool {
+        matches!(self, Self::Redis(_))
+    }
+
+    /// Keeps a tightening change Redis could not take ([`RedisState::defer`]); returns whether
+    /// it was written to the journal (`false` on the `memory` backend, which never defers).
     pub async fn defer(&self, deferred: redis::Deferred) -> bool {
         match self {
             Self::Memory(_) => false,
-            Self::Redis(r) => {
-                r.defer(deferred).await;
-                true
-            }
+            Self::Redis(r) => r.defer(deferred).await,
         }
     }
 

@@ -577,46 +577,51 @@ impl RedisState {
     }
 
     /// Keeps a tightening change Redis could not take, to be made once it can
-    /// ([`Deferred`]). A journal that cannot be written keeps it in memory only (logged).
-    pub async fn defer(&self, deferred: Deferred) {
+    /// ([`Deferred`]). Returns whether the journal holding it was written: if not, it is kept
+    /// in memory only, and a restart before Redis takes it loses it.
+    pub async fn defer(&self, deferred: Deferred) -> bool {
         debug_assert!(deferred.change.tightens());
-        self.note(|j| j.deferred.push(deferred));
-        self.deferring.store(true, Ordering::Release);
-        if !self.save_journal().await {
-            tracing::error!("a deferred revocation or kill switch is kept in memory only: a restart before Redis takes it loses it");
-        }
+        self.note(|j| {
+            // A request answered and retried is kept once.
+            if !j.deferred.contains(&deferred) {
+                j.deferred.push(deferred);
+            }
+            self.deferring.store(true, Ordering::Release);
+        });
+        self.save_journal().await
     }
 
-    /// Makes the deferred changes in Redis, oldest first, each removed from the journal once
-    /// made. A client revocation is made as of now, not as of when it was asked: tokens other
-    /// replicas issued meanwhile are refused too.
+    /// Makes the deferred changes in Redis, if any (one atomic load when there are none: this
+    /// runs before every shared decision).
     pub async fn replay_deferred(&self) -> Result<(), StateError> {
         if !self.deferring.load(Ordering::Acquire) {
             return Ok(());
         }
+        // Boxed: the rare path stays out of every call's future.
+        Box::pin(self.replay_deferred_now()).await
+    }
+
+    /// Makes the deferred changes in Redis, oldest first, each removed from the journal (and
+    /// the journal saved) once made, before its audit record is owed: a crash in between makes
+    /// it again rather than never. Replaying is harmless: revocations are idempotent (a client
+    /// revocation is made with the second it was asked in) and a kill switch made twice is
+    /// still off. The `deferring` flag changes only under the journal lock, with the list.
+    async fn replay_deferred_now(&self) -> Result<(), StateError> {
         let Ok(_one) = tokio::time::timeout(STATE_TIMEOUT, self.replaying.lock()).await else {
             return Err(StateError::Unavailable(DEFERRED_WAITING.into()));
         };
         loop {
-            let next = self
-                .journal
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .deferred
-                .first()
-                .cloned();
+            let next = {
+                let journal = self.journal.lock().unwrap_or_else(|e| e.into_inner());
+                if journal.deferred.is_empty() {
+                    self.deferring.store(false, Ordering::Release);
+                }
+                journal.deferred.first().cloned()
+            };
             let Some(deferred) = next else {
-                break;
+                return Ok(());
             };
-            let change = match &deferred.change {
-                Change::RevokeClient { client, .. } => Change::RevokeClient {
-                    client: client.clone(),
-                    at: chrono::Utc::now().timestamp(),
-                },
-                change => change.clone(),
-            };
-            if let Err(e) = self.make(&change).await {
-                self.save_journal().await;
+            if let Err(e) = self.make(&deferred.change).await {
                 return Err(StateError::Unavailable(format!("{DEFERRED_WAITING}: {e}")));
             }
             self.note(|j| {
@@ -624,6 +629,7 @@ impl RedisState {
                     j.deferred.remove(0);
                 }
             });
+            self.save_journal().await;
             tracing::warn!(request_id = %deferred.request_id, "a revocation or kill switch deferred while Redis could not take it is now made there");
             self.replayed
                 .lock()
@@ -631,9 +637,6 @@ impl RedisState {
                 .push(deferred);
             self.replayed_ready.notify_one();
         }
-        self.save_journal().await;
-        self.deferring.store(false, Ordering::Release);
-        Ok(())
     }
 
     /// Returns once a deferred change was made in Redis since the last call (at once if one
@@ -1123,9 +1126,15 @@ impl RedisState {
 impl Journal {
     /// Takes in what another replica's journal in the same folder knew; on a kill switch both
     /// know, this one's stands unless the other's replaces it by [`switch_replaces`]'s rule.
-    /// Its deferred changes are not taken: they are its replica's to make (a replica that
-    /// comes back under the same name makes them).
+    /// Its deferred changes are taken too (a replica restarted under a new name — the host
+    /// name, new with every container — makes what its old name was asked): made by both, they
+    /// are made twice, which is harmless ([`RedisState::replay_deferred`]).
     fn take_in(&mut self, other: Journal) {
+        for deferred in other.deferred {
+            if !self.deferred.contains(&deferred) {
+                self.deferred.push(deferred);
+            }
+        }
         for (jti, until) in other.jtis {
             let entry = self.jtis.entry(jti).or_insert(until);
             *entry = (*entry).max(until);
@@ -1456,6 +1465,67 @@ mod tests {
         )
         .unwrap();
         assert_eq!(again.switches["gh"], switch(false, 4, "e:1"));
+    }
+
+    fn kill(connector: &str) -> Deferred {
+        Deferred {
+            change: Change::SetDisabled {
+                connector: connector.into(),
+                disabled: true,
+            },
+            request_id: format!("r-{connector}"),
+            actor: "admin@127.0.0.1:9".into(),
+        }
+    }
+
+    /// Nothing listens on port 9: the connection is made lazily, and never is here.
+    fn unreachable_state(dir: &Path, replica: &str) -> Arc<RedisState> {
+        let url = Secret::new("redis://127.0.0.1:9/0");
+        Arc::new(RedisState::open(&url, dir, Some(replica), 5).unwrap())
+    }
+
+    /// A replay that finds nothing to make while a change is being deferred (its journal
+    /// write slow) must not leave the change kept with the flag that makes it cleared.
+    #[tokio::test]
+    async fn a_change_deferred_during_a_replay_stays_owed() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = unreachable_state(dir.path(), "a");
+        state.deferring.store(true, Ordering::Release); // as a replay that just emptied it
+        let slow_fsync = state.journal_writing.lock().await;
+        let replay = tokio::spawn({
+            let s = Arc::clone(&state);
+            async move { s.replay_deferred().await }
+        });
+        let defer = tokio::spawn({
+            let s = Arc::clone(&state);
+            async move { s.defer(kill("github")).await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(slow_fsync);
+        let _ = replay.await.unwrap();
+        assert!(defer.await.unwrap(), "journal written");
+        let owed = state.journal.lock().unwrap().deferred.len();
+        assert_eq!(owed, 1);
+        assert!(state.deferring.load(Ordering::Acquire), "kept but not owed");
+    }
+
+    /// A replica restarted under a new name (the host name, new with every container) makes
+    /// what its old name was asked while Redis could not take it.
+    #[tokio::test]
+    async fn a_renamed_replica_takes_in_its_predecessors_deferred_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = Journal {
+            deferred: vec![kill("github")],
+            ..Journal::default()
+        };
+        let file = dir.path().join("shared-old-pod.json");
+        std::fs::write(file, serde_json::to_vec(&old).unwrap()).unwrap();
+        let state = unreachable_state(dir.path(), "new-pod");
+        assert_eq!(state.journal.lock().unwrap().deferred, old.deferred);
+        assert!(state.deferring.load(Ordering::Acquire));
+        // Asked again on the new one (a retry): kept once.
+        assert!(state.defer(kill("github")).await);
+        assert_eq!(state.journal.lock().unwrap().deferred.len(), 1);
     }
 
     /// Deferred changes survive a restart in the journal, in order; a journal written before

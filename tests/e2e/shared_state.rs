@@ -289,11 +289,12 @@ async fn without_redis_nothing_is_decided_and_the_broker_recovers_with_it() {
         .token_request("bot", SECRET, "github:issues.read", &[])
         .await;
     assert_eq!(status, 503, "{body}");
-    // A revocation Redis cannot take is not lost: kept (202 `deferred`), made once it can.
+    // A revocation Redis cannot take is not lost: 503 (not in force where Redis is reached),
+    // but kept and made once it can.
     let body = jti_body(&jti_of(&token));
     let (status, _, answer) = a.admin_call("POST", "/v1/revoke", &body).await;
-    assert_eq!(status, 202, "{answer}");
-    assert!(answer.contains("\"deferred\""), "{answer}");
+    assert_eq!(status, 503, "{answer}");
+    assert!(answer.contains("\"kept\":true"), "{answer}");
     let admin = events(&a.audit(), "admin")
         .last()
         .map(|r| (*r).clone())
@@ -988,8 +989,8 @@ async fn a_failover_behind_one_address_is_followed() {
     let new_port = new.port.to_string();
     assert!(redis_command(old.port, &["REPLICAOF", "127.0.0.1", &new_port]).starts_with("+OK"));
     forwarder.switch_to(at(&new));
-    // The first write lands on the old node and is refused (READONLY): kept and answered 202
-    // `deferred`, and the broker connects again — to the new primary, where the next admin
+    // The first write lands on the old node and is refused (READONLY): kept (503, `"kept":
+    // true`), and the broker connects again — to the new primary, where the next admin
     // change makes it first.
     let revoke_old = jti_body(&jti_of(&token));
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -1021,7 +1022,7 @@ async fn a_failover_behind_one_address_is_followed() {
 }
 
 /// A kill switch asked for while Redis cannot take it (here: read-only) is not lost: answered
-/// 202 `deferred`, kept in the replica's journal, and made once Redis takes writes again —
+/// 503 with `"kept": true` and audited `deferred`, kept in the replica's journal, and made once Redis takes writes again —
 /// by that replica's own watch round, no call needed — so the other replica refuses the
 /// connector too. The log shows both steps under the asking call's request id.
 #[tokio::test]
@@ -1040,8 +1041,8 @@ async fn a_kill_switch_redis_could_not_take_is_made_once_it_can() {
         redis_command(redis.port, &["REPLICAOF", "127.0.0.1", &nowhere_port]).starts_with("+OK")
     );
     let (status, _, body) = a.admin_call("POST", "/v1/revoke", GITHUB).await;
-    assert_eq!(status, 202, "{body}");
-    assert!(body.contains("\"deferred\""), "{body}");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("\"kept\":true"), "{body}");
     let journal = std::fs::read_to_string(a.dir.path().join("state/shared-a.json")).unwrap();
     assert!(journal.contains("\"deferred\""), "kept on disk: {journal}");
     assert_eq!(
@@ -1083,7 +1084,8 @@ async fn an_enable_after_an_outage_comes_after_the_kill_switch_deferred_in_it() 
     let port = redis.port;
     drop(redis);
     let (status, _, body) = a.admin_call("POST", "/v1/revoke", GITHUB).await;
-    assert_eq!(status, 202, "{body}");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("\"kept\":true"), "{body}");
     let _redis = Redis::start_on(port).unwrap();
     // Straight away, well within the replica's 2 s watch round (a first attempt may find the
     // connection still being remade).
@@ -1111,4 +1113,48 @@ async fn an_enable_after_an_outage_comes_after_the_kill_switch_deferred_in_it() 
         .collect();
     assert_eq!(steps, expected);
     a_fresh_token_works(&a, Duration::from_secs(10), "the connector stays disabled").await;
+}
+
+/// A replica stopped while a kill switch waits for Redis, and started again under another name
+/// (the host name, new with every container) with the same `state.dir`, makes it.
+#[tokio::test]
+async fn a_deferred_kill_switch_survives_a_restart_under_a_new_name() {
+    let Some(redis) = Redis::start() else { return };
+    let up = FakeUpstream::start().await;
+    let (keys, mut a, b) = two_replicas(&redis, &up, |c| c).await;
+    let port = redis.port;
+    drop(redis);
+    let (status, _, body) = a.admin_call("POST", "/v1/revoke", GITHUB).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("\"kept\":true"), "{body}");
+    a.stop().await;
+    let dir = std::mem::replace(&mut a.dir, tempfile::tempdir().unwrap());
+    let _redis = Redis::start_on(port).unwrap();
+    let key = keys.path().join("signing.pem");
+    let url = format!("redis://127.0.0.1:{port}/0");
+    let renamed = replica_config_at(up.addr, &key, &url, "a-2");
+    let _a2 = TestBroker::start_in(&renamed, dir).await;
+    // b (Redis came back empty: a new epoch) refuses the connector once a-2 made the switch:
+    // no token for it, or a token's call refused.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, _, body) = b
+            .token_request("bot", SECRET, "github:issues.read", &[])
+            .await;
+        if status == 400 && body.contains("disabled") {
+            break;
+        }
+        if status == 200 {
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            let fresh = v["access_token"].as_str().unwrap().to_owned();
+            if b.status("GET", TARGET, &fresh).await == 403 {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the kill switch asked of the old name was never made: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
