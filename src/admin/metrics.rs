@@ -214,6 +214,7 @@ pub struct Metrics {
     connections_limit: Family<Labels, Gauge>,
     requests_overloaded: Family<Labels, Counter>,
     tls_handshake_failures: Family<Labels, Counter>,
+    admin_denied: Counter,
     usage: DashMap<String, Arc<Usage>>,
 }
 
@@ -308,6 +309,7 @@ impl Metrics {
             connections_limit: Family::default(),
             requests_overloaded: Family::default(),
             tls_handshake_failures: Family::default(),
+            admin_denied: Counter::default(),
             usage: DashMap::new(),
         };
         m.register();
@@ -316,6 +318,12 @@ impl Metrics {
 
     fn register(&mut self) {
         let r = &mut self.registry;
+        r.register(
+            "credbroker_admin_requests_denied",
+            "Admin API requests refused for a missing or wrong admin token, reads included \
+             (refused changes are also audited `denied`)",
+            self.admin_denied.clone(),
+        );
         r.register(
             "credbroker_proxy_requests",
             "Proxied calls by connector, operation and decision; denials carry their reason code",
@@ -576,6 +584,12 @@ impl Metrics {
                 .get_or_create(&labels(&[("client", client), ("reason", code)]))
                 .inc(),
         };
+    }
+
+    /// An admin request without the right admin token: a guess at the token through a read
+    /// leaves no audit record, so it is counted.
+    pub fn admin_denied(&self) {
+        self.admin_denied.inc();
     }
 
     /// A reload attempt (any trigger).

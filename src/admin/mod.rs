@@ -49,6 +49,7 @@ pub async fn handle(
         (&Method::GET | &Method::HEAD, "/readyz") => readiness(&state.broker).await,
         (_, "/healthz" | "/readyz") => method_not_allowed("GET, HEAD", request_id),
         _ if !authorized(&state, &req) => {
+            state.broker.metrics.admin_denied();
             if let Some(action) = action_of(req.method(), &path) {
                 // A wrong token at the kill switch is what monitoring wants to see.
                 let record = admin_record(action, None, conn, "denied", Some(request_id));
