@@ -60,6 +60,9 @@ pub struct Broker {
     /// Held by admin changes from check to audit to effect (reloads, enables): two reloads
     /// at once could otherwise put the older file in force after the newer one.
     pub admin_changes: tokio::sync::Mutex<()>,
+    /// Held while the audit records of deferred changes made since are written
+    /// (`admin::audit_replayed`): one writer at a time, so none overtakes another's.
+    pub replayed_audit: tokio::sync::Mutex<()>,
     /// The SHA-256 (hex) of the config file's bytes that the last reload failed on, whatever
     /// triggered it: the file watcher does not try the same bytes again (one broken save, one
     /// failed reload record).
@@ -249,6 +252,7 @@ impl Broker {
             upstream_clients,
             listener_tls,
             admin_changes: tokio::sync::Mutex::new(()),
+            replayed_audit: tokio::sync::Mutex::new(()),
             failed_reload: std::sync::Mutex::new(None),
         })
     }

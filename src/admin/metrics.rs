@@ -214,7 +214,7 @@ pub struct Metrics {
     connections_limit: Family<Labels, Gauge>,
     requests_overloaded: Family<Labels, Counter>,
     tls_handshake_failures: Family<Labels, Counter>,
-    admin_denied: Counter,
+    admin_denied: Family<Labels, Counter>,
     usage: DashMap<String, Arc<Usage>>,
 }
 
@@ -309,7 +309,7 @@ impl Metrics {
             connections_limit: Family::default(),
             requests_overloaded: Family::default(),
             tls_handshake_failures: Family::default(),
-            admin_denied: Counter::default(),
+            admin_denied: Family::default(),
             usage: DashMap::new(),
         };
         m.register();
@@ -320,8 +320,9 @@ impl Metrics {
         let r = &mut self.registry;
         r.register(
             "credbroker_admin_requests_denied",
-            "Admin API requests refused for a missing or wrong admin token, reads included \
-             (refused changes are also audited `denied`)",
+            "Admin API requests refused for a missing or wrong admin token (reason \
+             missing_token or wrong_token), reads included (refused changes are also audited \
+             `denied`)",
             self.admin_denied.clone(),
         );
         r.register(
@@ -587,9 +588,17 @@ impl Metrics {
     }
 
     /// An admin request without the right admin token: a guess at the token through a read
-    /// leaves no audit record, so it is counted.
-    pub fn admin_denied(&self) {
-        self.admin_denied.inc();
+    /// leaves no audit record, so it is counted; `presented` tells a guess (a token that is
+    /// not the admin's) from a probe that sent none.
+    pub fn admin_denied(&self, presented: bool) {
+        let reason = if presented {
+            "wrong_token"
+        } else {
+            "missing_token"
+        };
+        self.admin_denied
+            .get_or_create(&labels(&[("reason", reason)]))
+            .inc();
     }
 
     /// A reload attempt (any trigger).

@@ -49,7 +49,8 @@ pub async fn handle(
         (&Method::GET | &Method::HEAD, "/readyz") => readiness(&state.broker).await,
         (_, "/healthz" | "/readyz") => method_not_allowed("GET, HEAD", request_id),
         _ if !authorized(&state, &req) => {
-            state.broker.metrics.admin_denied();
+            let presented = req.headers().contains_key(AUTHORIZATION);
+            state.broker.metrics.admin_denied(presented);
             if let Some(action) = action_of(req.method(), &path) {
                 // A wrong token at the kill switch is what monitoring wants to see.
                 let record = admin_record(action, None, conn, "denied", Some(request_id));
@@ -205,7 +206,7 @@ fn action_of(method: &Method, path: &str) -> Option<&'static str> {
     }
 }
 
-/// An `admin` record: who asked for what, and how it went.
+/// An `admin` record: who (on `conn`) asked for what, and how it went.
 fn admin_record(
     action: &str,
     target: Option<&str>,
@@ -213,10 +214,21 @@ fn admin_record(
     result: &str,
     request_id: Option<&str>,
 ) -> Record {
+    record_of(action, target, actor(conn), result, request_id)
+}
+
+/// An `admin` record of `actor`'s request.
+fn record_of(
+    action: &str,
+    target: Option<&str>,
+    actor: String,
+    result: &str,
+    request_id: Option<&str>,
+) -> Record {
     let mut record = Record::new(Event::Admin);
     record.request_id = request_id.map(str::to_owned);
     record.action = Some(action.to_owned());
-    record.actor = Some(actor(conn));
+    record.actor = Some(actor);
     record.target = target.map(str::to_owned);
     record.result = Some(result.to_owned());
     record
@@ -669,10 +681,14 @@ async fn defer(
 
 /// Audits the deferred revocations and kill switches made in the shared state since the last
 /// call: `result: "ok"`, with the request id and actor of the admin call that asked (whose own
-/// record says `deferred`).
+/// record says `deferred`). One caller at a time, from taking the list to its last record: an
+/// enable's record must not slip in between a switch-off's being taken and its record. Records
+/// that cannot be written go back on the list for the next call.
 pub async fn audit_replayed(broker: &Broker) {
-    for made in broker.state.take_replayed() {
-        let (action, target) = match &made.change {
+    let _in_order = broker.replayed_audit.lock().await;
+    let mut made = broker.state.take_replayed().into_iter();
+    while let Some(change) = made.next() {
+        let (action, target) = match &change.change {
             Change::RevokeJti { jti, .. } => ("revoke", format!("jti:{jti}")),
             Change::RevokeClient { client, .. } => ("revoke", format!("client:{client}")),
             Change::SetDisabled {
@@ -683,18 +699,23 @@ pub async fn audit_replayed(broker: &Broker) {
                 format!("connector:{connector}"),
             ),
         };
-        let mut record = Record::new(Event::Admin);
-        record.request_id = Some(made.request_id);
-        record.action = Some(action.to_owned());
-        record.actor = Some(made.actor);
-        record.target = Some(target);
-        record.result = Some("ok".to_owned());
+        let record = record_of(
+            action,
+            Some(&target),
+            change.actor.clone(),
+            "ok",
+            Some(&change.request_id),
+        );
         if let Err(e) = broker
             .audit
             .append_by(record, broker.live().audit_by())
             .await
         {
-            tracing::error!(error = %e, action, "cannot write the audit record of a deferred admin change now made");
+            tracing::error!(error = %e, action, "cannot write the audit record of a deferred admin change now made; tried again later");
+            broker
+                .state
+                .return_replayed(std::iter::once(change).chain(made).collect());
+            return;
         }
     }
 }
@@ -778,7 +799,7 @@ async fn enable(
     // Revocations and kill switches deferred while Redis could not take them are made (and
     // audited) first: this enable's record must not precede a switch-off that lands after it.
     let ready = match broker.state.ping().await {
-        Ok(()) => broker.state.make_deferred().await,
+        Ok(()) => broker.state.replay_deferred().await,
         Err(e) => Err(e),
     };
     audit_replayed(broker).await;
@@ -882,10 +903,9 @@ fn answer(
             StatusCode::SERVICE_UNAVAILABLE,
             &serde_json::json!({"error": "state_unavailable", "kept": true, "action": action, "target": target, "error_description": format!("{e}; until then this replica decides no call and issues no token. Replicas that reach Redis now do not have it: repeat the request on one of them (it is idempotent)"), "request_id": request_id}),
         ),
-        (Err(StateError::Deferred(_)), false) => audit_unavailable(
-            "kept by this replica and made in Redis as soon as it can, but the audit log cannot \
-             be written",
-            request_id,
+        (Err(e @ StateError::Deferred(_)), false) => json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &serde_json::json!({"error": "audit_unavailable", "kept": true, "action": action, "target": target, "error_description": format!("{e}, but the audit log cannot be written. Replicas that reach Redis now do not have it: repeat the request on one of them (it is idempotent)"), "request_id": request_id}),
         ),
         (Err(e @ StateError::Unconfirmed(_)), _) => json_response(
             StatusCode::SERVICE_UNAVAILABLE,

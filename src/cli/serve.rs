@@ -107,17 +107,27 @@ pub fn run(args: ServeArgs, config: &super::ConfigPath) -> anyhow::Result<ExitCo
             .context("cannot start the worker runtimes")?;
         // Before anything is bound or said: a supervisor may stop the broker as soon as it
         // reads "listening on", and a signal with no handler yet would kill the process
-        // without its drain and `shutdown` record (one that comes during the start is acted
-        // on once it is done).
-        let signals = Signals::install();
-        let (config, dev) = if args.dev {
-            let dev = crate::dev::prepare().await?;
-            (dev.config()?, Some(dev))
-        } else {
-            (Config::load(config_path)?, None)
+        // without its drain and `shutdown` record.
+        let mut signals = Signals::install();
+        let starting = async {
+            let (config, dev) = if args.dev {
+                let dev = crate::dev::prepare().await?;
+                (dev.config()?, Some(dev))
+            } else {
+                (Config::load(config_path)?, None)
+            };
+            raise_open_file_limit(&config);
+            let running = start_serving(config, dev.is_some()).await?;
+            anyhow::Ok((running, dev))
         };
-        raise_open_file_limit(&config);
-        let running = start_serving(config, dev.is_some()).await?;
+        // A stop asked before the start is done (one that hangs: a disk, a DNS lookup) ends
+        // the process as the signal's default would have: nothing is served yet to drain.
+        let (running, dev) = tokio::select! {
+            started = starting => started?,
+            () = Signals::stop_asked(signals.as_mut()) => {
+                anyhow::bail!("stopped by a signal before the start was done");
+            }
+        };
         if let Some(dev) = &dev {
             dev.print_welcome(&running);
         } else {
@@ -199,8 +209,6 @@ fn init_tracing() {
         .try_init();
 }
 
-/// SIGHUP reloads (in its own task, so that a reload waiting on the audit log never holds
-/// up a stop); SIGTERM or SIGINT return, with what resolves at the next one of them.
 /// The signals `serve` acts on: SIGHUP reloads, SIGTERM and SIGINT stop.
 struct Signals {
     hup: tokio::signal::unix::Signal,
@@ -209,6 +217,21 @@ struct Signals {
 }
 
 impl Signals {
+    /// Resolves on SIGTERM or SIGINT (on Ctrl-C when no handler could be installed).
+    async fn stop_asked(signals: Option<&mut Self>) {
+        match signals {
+            Some(s) => {
+                tokio::select! {
+                    _ = s.term.recv() => {}
+                    _ = s.int.recv() => {}
+                }
+            }
+            None => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+
     /// `None` (after saying so) when they cannot be installed.
     fn install() -> Option<Self> {
         use tokio::signal::unix::{signal, SignalKind};
@@ -226,6 +249,8 @@ impl Signals {
     }
 }
 
+/// SIGHUP reloads (in its own task, so that a reload waiting on the audit log never holds
+/// up a stop); SIGTERM or SIGINT return, with what resolves at the next one of them.
 async fn wait_for_signals(
     running: &Running,
     signals: Option<Signals>,

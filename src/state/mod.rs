@@ -56,7 +56,10 @@ impl StateError {
     /// Whether the change it reports was made all the same: a state-file error leaves it in
     /// force in memory (not persisted); unreachable shared state means it was not made.
     pub fn applied(&self) -> bool {
-        !matches!(self, Self::Unavailable(_) | Self::Unconfirmed(_))
+        !matches!(
+            self,
+            Self::Unavailable(_) | Self::Unconfirmed(_) | Self::Deferred(_)
+        )
     }
 
     /// The same cause, for a change that was kept to be made later instead.
@@ -177,9 +180,7 @@ impl StateStore {
             Self::Redis(r) => r.apply(&change).await,
         }
     }
-}
 
-impl StateStore {
     /// Whether a change the state could not take can be kept to be made later (`redis`; the
     /// `memory` backend takes every change at once).
     pub fn defers(&self) -> bool {
@@ -198,10 +199,17 @@ impl StateStore {
     /// Makes the changes deferred while Redis could not take them, if any: a change whose
     /// audit record is written before it is made (an enable) must come after them, in the log
     /// as in Redis.
-    pub async fn make_deferred(&self) -> Result<(), StateError> {
+    pub async fn replay_deferred(&self) -> Result<(), StateError> {
         match self {
             Self::Memory(_) => Ok(()),
             Self::Redis(r) => r.replay_deferred().await,
+        }
+    }
+
+    /// Puts back made changes whose audit records could not be written, ahead of any since.
+    pub fn return_replayed(&self, unrecorded: Vec<redis::Deferred>) {
+        if let Self::Redis(r) = self {
+            r.return_replayed(unrecorded);
         }
     }
 

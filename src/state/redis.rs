@@ -168,6 +168,12 @@ struct Journal {
     /// not in Redis yet ([`RedisState::replay_deferred`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     deferred: Vec<Deferred>,
+    /// The request ids of deferred changes this replica made that another journal in the
+    /// folder still holds (a replica that is gone never rewrites its journal): not taken in
+    /// and made again at the next start, which would switch a connector off again after an
+    /// enable. Kept while some other journal holds them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    made: Vec<String>,
 }
 
 /// A revocation or kill switch asked for while Redis did not answer or could not take it.
@@ -361,8 +367,16 @@ impl RedisState {
         // name, new with every container): what they knew is taken in, so a renamed replica
         // still knows the epoch — and sets its cut-off when Redis lost its data — and keeps
         // the kill switches in force.
-        for other in sibling_journals(state_dir, &journal_file)? {
-            journal.take_in(other);
+        let siblings = sibling_journals(state_dir, &journal_file)?;
+        journal.forget_made_unless_held(&siblings);
+        let made: HashSet<String> = siblings
+            .iter()
+            .flat_map(|j| &j.made)
+            .chain(&journal.made)
+            .cloned()
+            .collect();
+        for other in siblings {
+            journal.take_in(other, &made);
         }
         // The `memory` backend's file in the same folder is seeded too (a move to shared
         // state keeps its revocations); it no longer changes, so it is read once, here.
@@ -582,7 +596,7 @@ impl RedisState {
     pub async fn defer(&self, deferred: Deferred) -> bool {
         debug_assert!(deferred.change.tightens());
         self.note(|j| {
-            // A request answered and retried is kept once.
+            // One entry once (a retry is another request: kept again, made again, harmless).
             if !j.deferred.contains(&deferred) {
                 j.deferred.push(deferred);
             }
@@ -628,6 +642,7 @@ impl RedisState {
                 if j.deferred.first() == Some(&deferred) {
                     j.deferred.remove(0);
                 }
+                j.made.push(deferred.request_id.clone());
             });
             self.save_journal().await;
             tracing::warn!(request_id = %deferred.request_id, "a revocation or kill switch deferred while Redis could not take it is now made there");
@@ -643,6 +658,12 @@ impl RedisState {
     /// was since then): its audit record is owed.
     pub async fn replayed_made(&self) {
         self.replayed_ready.notified().await;
+    }
+
+    /// Puts back made changes whose audit records could not be written, ahead of any since.
+    pub fn return_replayed(&self, unrecorded: Vec<Deferred>) {
+        let mut list = self.replayed.lock().unwrap_or_else(|e| e.into_inner());
+        list.splice(0..0, unrecorded);
     }
 
     /// The deferred changes made in Redis since the last call (for their audit records).
@@ -1098,17 +1119,13 @@ impl RedisState {
         let file = self.journal_file.clone();
         let written =
             tokio::task::spawn_blocking(move || super::local::write_atomic(&file, &snapshot)).await;
-        match written {
-            Ok(Ok(())) => true,
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "cannot write the shared-state journal");
-                false
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot write the shared-state journal");
-                false
-            }
-        }
+        let error = match written {
+            Ok(Ok(())) => return true,
+            Ok(Err(e)) => e.to_string(),
+            Err(e) => e.to_string(),
+        };
+        tracing::warn!(error = %error, "cannot write the shared-state journal");
+        false
     }
 
     /// The seed for Redis: this replica's journal.
@@ -1126,12 +1143,13 @@ impl RedisState {
 impl Journal {
     /// Takes in what another replica's journal in the same folder knew; on a kill switch both
     /// know, this one's stands unless the other's replaces it by [`switch_replaces`]'s rule.
-    /// Its deferred changes are taken too (a replica restarted under a new name — the host
-    /// name, new with every container — makes what its old name was asked): made by both, they
-    /// are made twice, which is harmless ([`RedisState::replay_deferred`]).
-    fn take_in(&mut self, other: Journal) {
+    /// Its deferred changes are taken too, unless some replica already made them (`made`, by
+    /// request id): a replica restarted under a new name — the host name, new with every
+    /// container — makes what its old name was asked. Made by two live replicas, they are
+    /// made twice, which is harmless ([`RedisState::replay_deferred`]).
+    fn take_in(&mut self, other: Journal, made: &HashSet<String>) {
         for deferred in other.deferred {
-            if !self.deferred.contains(&deferred) {
+            if !made.contains(&deferred.request_id) && !self.deferred.contains(&deferred) {
                 self.deferred.push(deferred);
             }
         }
@@ -1158,6 +1176,17 @@ impl Journal {
             self.epoch = other.epoch;
         }
         self.generation = self.generation.max(other.generation);
+    }
+
+    /// Keeps only the `made` ids some other journal still holds as deferred: the rest can
+    /// never be taken in again.
+    fn forget_made_unless_held(&mut self, others: &[Journal]) {
+        let held: HashSet<&str> = others
+            .iter()
+            .flat_map(|j| &j.deferred)
+            .map(|d| d.request_id.as_str())
+            .collect();
+        self.made.retain(|id| held.contains(id.as_str()));
     }
 
     /// Takes in the `memory` backend's revocations and kill switches; what the journal holds
@@ -1523,9 +1552,39 @@ mod tests {
         let state = unreachable_state(dir.path(), "new-pod");
         assert_eq!(state.journal.lock().unwrap().deferred, old.deferred);
         assert!(state.deferring.load(Ordering::Acquire));
-        // Asked again on the new one (a retry): kept once.
+        // The same entry kept twice is kept once.
         assert!(state.defer(kill("github")).await);
         assert_eq!(state.journal.lock().unwrap().deferred.len(), 1);
+    }
+
+    /// A change taken in from a journal its replica never rewrites (it is gone) is made once:
+    /// the replica that made it notes so, and no later start (under any name) makes it again —
+    /// which would switch the connector off again after an enable.
+    #[tokio::test]
+    async fn a_deferred_change_taken_in_and_made_is_not_taken_in_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let gone = Journal {
+            deferred: vec![kill("github")],
+            ..Journal::default()
+        };
+        let file = dir.path().join("shared-gone.json");
+        std::fs::write(file, serde_json::to_vec(&gone).unwrap()).unwrap();
+        // What the replica that took it in wrote once it made it.
+        let maker = Journal {
+            made: vec!["r-github".into()],
+            ..Journal::default()
+        };
+        let file = dir.path().join("shared-maker.json");
+        std::fs::write(file, serde_json::to_vec(&maker).unwrap()).unwrap();
+        for name in ["maker", "later"] {
+            let state = unreachable_state(dir.path(), name);
+            assert!(state.journal.lock().unwrap().deferred.is_empty(), "{name}");
+            assert!(!state.deferring.load(Ordering::Acquire), "{name}");
+        }
+        // Once no journal holds it any more, its id is forgotten.
+        std::fs::remove_file(dir.path().join("shared-gone.json")).unwrap();
+        let state = unreachable_state(dir.path(), "maker");
+        assert!(state.journal.lock().unwrap().made.is_empty());
     }
 
     /// Deferred changes survive a restart in the journal, in order; a journal written before

@@ -39,10 +39,12 @@ async fn admin_needs_its_token_but_health_does_not() {
     assert!(body.contains("\"owner\":\"platform@acme.example\"") && body.contains("issues.read"));
     // Each refusal counted: a guess at the admin token through a read leaves no audit record.
     let (_, _, metrics) = b.admin_call("GET", "/metrics", "").await;
-    assert!(
-        metrics.contains("credbroker_admin_requests_denied_total 3"),
-        "{metrics}"
-    );
+    for counted in [
+        "credbroker_admin_requests_denied_total{reason=\"missing_token\"} 1",
+        "credbroker_admin_requests_denied_total{reason=\"wrong_token\"} 2",
+    ] {
+        assert!(metrics.contains(counted), "{counted}: {metrics}");
+    }
     assert!(!body.contains(CREDENTIAL), "never a secret");
     // A wrong method is a 405 that names the right ones (RFC 9110 §15.5.6).
     for (method, path, allow) in [
