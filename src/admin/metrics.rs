@@ -215,6 +215,7 @@ pub struct Metrics {
     requests_overloaded: Family<Labels, Counter>,
     tls_handshake_failures: Family<Labels, Counter>,
     admin_denied: Family<Labels, Counter>,
+    state_deferred: Gauge,
     usage: DashMap<String, Arc<Usage>>,
 }
 
@@ -310,6 +311,7 @@ impl Metrics {
             requests_overloaded: Family::default(),
             tls_handshake_failures: Family::default(),
             admin_denied: Family::default(),
+            state_deferred: Gauge::default(),
             usage: DashMap::new(),
         };
         m.register();
@@ -318,6 +320,12 @@ impl Metrics {
 
     fn register(&mut self) {
         let r = &mut self.registry;
+        r.register(
+            "credbroker_state_deferred_changes",
+            "Revocations and kill switches this replica keeps because Redis could not take \
+             them, not made there yet (always 0 with the memory backend)",
+            self.state_deferred.clone(),
+        );
         r.register(
             "credbroker_admin_requests_denied",
             "Admin API requests refused for a missing or wrong admin token (reason \
@@ -641,6 +649,8 @@ impl Metrics {
         self.audit_rotations
             .inner()
             .store(stats.rotations, Ordering::Relaxed);
+        self.state_deferred
+            .set(i64::try_from(broker.state.deferred_count()).unwrap_or(i64::MAX));
         let live = broker.live();
         self.connector_expiry.clear();
         self.connector_enabled.clear();

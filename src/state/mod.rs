@@ -206,6 +206,14 @@ impl StateStore {
         }
     }
 
+    /// How many revocations and kill switches wait for Redis ([`RedisState::defer`]).
+    pub fn deferred_count(&self) -> usize {
+        match self {
+            Self::Memory(_) => 0,
+            Self::Redis(r) => r.deferred_count(),
+        }
+    }
+
     /// Puts back made changes whose audit records could not be written, ahead of any since.
     pub fn return_replayed(&self, unrecorded: Vec<redis::Deferred>) {
         if let Self::Redis(r) = self {

@@ -660,6 +660,15 @@ impl RedisState {
         self.replayed_ready.notified().await;
     }
 
+    /// How many changes wait for Redis.
+    pub fn deferred_count(&self) -> usize {
+        self.journal
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .deferred
+            .len()
+    }
+
     /// Puts back made changes whose audit records could not be written, ahead of any since.
     pub fn return_replayed(&self, unrecorded: Vec<Deferred>) {
         let mut list = self.replayed.lock().unwrap_or_else(|e| e.into_inner());

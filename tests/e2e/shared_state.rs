@@ -1046,6 +1046,11 @@ async fn a_kill_switch_redis_could_not_take_is_made_once_it_can() {
     assert!(body.contains("\"kept\":true"), "{body}");
     let journal = std::fs::read_to_string(a.dir.path().join("state/shared-a.json")).unwrap();
     assert!(journal.contains("\"deferred\""), "kept on disk: {journal}");
+    let (_, _, metrics) = a.admin_call("GET", "/metrics", "").await;
+    assert!(
+        metrics.contains("credbroker_state_deferred_changes 1"),
+        "{metrics}"
+    );
     assert_eq!(
         a.status("GET", TARGET, &on_a).await,
         503,
@@ -1068,6 +1073,11 @@ async fn a_kill_switch_redis_could_not_take_is_made_once_it_can() {
         "made, so no longer kept: {journal}"
     );
     assert_deferred_then_made(&a, "disable").await;
+    let (_, _, metrics) = a.admin_call("GET", "/metrics", "").await;
+    assert!(
+        metrics.contains("credbroker_state_deferred_changes 0"),
+        "{metrics}"
+    );
 
     let (status, _, body) = b.admin_call("POST", "/v1/enable", GITHUB).await;
     assert_eq!(status, 200, "{body}");
