@@ -825,7 +825,6 @@ async fn enable(
             disabled: false,
         })
         .await;
-    audit_replayed(broker).await;
     if let Err(e) = &result {
         // Not in force (shared state unreachable), or in force but a restart would disable
         // it again (state file): the log says which.

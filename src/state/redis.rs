@@ -533,13 +533,13 @@ impl RedisState {
             .run(redis::cmd("HGET").arg(SWITCHES).arg(connector).clone())
             .await?;
         Ok(v.is_some_and(|v| v.starts_with('1'))
-            || self.deferred_switch_offs().any(|c| c == connector))
+            || self.deferred_switch_offs().iter().any(|c| c == connector))
     }
 
     /// The connectors whose kill switch waits for Redis: in force here already.
-    fn deferred_switch_offs(&self) -> impl Iterator<Item = String> {
+    fn deferred_switch_offs(&self) -> Vec<String> {
         let journal = self.journal.lock().unwrap_or_else(|e| e.into_inner());
-        let offs: Vec<String> = journal
+        journal
             .deferred
             .iter()
             .filter_map(|d| match &d.change {
@@ -549,8 +549,7 @@ impl RedisState {
                 } => Some(connector.clone()),
                 _ => None,
             })
-            .collect();
-        offs.into_iter()
+            .collect()
     }
 
     /// Whether Redis answers: at once if it answered within the last second and nothing failed

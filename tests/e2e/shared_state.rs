@@ -366,6 +366,22 @@ async fn assert_deferred_then_made(broker: &TestBroker, action: &str) {
     }
 }
 
+/// Makes `redis` a replica of a primary that is not there: reads are answered, writes refused
+/// `READONLY` (what a node demoted by a failover answers).
+fn read_only(redis: &Redis) {
+    let nowhere = TcpListener::bind("127.0.0.1:0").unwrap();
+    let nowhere_port = nowhere.local_addr().unwrap().port().to_string();
+    drop(nowhere);
+    assert!(
+        redis_command(redis.port, &["REPLICAOF", "127.0.0.1", &nowhere_port]).starts_with("+OK")
+    );
+}
+
+/// Makes `redis` a primary again ([`read_only`] undone).
+fn writable(redis: &Redis) {
+    assert!(redis_command(redis.port, &["REPLICAOF", "NO", "ONE"]).starts_with("+OK"));
+}
+
 /// Sends one command to Redis (RESP), returns the first reply line.
 fn redis_command(port: u16, args: &[&str]) -> String {
     use std::io::{BufRead, BufReader, Write};
@@ -832,12 +848,7 @@ async fn a_redis_that_refuses_writes_stops_the_calls_it_could_not_revoke() {
     let token = a.token("github:issues.read", &[]).await;
     assert_eq!(a.status("GET", TARGET, &token).await, 200);
     // A replica of a primary that is not there: reads are answered, writes refused READONLY.
-    let nowhere = TcpListener::bind("127.0.0.1:0").unwrap();
-    let nowhere_port = nowhere.local_addr().unwrap().port().to_string();
-    drop(nowhere);
-    assert!(
-        redis_command(redis.port, &["REPLICAOF", "127.0.0.1", &nowhere_port]).starts_with("+OK")
-    );
+    read_only(&redis);
     let (status, _, body) = a.admin_call("POST", "/v1/enable", GITHUB).await;
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("not applied"), "{body}");
@@ -862,7 +873,7 @@ async fn a_redis_that_refuses_writes_stops_the_calls_it_could_not_revoke() {
         "{body}"
     );
 
-    assert!(redis_command(redis.port, &["REPLICAOF", "NO", "ONE"]).starts_with("+OK"));
+    writable(&redis);
     let deadline = Instant::now() + Duration::from_secs(6);
     while a.status("GET", TARGET, &token).await != 200 {
         assert!(
@@ -880,9 +891,7 @@ async fn a_redis_that_refuses_writes_stops_the_calls_it_could_not_revoke() {
     assert_eq!(a.status("GET", TARGET, &token).await, 200);
 
     // Noticed without anyone trying a write: each watch round tries one.
-    assert!(
-        redis_command(redis.port, &["REPLICAOF", "127.0.0.1", &nowhere_port]).starts_with("+OK")
-    );
+    read_only(&redis);
     let deadline = Instant::now() + Duration::from_secs(8);
     while !refused(a.status("GET", TARGET, &token).await) {
         assert!(
@@ -891,7 +900,7 @@ async fn a_redis_that_refuses_writes_stops_the_calls_it_could_not_revoke() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(redis_command(redis.port, &["REPLICAOF", "NO", "ONE"]).starts_with("+OK"));
+    writable(&redis);
 }
 
 /// The new epoch owed once Redis stops evicting (keys may have gone) is not lost when the
@@ -1035,12 +1044,7 @@ async fn a_kill_switch_redis_could_not_take_is_made_once_it_can() {
     let on_b = b.token("github:issues.read", &[]).await;
     assert_eq!(a.status("GET", TARGET, &on_a).await, 200);
     assert_eq!(b.status("GET", TARGET, &on_b).await, 200);
-    let nowhere = TcpListener::bind("127.0.0.1:0").unwrap();
-    let nowhere_port = nowhere.local_addr().unwrap().port().to_string();
-    drop(nowhere);
-    assert!(
-        redis_command(redis.port, &["REPLICAOF", "127.0.0.1", &nowhere_port]).starts_with("+OK")
-    );
+    read_only(&redis);
     let (status, _, body) = a.admin_call("POST", "/v1/revoke", GITHUB).await;
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("\"kept\":true"), "{body}");
@@ -1057,7 +1061,7 @@ async fn a_kill_switch_redis_could_not_take_is_made_once_it_can() {
         "nothing decided meanwhile"
     );
 
-    assert!(redis_command(redis.port, &["REPLICAOF", "NO", "ONE"]).starts_with("+OK"));
+    writable(&redis);
     let deadline = Instant::now() + Duration::from_secs(8);
     while b.status("GET", TARGET, &on_b).await != 403 {
         assert!(
