@@ -83,25 +83,22 @@ fn state_unavailable() -> TokenError {
     )
 }
 
-/// What the token endpoint takes from the state: the connectors switched off, and one cell of
-/// `tokens.issue_rate_limit` for this client. In memory, or from Redis in one round trip.
-/// A token issued at `iat` that the client's revocation cut-off would refuse is not issued.
+/// What the token endpoint takes from the state: the connectors switched off, one cell of
+/// `tokens.issue_rate_limit` for this client, and the client's revocation cut-off (tokens with
+/// an `iat` at or before it are refused at every use). In memory, or from Redis in one round
+/// trip.
 async fn issue_state(
     broker: &Broker,
     live: &Live,
     client: &str,
-    iat: i64,
-) -> Result<HashSet<String>, TokenError> {
+) -> Result<(HashSet<String>, Option<i64>), TokenError> {
     match &*broker.state {
         StateStore::Memory(revocations) => {
             if let Some(l) = live.issue_limits.get(client) {
                 take(l).map_err(rate_limited)?;
             }
-            // A revocation of this client in this very second refuses tokens with this `iat`.
-            if let Some(cut_off) = revocations.client_cut_off(client) {
-                refuse_under_cut_off(iat, cut_off)?;
-            }
-            Ok(revocations.disabled_connectors().into_iter().collect())
+            let disabled = revocations.disabled_connectors().into_iter().collect();
+            Ok((disabled, revocations.client_cut_off(client)))
         }
         StateStore::Redis(redis) => {
             let shared = redis
@@ -112,29 +109,58 @@ async fn issue_state(
                     state_unavailable()
                 })?;
             shared.rate.map_err(rate_limited)?;
-            // A token issued now would be refused (a client revocation's or a lost state's
-            // cut-off reaches the allowed clock skew ahead): say when to come back instead.
-            refuse_under_cut_off(iat, shared.cut_off)?;
-            Ok(shared.disabled)
+            // A client revocation's or a lost state's cut-off, which reaches the allowed clock
+            // skew ahead (DESIGN §7).
+            Ok((shared.disabled, Some(shared.cut_off)))
         }
     }
 }
 
-/// A token with this `iat` would be refused by a revocation cut-off (`iat <= cut_off`): 503
-/// with the seconds until tokens issued then pass, instead of a token that never works.
-fn refuse_under_cut_off(iat: i64, cut_off: i64) -> Result<(), TokenError> {
-    if iat > cut_off {
-        return Ok(());
+/// The longest a token request waits for a revocation's cut-off to pass: the in-memory cut-off
+/// is the revocation's own second (under 1 s to wait), a shared one reaches `tokens.leeway`
+/// (at most 5 s) further.
+const CUT_OFF_WAIT_MAX: Duration = Duration::from_secs(7);
+
+/// The time to issue the token at: now, or — when a revocation's cut-off reaches this second,
+/// so that a token issued now would be refused at every use — just past the cut-off, once it
+/// has passed. The request waits for it (a client that was just revoked, and asks again at
+/// once, gets a working token a moment later, not an error its OAuth library would not retry);
+/// a wait longer than `CUT_OFF_WAIT_MAX` or than `budget` is answered 503 with `Retry-After`.
+async fn past_cut_off(cut_off: Option<i64>, budget: Duration) -> Result<DateTime<Utc>, TokenError> {
+    let now = Utc::now();
+    let Some(cut_off) = cut_off.filter(|&c| now.timestamp() <= c) else {
+        return Ok(now);
+    };
+    let past = Utc.timestamp_opt(cut_off.saturating_add(1), 0).single();
+    let wait = past.and_then(|past| (past - now).to_std().ok());
+    match wait {
+        // A few milliseconds more: the timer runs on the monotonic clock, the cut-off is on
+        // the wall clock, which may be slewed meanwhile.
+        Some(wait) if wait <= CUT_OFF_WAIT_MAX.min(budget) => {
+            tokio::time::sleep(wait + Duration::from_millis(5)).await;
+        }
+        _ => return Err(under_cut_off(cut_off)),
     }
+    let now = Utc::now();
+    if now.timestamp() <= cut_off {
+        // The wall clock was set back while the request waited.
+        return Err(under_cut_off(cut_off));
+    }
+    Ok(now)
+}
+
+/// 503 with the seconds until tokens issued then pass a revocation's cut-off: a token issued
+/// now would never work.
+fn under_cut_off(cut_off: i64) -> TokenError {
     let now = Utc::now().timestamp();
-    Err(TokenError {
+    TokenError {
         retry_after: Some(u64::try_from(cut_off - now + 1).unwrap_or(1).max(1)),
         ..error(
             StatusCode::SERVICE_UNAVAILABLE,
             "temporarily_unavailable",
             "tokens issued now would fall under a revocation's cut-off; retry after the given seconds",
         )
-    })
+    }
 }
 
 /// The longest token issued: what the proxy verifies at most, and what leaves 1 KiB of
@@ -307,7 +333,12 @@ async fn issue(
             )))
         }
     }
-    let disabled = issue_state(broker, live, &client.id, now.timestamp())
+    let (disabled, cut_off) = issue_state(broker, live, &client.id)
+        .await
+        .map_err(with_client)?;
+    // The time the token is issued at (and every time check below is made at): after the
+    // state's answer, and past a revocation's cut-off that would refuse it.
+    let now = past_cut_off(cut_off, live.config.server.request_timeout)
         .await
         .map_err(with_client)?;
     // A client with no grants at all is unauthorized (a grant of no operation grants nothing);
@@ -871,7 +902,48 @@ pub fn metadata(live: &Live, host: Option<&str>) -> Response<ProxyBody> {
 
 #[cfg(test)]
 mod tests {
-    use super::token_size_limit;
+    use super::{past_cut_off, token_size_limit, CUT_OFF_WAIT_MAX};
+    use chrono::Utc;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn a_token_is_issued_past_a_cut_off_that_reaches_this_second() {
+        let long = Duration::from_secs(60);
+        // No cut-off, or one already past: now, at once.
+        let before = Utc::now();
+        assert!(past_cut_off(None, long).await.unwrap() >= before);
+        let past = Utc::now().timestamp() - 1;
+        let at = past_cut_off(Some(past), long).await.unwrap();
+        assert!(at.timestamp() > past && at - before < chrono::Duration::milliseconds(500));
+        // A cut-off at this second: the answer comes once it has passed.
+        let cut_off = Utc::now().timestamp();
+        let at = past_cut_off(Some(cut_off), long).await.unwrap();
+        assert!(at.timestamp() > cut_off, "{at} is past {cut_off}");
+        assert!(Utc::now().timestamp() > cut_off);
+    }
+
+    #[tokio::test]
+    async fn a_cut_off_beyond_the_wait_allowed_is_answered_503_with_retry_after() {
+        let far = Utc::now().timestamp() + CUT_OFF_WAIT_MAX.as_secs() as i64 + 5;
+        let e = past_cut_off(Some(far), Duration::from_secs(60))
+            .await
+            .unwrap_err();
+        assert_eq!(e.status, 503);
+        assert_eq!(e.code, "temporarily_unavailable");
+        let retry = e.retry_after.unwrap();
+        assert!((CUT_OFF_WAIT_MAX.as_secs()..=CUT_OFF_WAIT_MAX.as_secs() + 7).contains(&retry));
+        // Within the wait allowed, but not within the request's time.
+        let near = Utc::now().timestamp() + 2;
+        let started = std::time::Instant::now();
+        let e = past_cut_off(Some(near), Duration::from_millis(500))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, "temporarily_unavailable");
+        assert!(
+            started.elapsed() < Duration::from_millis(400),
+            "refused at once"
+        );
+    }
 
     #[test]
     fn the_token_size_limit_leaves_room_for_the_rest_of_the_head() {

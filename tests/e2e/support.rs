@@ -265,19 +265,6 @@ impl TestBroker {
         }
     }
 
-    /// Asks a token for `bot` and expects 503 `temporarily_unavailable` (a revocation's
-    /// cut-off reaches this second), then waits out its `Retry-After` (1 to `max` s).
-    pub async fn wait_out_a_cut_off(&self, max: u64) {
-        let (status, headers, body) = self
-            .token_request("bot", SECRET, "github:issues.read", &[])
-            .await;
-        assert_eq!(status, 503, "{body}");
-        assert!(body.contains("temporarily_unavailable"), "{body}");
-        let wait: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
-        assert!((1..=max).contains(&wait), "{wait}");
-        tokio::time::sleep(Duration::from_secs(wait)).await;
-    }
-
     /// A token for `bot` with `scope` and extra form fields; panics unless 200.
     pub async fn token(&self, scope: &str, extra: &[(&str, &str)]) -> String {
         let (status, _, body) = self.token_request("bot", SECRET, scope, extra).await;
@@ -372,12 +359,16 @@ pub fn keygen_signing_key(dir: &Path) -> PathBuf {
 
 /// The `jti` claim of a token (read without verifying: the test issued it).
 pub fn jti_of(token: &str) -> String {
+    claims_of(token)["jti"].as_str().unwrap().to_owned()
+}
+
+/// A token's claims, as its payload says (not verified).
+pub fn claims_of(token: &str) -> serde_json::Value {
     let payload = token.split('.').nth(1).unwrap();
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(payload)
         .unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
-    v["jti"].as_str().unwrap().to_owned()
+    serde_json::from_slice(&bytes).unwrap()
 }
 
 pub fn audit_records(path: &Path) -> Vec<serde_json::Value> {
