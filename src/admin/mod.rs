@@ -44,16 +44,22 @@ pub async fn handle(
     request_id: &str,
 ) -> Response<ProxyBody> {
     let path = req.uri().path().to_owned();
+    let live = state.broker.live();
+    let holder = match path.as_str() {
+        "/healthz" | "/readyz" => None,
+        _ => token_holder(&state, &live, &req),
+    };
     match (req.method(), path.as_str()) {
         (&Method::GET | &Method::HEAD, "/healthz") => ok(serde_json::json!({"status": "ok"})),
         (&Method::GET | &Method::HEAD, "/readyz") => readiness(&state.broker).await,
         (_, "/healthz" | "/readyz") => method_not_allowed("GET, HEAD", request_id),
-        _ if !authorized(&state, &req) => {
+        _ if holder.is_none() => {
             let presented = req.headers().contains_key(AUTHORIZATION);
             state.broker.metrics.admin_denied(presented);
             if let Some(action) = action_of(req.method(), &path) {
                 // A wrong token at the kill switch is what monitoring wants to see.
-                let record = admin_record(action, None, conn, "denied", Some(request_id));
+                let actor = actor(None, conn);
+                let record = admin_record(action, None, &actor, "denied", Some(request_id));
                 if let Err(e) = state
                     .broker
                     .audit
@@ -84,7 +90,7 @@ pub async fn handle(
         // Changes run as their own task: a client that hangs up cannot stop one halfway
         // (audited but not applied, or applied and not audited).
         (&Method::POST, "/v1/reload") => {
-            let actor = actor(conn);
+            let actor = actor(holder.flatten(), conn);
             let broker = Arc::clone(&state.broker);
             let id = request_id.to_owned();
             let done = tokio::spawn(async move { reload(&broker, &actor, Some(&id)).await });
@@ -102,14 +108,14 @@ pub async fn handle(
         }
         (&Method::POST, "/v1/revoke" | "/v1/enable") => {
             let broker = Arc::clone(&state.broker);
-            let conn = conn.clone();
+            let actor = actor(holder.flatten(), conn);
             let id = request_id.to_owned();
             let enabling = path == "/v1/enable";
             let done = tokio::spawn(async move {
                 if enabling {
-                    enable(&broker, req, &conn, &id).await
+                    enable(&broker, req, &actor, &id).await
                 } else {
-                    revoke(&broker, req, &conn, &id).await
+                    revoke(&broker, req, &actor, &id).await
                 }
             });
             done.await.unwrap_or_else(|_| {
@@ -162,35 +168,37 @@ async fn readiness(broker: &Broker) -> Response<ProxyBody> {
     ok(serde_json::json!({"status": "ready"}))
 }
 
-fn authorized<B>(state: &AdminState, req: &Request<B>) -> bool {
+/// Who holds the admin token the request presents: `Some(None)` for the shared token,
+/// `Some(Some(name))` for an operator's own; `None` when it presents no admin token.
+fn token_holder<'s, B>(
+    state: &AdminState,
+    live: &'s crate::broker::Live,
+    req: &Request<B>,
+) -> Option<Option<&'s str>> {
     // One `Authorization`, as on the proxy: which of two a front proxy would pass on, or
     // log, is anyone's guess.
     if req.headers().get_all(AUTHORIZATION).iter().nth(1).is_some() {
-        return false;
+        return None;
     }
-    let Some(token) = req
+    let token = req
         .headers()
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, t)| t.trim())
-    else {
-        return false;
-    };
-    let digest = Sha256::digest(token.as_bytes());
-    // The token in force is the current config's, so a reload rotates it.
-    let live = state.broker.live();
-    let expected = live
-        .config
-        .admin
-        .as_ref()
-        .map_or(state.token_sha256, |a| a.token_sha256);
-    bool::from(digest[..].ct_eq(&expected[..]))
+        .map(|(_, t)| t.trim())?;
+    let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+    // The tokens in force are the current config's, so a reload rotates them.
+    match &live.config.admin {
+        Some(admin) => admin.holder(&digest),
+        None => bool::from(digest.ct_eq(&state.token_sha256)).then_some(None),
+    }
 }
 
-fn actor(conn: &ConnInfo) -> String {
-    format!("admin@{}", conn.peer)
+/// The `actor` of an admin record: who asked (`admin` for the shared admin token, an
+/// operator's name for their own), and from where.
+fn actor(holder: Option<&str>, conn: &ConnInfo) -> String {
+    format!("{}@{}", holder.unwrap_or("admin"), conn.peer)
 }
 
 /// The admin action a request asks for, if it is one (the endpoints that change something).
@@ -206,15 +214,15 @@ fn action_of(method: &Method, path: &str) -> Option<&'static str> {
     }
 }
 
-/// An `admin` record: who (on `conn`) asked for what, and how it went.
+/// An `admin` record: who (`actor`, see [`actor`]) asked for what, and how it went.
 fn admin_record(
     action: &str,
     target: Option<&str>,
-    conn: &ConnInfo,
+    actor: &str,
     result: &str,
     request_id: Option<&str>,
 ) -> Record {
-    record_of(action, target, actor(conn), result, request_id)
+    record_of(action, target, actor.to_owned(), result, request_id)
 }
 
 /// An `admin` record of `actor`'s request.
@@ -537,13 +545,13 @@ async fn read_json<T: for<'de> Deserialize<'de>>(
 async fn revoke(
     broker: &Arc<Broker>,
     req: Request<Incoming>,
-    conn: &ConnInfo,
+    actor: &str,
     request_id: &str,
 ) -> Response<ProxyBody> {
     let expected = r#"an object with one of "jti", "client" or "connector""#;
     let mut body: RevokeRequest = match read_json(req, expected).await {
         Ok(b) => b,
-        Err(e) => return refused(broker, "revoke", None, conn, &e, request_id).await,
+        Err(e) => return refused(broker, "revoke", None, actor, &e, request_id).await,
     };
     // A whole token pasted for its jti is revoked by the jti it names; the token itself is
     // never written to the audit log nor echoed back.
@@ -552,12 +560,12 @@ async fn revoke(
             GivenJti::Jti(jti) | GivenJti::FromToken(jti) => body.jti = Some(jti),
             GivenJti::UnreadableToken => {
                 let why = "a token was given as the jti, and its jti claim cannot be read";
-                return refused(broker, "revoke", None, conn, why, request_id).await;
+                return refused(broker, "revoke", None, actor, why, request_id).await;
             }
             GivenJti::NotAJti => {
                 let why = "the jti is not one: it is empty, longer than 128 bytes, or holds \
                            whitespace, a control byte, a non-ASCII byte or a '.'";
-                return refused(broker, "revoke", None, conn, why, request_id).await;
+                return refused(broker, "revoke", None, actor, why, request_id).await;
             }
         }
     }
@@ -568,12 +576,12 @@ async fn revoke(
         (None, None, Some(connector)) => ("disable", format!("connector:{connector}")),
         _ => {
             let why = "give exactly one of jti, client, connector";
-            return refused(broker, "revoke", None, conn, why, request_id).await;
+            return refused(broker, "revoke", None, actor, why, request_id).await;
         }
     };
     let named = body.jti.iter().chain(&body.client).chain(&body.connector);
     if named.clone().any(|v| broker.live().is_held_secret(v)) {
-        return refused(broker, action, None, conn, PASTED_SECRET, request_id).await;
+        return refused(broker, action, None, actor, PASTED_SECRET, request_id).await;
     }
     // A token given as the client or connector (its jti was meant): as a client it would be
     // "revoked" — a name no token carries — and written to the log and the state file.
@@ -583,17 +591,17 @@ async fn revoke(
         .chain(&body.connector)
         .any(|v| token_shaped(v).is_some())
     {
-        return refused(broker, action, None, conn, PASTED_TOKEN, request_id).await;
+        return refused(broker, action, None, actor, PASTED_TOKEN, request_id).await;
     }
     if named.clone().any(|v| v.is_empty()) {
         let why = "the jti, client or connector is empty";
-        return refused(broker, action, Some(&target), conn, why, request_id).await;
+        return refused(broker, action, Some(&target), actor, why, request_id).await;
     }
     if let Some(connector) = &body.connector {
         if broker.live().config.connector(connector).is_none() {
             // Not recorded or echoed: it names nothing, and may be anything pasted.
             let why = "unknown connector (the value given is not recorded)";
-            return refused(broker, action, None, conn, why, request_id).await;
+            return refused(broker, action, None, actor, why, request_id).await;
         }
     }
     // A client the config in force does not name: most likely a typo, but maybe a client
@@ -636,11 +644,11 @@ async fn revoke(
         Err(e) if !e.applied() && broker.state.defers() => (Err(e.deferred()), Some(change)),
         result => (result, None),
     };
-    let audited = admin_outcome(broker, action, &target, conn, &result, request_id).await;
+    let audited = admin_outcome(broker, action, &target, actor, &result, request_id).await;
     // Kept only once its `deferred` record is written: its `ok` record (once made) cannot
     // come first. Kept even when that record could not be written: it only tightens.
     let result = match to_defer {
-        Some(change) => defer(broker, change, result, conn, request_id).await,
+        Some(change) => defer(broker, change, result, actor, request_id).await,
         None => result,
     };
     let response = answer(action, &target, result, audited, request_id);
@@ -662,13 +670,13 @@ async fn defer(
     broker: &Broker,
     change: Change,
     result: Result<(), StateError>,
-    conn: &ConnInfo,
+    actor: &str,
     request_id: &str,
 ) -> Result<(), StateError> {
     let deferred = Deferred {
         change,
         request_id: request_id.to_owned(),
-        actor: actor(conn),
+        actor: actor.to_owned(),
     };
     match (broker.state.defer(deferred).await, result) {
         (false, Err(StateError::Deferred(why))) => Err(StateError::Deferred(format!(
@@ -735,11 +743,11 @@ async fn refused(
     broker: &Broker,
     action: &str,
     target: Option<&str>,
-    conn: &ConnInfo,
+    actor: &str,
     why: &str,
     request_id: &str,
 ) -> Response<ProxyBody> {
-    let mut record = admin_record(action, target, conn, "failed", Some(request_id));
+    let mut record = admin_record(action, target, actor, "failed", Some(request_id));
     record.error = Some(why.to_owned());
     if let Err(e) = broker
         .audit
@@ -760,18 +768,18 @@ struct EnableRequest {
 async fn enable(
     broker: &Arc<Broker>,
     req: Request<Incoming>,
-    conn: &ConnInfo,
+    actor: &str,
     request_id: &str,
 ) -> Response<ProxyBody> {
     let body: EnableRequest = match read_json(req, r#"an object with "connector""#).await {
         Ok(b) => b,
-        Err(e) => return refused(broker, "enable", None, conn, &e, request_id).await,
+        Err(e) => return refused(broker, "enable", None, actor, &e, request_id).await,
     };
     if broker.live().is_held_secret(&body.connector) {
-        return refused(broker, "enable", None, conn, PASTED_SECRET, request_id).await;
+        return refused(broker, "enable", None, actor, PASTED_SECRET, request_id).await;
     }
     if token_shaped(&body.connector).is_some() {
-        return refused(broker, "enable", None, conn, PASTED_TOKEN, request_id).await;
+        return refused(broker, "enable", None, actor, PASTED_TOKEN, request_id).await;
     }
     let target = format!("connector:{}", body.connector);
     // A connector that was removed from the config may still be listed as disabled: enabling
@@ -782,12 +790,12 @@ async fn enable(
             Ok(false) => {
                 // Not recorded or echoed: it names nothing, and may be anything pasted.
                 let why = "unknown connector (the value given is not recorded)";
-                return refused(broker, "enable", None, conn, why, request_id).await;
+                return refused(broker, "enable", None, actor, why, request_id).await;
             }
             Err(e) => {
                 let result = Err(e);
                 let audited =
-                    admin_outcome(broker, "enable", &target, conn, &result, request_id).await;
+                    admin_outcome(broker, "enable", &target, actor, &result, request_id).await;
                 return answer("enable", &target, result, audited, request_id);
             }
         }
@@ -805,11 +813,11 @@ async fn enable(
     audit_replayed(broker).await;
     if let Err(e) = ready {
         let result = Err(e);
-        let audited = admin_outcome(broker, "enable", &target, conn, &result, request_id).await;
+        let audited = admin_outcome(broker, "enable", &target, actor, &result, request_id).await;
         return answer("enable", &target, result, audited, request_id);
     }
-    let record = admin_record("enable", Some(&target), conn, "ok", Some(request_id));
-    let mut not_made = admin_record("enable", Some(&target), conn, "failed", Some(request_id));
+    let record = admin_record("enable", Some(&target), actor, "ok", Some(request_id));
+    let mut not_made = admin_record("enable", Some(&target), actor, "failed", Some(request_id));
     not_made.error = Some("not made: its audit record was not acknowledged in time".into());
     if let Err(e) = append_or_correct(broker, record, not_made).await {
         tracing::error!(error = %e, %target, "cannot audit an enable; the connector stays disabled");
@@ -828,7 +836,7 @@ async fn enable(
     if let Err(e) = &result {
         // Not in force (shared state unreachable), or in force but a restart would disable
         // it again (state file): the log says which.
-        let mut record = admin_record("enable", Some(&target), conn, outcome(e), Some(request_id));
+        let mut record = admin_record("enable", Some(&target), actor, outcome(e), Some(request_id));
         record.error = Some(e.to_string());
         if let Err(e) = broker
             .audit
@@ -856,12 +864,12 @@ async fn admin_outcome(
     broker: &Broker,
     action: &str,
     target: &str,
-    conn: &ConnInfo,
+    actor: &str,
     result: &Result<(), StateError>,
     request_id: &str,
 ) -> bool {
     let outcome = result.as_ref().err().map_or("ok", outcome);
-    let mut record = admin_record(action, Some(target), conn, outcome, Some(request_id));
+    let mut record = admin_record(action, Some(target), actor, outcome, Some(request_id));
     if let Err(e) = result {
         record.error = Some(e.to_string());
     }

@@ -83,6 +83,36 @@ pub struct AdminConfig {
     /// Connections the admin listener serves at once (default 256); newcomers wait in the
     /// kernel's backlog meanwhile.
     pub max_connections: usize,
+    /// Operators with admin tokens of their own (`[[admin.operators]]`).
+    pub operators: Vec<Operator>,
+}
+
+/// An operator with an admin token of their own: the `actor` of the admin records of what
+/// they ask is `<name>@<address>`, not `admin@<address>`.
+#[derive(Debug)]
+pub struct Operator {
+    pub name: String,
+    /// SHA-256 of the operator's admin bearer token.
+    pub token_sha256: [u8; 32],
+}
+
+impl AdminConfig {
+    /// Who presented the admin token with this SHA-256: `Some(None)` for the shared token
+    /// (`token_sha256`), `Some(Some(name))` for an operator's, `None` for no admin token.
+    /// Every configured hash is compared, in constant time, whichever matches.
+    pub fn holder(&self, digest: &[u8; 32]) -> Option<Option<&str>> {
+        use subtle::ConstantTimeEq;
+        let mut found = None;
+        if bool::from(digest.ct_eq(&self.token_sha256)) {
+            found = Some(None);
+        }
+        for operator in &self.operators {
+            if bool::from(digest.ct_eq(&operator.token_sha256)) {
+                found = Some(Some(operator.name.as_str()));
+            }
+        }
+        found
+    }
 }
 
 /// A GCRA rate: `per_second` sustained, `burst` at once.

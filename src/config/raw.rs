@@ -51,6 +51,17 @@ pub struct RawAdmin {
     pub tls_cert: Option<S>,
     pub tls_key: Option<S>,
     pub max_connections: Option<Spanned<u64>>,
+    #[serde(default)]
+    pub operators: Vec<RawOperator>,
+}
+
+/// `[[admin.operators]]`: an operator's own admin token, so the records of what they do name
+/// them.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOperator {
+    pub name: S,
+    pub token_sha256: S,
 }
 
 /// `[tokens]`: issuing and verifying access tokens.

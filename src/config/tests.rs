@@ -715,6 +715,93 @@ fn the_admin_listener_has_its_own_connection_limit() {
 }
 
 #[test]
+fn operators_have_names_and_tokens_of_their_own() {
+    let shared = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+    let alice = "2bd806c97f0e00af1a1fc3328fa763a9269723c8db8fac4f93af71db186d6e90";
+    let bob = "81b637d8fcd2c6da6359e6963113a1170de795e4b725b84d1e0b4cfd9ec58ce9";
+    let admin = |operators: &str| {
+        format!(
+            "{GOOD}\n[admin]\nlisten = \"127.0.0.1:9443\"\ntoken_sha256 = \"{shared}\"\n{operators}"
+        )
+    };
+    let op = |name: &str, hash: &str| {
+        format!("[[admin.operators]]\nname = \"{name}\"\ntoken_sha256 = \"{hash}\"\n")
+    };
+    let c = parse(&admin(&format!(
+        "{}{}",
+        op("alice", alice),
+        op("bob.ops-2", bob)
+    )))
+    .unwrap();
+    let a = c.admin.unwrap();
+    let digest = |hex_text: &str| {
+        let mut d = [0u8; 32];
+        hex::decode_to_slice(hex_text, &mut d).unwrap();
+        d
+    };
+    assert_eq!(a.holder(&digest(shared)), Some(None));
+    assert_eq!(a.holder(&digest(alice)), Some(Some("alice")));
+    assert_eq!(a.holder(&digest(bob)), Some(Some("bob.ops-2")));
+    assert_eq!(a.holder(&[7u8; 32]), None);
+    assert!(parse(&admin(""))
+        .unwrap()
+        .admin
+        .unwrap()
+        .operators
+        .is_empty());
+    // Names an actor can carry unambiguously; one token, one actor.
+    for (operators, key, says) in [
+        (
+            op("admin", alice),
+            "admin.operators[0].name",
+            "not \"admin\"",
+        ),
+        (
+            op("alice@acme", alice),
+            "admin.operators[0].name",
+            "letters",
+        ),
+        (op("", alice), "admin.operators[0].name", "letters"),
+        (
+            format!("{}{}", op("alice", alice), op("alice", bob)),
+            "admin.operators[1].name",
+            "duplicate",
+        ),
+        (
+            op("alice", shared),
+            "admin.operators[0].token_sha256",
+            "of their own",
+        ),
+        (
+            format!("{}{}", op("alice", alice), op("bob", alice)),
+            "admin.operators[1].token_sha256",
+            "of their own",
+        ),
+        (
+            op(
+                "alice",
+                "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+            ),
+            "admin.operators[0].token_sha256",
+            "well-known",
+        ),
+        (
+            op("alice", "abc"),
+            "admin.operators[0].token_sha256",
+            "64 hex",
+        ),
+    ] {
+        let err = parse(&admin(&operators)).unwrap_err().to_string();
+        assert!(
+            err.contains(key) && err.contains(says),
+            "{operators}: {err}"
+        );
+    }
+    let typo = parse(&admin(&op("alice", alice).replace("name =", "nmae ="))).unwrap_err();
+    assert!(typo.to_string().contains("nmae"), "{typo}");
+}
+
+#[test]
 fn operation_names_hold_no_whitespace_at_all() {
     // A tab would be one scope item at issuance and two when the token is read back.
     for bad in ["issues\\tread", "issues\\nread", "issues read"] {

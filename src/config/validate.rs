@@ -16,8 +16,8 @@ use toml::Spanned;
 use super::raw::{self, RawConfig, S};
 use super::{
     AdminConfig, AuditConfig, AuditorConfig, AuditorGrant, AuthMethod, Client, Config, ConfigError,
-    ConfigErrors, Connector, Credential, Grant, Operation, RateLimit, ServerConfig, StateBackend,
-    StateConfig, TlsFiles, TokensConfig, Upstream, DEFAULT_MAX_BODY_BYTES,
+    ConfigErrors, Connector, Credential, Grant, Operation, Operator, RateLimit, ServerConfig,
+    StateBackend, StateConfig, TlsFiles, TokensConfig, Upstream, DEFAULT_MAX_BODY_BYTES,
 };
 use crate::audit::FsyncPolicy;
 use crate::policy::{OperationRouter, Pattern};
@@ -315,12 +315,81 @@ fn admin(cx: &mut Ctx<'_>, raw: &raw::RawAdmin) -> Option<AdminConfig> {
         );
     }
     let max_connections = connection_limit(cx, &raw.max_connections, "admin.max_connections", 256);
+    let operators = operators(cx, &raw.operators, token_sha256);
     Some(AdminConfig {
         listen: listen?,
         token_sha256: token_sha256?,
         tls,
         max_connections: usize::try_from(max_connections).unwrap_or(usize::MAX),
+        operators: operators?,
     })
+}
+
+/// `[[admin.operators]]`: each a name the admin records can carry (letters, digits, `.`, `_`,
+/// `-`; not `admin`, the shared token's) and a token of its own — one that no other operator,
+/// nor the shared token, has: one token, one actor.
+fn operators(
+    cx: &mut Ctx<'_>,
+    raw: &[raw::RawOperator],
+    shared: Option<[u8; 32]>,
+) -> Option<Vec<Operator>> {
+    let mut operators = Vec::with_capacity(raw.len());
+    let mut ok = true;
+    let mut taken: Vec<[u8; 32]> = shared.into_iter().collect();
+    for (i, op) in raw.iter().enumerate() {
+        let key = format!("admin.operators[{i}]");
+        let name = op.name.get_ref();
+        let valid = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        if !valid || name == "admin" {
+            cx.err(
+                Some(op.name.span()),
+                &format!("{key}.name"),
+                "must be 1 to 64 letters, digits, '.', '_' or '-', and not \"admin\" (the \
+                 shared token's actor)",
+            );
+            ok = false;
+        } else if operators.iter().any(|o: &Operator| o.name == *name) {
+            cx.err(
+                Some(op.name.span()),
+                &format!("{key}.name"),
+                format!("duplicate operator name {name:?}"),
+            );
+            ok = false;
+        }
+        let hash = sha256_hex(cx, &op.token_sha256, &format!("{key}.token_sha256"));
+        let Some(hash) = hash else {
+            ok = false;
+            continue;
+        };
+        if is_well_known(&hash) {
+            cx.err(
+                Some(op.token_sha256.span()),
+                &format!("{key}.token_sha256"),
+                "is the SHA-256 of an empty or well-known token; use a long random token, \
+                 e.g. `openssl rand -hex 32`",
+            );
+            ok = false;
+        } else if taken.contains(&hash) {
+            // Not which one: the hash names a token.
+            cx.err(
+                Some(op.token_sha256.span()),
+                &format!("{key}.token_sha256"),
+                "is another admin identity's token too (the shared token or another \
+                 operator's): each operator needs a token of their own",
+            );
+            ok = false;
+        }
+        taken.push(hash);
+        operators.push(Operator {
+            name: name.clone(),
+            token_sha256: hash,
+        });
+    }
+    ok.then_some(operators)
 }
 
 fn tokens(cx: &mut Ctx<'_>, raw: &raw::RawTokens) -> Option<TokensConfig> {

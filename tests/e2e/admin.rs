@@ -660,3 +660,70 @@ async fn a_malformed_admin_body_is_refused_without_quoting_it() {
         assert_eq!(headers["allow"], "GET, HEAD", "{path}");
     }
 }
+
+/// An operator with an admin token of their own (`[[admin.operators]]`) is named in the
+/// records of what they do — the shared token's are `admin@…` — and a reload that removes
+/// them shuts their token out at once.
+#[tokio::test]
+async fn an_operators_own_admin_token_names_them_in_the_audit_log() {
+    let up = FakeUpstream::start().await;
+    let alice = "alice-admin-token-0123456789abcdef";
+    let shared_line = format!("token_sha256 = \"{}\"", sha256_hex(ADMIN_TOKEN));
+    let config = standard_config(up.addr).replace(
+        &shared_line,
+        &format!(
+            "{shared_line}\noperators = [ {{ name = \"alice\", token_sha256 = \"{}\" }} ]",
+            sha256_hex(alice)
+        ),
+    );
+    assert_ne!(config, standard_config(up.addr));
+    let b = TestBroker::start(&config).await;
+    let as_alice = |method: &str, path: &str, body: &str| {
+        http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("authorization", format!("Bearer {alice}"))
+            .body(body.to_owned())
+            .unwrap()
+    };
+    let admin = b.admin.unwrap();
+    let kill = "{\"connector\":\"github\"}";
+    assert_eq!(
+        send(admin, as_alice("POST", "/v1/revoke", kill)).await.0,
+        200
+    );
+    assert_eq!(
+        send(admin, as_alice("GET", "/v1/connectors", "")).await.0,
+        200
+    );
+    assert_eq!(b.admin_call("POST", "/v1/enable", kill).await.0, 200);
+    std::fs::write(b.config_path(), standard_config(up.addr)).unwrap();
+    assert_eq!(b.admin_call("POST", "/v1/reload", "").await.0, 200);
+    assert_eq!(
+        send(admin, as_alice("POST", "/v1/revoke", kill)).await.0,
+        401
+    );
+
+    let records = b.audit();
+    let steps: Vec<(String, String, String)> = events(&records, "admin")
+        .iter()
+        .map(|r| {
+            let actor = r["actor"].as_str().unwrap();
+            let (who, from) = actor.split_once('@').unwrap();
+            assert!(from.starts_with("127.0.0.1:"), "{actor}");
+            let field = |k: &str| r[k].as_str().unwrap().to_owned();
+            (who.to_owned(), field("action"), field("result"))
+        })
+        .collect();
+    let expected = [
+        ("alice", "disable", "ok"),
+        ("admin", "enable", "ok"),
+        ("admin", "reload", "ok"),
+        ("admin", "revoke", "denied"),
+    ];
+    let expected: Vec<(String, String, String)> = expected
+        .iter()
+        .map(|(w, a, r)| (w.to_string(), a.to_string(), r.to_string()))
+        .collect();
+    assert_eq!(steps, expected);
+}
