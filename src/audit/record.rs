@@ -156,6 +156,43 @@ impl Record {
         }
     }
 
+    /// The memory the record holds (its text fields' allocations and the record itself): what
+    /// bounds the records waiting for a disk that stopped answering.
+    pub fn size_in_memory(&self) -> usize {
+        let texts = [
+            &self.request_id,
+            &self.client,
+            &self.connector,
+            &self.operation,
+            &self.method,
+            &self.path,
+            &self.query,
+            &self.jti,
+            &self.peer,
+            &self.reason,
+            &self.scope,
+            &self.expires_at,
+            &self.grant_reason,
+            &self.grant_expires,
+            &self.upstream_request_id,
+            &self.error,
+            &self.action,
+            &self.actor,
+            &self.target,
+            &self.result,
+            &self.kind,
+            &self.version,
+            &self.config_sha256,
+            &self.replica,
+        ];
+        let text: usize = texts
+            .iter()
+            .filter_map(|t| t.as_ref())
+            .map(String::capacity)
+            .sum();
+        std::mem::size_of::<Self>() + text
+    }
+
     /// Marks the record as made under time-bound grants (break-glass elevations): once the
     /// incident is closed and the grant removed from the config, the log still says why the
     /// client could do this. `grant_reason` lists the grants' reasons (distinct, in order,

@@ -57,6 +57,12 @@ const SYNC_INTERVAL: Duration = Duration::from_millis(10);
 /// a healthy one takes a batch per sync —, and past it records are refused (503) instead of
 /// piling up in memory while calls time out.
 const MAX_QUEUED: usize = 64 * MAX_BATCH;
+/// Under `always`, the most memory the records sent to the writer thread and not yet taken by
+/// it may hold ([`Record::size_in_memory`]), detached ones included: a record holds its call's
+/// path and query, so a count alone would let records of long paths pile up to gigabytes while
+/// the disk does not answer. Past it a record someone waits on is refused (503) and a detached
+/// one (an outcome nobody waits on) is dropped, logged and counted as a write error.
+const MAX_QUEUED_BYTES: usize = 64 << 20;
 
 /// When records reach the disk (DESIGN §6).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -195,6 +201,9 @@ struct Shared {
     queued: AtomicUsize,
     /// [`MAX_QUEUED`], or more ([`AuditLog::expect_in_flight`]).
     max_queued: AtomicUsize,
+    /// Under `always`: the memory of the records sent to the writer thread that it has not
+    /// taken yet (bounded by [`MAX_QUEUED_BYTES`]).
+    queued_bytes: AtomicUsize,
     /// Test hook: this many coming writes fail after writing half their bytes.
     #[cfg(test)]
     inject_failures: std::sync::atomic::AtomicU32,
@@ -207,9 +216,10 @@ struct Shared {
 }
 
 enum Msg {
-    Append(Box<Record>, Reply),
-    /// A worker's gathered records (`audit::gather`), in the order they came.
-    Batch(Vec<(Box<Record>, Reply)>),
+    /// A record, and the memory it was counted with in `queued_bytes`.
+    Append(Box<Record>, Reply, usize),
+    /// A worker's gathered records (`audit::gather`), in the order they came, and their memory.
+    Batch(Vec<(Box<Record>, Reply)>, usize),
     /// Close the log, after writing this last record if there is one; the answer is that
     /// record's outcome.
     Close(mpsc::SyncSender<Option<Answer>>, Option<Box<Record>>),
@@ -292,6 +302,7 @@ impl AuditLog {
             promise_ended: tokio::sync::Notify::new(),
             queued: AtomicUsize::new(0),
             max_queued: AtomicUsize::new(MAX_QUEUED),
+            queued_bytes: AtomicUsize::new(0),
             #[cfg(test)]
             inject_failures: std::sync::atomic::AtomicU32::new(0),
             #[cfg(test)]
@@ -607,9 +618,22 @@ impl AuditLog {
         }
         let queue = self.inner.tx.as_ref().ok_or(AuditError::Closed)?;
         let waited_on = usize::from(!matches!(reply, Reply::Detached));
-        self.inner.shared.enqueue(waited_on)?;
+        let bytes = record.size_in_memory();
+        if let Err(refused) = self.inner.shared.enqueue(waited_on, bytes) {
+            if waited_on == 0 {
+                // Nobody to tell but the operator's log and the metrics.
+                self.inner.shared.write_failed();
+                tracing::error!(
+                    request_id = record.request_id.as_deref().unwrap_or("-"),
+                    event = record.event.as_str(),
+                    "the audit writer's queue is full (the disk is not answering); a record \
+                     nobody waits on is dropped"
+                );
+            }
+            return Err(refused);
+        }
         queue
-            .send(Msg::Append(Box::new(record), reply))
+            .send(Msg::Append(Box::new(record), reply, bytes))
             .map_err(|_| AuditError::Closed)
     }
 
@@ -682,7 +706,8 @@ impl Lead<'_> {
         let Some((leader, worker)) = self.relayed.take() else {
             return Err(AuditError::Closed);
         };
-        if let Err(refused) = self.log.inner.shared.enqueue(records.len()) {
+        let bytes = records.iter().map(Record::size_in_memory).sum();
+        if let Err(refused) = self.log.inner.shared.enqueue(records.len(), bytes) {
             // Every caller of the gathering hears why, the leader through its return value.
             for joiner in joiners.drain(..) {
                 let _ = joiner.send(Err(refused.for_another_record()));
@@ -703,7 +728,7 @@ impl Lead<'_> {
         // A refused send drops the batch, and with it every answer sender: the waiters see
         // the log closed.
         queue
-            .send(Msg::Batch(batch))
+            .send(Msg::Batch(batch, bytes))
             .map_err(|_| AuditError::Closed)
     }
 }
@@ -838,14 +863,25 @@ fn timed_sync(file: &File, shared: &Shared) -> io::Result<()> {
 }
 
 impl Shared {
-    /// Counts `n` more records for the writer thread, or refuses them past `max_queued`.
-    fn enqueue(&self, n: usize) -> Result<(), AuditError> {
+    /// Counts `n` more records someone waits on, holding `bytes` between them, for the writer
+    /// thread — or refuses them past `max_queued` records or [`MAX_QUEUED_BYTES`].
+    fn enqueue(&self, n: usize, bytes: usize) -> Result<(), AuditError> {
         let max = self.max_queued.load(Ordering::Relaxed);
         if self.queued.fetch_add(n, Ordering::Relaxed) + n > max {
             self.queued.fetch_sub(n, Ordering::Relaxed);
             return Err(AuditError::Backlog);
         }
+        if self.queued_bytes.fetch_add(bytes, Ordering::Relaxed) + bytes > MAX_QUEUED_BYTES {
+            self.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+            self.queued.fetch_sub(n, Ordering::Relaxed);
+            return Err(AuditError::Backlog);
+        }
         Ok(())
+    }
+
+    /// The writer took records holding `bytes` off its queue.
+    fn taken(&self, bytes: usize) {
+        self.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
     }
 
     /// Counts a failed write or sync and remembers when it happened.
@@ -992,8 +1028,14 @@ impl Writer {
             let mut delay = COMMIT_DELAY;
             while let Some(msg) = next.take() {
                 match msg {
-                    Msg::Append(rec, reply) => appends.push((rec, reply)),
-                    Msg::Batch(batch) => appends.extend(batch),
+                    Msg::Append(rec, reply, bytes) => {
+                        self.shared.taken(bytes);
+                        appends.push((rec, reply));
+                    }
+                    Msg::Batch(batch, bytes) => {
+                        self.shared.taken(bytes);
+                        appends.extend(batch);
+                    }
                     Msg::Close(ack, last) => {
                         closing = Some((ack, last));
                         break;
@@ -2187,6 +2229,61 @@ mod tests {
         assert_eq!(log.inner.shared.queued.load(Ordering::Relaxed), 0);
         let by = Instant::now() + Duration::from_secs(5);
         assert!(log.append_by(proxy("after"), by).await.is_ok());
+        log.close();
+    }
+
+    #[tokio::test]
+    async fn records_waiting_for_a_stalled_disk_are_bounded_in_memory_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(opts(dir.path(), FsyncPolicy::Always)).unwrap();
+        let stalled = stall_syncs(&log);
+        let mib = 1 << 20;
+        let long = |client: &str| {
+            let mut r = proxy(client);
+            r.path = Some("/".repeat(mib));
+            r
+        };
+        let queued_bytes = || log.inner.shared.queued_bytes.load(Ordering::Relaxed);
+        // Records of long paths are refused once they hold MAX_QUEUED_BYTES, long before
+        // MAX_QUEUED of them (which would be 64 GiB).
+        let mut answers = Vec::new();
+        let refused = loop {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            match log.send(long("queued"), Reply::Async(tx)) {
+                Ok(()) => answers.push(rx),
+                Err(e) => break e,
+            }
+            assert!(queued_bytes() <= MAX_QUEUED_BYTES);
+            assert!(
+                answers.len() <= MAX_QUEUED_BYTES / mib + MAX_BATCH,
+                "not bounded by memory"
+            );
+        };
+        assert!(matches!(refused, AuditError::Backlog), "{refused:?}");
+        assert!(
+            queued_bytes() > MAX_QUEUED_BYTES - 2 * mib,
+            "{}",
+            queued_bytes()
+        );
+        // A detached record past the deferred queue's room is dropped too, and counted.
+        for _ in 0..MAX_BATCH {
+            log.append_detached(proxy("detached")).unwrap();
+        }
+        let errors = log.stats().write_errors;
+        let dropped = log.append_detached(long("detached, long"));
+        assert!(matches!(dropped, Err(AuditError::Backlog)), "{dropped:?}");
+        assert_eq!(log.stats().write_errors, errors + 1);
+        // A small record someone waits on still fits.
+        let (tx, small) = tokio::sync::oneshot::channel();
+        log.send(proxy("small"), Reply::Async(tx)).unwrap();
+        stalled.store(false, Ordering::Relaxed);
+        for rx in answers {
+            assert!(rx.await.unwrap().is_ok());
+        }
+        assert!(small.await.unwrap().is_ok());
+        assert_eq!(queued_bytes(), 0);
+        let by = Instant::now() + Duration::from_secs(5);
+        assert!(log.append_by(long("after"), by).await.is_ok());
         log.close();
     }
 
