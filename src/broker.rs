@@ -21,7 +21,7 @@ use crate::credential::{CredentialError, DynamicCredential};
 use crate::proxy::forward::{Origin, UpstreamClient, UpstreamClients};
 use crate::proxy::inject::{Echoes, InjectError, Injection};
 use crate::server::{ListenerTls, ListenerTlsError, PreparedTls};
-use crate::state::{StateStore, KEEP_PAST_EXP_SECS};
+use crate::state::StateStore;
 use crate::token::{SigningKeys, TokenVerifier};
 
 /// A failed client authentication budget: this many failures from one address within 60
@@ -109,13 +109,44 @@ pub struct ConnectorRuntime {
 /// knows any more (a restart must not give a spent single-use token its uses back): such a
 /// token is refused. `iat` has whole seconds, so for the start's own second the counters also
 /// remember which `max_uses` tokens this process issued in it.
+///
+/// A spent token's counter lives as long as the token could pass check 2, and a little longer
+/// ([`USES_KEPT_PAST_EXP_SECS`]): with single-use tokens, one a call, that is one counter for
+/// every call of the last `max_ttl` and some minutes, so each is kept small (32 bytes of key
+/// and count, no allocation of its own).
 struct UseCounters {
-    counts: DashMap<String, Uses>,
+    counts: DashMap<UseKey, Uses>,
     /// The Unix second this process started in.
     booted: i64,
     /// `max_uses` tokens issued by this process with `iat <= booted`, by `jti`, with `exp`.
-    issued_at_boot: DashMap<String, i64>,
+    issued_at_boot: DashMap<UseKey, i64>,
 }
+
+/// A `jti` as a counter's key: the 16 random bytes the broker's own `jti`s encode
+/// ([`crate::token::new_jti`]), or the first 16 bytes of the SHA-256 of any other text (only
+/// the broker's own tokens get here, so nobody chooses a `jti` to collide with another).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct UseKey([u8; 16]);
+
+impl UseKey {
+    fn of(jti: &str) -> Self {
+        use base64::Engine;
+        let mut key = [0u8; 16];
+        let decoded =
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.decode_slice(jti.as_bytes(), &mut key);
+        if decoded != Ok(16) {
+            use sha2::Digest;
+            key.copy_from_slice(&sha2::Sha256::digest(jti.as_bytes())[..16]);
+        }
+        Self(key)
+    }
+}
+
+/// How long past its token's `exp` a `max_uses` counter is kept: longer than any
+/// `tokens.leeway` (at most 300 s), so a spent token cannot pass check 2 with a counter
+/// started afresh, plus a margin for this host's clock being set back. (Unlike Redis's keys,
+/// which another machine's clock expires, these are judged by the clock check 2 reads.)
+const USES_KEPT_PAST_EXP_SECS: i64 = 600;
 
 struct Uses {
     count: u64,
@@ -146,19 +177,17 @@ impl UseCounters {
     /// needs telling apart from an older process's).
     fn issued(&self, jti: &str, iat: i64, exp: i64) {
         if iat <= self.booted {
-            self.issued_at_boot.insert(jti.to_owned(), exp);
+            self.issued_at_boot.insert(UseKey::of(jti), exp);
         }
     }
 
     /// Counts one use of a `max_uses` token.
     fn consume(&self, jti: &str, max_uses: u64, iat: i64, exp: i64) -> Spend {
-        if iat <= self.booted && !self.issued_at_boot.contains_key(jti) {
+        let key = UseKey::of(jti);
+        if iat <= self.booted && !self.issued_at_boot.contains_key(&key) {
             return Spend::Unknown;
         }
-        let mut entry = self
-            .counts
-            .entry(jti.to_owned())
-            .or_insert(Uses { count: 0, exp });
+        let mut entry = self.counts.entry(key).or_insert(Uses { count: 0, exp });
         if entry.count >= max_uses {
             return Spend::Exhausted;
         }
@@ -170,9 +199,9 @@ impl UseCounters {
     /// `tokens.leeway` past it, and a counter forgotten then would start again at zero.
     fn sweep(&self, now: i64) {
         self.counts
-            .retain(|_, u| u.exp.saturating_add(KEEP_PAST_EXP_SECS) >= now);
+            .retain(|_, u| u.exp.saturating_add(USES_KEPT_PAST_EXP_SECS) >= now);
         self.issued_at_boot
-            .retain(|_, exp| exp.saturating_add(KEEP_PAST_EXP_SECS) >= now);
+            .retain(|_, exp| exp.saturating_add(USES_KEPT_PAST_EXP_SECS) >= now);
     }
 }
 
@@ -686,8 +715,33 @@ mod tests {
             "spent, not counted afresh"
         );
         // Long after, when no leeway accepts the token any more, the counter goes.
-        uses.sweep(exp + KEEP_PAST_EXP_SECS + 1);
+        uses.sweep(exp + USES_KEPT_PAST_EXP_SECS);
+        assert_eq!(uses.consume("j", 1, iat, exp), Spend::Exhausted);
+        uses.sweep(exp + USES_KEPT_PAST_EXP_SECS + 1);
         assert!(uses.counts.is_empty());
+    }
+
+    #[test]
+    fn counters_are_keyed_by_the_jtis_own_bytes_or_a_digest() {
+        let jti = crate::token::new_jti();
+        let key = UseKey::of(&jti);
+        use base64::Engine;
+        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(&jti)
+            .unwrap();
+        assert_eq!(key.0[..], raw[..]);
+        // Any other text (longer, shorter, not base64url) still has a key of its own.
+        let others = [
+            "j",
+            "",
+            "AAAAAAAAAAAAAAAAAAAAAA==",
+            "AAAAAAAAAAAAAAAAAAAAAAAA",
+        ];
+        let keys: std::collections::HashSet<[u8; 16]> =
+            others.iter().map(|t| UseKey::of(t).0).collect();
+        assert_eq!(keys.len(), others.len());
+        assert!(!keys.contains(&[0u8; 16]), "not the all-zero jti's key");
+        assert_eq!(std::mem::size_of::<(UseKey, Uses)>(), 32);
     }
 
     #[test]
@@ -710,7 +764,7 @@ mod tests {
             "only the first second is remembered"
         );
         assert_eq!(uses.consume("later", 1, booted + 1, 2_000), Spend::Spent);
-        uses.sweep(2_000 + KEEP_PAST_EXP_SECS + 1);
+        uses.sweep(2_000 + USES_KEPT_PAST_EXP_SECS + 1);
         assert!(uses.issued_at_boot.is_empty() && uses.counts.is_empty());
     }
 

@@ -67,6 +67,20 @@ pub fn client_body_failed(error: &(dyn std::error::Error + 'static)) -> bool {
     caused_by::<ClientBodyFailed>(error)
 }
 
+/// The client's own body error, when `error` (an upstream exchange's) comes from it.
+pub fn client_body_error<'e>(
+    error: &'e (dyn std::error::Error + 'static),
+) -> Option<&'e hyper::Error> {
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        if let Some(failed) = e.downcast_ref::<ClientBodyFailed>() {
+            return Some(&failed.0);
+        }
+        cause = e.source();
+    }
+    None
+}
+
 /// Whether a `T` is somewhere in `error`'s source chain.
 fn caused_by<T: std::error::Error + 'static>(error: &(dyn std::error::Error + 'static)) -> bool {
     let mut cause = Some(error);

@@ -1240,9 +1240,12 @@ async fn forward(
     // buffers, as most API calls' do, it is the client.
     let client_stalled =
         result.is_err() && declared_body.is_some_and(|len| bytes_in.load(Ordering::Relaxed) < len);
-    // The exchange failed because the client's body did (it went away mid-upload): the
-    // client's doing too, not an upstream error.
+    // The exchange failed because the client's body did (it went away mid-upload, or broke
+    // the framing): the client's doing too, not an upstream error.
     let client_failed = matches!(&result, Ok(Err(e)) if client_body_failed(e));
+    // … and it went away: its answer goes nowhere, so the outcome records none.
+    let client_left = matches!(&result, Ok(Err(e))
+        if body::client_body_error(e).is_some_and(|b| client_went_away(b)));
     // … or it did not come within the request's time.
     let client_stalled =
         client_stalled || matches!(&result, Ok(Err(e)) if body::request_body_timed_out(e));
@@ -1286,6 +1289,7 @@ async fn forward(
                 refusal,
                 &bytes_in,
                 started,
+                client_left,
             ))
             .await;
         }
@@ -1406,20 +1410,27 @@ async fn finish_failed(
     refusal: Refusal,
     bytes_in: &AtomicU64,
     started: Instant,
+    client_left: bool,
 ) -> Response<ProxyBody> {
     let request_id = record.request_id.clone().unwrap_or_default();
-    record.status = Some(refusal.status().as_u16());
     let elapsed = started.elapsed();
     record.duration_ms = Some(elapsed.as_millis() as u64);
     record.bytes_in = Some(bytes_in.load(Ordering::Relaxed));
     record.bytes_out = Some(0);
-    // The record keeps the reason (e.g. a refused upstream certificate), not just the code.
-    record.error = Some(match &refusal {
-        Refusal::UpstreamUnavailable(detail) | Refusal::InvalidRequest(detail) => {
-            format!("{}: {detail}", refusal.code())
-        }
-        other => other.code().to_owned(),
-    });
+    if client_left {
+        // No status: the answer below reaches nobody (as a call that goes away while its
+        // upstream thinks, see `Call`).
+        record.error = Some("client went away while sending the request body".into());
+    } else {
+        record.status = Some(refusal.status().as_u16());
+        // The record keeps the reason (e.g. a refused upstream certificate), not just the code.
+        record.error = Some(match &refusal {
+            Refusal::UpstreamUnavailable(detail) | Refusal::InvalidRequest(detail) => {
+                format!("{}: {detail}", refusal.code())
+            }
+            other => other.code().to_owned(),
+        });
+    }
     let connector = record.connector.as_deref().unwrap_or_default();
     broker.metrics.request_done(connector, elapsed);
     // Bounded: the call is over, and a disk that stopped answering must not hold its answer.
