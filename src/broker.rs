@@ -5,6 +5,7 @@
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,6 +29,13 @@ use crate::token::{SigningKeys, TokenVerifier};
 /// seconds lock it out of the token endpoint until the oldest of them is a minute old
 /// (DESIGN §4.1).
 pub const AUTH_FAILURES_PER_MINUTE: u32 = 20;
+
+/// The most source addresses whose failed authentications are tracked at once (each ~250
+/// bytes; an address's window goes a minute after its last failure). Anyone can make token
+/// requests from many addresses (an IPv6 prefix holds billions): past this many, a new
+/// address's failures are not counted until the minute's sweep makes room — the lockout slows
+/// guessing, the secrets' length is what stops it.
+const MAX_LOCKOUT_ADDRESSES: usize = 100_000;
 
 /// Everything shared by all connections.
 /// A validated config, built and ready to take over ([`Broker::prepare_config`]).
@@ -53,7 +61,7 @@ pub struct Broker {
     /// Counters and histograms served at `GET /metrics`.
     pub metrics: Arc<Metrics>,
     uses: UseCounters,
-    auth_failures: DashMap<IpAddr, FailureWindow>,
+    auth_failures: Lockouts,
     upstream_clients: UpstreamClients,
     /// The listeners' TLS configs, re-read on every reload.
     pub listener_tls: ListenerTls,
@@ -135,8 +143,7 @@ impl UseKey {
         let decoded =
             base64::engine::general_purpose::URL_SAFE_NO_PAD.decode_slice(jti.as_bytes(), &mut key);
         if decoded != Ok(16) {
-            use sha2::Digest;
-            key.copy_from_slice(&sha2::Sha256::digest(jti.as_bytes())[..16]);
+            key.copy_from_slice(&Sha256::digest(jti.as_bytes())[..16]);
         }
         Self(key)
     }
@@ -222,6 +229,78 @@ impl FailureWindow {
     }
 }
 
+/// The failed client authentications of each source address (those of the last minute).
+struct Lockouts {
+    windows: DashMap<IpAddr, FailureWindow>,
+    /// The most addresses tracked at once ([`MAX_LOCKOUT_ADDRESSES`]).
+    cap: usize,
+    /// The Unix second of the last warning that the cap was reached (one a minute).
+    warned: AtomicI64,
+}
+
+impl Lockouts {
+    fn new(cap: usize) -> Self {
+        Self {
+            windows: DashMap::new(),
+            cap,
+            warned: AtomicI64::new(i64::MIN),
+        }
+    }
+
+    fn left(&self, ip: IpAddr, now: i64) -> Option<u64> {
+        self.windows.get(&ip)?.lockout_left(now)
+    }
+
+    /// See [`Broker::authenticate_from`]. An address keeps an entry only once it has failed.
+    fn attempt<T, E>(
+        &self,
+        ip: IpAddr,
+        now: i64,
+        authenticate: impl FnOnce() -> Result<T, E>,
+    ) -> Result<T, AuthAttempt<E>> {
+        if !self.windows.contains_key(&ip) && self.windows.len() >= self.cap {
+            let last = self.warned.load(Ordering::Relaxed);
+            let due = now >= last.saturating_add(60)
+                && self
+                    .warned
+                    .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok();
+            if due {
+                tracing::warn!(
+                    "failed client authentications of {} source addresses are already \
+                     tracked; a new address's are not counted until older ones expire",
+                    self.cap
+                );
+            }
+            return authenticate().map_err(AuthAttempt::Failed);
+        }
+        let mut w = self.windows.entry(ip).or_default();
+        if let Some(left) = w.lockout_left(now) {
+            return Err(AuthAttempt::LockedOut(left));
+        }
+        let result = authenticate().map_err(|e| {
+            w.0.push_back(now);
+            while w.0.len() > AUTH_FAILURES_PER_MINUTE as usize {
+                w.0.pop_front();
+            }
+            AuthAttempt::Failed(e)
+        });
+        // An address that never failed keeps no entry (its requests are the usual case).
+        let untouched = w.0.is_empty();
+        drop(w);
+        if untouched {
+            self.windows.remove_if(&ip, |_, w| w.0.is_empty());
+        }
+        result
+    }
+
+    /// Forgets the addresses whose last failure is a minute old.
+    fn sweep(&self, now: i64) {
+        self.windows
+            .retain(|_, w| w.0.back().is_some_and(|&last| last + 60 > now));
+    }
+}
+
 /// Why a config could not be put in force.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -277,7 +356,7 @@ impl Broker {
             state: Arc::new(state),
             metrics,
             uses: UseCounters::new(chrono::Utc::now().timestamp()),
-            auth_failures: DashMap::new(),
+            auth_failures: Lockouts::new(MAX_LOCKOUT_ADDRESSES),
             upstream_clients,
             listener_tls,
             admin_changes: tokio::sync::Mutex::new(()),
@@ -361,14 +440,13 @@ impl Broker {
     /// Forgets what expired tokens and old authentication failures left behind.
     pub fn sweep_expired(&self, now: i64) {
         self.uses.sweep(now);
-        self.auth_failures
-            .retain(|_, w| w.0.back().is_some_and(|&last| last + 60 > now));
+        self.auth_failures.sweep(now);
     }
 
     /// The seconds `ip` stays locked out of the token endpoint: it failed client
     /// authentication [`AUTH_FAILURES_PER_MINUTE`] times within the last 60 seconds.
     pub fn auth_lockout(&self, ip: IpAddr, now: i64) -> Option<u64> {
-        self.auth_failures.get(&ip)?.lockout_left(now)
+        self.auth_failures.left(ip, now)
     }
 
     /// Runs a token request's client `authenticate` unless `ip` is locked out, counting a
@@ -382,17 +460,7 @@ impl Broker {
         now: i64,
         authenticate: impl FnOnce() -> Result<T, E>,
     ) -> Result<T, AuthAttempt<E>> {
-        let mut w = self.auth_failures.entry(ip).or_default();
-        if let Some(left) = w.lockout_left(now) {
-            return Err(AuthAttempt::LockedOut(left));
-        }
-        authenticate().map_err(|e| {
-            w.0.push_back(now);
-            while w.0.len() > AUTH_FAILURES_PER_MINUTE as usize {
-                w.0.pop_front();
-            }
-            AuthAttempt::Failed(e)
-        })
+        self.auth_failures.attempt(ip, now, authenticate)
     }
 }
 
@@ -766,6 +834,45 @@ mod tests {
         assert_eq!(uses.consume("later", 1, booted + 1, 2_000), Spend::Spent);
         uses.sweep(2_000 + USES_KEPT_PAST_EXP_SECS + 1);
         assert!(uses.issued_at_boot.is_empty() && uses.counts.is_empty());
+    }
+
+    #[test]
+    fn only_failing_addresses_are_tracked_and_only_so_many() {
+        let lockouts = Lockouts::new(2);
+        let ip = |n: u8| IpAddr::from([127, 0, 0, n]);
+        let ok = || Ok::<(), ()>(());
+        let fail = || Err::<(), ()>(());
+        assert!(lockouts.attempt(ip(1), 100, ok).is_ok());
+        assert!(lockouts.windows.is_empty(), "a success leaves nothing");
+        for _ in 0..AUTH_FAILURES_PER_MINUTE {
+            assert_eq!(
+                lockouts.attempt(ip(1), 100, fail),
+                Err(AuthAttempt::Failed(()))
+            );
+        }
+        assert_eq!(
+            lockouts.attempt(ip(1), 100, ok),
+            Err(AuthAttempt::LockedOut(60))
+        );
+        assert_eq!(lockouts.left(ip(1), 100), Some(60));
+        assert!(lockouts.attempt(ip(2), 100, fail).is_err());
+        // Full: a third address is let try, uncounted; the tracked ones stay tracked.
+        for _ in 0..2 * AUTH_FAILURES_PER_MINUTE {
+            assert_eq!(
+                lockouts.attempt(ip(3), 100, fail),
+                Err(AuthAttempt::Failed(()))
+            );
+        }
+        assert_eq!(lockouts.windows.len(), 2);
+        assert_eq!(
+            lockouts.attempt(ip(1), 101, ok),
+            Err(AuthAttempt::LockedOut(59))
+        );
+        // A minute after their last failure, both go and make room.
+        lockouts.sweep(160);
+        assert!(lockouts.windows.is_empty());
+        assert!(lockouts.attempt(ip(3), 160, fail).is_err());
+        assert_eq!(lockouts.windows.len(), 1);
     }
 
     #[test]

@@ -466,6 +466,10 @@ pub struct VerifiedTokenCache {
     capacity: usize,
     /// The latest `now` seen by `get`, so `insert` can evict without reading a clock.
     last_now: AtomicI64,
+    /// While full: the earliest `exp` among the entries at the last eviction scan. Nothing can
+    /// be evicted before it, so inserts do not scan the whole cache again until then (at
+    /// capacity every new token would otherwise pay a scan of every entry).
+    full_until: AtomicI64,
 }
 
 impl VerifiedTokenCache {
@@ -477,6 +481,7 @@ impl VerifiedTokenCache {
             entries: DashMap::new(),
             capacity,
             last_now: AtomicI64::new(i64::MIN),
+            full_until: AtomicI64::new(i64::MIN),
         }
     }
 
@@ -494,10 +499,26 @@ impl VerifiedTokenCache {
 
     /// Remembers a verified token. The bound is approximate under concurrent inserts.
     pub fn insert(&self, token: &str, claims: Arc<AccessClaims>) {
+        // A single-use token passes once: kept, it would only crowd out tokens that are used
+        // again (with a token per call, the cache would hold nothing else).
+        if claims.max_uses == Some(1) {
+            return;
+        }
         if self.entries.len() >= self.capacity {
             let now = self.last_now.load(Ordering::Relaxed);
-            self.entries.retain(|_, c| c.exp > now);
+            if now < self.full_until.load(Ordering::Relaxed) {
+                return;
+            }
+            let mut earliest = i64::MAX;
+            self.entries.retain(|_, c| {
+                let live = c.exp > now;
+                if live {
+                    earliest = earliest.min(c.exp);
+                }
+                live
+            });
             if self.entries.len() >= self.capacity {
+                self.full_until.store(earliest, Ordering::Relaxed);
                 return;
             }
         }
@@ -992,6 +1013,41 @@ mod tests {
         assert!(cache.get("c", NOW + 20).is_some());
         assert!(cache.get("c", NOW + 100).is_none(), "dropped at exp");
         assert_eq!(cache.len(), 1);
+    }
+
+    #[test]
+    fn a_full_cache_scans_again_only_once_an_entry_can_have_expired() {
+        let cache = VerifiedTokenCache::new(2);
+        let claims = |exp| {
+            let mut c = sample(ISS, NOW);
+            c.exp = exp;
+            Arc::new(c)
+        };
+        cache.insert("a", claims(NOW + 10));
+        cache.insert("b", claims(NOW + 100));
+        assert!(cache.get("a", NOW).is_some());
+        cache.insert("c", claims(NOW + 100));
+        assert_eq!(cache.full_until.load(Ordering::Relaxed), NOW + 10);
+        // `a` expired without being asked for: the first insert after NOW + 10 evicts it.
+        assert!(cache.get("b", NOW + 5).is_some());
+        cache.insert("c", claims(NOW + 100));
+        assert!(cache.get("c", NOW + 5).is_none(), "no scan before NOW + 10");
+        assert!(cache.get("b", NOW + 11).is_some());
+        cache.insert("c", claims(NOW + 100));
+        assert!(cache.get("c", NOW + 11).is_some());
+    }
+
+    #[test]
+    fn single_use_tokens_are_not_cached() {
+        let cache = VerifiedTokenCache::new(10);
+        let mut once = sample(ISS, NOW);
+        once.max_uses = Some(1);
+        cache.insert("once", Arc::new(once));
+        let mut twice = sample(ISS, NOW);
+        twice.max_uses = Some(2);
+        cache.insert("twice", Arc::new(twice));
+        assert!(cache.get("once", NOW).is_none());
+        assert!(cache.get("twice", NOW).is_some());
     }
 
     proptest! {
