@@ -30,11 +30,11 @@ use crate::token::{SigningKeys, TokenVerifier};
 /// (DESIGN §4.1).
 pub const AUTH_FAILURES_PER_MINUTE: u32 = 20;
 
-/// The most source addresses whose failed authentications are tracked at once (each ~250
+/// The most source addresses whose failed authentications are tracked one by one (each ~250
 /// bytes; an address's window goes a minute after its last failure). Anyone can make token
-/// requests from many addresses (an IPv6 prefix holds billions): past this many, a new
-/// address's failures are not counted until the minute's sweep makes room — the lockout slows
-/// guessing, the secrets' length is what stops it.
+/// requests from many addresses (an IPv6 prefix holds billions): past this many, every
+/// address not tracked shares one window, so one who fills the table gets no more guesses
+/// than one address — and, while it is full, locks out every untracked address with it.
 const MAX_LOCKOUT_ADDRESSES: usize = 100_000;
 
 /// Everything shared by all connections.
@@ -151,8 +151,9 @@ impl UseKey {
 
 /// How long past its token's `exp` a `max_uses` counter is kept: longer than any
 /// `tokens.leeway` (at most 300 s), so a spent token cannot pass check 2 with a counter
-/// started afresh, plus a margin for this host's clock being set back. (Unlike Redis's keys,
-/// which another machine's clock expires, these are judged by the clock check 2 reads.)
+/// started afresh, plus 5 minutes for this host's clock being stepped (a counter dropped while
+/// the clock ran ahead, before it was set right). (Unlike Redis's keys, which another
+/// machine's clock expires, these are judged by the clock check 2 reads.)
 const USES_KEPT_PAST_EXP_SECS: i64 = 600;
 
 struct Uses {
@@ -219,6 +220,24 @@ impl UseCounters {
 struct FailureWindow(std::collections::VecDeque<i64>);
 
 impl FailureWindow {
+    /// Runs `authenticate` unless the window is full, and notes a failure at `now`.
+    fn attempt<T, E>(
+        &mut self,
+        now: i64,
+        authenticate: impl FnOnce() -> Result<T, E>,
+    ) -> Result<T, AuthAttempt<E>> {
+        if let Some(left) = self.lockout_left(now) {
+            return Err(AuthAttempt::LockedOut(left));
+        }
+        authenticate().map_err(|e| {
+            self.0.push_back(now);
+            while self.0.len() > AUTH_FAILURES_PER_MINUTE as usize {
+                self.0.pop_front();
+            }
+            AuthAttempt::Failed(e)
+        })
+    }
+
     /// Seconds until the window holds fewer than the limit, if it is full now.
     fn lockout_left(&self, now: i64) -> Option<u64> {
         if self.0.len() < AUTH_FAILURES_PER_MINUTE as usize {
@@ -232,8 +251,10 @@ impl FailureWindow {
 /// The failed client authentications of each source address (those of the last minute).
 struct Lockouts {
     windows: DashMap<IpAddr, FailureWindow>,
-    /// The most addresses tracked at once ([`MAX_LOCKOUT_ADDRESSES`]).
+    /// The most addresses tracked one by one ([`MAX_LOCKOUT_ADDRESSES`]).
     cap: usize,
+    /// The window every address beyond `cap` shares.
+    overflow: std::sync::Mutex<FailureWindow>,
     /// The Unix second of the last warning that the cap was reached (one a minute).
     warned: AtomicI64,
 }
@@ -243,12 +264,21 @@ impl Lockouts {
         Self {
             windows: DashMap::new(),
             cap,
+            overflow: std::sync::Mutex::new(FailureWindow::default()),
             warned: AtomicI64::new(i64::MIN),
         }
     }
 
     fn left(&self, ip: IpAddr, now: i64) -> Option<u64> {
-        self.windows.get(&ip)?.lockout_left(now)
+        match self.windows.get(&ip) {
+            Some(w) => w.lockout_left(now),
+            None if self.windows.len() >= self.cap => self.shared_window().lockout_left(now),
+            None => None,
+        }
+    }
+
+    fn shared_window(&self) -> std::sync::MutexGuard<'_, FailureWindow> {
+        self.overflow.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// See [`Broker::authenticate_from`]. An address keeps an entry only once it has failed.
@@ -267,24 +297,15 @@ impl Lockouts {
                     .is_ok();
             if due {
                 tracing::warn!(
-                    "failed client authentications of {} source addresses are already \
-                     tracked; a new address's are not counted until older ones expire",
+                    "failed client authentications of {} source addresses are tracked; until \
+                     older ones expire, every other address shares one lockout",
                     self.cap
                 );
             }
-            return authenticate().map_err(AuthAttempt::Failed);
+            return self.shared_window().attempt(now, authenticate);
         }
         let mut w = self.windows.entry(ip).or_default();
-        if let Some(left) = w.lockout_left(now) {
-            return Err(AuthAttempt::LockedOut(left));
-        }
-        let result = authenticate().map_err(|e| {
-            w.0.push_back(now);
-            while w.0.len() > AUTH_FAILURES_PER_MINUTE as usize {
-                w.0.pop_front();
-            }
-            AuthAttempt::Failed(e)
-        });
+        let result = w.attempt(now, authenticate);
         // An address that never failed keeps no entry (its requests are the usual case).
         let untouched = w.0.is_empty();
         drop(w);
@@ -486,11 +507,18 @@ impl Live {
         let config = &self.config;
         let matches_hashed = |candidate: &[u8]| {
             let digest: [u8; 32] = Sha256::digest(candidate).into();
+            let admin = config.admin.as_ref();
             let hashed = config
                 .clients
                 .iter()
                 .filter_map(|c| c.secret_sha256)
-                .chain(config.admin.as_ref().map(|a| a.token_sha256));
+                .chain(admin.map(|a| a.token_sha256))
+                .chain(
+                    admin
+                        .into_iter()
+                        .flat_map(|a| &a.operators)
+                        .map(|o| o.token_sha256),
+                );
             let mut known = false;
             for secret in hashed {
                 // Every one compared, in constant time: the answer says nothing of which.
@@ -856,23 +884,35 @@ mod tests {
         );
         assert_eq!(lockouts.left(ip(1), 100), Some(60));
         assert!(lockouts.attempt(ip(2), 100, fail).is_err());
-        // Full: a third address is let try, uncounted; the tracked ones stay tracked.
-        for _ in 0..2 * AUTH_FAILURES_PER_MINUTE {
+        // Full: the addresses beyond share one window — twenty failures between them, from
+        // as many addresses as there are, lock them all out; the tracked ones stay tracked.
+        for n in 0..AUTH_FAILURES_PER_MINUTE {
+            let beyond = ip(3 + n as u8);
             assert_eq!(
-                lockouts.attempt(ip(3), 100, fail),
+                lockouts.attempt(beyond, 100, fail),
                 Err(AuthAttempt::Failed(()))
             );
         }
         assert_eq!(lockouts.windows.len(), 2);
         assert_eq!(
+            lockouts.attempt(ip(99), 100, ok),
+            Err(AuthAttempt::LockedOut(60))
+        );
+        assert_eq!(lockouts.left(ip(98), 100), Some(60));
+        assert!(
+            lockouts.attempt(ip(2), 100, ok).is_ok(),
+            "a tracked address has its own"
+        );
+        assert_eq!(
             lockouts.attempt(ip(1), 101, ok),
             Err(AuthAttempt::LockedOut(59))
         );
-        // A minute after their last failure, both go and make room.
+        // A minute after their last failure, tracked addresses go and make room.
         lockouts.sweep(160);
         assert!(lockouts.windows.is_empty());
         assert!(lockouts.attempt(ip(3), 160, fail).is_err());
         assert_eq!(lockouts.windows.len(), 1);
+        assert_eq!(lockouts.left(ip(99), 160), None);
     }
 
     #[test]

@@ -619,7 +619,12 @@ impl AuditLog {
         let queue = self.inner.tx.as_ref().ok_or(AuditError::Closed)?;
         let waited_on = usize::from(!matches!(reply, Reply::Detached));
         let bytes = record.size_in_memory();
-        if let Err(refused) = self.inner.shared.enqueue(waited_on, bytes) {
+        if matches!(reply, Reply::Ordered) {
+            // What must follow a record already queued (a late allow's outcome, a correction)
+            // is never refused: the log would end on the record it corrects. It is bounded by
+            // the records it follows, which were counted.
+            self.inner.shared.enqueue_unrefused(waited_on, bytes);
+        } else if let Err(refused) = self.inner.shared.enqueue(waited_on, bytes) {
             if waited_on == 0 {
                 // Nobody to tell but the operator's log and the metrics.
                 self.inner.shared.write_failed();
@@ -877,6 +882,12 @@ impl Shared {
             return Err(AuditError::Backlog);
         }
         Ok(())
+    }
+
+    /// Counts records as [`Self::enqueue`] does, past the bounds too.
+    fn enqueue_unrefused(&self, n: usize, bytes: usize) {
+        self.queued.fetch_add(n, Ordering::Relaxed);
+        self.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
     }
 
     /// The writer took records holding `bytes` off its queue.
@@ -2235,7 +2246,8 @@ mod tests {
     #[tokio::test]
     async fn records_waiting_for_a_stalled_disk_are_bounded_in_memory_too() {
         let dir = tempfile::tempdir().unwrap();
-        let log = AuditLog::open(opts(dir.path(), FsyncPolicy::Always)).unwrap();
+        let o = opts(dir.path(), FsyncPolicy::Always);
+        let log = AuditLog::open(o.clone()).unwrap();
         let stalled = stall_syncs(&log);
         let mib = 1 << 20;
         let long = |client: &str| {
@@ -2273,18 +2285,25 @@ mod tests {
         let dropped = log.append_detached(long("detached, long"));
         assert!(matches!(dropped, Err(AuditError::Backlog)), "{dropped:?}");
         assert_eq!(log.stats().write_errors, errors + 1);
-        // A small record someone waits on still fits.
+        // A small record someone waits on still fits; one that must follow a record already
+        // queued is never refused.
         let (tx, small) = tokio::sync::oneshot::channel();
         log.send(proxy("small"), Reply::Async(tx)).unwrap();
+        log.append_behind(long("follows a late one")).unwrap();
         stalled.store(false, Ordering::Relaxed);
         for rx in answers {
             assert!(rx.await.unwrap().is_ok());
         }
         assert!(small.await.unwrap().is_ok());
-        assert_eq!(queued_bytes(), 0);
         let by = Instant::now() + Duration::from_secs(5);
         assert!(log.append_by(long("after"), by).await.is_ok());
+        assert_eq!(queued_bytes(), 0);
+        assert_eq!(log.inner.shared.queued.load(Ordering::Relaxed), 0);
         log.close();
+        let lines = read_lines(&o.path);
+        let follows = lines.iter().position(|l| l.contains("follows a late one"));
+        let after = lines.iter().position(|l| l.contains("\"after\""));
+        assert!(follows.is_some() && follows < after, "written, in order");
     }
 
     #[test]

@@ -763,6 +763,16 @@ fn operators_have_names_and_tokens_of_their_own() {
         ),
         (op("", alice), "admin.operators[0].name", "letters"),
         (
+            op("Admin", alice),
+            "admin.operators[0].name",
+            "not \"admin\"",
+        ),
+        (
+            format!("{}{}", op("alice", alice), op("Alice", bob)),
+            "admin.operators[1].name",
+            "duplicate",
+        ),
+        (
             format!("{}{}", op("alice", alice), op("alice", bob)),
             "admin.operators[1].name",
             "duplicate",

@@ -344,7 +344,7 @@ fn operators(
             && name
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-        if !valid || name == "admin" {
+        if !valid || name.eq_ignore_ascii_case("admin") {
             cx.err(
                 Some(op.name.span()),
                 &format!("{key}.name"),
@@ -352,7 +352,11 @@ fn operators(
                  shared token's actor)",
             );
             ok = false;
-        } else if operators.iter().any(|o: &Operator| o.name == *name) {
+        } else if operators
+            .iter()
+            .any(|o: &Operator| o.name.eq_ignore_ascii_case(name))
+        {
+            // Names differing only in case would read as one person in the log.
             cx.err(
                 Some(op.name.span()),
                 &format!("{key}.name"),

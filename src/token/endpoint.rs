@@ -2,7 +2,8 @@
 //! `GET /.well-known/jwks.json` and `GET /.well-known/oauth-authorization-server`.
 //!
 //! Order of work for a token request: source-address lockout, client authentication, form,
-//! grant type, issuance rate limit, grants, scope, lifetime, binding, audit, sign. Every
+//! grant type, issuance rate limit (and a wait for a revocation's cut-off to pass), grants,
+//! scope, lifetime, binding, audit, sign. Every
 //! outcome is audited; a token is returned only once its `token_issued` record is written.
 
 use std::collections::HashSet;
@@ -126,10 +127,14 @@ const CUT_OFF_WAIT_MAX: Duration = Duration::from_secs(7);
 /// has passed. The request waits for it (a client that was just revoked, and asks again at
 /// once, gets a working token a moment later, not an error its OAuth library would not retry);
 /// a wait longer than `CUT_OFF_WAIT_MAX` or than `budget` is answered 503 with `Retry-After`.
-async fn past_cut_off(cut_off: Option<i64>, budget: Duration) -> Result<DateTime<Utc>, TokenError> {
+/// The second member says whether it waited (what was read before may have changed).
+async fn past_cut_off(
+    cut_off: Option<i64>,
+    budget: Duration,
+) -> Result<(DateTime<Utc>, bool), TokenError> {
     let now = Utc::now();
     let Some(cut_off) = cut_off.filter(|&c| now.timestamp() <= c) else {
-        return Ok(now);
+        return Ok((now, false));
     };
     let past = Utc.timestamp_opt(cut_off.saturating_add(1), 0).single();
     let wait = past.and_then(|past| (past - now).to_std().ok());
@@ -146,7 +151,26 @@ async fn past_cut_off(cut_off: Option<i64>, budget: Duration) -> Result<DateTime
         // The wall clock was set back while the request waited.
         return Err(under_cut_off(cut_off));
     }
-    Ok(now)
+    Ok((now, true))
+}
+
+/// The connectors switched off, read again after a wait for a cut-off (a kill switch pulled
+/// meanwhile must not get a token issued for its connector, DESIGN §3.3), and — in memory — the
+/// client's cut-off again (revoked again meanwhile: no token that would never work).
+async fn after_the_wait(
+    broker: &Broker,
+    client: &str,
+    now: i64,
+) -> Result<HashSet<String>, TokenError> {
+    if let StateStore::Memory(revocations) = &*broker.state {
+        if let Some(cut_off) = revocations.client_cut_off(client).filter(|&c| now <= c) {
+            return Err(under_cut_off(cut_off));
+        }
+    }
+    broker.state.disabled_connectors().await.map_err(|e| {
+        tracing::error!(error = %e, "shared state unavailable; refusing to issue a token");
+        state_unavailable()
+    })
 }
 
 /// 503 with the seconds until tokens issued then pass a revocation's cut-off: a token issued
@@ -260,6 +284,7 @@ async fn issue(
     conn: &ConnInfo,
     record: &mut Record,
 ) -> Result<Issued, TokenError> {
+    let started = std::time::Instant::now();
     let now = Utc::now();
     let ip = conn.peer.ip();
     if let Some(left) = broker.auth_lockout(ip, now.timestamp()) {
@@ -333,14 +358,22 @@ async fn issue(
             )))
         }
     }
-    let (disabled, cut_off) = issue_state(broker, live, &client.id)
+    let (mut disabled, cut_off) = issue_state(broker, live, &client.id)
         .await
         .map_err(with_client)?;
     // The time the token is issued at (and every time check below is made at): after the
     // state's answer, and past a revocation's cut-off that would refuse it.
-    let now = past_cut_off(cut_off, live.config.server.request_timeout)
-        .await
-        .map_err(with_client)?;
+    let budget = live
+        .config
+        .server
+        .request_timeout
+        .saturating_sub(started.elapsed());
+    let (now, waited) = past_cut_off(cut_off, budget).await.map_err(with_client)?;
+    if waited {
+        disabled = after_the_wait(broker, &client.id, now.timestamp())
+            .await
+            .map_err(with_client)?;
+    }
     // A client with no grants at all is unauthorized (a grant of no operation grants nothing);
     // one whose only grant expired gets invalid_scope below (DESIGN §3.3).
     if client.grants.iter().all(|g| g.operations.is_empty()) {
@@ -911,14 +944,16 @@ mod tests {
         let long = Duration::from_secs(60);
         // No cut-off, or one already past: now, at once.
         let before = Utc::now();
-        assert!(past_cut_off(None, long).await.unwrap() >= before);
+        let (at, waited) = past_cut_off(None, long).await.unwrap();
+        assert!(at >= before && !waited);
         let past = Utc::now().timestamp() - 1;
-        let at = past_cut_off(Some(past), long).await.unwrap();
+        let (at, waited) = past_cut_off(Some(past), long).await.unwrap();
         assert!(at.timestamp() > past && at - before < chrono::Duration::milliseconds(500));
+        assert!(!waited);
         // A cut-off at this second: the answer comes once it has passed.
         let cut_off = Utc::now().timestamp();
-        let at = past_cut_off(Some(cut_off), long).await.unwrap();
-        assert!(at.timestamp() > cut_off, "{at} is past {cut_off}");
+        let (at, waited) = past_cut_off(Some(cut_off), long).await.unwrap();
+        assert!(at.timestamp() > cut_off && waited, "{at} is past {cut_off}");
         assert!(Utc::now().timestamp() > cut_off);
     }
 

@@ -472,6 +472,46 @@ async fn a_token_asked_in_a_client_revocations_second_is_issued_after_it_and_wor
     );
 }
 
+/// A kill switch pulled while a token request waits out a client revocation's second is seen:
+/// no token is issued for the connector switched off meanwhile (DESIGN §3.3).
+#[tokio::test]
+async fn a_kill_switch_pulled_during_the_wait_is_seen() {
+    let up = FakeUpstream::start().await;
+    let b = std::sync::Arc::new(TestBroker::start(&standard_config(up.addr)).await);
+    let into_second = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_millis();
+    tokio::time::sleep(std::time::Duration::from_millis(u64::from(
+        1010 - into_second,
+    )))
+    .await;
+    let revoke = b
+        .admin_call("POST", "/v1/revoke", "{\"client\":\"bot\"}")
+        .await;
+    assert_eq!(revoke.0, 200);
+    let asking = std::sync::Arc::clone(&b);
+    let asked = tokio::spawn(async move {
+        let answer = asking
+            .token_request("bot", SECRET, "github:issues.read", &[])
+            .await;
+        (answer, std::time::Instant::now())
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let kill = b
+        .admin_call("POST", "/v1/revoke", "{\"connector\":\"github\"}")
+        .await;
+    assert_eq!(kill.0, 200);
+    let pulled = std::time::Instant::now();
+    let ((status, _, body), answered) = asked.await.unwrap();
+    assert!(
+        pulled < answered,
+        "the kill switch came after the wait (machine too slow)"
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("invalid_scope"), "{body}");
+}
+
 /// Rotating the signing key: replace its file and reload. The JWKS publishes the new key,
 /// tokens are signed with it, and every token signed with the old one is refused at once (what
 /// an emergency rotation is for). A key file that does not load refuses the reload, naming the
@@ -697,6 +737,12 @@ async fn an_operators_own_admin_token_names_them_in_the_audit_log() {
         200
     );
     assert_eq!(b.admin_call("POST", "/v1/enable", kill).await.0, 200);
+    // An operator's token is a secret the broker holds: pasted as a name, it is refused and
+    // neither recorded nor echoed (DESIGN §5).
+    let pasted = format!("{{\"client\":\"{alice}\"}}");
+    let (status, _, body) = b.admin_call("POST", "/v1/revoke", &pasted).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(!body.contains(alice), "{body}");
     std::fs::write(b.config_path(), standard_config(up.addr)).unwrap();
     assert_eq!(b.admin_call("POST", "/v1/reload", "").await.0, 200);
     assert_eq!(
@@ -718,6 +764,7 @@ async fn an_operators_own_admin_token_names_them_in_the_audit_log() {
     let expected = [
         ("alice", "disable", "ok"),
         ("admin", "enable", "ok"),
+        ("admin", "revoke", "failed"),
         ("admin", "reload", "ok"),
         ("admin", "revoke", "denied"),
     ];
@@ -726,4 +773,6 @@ async fn an_operators_own_admin_token_names_them_in_the_audit_log() {
         .map(|(w, a, r)| (w.to_string(), a.to_string(), r.to_string()))
         .collect();
     assert_eq!(steps, expected);
+    let log = std::fs::read_to_string(b.audit_path()).unwrap();
+    assert!(!log.contains(alice), "an operator's token in the audit log");
 }
