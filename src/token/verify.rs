@@ -991,14 +991,17 @@ mod tests {
         assert!(v.verify_cached(&bad, NOW).is_err());
     }
 
+    /// Sample claims with this `exp`.
+    fn claims_expiring(exp: i64) -> Arc<AccessClaims> {
+        let mut c = sample(ISS, NOW);
+        c.exp = exp;
+        Arc::new(c)
+    }
+
     #[test]
     fn cache_is_bounded_and_evicts_expired_entries() {
         let cache = VerifiedTokenCache::new(2);
-        let claims = |exp| {
-            let mut c = sample(ISS, NOW);
-            c.exp = exp;
-            Arc::new(c)
-        };
+        let claims = claims_expiring;
         cache.insert("a", claims(NOW + 10));
         cache.insert("b", claims(NOW + 100));
         cache.insert("c", claims(NOW + 100));
@@ -1018,11 +1021,7 @@ mod tests {
     #[test]
     fn a_full_cache_scans_again_only_once_an_entry_can_have_expired() {
         let cache = VerifiedTokenCache::new(2);
-        let claims = |exp| {
-            let mut c = sample(ISS, NOW);
-            c.exp = exp;
-            Arc::new(c)
-        };
+        let claims = claims_expiring;
         cache.insert("a", claims(NOW + 10));
         cache.insert("b", claims(NOW + 100));
         assert!(cache.get("a", NOW).is_some());

@@ -423,14 +423,9 @@ async fn a_secret_given_as_a_name_is_refused_unrecorded_and_an_unknown_client_is
     assert_eq!(admin[25]["target"], "client:acme.triage.bot");
 }
 
-/// A client revoked in this second: a token issued to it now would be refused on every use
-/// (`iat` at or before the cut-off), so the token endpoint waits for the second to pass and
-/// issues one then — a working token, not an error the client's OAuth library would not retry.
-#[tokio::test]
-async fn a_token_asked_in_a_client_revocations_second_is_issued_after_it_and_works() {
-    let up = FakeUpstream::start().await;
-    let b = TestBroker::start(&standard_config(up.addr)).await;
-    // Just past a second's start, so the revocation and the request share that second.
+/// Revokes client `bot` just past a second's start, so that a token request made right after
+/// falls in the revocation's second.
+async fn revoke_bot_early_in_a_second(b: &TestBroker) {
     let into_second = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -443,6 +438,16 @@ async fn a_token_asked_in_a_client_revocations_second_is_issued_after_it_and_wor
         .admin_call("POST", "/v1/revoke", "{\"client\":\"bot\"}")
         .await;
     assert_eq!(revoke.0, 200);
+}
+
+/// A client revoked in this second: a token issued to it now would be refused on every use
+/// (`iat` at or before the cut-off), so the token endpoint waits for the second to pass and
+/// issues one then — a working token, not an error the client's OAuth library would not retry.
+#[tokio::test]
+async fn a_token_asked_in_a_client_revocations_second_is_issued_after_it_and_works() {
+    let up = FakeUpstream::start().await;
+    let b = TestBroker::start(&standard_config(up.addr)).await;
+    revoke_bot_early_in_a_second(&b).await;
     let revoked_at = b
         .audit()
         .iter()
@@ -478,18 +483,7 @@ async fn a_token_asked_in_a_client_revocations_second_is_issued_after_it_and_wor
 async fn a_kill_switch_pulled_during_the_wait_is_seen() {
     let up = FakeUpstream::start().await;
     let b = std::sync::Arc::new(TestBroker::start(&standard_config(up.addr)).await);
-    let into_second = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_millis();
-    tokio::time::sleep(std::time::Duration::from_millis(u64::from(
-        1010 - into_second,
-    )))
-    .await;
-    let revoke = b
-        .admin_call("POST", "/v1/revoke", "{\"client\":\"bot\"}")
-        .await;
-    assert_eq!(revoke.0, 200);
+    revoke_bot_early_in_a_second(&b).await;
     let asking = std::sync::Arc::clone(&b);
     let asked = tokio::spawn(async move {
         let answer = asking
