@@ -9,6 +9,7 @@ pub mod client_auth;
 pub mod endpoint;
 pub mod form;
 pub mod keys;
+pub mod lockout;
 pub mod verify;
 
 pub use claims::{new_jti, AccessClaims, AuthorizationDetail, Confirmation};
