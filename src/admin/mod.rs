@@ -60,12 +60,7 @@ pub async fn handle(
                 // A wrong token at the kill switch is what monitoring wants to see.
                 let actor = actor(None, conn);
                 let record = admin_record(action, None, &actor, "denied", Some(request_id));
-                if let Err(e) = state
-                    .broker
-                    .audit
-                    .append_by(record, state.broker.live().audit_by())
-                    .await
-                {
+                if let Err(e) = state.broker.audit.append_by(record, live.audit_by()).await {
                     tracing::error!(error = %e, "cannot write the admin audit record of a refused call");
                 }
             }

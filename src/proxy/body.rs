@@ -57,15 +57,10 @@ impl LimitedBody {
 
 /// Reading the client's own request body failed (it went away, or broke the framing) while
 /// the body streamed upstream: the client's fault, told apart from the upstream's by
-/// [`client_body_failed`].
+/// [`client_body_error`].
 #[derive(Debug, thiserror::Error)]
 #[error("the client's request body failed: {0}")]
 pub struct ClientBodyFailed(#[source] hyper::Error);
-
-/// Whether `error` (an upstream exchange's) comes from the client's request body.
-pub fn client_body_failed(error: &(dyn std::error::Error + 'static)) -> bool {
-    caused_by::<ClientBodyFailed>(error)
-}
 
 /// The client's own body error, when `error` (an upstream exchange's) comes from it.
 pub fn client_body_error<'e>(

@@ -14,7 +14,7 @@ use http_body::Body as _;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
 
-use super::body::{self, client_body_failed, LimitedBody, ObservedBody, Outcome};
+use super::body::{self, LimitedBody, ObservedBody, Outcome};
 use super::canonical;
 use super::headers;
 use super::inject::{Echoes, Injection};
@@ -1242,10 +1242,13 @@ async fn forward(
         result.is_err() && declared_body.is_some_and(|len| bytes_in.load(Ordering::Relaxed) < len);
     // The exchange failed because the client's body did (it went away mid-upload, or broke
     // the framing): the client's doing too, not an upstream error.
-    let client_failed = matches!(&result, Ok(Err(e)) if client_body_failed(e));
+    let client_body = match &result {
+        Ok(Err(e)) => body::client_body_error(e),
+        _ => None,
+    };
+    let client_failed = client_body.is_some();
     // … and it went away: its answer goes nowhere, so the outcome records none.
-    let client_left = matches!(&result, Ok(Err(e))
-        if body::client_body_error(e).is_some_and(|b| client_went_away(b)));
+    let client_left = client_body.is_some_and(|b| client_went_away(b));
     // … or it did not come within the request's time.
     let client_stalled =
         client_stalled || matches!(&result, Ok(Err(e)) if body::request_body_timed_out(e));
