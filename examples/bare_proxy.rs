@@ -2,7 +2,8 @@
 //! on one tokio `current_thread` runtime, as each broker worker runs — proxying with an
 //! injected `Authorization` header and nothing else: no checks, no audit, no pool (one
 //! upstream connection per client connection). What this costs per call is what hyper and
-//! tokio cost; what credbroker costs beyond it is its own work.
+//! tokio cost; what credbroker costs beyond it is its own work. It allocates with mimalloc,
+//! as the broker does, so the allocator is not part of the difference.
 //!
 //! `cargo run --release --example bare_proxy -- LISTEN_ADDR UPSTREAM_ADDR CREDENTIAL`
 //! (plain HTTP on both sides; a load tool, not a product).
@@ -17,6 +18,9 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Mutex;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();

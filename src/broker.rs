@@ -342,6 +342,9 @@ impl Broker {
     pub fn sweep_expired(&self, now: i64) {
         self.uses.sweep(now);
         self.auth_failures.sweep(now);
+        if let crate::state::StateStore::Memory(revocations) = &*self.state {
+            revocations.sweep(now);
+        }
     }
 
     /// The seconds `ip` stays locked out of the token endpoint: it failed client

@@ -434,8 +434,8 @@ async fn append_or_correct(
 enum GivenJti {
     /// A jti (or anything else that is not a token): revoked as given.
     Jti(String),
-    /// A whole token pasted in its place: the jti it names.
-    FromToken(String),
+    /// A whole token pasted in its place: the jti it names, and its `exp` if it says one.
+    FromToken { jti: String, exp: Option<i64> },
     /// A token whose `jti` claim cannot be read.
     UnreadableToken,
     /// Neither a jti nor a token: whitespace, a control byte or a `.` inside, or too long —
@@ -452,8 +452,10 @@ const MAX_JTI_LEN: usize = 128;
 /// whoever names it.
 fn given_jti(value: String) -> GivenJti {
     if let Some(token) = token_shaped(&value) {
-        return crate::token::verify::unverified_jti(token)
-            .map_or(GivenJti::UnreadableToken, GivenJti::FromToken);
+        return crate::token::verify::unverified_jti_and_exp(token)
+            .map_or(GivenJti::UnreadableToken, |(jti, exp)| {
+                GivenJti::FromToken { jti, exp }
+            });
     }
     let plain = !value.is_empty()
         && value.len() <= MAX_JTI_LEN
@@ -499,9 +501,10 @@ struct RevokeRequest {
     jti: Option<String>,
     client: Option<String>,
     connector: Option<String>,
-    /// With `jti`: the token's expiry, so the entry can be dropped later. Without it the entry
-    /// is kept the longest (a year, or a token's longest life if that is longer): the `max_ttl`
-    /// in force now says nothing of tokens issued before a reload that shortened it.
+    /// With `jti`: the token's expiry, so the entry can be dropped later (a pasted token's own
+    /// `exp` when not given). Without it the entry is kept the longest (a year, or a token's
+    /// longest life if that is longer): the `max_ttl` in force now says nothing of tokens
+    /// issued before a reload that shortened it, or by an earlier process.
     exp: Option<i64>,
 }
 
@@ -552,7 +555,13 @@ async fn revoke(
     // never written to the audit log nor echoed back.
     if let Some(given) = body.jti.take() {
         match given_jti(given) {
-            GivenJti::Jti(jti) | GivenJti::FromToken(jti) => body.jti = Some(jti),
+            GivenJti::Jti(jti) => body.jti = Some(jti),
+            // The token's own `exp` says how long its revocation must be kept, unless the
+            // admin said it (either is still kept at least as long as a token issued now).
+            GivenJti::FromToken { jti, exp } => {
+                body.jti = Some(jti);
+                body.exp = body.exp.or(exp);
+            }
             GivenJti::UnreadableToken => {
                 let why = "a token was given as the jti, and its jti claim cannot be read";
                 return refused(broker, "revoke", None, actor, why, request_id).await;

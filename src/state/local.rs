@@ -25,10 +25,14 @@ struct RevocationSet {
 
 impl RevocationSet {
     fn revoke_jti(&mut self, jti: &str, exp: i64, now: i64) {
-        // Expired tokens are refused anyway, once past the leeway (see the constant).
-        self.jtis
-            .retain(|_, e| e.saturating_add(KEEP_PAST_EXP_SECS) >= now);
+        self.drop_expired(now);
         self.jtis.insert(jti.to_owned(), exp);
+    }
+
+    /// Forgets revoked jtis whose token expired: they are refused anyway once past the leeway
+    /// (see the constant).
+    fn drop_expired(&mut self, now: i64) {
+        self.jtis.retain(|_, &mut exp| !expired(exp, now));
     }
 
     /// A later revocation never moves the cut-off back (a wall clock stepped back between two
@@ -45,6 +49,11 @@ impl RevocationSet {
             self.disabled.remove(connector);
         }
     }
+}
+
+/// Whether a jti revoked with this `exp` no longer needs its entry at `now`.
+fn expired(exp: i64, now: i64) -> bool {
+    exp.saturating_add(KEEP_PAST_EXP_SECS) < now
 }
 
 /// What [`Revocations::entries`] lists.
@@ -75,7 +84,7 @@ impl Revocations {
     /// Loads the state from `dir` (an absent file is an empty state).
     pub fn load(dir: &Path) -> Result<Self, StateError> {
         let file = dir.join(STATE_FILE);
-        let set = match std::fs::read(&file) {
+        let mut set: RevocationSet = match std::fs::read(&file) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| StateError::Corrupt {
                 path: file.clone(),
                 source,
@@ -83,6 +92,8 @@ impl Revocations {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => RevocationSet::default(),
             Err(source) => return Err(StateError::Io { path: file, source }),
         };
+        // The file keeps what expired while the broker was down until its next write.
+        set.drop_expired(chrono::Utc::now().timestamp());
         Ok(Self {
             file,
             set: RwLock::new(set),
@@ -111,6 +122,21 @@ impl Revocations {
         let mut v: Vec<String> = self.read().disabled.iter().cloned().collect();
         v.sort();
         v
+    }
+
+    /// Forgets revoked jtis whose token expired (the 60 s sweeper calls it: without it, they
+    /// stayed in memory until the next jti revocation). The file keeps them until the next
+    /// change is written: they are harmless there, and rewriting it for nothing costs an fsync.
+    pub fn sweep(&self, now: i64) {
+        // A read lock first: the usual sweep finds nothing, and the hot path's readers are not
+        // held up by a write lock for it.
+        if !self.read().jtis.values().any(|&exp| expired(exp, now)) {
+            return;
+        }
+        self.set
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .drop_expired(now);
     }
 
     pub fn revoke_jti(&self, jti: &str, exp: i64, now: i64) -> Result<(), StateError> {
@@ -248,6 +274,30 @@ mod tests {
                 assert!(again.is_revoked(&format!("j{t}-{i}"), "c", 0), "j{t}-{i}");
             }
         }
+    }
+
+    #[test]
+    fn expired_jtis_are_swept_and_not_loaded_while_the_others_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Revocations::load(dir.path()).unwrap();
+        let now = chrono::Utc::now().timestamp();
+        r.revoke_jti("live", now + 600, now).unwrap();
+        // Revoked when it had not expired yet.
+        r.revoke_jti("gone", now - KEEP_PAST_EXP_SECS - 1, now - 10_000)
+            .unwrap();
+        r.revoke_client("bot", 1_000).unwrap();
+        // Kept until a sweep, past its token's expiry and the leeway's margin.
+        r.sweep(now - KEEP_PAST_EXP_SECS - 1);
+        assert!(r.is_revoked("gone", "c", 0));
+        r.sweep(now);
+        assert!(!r.is_revoked("gone", "c", 0));
+        assert!(r.is_revoked("live", "c", 0));
+        assert!(r.is_revoked("j", "bot", 1_000), "client cut-offs stay");
+        // The file still holds it (a sweep does not write), and a start does not take it in.
+        let file = std::fs::read_to_string(dir.path().join(STATE_FILE)).unwrap();
+        assert!(file.contains("\"gone\""));
+        let again = Revocations::load(dir.path()).unwrap();
+        assert_eq!(again.entries().jtis, vec![("live".to_owned(), now + 600)]);
     }
 
     #[test]

@@ -422,19 +422,22 @@ fn split_token(token: &str) -> Result<TokenParts<'_>, TokenError> {
     })
 }
 
-/// base64url (no padding) JSON of one token part.
-/// The `jti` a token names, read without verifying anything (for an admin who pasted a whole
-/// token where its jti was asked: revoking a jti is harmless whoever names it).
-pub fn unverified_jti(token: &str) -> Option<String> {
+/// The `jti` a token names and its `exp` when that is an integer, read without verifying
+/// anything (for an admin who pasted a whole token where its jti was asked: revoking a jti is
+/// harmless whoever names it, and the `exp` only says how long the revocation is kept).
+pub fn unverified_jti_and_exp(token: &str) -> Option<(String, Option<i64>)> {
     #[derive(Deserialize)]
-    struct Jti {
+    struct Claims {
         jti: String,
+        #[serde(default)]
+        exp: serde_json::Value,
     }
     let parts = split_token(token).ok()?;
-    let Jti { jti } = decode_json(parts.payload).ok()?;
-    (!jti.is_empty()).then_some(jti)
+    let Claims { jti, exp } = decode_json(parts.payload).ok()?;
+    (!jti.is_empty()).then(|| (jti, exp.as_i64()))
 }
 
+/// base64url (no padding) JSON of one token part.
 fn decode_json<T: for<'de> Deserialize<'de>>(part: &str) -> Result<T, TokenError> {
     let bytes = URL_SAFE_NO_PAD
         .decode(part)

@@ -114,6 +114,43 @@ async fn reload_narrows_an_issued_token_at_once_and_bad_config_keeps_the_old() {
     );
 }
 
+/// A revoked jti's entry is kept while its token could pass, and no longer when that is known:
+/// a pasted token says its `exp`, so its entry goes with the longest life of a token issued
+/// now (`max_ttl` 900 s + leeway 5 s, the defaults); a bare jti's token could have been issued
+/// under an earlier, longer `max_ttl`, so without `exp` it is kept a year.
+#[tokio::test]
+async fn a_pasted_tokens_revocation_is_kept_as_long_as_it_can_live_a_bare_jti_a_year() {
+    let up = FakeUpstream::start().await;
+    let b = TestBroker::start(&standard_config(up.addr)).await;
+    let pasted = b.token("github:issues.read", &[]).await;
+    let bare = jti_of(&b.token("github:issues.read", &[]).await);
+    let with_exp = jti_of(&b.token("github:issues.read", &[]).await);
+    let now = chrono::Utc::now().timestamp();
+    let exp_given = now + 2_000;
+    for body in [
+        serde_json::json!({ "jti": pasted }),
+        serde_json::json!({ "jti": bare }),
+        serde_json::json!({ "jti": with_exp, "exp": exp_given }),
+    ] {
+        let (status, _, answer) = b.admin_call("POST", "/v1/revoke", &body.to_string()).await;
+        assert_eq!(status, 200, "{answer}");
+    }
+    let state: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(b.dir.path().join("state/revocations.json")).unwrap(),
+    )
+    .unwrap();
+    let kept_until = |jti: &str| state["jtis"][jti].as_i64().expect(jti);
+    let pasted_until = kept_until(&jti_of(&pasted));
+    assert!(
+        (now + 905..=now + 905 + 5).contains(&pasted_until),
+        "the longest life of a token issued now, not its 300 s nor a year: {}",
+        pasted_until - now
+    );
+    let year = 366 * 24 * 3600;
+    assert!((now + year..=now + year + 5).contains(&kept_until(&bare)));
+    assert_eq!(kept_until(&with_exp), exp_given);
+}
+
 /// After a revocation: `revoked` is refused (401), `kept` still works.
 async fn assert_only_first_refused(b: &TestBroker, revoked: &str, kept: &str) {
     let target = "/github/repos/acme/widget/issues";
