@@ -24,7 +24,7 @@ use super::redact::{
 };
 use super::respond::{full, Refusal};
 use super::ProxyBody;
-use crate::audit::{AppendLate, AuditLog, Decision, Event, PendingAppend, Record};
+use crate::audit::{AppendLate, AuditError, AuditLog, Decision, Event, PendingAppend, Record};
 use crate::broker::{take, Broker, ConnectorRuntime, Live, Spend};
 use crate::config::{Client, Connector, Operation};
 use crate::credential::{DynamicCredential, Minted};
@@ -149,7 +149,7 @@ impl Drop for Call<'_> {
                         .into(),
                 );
                 if let Err(e) = self.audit.append_behind(record) {
-                    tracing::error!(error = %e, "cannot queue the audit record of an abandoned call");
+                    log_unqueued(&e, "the audit record of an abandoned call");
                 }
                 return;
             }
@@ -169,8 +169,16 @@ impl Drop for Call<'_> {
             }
         };
         if let Err(e) = self.audit.append_detached(record) {
-            tracing::error!(error = %e, "cannot queue the audit record of an abandoned call");
+            log_unqueued(&e, "the audit record of an abandoned call");
         }
+    }
+}
+
+/// Says that a record nobody waits on could not be queued — unless the writer already said so
+/// naming the record (a full queue while the disk is not answering), once is enough.
+fn log_unqueued(e: &AuditError, what: &str) {
+    if !matches!(e, AuditError::Backlog) {
+        tracing::error!(error = %e, "cannot queue {what}");
     }
 }
 
@@ -1335,7 +1343,7 @@ async fn forward(
         // Queued synchronously, so it precedes a later `shutdown` record; the response is
         // already on its way, so nothing waits for the write.
         if let Err(e) = audit.append_detached(result_record) {
-            tracing::error!(error = %e, "cannot queue a proxy_result audit record");
+            log_unqueued(&e, "a proxy_result audit record");
         }
     });
     let deadline = tokio::time::Instant::from_std(request_deadline);
