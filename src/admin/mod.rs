@@ -58,7 +58,8 @@ pub async fn handle(
             state.broker.metrics.admin_denied(presented);
             if let Some(action) = action_of(req.method(), &path) {
                 // A wrong token at the kill switch is what monitoring wants to see.
-                let actor = actor(None, conn);
+                // Not `admin@…`: whoever it was did not show the admin token.
+                let actor = format!("{REFUSED_ACTOR}@{}", conn.peer);
                 let record = admin_record(action, None, &actor, "denied", Some(request_id));
                 if let Err(e) = state.broker.audit.append_by(record, live.audit_by()).await {
                     tracing::error!(error = %e, "cannot write the admin audit record of a refused call");
@@ -191,10 +192,15 @@ fn token_holder<'s, B>(
 }
 
 /// The `actor` of an admin record: who asked (`admin` for the shared admin token, an
-/// operator's name for their own), and from where.
+/// operator's name for their own), and from where. A refused request's is
+/// [`REFUSED_ACTOR`]`@ADDRESS`.
 fn actor(holder: Option<&str>, conn: &ConnInfo) -> String {
     format!("{}@{}", holder.unwrap_or("admin"), conn.peer)
 }
+
+/// Who asked, in the `denied` record of a request that showed no admin token or a wrong one
+/// (no operator may take the name).
+pub const REFUSED_ACTOR: &str = "anonymous";
 
 /// The admin action a request asks for, if it is one (the endpoints that change something).
 fn action_of(method: &Method, path: &str) -> Option<&'static str> {

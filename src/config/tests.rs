@@ -754,7 +754,12 @@ fn operators_have_names_and_tokens_of_their_own() {
         (
             op("admin", alice),
             "admin.operators[0].name",
-            "not \"admin\"",
+            "neither \"admin\"",
+        ),
+        (
+            op("Anonymous", alice),
+            "admin.operators[0].name",
+            "nor \"anonymous\"",
         ),
         (
             op("alice@acme", alice),
@@ -765,7 +770,7 @@ fn operators_have_names_and_tokens_of_their_own() {
         (
             op("Admin", alice),
             "admin.operators[0].name",
-            "not \"admin\"",
+            "neither \"admin\"",
         ),
         (
             format!("{}{}", op("alice", alice), op("Alice", bob)),

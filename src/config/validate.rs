@@ -344,12 +344,15 @@ fn operators(
             && name
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-        if !valid || name.eq_ignore_ascii_case("admin") {
+        let reserved = ["admin", crate::admin::REFUSED_ACTOR]
+            .iter()
+            .any(|r| name.eq_ignore_ascii_case(r));
+        if !valid || reserved {
             cx.err(
                 Some(op.name.span()),
                 &format!("{key}.name"),
-                "must be 1 to 64 letters, digits, '.', '_' or '-', and not \"admin\" (the \
-                 shared token's actor)",
+                "must be 1 to 64 letters, digits, '.', '_' or '-', and neither \"admin\" (the \
+                 shared token's actor) nor \"anonymous\" (a refused request's)",
             );
             ok = false;
         } else if operators
