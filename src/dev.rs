@@ -127,7 +127,7 @@ demo client: demo-bot   secret: {secret}
 2. an allowed call — the broker injects the real credential:
    curl -i -H "Authorization: Bearer $TOKEN" 'http://{proxy}/github/repos/acme/widget/issues?state=open'
 
-3. a denied call — outside the allowlist, it never leaves the broker:
+3. a denied call — outside the token's scope, it never leaves the broker:
    curl -i -X DELETE -H "Authorization: Bearer $TOKEN" http://{proxy}/github/repos/acme/widget
 
 4. the audit trail, and its verification:

@@ -565,6 +565,12 @@ impl Metrics {
         self.upstream_done(connector, took, kind);
     }
 
+    /// The upstream answered, but with what cannot be relayed (a transfer coding other than
+    /// chunked, an unasked protocol switch): a 502 like any `failed` exchange.
+    pub fn upstream_unusable(&self, connector: &str) {
+        self.upstream_done(connector, Duration::ZERO, Some("failed"));
+    }
+
     fn upstream_done(&self, connector: &str, took: Duration, error: Option<&'static str>) {
         let set = labels(&[("connector", connector)]);
         match error {

@@ -31,7 +31,7 @@ rate_limit = { per_second = 5 }
 [[clients]]
 id = "bot"
 owner = "platform@acme.example"
-secret_sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+secret_sha256 = "f404c02b90e06a93d8aaee9f2c844d61b3b9f621deb1c17f1334e9e14a391585"
 grants = [ { connector = "github", operations = ["issues.read"], max_ttl = "60s" } ]
 "#;
 
@@ -216,7 +216,7 @@ fn reserved_names_shared_listeners_and_empty_hmac_keys_are_errors() {
         err.contains("connectors[oauth2].name") && err.contains("reserved"),
         "{err}"
     );
-    let admin = "\n[admin]\nlisten = \"0.0.0.0:8443\"\ntoken_sha256 = \"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\"\n";
+    let admin = "\n[admin]\nlisten = \"0.0.0.0:8443\"\ntoken_sha256 = \"f404c02b90e06a93d8aaee9f2c844d61b3b9f621deb1c17f1334e9e14a391585\"\n";
     let shared = GOOD.replace("[audit]", &format!("{admin}\n[audit]"));
     let err = parse(&shared).unwrap_err().to_string();
     assert!(err.contains("admin.listen"), "{err}");
@@ -228,7 +228,7 @@ fn reserved_names_shared_listeners_and_empty_hmac_keys_are_errors() {
         "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
     ] {
         let text = shared.replace("0.0.0.0:8443", "127.0.0.1:9443").replace(
-            "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+            "f404c02b90e06a93d8aaee9f2c844d61b3b9f621deb1c17f1334e9e14a391585",
             weak,
         );
         let err = parse(&text).unwrap_err().to_string();
@@ -238,6 +238,24 @@ fn reserved_names_shared_listeners_and_empty_hmac_keys_are_errors() {
         );
         assert!(!err.contains("password"), "{err}");
     }
+    // So is a client secret anyone could guess ("test", as examples use): its tokens would
+    // make calls with the real credential injected.
+    let test = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+    let weak_client = GOOD.replace(
+        &format!(
+            "secret_sha256 = \"{}\"",
+            hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
+                b"unit-test-secret-not-on-any-list"
+            ))
+        ),
+        &format!("secret_sha256 = \"{test}\""),
+    );
+    assert_ne!(weak_client, GOOD);
+    let err = parse(&weak_client).unwrap_err().to_string();
+    assert!(
+        err.contains("clients[bot].secret_sha256") && err.contains("well-known"),
+        "{err}"
+    );
     let empty = GOOD.replace("[audit]", "[audit]\nhmac_key = \"literal:\"");
     let err = parse(&empty).unwrap_err().to_string();
     assert!(
@@ -289,7 +307,30 @@ fn connect_and_trace_operations_are_refused() {
 fn missing_required_fields_are_errors() {
     let text = GOOD.replace("purpose = \"triage\"\n", "");
     let err = parse(&text).unwrap_err().to_string();
-    assert!(err.contains("purpose"), "{err}");
+    // The line of the table that lacks it, and the key in full.
+    assert!(
+        err.contains("credbroker.toml:8: connectors.purpose: missing"),
+        "{err}"
+    );
+    // A table the file does not have has no line, and is not blamed on another table.
+    let text = GOOD.replace("[audit]\npath = \"audit.jsonl\"\n", "");
+    let err = parse(&text).unwrap_err().to_string();
+    assert!(err.ends_with("credbroker.toml: audit: missing"), "{err}");
+}
+
+/// DESIGN §3.7 writes dynamic credentials as inline tables over several lines (TOML 1.1).
+#[test]
+fn inline_tables_may_span_lines() {
+    let text = GOOD.replace(
+        "credential = \"literal:tok\"",
+        r#"credential = { type = "oauth2_client_credentials", token_url = "https://login.example/oauth2/token",
+               client_id = "c", client_secret = "literal:s", scope = "read write", auth_method = "basic" }   # or "post""#,
+    );
+    let c = parse(&text).unwrap();
+    assert!(matches!(
+        c.connector("github").unwrap().credential,
+        Credential::OAuth2(_)
+    ));
 }
 
 #[test]
@@ -369,7 +410,7 @@ fn lint_finds_ungranted_operations_and_grantless_clients() {
     let text = format!(
         "{GOOD}\n  [[connectors.operations]]\n  name = \"x\"\n  method = \"GET\"\n  path = \"/x\"\n"
     )
-    .replace("[[clients]]", "[[clients]]\nid = \"idle\"\nowner = \"o\"\nsecret_sha256 = \"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\"\n\n[[clients]]");
+    .replace("[[clients]]", "[[clients]]\nid = \"idle\"\nowner = \"o\"\nsecret_sha256 = \"f404c02b90e06a93d8aaee9f2c844d61b3b9f621deb1c17f1334e9e14a391585\"\n\n[[clients]]");
     // The extra operation lands in the last table that was open: the connector's.
     let all = lint_lines(&text);
     assert!(all.contains("clients[idle]: has no grants"), "{all}");
@@ -505,7 +546,7 @@ proptest::proptest! {
 #[test]
 fn two_clients_with_one_certificate_identity_are_an_error() {
     let text = GOOD.replace(
-        "secret_sha256 = \"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\"",
+        "secret_sha256 = \"f404c02b90e06a93d8aaee9f2c844d61b3b9f621deb1c17f1334e9e14a391585\"",
         "cert_san = \"spiffe://acme/bot\"",
     ) + r#"
 [[clients]]
@@ -670,7 +711,7 @@ fn check_loads_tls_material_as_serve_does() {
 #[test]
 fn a_certificate_only_client_without_mtls_is_warned_about() {
     let cert_only = GOOD.replace(
-        "secret_sha256 = \"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\"",
+        "secret_sha256 = \"f404c02b90e06a93d8aaee9f2c844d61b3b9f621deb1c17f1334e9e14a391585\"",
         "cert_san = \"spiffe://acme.example/bot\"",
     );
     let findings = check(&cert_only, Path::new("c.toml"), Utc::now());
@@ -690,7 +731,7 @@ fn a_certificate_only_client_without_mtls_is_warned_about() {
 fn the_admin_listener_has_its_own_connection_limit() {
     let admin = |extra: &str| {
         format!(
-            "{GOOD}\n[admin]\nlisten = \"127.0.0.1:9443\"\ntoken_sha256 = \"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\"\n{extra}"
+            "{GOOD}\n[admin]\nlisten = \"127.0.0.1:9443\"\ntoken_sha256 = \"f404c02b90e06a93d8aaee9f2c844d61b3b9f621deb1c17f1334e9e14a391585\"\n{extra}"
         )
     };
     let c = parse(&admin("")).unwrap();
@@ -716,7 +757,7 @@ fn the_admin_listener_has_its_own_connection_limit() {
 
 #[test]
 fn operators_have_names_and_tokens_of_their_own() {
-    let shared = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+    let shared = "f404c02b90e06a93d8aaee9f2c844d61b3b9f621deb1c17f1334e9e14a391585";
     let alice = "2bd806c97f0e00af1a1fc3328fa763a9269723c8db8fac4f93af71db186d6e90";
     let bob = "81b637d8fcd2c6da6359e6963113a1170de795e4b725b84d1e0b4cfd9ec58ce9";
     let admin = |operators: &str| {

@@ -91,10 +91,30 @@ fn parse_toml(cx: &mut Ctx<'_>, text: &str) -> Option<RawConfig> {
                 .as_ref()
                 .map(|s| line_key(source_line(text, s.start)).to_owned())
                 .unwrap_or_default();
-            cx.err(span, &key, message);
+            match missing_field(&message) {
+                // serde names what is missing, and the parser points at the header of the
+                // table that lacks it — or at nothing (0..0) for a top-level table or key,
+                // which has no line to give.
+                Some(field) if span.as_ref().is_none_or(|s| s.is_empty() && s.start == 0) => {
+                    cx.err(None, field, "missing")
+                }
+                Some(field) => {
+                    let table = key.trim_start_matches('[').trim_end_matches(']');
+                    cx.err(span, &format!("{table}.{field}"), "missing")
+                }
+                None => cx.err(span, &key, message),
+            }
             None
         }
     }
+}
+
+/// The field named by serde's "missing field `x`", if that is the message.
+fn missing_field(message: &str) -> Option<&str> {
+    message
+        .strip_prefix("missing field `")?
+        .strip_suffix('`')
+        .filter(|f| !f.is_empty() && !f.contains('`'))
 }
 
 /// The auditor's part of the file ([`AuditorConfig`]): the same syntax and key checks, then
@@ -858,6 +878,18 @@ fn clients(
             .secret_sha256
             .as_ref()
             .and_then(|s| sha256_hex(cx, s, &format!("{key}.secret_sha256")));
+        if let (Some(hash), Some(raw_hash)) = (&secret_sha256, &raw.secret_sha256) {
+            if is_well_known(hash) {
+                // Anyone could get this client's tokens, and make its calls with the real
+                // credential injected: the first secrets a guesser tries.
+                cx.err(
+                    Some(raw_hash.span()),
+                    &format!("{key}.secret_sha256"),
+                    "is the SHA-256 of an empty or well-known secret; make one with \
+                     `credbroker keygen client-secret`",
+                );
+            }
+        }
         if raw.secret_sha256.is_none() && raw.cert_san.is_none() {
             cx.err(
                 Some(raw.id.span()),
@@ -1293,10 +1325,11 @@ fn rate_limit(
     })
 }
 
-/// Whether `hash` is the SHA-256 of the empty string or of a token people try first.
+/// Whether `hash` is the SHA-256 of the empty string or of a token or secret people try
+/// first (and examples use).
 fn is_well_known(hash: &[u8; 32]) -> bool {
     use sha2::{Digest, Sha256};
-    const WELL_KNOWN: [&str; 10] = [
+    const WELL_KNOWN: [&str; 18] = [
         "",
         "password",
         "admin",
@@ -1304,9 +1337,17 @@ fn is_well_known(hash: &[u8; 32]) -> bool {
         "secret",
         "token",
         "123456",
+        "12345678",
         "letmein",
         "root",
         "credbroker",
+        "test",
+        "test1",
+        "test2",
+        "demo",
+        "example",
+        "qwerty",
+        "client-secret",
     ];
     WELL_KNOWN
         .iter()

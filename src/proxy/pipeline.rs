@@ -1286,7 +1286,10 @@ async fn forward(
     .and_then(|response| {
         credential.upstream_answered(response.status());
         match unusable_answer(&response) {
-            Some(why) => Err(Refusal::UpstreamUnavailable(why.into())),
+            Some(why) => {
+                broker.metrics.upstream_unusable(&connector.name);
+                Err(Refusal::UpstreamUnavailable(why.into()))
+            }
             None => Ok(response),
         }
     });

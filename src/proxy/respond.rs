@@ -170,8 +170,9 @@ impl Refusal {
 }
 
 /// A JSON body with `Cache-Control: no-store` (every broker answer may concern credentials).
-pub fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<ProxyBody> {
-    let bytes = Bytes::from(body.to_string());
+pub fn json_response(status: StatusCode, body: &impl serde::Serialize) -> Response<ProxyBody> {
+    // Plain data (strings, numbers, maps with string keys) cannot fail to serialise.
+    let bytes = Bytes::from(serde_json::to_vec(body).unwrap_or_default());
     let mut resp = Response::new(full(bytes));
     *resp.status_mut() = status;
     resp.headers_mut()

@@ -468,9 +468,18 @@ fn authenticate<'l>(
     // client_secret_post is an authentication method this server does not offer: an
     // authentication failure (RFC 6749 §5.2), counted toward the source's lockout.
     if form.client_secret_present {
-        return Err(invalid_client(
-            "client_secret in the body is not supported; use HTTP Basic (client_secret_basic)",
-        ));
+        // Recorded with the configured client it names, as a wrong Basic secret is: a guessing
+        // run sent this way shows up under the client it targets.
+        let claimed = form
+            .client_id
+            .as_deref()
+            .and_then(|id| live.config.client(id));
+        return Err(TokenError {
+            claimed: claimed.map(|c| c.id.clone()),
+            ..invalid_client(
+                "client_secret in the body is not supported; use HTTP Basic (client_secret_basic)",
+            )
+        });
     }
     // One authentication per request (RFC 6749 §2.3), as check 1 of the proxy insists too:
     // with two, which one counts would be the server's guess.
@@ -820,20 +829,29 @@ async fn respond_issued(
     if let StateStore::Memory(_) = &*broker.state {
         broker.issued_max_uses(&claims);
     }
-    let mut body = serde_json::json!({
-        "access_token": token,
-        "token_type": "Bearer",
-        "expires_in": lifetime,
-        "scope": claims.scope,
-    });
-    // RFC 9396 §7: the granted authorization_details are returned with the token.
-    if let Some(details) = &claims.authorization_details {
-        body["authorization_details"] = serde_json::to_value(details).unwrap_or_default();
-    }
+    let body = TokenAnswer {
+        access_token: &token,
+        token_type: "Bearer",
+        expires_in: lifetime,
+        scope: &claims.scope,
+        authorization_details: claims.authorization_details.as_deref(),
+    };
     let mut resp = json_response(StatusCode::OK, &body);
     resp.headers_mut()
         .insert(PRAGMA, HeaderValue::from_static("no-cache"));
     resp
+}
+
+/// A successful token answer (RFC 6749 §5.1), its members in DESIGN §4.1's order.
+#[derive(serde::Serialize)]
+struct TokenAnswer<'a> {
+    access_token: &'a str,
+    token_type: &'static str,
+    expires_in: u64,
+    scope: &'a str,
+    /// RFC 9396 §7: the granted authorization_details are returned with the token.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    authorization_details: Option<&'a [crate::token::claims::AuthorizationDetail]>,
 }
 
 fn error_response(e: TokenError, request_id: &str) -> Response<ProxyBody> {

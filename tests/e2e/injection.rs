@@ -448,6 +448,13 @@ async fn contradictory_framing_and_unasked_upgrades_from_the_upstream() {
         s, 502,
         "a coding the broker does not decode is not relabelled: {body}"
     );
+    // A 502 like any failed exchange, so it is counted as one.
+    let (_, _, metrics) = b.admin_call("GET", "/metrics", "").await;
+    assert!(
+        metrics
+            .contains("credbroker_upstream_errors_total{connector=\"github\",kind=\"failed\"} 1"),
+        "{metrics}"
+    );
 
     let switching: &'static [u8] =
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nRAWDATA";

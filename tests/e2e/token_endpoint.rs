@@ -349,6 +349,14 @@ async fn rfc_details_of_the_token_endpoint() {
     assert_eq!(s, 401, "{body}");
     assert!(body.contains("\"invalid_client\"") && !body.contains(SECRET));
     assert!(h.contains_key("www-authenticate"));
+    // Recorded under the client it names, as a wrong Basic secret is, so that guessing at
+    // bot's secret this way shows in `audit query --client bot`.
+    let records = b.audit();
+    let denied = events(&records, "token_denied");
+    assert_eq!(denied.last().unwrap()["client"], "bot", "{denied:?}");
+    assert!(!std::fs::read_to_string(b.audit_path())
+        .unwrap()
+        .contains(SECRET));
     // A non-Bearer scheme on the proxy carries no token: 401 without an error attribute.
     let (s, h, _) = b
         .call_with(
