@@ -724,16 +724,26 @@ pub async fn audit_replayed(broker: &Broker) {
             "ok",
             Some(&change.request_id),
         );
-        if let Err(e) = broker
+        match broker
             .audit
             .append_by(record, broker.live().audit_by())
             .await
         {
-            tracing::error!(error = %e, action, "cannot write the audit record of a deferred admin change now made; tried again later");
-            broker
-                .state
-                .return_replayed(std::iter::once(change).chain(made).collect());
-            return;
+            Ok(_) => {}
+            // Still queued, and written once the disk answers: put back, it would be
+            // queued again at every try, and land as many times.
+            Err(AuditError::TimedOut) => {
+                tracing::warn!(action, "the audit record of a deferred admin change now made is late (the disk is not answering); it stays queued");
+                broker.state.return_replayed(made.collect());
+                return;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, action, "cannot write the audit record of a deferred admin change now made; tried again later");
+                broker
+                    .state
+                    .return_replayed(std::iter::once(change).chain(made).collect());
+                return;
+            }
         }
     }
 }

@@ -60,7 +60,10 @@ pub(super) fn rotated_path(path: &Path, n: u64) -> PathBuf {
 /// its target silently, and a wrong N (say, a folder that could not be listed) would put the
 /// newest records over the oldest ones.
 pub(super) fn rotate_file(path: &Path) -> io::Result<()> {
-    let target = rotated_path(path, highest_rotation(path)? + 1);
+    let next = highest_rotation(path)?
+        .checked_add(1)
+        .ok_or_else(|| io::Error::other("no rotation number is left after the highest one"))?;
+    let target = rotated_path(path, next);
     match std::fs::symlink_metadata(&target) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => std::fs::rename(path, &target),
         Ok(_) => Err(io::Error::new(
@@ -216,6 +219,14 @@ fn find_last_intact(
                 path: path.to_owned(),
                 reason,
             })?;
+            // No record can follow one at the largest `seq` (a crafted line: `seq += 1` would
+            // wrap to 0, or panic the writer).
+            if tail.seq == u64::MAX {
+                return Err(AuditError::TailUnverifiable {
+                    path: path.to_owned(),
+                    reason: crate::audit::chain::ChainError::SeqExhausted,
+                });
+            }
             return Ok(TailScan {
                 end: start + end as u64,
                 last: Some(tail),

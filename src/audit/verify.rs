@@ -166,6 +166,8 @@ impl From<ChainError> for FailureReason {
             ChainError::HashNotLast => Self::HashNotLast,
             // The chain's own message already starts "unparsable line: …".
             ChainError::Unparsable(why) => Self::Unparsable(why),
+            // Only the writer's start refuses it; to a verifier the line is well formed.
+            e @ ChainError::SeqExhausted => Self::Unparsable(e.to_string()),
         }
     }
 }

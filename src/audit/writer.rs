@@ -1171,13 +1171,22 @@ impl Writer {
             });
         let relays = Arc::clone(&self.shared.relays);
         let mut wake = Vec::new();
-        for (i, (_, reply)) in waiting.into_iter().enumerate() {
+        let mut unwritten_ordered = Vec::new();
+        for (i, (record, reply)) in waiting.into_iter().enumerate() {
             let answer = match &result {
                 Ok(first) => Ok(first + i as u64),
+                // A record that follows a late one (its outcome, a correction) has nobody to
+                // tell and must not be lost: it is written with the next batch, as the
+                // deferred ones are — still after the record it follows.
+                Err(_) if matches!(reply, Reply::Ordered) => {
+                    unwritten_ordered.push(*record);
+                    continue;
+                }
                 Err(e) => Err(e.for_another_record()),
             };
             reply.send(answer, &relays, &mut wake);
         }
+        self.keep_for_next_write(unwritten_ordered);
         for worker in wake {
             relays.wake(worker);
         }
@@ -1233,15 +1242,34 @@ impl Writer {
             return;
         }
         records.append(&mut self.pending);
-        if records.len() > MAX_BATCH {
-            tracing::error!(
-                lost = records.len() - MAX_BATCH,
-                "audit log unwritable: dropping proxy_result records beyond the retry limit"
-            );
-            records.truncate(MAX_BATCH);
-        }
         self.pending = records;
+        self.drop_beyond_retry_limit();
+    }
+
+    /// Records nobody waits on whose batch failed, kept after the deferred ones.
+    fn keep_for_next_write(&mut self, records: Vec<Record>) {
+        if records.is_empty() {
+            return;
+        }
+        self.pending.extend(records);
+        self.drop_beyond_retry_limit();
+    }
+
+    /// Past [`MAX_BATCH`] kept records, the newest go: each logged with its `request_id` and
+    /// counted as a write error, as a record refused by a full queue is.
+    fn drop_beyond_retry_limit(&mut self) {
         self.pending_since.get_or_insert_with(Instant::now);
+        if self.pending.len() <= MAX_BATCH {
+            return;
+        }
+        for record in self.pending.drain(MAX_BATCH..) {
+            self.shared.write_failed();
+            tracing::error!(
+                request_id = record.request_id.as_deref().unwrap_or("-"),
+                event = record.event.as_str(),
+                "audit log unwritable: a record nobody waits on is dropped (beyond the retry limit)"
+            );
+        }
     }
 
     /// Housekeeping after a committed batch: rotation. (An `interval` sync is the flusher
@@ -1465,7 +1493,15 @@ impl Writer {
             }
         };
         if self.dirty && self.policy == FsyncPolicy::Interval {
-            self.background_sync();
+            if let Err(e) = self.sync() {
+                self.shared.write_failed();
+                tracing::error!(error = %e, "audit log sync failed at close");
+                // The closing record is not known to be on disk: said, so the process does
+                // not exit 0 as if it were.
+                if let Some(Ok(_)) = written {
+                    return Some(Err(AuditError::Write(Arc::new(e))));
+                }
+            }
         }
         written
     }
@@ -1555,6 +1591,32 @@ mod tests {
 
     /// A log whose last record carries a time far ahead (written while the clock was wrong,
     /// or copied from another host) does not hold the next records at that time.
+    #[test]
+    fn a_last_record_at_the_largest_seq_is_refused_not_wrapped() {
+        let (_dir, o, log) = open_fresh(FsyncPolicy::Never);
+        log.close();
+        let mut buf = Vec::new();
+        let ts = "2026-01-01T00:00:00.000000Z";
+        chain::seal_into(
+            &mut buf,
+            u64::MAX,
+            ts.as_bytes(),
+            &proxy("a"),
+            ZERO_HASH.as_bytes(),
+            None,
+        );
+        buf.push(b'\n');
+        std::fs::write(&o.path, &buf).unwrap();
+        assert!(matches!(
+            AuditLog::open(o.clone()),
+            Err(AuditError::TailUnverifiable {
+                reason: chain::ChainError::SeqExhausted,
+                ..
+            })
+        ));
+        assert_eq!(std::fs::read(&o.path).unwrap(), buf, "left untouched");
+    }
+
     #[test]
     fn a_last_record_from_the_future_does_not_stop_the_clock() {
         let (_dir, o, log) = open_fresh(FsyncPolicy::Never);
@@ -2304,6 +2366,59 @@ mod tests {
         let follows = lines.iter().position(|l| l.contains("follows a late one"));
         let after = lines.iter().position(|l| l.contains("\"after\""));
         assert!(follows.is_some() && follows < after, "written, in order");
+    }
+
+    /// A record queued behind a late one (`then_queue`, `append_behind`: nobody waits on it)
+    /// whose batch fails is kept for the next write, as a detached one is, and lands after the
+    /// record it follows.
+    #[tokio::test]
+    async fn a_record_behind_a_late_one_survives_a_failed_batch() {
+        let (_dir, o, log) = open_fresh(FsyncPolicy::Always);
+        let stalled = stall_syncs(&log);
+        let by = Instant::now() + Duration::from_millis(200);
+        let Err(AppendLate::Pending(pending)) = log.append_within(proxy("allow"), by).await else {
+            panic!("the allow record should be late");
+        };
+        // The allow's batch is in its (stalled) sync; the outcome queues behind it.
+        pending.then_queue(proxy("outcome"));
+        // The disk fills up: the next write fails.
+        log.inject_write_failures(1);
+        stalled.store(false, Ordering::Relaxed);
+        let mut tries = 0;
+        while log
+            .append_by(proxy("later"), Instant::now() + Duration::from_secs(5))
+            .await
+            .is_err()
+        {
+            tries += 1;
+            assert!(tries < 5, "never recovered");
+        }
+        log.close();
+        let text = std::fs::read_to_string(&o.path).unwrap();
+        let allow = text.find("\"allow\"").expect("the allow");
+        let outcome = text.find("\"outcome\"").expect("the outcome, kept");
+        assert!(allow < outcome, "{text}");
+        assert_intact(&o.path);
+    }
+
+    #[test]
+    fn under_interval_a_close_whose_final_sync_fails_says_so() {
+        let (_dir, _o, log) = open_fresh(FsyncPolicy::Interval);
+        log.append_blocking(proxy("a")).unwrap();
+        let waited = Instant::now();
+        while log.stats().fsyncs == 0 {
+            assert!(waited.elapsed() < Duration::from_secs(5));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let errors = log.stats().write_errors;
+        log.inject_sync_failures(1);
+        let answer = log.close_with(Record::new(Event::Shutdown));
+        assert_eq!(
+            log.stats().write_errors,
+            errors + 1,
+            "the final sync failed"
+        );
+        assert!(matches!(answer, Err(AuditError::Write(_))), "{answer:?}");
     }
 
     #[test]
