@@ -730,13 +730,9 @@ pub async fn audit_replayed(broker: &Broker) {
             .await
         {
             Ok(_) => {}
-            // Still queued, and written once the disk answers: put back, it would be
-            // queued again at every try, and land as many times.
-            Err(AuditError::TimedOut) => {
-                tracing::warn!(action, "the audit record of a deferred admin change now made is late (the disk is not answering); it stays queued");
-                broker.state.return_replayed(made.collect());
-                return;
-            }
+            // Also when it is only late (still queued): its batch may yet fail, and a change
+            // in force must not go unrecorded. The price, during a long stall, is a copy of
+            // the record per try, all landing once the disk answers.
             Err(e) => {
                 tracing::error!(error = %e, action, "cannot write the audit record of a deferred admin change now made; tried again later");
                 broker
@@ -893,14 +889,30 @@ async fn admin_outcome(
     if let Err(e) = result {
         record.error = Some(e.to_string());
     }
+    // The change is in force whatever happens to its record: if that cannot be written now,
+    // it is kept and written with the next batch the disk takes, so the log does not show
+    // refusals (`connector_disabled`, `token_revoked`) that no record explains.
+    let mut late = record.clone();
     match broker
         .audit
         .append_by(record, broker.live().audit_by())
         .await
     {
         Ok(_) => true,
+        // Still queued: it lands once the disk answers.
+        Err(e @ AuditError::TimedOut) => {
+            tracing::error!(error = %e, action, target, "admin change is in force but its audit record is late");
+            false
+        }
         Err(e) => {
-            tracing::error!(error = %e, action, target, "admin change is in force but could not be audited");
+            tracing::error!(error = %e, action, target, "admin change is in force but could not be audited now; its record is written once the log takes writes");
+            late.error = Some(format!(
+                "{}recorded late: the audit log could not be written when the change took effect",
+                late.error.map(|e| e + "; ").unwrap_or_default()
+            ));
+            if let Err(e) = broker.audit.append_detached(late) {
+                tracing::error!(error = %e, action, target, "cannot queue the late audit record of an admin change");
+            }
             false
         }
     }

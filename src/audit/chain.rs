@@ -38,8 +38,8 @@ pub enum ChainError {
     /// The hash re-computed over B differs from the stored one (changed bytes, or a wrong key).
     #[error("hash mismatch: the record was changed (or the key is wrong)")]
     HashMismatch,
-    /// `seq` is `u64::MAX`: a crafted line, after which no record could be numbered.
-    #[error("seq is the largest there is: no record can follow it")]
+    /// `seq` is 2^63 or more: a crafted line, counting on from which would wrap.
+    #[error("seq is implausibly large (2^63 or more): counting on from it would wrap")]
     SeqExhausted,
     /// `prev` is not the previous record's hash.
     #[error("broken link: prev {found} but the previous record's hash is {expected}")]

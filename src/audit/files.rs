@@ -219,9 +219,9 @@ fn find_last_intact(
                 path: path.to_owned(),
                 reason,
             })?;
-            // No record can follow one at the largest `seq` (a crafted line: `seq += 1` would
-            // wrap to 0, or panic the writer).
-            if tail.seq == u64::MAX {
+            // No log reaches 2^63 records: a `seq` that high is a crafted line, and counting
+            // on from it would wrap to 0 (or panic the writer).
+            if tail.seq >= 1 << 63 {
                 return Err(AuditError::TailUnverifiable {
                     path: path.to_owned(),
                     reason: crate::audit::chain::ChainError::SeqExhausted,

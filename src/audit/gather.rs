@@ -34,11 +34,12 @@ struct Gathering {
     open: bool,
     /// The leader's record first, then the joiners' in the order they came.
     records: Vec<Record>,
-    /// The joiners' answers, for `records[1..]`.
-    joiners: Vec<AnswerTx>,
+    /// The joiners' answers, for `records[1..]`; `None` for a record nobody waits on, queued
+    /// behind a late one ([`Gathers::join_if_open`]), which a failed batch must not lose.
+    joiners: Vec<Option<AnswerTx>>,
     /// The lists of the last gathering written, emptied, for the next one: no regrowth
     /// (and copying of records) per gathering.
-    spare: Option<(Vec<Record>, Vec<AnswerTx>)>,
+    spare: Option<(Vec<Record>, Vec<Option<AnswerTx>>)>,
 }
 
 /// Lists longer than this are not kept for reuse (a burst should not pin its memory).
@@ -71,7 +72,7 @@ impl Gathers {
         gathering.records.push(record);
         if gathering.open {
             let (tx, rx) = oneshot::channel();
-            gathering.joiners.push(tx);
+            gathering.joiners.push(Some(tx));
             Joined::Joiner(rx)
         } else {
             gathering.open = true;
@@ -87,14 +88,13 @@ impl Gathers {
             return Some(record);
         }
         gathering.records.push(record);
-        // `joiners` answers `records[1..]` one for one: an answer nobody receives.
-        let (tx, _) = oneshot::channel();
-        gathering.joiners.push(tx);
+        // `joiners` answers `records[1..]` one for one: nobody receives this one's.
+        gathering.joiners.push(None);
         None
     }
 
     /// Closes the gathering: its records (the leader's first) and the joiners' answers.
-    pub(super) fn take(&self, slot: usize) -> (Vec<Record>, Vec<AnswerTx>) {
+    pub(super) fn take(&self, slot: usize) -> (Vec<Record>, Vec<Option<AnswerTx>>) {
         let mut gathering = self.lock(slot);
         gathering.open = false;
         let (records, joiners) = gathering.spare.take().unwrap_or_default();
@@ -105,7 +105,12 @@ impl Gathers {
     }
 
     /// Gives back the (emptied) lists [`Gathers::take`] returned, for a later gathering.
-    pub(super) fn recycle(&self, slot: usize, records: Vec<Record>, joiners: Vec<AnswerTx>) {
+    pub(super) fn recycle(
+        &self,
+        slot: usize,
+        records: Vec<Record>,
+        joiners: Vec<Option<AnswerTx>>,
+    ) {
         if records.is_empty()
             && joiners.is_empty()
             && records.capacity() <= SPARE_KEEP
@@ -152,7 +157,7 @@ mod tests {
             Joined::Leader(_)
         ));
         for tx in joiners {
-            tx.send(Ok(2)).unwrap();
+            tx.unwrap().send(Ok(2)).unwrap();
         }
         assert_eq!(rx.try_recv().unwrap().unwrap(), 2);
     }
@@ -177,10 +182,14 @@ mod tests {
             records.iter().map(|r| r.event).collect::<Vec<_>>(),
             [Event::Proxy, Event::ProxyResult, Event::Admin]
         );
-        // One answer per record after the leader's: the third record's is the last.
+        // One answer per record after the leader's: none for the record nobody waits on, the
+        // third record's last.
         assert_eq!(joiners.len(), 2);
+        assert!(joiners[0].is_none());
         for (i, tx) in joiners.into_iter().enumerate() {
-            let _ = tx.send(Ok(i as u64 + 2));
+            if let Some(tx) = tx {
+                let _ = tx.send(Ok(i as u64 + 2));
+            }
         }
         assert_eq!(rx.try_recv().unwrap().unwrap(), 3);
     }

@@ -687,10 +687,22 @@ impl Lead<'_> {
     fn write_gathered(&self) -> Result<u64, AuditError> {
         let (mut records, mut joiners) = self.log.inner.gathers.take(self.slot);
         let result = match &self.log.inner.inline {
-            Some(inline) => lock(inline)
-                .as_mut()
-                .ok_or(AuditError::Closed)
-                .and_then(|writer| writer.commit_after_pending(records.iter())),
+            Some(inline) => match lock(inline).as_mut() {
+                Some(writer) => {
+                    let result = writer.commit_after_pending(records.iter());
+                    if result.is_err() {
+                        // Records nobody waits on, queued behind a late one: kept for the
+                        // next write, as the writer thread keeps them.
+                        let unanswered = records[1..].iter().zip(&joiners);
+                        let kept = unanswered
+                            .filter(|(_, j)| j.is_none())
+                            .map(|(r, _)| r.clone());
+                        writer.keep_for_next_write(kept.collect());
+                    }
+                    result
+                }
+                None => Err(AuditError::Closed),
+            },
             None => Err(AuditError::Closed),
         };
         for (i, joiner) in joiners.drain(..).enumerate() {
@@ -699,7 +711,9 @@ impl Lead<'_> {
                 Ok(first) => Ok(first + 1 + i as u64),
                 Err(e) => Err(e.for_another_record()),
             };
-            let _ = joiner.send(answer);
+            if let Some(joiner) = joiner {
+                let _ = joiner.send(answer);
+            }
         }
         records.clear();
         self.log.inner.gathers.recycle(self.slot, records, joiners);
@@ -714,7 +728,7 @@ impl Lead<'_> {
         let bytes = records.iter().map(Record::size_in_memory).sum();
         if let Err(refused) = self.log.inner.shared.enqueue(records.len(), bytes) {
             // Every caller of the gathering hears why, the leader through its return value.
-            for joiner in joiners.drain(..) {
+            for joiner in joiners.drain(..).flatten() {
                 let _ = joiner.send(Err(refused.for_another_record()));
             }
             drop(leader);
@@ -722,11 +736,17 @@ impl Lead<'_> {
             self.log.inner.gathers.recycle(self.slot, records, joiners);
             return Err(refused);
         }
-        let replies = std::iter::once(leader).chain(joiners.drain(..));
+        let replies = std::iter::once(Some(leader)).chain(joiners.drain(..));
         let batch: Vec<_> = records
             .drain(..)
             .zip(replies)
-            .map(|(record, tx)| (Box::new(record), Reply::Relayed(tx, worker)))
+            .map(|(record, tx)| {
+                let reply = match tx {
+                    Some(tx) => Reply::Relayed(tx, worker),
+                    None => Reply::Ordered,
+                };
+                (Box::new(record), reply)
+            })
             .collect();
         self.log.inner.gathers.recycle(self.slot, records, joiners);
         let queue = self.log.inner.tx.as_ref().ok_or(AuditError::Closed)?;
@@ -2096,6 +2116,37 @@ mod tests {
         log.close();
         let lines = read_lines(&o.path);
         assert!(lines[0].contains("\"leader\"") && lines[1].contains("\"joiner\""));
+    }
+
+    /// A record queued behind a late one that joined another call's open gathering is kept
+    /// when that gathering's batch fails, as one sent alone is (review R1).
+    #[tokio::test]
+    async fn a_record_behind_in_a_failed_gathering_is_kept_for_the_next_write() {
+        for policy in [FsyncPolicy::Never, FsyncPolicy::Always] {
+            let (_dir, o, log) = open_on_worker_0(policy);
+            let waker = futures_util::task::noop_waker();
+            let mut cx = std::task::Context::from_waker(&waker);
+            let mut other = Box::pin(log.append(proxy("other")));
+            assert!(std::future::Future::poll(other.as_mut(), &mut cx).is_pending());
+            log.append_behind(proxy("outcome")).unwrap();
+            assert_eq!(log.inner.gathers.gathered(0), 2, "{policy:?}: joined");
+            log.inject_write_failures(1);
+            let answer = tokio::time::timeout(Duration::from_secs(5), other)
+                .await
+                .expect("the leader writes");
+            assert!(answer.is_err(), "{policy:?}: the batch failed");
+            assert!(log.append(proxy("later")).await.is_ok(), "{policy:?}");
+            log.close();
+            let clients: Vec<String> = read_lines(&o.path)
+                .iter()
+                .map(|l| {
+                    let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                    v["client"].as_str().unwrap_or_default().to_owned()
+                })
+                .collect();
+            assert_eq!(clients, ["outcome", "later"], "{policy:?}");
+            assert_intact(&o.path);
+        }
     }
 
     /// A call dropped while its allow record waits (`append_behind`, pipeline's `Call`): the

@@ -98,9 +98,16 @@ fn parse_toml(cx: &mut Ctx<'_>, text: &str) -> Option<RawConfig> {
                 Some(field) if span.as_ref().is_none_or(|s| s.is_empty() && s.start == 0) => {
                     cx.err(None, field, "missing")
                 }
+                // At a `[table]` header, or at the line of an inline table's key; inside a
+                // multi-line array the line names no key, and the field alone is said.
                 Some(field) => {
                     let table = key.trim_start_matches('[').trim_end_matches(']');
-                    cx.err(span, &format!("{table}.{field}"), "missing")
+                    let full = if table.is_empty() {
+                        field.to_owned()
+                    } else {
+                        format!("{table}.{field}")
+                    };
+                    cx.err(span, &full, "missing")
                 }
                 None => cx.err(span, &key, message),
             }

@@ -329,8 +329,9 @@ async fn issue(
         Err(AuthAttempt::Failed(e)) => {
             // A failed authentication that claimed a configured client: what it asked for is
             // recorded too, so an auditor sees what a guesser was after. An unknown
-            // claimant's text is not (it may be anything).
-            if e.claimed.is_some() {
+            // claimant's text is not (it may be anything), nor the text of a request whose
+            // secret came in the body: it is not kept, so it could not be redacted from it.
+            if e.claimed.is_some() && !form.client_secret_present {
                 record.scope = form
                     .scope
                     .as_deref()

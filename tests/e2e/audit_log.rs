@@ -226,7 +226,7 @@ async fn admin_actions_on_a_full_disk_tighten_but_never_loosen_unaudited() {
         return;
     };
     let up = FakeUpstream::start().await;
-    let (config, _) = config_on(&fs, up.addr);
+    let (config, audit_path) = config_on(&fs, up.addr);
     let b = TestBroker::start(&config).await;
     let token = b.token("github:issues.read", &[]).await;
     let filler = fill_until_refused(&b, &fs).await;
@@ -263,6 +263,37 @@ async fn admin_actions_on_a_full_disk_tighten_but_never_loosen_unaudited() {
         200
     );
     assert_eq!(up.count(), 1);
+    // The kill switch that took effect unaudited has its record after all, written with the
+    // first batch the disk took, and saying it is late; the chain is whole.
+    let records: Vec<serde_json::Value> = std::fs::read_to_string(&audit_path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let disables: Vec<_> = events(&records, "admin")
+        .into_iter()
+        .filter(|r| r["action"] == "disable")
+        .collect();
+    assert_eq!(disables.len(), 1, "{records:?}");
+    assert_eq!(disables[0]["result"], "ok");
+    assert!(disables[0]["error"]
+        .as_str()
+        .unwrap()
+        .contains("recorded late"));
+    let denied_by_it = records
+        .iter()
+        .position(|r| r["reason"] == "connector_disabled")
+        .expect("the call the kill switch refused");
+    let enable = records
+        .iter()
+        .position(|r| r["action"] == "enable" && r["result"] == "ok")
+        .unwrap();
+    let disable = records
+        .iter()
+        .position(|r| r["action"] == "disable")
+        .unwrap();
+    assert!(disable < denied_by_it && disable < enable, "{records:?}");
+    assert_eq!(verify_chain_independently(&audit_path), records.len());
 }
 
 /// The standard config (fsync = "always") with a 1 s `request_timeout`.

@@ -354,6 +354,8 @@ async fn rfc_details_of_the_token_endpoint() {
     let records = b.audit();
     let denied = events(&records, "token_denied");
     assert_eq!(denied.last().unwrap()["client"], "bot", "{denied:?}");
+    // Its scope is not: a secret pasted there could not be told from the rest.
+    assert!(denied.last().unwrap().get("scope").is_none(), "{denied:?}");
     assert!(!std::fs::read_to_string(b.audit_path())
         .unwrap()
         .contains(SECRET));
