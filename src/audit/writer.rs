@@ -1942,6 +1942,17 @@ mod tests {
 
     /// A fresh log, used from this thread acting as worker 0 of a pool (so the relay and
     /// write gathering are in play).
+    /// The `client` of each record in `path`, in order (the tests name records by it).
+    fn clients_in(path: &Path) -> Vec<String> {
+        read_lines(path)
+            .iter()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v["client"].as_str().unwrap_or_default().to_owned()
+            })
+            .collect()
+    }
+
     fn open_on_worker_0(policy: FsyncPolicy) -> (tempfile::TempDir, AuditOptions, AuditLog) {
         crate::workers::act_as_worker(0);
         open_fresh(policy)
@@ -2137,14 +2148,7 @@ mod tests {
             assert!(answer.is_err(), "{policy:?}: the batch failed");
             assert!(log.append(proxy("later")).await.is_ok(), "{policy:?}");
             log.close();
-            let clients: Vec<String> = read_lines(&o.path)
-                .iter()
-                .map(|l| {
-                    let v: serde_json::Value = serde_json::from_str(l).unwrap();
-                    v["client"].as_str().unwrap_or_default().to_owned()
-                })
-                .collect();
-            assert_eq!(clients, ["outcome", "later"], "{policy:?}");
+            assert_eq!(clients_in(&o.path), ["outcome", "later"], "{policy:?}");
             assert_intact(&o.path);
         }
     }
@@ -2175,15 +2179,8 @@ mod tests {
                 .expect("the leader writes")
                 .is_ok());
             log.close();
-            let order: Vec<String> = read_lines(&o.path)
-                .iter()
-                .map(|l| {
-                    let v: serde_json::Value = serde_json::from_str(l).unwrap();
-                    v["client"].as_str().unwrap_or_default().to_owned()
-                })
-                .collect();
             assert_eq!(
-                order,
+                clients_in(&o.path),
                 ["allow-1", "outcome-1", "allow-2", "other", "outcome-2"],
                 "{policy:?}"
             );
