@@ -418,6 +418,20 @@ fn client_warnings(cx: &mut Ctx<'_>, config: &Config, raw: &RawConfig, now: Date
         if !grants_anything {
             cx.err(Some(rc.id.span()), &key, "has no grants");
         }
+        // Anyone could get this client's tokens, and make its calls with the real credential
+        // injected: the first secrets a guesser tries. (A warning: DESIGN §3.6 lists the
+        // errors, and a config it calls valid must start.)
+        if client
+            .secret_sha256
+            .is_some_and(|h| super::validate::is_well_known_secret(&h))
+        {
+            cx.err(
+                rc.secret_sha256.as_ref().map(|s| s.span()),
+                &format!("{key}.secret_sha256"),
+                "is the SHA-256 of an empty or well-known secret (anyone could get this \
+                 client's tokens); make one with `credbroker keygen client-secret`",
+            );
+        }
         let mtls = config.server.tls.is_some() && config.server.client_ca.is_some();
         if client.secret_sha256.is_none() && client.cert_san.is_some() && !mtls {
             cx.err(

@@ -238,8 +238,8 @@ fn reserved_names_shared_listeners_and_empty_hmac_keys_are_errors() {
         );
         assert!(!err.contains("password"), "{err}");
     }
-    // So is a client secret anyone could guess ("test", as examples use): its tokens would
-    // make calls with the real credential injected.
+    // A client secret anyone could guess ("test", as examples used) is warned about: its
+    // tokens would make calls with the real credential injected.
     let test = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
     let weak_client = GOOD.replace(
         &format!(
@@ -251,11 +251,17 @@ fn reserved_names_shared_listeners_and_empty_hmac_keys_are_errors() {
         &format!("secret_sha256 = \"{test}\""),
     );
     assert_ne!(weak_client, GOOD);
-    let err = parse(&weak_client).unwrap_err().to_string();
+    assert!(parse(&weak_client).is_ok(), "a warning, not an error");
+    let findings = check(&weak_client, Path::new("c.toml"), Utc::now());
     assert!(
-        err.contains("clients[bot].secret_sha256") && err.contains("well-known"),
-        "{err}"
+        findings.iter().any(|f| f.severity == Severity::Warning
+            && f.to_string().contains("clients[bot].secret_sha256")
+            && f.to_string().contains("well-known")),
+        "{findings:?}"
     );
+    assert!(!check(GOOD, Path::new("c.toml"), Utc::now())
+        .iter()
+        .any(|f| f.to_string().contains("well-known")));
     let empty = GOOD.replace("[audit]", "[audit]\nhmac_key = \"literal:\"");
     let err = parse(&empty).unwrap_err().to_string();
     assert!(
