@@ -315,13 +315,16 @@ fn missing_required_fields_are_errors() {
     let err = parse(&text).unwrap_err().to_string();
     // The line of the table that lacks it, and the key in full.
     assert!(
-        err.contains("credbroker.toml:8: connectors.purpose: missing"),
+        err.contains("credbroker.toml:8: connectors.purpose: missing field `purpose`"),
         "{err}"
     );
     // A table the file does not have has no line, and is not blamed on another table.
     let text = GOOD.replace("[audit]\npath = \"audit.jsonl\"\n", "");
     let err = parse(&text).unwrap_err().to_string();
-    assert!(err.ends_with("credbroker.toml: audit: missing"), "{err}");
+    assert!(
+        err.ends_with("credbroker.toml: audit: missing field `audit`"),
+        "{err}"
+    );
 }
 
 /// DESIGN §3.7 writes dynamic credentials as inline tables over several lines (TOML 1.1).

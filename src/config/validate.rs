@@ -96,7 +96,7 @@ fn parse_toml(cx: &mut Ctx<'_>, text: &str) -> Option<RawConfig> {
                 // table that lacks it — or at nothing (0..0) for a top-level table or key,
                 // which has no line to give.
                 Some(field) if span.as_ref().is_none_or(|s| s.is_empty() && s.start == 0) => {
-                    cx.err(None, field, "missing")
+                    cx.err(None, field, message.clone())
                 }
                 // At a `[table]` header, or at the line of an inline table's key; inside a
                 // multi-line array the line names no key, and the field alone is said.
@@ -107,7 +107,7 @@ fn parse_toml(cx: &mut Ctx<'_>, text: &str) -> Option<RawConfig> {
                     } else {
                         format!("{table}.{field}")
                     };
-                    cx.err(span, &full, "missing")
+                    cx.err(span, &full, message.clone())
                 }
                 None => cx.err(span, &key, message),
             }

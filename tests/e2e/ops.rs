@@ -778,7 +778,7 @@ fn cases(sha: &str) -> Vec<Case> {
         // errors
         case("unparsable file", "[tokens]", "[tokens", true, "[tokens", ""),
         case("unknown key", "max_ttl = \"900s\"", "max_ttl = \"900s\"\nbogus = 1", true, ": bogus: ", "unknown field `bogus`"),
-        case("missing required field", "purpose = \"lint table\"\n", "", true, ": connectors.purpose: ", "missing"),
+        case("missing required field", "purpose = \"lint table\"\n", "", true, ": connectors.purpose: ", "missing field `purpose`"),
         case("duplicate connector", "[[clients]]", "[[connectors]]\nname = \"github\"\nowner = \"o\"\npurpose = \"p\"\nexpires = \"2099-12-31\"\nupstream = \"https://a.example\"\ncredential = \"file:credential.txt\"\n\n[[clients]]", true, "connectors[github]", "duplicate connector name"),
         case("duplicate operation", "[[clients]]", op("issues.read", "POST", "/x"), true, "connectors[github].operations[issues.read]", "duplicate operation name"),
         case("duplicate client", "", client("bot", "grants = [ { connector = \"github\", operations = [\"issues.read\"] } ]"), true, "clients[bot]", "duplicate client id"),
