@@ -724,22 +724,19 @@ pub async fn audit_replayed(broker: &Broker) {
             "ok",
             Some(&change.request_id),
         );
-        match broker
+        // Put back also when it is only late (still queued): its batch may yet fail, and a
+        // change in force must not go unrecorded. The price, during a long stall, is a copy of
+        // the record per try, all landing once the disk answers.
+        if let Err(e) = broker
             .audit
             .append_by(record, broker.live().audit_by())
             .await
         {
-            Ok(_) => {}
-            // Also when it is only late (still queued): its batch may yet fail, and a change
-            // in force must not go unrecorded. The price, during a long stall, is a copy of
-            // the record per try, all landing once the disk answers.
-            Err(e) => {
-                tracing::error!(error = %e, action, "cannot write the audit record of a deferred admin change now made; tried again later");
-                broker
-                    .state
-                    .return_replayed(std::iter::once(change).chain(made).collect());
-                return;
-            }
+            tracing::error!(error = %e, action, "cannot write the audit record of a deferred admin change now made; tried again later");
+            broker
+                .state
+                .return_replayed(std::iter::once(change).chain(made).collect());
+            return;
         }
     }
 }

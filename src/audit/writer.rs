@@ -693,7 +693,7 @@ impl Lead<'_> {
                     if result.is_err() {
                         // Records nobody waits on, queued behind a late one: kept for the
                         // next write, as the writer thread keeps them.
-                        let unanswered = records[1..].iter().zip(&joiners);
+                        let unanswered = records.iter().skip(1).zip(&joiners);
                         let kept = unanswered
                             .filter(|(_, j)| j.is_none())
                             .map(|(r, _)| r.clone());
@@ -1135,7 +1135,8 @@ impl Writer {
                     self.absorb_deferred();
                     self.flush_pending();
                     if self.dirty && self.policy == FsyncPolicy::Interval {
-                        self.background_sync();
+                        // A failure is logged and counted there, and tried again next time.
+                        let _ = self.background_sync();
                     }
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => return None,
@@ -1458,14 +1459,15 @@ impl Writer {
         Ok(())
     }
 
-    /// An `interval` sync of records already acknowledged: a failure can only be logged.
-    fn background_sync(&mut self) {
-        if let Err(e) = self.sync() {
+    /// An `interval` sync of records already acknowledged: a failure is logged and counted,
+    /// and returned for a close to report.
+    fn background_sync(&mut self) -> io::Result<()> {
+        self.sync().inspect_err(|e| {
             self.shared.write_failed();
             // Keep `dirty` so the next wake-up tries again.
             self.last_sync = Instant::now();
             tracing::error!(error = %e, "audit log sync failed");
-        }
+        })
     }
 
     /// Renames a full file to `PATH.N` and continues the chain in a fresh one.
@@ -1513,9 +1515,7 @@ impl Writer {
             }
         };
         if self.dirty && self.policy == FsyncPolicy::Interval {
-            if let Err(e) = self.sync() {
-                self.shared.write_failed();
-                tracing::error!(error = %e, "audit log sync failed at close");
+            if let Err(e) = self.background_sync() {
                 // The closing record is not known to be on disk: said, so the process does
                 // not exit 0 as if it were.
                 if let Some(Ok(_)) = written {

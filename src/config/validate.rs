@@ -93,19 +93,16 @@ fn parse_toml(cx: &mut Ctx<'_>, text: &str) -> Option<RawConfig> {
                 .unwrap_or_default();
             match missing_field(&message) {
                 // serde names what is missing, and the parser points at the header of the
-                // table that lacks it — or at nothing (0..0) for a top-level table or key,
-                // which has no line to give.
-                Some(field) if span.as_ref().is_none_or(|s| s.is_empty() && s.start == 0) => {
-                    cx.err(None, field, message.clone())
-                }
-                // At a `[table]` header, or at the line of an inline table's key; inside a
+                // table that lacks it (or the line of an inline table's key) — or at nothing
+                // (0..0) for a top-level table or key, which has no line to give. Inside a
                 // multi-line array the line names no key, and the field alone is said.
                 Some(field) => {
+                    let top_level = span.as_ref().is_none_or(|s| s.is_empty() && s.start == 0);
                     let table = key.trim_start_matches('[').trim_end_matches(']');
-                    let full = if table.is_empty() {
-                        field.to_owned()
+                    let (span, full) = if top_level || table.is_empty() {
+                        (span.filter(|_| !top_level), field.to_owned())
                     } else {
-                        format!("{table}.{field}")
+                        (span, format!("{table}.{field}"))
                     };
                     cx.err(span, &full, message.clone())
                 }
